@@ -1,0 +1,169 @@
+"""What a caller hands the engine and gets back — the same for the in-process engine and the HTTP client.
+
+    request = PoemRequest.from_dict({"prompt": "月", "form": "qijue", "mode": "beam", "beam_width": 5})
+    result = await engine.generate(request)   # -> PoemResult
+    result.poem                                 # "月落乌啼霜满天，…"
+
+Every invalid field raises RequestError(code, field, message) before anything is queued; the HTTP
+service turns it into a 400 with the same code and message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Protocol
+
+from engine.forms import DEFAULT_FORM, FORMS, parse_form
+
+MODES = ("greedy", "sample", "beam")
+MAX_BEAM_WIDTH = 16
+MAX_PROMPT = 14
+
+
+class RequestError(ValueError):
+    """An invalid request. `code` is machine-readable, `field` names the offending field."""
+
+    def __init__(self, code: str, field: str | None, message: str):
+        super().__init__(message)
+        self.code, self.field, self.message = code, field, message
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "field": self.field, "message": self.message}
+
+
+class QueueFullError(Exception):
+    """The admission queue is full; try again after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float = 1.0):
+        super().__init__(f"the engine is busy; retry in {retry_after:g}s")
+        self.retry_after = retry_after
+
+
+class EngineUnavailableError(Exception):
+    """The engine cannot be reached or has no model loaded."""
+
+
+@dataclass
+class PoemRequest:
+    prompt: str = ""  # the poem's opening characters, 0–14 Han characters (traditional is converted)
+    form: str = DEFAULT_FORM  # wujue | qijue | wulv | qilv (aliases such as 七绝 accepted)
+    mode: str = "sample"  # greedy | sample | beam
+    beam_width: int = 5  # 1–16, beam mode only
+    temperature: float = 0.8  # (0, 2], sample mode
+    top_p: float = 0.9  # (0, 1], sample mode
+    top_k: int = 0  # 0 = off, sample mode
+    acrostic: str | None = None  # one character per line (4 or 8), excludes prompt
+    rhyme: bool = True
+    tone: bool = True
+    model: str | None = None  # a loaded model's name; None = the default model
+    seed: int | None = None  # same request + seed → same poem
+    timeout: float | None = None  # seconds the caller will wait; rows are freed after it
+
+    @classmethod
+    def from_dict(cls, data) -> PoemRequest:
+        """Validate a JSON object; raises RequestError naming the first bad field."""
+        if not isinstance(data, dict):
+            raise RequestError("bad_request", None, "the body must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RequestError("unknown_field", unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
+        req = cls(**{k: v for k, v in data.items() if v is not None or k in ("acrostic", "model", "seed", "timeout")})
+        req.validate()
+        return req
+
+    def validate(self) -> PoemRequest:
+        """Check types and ranges and normalise `form`; raises RequestError."""
+        _check_type("prompt", self.prompt, str)
+        if len(self.prompt) > MAX_PROMPT:
+            raise RequestError("prompt_too_long", "prompt", f"prompt has {len(self.prompt)} characters; at most {MAX_PROMPT}")
+        _check_type("form", self.form, str)
+        try:
+            self.form = parse_form(self.form).name
+        except ValueError as e:
+            raise RequestError("bad_form", "form", str(e)) from None
+        _check_type("mode", self.mode, str)
+        if self.mode not in MODES:
+            raise RequestError("bad_mode", "mode", f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _check_int("beam_width", self.beam_width, 1, MAX_BEAM_WIDTH)
+        _check_float("temperature", self.temperature, 0.0, 2.0, low_open=True)
+        _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _check_int("top_k", self.top_k, 0, 100_000)
+        if self.acrostic is not None:
+            _check_type("acrostic", self.acrostic, str)
+            n = FORMS[self.form].num_lines
+            if len(self.acrostic) not in (4, 8):
+                raise RequestError("bad_acrostic", "acrostic", f"acrostic needs 4 or 8 characters (one per line), got {len(self.acrostic)}")
+            if len(self.acrostic) != n:
+                raise RequestError("bad_acrostic", "acrostic",
+                                   f"acrostic has {len(self.acrostic)} characters but {self.form} has {n} lines")
+            if self.prompt:
+                raise RequestError("bad_acrostic", "acrostic", "give either prompt or acrostic, not both")
+        _check_type("rhyme", self.rhyme, bool)
+        _check_type("tone", self.tone, bool)
+        if self.model is not None:
+            _check_type("model", self.model, str)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.timeout is not None:
+            _check_float("timeout", self.timeout, 0.0, 3600.0, low_open=True)
+        form = FORMS[self.form]
+        if len(self.prompt) > form.num_chars:
+            raise RequestError("prompt_too_long", "prompt", f"prompt has {len(self.prompt)} characters; a {self.form} holds {form.num_chars}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_type(name, value, kind):
+    # bool is an int in Python; a JSON true must not pass as a beam width.
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise RequestError("bad_type", name, f"{name} must be {kind.__name__}, got {type(value).__name__}")
+
+
+def _check_int(name, value, low, high):
+    _check_type(name, value, int)
+    if not low <= value <= high:
+        raise RequestError("out_of_range", name, f"{name} must be between {low} and {high}, got {value}")
+
+
+def _check_float(name, value, low, high, low_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError("bad_type", name, f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise RequestError("out_of_range", name, f"{name} must be in {interval}, got {value}")
+
+
+@dataclass
+class PoemResult:
+    poem: str  # "line，line。line，line。"
+    lines: list[str]
+    form: str
+    mode: str
+    model: dict  # {"name": "lstm", "version": "…"}
+    elapsed_ms: float
+    notes: list[str] = field(default_factory=list)  # soft rules that were relaxed, and why
+    score: float | None = None  # the poem's total log-probability under the model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PoemResult:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class PoemEngine(Protocol):
+    """What the bot needs from an engine: `engine.local.LocalEngine` and `engine.client.EngineClient`."""
+
+    async def generate(self, request: PoemRequest) -> PoemResult: ...
+
+    async def models(self) -> list[dict]: ...
+
+    async def status(self) -> dict: ...
+
+    async def reload(self) -> dict: ...

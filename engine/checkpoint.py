@@ -1,0 +1,174 @@
+"""Checkpoints: one `.safetensors` file whose header carries the JSON metadata.
+
+One file means one atomic rename publishes weights and metadata together, and safetensors means loading
+never unpickles. The metadata (header key "yinshi") holds the model config, the full vocabulary, the
+form tokens, the corpus hash, training metrics, a version and a SHA-256 of the weights, so a flipped
+byte in the tensor data is caught even where the values still parse.
+
+    save_checkpoint(path, model, vocab, meta={"metrics": {...}})
+    ckpt = load_checkpoint(path)  # -> Checkpoint(model, vocab, meta)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from engine.model import ModelConfig, PoemModel
+from engine.vocab import FORM_TOKENS, Vocab
+
+FORMAT = "yinshi-checkpoint"
+FORMAT_VERSION = 1
+META_KEY = "yinshi"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+@dataclass
+class Checkpoint:
+    model: PoemModel
+    vocab: Vocab
+    meta: dict
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a checkpoint is read by other users (the engine's)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def make_version(now: dt.datetime | None = None) -> str:
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
+
+
+def save_checkpoint(path, model: PoemModel, vocab: Vocab, meta: dict | None = None, half: bool = False) -> dict:
+    """Write model + vocab + metadata atomically; returns the metadata written."""
+    if len(vocab) != model.config.vocab_size:
+        raise ValueError(f"vocab has {len(vocab)} tokens but the model expects {model.config.vocab_size}")
+    dtype = torch.float16 if half else torch.float32
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    now = dt.datetime.now(dt.timezone.utc)
+    full = {
+        "version": make_version(now),
+        "created_at": now.isoformat(timespec="seconds"),
+        **(meta or {}),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "vocab": vocab.tokens,
+        "form_tokens": list(FORM_TOKENS),
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_parameters": model.num_parameters(),
+        "weights_sha256": weights_digest(tensors),
+    }
+    data = st_save(tensors, metadata={META_KEY: json.dumps(full, ensure_ascii=False)})
+    atomic_write_bytes(Path(path), data)
+    return full
+
+
+def read_meta(path) -> dict:
+    """The metadata of a checkpoint, checked for shape but without loading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(path, f"not a readable safetensors file ({e})") from None
+    if META_KEY not in header:
+        raise CheckpointError(path, f"no '{META_KEY}' metadata in the header: not a yinshi checkpoint")
+    try:
+        meta = json.loads(header[META_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(path, f"metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(path, f"metadata format is not {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(path, f"format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
+    for key in ("config", "vocab", "version", "weights_sha256"):
+        if key not in meta:
+            raise CheckpointError(path, f"metadata lacks {key!r}")
+    if meta.get("form_tokens") != list(FORM_TOKENS):
+        raise CheckpointError(path, f"form tokens {meta.get('form_tokens')!r} do not match {list(FORM_TOKENS)}")
+    return meta
+
+
+def load_checkpoint(path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load and validate a checkpoint; any problem raises CheckpointError naming the file."""
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+        vocab = Vocab(meta["vocab"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(path, f"bad config or vocabulary ({e})") from None
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(path, f"vocabulary has {len(vocab)} tokens, config says {config.vocab_size}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(path, f"weights cannot be read ({e})") from None
+    if weights_digest(tensors) != meta["weights_sha256"]:
+        raise CheckpointError(path, "weights do not match their SHA-256: the file is corrupt")
+    model = PoemModel(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        raise CheckpointError(path, f"weights do not fit the config (missing {missing}, extra {extra}, wrong shape {wrong})")
+    for name, t in tensors.items():
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise CheckpointError(path, f"tensor {name!r} holds NaN, infinite or non-float values")
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    model.to(device).eval()
+    return Checkpoint(model=model, vocab=vocab, meta=meta)

@@ -1,0 +1,97 @@
+"""The character language model: Embedding → RNN | LSTM | GRU → Linear (softmax over the vocabulary).
+
+One class, read top to bottom. The recurrent state is kept as one tensor of shape
+(num_layers, B, state_dim) for every cell — an LSTM's h and c side by side — so that the scheduler can
+add and drop batch rows with plain indexing whatever the cell.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    cell: str = "lstm"  # rnn | lstm | gru
+    embed_dim: int = 128
+    hidden_dim: int = 384
+    num_layers: int = 2
+    dropout: float = 0.1  # between recurrent layers and before the output layer, in training only
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
+        for name in ("vocab_size", "embed_dim", "hidden_dim", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """Rebuild from a checkpoint's dict; unknown or missing keys are errors, not silently ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def state_dim(self) -> int:
+        return 2 * self.hidden_dim if self.cell == "lstm" else self.hidden_dim
+
+
+class PoemModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.rnn = CELLS[config.cell](
+            config.embed_dim,
+            config.hidden_dim,
+            num_layers=config.num_layers,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+            batch_first=True,
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_dim, config.vocab_size)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """A zero state for `batch_size` rows: (num_layers, B, state_dim)."""
+        c = self.config
+        device = device if device is not None else self.head.weight.device
+        return torch.zeros(c.num_layers, batch_size, c.state_dim, device=device, dtype=self.head.weight.dtype)
+
+    def _unpack(self, state: torch.Tensor | None):
+        if state is None or self.config.cell != "lstm":
+            return state
+        h, c = state.chunk(2, dim=-1)  # each (L, B, H)
+        return h.contiguous(), c.contiguous()
+
+    def _pack(self, state) -> torch.Tensor:
+        return torch.cat(state, dim=-1) if self.config.cell == "lstm" else state
+
+    def forward(self, tokens: torch.Tensor, state: torch.Tensor | None = None):
+        """tokens (B, T) → logits (B, T, V) and the state after the last position."""
+        x = self.embed(tokens)  # (B, T, E)
+        out, new_state = self.rnn(x, self._unpack(state))  # (B, T, H)
+        logits = self.head(self.drop(out))  # (B, T, V)
+        return logits, self._pack(new_state)
+
+    def step(self, tokens: torch.Tensor, state: torch.Tensor):
+        """One decoding step: tokens (B,) and state (L, B, S) → logits (B, V) and the next state."""
+        logits, state = self.forward(tokens.unsqueeze(1), state)
+        return logits.squeeze(1), state

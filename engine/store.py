@@ -1,0 +1,139 @@
+"""The checkpoint store: published versions per model name and a pointer to the one serving.
+
+    CHECKPOINT_DIR/
+      lstm/
+        versions/20261126T221500123Z.safetensors
+        versions/20261127T031500456Z.safetensors
+        CURRENT            ← "20261127T031500456Z\n", replaced atomically
+
+Publishing copies the checkpoint into `versions/` under a temporary name, fsyncs, renames, then
+replaces CURRENT. A kill at any moment leaves CURRENT naming a complete version (the old or the new),
+never half of one. The engine reads this layout; the trainer writes it.
+
+    publish(store, "lstm", "runs/lstm/best.safetensors", keep=5)   # -> version
+    rollback(store, "lstm", "20261126T221500123Z")
+    current_path(store, "lstm")                                     # -> Path or None
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from engine.checkpoint import CheckpointError, atomic_write_bytes, read_meta
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+VERSION_RE = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
+
+
+class StoreError(Exception):
+    """A store operation that cannot be done; nothing was changed."""
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise StoreError(f"bad model name {name!r}: use 1–32 of a-z, 0-9, _ and -")
+    return name
+
+
+def _model_dir(store: Path, name: str) -> Path:
+    return Path(store) / check_name(name)
+
+
+def version_path(store: Path, name: str, version: str) -> Path:
+    if not VERSION_RE.match(version):
+        raise StoreError(f"bad version {version!r}")
+    return _model_dir(store, name) / "versions" / f"{version}.safetensors"
+
+
+def model_names(store: Path) -> list[str]:
+    """Names with a CURRENT pointer, sorted."""
+    store = Path(store)
+    if not store.is_dir():
+        return []
+    return sorted(d.name for d in store.iterdir() if NAME_RE.match(d.name) and (d / "CURRENT").is_file())
+
+
+def current_version(store: Path, name: str) -> str | None:
+    pointer = _model_dir(store, name) / "CURRENT"
+    try:
+        version = pointer.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return version or None
+
+
+def current_path(store: Path, name: str) -> Path | None:
+    version = current_version(store, name)
+    return version_path(store, name, version) if version else None
+
+
+def versions(store: Path, name: str) -> list[str]:
+    """Complete published versions, oldest first (versions sort by time)."""
+    d = _model_dir(store, name) / "versions"
+    if not d.is_dir():
+        return []
+    return sorted(p.stem for p in d.glob("*.safetensors") if not p.name.startswith("."))
+
+
+def publish(store: Path, name: str, checkpoint: Path, keep: int = 5) -> str:
+    """Validate `checkpoint`'s metadata, copy it in atomically, point CURRENT at it; returns its version."""
+    if keep < 1:
+        raise StoreError("keep must be at least 1")
+    try:
+        meta = read_meta(checkpoint)
+    except CheckpointError as e:
+        raise StoreError(f"refusing to publish: {e}") from None
+    version = meta["version"]
+    target = version_path(store, name, version)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        fd, tmp = tempfile.mkstemp(prefix=f".{version}.", suffix=".tmp", dir=target.parent)
+        try:
+            with open(checkpoint, "rb") as src, os.fdopen(fd, "wb") as dst:
+                os.fchmod(dst.fileno(), 0o644)
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    set_current(store, name, version)
+    prune(store, name, keep)
+    return version
+
+
+def set_current(store: Path, name: str, version: str) -> None:
+    if not version_path(store, name, version).is_file():
+        raise StoreError(f"{name}: no published version {version!r} (have {versions(store, name)})")
+    atomic_write_bytes(_model_dir(store, name) / "CURRENT", f"{version}\n".encode())
+
+
+def rollback(store: Path, name: str, version: str | None = None) -> str:
+    """Point CURRENT at `version`, or at the version before the current one; returns it."""
+    have = versions(store, name)
+    if version is None:
+        cur = current_version(store, name)
+        older = [v for v in have if cur is None or v < cur]
+        if not older:
+            raise StoreError(f"{name}: no version older than {cur!r} to roll back to")
+        version = older[-1]
+    set_current(store, name, version)
+    return version
+
+
+def prune(store: Path, name: str, keep: int) -> list[str]:
+    """Delete all but the newest `keep` versions, never the current one, and stale temporary files."""
+    d = _model_dir(store, name) / "versions"
+    for tmp in d.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    cur = current_version(store, name)
+    have = versions(store, name)
+    doomed = [v for v in have[:-keep] if v != cur] if len(have) > keep else []
+    for v in doomed:
+        version_path(store, name, v).unlink(missing_ok=True)
+    return doomed

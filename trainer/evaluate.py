@@ -1,0 +1,71 @@
+"""Per-character perplexity of a model on poems.
+
+Counted over the poem text, punctuation included; the form token and <eos> are context, not scored.
+Characters outside the vocabulary are fed as <unk>, excluded from the score and counted as `oov`.
+
+    python -m trainer eval --checkpoint engine/checkpoints/lstm.safetensors --poems held_out.txt
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.model import PoemModel
+from engine.vocab import Vocab
+from trainer.corpus import CorpusError, Poem, normalise
+from trainer.data import CLASSIC_LEN, encode_poem
+
+
+def read_poem_lines(path) -> tuple[list[Poem], int]:
+    """Poems from a file holding one poem per line; returns (regular-form poems, lines skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusError(f"{path}: cannot read poems ({e})") from None
+    poems, skipped = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        poem, _ = normalise({"paragraphs": [line]})
+        if poem is None or poem.form == "other":
+            skipped += 1
+        else:
+            poems.append(poem)
+    return poems, skipped
+
+
+@torch.inference_mode()
+def perplexity(model: PoemModel, vocab: Vocab, poems: list[Poem], pre_pad: bool = False,
+               batch_size: int = 256) -> dict:
+    """{'poems', 'chars', 'oov', 'nll', 'ppl'}; `pre_pad` feeds the classic recipe's padded context."""
+    was_training = model.training
+    model.eval()
+    device = model.head.weight.device
+    by_len: dict[int, list[list[int]]] = {}
+    for p in poems:
+        ids = encode_poem(vocab, p)
+        if pre_pad:
+            ids = [vocab.pad_id] * (CLASSIC_LEN - len(ids)) + ids
+        by_len.setdefault(len(ids), []).append(ids)
+    nll, chars, oov = 0.0, 0, 0
+    for length, rows in by_len.items():
+        for i in range(0, len(rows), batch_size):
+            seq = torch.tensor(rows[i : i + batch_size], device=device)  # (B, T) ending in <eos>
+            logits, _ = model(seq[:, :-1])  # (B, T-1, V)
+            target = seq[:, 1:-1]  # the text: skip <eos>
+            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            tok = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-2)
+            # Text is punctuation and Han characters; pads, the form token and <unk> are not scored.
+            scored = target >= min(vocab.comma_id, vocab.period_id)
+            nll -= tok[scored].double().sum().item()
+            chars += int(scored.sum())
+            oov += int((target == vocab.unk_id).sum())
+    if was_training:
+        model.train()
+    mean = nll / chars if chars else float("nan")
+    return {"poems": len(poems), "chars": chars, "oov": oov, "nll": mean,
+            "ppl": math.exp(mean) if chars else float("nan")}

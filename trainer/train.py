@@ -1,0 +1,334 @@
+"""The training loop: cross-entropy, Adam or SGD, warm-up + cosine schedule, clipping, early stopping.
+
+    python -m trainer train --corpus ../shared/corpus/chinese-poetry --out runs/lstm --cell lstm \
+        --time-budget 30
+
+A run lives in its directory (`--out`): `state.safetensors` + `state.json` (everything needed to resume,
+written atomically every `--save-every` seconds), `best.safetensors` (the best model so far, a normal
+engine checkpoint), `history.jsonl` and `curves.png`. `--resume` continues a run killed at any moment,
+losing at most the time since the last save. `--recipe classic` trains the classic baseline instead:
+every poem pre-padded to 125 tokens and the loss taken over all positions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+
+from engine.checkpoint import atomic_write_bytes, save_checkpoint
+from engine.model import ModelConfig, PoemModel
+from engine.vocab import Vocab
+from trainer.corpus import load_corpus, split
+from trainer.data import Buckets, classic_tensor
+from trainer.evaluate import perplexity
+
+
+@dataclass
+class TrainConfig:
+    corpus: list[str] = field(default_factory=lambda: ["../shared/corpus/chinese-poetry"])
+    out: str = "runs/lstm"
+    recipe: str = "bucketed"  # bucketed (ours) | classic (pre-padded to 125, loss everywhere)
+    cell: str = "lstm"
+    embed_dim: int = 128
+    hidden_dim: int = 384
+    num_layers: int = 2
+    dropout: float = 0.1
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05  # cosine decays to lr * this
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    batch_tokens: int = 4096  # classic recipe: batch_size poems instead
+    batch_size: int = 128
+    epochs: int = 10
+    time_budget: float = 0.0  # minutes of training (0: epochs alone decide); eval time not counted
+    max_steps: int = 0  # 0: no limit
+    eval_every: int = 500  # steps; also at every epoch end
+    eval_poems: int = 2000  # validation poems per evaluation (a fixed subset, for speed)
+    patience: int = 4  # evaluations without improvement before stopping
+    save_every: float = 120.0  # seconds between resumable saves
+    seed: int = 1234
+    val_percent: int = 5
+    min_count: int = 5
+    max_vocab: int = 6000
+    threads: int = 0  # torch threads (0: torch's default)
+    device: str = "auto"
+    half: bool = True  # store best.safetensors in fp16 (half the size; the engine computes in fp32)
+
+    def validate(self):
+        if self.recipe not in ("bucketed", "classic"):
+            raise ValueError(f"recipe must be bucketed or classic, got {self.recipe!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
+        if self.lr <= 0 or self.batch_tokens < 1 or self.batch_size < 1:
+            raise ValueError("lr, batch_tokens and batch_size must be positive")
+        ModelConfig(vocab_size=1, cell=self.cell, embed_dim=self.embed_dim, hidden_dim=self.hidden_dim,
+                    num_layers=self.num_layers, dropout=self.dropout)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("DEVICE=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up, then cosine from lr to lr*min_lr_ratio over `progress` ∈ [0, 1]."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, extra: dict):
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, idx, k = key.split(".", 2)
+            state.setdefault(int(idx), {})[k] = v
+    for key, v in extra["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
+
+
+class Trainer:
+    """Holds one run: data, model, optimizer and progress; `run()` trains until a stop rule fires."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
+        cfg.validate()
+        self.cfg, self.log = cfg, log
+        self.dir = Path(cfg.out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+
+        corpus = load_corpus(cfg.corpus)
+        train_poems, val_poems = split(corpus.regular(), cfg.val_percent)
+        state_json = self.dir / "state.json"
+        if resume and state_json.exists():
+            self.progress = json.loads(state_json.read_text())
+            saved_cfg = self.progress["config"]
+            for key in ("cell", "embed_dim", "hidden_dim", "num_layers", "recipe"):
+                if saved_cfg[key] != getattr(cfg, key):
+                    raise ValueError(f"--resume: {key} is {getattr(cfg, key)!r} but the run used {saved_cfg[key]!r}")
+            self.vocab = Vocab(self.progress["vocab"])
+        else:
+            self.progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0,
+                             "tokens": 0, "best_val_ppl": None, "bad_evals": 0, "done": False}
+            self.vocab = Vocab.build((p.text for p in train_poems), cfg.min_count, cfg.max_vocab)
+        self.corpus_hash = corpus.digest()
+        self.num_train_poems = len(train_poems)
+        self.train = Buckets.build(self.vocab, train_poems)
+        rng = torch.Generator().manual_seed(0)
+        pick = torch.randperm(len(val_poems), generator=rng)[: cfg.eval_poems].tolist()
+        self.val_poems = [val_poems[i] for i in sorted(pick)]
+        if cfg.recipe == "classic":
+            self.classic = classic_tensor(self.vocab, train_poems)
+
+        self.model_config = ModelConfig(vocab_size=len(self.vocab), cell=cfg.cell, embed_dim=cfg.embed_dim,
+                                        hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout)
+        self.model = PoemModel(self.model_config).to(self.device)
+        if cfg.optimizer == "adam":
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        if resume and (self.dir / "state.safetensors").exists():
+            tensors = load_file(str(self.dir / "state.safetensors"))
+            self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+            _load_optimizer(self.opt, tensors, self.progress["optimizer"])
+            self.log(f"resumed at step {self.progress['step']} (epoch {self.progress['epoch']}, "
+                     f"{self.progress['train_seconds']:.0f}s trained)")
+        self.use_amp = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def save_state(self):
+        """Everything needed to resume, written atomically (tensors first, then the JSON that points on)."""
+        opt_tensors, opt_extra = _optimizer_tensors(self.opt)
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        tensors.update(opt_tensors)
+        atomic_write_bytes(self.dir / "state.safetensors", save(tensors))
+        self.progress.update(config=asdict(self.cfg), vocab=self.vocab.tokens, optimizer=opt_extra)
+        atomic_write_bytes(self.dir / "state.json", json.dumps(self.progress, ensure_ascii=False).encode())
+
+    def save_best(self, metrics: dict):
+        meta = {
+            "corpus_hash": self.corpus_hash,
+            "metrics": metrics,
+            "train": {k: v for k, v in asdict(self.cfg).items() if k not in ("out",)}
+            | {"train_poems": self.num_train_poems, "tokens_seen": self.progress["tokens"],
+               "train_seconds": round(self.progress["train_seconds"], 1), "step": self.progress["step"]},
+        }
+        save_checkpoint(self.dir / "best.safetensors", self.model, self.vocab, meta, half=self.cfg.half)
+
+    # -- one step --------------------------------------------------------------------------------------
+    def _batch_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        batch = batch.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            logits, _ = self.model(batch[:, :-1])  # (B, T-1, V)
+        target = batch[:, 1:]
+        # Ours: no padding in the batch, every target counts. Classic: pads are targets too.
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
+        return loss, target.numel()
+
+    def evaluate(self) -> dict:
+        return perplexity(self.model, self.vocab, self.val_poems, pre_pad=self.cfg.recipe == "classic")
+
+    def _epoch_batches(self, epoch: int):
+        seed = self.cfg.seed * 1000 + epoch
+        if self.cfg.recipe == "classic":
+            g = torch.Generator().manual_seed(seed)
+            perm = torch.randperm(self.classic.shape[0], generator=g)
+            bs = self.cfg.batch_size
+            return [self.classic[perm[i : i + bs]] for i in range(0, len(perm), bs)]
+        return [self.train.get(form, rows) for form, rows in self.train.batches(self.cfg.batch_tokens, seed)]
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def run(self, progress_bar: bool = True) -> dict:
+        from tqdm import tqdm
+
+        cfg, p = self.cfg, self.progress
+        budget_s = cfg.time_budget * 60
+        history = self.dir / "history.jsonl"
+        last_save = time.monotonic()
+        stop_reason = None
+        self.model.train()
+        while p["epoch"] < cfg.epochs and not p["done"]:
+            batches = self._epoch_batches(p["epoch"])
+            bar = tqdm(total=len(batches), initial=p["batch_in_epoch"], disable=not progress_bar,
+                       desc=f"epoch {p['epoch'] + 1}/{cfg.epochs}", dynamic_ncols=True, mininterval=2)
+            window_t, window_tok = time.monotonic(), 0
+            while p["batch_in_epoch"] < len(batches):
+                t0 = time.monotonic()
+                progress = max(p["step"] / cfg.max_steps if cfg.max_steps else 0.0,
+                               p["train_seconds"] / budget_s if budget_s else 0.0,
+                               (p["epoch"] + p["batch_in_epoch"] / len(batches)) / cfg.epochs)
+                for group in self.opt.param_groups:
+                    group["lr"] = lr_at(cfg, p["step"], progress)
+                loss, ntok = self._batch_loss(batches[p["batch_in_epoch"]])
+                self.opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {p['step']}; lower --lr")
+                p["step"] += 1
+                p["batch_in_epoch"] += 1
+                p["tokens"] += ntok
+                p["train_seconds"] += time.monotonic() - t0
+                window_tok += ntok
+                bar.update(1)
+                if p["step"] % 20 == 0:
+                    rate = window_tok / max(1e-9, time.monotonic() - window_t)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", ppl=f"{math.exp(min(20, loss.item())):.1f}",
+                                    tok_s=f"{rate:.0f}", lr=f"{self.opt.param_groups[0]['lr']:.1e}")
+                    window_t, window_tok = time.monotonic(), 0
+                    with history.open("a") as f:
+                        f.write(json.dumps({"step": p["step"], "train_loss": loss.item(),
+                                            "train_seconds": round(p["train_seconds"], 2)}) + "\n")
+                if cfg.max_steps and p["step"] >= cfg.max_steps:
+                    stop_reason = "max_steps"
+                elif budget_s and p["train_seconds"] >= budget_s:
+                    stop_reason = "time_budget"
+                if p["step"] % cfg.eval_every == 0 or stop_reason:
+                    stop_reason = self._evaluate_and_keep(history) or stop_reason
+                if stop_reason:
+                    break
+                if time.monotonic() - last_save >= cfg.save_every:
+                    self.save_state()
+                    last_save = time.monotonic()
+            bar.close()
+            if stop_reason:
+                break
+            p["epoch"] += 1
+            p["batch_in_epoch"] = 0
+            stop_reason = self._evaluate_and_keep(history)
+            if stop_reason:
+                break
+        p["done"] = True
+        p["stop_reason"] = stop_reason or "epochs"
+        self.save_state()
+        plot_curves(history, self.dir / "curves.png")
+        self.log(f"stopped ({p['stop_reason']}) after {p['step']} steps, {p['tokens']} tokens, "
+                 f"{p['train_seconds']:.0f}s; best validation ppl {p['best_val_ppl']}")
+        return p
+
+    def _evaluate_and_keep(self, history: Path) -> str | None:
+        metrics = self.evaluate()
+        p = self.progress
+        with history.open("a") as f:
+            f.write(json.dumps({"step": p["step"], "val_ppl": metrics["ppl"], "val_nll": metrics["nll"],
+                                "train_seconds": round(p["train_seconds"], 2)}) + "\n")
+        self.log(f"step {p['step']}: validation ppl {metrics['ppl']:.2f} over {metrics['chars']} characters")
+        if p["best_val_ppl"] is None or metrics["ppl"] < p["best_val_ppl"]:
+            p["best_val_ppl"] = metrics["ppl"]
+            p["bad_evals"] = 0
+            self.save_best({"val_ppl": round(metrics["ppl"], 4), "val_nll": round(metrics["nll"], 6),
+                            "val_chars": metrics["chars"], "val_oov": metrics["oov"]})
+        else:
+            p["bad_evals"] += 1
+        self.save_state()
+        if p["bad_evals"] >= self.cfg.patience:
+            return "early_stopping"
+        return None
+
+
+def plot_curves(history: Path, out: Path):
+    """Training loss and validation loss (nats per character) against training seconds."""
+    if not history.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    train = [(r["train_seconds"], r["train_loss"]) for r in rows if "train_loss" in r]
+    val = [(r["train_seconds"], r["val_nll"]) for r in rows if "val_nll" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation nll")
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel("nats per token")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def config_from_args(args: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in args.items() if k in known and v is not None})
