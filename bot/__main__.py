@@ -1,0 +1,55 @@
+"""The bot's command line.
+
+    python -m bot run        # Telegram (needs TELEGRAM_BOT_TOKEN); polling, or a webhook when WEBHOOK_URL is set
+    python -m bot console    # a local chat in the terminal, same commands; works piped:
+                             #   printf '/poem 月\\n' | python -m bot console
+
+Settings come from the environment and ./.env (see bot/settings.py and docs/BOT.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from bot.settings import Settings, SettingsError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the Telegram bot")
+    sub.add_parser("console", help="chat with the bot in this terminal")
+    parser.add_argument("--env-file", default=".env", help="read settings from this file too (default .env)")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(env_file=args.env_file)
+        if args.command == "run":
+            settings.require_token()
+        retrain = settings.load_retrain_hook()
+    except SettingsError as e:
+        print(f"python -m bot: {e}", file=sys.stderr)
+        return 2
+
+    from bot.store import Store
+
+    if args.command == "console":
+        from bot.console import run_console
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        asyncio.run(run_console(settings, retrain=retrain))
+        return 0
+
+    from bot.engines import make_engine
+    from bot.telegram_app import configure_logging, run
+
+    configure_logging(settings)
+    run(settings, make_engine(settings), Store.open(settings.database_path), retrain=retrain)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

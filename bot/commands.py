@@ -1,0 +1,459 @@
+"""Command handling without any transport: Telegram (bot.telegram_app) and the console (bot.console) both
+hand a message's text to `Commands.handle` and send back the `Reply` it returns.
+
+    commands = Commands(engine, store, settings)
+    reply = await commands.handle(Who(chat_id=42, user_id=42), "/poem 月")
+    reply.text        # the poem and a footer, or a clear message saying what went wrong
+    reply.poem_id     # set when the reply is a stored poem (the transport adds 👍/👎 buttons)
+
+Every bad argument gets a reply that says what is allowed and changes nothing; an engine that is busy or
+down gets "busy, try again in a moment", never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import inspect
+import json
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from bot.settings import Settings
+from bot.store import ChatSettings, Store
+from engine.api import (MAX_BEAM_WIDTH, EngineUnavailableError, PoemEngine, PoemRequest, PoemResult,
+                        QueueFullError, RequestError)
+from engine.forms import FORMS, parse_form
+from engine.vocab import is_han
+
+log = logging.getLogger(__name__)
+
+# A random opening for /poem without one: common characters every model knows.
+OPENINGS = "春秋月花风雪山江云雨夜天"
+MODE_NAMES = {"greedy": "贪心 greedy", "sample": "采样 sample", "beam": "束搜索 beam"}
+DEFAULT_MODELS = ("lstm", "gru")
+
+BUSY = "诗人正忙，请稍后再试。\nBusy — please try again in a moment."
+ADMINS_ONLY = "此命令仅限机器人管理员。\nThis command is for the bot's admins only."
+CHAT_ADMINS_ONLY = "只有本群/频道的管理员可以更改设置和订阅。\nOnly this chat's administrators can change its settings and subscription."
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    usage: str  # the arguments, as shown in /help
+    zh: str  # one line of help in Chinese
+    en: str  # … and in English
+    admin: bool = False  # ADMIN_IDS only
+    manages: bool = False  # changes the chat's settings: in groups and channels, chat admins only
+    example: str = ""  # shown in docs/BOT.md
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    Command("start", "", "开始，简介", "start: what this bot does"),
+    Command("help", "", "所有命令", "all commands"),
+    Command("poem", "[开头]", "写一首诗，以给定的字开头；不给则随机", "a poem opening with the given characters (random without)",
+            example="/poem 月"),
+    Command("acrostic", "春夏秋冬", "藏头诗：每句首字，4 或 8 个字", "acrostic: one character per line, 4 or 8",
+            example="/acrostic 春夏秋冬"),
+    Command("cangtou", "春夏秋冬", "同 /acrostic", "same as /acrostic", example="/cangtou 春夏秋冬"),
+    Command("form", "七绝|五绝|七律|五律", "诗体（也可用 qijue wujue qilv wulv）", "poem form (pinyin names too)",
+            manages=True, example="/form 五律"),
+    Command("greedy", "", "贪心解码：每次取最可能的字", "greedy decoding: always the likeliest character",
+            manages=True),
+    Command("sample", "[温度]", "随机采样，温度 0–2（默认 0.8）", "sampling, temperature in (0, 2] (default 0.8)",
+            manages=True, example="/sample 1.2"),
+    Command("beam", "N", "束搜索，宽度 1–16", "beam search, width 1–16", manages=True, example="/beam 5"),
+    Command("model", "lstm|gru", "选择模型", "choose the model", manages=True, example="/model gru"),
+    Command("settings", "", "查看本聊天的设置", "show this chat's settings"),
+    Command("daily", "HH:MM [诗体] | off", "每日一诗：订阅、取消或查看", "daily poem: subscribe, stop, or show",
+            example="/daily 08:00 五绝"),
+    Command("status", "", "（管理员）模型版本、队列、运行时间、统计", "(admins) model versions, queue, uptime, counts",
+            admin=True),
+    Command("reload", "", "（管理员）立即载入最新发布的模型", "(admins) load the newest published model now",
+            admin=True),
+    Command("retrain", "", "（管理员）请训练器重新训练并报告结果", "(admins) ask the trainer to retrain; reports the outcome",
+            admin=True),
+)}
+POEM_COMMANDS = ("poem", "acrostic", "cangtou")  # the ones the per-user rate limit counts
+
+
+@dataclass
+class Reply:
+    text: str
+    poem_id: int | None = None  # a stored poem: the transport shows 👍/👎 buttons for it
+
+
+@dataclass
+class Who:
+    """Who sent a message, and where."""
+
+    chat_id: int
+    user_id: int | None  # None for channel posts (they come from the channel, not a user)
+    chat_type: str = "private"  # private | group | supergroup | channel
+    # Asks Telegram whether the sender administers this group; only called when a command needs it.
+    is_chat_admin: Callable[[], Awaitable[bool]] | None = None
+
+    async def can_manage(self) -> bool:
+        """May this sender change the chat's settings? Anyone in private; in channels only admins can post."""
+        if self.chat_type in ("private", "channel"):
+            return True
+        return bool(self.is_chat_admin and await self.is_chat_admin())
+
+
+class PoemUnavailable(Exception):
+    """No poem this time; `reply` says why in words fit for the chat."""
+
+    def __init__(self, reply: str, busy: bool = False):
+        super().__init__(reply)
+        self.reply, self.busy = reply, busy
+
+
+class RateLimiter:
+    """At most `count` events per `seconds` per key (a sliding window)."""
+
+    def __init__(self, count: int, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.count, self.seconds, self.clock = count, seconds, clock
+        self._events: dict[Any, collections.deque] = {}
+
+    def acquire(self, key) -> float:
+        """0 and the event is counted, or the seconds to wait before the next one is allowed."""
+        now = self.clock()
+        events = self._events.setdefault(key, collections.deque())
+        while events and events[0] <= now - self.seconds:
+            events.popleft()
+        if len(events) >= self.count:
+            return events[0] + self.seconds - now
+        events.append(now)
+        if len(self._events) > 10_000:  # forget idle users so memory stays bounded
+            self._events = {k: v for k, v in self._events.items() if v and v[-1] > now - self.seconds}
+        return 0.0
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Commands:
+    """The bot's behaviour, shared by every transport."""
+
+    def __init__(self, engine: PoemEngine, store: Store, settings: Settings, *,
+                 retrain: Callable[[], Any] | None = None,
+                 on_subscription_change: Callable[[int], Any] | None = None,
+                 clock: Callable[[], dt.datetime] = utc_now,
+                 rate_limiter: RateLimiter | None = None,
+                 rng: random.Random | None = None):
+        self.engine, self.store, self.settings = engine, store, settings
+        self.admin_ids = set(settings.admin_ids)
+        self.retrain = retrain  # the trainer's hook: () -> outcome (str or dict), sync or async
+        self.on_subscription_change = on_subscription_change  # the scheduler's hook: (chat_id) -> None
+        self.clock = clock  # aware datetimes; tests pass a fake
+        self.rate_limiter = rate_limiter or RateLimiter(settings.rate_limit_count, settings.rate_limit_seconds)
+        self.rng = rng or random.Random()
+        self.started_at = clock()
+
+    # entry points
+
+    async def handle(self, who: Who, text: str) -> Reply | None:
+        """A message's text: a /command, or (in private chats) plain text meaning /poem. None = not for us."""
+        text = (text or "").strip()
+        if text.startswith("/"):
+            head, *args = text.split()
+            name = head[1:].split("@", 1)[0].lower()
+            return await self.run(who, name, args)
+        if who.chat_type == "private" and text:
+            return await self.run(who, "poem", text.split())
+        return None
+
+    async def run(self, who: Who, name: str, args: list[str]) -> Reply:
+        """Run one command by name with its arguments."""
+        command = COMMANDS.get(name)
+        if command is None:
+            return Reply(f"未知命令 /{name}。发送 /help 查看全部命令。\nUnknown command /{name}; send /help for the list.")
+        if command.admin and who.user_id not in self.admin_ids:
+            return Reply(ADMINS_ONLY)
+        manages = command.manages or (name == "daily" and bool(args))
+        if manages and not await who.can_manage():
+            return Reply(CHAT_ADMINS_ONLY)
+        if name in POEM_COMMANDS:
+            wait = self.rate_limiter.acquire(who.user_id if who.user_id is not None else who.chat_id)
+            if wait > 0:
+                return Reply(f"请慢一点：{math.ceil(wait)} 秒后再来。\nToo many poems — try again in "
+                             f"{math.ceil(wait)} s (at most {self.rate_limiter.count} per "
+                             f"{self.rate_limiter.seconds:g} s).")
+        handler = getattr(self, f"cmd_{'acrostic' if name == 'cangtou' else name}")
+        return await handler(who, args)
+
+    async def feedback(self, who: Who, poem_id: int, value: int) -> tuple[str, tuple[int, int]]:
+        """A 👍 (1) or 👎 (-1) on a poem; returns the text for the tap's answer and the new counts."""
+        if who.user_id is None or self.store.poem(poem_id) is None:
+            return "这首诗已不在记录中。/ That poem is no longer on record.", (0, 0)
+        self.store.record_feedback(poem_id, who.user_id, value)
+        return ("谢谢！/ Thanks!" if value > 0 else "收到，我会改进。/ Noted."), self.store.feedback_counts(poem_id)
+
+    # poems
+
+    async def cmd_poem(self, who: Who, args: list[str]) -> Reply:
+        settings = self.store.chat_settings(who.chat_id)
+        prompt = "".join(args)
+        problem = check_prompt(prompt, settings.form)
+        if problem:
+            return Reply(problem)
+        if not prompt:
+            prompt = self.rng.choice(OPENINGS)
+        return await self.poem_reply(who, prompt=prompt)
+
+    async def cmd_acrostic(self, who: Who, args: list[str]) -> Reply:
+        heads = "".join(args)
+        usage = "藏头诗需要 4 或 8 个汉字，每句一个：/acrostic 春夏秋冬\nAn acrostic needs 4 or 8 Han characters, one per line."
+        if len(heads) not in (4, 8) or not all(is_han(ch) for ch in heads):
+            return Reply(usage + (f"\n（收到 {len(heads)} 个字符 / got {len(heads)} characters）" if heads else ""))
+        # Keep the chat's line length; the number of characters picks 绝句 (4 lines) or 律诗 (8 lines).
+        line_len = FORMS[self.store.chat_settings(who.chat_id).form].line_len
+        form = next(f.name for f in FORMS.values() if f.line_len == line_len and f.num_lines == len(heads))
+        return await self.poem_reply(who, acrostic=heads, form=form)
+
+    async def poem_reply(self, who: Who, *, prompt: str = "", acrostic: str | None = None,
+                         form: str | None = None) -> Reply:
+        try:
+            result = await self.generate(who.chat_id, prompt=prompt, acrostic=acrostic, form=form)
+        except PoemUnavailable as e:
+            return Reply(e.reply)
+        poem_id = self.store.record_poem(who.chat_id, who.user_id, "command", result, prompt, acrostic)
+        return Reply(format_poem(result, self.store.chat_settings(who.chat_id)), poem_id=poem_id)
+
+    async def generate(self, chat_id: int, *, prompt: str = "", acrostic: str | None = None,
+                       form: str | None = None) -> PoemResult:
+        """One poem in the chat's settings; raises PoemUnavailable with a reply fit for the chat."""
+        s = self.store.chat_settings(chat_id)
+        request = PoemRequest(prompt=prompt, acrostic=acrostic, form=form or s.form, mode=s.mode,
+                              beam_width=s.beam_width, temperature=s.temperature, model=s.model)
+        try:
+            return await self.engine.generate(request.validate())
+        except RequestError as e:
+            raise PoemUnavailable(describe_request_error(e)) from None
+        except QueueFullError:
+            raise PoemUnavailable(BUSY, busy=True) from None
+        except (EngineUnavailableError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            # OSError covers refused connections; asyncio.TimeoutError is TimeoutError on 3.11.
+            log.warning("engine unavailable: %s: %s", type(e).__name__, e)
+            raise PoemUnavailable(BUSY, busy=True) from None
+
+    # settings
+
+    async def cmd_form(self, who: Who, args: list[str]) -> Reply:
+        allowed = "、".join(f"{f.chinese} {f.name}" for f in FORMS.values())
+        if len(args) != 1:
+            return Reply(f"用法：/form 七绝（可选：{allowed}）\nUsage: /form qijue — one of {allowed}.")
+        try:
+            form = parse_form(args[0])
+        except ValueError:
+            return Reply(f"没有这种诗体：{args[0]}。可选：{allowed}\nUnknown form {args[0]!r}; allowed: {allowed}.")
+        self.store.update_chat_settings(who.chat_id, form=form.name)
+        return Reply(f"诗体：{form.chinese}（{form.num_lines} 句 × {form.line_len} 字）\n"
+                     f"Form: {form.name} ({form.num_lines} lines × {form.line_len} characters).")
+
+    async def cmd_greedy(self, who: Who, args: list[str]) -> Reply:
+        if args:
+            return Reply("/greedy 不带参数。\n/greedy takes no arguments.")
+        self.store.update_chat_settings(who.chat_id, mode="greedy")
+        return Reply("解码：贪心（每次取最可能的字，同一开头总得同一首）。\nDecoding: greedy.")
+
+    async def cmd_sample(self, who: Who, args: list[str]) -> Reply:
+        usage = "用法：/sample 或 /sample 0.8（温度，大于 0 且不超过 2）\nUsage: /sample [temperature], temperature in (0, 2]."
+        if len(args) > 1:
+            return Reply(usage)
+        temperature = self.store.chat_settings(who.chat_id).temperature
+        if args:
+            try:
+                temperature = float(args[0])
+            except ValueError:
+                return Reply(usage)
+            if not (math.isfinite(temperature) and 0 < temperature <= 2):
+                return Reply(usage)
+        self.store.update_chat_settings(who.chat_id, mode="sample", temperature=temperature)
+        return Reply(f"解码：随机采样，温度 {temperature:g}。\nDecoding: sampling at temperature {temperature:g}.")
+
+    async def cmd_beam(self, who: Who, args: list[str]) -> Reply:
+        usage = f"用法：/beam N（N 为 1–{MAX_BEAM_WIDTH} 的整数）\nUsage: /beam N, a whole number from 1 to {MAX_BEAM_WIDTH}."
+        if len(args) != 1 or not re.fullmatch(r"\d{1,3}", args[0]) or not 1 <= int(args[0]) <= MAX_BEAM_WIDTH:
+            return Reply(usage)
+        width = int(args[0])
+        self.store.update_chat_settings(who.chat_id, mode="beam", beam_width=width)
+        return Reply(f"解码：束搜索，宽度 {width}。\nDecoding: beam search, width {width}.")
+
+    async def cmd_model(self, who: Who, args: list[str]) -> Reply:
+        names = await self.model_names()
+        usage = f"用法：/model {'|'.join(names)}\nUsage: /model {'|'.join(names)}."
+        if len(args) != 1:
+            return Reply(usage)
+        name = args[0].lower()
+        if name not in names:
+            return Reply(f"没有这个模型：{args[0]}。可选：{', '.join(names)}\nUnknown model {args[0]!r}; "
+                         f"loaded: {', '.join(names)}.")
+        self.store.update_chat_settings(who.chat_id, model=name)
+        return Reply(f"模型：{name}\nModel: {name}.")
+
+    async def model_names(self) -> list[str]:
+        """The engine's loaded models; the usual two when it cannot be asked right now."""
+        try:
+            return [m["name"] for m in await self.engine.models()] or list(DEFAULT_MODELS)
+        except Exception as e:  # noqa: BLE001 — any failure here just means "use the defaults"
+            log.warning("could not list models: %s: %s", type(e).__name__, e)
+            return list(DEFAULT_MODELS)
+
+    async def cmd_settings(self, who: Who, args: list[str]) -> Reply:
+        s = self.store.chat_settings(who.chat_id)
+        return Reply(f"{describe_settings(s)}\n{self.describe_subscription(who.chat_id)}")
+
+    # daily posts
+
+    async def cmd_daily(self, who: Who, args: list[str]) -> Reply:
+        if not args:
+            return Reply(self.describe_subscription(who.chat_id))
+        usage = ("用法：/daily 08:00 [诗体]，/daily off 取消，/daily 查看\n"
+                 "Usage: /daily HH:MM [form] to subscribe, /daily off to stop, /daily to show.")
+        if args[0].lower() in ("off", "stop", "关", "取消") and len(args) == 1:
+            removed = self.store.unsubscribe(who.chat_id)
+            await self._subscription_changed(who.chat_id)
+            return Reply("已取消每日一诗。\nDaily poem stopped." if removed else "本聊天没有订阅。\nThis chat has no subscription.")
+        m = re.fullmatch(r"([01]?\d|2[0-3])[:：]([0-5]\d)", args[0])
+        if not m or len(args) > 2:
+            return Reply(usage)
+        form = None
+        if len(args) == 2:
+            try:
+                form = parse_form(args[1]).name
+            except ValueError:
+                allowed = "、".join(f"{f.chinese} {f.name}" for f in FORMS.values())
+                return Reply(f"没有这种诗体：{args[1]}。可选：{allowed}\nUnknown form {args[1]!r}; allowed: {allowed}.")
+        hhmm = f"{int(m.group(1)):02d}:{int(m.group(2)):02d}"  # int() also normalises full-width digits
+        self.store.subscribe(who.chat_id, hhmm, form, since=self.clock())
+        await self._subscription_changed(who.chat_id)
+        return Reply(self.describe_subscription(who.chat_id))
+
+    async def _subscription_changed(self, chat_id: int) -> None:
+        if self.on_subscription_change is not None:
+            await maybe_await(self.on_subscription_change(chat_id))
+
+    def describe_subscription(self, chat_id: int) -> str:
+        sub = self.store.subscription(chat_id)
+        tz = self.settings.timezone.key
+        if sub is None:
+            return "每日一诗：未订阅（/daily 08:00）\nDaily poem: off (/daily 08:00 to subscribe)."
+        form = FORMS[sub.form] if sub.form else None
+        what_zh = f"一首{form.chinese}" if form else "一首诗"
+        what_en = f"a {form.name}" if form else "a poem in this chat's form"
+        if sub.paused:
+            return (f"每日一诗：已暂停（{sub.paused_reason or '无法发送'}）；发送 /daily {sub.time} 恢复。\n"
+                    f"Daily poem: paused ({sub.paused_reason or 'could not send'}); /daily {sub.time} resumes it.")
+        return f"每日一诗：每天 {sub.time}（{tz}）{what_zh}。\nDaily poem: {what_en} every day at {sub.time} ({tz})."
+
+    # help
+
+    async def cmd_start(self, who: Who, args: list[str]) -> Reply:
+        return Reply("吟诗：用字符级循环神经网络写古诗。试试 /poem 月，或直接发几个字。发送 /help 查看全部命令。\n"
+                     "Yinshi writes classical Chinese poems with a character RNN. Try /poem 月, or just send "
+                     "a few characters. /help lists every command.")
+
+    async def cmd_help(self, who: Who, args: list[str]) -> Reply:
+        return Reply(help_text())
+
+    # admin
+
+    async def cmd_status(self, who: Who, args: list[str]) -> Reply:
+        try:
+            engine_status = await self.engine.status()
+        except Exception as e:  # noqa: BLE001 — /status must answer even when the engine is down
+            engine_status = {"error": f"{type(e).__name__}: {e}"}
+        uptime = self.clock() - self.started_at
+        lines = ["引擎 / engine:"] + [f"  {k}: {_compact(v)}" for k, v in engine_status.items()]
+        lines.append(f"机器人运行 / bot uptime: {str(uptime).split('.')[0]}")
+        lines += [f"  {k}: {v}" for k, v in self.store.counts().items()]
+        return Reply("\n".join(lines))
+
+    async def cmd_reload(self, who: Who, args: list[str]) -> Reply:
+        try:
+            outcome = await self.engine.reload()
+        except Exception as e:  # noqa: BLE001 — report any failure to the admin instead of raising
+            return Reply(f"重新载入失败 / reload failed: {type(e).__name__}: {e}")
+        return Reply("重新载入 / reload:\n" + "\n".join(f"  {k}: {_compact(v)}" for k, v in outcome.items()))
+
+    async def cmd_retrain(self, who: Who, args: list[str]) -> Reply:
+        if self.retrain is None:
+            return Reply("未配置重新训练。\nRetraining is not configured.")
+        try:
+            # A plain function may train for minutes: run it in a thread so other chats are still served.
+            if inspect.iscoroutinefunction(self.retrain):
+                outcome = await self.retrain()
+            else:
+                outcome = await maybe_await(await asyncio.to_thread(self.retrain))
+        except Exception as e:  # noqa: BLE001 — report any failure to the admin instead of raising
+            log.exception("retrain failed")
+            return Reply(f"重新训练失败 / retrain failed: {type(e).__name__}: {e}")
+        return Reply(f"重新训练完成 / retrain finished:\n{_compact(outcome) if outcome is not None else 'ok'}")
+
+
+def check_prompt(prompt: str, form_name: str) -> str | None:
+    """Why `prompt` cannot open a poem in this form, or None when it can."""
+    form = FORMS[form_name]
+    limit = min(form.num_chars, 14)
+    allowed_zh, allowed_en = f"开头只能是汉字，{form.chinese}最多 {limit} 个。", f"at most {limit} Han characters for a {form.name}."
+    if len(prompt) > limit:
+        return f"开头太长（{len(prompt)} 个字符）。{allowed_zh}\nThe opening is too long ({len(prompt)}): {allowed_en}"
+    bad = "".join(dict.fromkeys(ch for ch in prompt if not is_han(ch)))
+    if bad:
+        return (f"这些不是汉字：{bad[:10]}。{allowed_zh}\n"
+                f"The opening must be Han characters, not {bad[:10]!r}: {allowed_en}")
+    return None
+
+
+def describe_request_error(e: RequestError) -> str:
+    if e.code == "unknown_character":
+        return f"模型不认识这个字，换一个试试。\nThe model does not know that character: {e.message}"
+    return f"无法作诗。\nCannot write that poem: {e.message}"
+
+
+def describe_settings(s: ChatSettings) -> str:
+    form = FORMS[s.form]
+    mode = {"greedy": "greedy", "sample": f"sample, temperature {s.temperature:g}",
+            "beam": f"beam, width {s.beam_width}"}[s.mode]
+    return (f"诗体 form: {form.chinese} {form.name}\n"
+            f"解码 decoding: {mode}\n"
+            f"模型 model: {s.model or 'default'}")
+
+
+def format_poem(result: PoemResult, s: ChatSettings) -> str:
+    """One couplet a line, then a footer naming form, decoding and model."""
+    lines = result.lines
+    couplets = [f"{lines[i]}，{lines[i + 1]}。" for i in range(0, len(lines) - 1, 2)]
+    form = FORMS[result.form]
+    mode = {"greedy": "greedy", "sample": f"sample t={s.temperature:g}", "beam": f"beam {s.beam_width}"}.get(
+        result.mode, result.mode)
+    model = (result.model or {}).get("name", "?")
+    return "\n".join(couplets) + f"\n\n— {form.chinese} · {mode} · {model}"
+
+
+def help_text() -> str:
+    shown = COMMANDS.values()
+    zh = "\n".join(f"/{c.name} {c.usage}".rstrip() + f" — {c.zh}" for c in shown)
+    en = "\n".join(f"/{c.name} {c.usage}".rstrip() + f" — {c.en}" for c in shown)
+    return (f"吟诗 · 命令\n{zh}\n私聊中直接发送汉字，等同 /poem。\n\n"
+            f"Yinshi · commands\n{en}\nIn a private chat, plain text works like /poem.")
+
+
+def _compact(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+async def maybe_await(value):
+    return await value if inspect.isawaitable(value) else value

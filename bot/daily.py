@@ -1,0 +1,168 @@
+"""Daily poems: one post per subscribed chat per day at its HH:MM in TIMEZONE, on PTB's job queue.
+
+    daily = Daily(store, commands, send, timezone, grace=timedelta(hours=2), job_queue=app.job_queue)
+    daily.schedule_all()       # one run_daily job per chat, named "daily:<chat_id>"
+    await daily.catch_up()     # on start: a slot missed within the grace window is posted now
+
+Once only, across restarts. Every post goes through `post_if_due`, which (1) finds the chat's latest slot
+(today's HH:MM, or yesterday's if today's is still ahead), (2) gives up if the slot is older than the
+grace window, already claimed, or older than the subscription, (3) writes the poem, (4) *claims* the
+slot — one conditional UPDATE that sets last_posted_date and succeeds for one caller only — and only
+then (5) sends. Claiming before sending gives "never twice": a crash between claim and send loses that
+day's poem instead of repeating it; claiming after sending would repeat it (at-least-once). Writing the
+poem before claiming means an engine failure costs no claim: the job retries a minute later within the
+grace window. A send that Telegram surely refused (RetryAfter after the limiter's retries) releases the
+claim; a timeout might have been delivered, so the claim stays.
+
+A chat that removed the bot (Forbidden, or "chat not found") gets its subscription paused and its job
+removed; `/daily HH:MM` there resumes it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable
+from zoneinfo import ZoneInfo
+
+from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
+from telegram.ext import ContextTypes, JobQueue
+
+from bot.commands import OPENINGS, Commands, PoemUnavailable, Reply, format_poem, utc_now
+from bot.store import Store, Subscription
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 60  # engine busy at post time: try again this much later (within the grace window)
+
+
+def job_name(chat_id: int) -> str:
+    return f"daily:{chat_id}"
+
+
+def latest_slot(hhmm: str, now: dt.datetime, tz: ZoneInfo) -> dt.datetime:
+    """The most recent HH:MM in `tz` at or before `now` (today's, or yesterday's if today's is ahead)."""
+    hour, minute = (int(x) for x in hhmm.split(":"))
+    local = now.astimezone(tz)
+    slot = dt.datetime.combine(local.date(), dt.time(hour, minute), tzinfo=tz)
+    if slot > local:
+        slot = dt.datetime.combine(local.date() - dt.timedelta(days=1), dt.time(hour, minute), tzinfo=tz)
+    return slot
+
+
+class Daily:
+    def __init__(self, store: Store, commands: Commands, send: Callable[[int, Reply], Awaitable[object]],
+                 timezone: ZoneInfo, grace: dt.timedelta, job_queue: JobQueue | None = None,
+                 clock: Callable[[], dt.datetime] = utc_now):
+        self.store, self.commands, self.send = store, commands, send
+        self.timezone, self.grace, self.job_queue, self.clock = timezone, grace, job_queue, clock
+
+    def due_slot(self, sub: Subscription, now: dt.datetime) -> dt.datetime | None:
+        """The slot this subscription still owes a post for at `now`, or None."""
+        if sub.paused:
+            return None
+        slot = latest_slot(sub.time, now, self.timezone)
+        if now - slot > self.grace:
+            return None  # too late today: wait for the next slot
+        if sub.last_posted_date is not None and sub.last_posted_date >= slot.date().isoformat():
+            return None
+        if sub.since is not None and slot < dt.datetime.fromisoformat(sub.since):
+            return None  # the subscription (or its new time) began after this slot
+        return slot
+
+    async def post_if_due(self, chat_id: int) -> bool:
+        """Post today's poem to `chat_id` if it is owed and nobody else has; True when it was sent."""
+        sub = self.store.subscription(chat_id)
+        if sub is None or self.due_slot(sub, self.clock()) is None:
+            return False
+        try:
+            result = await self.commands.generate(chat_id, prompt=self.commands.rng.choice(OPENINGS), form=sub.form)
+        except PoemUnavailable as e:
+            log.warning("daily post for chat %s: no poem (%s); retrying in %ss", chat_id, e.reply.splitlines()[-1],
+                        RETRY_SECONDS)
+            self.retry_later(chat_id)
+            return False
+        # Re-read: the slot may have been claimed while the poem was being written.
+        sub = self.store.subscription(chat_id)
+        slot = self.due_slot(sub, self.clock()) if sub else None
+        if slot is None:
+            return False
+        date, previous = slot.date().isoformat(), sub.last_posted_date
+        if not self.store.claim_daily_post(chat_id, date):
+            return False
+        poem_id = self.store.record_poem(chat_id, None, "daily", result)
+        reply = Reply(format_poem(result, self.store.chat_settings(chat_id)), poem_id=poem_id)
+        try:
+            await self.send(chat_id, reply)
+        except Forbidden as e:
+            self.pause(chat_id, f"Forbidden: {e.message}")
+            return False
+        except BadRequest as e:
+            if "chat not found" in e.message.lower():
+                self.pause(chat_id, f"BadRequest: {e.message}")
+            else:
+                log.error("daily post for chat %s refused: %s", chat_id, e.message)
+                self.store.release_daily_post(chat_id, date, previous)
+            return False
+        except RetryAfter:
+            # The rate limiter already retried; Telegram surely did not take it, so another try may post it.
+            self.store.release_daily_post(chat_id, date, previous)
+            self.retry_later(chat_id)
+            return False
+        except TelegramError as e:
+            # A timeout or network error may still have delivered it: keep the claim (never twice).
+            log.warning("daily post for chat %s may not have arrived: %s", chat_id, e)
+            return False
+        log.info("daily post sent to chat %s for %s", chat_id, date)
+        return True
+
+    async def catch_up(self) -> int:
+        """On start: post every slot missed while the bot was down (within the grace window). Returns the count."""
+        sent = 0
+        for sub in self.store.active_subscriptions():
+            sent += await self.post_if_due(sub.chat_id)
+        return sent
+
+    def pause(self, chat_id: int, reason: str) -> None:
+        log.warning("pausing the daily poem of chat %s: %s", chat_id, reason)
+        self.store.pause_subscription(chat_id, reason)
+        self.unschedule(chat_id)
+
+    # the job queue
+
+    def schedule_all(self) -> int:
+        subs = self.store.active_subscriptions()
+        for sub in subs:
+            self.schedule(sub.chat_id)
+        return len(subs)
+
+    def schedule(self, chat_id: int) -> None:
+        """(Re)schedule the chat's daily job from its stored subscription; removes the old job first."""
+        if self.job_queue is None:
+            return
+        self.unschedule(chat_id)
+        sub = self.store.subscription(chat_id)
+        if sub is None or sub.paused:
+            return
+        hour, minute = (int(x) for x in sub.time.split(":"))
+        self.job_queue.run_daily(
+            daily_job, dt.time(hour, minute, tzinfo=self.timezone), name=job_name(chat_id), chat_id=chat_id,
+            data=self,
+            # A job that fires late (loop busy, clock jump) still runs, and post_if_due decides.
+            job_kwargs={"misfire_grace_time": int(self.grace.total_seconds()) or 1, "coalesce": True})
+
+    def unschedule(self, chat_id: int) -> None:
+        if self.job_queue is None:
+            return
+        for job in self.job_queue.get_jobs_by_name(job_name(chat_id)):
+            job.schedule_removal()
+
+    def retry_later(self, chat_id: int) -> None:
+        if self.job_queue is not None:
+            # Same name as the daily job, so /daily off or a new time removes a pending retry too.
+            self.job_queue.run_once(daily_job, RETRY_SECONDS, name=job_name(chat_id), chat_id=chat_id, data=self)
+
+
+async def daily_job(context: ContextTypes.DEFAULT_TYPE) -> None:
+    """The job queue's callback: post this chat's poem if it is due."""
+    await context.job.data.post_if_due(context.job.chat_id)

@@ -1,0 +1,232 @@
+"""The bot's SQLite store (sqlite-utils): chat settings, daily subscriptions, poem history, feedback.
+
+    store = Store.open("var/bot.db")          # WAL mode; migrates the schema to SCHEMA_VERSION
+    store.update_chat_settings(42, mode="beam", beam_width=5)
+    store.chat_settings(42)                   # -> ChatSettings(form="qijue", mode="beam", …)
+    store.subscribe(42, "08:00", "wujue")
+    store.claim_daily_post(42, "2026-05-01")  # True once per chat and date, however often it is asked
+
+Every write commits before it returns, so a restart (or a kill) loses nothing that was acknowledged.
+The schema version lives in `PRAGMA user_version`; `MIGRATIONS[i]` takes version i to i + 1.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import sqlite_utils
+
+from engine.forms import DEFAULT_FORM
+
+
+@dataclass
+class ChatSettings:
+    form: str = DEFAULT_FORM  # qijue | wujue | qilv | wulv
+    mode: str = "sample"  # greedy | sample | beam
+    beam_width: int = 5  # 1–16, beam mode
+    temperature: float = 0.8  # (0, 2], sample mode
+    model: str | None = None  # None = the engine's default model
+
+
+@dataclass
+class Subscription:
+    chat_id: int
+    time: str  # "HH:MM" in the bot's TIMEZONE
+    form: str | None  # None = the chat's form at posting time
+    paused: bool  # set when Telegram says the bot left the chat (Forbidden)
+    last_posted_date: str | None  # "YYYY-MM-DD" (TIMEZONE) of the last slot claimed
+    paused_reason: str | None = None
+    since: str | None = None  # UTC ISO time the current time was set; earlier slots are not owed
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _migrate_1(db: sqlite_utils.Database) -> None:
+    """The first schema."""
+    db["chats"].create({"chat_id": int, "form": str, "mode": str, "beam_width": int, "temperature": float,
+                        "model": str, "updated_at": str}, pk="chat_id")
+    db["subscriptions"].create({"chat_id": int, "time": str, "form": str, "paused": int, "paused_reason": str,
+                                "last_posted_date": str, "created_at": str}, pk="chat_id",
+                               defaults={"paused": 0})
+    db["poems"].create({"id": int, "chat_id": int, "user_id": int, "source": str, "prompt": str, "acrostic": str,
+                        "form": str, "mode": str, "model": str, "model_version": str, "poem": str,
+                        "created_at": str}, pk="id")
+    db["poems"].create_index(["chat_id", "created_at"])
+    db["feedback"].create({"poem_id": int, "user_id": int, "value": int, "created_at": str},
+                          pk=("poem_id", "user_id"), foreign_keys=[("poem_id", "poems", "id")])
+
+
+MIGRATIONS = [_migrate_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Bring the schema to SCHEMA_VERSION, one migration per transaction; returns the version found."""
+    found = db.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise RuntimeError(f"database schema v{found} is newer than this bot (v{SCHEMA_VERSION}); upgrade the bot")
+    for version in range(found, SCHEMA_VERSION):
+        with db.atomic():  # the migration and its version bump commit together or not at all
+            MIGRATIONS[version](db)
+            db.execute(f"PRAGMA user_version = {version + 1}")
+    return found
+
+
+class Store:
+    """Small, precisely named reads and writes over one sqlite-utils Database."""
+
+    def __init__(self, db: sqlite_utils.Database):
+        self.db = db
+
+    @classmethod
+    def open(cls, path: str | Path) -> Store:
+        """Open (creating) the file, switch to WAL, migrate. ":memory:" works for tests."""
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # check_same_thread=False: PTB may run a job on another thread; every call here is one short statement.
+        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=10)
+        db = sqlite_utils.Database(conn)
+        if str(path) != ":memory:":
+            db.enable_wal()
+        migrate(db)
+        return cls(db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    # chat settings
+
+    def chat_settings(self, chat_id: int) -> ChatSettings:
+        """The chat's settings, defaults for a chat never seen."""
+        try:
+            row = self.db["chats"].get(chat_id)
+        except sqlite_utils.db.NotFoundError:
+            return ChatSettings()
+        defaults = ChatSettings()
+        return ChatSettings(**{f.name: row[f.name] if row[f.name] is not None else getattr(defaults, f.name)
+                               for f in fields(ChatSettings)})
+
+    def update_chat_settings(self, chat_id: int, **changes) -> ChatSettings:
+        """Change some settings (callers validate first); returns the new whole."""
+        unknown = set(changes) - {f.name for f in fields(ChatSettings)}
+        if unknown:
+            raise TypeError(f"unknown chat settings: {sorted(unknown)}")
+        merged = asdict(self.chat_settings(chat_id)) | changes
+        with self.db.atomic():
+            self.db["chats"].upsert({"chat_id": chat_id, **merged, "updated_at": _now()}, pk="chat_id")
+        return ChatSettings(**merged)
+
+    # subscriptions
+
+    def subscription(self, chat_id: int) -> Subscription | None:
+        try:
+            row = self.db["subscriptions"].get(chat_id)
+        except sqlite_utils.db.NotFoundError:
+            return None
+        return _subscription(row)
+
+    def active_subscriptions(self) -> list[Subscription]:
+        return [_subscription(r) for r in self.db["subscriptions"].rows_where("paused = 0", order_by="chat_id")]
+
+    def subscribe(self, chat_id: int, time: str, form: str | None, since: dt.datetime | None = None) -> Subscription:
+        """Subscribe (or change the time/form, and unpause) as of `since` (default now). Keeps
+        last_posted_date, so moving today's time later does not post a second poem today."""
+        old = self.subscription(chat_id)
+        with self.db.atomic():
+            self.db["subscriptions"].upsert({
+                "chat_id": chat_id, "time": time, "form": form, "paused": 0, "paused_reason": None,
+                "last_posted_date": old.last_posted_date if old else None,
+                "created_at": (since or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).isoformat(timespec="seconds"),
+            }, pk="chat_id")
+        return self.subscription(chat_id)
+
+    def unsubscribe(self, chat_id: int) -> bool:
+        """Remove the subscription; False when there was none."""
+        with self.db.atomic():
+            cursor = self.db.execute("DELETE FROM subscriptions WHERE chat_id = ?", [chat_id])
+        return cursor.rowcount > 0
+
+    def pause_subscription(self, chat_id: int, reason: str) -> None:
+        with self.db.atomic():
+            self.db.execute("UPDATE subscriptions SET paused = 1, paused_reason = ? WHERE chat_id = ?",
+                            [reason, chat_id])
+
+    def claim_daily_post(self, chat_id: int, date: str) -> bool:
+        """Atomically mark `date`'s post as taken; True only for the one caller that moved it forward.
+
+        One UPDATE with the condition in its WHERE clause, so two jobs (or a job and the start-up
+        catch-up) racing for the same date cannot both win."""
+        with self.db.atomic():
+            cursor = self.db.execute(
+                "UPDATE subscriptions SET last_posted_date = ? WHERE chat_id = ? AND paused = 0 "
+                "AND (last_posted_date IS NULL OR last_posted_date < ?)", [date, chat_id, date])
+        return cursor.rowcount == 1
+
+    def release_daily_post(self, chat_id: int, date: str, previous: str | None) -> None:
+        """Undo a claim whose poem surely never left (the engine failed before sending)."""
+        with self.db.atomic():
+            self.db.execute("UPDATE subscriptions SET last_posted_date = ? WHERE chat_id = ? AND last_posted_date = ?",
+                            [previous, chat_id, date])
+
+    # poems and feedback
+
+    def record_poem(self, chat_id: int, user_id: int | None, source: str, result, prompt: str = "",
+                    acrostic: str | None = None) -> int:
+        """Store a poem (a PoemResult) that is about to be sent; returns its id for the feedback buttons."""
+        with self.db.atomic():
+            table = self.db["poems"].insert({
+                "chat_id": chat_id, "user_id": user_id, "source": source, "prompt": prompt, "acrostic": acrostic,
+                "form": result.form, "mode": result.mode, "model": (result.model or {}).get("name"),
+                "model_version": (result.model or {}).get("version"), "poem": result.poem, "created_at": _now(),
+            })
+        return table.last_pk
+
+    def poem(self, poem_id: int) -> dict | None:
+        try:
+            return self.db["poems"].get(poem_id)
+        except sqlite_utils.db.NotFoundError:
+            return None
+
+    def recent_poems(self, chat_id: int, limit: int = 10) -> list[dict]:
+        return list(self.db["poems"].rows_where("chat_id = ?", [chat_id], order_by="id desc", limit=limit))
+
+    def record_feedback(self, poem_id: int, user_id: int, value: int) -> None:
+        """One vote per user and poem (+1 or -1); voting again replaces the vote."""
+        if value not in (1, -1):
+            raise ValueError("feedback value must be 1 or -1")
+        with self.db.atomic():
+            self.db["feedback"].upsert({"poem_id": poem_id, "user_id": user_id, "value": value,
+                                        "created_at": _now()}, pk=("poem_id", "user_id"))
+
+    def feedback_counts(self, poem_id: int) -> tuple[int, int]:
+        """(👍, 👎) for one poem."""
+        up, down = self.db.execute(
+            "SELECT COALESCE(SUM(value = 1), 0), COALESCE(SUM(value = -1), 0) FROM feedback WHERE poem_id = ?",
+            [poem_id]).fetchone()
+        return int(up), int(down)
+
+    def counts(self) -> dict[str, int]:
+        """Totals for /status."""
+        one = lambda sql: self.db.execute(sql).fetchone()[0]  # noqa: E731
+        return {
+            "chats": one("SELECT COUNT(*) FROM chats"),
+            "subscriptions": one("SELECT COUNT(*) FROM subscriptions WHERE paused = 0"),
+            "paused_subscriptions": one("SELECT COUNT(*) FROM subscriptions WHERE paused = 1"),
+            "poems": one("SELECT COUNT(*) FROM poems"),
+            "likes": one("SELECT COUNT(*) FROM feedback WHERE value = 1"),
+            "dislikes": one("SELECT COUNT(*) FROM feedback WHERE value = -1"),
+        }
+
+
+def _subscription(row: dict) -> Subscription:
+    return Subscription(chat_id=row["chat_id"], time=row["time"], form=row["form"], paused=bool(row["paused"]),
+                        last_posted_date=row["last_posted_date"], paused_reason=row["paused_reason"],
+                        since=row["created_at"])

@@ -1,0 +1,231 @@
+"""The Telegram side: a python-telegram-bot Application whose handlers are a few lines each.
+
+    python -m bot run            # polling; webhook when WEBHOOK_URL is set
+
+Handlers turn an update into `commands.Who` + text, call `Commands`, and send the `Reply`; all behaviour
+lives in bot.commands and bot.daily. All wiring is in `build_application`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import re
+import uuid
+from urllib.parse import urlparse
+
+from telegram import (BotCommand, ChatMember, InlineKeyboardButton, InlineKeyboardMarkup,
+                      InlineQueryResultArticle, InputTextMessageContent, Update)
+from telegram.error import BadRequest, Forbidden, TelegramError
+from telegram.ext import (AIORateLimiter, Application, CallbackQueryHandler, CommandHandler, ContextTypes,
+                          InlineQueryHandler, MessageHandler, filters)
+
+from bot.commands import COMMANDS, Commands, PoemUnavailable, Reply, Who, check_prompt, format_poem, utc_now
+from bot.daily import Daily
+from bot.engines import close_engine, start_engine
+from bot.settings import Settings
+from bot.store import Store
+from engine.api import PoemEngine
+
+log = logging.getLogger(__name__)
+
+FEEDBACK_RE = re.compile(r"^fb:(\d+):(up|down)$")
+# Commands arrive as messages in private chats and groups, and as channel posts in channels.
+# Edited messages are left out: editing "/poem 月" should not write a second poem.
+COMMAND_UPDATES = filters.UpdateType.MESSAGE | filters.UpdateType.CHANNEL_POST
+
+
+class RedactSecrets(logging.Filter):
+    """Replace secrets (the bot token, ENGINE_TOKEN) in every log record that passes a handler."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(s in message for s in self.secrets):
+            for s in self.secrets:
+                message = message.replace(s, "***")
+            record.msg, record.args = message, None
+        if record.exc_info and record.exc_info[1] is not None:
+            text = logging.Formatter().formatException(record.exc_info)
+            if any(s in text for s in self.secrets):
+                for s in self.secrets:
+                    text = text.replace(s, "***")
+                record.exc_text, record.exc_info = text, None
+        return True
+
+
+def configure_logging(settings: Settings, level: int = logging.INFO) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
+    # httpx logs every request URL at INFO, and the URL holds the bot token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    redact = RedactSecrets(settings.secrets())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redact)
+
+
+# helpers the handlers share
+
+def feedback_keyboard(poem_id: int, up: int = 0, down: int = 0) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup([[
+        InlineKeyboardButton(f"👍 {up}" if up else "👍", callback_data=f"fb:{poem_id}:up"),
+        InlineKeyboardButton(f"👎 {down}" if down else "👎", callback_data=f"fb:{poem_id}:down"),
+    ]])
+
+
+def markup_for(reply: Reply) -> InlineKeyboardMarkup | None:
+    return feedback_keyboard(reply.poem_id) if reply.poem_id is not None else None
+
+
+def who_sent(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Who:
+    chat, user, message = update.effective_chat, update.effective_user, update.effective_message
+
+    async def is_chat_admin() -> bool:
+        # An anonymous group admin posts as the group itself.
+        if message is not None and message.sender_chat is not None and message.sender_chat.id == chat.id:
+            return True
+        if user is None:
+            return False
+        member = await context.bot.get_chat_member(chat.id, user.id)
+        return member.status in (ChatMember.ADMINISTRATOR, ChatMember.OWNER)
+
+    return Who(chat_id=chat.id, user_id=user.id if user else None, chat_type=chat.type, is_chat_admin=is_chat_admin)
+
+
+def commands_of(context: ContextTypes.DEFAULT_TYPE) -> Commands:
+    return context.bot_data["commands"]
+
+
+# handlers
+
+async def on_message(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A command (or plain text in a private chat): run it through the shared command code, reply."""
+    message = update.effective_message
+    reply = await commands_of(context).handle(who_sent(update, context), message.text)
+    if reply is not None:
+        await message.reply_text(reply.text, reply_markup=markup_for(reply))
+
+
+async def on_feedback(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A 👍/👎 tap: store it, answer the tap, show the new counts."""
+    query = update.callback_query
+    match = FEEDBACK_RE.match(query.data or "")
+    if match is None:
+        await query.answer()
+        return
+    poem_id, value = int(match.group(1)), 1 if match.group(2) == "up" else -1
+    text, (up, down) = await commands_of(context).feedback(who_sent(update, context), poem_id, value)
+    await query.answer(text)
+    try:
+        await query.edit_message_reply_markup(feedback_keyboard(poem_id, up, down))
+    except BadRequest as e:  # "message is not modified" when a user repeats the same vote
+        log.debug("keeping the buttons: %s", e.message)
+
+
+async def on_inline_query(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """`@bot 月`: offer three poems opening with 月 (sampled, each with its own seed)."""
+    query = update.inline_query
+    prompt = "".join(query.query.split())
+    commands = commands_of(context)
+    if not prompt or check_prompt(prompt, commands.store.chat_settings(query.from_user.id).form):
+        await query.answer([], cache_time=5)
+        return
+    if commands.rate_limiter.acquire(query.from_user.id) > 0:
+        await query.answer([], cache_time=5)
+        return
+    results = []
+    for _ in range(3):
+        try:
+            result = await commands.generate(query.from_user.id, prompt=prompt)
+        except PoemUnavailable:
+            break
+        text = format_poem(result, commands.store.chat_settings(query.from_user.id))
+        results.append(InlineQueryResultArticle(id=uuid.uuid4().hex, title=result.lines[0], description="".join(result.lines[1:2]),
+                                                input_message_content=InputTextMessageContent(text)))
+    await query.answer(results, cache_time=0, is_personal=True)
+
+
+async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Log every unhandled error with its traceback and tell the user something useful."""
+    log.error("error while handling an update", exc_info=context.error)
+    if isinstance(context.error, Forbidden) or not isinstance(update, Update) or update.effective_chat is None:
+        return
+    try:
+        await context.bot.send_message(update.effective_chat.id,
+                                       "出错了，请稍后再试。\nSomething went wrong on our side; please try again.")
+    except TelegramError:
+        pass  # the chat is unreachable; the log has the story
+
+
+# wiring
+
+def build_application(settings: Settings, engine: PoemEngine, store: Store, *, retrain=None,
+                      clock=utc_now, manage_resources: bool = False, rate_limiter_retries: int = 3,
+                      concurrent_updates: int | bool = 64) -> Application:
+    """The Application with every handler, the rate limiter, daily jobs, and start/stop hooks.
+
+    manage_resources: start the engine on start and close engine and store on shutdown (`python -m bot run`);
+    tests pass False and own them."""
+
+    async def post_init(app: Application) -> None:
+        if manage_resources:
+            await start_engine(engine)
+        await app.bot.set_my_commands([BotCommand(c.name, c.en[:256]) for c in COMMANDS.values() if not c.admin])
+        daily = app.bot_data["daily"]
+        daily.schedule_all()
+        # Missed posts go out in the background so a slow engine does not hold up polling. (A plain
+        # asyncio task: the Application is not running yet, so its create_task would not track it.)
+        app.bot_data["catch_up"] = asyncio.get_running_loop().create_task(daily.catch_up(), name="daily catch-up")
+
+    async def post_shutdown(app: Application) -> None:
+        catch_up = app.bot_data.get("catch_up")
+        if catch_up is not None and not catch_up.done():
+            catch_up.cancel()
+            await asyncio.gather(catch_up, return_exceptions=True)
+        if manage_resources:
+            await close_engine(engine)
+            store.close()
+
+    app = (Application.builder()
+           .token(settings.require_token())
+           .base_url(settings.bot_api_url)
+           .base_file_url(settings.bot_file_url)
+           .rate_limiter(AIORateLimiter(max_retries=rate_limiter_retries))
+           # Poems take a while; other chats must not wait for them.
+           .concurrent_updates(concurrent_updates)
+           .post_init(post_init)
+           .post_shutdown(post_shutdown)
+           .build())
+
+    async def send(chat_id: int, reply: Reply) -> None:
+        await app.bot.send_message(chat_id, reply.text, reply_markup=markup_for(reply))
+
+    commands = Commands(engine, store, settings, retrain=retrain, clock=clock)
+    daily = Daily(store, commands, send, settings.timezone, dt.timedelta(minutes=settings.daily_grace_minutes),
+                  job_queue=app.job_queue, clock=clock)
+    commands.on_subscription_change = daily.schedule
+    app.bot_data.update(commands=commands, daily=daily, store=store)
+
+    names = [name for name in COMMANDS]
+    app.add_handler(CommandHandler(names, on_message, filters=COMMAND_UPDATES))
+    # Unknown commands in private chats get "see /help"; in groups they may be meant for another bot.
+    app.add_handler(MessageHandler(filters.ChatType.PRIVATE & filters.UpdateType.MESSAGE & filters.TEXT, on_message))
+    app.add_handler(CallbackQueryHandler(on_feedback, pattern=FEEDBACK_RE))
+    app.add_handler(InlineQueryHandler(on_inline_query))
+    app.add_error_handler(on_error)
+    return app
+
+
+def run(settings: Settings, engine: PoemEngine, store: Store, retrain=None) -> None:
+    """Run until Ctrl-C: polling, or a webhook server when WEBHOOK_URL is set."""
+    app = build_application(settings, engine, store, retrain=retrain, manage_resources=True)
+    if settings.webhook_url:
+        app.run_webhook(listen=settings.webhook_listen, port=settings.webhook_port,
+                        url_path=urlparse(settings.webhook_url).path.lstrip("/"), webhook_url=settings.webhook_url,
+                        secret_token=settings.webhook_secret, allowed_updates=Update.ALL_TYPES)
+    else:
+        app.run_polling(allowed_updates=Update.ALL_TYPES)

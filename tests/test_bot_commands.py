@@ -1,0 +1,305 @@
+"""bot.commands without Telegram: parsing, settings, permissions, errors, rate limit, help."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+
+import aiohttp
+import pytest
+
+from bot.commands import BUSY, COMMANDS, Commands, RateLimiter, Who, help_text
+from engine.api import EngineUnavailableError, QueueFullError
+from bot_fixtures import *  # noqa: F401,F403
+from bot_fixtures import ScriptedEngine, make_settings
+
+ADMIN = 999
+POEM_LINE = re.compile(r"^[\u4e00-\u9fff]+，[\u4e00-\u9fff]+。$")
+
+
+@pytest.fixture
+def commands(tmp_path, store, scripted_engine, clock) -> Commands:
+    return Commands(scripted_engine, store, make_settings(tmp_path), clock=clock)
+
+
+def private(user_id: int = 42) -> Who:
+    return Who(chat_id=user_id, user_id=user_id, chat_type="private")
+
+
+def group(user_id: int, is_admin: bool, chat_id: int = -100) -> Who:
+    async def is_chat_admin():
+        return is_admin
+    return Who(chat_id=chat_id, user_id=user_id, chat_type="supergroup", is_chat_admin=is_chat_admin)
+
+
+def poem_lines(text: str) -> list[str]:
+    """The poem's couplet lines of a reply (the footer follows a blank line)."""
+    return text.split("\n\n")[0].splitlines()
+
+
+async def test_poem_opens_with_the_prompt_in_the_chat_form(commands, scripted_engine):
+    reply = await commands.handle(private(), "/poem 月")
+    couplets = poem_lines(reply.text)
+    assert len(couplets) == 2 and all(POEM_LINE.match(c) for c in couplets)
+    assert couplets[0].startswith("月") and len(couplets[0]) == 16
+    assert reply.poem_id is not None
+    assert scripted_engine.requests[-1].form == "qijue"
+
+
+async def test_poem_without_prompt_picks_a_random_opening(commands, scripted_engine):
+    reply = await commands.handle(private(), "/poem")
+    assert reply.poem_id is not None
+    assert len(scripted_engine.requests[-1].prompt) == 1
+
+
+async def test_plain_text_in_a_private_chat_works_like_poem(commands, scripted_engine):
+    reply = await commands.handle(private(), "春")
+    assert reply.poem_id is not None and scripted_engine.requests[-1].prompt == "春"
+
+
+async def test_plain_text_in_a_group_is_ignored(commands, scripted_engine):
+    assert await commands.handle(group(1, True), "春") is None
+    assert scripted_engine.requests == []
+
+
+async def test_command_addressed_with_bot_username_is_understood(commands):
+    reply = await commands.handle(private(), "/poem@yinshi_bot 月")
+    assert reply.poem_id is not None
+
+
+async def test_acrostic_puts_one_character_at_the_head_of_each_line(commands):
+    reply = await commands.handle(private(), "/cangtou 春夏秋冬")
+    lines = [part for c in poem_lines(reply.text) for part in re.split("[，。]", c) if part]
+    assert [line[0] for line in lines] == list("春夏秋冬")
+
+
+async def test_acrostic_with_eight_characters_writes_a_lushi(commands, scripted_engine):
+    await commands.handle(private(), "/form 五绝")
+    await commands.handle(private(), "/acrostic 春夏秋冬春夏秋冬")
+    assert scripted_engine.requests[-1].form == "wulv"
+
+
+@pytest.mark.parametrize("text", ["/acrostic", "/acrostic 春夏", "/acrostic abcd", "/acrostic 春夏秋冬雪"])
+async def test_bad_acrostic_explains_four_or_eight(commands, scripted_engine, text):
+    reply = await commands.handle(private(), text)
+    assert "4 or 8" in reply.text and reply.poem_id is None
+    assert scripted_engine.requests == []
+
+
+@pytest.mark.parametrize("text, setting", [
+    ("/form 五律", {"form": "wulv"}), ("/form wujue", {"form": "wujue"}), ("/form 七言律诗", {"form": "qilv"}),
+    ("/greedy", {"mode": "greedy"}), ("/sample", {"mode": "sample", "temperature": 0.8}),
+    ("/sample 1.5", {"mode": "sample", "temperature": 1.5}), ("/beam 5", {"mode": "beam", "beam_width": 5}),
+    ("/beam 16", {"mode": "beam", "beam_width": 16}), ("/model gru", {"model": "gru"}),
+])
+async def test_setting_commands_store_the_setting(commands, store, text, setting):
+    await commands.handle(private(), text)
+    stored = asdict(store.chat_settings(42))
+    assert {k: stored[k] for k in setting} == setting
+
+
+@pytest.mark.parametrize("text, allowed", [
+    ("/beam 0", "1 to 16"), ("/beam 999", "1 to 16"), ("/beam abc", "1 to 16"), ("/beam", "1 to 16"),
+    ("/beam 5.5", "1 to 16"), ("/beam -3", "1 to 16"),
+    ("/form 九言", "allowed"), ("/form", "Usage"), ("/sample 0", "(0, 2]"), ("/sample 3", "(0, 2]"),
+    ("/sample nan", "(0, 2]"), ("/sample inf", "(0, 2]"), ("/sample hot", "(0, 2]"), ("/greedy now", "no arguments"),
+    ("/model transformer", "loaded"), ("/daily 25:00", "HH:MM"), ("/daily 8", "HH:MM"), ("/daily 08:00 九言", "allowed"),
+])
+async def test_bad_arguments_say_what_is_allowed_and_change_nothing(commands, store, text, allowed):
+    before = (asdict(store.chat_settings(42)), store.subscription(42))
+    reply = await commands.handle(private(), text)
+    assert allowed in reply.text
+    assert (asdict(store.chat_settings(42)), store.subscription(42)) == before
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("月" * 40, "too long"), ("🌙", "Han characters"), ("moon", "Han characters"), ("月🌙", "Han characters"),
+])
+async def test_bad_prompts_get_a_clear_reply_and_never_reach_the_engine(commands, scripted_engine, prompt, expected):
+    reply = await commands.handle(private(), f"/poem {prompt}")
+    assert expected in reply.text and reply.poem_id is None
+    assert scripted_engine.requests == []
+
+
+async def test_unknown_character_from_the_engine_is_explained(commands):
+    reply = await commands.handle(private(), "/poem 龘")
+    assert "does not know" in reply.text and reply.poem_id is None
+
+
+@pytest.mark.parametrize("error", [QueueFullError(2.0), EngineUnavailableError("down"),
+                                   aiohttp.ClientConnectionError("refused"), ConnectionRefusedError(),
+                                   TimeoutError()])
+async def test_busy_or_unreachable_engine_gets_a_short_busy_reply(commands, scripted_engine, error):
+    scripted_engine.error = error
+    reply = await commands.handle(private(), "/poem 月")
+    assert reply.text == BUSY and reply.poem_id is None
+
+
+async def test_beam_changes_the_request_the_engine_gets(commands, scripted_engine):
+    await commands.handle(private(), "/beam 5")
+    await commands.handle(private(), "/poem 月")
+    request = scripted_engine.requests[-1]
+    assert (request.mode, request.beam_width) == ("beam", 5)
+
+
+async def test_settings_shows_every_setting(commands):
+    await commands.handle(private(), "/beam 7")
+    text = (await commands.handle(private(), "/settings")).text
+    assert "七绝" in text and "beam, width 7" in text and "default" in text and "Daily poem: off" in text
+
+
+def test_help_lists_every_command():
+    text = help_text()
+    for name, command in COMMANDS.items():
+        assert f"/{name}" in text
+        assert command.zh in text and command.en in text
+
+
+async def test_help_is_chinese_first_then_english(commands):
+    text = (await commands.handle(private(), "/help")).text
+    assert text.index("命令") < text.index("commands")
+
+
+async def test_unknown_command_points_to_help(commands):
+    assert "/help" in (await commands.handle(private(), "/frobnicate")).text
+
+
+@pytest.mark.parametrize("text", ["/status", "/reload", "/retrain"])
+async def test_admin_commands_refuse_other_users(commands, scripted_engine, text):
+    reply = await commands.handle(private(42), text)
+    assert "admins only" in reply.text and scripted_engine.reloads == 0
+
+
+async def test_admin_status_reports_engine_and_counts(commands):
+    await commands.handle(private(), "/poem 月")
+    text = (await commands.handle(private(999), "/status")).text
+    assert "queue_depth" in text and "poems: 1" in text and "uptime" in text
+
+
+async def test_admin_reload_asks_the_engine(commands, scripted_engine):
+    text = (await commands.handle(private(999), "/reload")).text
+    assert scripted_engine.reloads == 1 and "unchanged" in text
+
+
+async def test_retrain_without_a_trainer_says_it_is_not_configured(commands):
+    assert "not configured" in (await commands.handle(private(999), "/retrain")).text
+
+
+async def test_retrain_calls_the_pluggable_trainer_and_reports(commands):
+    calls = []
+
+    async def retrain():
+        calls.append(1)
+        return {"version": "v2", "val_ppl": 123.4}
+
+    commands.retrain = retrain
+    text = (await commands.handle(private(999), "/retrain")).text
+    assert calls == [1] and "v2" in text
+
+
+async def test_retrain_failure_is_reported_not_raised(commands):
+    def retrain():
+        raise RuntimeError("corpus missing")
+
+    commands.retrain = retrain
+    assert "corpus missing" in (await commands.handle(private(999), "/retrain")).text
+
+
+@pytest.mark.parametrize("text", ["/beam 5", "/form 五绝", "/greedy", "/model gru", "/daily 08:00", "/daily off"])
+async def test_group_members_who_are_not_admins_cannot_change_settings(commands, store, text):
+    reply = await commands.handle(group(7, is_admin=False), text)
+    assert "administrators" in reply.text
+    assert store.chat_settings(-100) == type(store.chat_settings(-100))() and store.subscription(-100) is None
+
+
+async def test_group_admins_can_change_settings_and_anyone_can_read_them(commands, store):
+    await commands.handle(group(7, is_admin=True), "/daily 08:00 五绝")
+    assert store.subscription(-100).time == "08:00"
+    assert "08:00" in (await commands.handle(group(8, is_admin=False), "/daily")).text
+    assert (await commands.handle(group(8, is_admin=False), "/poem 月")).poem_id is not None
+
+
+async def test_channel_posts_may_change_settings(commands, store):
+    channel = Who(chat_id=-1001, user_id=None, chat_type="channel")
+    await commands.handle(channel, "/beam 3")
+    assert store.chat_settings(-1001).beam_width == 3
+
+
+async def test_daily_subscribes_shows_and_stops(commands, store):
+    changed = []
+    commands.on_subscription_change = changed.append
+    assert "every day at 08:00" in (await commands.handle(private(), "/daily 8:00 wujue")).text
+    assert store.subscription(42).form == "wujue"
+    assert "08:00" in (await commands.handle(private(), "/daily")).text
+    assert "stopped" in (await commands.handle(private(), "/daily off")).text
+    assert store.subscription(42) is None and changed == [42, 42]
+
+
+async def test_poem_requests_are_rate_limited_per_user(tmp_path, store, scripted_engine, clock):
+    ticks = iter(range(100))
+    limiter = RateLimiter(2, 60, clock=lambda: next(ticks))
+    commands = Commands(scripted_engine, store, make_settings(tmp_path), clock=clock, rate_limiter=limiter)
+    assert (await commands.handle(private(1), "/poem 月")).poem_id is not None
+    assert (await commands.handle(private(1), "/poem 月")).poem_id is not None
+    limited = await commands.handle(private(1), "/poem 月")
+    assert limited.poem_id is None and "try again in" in limited.text
+    assert (await commands.handle(private(2), "/poem 月")).poem_id is not None  # another user is not limited
+    assert "beam" in (await commands.handle(private(1), "/beam 4")).text  # settings are not limited
+
+
+def test_rate_limiter_window_slides():
+    now = [0.0]
+    limiter = RateLimiter(2, 10, clock=lambda: now[0])
+    assert limiter.acquire("u") == 0 and limiter.acquire("u") == 0
+    assert limiter.acquire("u") == pytest.approx(10)
+    now[0] = 10.0
+    assert limiter.acquire("u") == 0
+
+
+async def test_feedback_is_stored_once_per_user(commands, store):
+    reply = await commands.handle(private(), "/poem 月")
+    await commands.feedback(private(1), reply.poem_id, 1)
+    await commands.feedback(private(2), reply.poem_id, 1)
+    _, counts = await commands.feedback(private(2), reply.poem_id, -1)
+    assert counts == (1, 1)
+
+
+async def test_feedback_on_an_unknown_poem_is_answered_politely(commands):
+    text, counts = await commands.feedback(private(), 12345, 1)
+    assert "no longer" in text and counts == (0, 0)
+
+
+# fuzzing: any text, any arguments
+
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa: E402
+
+from bot.store import Store  # noqa: E402
+
+SETTING_COMMANDS = ["/beam", "/form", "/sample", "/model", "/daily", "/greedy", "/acrostic", "/poem"]
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(SETTING_COMMANDS + ["/" + "x" * 3, ""]),
+       arg=st.text(max_size=60), chat_type=st.sampled_from(["private", "group", "channel"]))
+def test_any_text_gets_a_reply_and_rejected_arguments_change_nothing(tmp_path, command, arg, chat_type):
+    import asyncio
+
+    async def go():
+        store = Store.open(":memory:")
+        commands = Commands(ScriptedEngine(), store, make_settings(tmp_path))
+        who = Who(chat_id=5, user_id=5, chat_type=chat_type)
+        before = (asdict(store.chat_settings(5)), store.subscription(5))
+        reply = await commands.handle(who, f"{command} {arg}")  # noqa: B023
+        after = (asdict(store.chat_settings(5)), store.subscription(5))
+        return reply, before, after
+
+    reply, before, after = asyncio.run(go())
+    text = f"{command} {arg}".strip()
+    if reply is None:  # empty, or plain text outside a private chat: not for the bot
+        assert not text or (chat_type != "private" and not text.startswith("/"))
+        return
+    assert reply.text and "Traceback" not in reply.text
+    if command == "/beam" and after != before:
+        assert re.fullmatch(r"\d{1,3}", arg.strip()) and 1 <= int(arg) <= 16
+    if command in ("/beam", "/form", "/sample", "/model", "/daily") and after != before:
+        assert "Usage" not in reply.text and "Unknown" not in reply.text and "allowed" not in reply.text

@@ -1,0 +1,182 @@
+"""bot.daily without Telegram: slots, the grace window, once-only across restarts, pausing, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+from telegram.error import BadRequest, Forbidden, RetryAfter, TimedOut
+
+from bot.commands import Commands
+from bot.daily import Daily, latest_slot
+from bot.store import Store
+from bot_fixtures import *  # noqa: F401,F403
+from bot_fixtures import TZ, make_settings
+from engine.api import QueueFullError
+
+CHAT = -100500
+
+
+class Outbox:
+    """A send() that records, or raises the next queued error."""
+
+    def __init__(self):
+        self.sent: list[tuple[int, str]] = []
+        self.errors: list[BaseException] = []
+
+    async def __call__(self, chat_id, reply):
+        if self.errors:
+            raise self.errors.pop(0)
+        self.sent.append((chat_id, reply.text))
+
+
+def make_daily(tmp_path, engine, clock, outbox, store=None) -> Daily:
+    """A Daily over the SQLite file in tmp_path, as a freshly started bot would have it."""
+    store = store or Store.open(tmp_path / "bot.db")
+    settings = make_settings(tmp_path)
+    return Daily(store, Commands(engine, store, settings, clock=clock), outbox, TZ, dt.timedelta(hours=2),
+                 clock=clock)
+
+
+@pytest.fixture
+def outbox():
+    return Outbox()
+
+
+@pytest.fixture
+def daily(tmp_path, scripted_engine, clock, outbox):
+    d = make_daily(tmp_path, scripted_engine, clock, outbox)
+    d.store.subscribe(CHAT, "08:00", "wujue", since=clock())  # subscribed at 07:00
+    return d
+
+
+def test_latest_slot_is_today_once_the_time_has_come_else_yesterday():
+    at = lambda h, m: dt.datetime(2026, 5, 1, h, m, tzinfo=TZ)  # noqa: E731
+    assert latest_slot("08:00", at(8, 0), TZ) == at(8, 0)
+    assert latest_slot("08:00", at(9, 30), TZ) == at(8, 0)
+    assert latest_slot("08:00", at(7, 59), TZ) == dt.datetime(2026, 4, 30, 8, 0, tzinfo=TZ)
+
+
+def test_latest_slot_uses_the_bots_timezone_not_utc():
+    now = dt.datetime(2026, 5, 1, 0, 30, tzinfo=dt.timezone.utc)  # 08:30 in Shanghai
+    assert latest_slot("08:00", now, TZ) == dt.datetime(2026, 5, 1, 8, 0, tzinfo=TZ)
+
+
+async def test_nothing_is_posted_before_the_time(daily, clock, outbox):
+    clock.set_local("07:59", second=59)
+    assert not await daily.post_if_due(CHAT)
+    assert outbox.sent == []
+
+
+async def test_posts_once_at_the_scheduled_minute(daily, clock, outbox, scripted_engine):
+    clock.set_local("08:00")
+    assert await daily.post_if_due(CHAT)
+    assert not await daily.post_if_due(CHAT)
+    assert len(outbox.sent) == 1 and scripted_engine.requests[-1].form == "wujue"
+    assert daily.store.subscription(CHAT).last_posted_date == "2026-05-01"
+
+
+async def test_posts_again_the_next_day(daily, clock, outbox):
+    clock.set_local("08:00")
+    await daily.post_if_due(CHAT)
+    clock.set_local("08:00", day=dt.date(2026, 5, 2))
+    assert await daily.post_if_due(CHAT)
+    assert len(outbox.sent) == 2
+
+
+async def test_a_restart_after_posting_does_not_post_again(tmp_path, daily, clock, outbox, scripted_engine):
+    clock.set_local("08:00")
+    await daily.post_if_due(CHAT)
+    daily.store.close()
+    clock.set_local("08:00", second=40)
+    restarted = make_daily(tmp_path, scripted_engine, clock, outbox)
+    assert await restarted.catch_up() == 0
+    assert not await restarted.post_if_due(CHAT)
+    assert len(outbox.sent) == 1
+
+
+async def test_a_missed_post_is_sent_once_on_start_within_the_grace_window(tmp_path, daily, clock, outbox,
+                                                                             scripted_engine):
+    daily.store.close()  # the bot was down at 08:00
+    clock.set_local("09:30")
+    first = make_daily(tmp_path, scripted_engine, clock, outbox)
+    assert await first.catch_up() == 1
+    first.store.close()
+    clock.set_local("09:31")
+    second = make_daily(tmp_path, scripted_engine, clock, outbox)
+    assert await second.catch_up() == 0
+    assert len(outbox.sent) == 1
+
+
+async def test_a_post_missed_by_more_than_the_grace_window_is_skipped(daily, clock, outbox):
+    clock.set_local("10:00", second=1)
+    assert await daily.catch_up() == 0 and outbox.sent == []
+
+
+async def test_catch_up_crosses_midnight(daily, clock, outbox):
+    daily.store.subscribe(CHAT, "23:30", None, since=clock())
+    clock.set_local("00:10", day=dt.date(2026, 5, 2))
+    assert await daily.catch_up() == 1
+    assert daily.store.subscription(CHAT).last_posted_date == "2026-05-01"
+
+
+async def test_a_slot_before_the_subscription_is_not_owed(daily, clock, outbox):
+    clock.set_local("09:00")
+    daily.store.subscribe(CHAT, "08:30", None, since=clock())
+    assert await daily.catch_up() == 0 and outbox.sent == []
+
+
+async def test_two_posters_racing_send_once(daily, clock, outbox):
+    clock.set_local("08:00")
+    results = await asyncio.gather(daily.post_if_due(CHAT), daily.post_if_due(CHAT), daily.catch_up())
+    assert len(outbox.sent) == 1 and sum(results) == 1
+
+
+async def test_a_busy_engine_costs_no_claim_and_a_later_try_posts(daily, clock, outbox, scripted_engine):
+    clock.set_local("08:00")
+    scripted_engine.error = QueueFullError(1.0)
+    assert not await daily.post_if_due(CHAT)
+    assert daily.store.subscription(CHAT).last_posted_date is None
+    scripted_engine.error = None
+    clock.set_local("08:01")
+    assert await daily.post_if_due(CHAT)
+
+
+@pytest.mark.parametrize("error", [Forbidden("Forbidden: bot was kicked from the group chat"),
+                                   BadRequest("Chat not found")])
+async def test_a_chat_that_removed_the_bot_gets_its_subscription_paused(daily, clock, outbox, error):
+    clock.set_local("08:00")
+    outbox.errors.append(error)
+    assert not await daily.post_if_due(CHAT)
+    sub = daily.store.subscription(CHAT)
+    assert sub.paused and ("Forbidden" in sub.paused_reason or "not found" in sub.paused_reason)
+    assert daily.store.active_subscriptions() == []
+    clock.set_local("08:01")
+    assert not await daily.post_if_due(CHAT)  # not retried forever
+
+
+async def test_a_timeout_keeps_the_claim_because_the_post_may_have_arrived(daily, clock, outbox):
+    clock.set_local("08:00")
+    outbox.errors.append(TimedOut())
+    assert not await daily.post_if_due(CHAT)
+    assert not await daily.post_if_due(CHAT)
+    assert outbox.sent == []
+
+
+async def test_a_refused_send_releases_the_claim(daily, clock, outbox):
+    clock.set_local("08:00")
+    outbox.errors.append(RetryAfter(dt.timedelta(seconds=30)))
+    assert not await daily.post_if_due(CHAT)
+    assert await daily.post_if_due(CHAT)
+    assert len(outbox.sent) == 1
+
+
+async def test_a_crash_between_claim_and_send_never_posts_twice(tmp_path, daily, clock, outbox, scripted_engine):
+    clock.set_local("08:00")
+    outbox.errors.append(asyncio.CancelledError())  # the process is being killed mid-send
+    with pytest.raises(asyncio.CancelledError):
+        await daily.post_if_due(CHAT)
+    daily.store.close()
+    restarted = make_daily(tmp_path, scripted_engine, clock, outbox)
+    assert await restarted.catch_up() == 0 and outbox.sent == []

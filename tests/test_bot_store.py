@@ -1,0 +1,142 @@
+"""bot.store: schema and migrations, settings, subscriptions and the once-only claim, poems, feedback."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from bot.store import SCHEMA_VERSION, ChatSettings, Store
+from bot_fixtures import *  # noqa: F401,F403
+from engine.api import PoemResult
+
+
+def a_result(poem: str = "月山水花风，云春秋天人。江河日夜明，清白青长空。") -> PoemResult:
+    lines = [x for x in poem.replace("。", "，").split("，") if x]
+    return PoemResult(poem=poem, lines=lines, form="wujue", mode="beam", model={"name": "lstm", "version": "v1"},
+                      elapsed_ms=3.0)
+
+
+def test_open_creates_the_schema_in_wal_mode(tmp_path):
+    store = Store.open(tmp_path / "sub" / "bot.db")
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.db.journal_mode == "wal"
+    assert {"chats", "subscriptions", "poems", "feedback"} <= set(store.db.table_names())
+
+
+def test_reopening_does_not_migrate_again_or_lose_data(tmp_path):
+    store = Store.open(tmp_path / "bot.db")
+    store.update_chat_settings(1, form="wulv")
+    store.close()
+    again = Store.open(tmp_path / "bot.db")
+    assert again.schema_version() == SCHEMA_VERSION and again.chat_settings(1).form == "wulv"
+
+
+def test_a_database_from_a_newer_bot_is_refused(tmp_path):
+    conn = sqlite3.connect(tmp_path / "bot.db")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer than this bot"):
+        Store.open(tmp_path / "bot.db")
+
+
+def test_chat_settings_default_until_changed(store):
+    assert store.chat_settings(5) == ChatSettings()
+    store.update_chat_settings(5, mode="beam", beam_width=9)
+    assert store.chat_settings(5) == ChatSettings(mode="beam", beam_width=9)
+
+
+def test_update_chat_settings_rejects_unknown_names(store):
+    with pytest.raises(TypeError):
+        store.update_chat_settings(5, colour="red")
+
+
+def test_writes_are_visible_to_another_connection_at_once(tmp_path, store):
+    store.update_chat_settings(5, form="qilv")
+    store.subscribe(5, "08:00", None)
+    other = Store.open(tmp_path / "bot.db")
+    assert other.chat_settings(5).form == "qilv" and other.subscription(5).time == "08:00"
+
+
+def test_subscribe_keeps_last_posted_date_and_unpauses(store):
+    store.subscribe(5, "08:00", "wujue")
+    assert store.claim_daily_post(5, "2026-05-01")
+    store.pause_subscription(5, "Forbidden")
+    assert store.active_subscriptions() == []
+    sub = store.subscribe(5, "09:00", None)
+    assert (sub.time, sub.form, sub.paused, sub.last_posted_date) == ("09:00", None, False, "2026-05-01")
+
+
+def test_claim_daily_post_succeeds_once_per_date(store):
+    store.subscribe(5, "08:00", None)
+    assert store.claim_daily_post(5, "2026-05-01")
+    assert not store.claim_daily_post(5, "2026-05-01")
+    assert not store.claim_daily_post(5, "2026-04-30")  # never moves backwards
+    assert store.claim_daily_post(5, "2026-05-02")
+
+
+def test_claim_daily_post_fails_for_paused_or_missing_subscriptions(store):
+    assert not store.claim_daily_post(5, "2026-05-01")
+    store.subscribe(5, "08:00", None)
+    store.pause_subscription(5, "gone")
+    assert not store.claim_daily_post(5, "2026-05-01")
+
+
+def test_claim_daily_post_has_one_winner_across_connections(tmp_path, store):
+    store.subscribe(5, "08:00", None)
+    stores = [Store.open(tmp_path / "bot.db") for _ in range(8)]
+    wins, barrier = [], threading.Barrier(len(stores))
+
+    def race(s):
+        barrier.wait()
+        wins.append(s.claim_daily_post(5, "2026-05-01"))
+
+    threads = [threading.Thread(target=race, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(wins) == [False] * 7 + [True]
+
+
+def test_release_daily_post_undoes_only_its_own_claim(store):
+    store.subscribe(5, "08:00", None)
+    store.claim_daily_post(5, "2026-05-01")
+    store.release_daily_post(5, "2026-05-01", None)
+    assert store.subscription(5).last_posted_date is None
+    store.claim_daily_post(5, "2026-05-02")
+    store.release_daily_post(5, "2026-05-01", None)  # stale: the claim has moved on
+    assert store.subscription(5).last_posted_date == "2026-05-02"
+
+
+def test_unsubscribe_reports_whether_there_was_one(store):
+    assert not store.unsubscribe(5)
+    store.subscribe(5, "08:00", None)
+    assert store.unsubscribe(5) and store.subscription(5) is None
+
+
+def test_poems_are_recorded_with_model_and_source(store):
+    poem_id = store.record_poem(5, 7, "command", a_result(), prompt="月")
+    row = store.poem(poem_id)
+    assert (row["chat_id"], row["user_id"], row["source"], row["model"], row["model_version"]) == (5, 7, "command", "lstm", "v1")
+    assert [p["id"] for p in store.recent_poems(5)] == [poem_id]
+
+
+def test_feedback_one_vote_per_user_and_counts(store):
+    poem_id = store.record_poem(5, 7, "command", a_result())
+    store.record_feedback(poem_id, 1, 1)
+    store.record_feedback(poem_id, 2, 1)
+    store.record_feedback(poem_id, 2, -1)
+    assert store.feedback_counts(poem_id) == (1, 1)
+    with pytest.raises(ValueError):
+        store.record_feedback(poem_id, 3, 5)
+
+
+def test_counts_for_status(store):
+    store.update_chat_settings(5, form="wulv")
+    store.subscribe(5, "08:00", None)
+    poem_id = store.record_poem(5, 7, "daily", a_result())
+    store.record_feedback(poem_id, 1, -1)
+    assert store.counts() == {"chats": 1, "subscriptions": 1, "paused_subscriptions": 0, "poems": 1, "likes": 0,
+                              "dislikes": 1}

@@ -1,0 +1,283 @@
+"""End to end: the real python-telegram-bot Application polling FakeBotApi, with the real LocalEngine on the
+tiny checkpoint (or, where only the bot's behaviour matters, the scripted engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import re
+
+import pytest
+
+from bot.daily import job_name
+from bot.store import Store
+from bot.telegram_app import RedactSecrets, configure_logging
+from bot_fixtures import *  # noqa: F401,F403
+from bot_fixtures import TZ, RecordingEngine, make_settings, running_bot
+from engine.api import EngineUnavailableError
+from fake_bot_api import TOKEN
+
+USER, ADMIN, GROUP, CHANNEL = 42, 999, -1002000, -1003000
+HAN = r"[\u4e00-\u9fff]"
+
+
+def poem_text(message_text: str) -> str:
+    """The poem itself from a reply: the couplet lines before the footer, joined."""
+    return "".join(message_text.split("\n\n")[0].splitlines())
+
+
+def is_qijue(poem: str) -> bool:
+    return re.fullmatch(f"(?:{HAN}{{7}}，{HAN}{{7}}。){{2}}", poem) is not None
+
+
+@pytest.fixture
+def settings(tmp_path, fake_api):
+    return make_settings(tmp_path, telegram_base_url=fake_api.base_url)
+
+
+async def test_poem_command_replies_with_a_valid_qijue_opening_with_the_prompt(settings, fake_api, local_engine, store):
+    async with running_bot(settings, local_engine, store):
+        fake_api.message(USER, "/poem 月")
+        [sent] = await fake_api.wait_for_sent(1)
+    poem = poem_text(sent["text"])
+    assert is_qijue(poem) and poem.startswith("月"), sent["text"]
+    assert sent["chat_id"] == USER
+    buttons = [b["callback_data"] for b in sent["reply_markup"]["inline_keyboard"][0]]
+    assert buttons == ["fb:1:up", "fb:1:down"]
+    assert fake_api.calls_of("setMyCommands")  # the command menu was published
+
+
+async def test_beam_changes_how_the_next_poem_is_made(settings, fake_api, local_engine, store):
+    engine = RecordingEngine(local_engine)
+    async with running_bot(settings, engine, store):
+        fake_api.message(USER, "/poem 月")
+        await fake_api.wait_for_sent(1)
+        fake_api.message(USER, "/beam 5")
+        await fake_api.wait_for_sent(2)
+        fake_api.message(USER, "/poem 月")
+        sent = await fake_api.wait_for_sent(3)
+    assert engine.requests[0].mode == "sample"
+    assert (engine.requests[1].mode, engine.requests[1].beam_width) == ("beam", 5)
+    assert store.chat_settings(USER).beam_width == 5 and "beam 5" in sent[2]["text"]
+    assert is_qijue(poem_text(sent[2]["text"]))
+
+
+async def test_settings_survive_a_restart(tmp_path, settings, fake_api, local_engine):
+    store = Store.open(settings.database_path)
+    async with running_bot(settings, local_engine, store):
+        fake_api.message(USER, "/form 五绝")
+        fake_api.message(USER, "/greedy")
+        await fake_api.wait_for_sent(2)
+    store.close()
+
+    reopened = Store.open(settings.database_path)  # a new process would open the same file
+    async with running_bot(settings, local_engine, reopened):
+        fake_api.message(USER, "/settings")
+        await fake_api.wait_for_sent(3)
+        fake_api.message(USER, "/poem 山")
+        sent = await fake_api.wait_for_sent(4)
+    assert "五绝" in sent[2]["text"] and "greedy" in sent[2]["text"]
+    assert re.fullmatch(f"(?:{HAN}{{5}}，{HAN}{{5}}。){{2}}", poem_text(sent[3]["text"])), sent[3]["text"]
+    reopened.close()
+
+
+async def test_daily_subscription_posts_exactly_once_across_a_restart(settings, fake_api, local_engine, clock):
+    store = Store.open(settings.database_path)
+    clock.set_local("07:59")
+    async with running_bot(settings, local_engine, store, clock=clock) as app:
+        fake_api.message(USER, "/daily 08:00")
+        [reply] = await fake_api.wait_for_sent(1)
+        assert "08:00" in reply["text"]
+        [job] = app.job_queue.get_jobs_by_name(job_name(USER))
+        assert job.next_t.astimezone(TZ).time() == dt.time(8, 0)  # run_daily in TIMEZONE
+        clock.set_local("08:00", second=5)
+        await job.run(app)  # what the scheduler does at 08:00, without sleeping until then
+        await job.run(app)  # a duplicate firing changes nothing
+    store.close()
+
+    store = Store.open(settings.database_path)
+    clock.set_local("08:00", second=40)
+    async with running_bot(settings, local_engine, store, clock=clock) as app:
+        assert await app.bot_data["catch_up"] == 0
+        [job] = app.job_queue.get_jobs_by_name(job_name(USER))  # rescheduled from the store
+        await job.run(app)
+    store.close()
+    daily_posts = fake_api.sent[1:]
+    assert len(daily_posts) == 1 and is_qijue(poem_text(daily_posts[0]["text"]))
+
+
+async def test_a_post_missed_while_down_is_sent_once_on_start(settings, fake_api, scripted_engine, clock):
+    store = Store.open(settings.database_path)
+    clock.set_local("07:00")
+    async with running_bot(settings, scripted_engine, store, clock=clock):
+        fake_api.message(USER, "/daily 08:00")
+        await fake_api.wait_for_sent(1)
+    clock.set_local("08:30")  # the bot was down at 08:00
+    for _ in range(2):  # two restarts within the grace window
+        async with running_bot(settings, scripted_engine, store, clock=clock) as app:
+            await app.bot_data["catch_up"]
+    assert len(fake_api.sent) == 2
+    store.close()
+
+
+async def test_rescheduling_replaces_the_chats_job(settings, fake_api, scripted_engine, store, clock):
+    async with running_bot(settings, scripted_engine, store, clock=clock) as app:
+        fake_api.message(USER, "/daily 08:00")
+        fake_api.message(USER, "/daily 21:15 五律")
+        await fake_api.wait_for_sent(2)
+        [job] = app.job_queue.get_jobs_by_name(job_name(USER))
+        assert job.next_t.astimezone(TZ).time() == dt.time(21, 15)
+        fake_api.message(USER, "/daily off")
+        await fake_api.wait_for_sent(3)
+        assert app.job_queue.get_jobs_by_name(job_name(USER)) == ()
+
+
+async def test_forbidden_pauses_the_subscription(settings, fake_api, scripted_engine, store, clock):
+    fake_api.set_member(GROUP, 7, "administrator")
+    async with running_bot(settings, scripted_engine, store, clock=clock) as app:
+        fake_api.message(GROUP, "/daily 08:00", user_id=7, chat_type="supergroup")
+        await fake_api.wait_for_sent(1)
+        fake_api.forbidden_chats.add(GROUP)  # the bot was removed from the group
+        clock.set_local("08:00")
+        [job] = app.job_queue.get_jobs_by_name(job_name(GROUP))
+        await job.run(app)
+        assert store.subscription(GROUP).paused
+        assert app.job_queue.get_jobs_by_name(job_name(GROUP)) == ()
+    assert len(fake_api.calls_of("sendMessage")) == 2  # one attempt, not retried
+
+
+async def test_non_admins_cannot_use_admin_commands(settings, fake_api, scripted_engine, store):
+    async with running_bot(settings, scripted_engine, store):
+        fake_api.message(USER, "/reload")
+        fake_api.message(ADMIN, "/status")
+        sent = await fake_api.wait_for_sent(2)
+    by_chat = {m["chat_id"]: m["text"] for m in sent}
+    assert "admins only" in by_chat[USER] and scripted_engine.reloads == 0
+    assert "queue_depth" in by_chat[ADMIN]
+
+
+async def test_only_group_admins_change_a_groups_subscription(settings, fake_api, scripted_engine, store):
+    fake_api.set_member(GROUP, 8, "creator")
+    async with running_bot(settings, scripted_engine, store):
+        fake_api.message(GROUP, "/daily 08:00", user_id=7, chat_type="supergroup")
+        [refused] = await fake_api.wait_for_sent(1)
+        assert "administrators" in refused["text"] and store.subscription(GROUP) is None
+        fake_api.message(GROUP, "/daily 08:00", user_id=8, chat_type="supergroup")
+        await fake_api.wait_for_sent(2)
+    assert store.subscription(GROUP).time == "08:00"
+    assert [c["user_id"] for c in fake_api.calls_of("getChatMember")] == [7, 8]
+
+
+async def test_commands_work_as_channel_posts(settings, fake_api, scripted_engine, store):
+    async with running_bot(settings, scripted_engine, store):
+        fake_api.message(CHANNEL, "/daily 09:00 七律", chat_type="channel")
+        fake_api.message(CHANNEL, "/poem 春", chat_type="channel")
+        sent = await fake_api.wait_for_sent(2)
+    assert {m["chat_id"] for m in sent} == {CHANNEL}
+    assert store.subscription(CHANNEL).form == "qilv"
+
+
+async def test_plain_text_in_private_writes_a_poem_but_not_in_groups(settings, fake_api, scripted_engine, store):
+    async with running_bot(settings, scripted_engine, store):
+        fake_api.message(GROUP, "月", user_id=7, chat_type="supergroup")
+        fake_api.message(USER, "月")
+        [sent] = await fake_api.wait_for_sent(1)
+        await asyncio.sleep(0.3)
+    assert sent["chat_id"] == USER and len(fake_api.sent) == 1
+
+
+async def test_a_429_is_waited_out_and_the_reply_still_arrives(settings, fake_api, scripted_engine, store):
+    fake_api.fail_next("sendMessage", 429, retry_after=1)
+    async with running_bot(settings, scripted_engine, store):
+        fake_api.message(USER, "/poem 月")
+        [sent] = await fake_api.wait_for_sent(1)
+    assert sent["text"].startswith("月")
+    assert len(fake_api.calls_of("sendMessage")) == 2  # the refused try and the one that arrived
+
+
+async def test_a_server_error_reaches_the_error_handler_and_the_user_hears_of_it(settings, fake_api, scripted_engine,
+                                                                                 store, caplog):
+    fake_api.fail_next("sendMessage", 502)
+    with caplog.at_level(logging.ERROR, logger="bot.telegram_app"):
+        async with running_bot(settings, scripted_engine, store):
+            fake_api.message(USER, "/poem 月")
+            [sent] = await fake_api.wait_for_sent(1)
+    assert "Something went wrong" in sent["text"]
+    assert any(r.exc_info for r in caplog.records)
+
+
+async def test_an_engine_that_is_down_gets_a_busy_reply(settings, fake_api, scripted_engine, store):
+    scripted_engine.error = EngineUnavailableError("connection refused")
+    async with running_bot(settings, scripted_engine, store):
+        fake_api.message(USER, "/poem 月")
+        [sent] = await fake_api.wait_for_sent(1)
+    assert "try again in a moment" in sent["text"] and "Traceback" not in sent["text"]
+
+
+async def test_feedback_buttons_store_the_vote_and_show_counts(settings, fake_api, scripted_engine, store):
+    async with running_bot(settings, scripted_engine, store):
+        fake_api.message(USER, "/poem 月")
+        [poem] = await fake_api.wait_for_sent(1)
+        fake_api.callback(USER, 5, poem, poem["reply_markup"]["inline_keyboard"][0][0]["callback_data"])
+        [edit] = await fake_api.wait_for_calls("editMessageReplyMarkup")
+        await fake_api.wait_for_calls("answerCallbackQuery")
+    assert store.feedback_counts(1) == (1, 0)
+    assert edit["reply_markup"]["inline_keyboard"][0][0]["text"] == "👍 1"
+
+
+async def test_inline_mode_offers_poems(settings, fake_api, scripted_engine, store):
+    async with running_bot(settings, scripted_engine, store):
+        fake_api.inline_query(USER, "月")
+        [answer] = await fake_api.wait_for_calls("answerInlineQuery")
+    assert len(answer["results"]) == 3
+    assert answer["results"][0]["input_message_content"]["message_text"].startswith("月")
+
+
+def test_the_token_never_reaches_a_log_line(settings, caplog):
+    assert TOKEN not in repr(settings) and TOKEN not in str(settings)
+    logger = logging.getLogger("test.redact")
+    handler = logging.StreamHandler(stream := __import__("io").StringIO())
+    handler.addFilter(RedactSecrets(settings.secrets()))
+    logger.addHandler(handler)
+    try:
+        logger.warning("POST https://api.telegram.org/bot%s/getUpdates", TOKEN)
+        try:
+            raise RuntimeError(f"failed https://api.telegram.org/bot{TOKEN}/sendMessage")
+        except RuntimeError:
+            logger.exception("boom")
+    finally:
+        logger.removeHandler(handler)
+    assert TOKEN not in stream.getvalue() and "***" in stream.getvalue()
+
+
+def test_configure_logging_quiets_httpx(settings):
+    configure_logging(settings)
+    assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
+
+
+async def test_python_m_bot_run_polls_answers_and_keeps_the_token_out_of_its_logs(tmp_path, fake_api):
+    """The real entry point as a process: polling the fake server, the HTTP engine unreachable."""
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_BASE_URL": fake_api.base_url,
+           "ENGINE_URL": "http://127.0.0.1:9", "DATABASE_PATH": str(tmp_path / "run.db"), "ADMIN_IDS": "999"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "--env-file", str(tmp_path / "none"),
+                                                "run", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE)
+    try:
+        await fake_api.wait_for_calls("getUpdates", timeout=30)
+        fake_api.message(USER, "/help")
+        fake_api.message(USER + 1, "/poem 月")
+        sent = await fake_api.wait_for_sent(2, timeout=30)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    by_chat = {m["chat_id"]: m["text"] for m in sent}
+    assert "/daily" in by_chat[USER] and "try again in a moment" in by_chat[USER + 1]
+    log = stderr.decode()
+    assert TOKEN not in log and "Traceback" not in log, log
+    assert proc.returncode == 0
