@@ -24,8 +24,14 @@ FORM_TOKENS = tuple(form_token(name) for name in FORM_NAMES)
 
 
 def is_han(ch: str) -> bool:
-    """A CJK unified ideograph (the basic block and extension A), the only characters a line may hold."""
-    return len(ch) == 1 and ("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf")
+    """A CJK unified ideograph, the only characters a line may hold.
+
+    The basic block, extension A, and the supplementary planes (extensions B–H): OpenCC maps some rare
+    traditional characters there, and a poem should not be dropped for one rare character.
+    """
+    return len(ch) == 1 and (
+        "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" or "\U00020000" <= ch <= "\U000323af"
+    )
 
 
 class Vocab:

@@ -1,0 +1,449 @@
+"""Constrained decoding: which tokens each row may take next, so every poem has its form, rhyme and tone.
+
+A request becomes a validated `PoemPlan` (form, forced characters, which rules are on); each decoding
+row (one per greedy/sample request, `beam_width` per beam request) carries a small `RowState`:
+
+    plan = build_plan(vocab, prosody_for(vocab), request)   # RequestError on bad input
+    row = plan.new_row()
+    token = plan.start_token                                 # the <form> token opens every sequence
+    while not row.done:
+        logits, state = model.step(torch.tensor([token]), state)
+        token = row.forced()                                 # punctuation, <eos>, prompt/acrostic chars
+        if token is None:
+            mask = allowed_masks([row], device)              # (1, V) bool; batch many rows at once
+            token = pick(logits.masked_fill(~mask, -inf))
+        row.advance(token)
+    row.text, row.lines, row.notes
+
+Rules (docs/DECODING.md has the long version):
+- layout: exactly the form's lines of Han characters, ， after odd lines, 。 after even ones, then <eos>;
+- prompt: opens the poem (it may run over line ends); acrostic: one character forced at each line start;
+- rhyme (on by default): even lines end in level-tone characters sharing ONE rhyme group, chosen by the
+  model at the first rhyming line end (a character in several groups keeps them all open until a later
+  rhyme narrows them);
+- tone: s = tone of line 1's 2nd character; line i's 2nd character follows 对/粘
+  (s, ¬s, ¬s, s, s, ¬s, ¬s, s), the 4th is opposite the 2nd, the 6th (7-character lines) equals the 2nd,
+  odd lines end 仄 (首句不入韵), even lines end 平. A character with both readings fits either, so s stays
+  open until a character with one reading fixes it;
+- repetition: no character three times in a poem (forced characters are reserved up front), no line twice,
+  no rhyme character twice (重韵).
+
+Soft rules (tone, rhyme, repetition) bend instead of failing: a forced character that breaks one relaxes it
+at that position, and a row that would have no allowed token relaxes tone, then rhyme, then repetition.
+Every relaxation is written to `notes` (plan-level ones are in `plan.notes`, and every row starts with them).
+
+Masks are built from precomputed tables: each row only picks a table index in Python, in `advance()`, and
+`allowed_masks` gathers those rows, forces one-hot rows and clears the few banned (row, token) pairs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.api import RequestError
+from engine.forms import FORMS, LINE_BREAKS, Form
+from engine.prosody import LEVEL, OBLIQUE, Prosody
+from engine.vocab import Vocab, is_han
+
+BOTH = LEVEL | OBLIQUE
+TONE_NAMES = {LEVEL: "平", OBLIQUE: "仄", BOTH: "平 or 仄"}
+# 对/粘: the tone of each line's 2nd character, relative to s (the tone of line 1's 2nd character).
+SECOND_CHAR_SAME_AS_S = (True, False, False, True, True, False, False, True)
+
+# Fixed rows of the mask table; rhyme-group sets get rows from RHYME_BASE on, registered as they appear.
+MASK_NONE, MASK_HAN, MASK_LEVEL, MASK_OBLIQUE, MASK_TONED = 0, 1, 2, 3, 4
+RHYME_BASE = 5
+_TONE_MASK = {0: MASK_HAN, LEVEL: MASK_LEVEL, OBLIQUE: MASK_OBLIQUE, BOTH: MASK_TONED}
+
+
+def _flip(tone: int) -> int:
+    return OBLIQUE if tone == LEVEL else LEVEL
+
+
+def _where(form: Form, pos: int) -> str:
+    return f"line {pos // (form.line_len + 1) + 1}, character {pos % (form.line_len + 1) + 1}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mask tables: shared by every plan of one vocabulary, kept in prosody.cache.
+
+
+class MaskTables:
+    """Rows of allowed tokens: fixed ones (none, Han, 平, 仄, toned) and one per rhyme-group set in use.
+
+    Index assignment is plain Python on the CPU; `on(device)` copies the table to a device once and again
+    only when new rhyme sets were registered since.
+    """
+
+    def __init__(self, prosody: Prosody):
+        p = prosody
+        none = torch.zeros_like(p.han)
+        fixed = [none, p.han, p.han & p.level, p.han & p.oblique, p.han & (p.level | p.oblique)]
+        self.prosody = prosody
+        self.rows: list[torch.Tensor] = fixed  # each (V,) bool, on the CPU
+        self.counts: list[int] = [int(r.sum()) for r in fixed]  # allowed tokens per row
+        self.rhyme_index: dict[frozenset[int], int] = {}
+        self.group_sizes = [int(n) for n in p.rhyme.sum(dim=1)]  # (G,) members per group
+        self._device: dict[str, torch.Tensor] = {}  # device → (K, V) bool
+
+    def rhyme_row(self, groups: frozenset[int]) -> int:
+        """The table row of "any character of these rhyme groups", registered on first use."""
+        index = self.rhyme_index.get(groups)
+        if index is None:
+            row = self.prosody.rhyme[sorted(groups)].any(dim=0) if groups else torch.zeros_like(self.prosody.han)
+            index = self.rhyme_index[groups] = len(self.rows)
+            self.rows.append(row)
+            self.counts.append(int(row.sum()))
+        return index
+
+    def allowed_ids(self, index: int) -> list[int]:
+        return self.rows[index].nonzero().flatten().tolist()
+
+    def on(self, device) -> torch.Tensor:
+        """The whole table on `device`: (K, V) bool."""
+        key = str(device)
+        table = self._device.get(key)
+        if table is None or table.shape[0] < len(self.rows):
+            table = self._device[key] = torch.stack(self.rows).to(device)
+        return table
+
+
+def mask_tables(prosody: Prosody) -> MaskTables:
+    tables = prosody.cache.get("mask_tables")
+    if tables is None:
+        tables = prosody.cache["mask_tables"] = MaskTables(prosody)
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan: one per request.
+
+
+@dataclass
+class PoemPlan:
+    form: Form
+    vocab: Vocab
+    prosody: Prosody
+    prompt: str  # simplified, punctuation and spaces dropped
+    acrostic: str | None  # simplified, one character per line
+    rhyme: bool  # the rhyme rule is on (after relaxations at plan time)
+    tone: bool  # the tone rule is on
+    start_token: int  # the <form> token, fed to the model before the first character
+    forced_at: dict[int, int]  # position in the text → token that must be there (prompt, acrostic)
+    reserved: Counter  # forced Han token → times it is forced (counted against the three-times rule)
+    eligible_groups: frozenset[int]  # rhyme groups the first rhyme may open (large enough for the poem)
+    tone_req: tuple[tuple[int, ...], tuple[int, ...]]  # [s is 平, s is 仄][pos] → LEVEL | OBLIQUE | 0
+    rhyme_at: frozenset[int]  # positions that rhyme (even line ends), empty when rhyme is off
+    notes: list[str] = field(default_factory=list)  # soft rules relaxed by the request itself, and why
+    tables: MaskTables | None = None
+
+    @property
+    def num_steps(self) -> int:
+        """Tokens a row produces: the text, then <eos>."""
+        return self.form.text_len + 1
+
+    def new_row(self) -> RowState:
+        """A row at the poem's start (the caller feeds `start_token` to the model first)."""
+        return RowState.start(self)
+
+
+def _clean(text: str, name: str, vocab: Vocab, drop: str = "") -> str:
+    """Simplified characters the vocabulary holds; RequestError naming the first bad character."""
+    from engine.prosody import _t2s
+
+    text = "".join(ch for ch in text if not ch.isspace() and ch not in drop)
+    whole = _t2s().convert(text)
+    simple = whole if len(whole) == len(text) else "".join(_t2s().convert(ch) for ch in text)
+    out = []
+    for orig, ch in zip(text, simple):
+        if not is_han(orig) or not is_han(ch):
+            raise RequestError("bad_character", name,
+                               f"{name} holds {orig!r}, which is not a Chinese character; use Han characters only")
+        if ch not in vocab:
+            if orig in vocab:  # the model knows the traditional form (e.g. 乾 in 乾坤)
+                ch = orig
+            else:
+                shown = orig if orig == ch else f"{orig} ({ch})"
+                raise RequestError("unknown_character", name,
+                                   f"the model cannot write the character {shown} in {name}: it is not in its vocabulary")
+        out.append(ch)
+    return "".join(out)
+
+
+def _tone_requirements(form: Form, tone: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Required tone per text position, for s = 平 and for s = 仄 (0 where nothing is required)."""
+    L = form.line_len
+    reqs = []
+    for s in (LEVEL, OBLIQUE):
+        req = [0] * (form.text_len + 1)
+        if tone:
+            for line in range(form.num_lines):
+                base = line * (L + 1)
+                second = s if SECOND_CHAR_SAME_AS_S[line] else _flip(s)
+                req[base + 1] = second
+                req[base + 3] = _flip(second)
+                if L == 7:
+                    req[base + 5] = second
+                req[base + L - 1] = OBLIQUE if line % 2 == 0 else LEVEL  # 首句不入韵
+        reqs.append(tuple(req))
+    return reqs[0], reqs[1]
+
+
+def build_plan(vocab: Vocab, prosody: Prosody, request) -> PoemPlan:
+    """Validate `request` (a PoemRequest) against the model's vocabulary and make its plan.
+
+    Raises RequestError: `bad_character` for a non-Han prompt/acrostic character (Latin, emoji, digits),
+    `unknown_character` for a Han character the model cannot produce (after traditional → simplified),
+    plus every error of `PoemRequest.validate()` (too-long prompt, bad acrostic length, …).
+    """
+    request.validate()
+    form = FORMS[request.form]
+    L = form.line_len
+    # Line marks in a prompt are implied by the form ("床前明月光，疑是" is the 7-character prompt 床前明月光疑是).
+    prompt = _clean(request.prompt, "prompt", vocab, drop=LINE_BREAKS)
+    acrostic = None
+    if request.acrostic is not None:
+        acrostic = _clean(request.acrostic, "acrostic", vocab)
+        if len(acrostic) != form.num_lines:
+            raise RequestError("bad_acrostic", "acrostic",
+                               f"acrostic needs {form.num_lines} characters (one per line), got {len(acrostic)}")
+    if len(prompt) > form.num_chars:
+        raise RequestError("prompt_too_long", "prompt",
+                           f"prompt has {len(prompt)} characters; a {form.name} holds {form.num_chars}")
+
+    forced_at: dict[int, int] = {}
+    for k, ch in enumerate(prompt):
+        forced_at[(k // L) * (L + 1) + k % L] = vocab.index[ch]
+    for line, ch in enumerate(acrostic or ""):
+        forced_at[line * (L + 1)] = vocab.index[ch]
+    reserved = Counter(forced_at.values())
+
+    notes: list[str] = []
+    for token, n in sorted(reserved.items()):
+        if n >= 3:
+            notes.append(f"repetition: 「{vocab.tokens[token]}」 is forced {n} times by the "
+                         f"{'acrostic' if acrostic else 'prompt'}; the no-three-times rule is relaxed for it")
+
+    tables = mask_tables(prosody)
+    rhyme = bool(request.rhyme)
+    need = form.num_lines // 2  # rhyme positions in the poem; a group smaller than that would run dry
+    eligible = frozenset(g for g, n in enumerate(tables.group_sizes) if n >= need)
+    eligible = eligible or frozenset(g for g, n in enumerate(tables.group_sizes) if n > 0)
+    if rhyme and not eligible:
+        notes.append("rhyme: the model's vocabulary has no level-tone rhyme characters; rhyme is off")
+        rhyme = False
+    rhyme_at = frozenset(line * (L + 1) + L - 1 for line in range(1, form.num_lines, 2)) if rhyme else frozenset()
+
+    plan = PoemPlan(form=form, vocab=vocab, prosody=prosody, prompt=prompt, acrostic=acrostic, rhyme=rhyme,
+                    tone=bool(request.tone), start_token=vocab.form_id(form.name), forced_at=forced_at,
+                    reserved=reserved, eligible_groups=eligible, tone_req=_tone_requirements(form, request.tone),
+                    rhyme_at=rhyme_at, notes=notes, tables=tables)
+    # Run the forced opening once so that what the prompt itself breaks is known (and said) up front.
+    row = plan.new_row()
+    while not row.done and row.forced() is not None:
+        row.advance(row.forced())
+    plan.notes = list(row.notes)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One row's progress through the poem.
+
+
+class RowState:
+    """Where one decoding row is and what it may do next. Cheap to copy (beam search copies per step)."""
+
+    __slots__ = ("plan", "pos", "done", "tokens", "used", "counts", "banned", "starts", "rhyme_groups", "lines",
+                 "notes", "_forced", "mask_index", "step_banned")
+
+    plan: PoemPlan
+    pos: int  # text position of the next token (text_len → <eos>)
+    done: bool  # <eos> taken
+    tokens: list[int]  # the text so far, punctuation included
+    used: list[int]  # the Han tokens of the text so far, in order (for a repetition penalty)
+    counts: dict[int, int]  # Han token → uses, forced ones reserved from the start
+    banned: list[int]  # tokens used twice (their third use is not allowed)
+    starts: int  # the values s may still take: LEVEL | OBLIQUE bits (BOTH until a character fixes it)
+    rhyme_groups: frozenset[int] | None  # groups every rhyme so far shares; None before the first rhyme
+    lines: list[tuple[int, ...]]  # the finished lines
+    notes: list[str]  # plan notes plus relaxations made on this row
+    _forced: int | None  # the token the next position must hold, or None
+    mask_index: int  # row of the mask table that applies next (MASK_NONE when forced)
+    step_banned: list[int]  # tokens removed from that row of the table for this step only
+
+    @classmethod
+    def start(cls, plan: PoemPlan) -> RowState:
+        row = cls.__new__(cls)
+        row.plan, row.pos, row.done, row.tokens, row.used = plan, 0, False, [], []
+        row.counts = dict(plan.reserved)
+        row.banned = [t for t, n in row.counts.items() if n >= 2]
+        row.starts, row.rhyme_groups, row.lines, row.notes = BOTH, None, [], list(plan.notes)
+        row._prepare()
+        return row
+
+    def copy(self) -> RowState:
+        row = RowState.__new__(RowState)
+        row.plan, row.pos, row.done, row.starts, row.rhyme_groups = self.plan, self.pos, self.done, self.starts, self.rhyme_groups
+        row.tokens, row.used, row.counts, row.banned = list(self.tokens), list(self.used), dict(self.counts), list(self.banned)
+        row.lines, row.notes = list(self.lines), list(self.notes)
+        row._forced, row.mask_index, row.step_banned = self._forced, self.mask_index, self.step_banned
+        return row
+
+    def forced(self) -> int | None:
+        """The token that must come next (punctuation, <eos>, a prompt or acrostic character), or None."""
+        return self._forced
+
+    @property
+    def text(self) -> str:
+        return self.plan.vocab.decode(self.tokens)
+
+    @property
+    def line_texts(self) -> list[str]:
+        vocab = self.plan.vocab
+        return ["".join(vocab.tokens[t] for t in line) for line in self.lines]
+
+    def _note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+
+    def advance(self, token: int) -> None:
+        """Take `token` at the current position and prepare the next one."""
+        plan, vocab, form = self.plan, self.plan.vocab, self.plan.form
+        if self.done:
+            raise ValueError("advance() on a finished row")
+        if self._forced is not None and token != self._forced:
+            raise ValueError(f"position {self.pos} must hold {vocab.tokens[self._forced]!r}, got {vocab.tokens[token]!r}")
+        pos, L = self.pos, form.line_len
+        if pos == form.text_len:
+            self.done = True
+            self._forced, self.mask_index, self.step_banned = None, MASK_NONE, []
+            return
+        col = pos % (L + 1)
+        self.tokens.append(token)
+        if col == L:  # a line mark closed a line
+            line = tuple(self.tokens[-L - 1 : -1])
+            if line in self.lines:
+                self._note(f"repetition: line {len(self.lines) + 1} repeats line {self.lines.index(line) + 1} "
+                           f"(forced by the prompt)")
+            self.lines.append(line)
+        else:
+            if token < vocab.first_han_id:
+                raise ValueError(f"position {pos} needs a Han character, got {vocab.tokens[token]!r}")
+            self.used.append(token)
+            is_forced = pos in plan.forced_at
+            if not is_forced:
+                n = self.counts[token] = self.counts.get(token, 0) + 1
+                if n == 2:
+                    self.banned.append(token)
+            tones, groups = plan.prosody.info(token)
+            ch = vocab.tokens[token]
+            req_l, req_o = plan.tone_req[0][pos], plan.tone_req[1][pos]
+            if req_l or req_o:
+                starts = (LEVEL if self.starts & LEVEL and req_l & tones else 0) | \
+                         (OBLIQUE if self.starts & OBLIQUE and req_o & tones else 0)
+                if starts:
+                    self.starts = starts
+                elif is_forced:  # a free token was masked to fit, or the rule was relaxed here already
+                    want = TONE_NAMES[(req_l if self.starts & LEVEL else 0) | (req_o if self.starts & OBLIQUE else 0)]
+                    have = TONE_NAMES.get(tones, "of unknown tone")
+                    self._note(f"tone: the forced 「{ch}」 at {_where(form, pos)} is {have} where the pattern "
+                               f"needs {want}; the tone rule is relaxed there")
+            if pos in plan.rhyme_at:
+                current = self.rhyme_groups if self.rhyme_groups is not None else frozenset(range(len(plan.prosody.groups)))
+                shared = current & groups
+                if shared:
+                    self.rhyme_groups = shared
+                elif is_forced:
+                    self._note(f"rhyme: the forced 「{ch}」 ending line {pos // (L + 1) + 1} is not a level-tone "
+                               f"rhyme character{' of the chosen group' if self.rhyme_groups else ''}; "
+                               f"the rhyme rule is relaxed for that line")
+        self.pos += 1
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Work out the next position's forced token or mask row, relaxing rules rather than allowing nothing."""
+        plan, form, pos = self.plan, self.plan.form, self.pos
+        L = form.line_len
+        self.step_banned = []
+        self.mask_index = MASK_NONE
+        if pos == form.text_len:
+            self._forced = plan.vocab.eos_id
+            return
+        col = pos % (L + 1)
+        if col == L:
+            self._forced = plan.vocab.comma_id if (pos // (L + 1)) % 2 == 0 else plan.vocab.period_id
+            return
+        self._forced = plan.forced_at.get(pos)
+        if self._forced is not None:
+            return
+
+        tables = plan.tables
+        # Tone: the union of what each still-possible s asks for here (nothing, if either asks nothing).
+        asks = [plan.tone_req[k][pos] for k, s in enumerate((LEVEL, OBLIQUE)) if self.starts & s]
+        tone = 0 if 0 in asks else (asks[0] | asks[-1])
+        index = _TONE_MASK[tone]
+        banned = list(self.banned)
+        if pos in plan.rhyme_at:
+            index = tables.rhyme_row(self.rhyme_groups if self.rhyme_groups is not None else plan.eligible_groups)
+            # No rhyme character twice (重韵): the earlier rhyme positions' characters are out here.
+            banned += [self.tokens[p] for p in plan.rhyme_at if p < pos]
+        if col == L - 1:  # the line's last character must not complete a line written before
+            head = tuple(self.tokens[-(L - 1):]) if L > 1 else ()
+            banned += [line[-1] for line in self.lines if line[:-1] == head]
+
+        # Relax until something is allowed: tone, then rhyme, then repetition. At a rhyme position the rhyme
+        # row is already level-only, so rhyme goes first there (dropping tone alone would change nothing).
+        # tables.counts makes the usual case one comparison; the exact check runs only when bans could
+        # empty the row.
+        where = _where(form, pos)
+        rhymes = pos in plan.rhyme_at
+        if not rhymes and tone and not self._feasible(index, banned):
+            self._note(f"tone: no character fits the tone pattern at {where}; the tone rule is relaxed there")
+            index = MASK_HAN
+        if rhymes and not self._feasible(index, banned):
+            self._note(f"rhyme: no character of the rhyme group can end line {pos // (L + 1) + 1}; "
+                       f"the rhyme rule is relaxed for that line")
+            index = _TONE_MASK[tone]
+            if tone and not self._feasible(index, banned):
+                self._note(f"tone: no character fits the tone pattern at {where}; the tone rule is relaxed there")
+                index = MASK_HAN
+        if not self._feasible(index, banned):
+            self._note(f"repetition: every character left at {where} was used twice already; "
+                       f"the repetition rule is relaxed there")
+            banned = []
+        self.mask_index, self.step_banned = index, banned
+
+    def _feasible(self, index: int, banned: list[int]) -> bool:
+        tables = self.plan.tables
+        if tables.counts[index] > len(banned):
+            return True
+        if tables.counts[index] == 0:
+            return False
+        return bool(set(tables.allowed_ids(index)) - set(banned))
+
+
+def allowed_masks(rows: list[RowState], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tokens each row may take next: (N, V) bool. Forced rows get a one-hot row, finished rows none.
+
+    Every row must belong to plans of one vocabulary (one model). Cost: one gather from the table, one
+    scatter for forced tokens, one for banned (row, token) pairs — no per-token Python.
+    """
+    tables = rows[0].plan.tables
+    index = torch.tensor([r.mask_index for r in rows], dtype=torch.long)
+    mask = tables.on(device)[index.to(device)]  # (N, V)
+    forced_rows, forced_tokens, ban_rows, ban_tokens = [], [], [], []
+    for i, r in enumerate(rows):
+        if r._forced is not None:
+            forced_rows.append(i)
+            forced_tokens.append(r._forced)
+        elif r.step_banned:
+            ban_rows.extend([i] * len(r.step_banned))
+            ban_tokens.extend(r.step_banned)
+    if forced_rows:
+        mask[torch.tensor(forced_rows, device=device), torch.tensor(forced_tokens, device=device)] = True
+    if ban_rows:
+        mask[torch.tensor(ban_rows, device=device), torch.tensor(ban_tokens, device=device)] = False
+    return mask

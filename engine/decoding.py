@@ -1,0 +1,324 @@
+"""Decoding: greedy, sampling and beam search on (masked) logits, and the one-request reference decoder.
+
+The primitives work on tensors and are shared with the batched engine (engine/runner.py):
+
+    mask = allowed_masks(rows, device)                    # engine.constraints: (N, V) bool
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    scores = penalize_(constrain(logprobs, mask), rows, [repeat_penalty_for(mode) per row])  # (N, V)
+    greedy(scores)                                        # (N,) argmax
+    sample_batch(scores, temperature, top_k, top_p, u)    # (N,) one draw per row from its own uniform u
+    sample(scores[i], temperature, top_k, top_p, gen)     # the same for one row, drawing u from gen
+    beam_step(logprobs[rows_of_req], beam_scores, width, mask[rows_of_req],
+              repetition_penalty(rows_of_req, V, device, REPEAT_PENALTY))   # one request's k rows → BeamStep
+
+Sampling on log-probs or on logits is the same (softmax ignores a per-row shift); greedy and beam use
+log-probs so that beam width 1 picks exactly what greedy picks.
+
+`generate_one(model, vocab, prosody, request)` decodes one request on its own — the reference the batched
+engine is tested against and the "classic" baseline of the benchmarks. It is also the CLI:
+
+    python -m engine generate 月 --form qijue --mode beam --beam-width 5 --seed 7 --checkpoint PATH
+
+Reproducibility: a sampling request draws one uniform number per step from its own CPU
+`torch.Generator` seeded with `seed`, and everything else is row-local, so its poem does not depend on
+what else shares the batch. Greedy and beam search are deterministic.
+
+Repetition: the constraints *block* a character's third use and a repeated line (a hard rule, every
+mode). Greedy and beam search also pay a *penalty* of REPEAT_PENALTY nats per earlier use of a character,
+because the most likely continuation of a character RNN is very often a character it just wrote: without
+it both modes spend each character's two allowed uses ("春风春风") and beams collapse onto one another.
+Sampling gets no penalty: its randomness already spreads the choices, and the penalty would bend the
+distribution the temperature and top-p were chosen for. The same penalty in greedy and beam keeps beam
+width 1 identical to greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from array import array
+from itertools import chain
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.api import MODES, MAX_BEAM_WIDTH, PoemRequest, PoemResult, RequestError
+from engine.constraints import RowState, allowed_masks, build_plan
+from engine.forms import DEFAULT_FORM, FORM_NAMES, format_poem
+from engine.model import PoemModel
+from engine.prosody import Prosody, prosody_for
+from engine.vocab import Vocab
+
+REPEAT_PENALTY = 1.0  # nats per earlier use of a character, greedy and beam modes
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "lstm.safetensors"
+NEG_INF = float("-inf")
+
+
+def repeat_penalty_for(mode: str) -> float:
+    """The repetition penalty a mode uses (see the module docstring for why sampling has none)."""
+    return 0.0 if mode == "sample" else REPEAT_PENALTY
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logit processing
+
+
+def _uses(rows: list[RowState], penalty: float | list[float]):
+    """Flat (row, token, penalty) triples, one per earlier use of a token; None when there are none."""
+    per_row = [float(penalty)] * len(rows) if isinstance(penalty, (int, float)) else [float(p) for p in penalty]
+    lengths = torch.tensor([len(r.used) if p else 0 for r, p in zip(rows, per_row)])
+    if not int(lengths.sum()):
+        return None
+    # array → tensor avoids building one Python object per element (torch.tensor on a list is slow).
+    tokens = torch.frombuffer(array("q", chain.from_iterable(r.used for r, p in zip(rows, per_row) if p)),
+                              dtype=torch.int64)
+    row_ids = torch.repeat_interleave(torch.arange(len(rows)), lengths)
+    values = torch.repeat_interleave(torch.tensor(per_row), lengths)
+    return row_ids, tokens, values
+
+
+def repetition_penalty(rows: list[RowState], vocab_size: int, device, penalty: float | list[float]) -> torch.Tensor | None:
+    """(N, V) float: penalty × earlier uses of each token in each row (penalty: one value, or one per row);
+    None when nothing is penalised. Dense, for beam_step's few rows; `penalize_` is the sparse form."""
+    uses = _uses(rows, penalty)
+    if uses is None:
+        return None
+    row_ids, tokens, values = (t.to(device) for t in uses)
+    out = torch.zeros(len(rows), vocab_size, device=device)
+    return out.index_put_((row_ids, tokens), values, accumulate=True)  # repeats add up
+
+
+def penalize_(scores: torch.Tensor, rows: list[RowState], penalty: float | list[float]) -> torch.Tensor:
+    """Subtract the repetition penalty from scores (N, V) in place, touching only the used tokens."""
+    uses = _uses(rows, penalty)
+    if uses is not None:
+        row_ids, tokens, values = (t.to(scores.device) for t in uses)
+        scores.index_put_((row_ids, tokens), -values.to(scores.dtype), accumulate=True)
+    return scores
+
+
+def constrain(scores: torch.Tensor, mask: torch.Tensor | None, penalty: torch.Tensor | None = None) -> torch.Tensor:
+    """scores (N, V) with disallowed tokens at -inf and the repetition penalty subtracted (a new tensor)."""
+    out = scores.float()
+    out = out.masked_fill(~mask, NEG_INF) if mask is not None else out.clone()  # never the caller's tensor
+    if penalty is not None:
+        out = out - penalty
+    return out
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row: logits (N, V) → (N,) long."""
+    return logits.argmax(dim=-1)
+
+
+def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 uniform: torch.Tensor) -> torch.Tensor:
+    """One draw per row by inverting the filtered distribution's CDF at that row's uniform number.
+
+    logits (N, V), -inf where not allowed; temperature (N,) > 0; top_k (N,) long, 0 = off; top_p (N,) in
+    (0, 1]; uniform (N,) in [0, 1). Returns (N,) long. Every row needs at least one finite logit.
+    Each row's result depends only on that row's inputs, so batching never changes a poem.
+    """
+    N, V = logits.shape
+    device = logits.device
+    x = logits.float() / temperature.to(device, torch.float32)[:, None]  # (N, V)
+    sorted_x, order = x.sort(dim=-1, descending=True, stable=True)  # (N, V)
+    probs = torch.softmax(sorted_x, dim=-1)  # (N, V), 0 for -inf
+    ranks = torch.arange(V, device=device)[None, :]  # (1, V)
+    k = top_k.to(device)
+    keep = ranks < torch.where(k > 0, k, V)[:, None]
+    keep &= (probs.cumsum(dim=-1) - probs) < top_p.to(device, torch.float32)[:, None]  # nucleus
+    keep &= probs > 0
+    keep[:, 0] = True  # the best token always stays
+    kept = probs * keep  # keep is a prefix of the sorted order
+    cdf = kept.cumsum(dim=-1)  # (N, V)
+    target = uniform.to(device, torch.float32) * cdf[:, -1]  # (N,)
+    idx = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)  # first index with cdf > target
+    idx = torch.minimum(idx, keep.sum(dim=-1) - 1)
+    return order.gather(1, idx[:, None]).squeeze(1)
+
+
+def sample(logits_row: torch.Tensor, temperature: float, top_k: int, top_p: float,
+           generator: torch.Generator) -> int:
+    """One token from logits (V,) with temperature, top-k (0 = off) and top-p, using `generator`'s next
+    uniform number (one per call) — the same draw `sample_batch` makes for that row given that number."""
+    u = torch.rand((), generator=generator, device=generator.device).item()
+    one = lambda v, dtype: torch.tensor([v], dtype=dtype)  # noqa: E731
+    return int(sample_batch(logits_row[None], one(temperature, torch.float32), one(top_k, torch.long),
+                            one(top_p, torch.float32), one(u, torch.float32))[0])
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator for one request: seeded, or from fresh entropy when seed is None."""
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
+    return g
+
+
+@dataclass
+class BeamStep:
+    parents: torch.Tensor  # (width,) long: the row each new beam extends
+    tokens: torch.Tensor  # (width,) long: the token it takes
+    scores: torch.Tensor  # (width,) float: cumulative ranking score (log-prob minus penalties), descending
+    logprobs: torch.Tensor  # (width,) float: the model's log-prob of that token (for the reported score)
+
+
+def beam_step(logprobs: torch.Tensor, scores: torch.Tensor, width: int, mask: torch.Tensor | None = None,
+              penalty: torch.Tensor | None = None) -> BeamStep:
+    """One step of beam search for one request's k rows.
+
+    logprobs (k, V) log-softmax of the model; scores (k,) cumulative, -inf for an empty slot (start a beam
+    with [0, -inf, …]); mask (k, V) bool allowed tokens; penalty (k, V) subtracted before ranking.
+    Always returns `width` beams: when fewer than `width` candidates are finite, the empty slots copy the
+    best beam with score -inf, so every row stays a valid, advanceable state and never wins.
+    """
+    k, V = logprobs.shape
+    total = scores.float()[:, None] + constrain(logprobs, mask, penalty)  # (k, V)
+    top, flat = total.flatten().topk(min(width, k * V))  # (width,), descending
+    parents, tokens = flat // V, flat % V
+    dead = ~torch.isfinite(top)
+    if bool(dead.any()):
+        parents = torch.where(dead, parents[0], parents)
+        tokens = torch.where(dead, tokens[0], tokens)
+        top = top.masked_fill(dead, NEG_INF)
+    return BeamStep(parents=parents, tokens=tokens, scores=top, logprobs=logprobs[parents, tokens].float())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The one-request reference decoder
+
+
+def _device_of(model: PoemModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_one(model: PoemModel, vocab: Vocab, prosody: Prosody, request: PoemRequest, *,
+                 model_info: dict | None = None) -> PoemResult:
+    """Write one poem for `request` (validated here; RequestError on bad input), one step at a time."""
+    start = time.perf_counter()
+    plan = build_plan(vocab, prosody, request)
+    if request.mode == "beam":
+        row, score = _beam(model, plan, request)
+    else:
+        row, score = _single(model, plan, request)
+    return PoemResult(poem=format_poem(row.line_texts), lines=row.line_texts, form=plan.form.name,
+                      mode=request.mode, model=model_info or {}, elapsed_ms=(time.perf_counter() - start) * 1e3,
+                      notes=list(row.notes), score=score)
+
+
+def _single(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, float]:
+    device = _device_of(model)
+    generator = make_generator(request.seed) if request.mode == "sample" else None
+    penalty = repeat_penalty_for(request.mode)
+    row, state = plan.new_row(), model.init_state(1, device)
+    token, total = plan.start_token, 0.0
+    while not row.done:
+        logits, state = model.step(torch.tensor([token], device=device), state)  # (1, V)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (1, V)
+        token = row.forced()
+        if token is None:
+            scores = penalize_(constrain(logprobs, allowed_masks([row], device)), [row], penalty)
+            if generator is None:
+                token = int(greedy(scores)[0])
+            else:
+                token = sample(scores[0], request.temperature, request.top_k, request.top_p, generator)
+        total += float(logprobs[0, token])
+        row.advance(token)
+    return row, total
+
+
+def _beam(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, float]:
+    device = _device_of(model)
+    width, V = request.beam_width, len(plan.vocab)
+    rows = [plan.new_row() for _ in range(width)]
+    scores = torch.full((width,), NEG_INF, device=device)
+    scores[0] = 0.0  # one live beam at the start; the others fill from its candidates
+    totals = torch.zeros(width, device=device)  # model log-prob of each beam's text
+    state = model.init_state(width, device)
+    tokens = torch.full((width,), plan.start_token, dtype=torch.long, device=device)
+    while not rows[0].done:
+        logits, state = model.step(tokens, state)  # (k, V)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        step = beam_step(logprobs, scores, width, allowed_masks(rows, device),
+                         repetition_penalty(rows, V, device, REPEAT_PENALTY))
+        rows = _children(rows, step.parents.tolist())
+        for r, t in zip(rows, step.tokens.tolist()):
+            r.advance(t)
+        state = state[:, step.parents]
+        totals = totals[step.parents] + step.logprobs
+        scores, tokens = step.scores, step.tokens
+    assert all(r.done for r in rows), "every beam of a fixed-length form ends on the same step"
+    return rows[0], float(totals[0])  # beams are sorted by score
+
+
+def _children(rows: list[RowState], parents: list[int]) -> list[RowState]:
+    """The rows for the next step: a parent's first child reuses it, later children get copies."""
+    out, taken = [], set()
+    for p in parents:
+        out.append(rows[p].copy() if p in taken else rows[p])
+        taken.add(p)
+    return out  # all copies exist before the caller advances any row
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI: python -m engine generate
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="?", default="", help="the poem's opening characters (0–14)")
+    parser.add_argument("--form", default=DEFAULT_FORM, help=f"{' | '.join(FORM_NAMES)} (or 七绝 …)")
+    parser.add_argument("--mode", default="sample", choices=MODES)
+    parser.add_argument("--beam-width", type=int, default=5, help=f"1–{MAX_BEAM_WIDTH}, beam mode")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--acrostic", default=None, help="one character per line (藏头诗)")
+    parser.add_argument("--no-rhyme", action="store_true", help="do not force the rhyme")
+    parser.add_argument("--no-tone", action="store_true", help="do not force the 平仄 pattern")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--checkpoint", default=None, help=f"a .safetensors checkpoint (default {DEFAULT_CHECKPOINT})")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print the PoemResult as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.checkpoint import CheckpointError, load_checkpoint
+
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    request = PoemRequest(prompt=args.prompt, form=args.form, mode=args.mode, beam_width=args.beam_width,
+                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          acrostic=args.acrostic, rhyme=not args.no_rhyme, tone=not args.no_tone, seed=args.seed)
+    try:
+        request.validate()
+    except RequestError as e:
+        return fail(f"{e.field}: {e.message}" if e.field else e.message)
+    path = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
+    if not args.checkpoint and not path.is_file():
+        return fail(f"no checkpoint at {path}; pass --checkpoint PATH")
+    try:
+        ckpt = load_checkpoint(path, device=args.device)
+    except CheckpointError as e:
+        return fail(str(e))
+    try:
+        result = generate_one(ckpt.model, ckpt.vocab, prosody_for(ckpt.vocab), request,
+                              model_info={"name": path.stem, "version": ckpt.version})
+    except RequestError as e:
+        return fail(f"{e.field}: {e.message}" if e.field else e.message)
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        return 0
+    for i, line in enumerate(result.lines):
+        print(line + ("，" if i % 2 == 0 else "。"))
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+

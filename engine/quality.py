@@ -1,0 +1,274 @@
+"""Quality report: how often poems keep their form, rhyme and tone, how much they repeat and copy, how fast.
+
+    python -m engine evaluate --checkpoint runs/lstm/best.safetensors --corpus ../shared/corpus/chinese-poetry --n 20
+
+For every form × mode it writes N poems from a list of opening characters twice: with the constraints
+(engine.decoding.generate_one) and the original lab's way (no masks: feed the form token and the opening,
+then take tokens until <eos> or FREE_MAX_LEN). It prints JSON (one object per cell) and then a table.
+
+`check_poem(text, form, prosody)` is the one judge of a poem, used by this report and by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.api import MODES, PoemRequest, RequestError
+from engine.constraints import SECOND_CHAR_SAME_AS_S
+from engine.decoding import DEFAULT_CHECKPOINT, NEG_INF, generate_one, make_generator, sample
+from engine.forms import COMMA, FORM_NAMES, FORMS, PERIOD, Form, parse_form
+from engine.prosody import LEVEL, OBLIQUE, Prosody, char_info
+from engine.vocab import is_han
+
+OPENINGS = "月春山风花江秋夜云雪"  # one per poem, in turn
+FREE_MAX_LEN = 125  # the lab's cap: its training rows were padded to 125 tokens (trainer.data.CLASSIC_LEN)
+
+
+@dataclass
+class PoemCheck:
+    form_valid: bool  # exactly the form's lines of Han characters, ， and 。 alternating
+    lines: list[str]  # the lines found (whatever the layout)
+    rhyme: bool  # form valid, and the even lines end in level characters sharing one rhyme group
+    tone_agreement: float  # share of tone positions (2nd/4th/6th characters, line ends) that fit, best s
+    tone_positions: int  # positions checked (0 when the form is invalid)
+    repeated_chars: list[str]  # characters used three times or more
+    repeated_line: bool  # some line appears twice
+
+    @property
+    def ok(self) -> bool:
+        """Valid form and rhyme, and neither repetition rule broken (tone is measured, not required)."""
+        return self.form_valid and self.rhyme and not self.repeated_chars and not self.repeated_line
+
+
+def _tones(ch: str, prosody: Prosody | None) -> int:
+    info = prosody.char(ch) if prosody is not None else char_info(ch)
+    return info.tones if info else 0
+
+
+def check_poem(text: str, form: Form | str, prosody: Prosody | None = None) -> PoemCheck:
+    """Judge a poem's text against `form` with the same 平水韵/中华新韵 data the constraints use."""
+    form = parse_form(form) if isinstance(form, str) else form
+    L = form.line_len
+    lines = [piece for piece in text.replace(PERIOD, COMMA).split(COMMA) if piece]
+    expected = "".join(line + (COMMA if i % 2 == 0 else PERIOD) for i, line in enumerate(lines))
+    form_valid = (expected == text and len(lines) == form.num_lines
+                  and all(len(line) == L and all(is_han(c) for c in line) for line in lines))
+    counts = Counter(c for line in lines for c in line)
+    repeated_chars = sorted(c for c, n in counts.items() if n >= 3)
+    repeated_line = len(set(lines)) < len(lines)
+    if not form_valid:
+        return PoemCheck(False, lines, False, 0.0, 0, repeated_chars, repeated_line)
+
+    info = lambda ch: prosody.char(ch) if prosody is not None else char_info(ch)  # noqa: E731
+    ends = [info(line[-1]) for line in lines[1::2]]
+    shared = None
+    for end in ends:
+        groups = end.groups if end and end.level else frozenset()
+        shared = groups if shared is None else shared & groups
+    rhyme = bool(shared)
+
+    best, total = 0, 0
+    for s in (LEVEL, OBLIQUE):
+        hits = total = 0
+        for i, line in enumerate(lines):
+            second = s if SECOND_CHAR_SAME_AS_S[i] else LEVEL + OBLIQUE - s
+            wants = [(1, second), (3, LEVEL + OBLIQUE - second)] + ([(5, second)] if L == 7 else [])
+            wants.append((L - 1, OBLIQUE if i % 2 == 0 else LEVEL))
+            for col, tone in wants:
+                total += 1
+                hits += bool(_tones(line[col], prosody) & tone)
+        best = max(best, hits)
+    return PoemCheck(True, lines, rhyme, best / total, total, repeated_chars, repeated_line)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unconstrained decoding: the original lab's way
+
+
+@torch.no_grad()
+def generate_free(model, vocab, form: Form, mode: str, prompt: str = "", seed: int = 0, beam_width: int = 5,
+                  temperature: float = 0.8, top_p: float = 0.9, max_len: int = FREE_MAX_LEN) -> str:
+    """No masks: <form> + prompt, then tokens until <eos> or `max_len`. Returns the decoded text."""
+    device = next(model.parameters()).device
+    prefix = [vocab.form_id(form.name)] + [vocab.index[c] for c in prompt if c in vocab]
+    if mode == "beam":
+        return vocab.decode(_free_beam(model, vocab, prefix, beam_width, max_len))
+    generator = make_generator(seed)
+    logits, state = model(torch.tensor([prefix], device=device))  # (1, T, V)
+    logits = logits[:, -1]
+    out = prefix[1:]
+    while len(out) < max_len:
+        if mode == "greedy":
+            token = int(logits[0].argmax())
+        else:
+            token = sample(logits[0], temperature, 0, top_p, generator)
+        if token == vocab.eos_id:
+            break
+        out.append(token)
+        logits, state = model.step(torch.tensor([token], device=device), state)
+    return vocab.decode(out)
+
+
+def _free_beam(model, vocab, prefix: list[int], width: int, max_len: int) -> list[int]:
+    """Plain beam search: finished hypotheses leave the beam at <eos>; the best finished one wins."""
+    device = next(model.parameters()).device
+    logits, state = model(torch.tensor([prefix], device=device))
+    logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)  # (1, V)
+    beams, scores = [prefix[1:]], torch.zeros(1, device=device)
+    finished: list[tuple[float, list[int]]] = []
+    while beams and len(beams[0]) < max_len and len(finished) < width:
+        total = (scores[:, None] + logprobs).flatten()  # (k·V,)
+        top, flat = total.topk(min(width * 2, total.numel()))
+        V = logprobs.shape[1]
+        keep_rows, keep_tokens, keep_scores = [], [], []
+        for s, f in zip(top.tolist(), flat.tolist()):
+            parent, token = divmod(f, V)
+            if s == NEG_INF:
+                break
+            if token == vocab.eos_id:
+                finished.append((s, beams[parent]))
+            elif len(keep_rows) < width:
+                keep_rows.append(parent), keep_tokens.append(token), keep_scores.append(s)
+        if not keep_rows:
+            break
+        index = torch.tensor(keep_rows, device=device)
+        beams = [beams[p] + [t] for p, t in zip(keep_rows, keep_tokens)]
+        scores = torch.tensor(keep_scores, device=device)
+        logits, state = model.step(torch.tensor(keep_tokens, device=device), state[:, index])
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+    if finished:
+        return max(finished, key=lambda f: f[0])[1]
+    return beams[0] if beams else []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass
+class Cell:
+    form: str
+    mode: str
+    decoding: str  # "constrained" | "free"
+    poems: int = 0
+    form_valid: float = 0.0
+    rhyme: float = 0.0
+    tone_agreement: float = 0.0  # mean over form-valid poems
+    repeat3: float = 0.0  # share of poems with a character used 3+ times
+    distinct_1: float = 0.0
+    distinct_2: float = 0.0
+    copied_lines: float | None = None  # share of lines found verbatim in the corpus (None without --corpus)
+    poems_per_s: float = 0.0
+    examples: list[str] = field(default_factory=list)
+
+
+def summarise(cell: Cell, texts: list[str], form: Form, prosody, seconds: float, corpus_lines: set[str] | None) -> Cell:
+    checks = [check_poem(t, form, prosody) for t in texts]
+    n = max(1, len(checks))
+    valid = [c for c in checks if c.form_valid]
+    chars = [ch for c in checks for line in c.lines for ch in line]
+    bigrams = [line[i : i + 2] for c in checks for line in c.lines for i in range(len(line) - 1)]
+    all_lines = [line for c in checks for line in c.lines]
+    cell.poems = len(texts)
+    cell.form_valid = len(valid) / n
+    cell.rhyme = sum(c.rhyme for c in checks) / n
+    cell.tone_agreement = sum(c.tone_agreement for c in valid) / len(valid) if valid else 0.0
+    cell.repeat3 = sum(bool(c.repeated_chars) for c in checks) / n
+    cell.distinct_1 = len(set(chars)) / max(1, len(chars))
+    cell.distinct_2 = len(set(bigrams)) / max(1, len(bigrams))
+    if corpus_lines is not None:
+        cell.copied_lines = sum(line in corpus_lines for line in all_lines) / max(1, len(all_lines))
+    cell.poems_per_s = len(texts) / seconds if seconds > 0 else 0.0
+    cell.examples = texts[:2]
+    return cell
+
+
+def evaluate(model, vocab, prosody, forms: list[str], modes: list[str], n: int, openings: str = OPENINGS,
+             beam_width: int = 5, seed: int = 0, corpus_lines: set[str] | None = None, tone: bool = True) -> list[Cell]:
+    openings = "".join(c for c in openings if c in vocab) or ""
+    cells = []
+    for form_name in forms:
+        form = FORMS[form_name]
+        for mode in modes:
+            prompts = [openings[i % len(openings)] if openings else "" for i in range(n)]
+            start = time.perf_counter()
+            texts = [generate_one(model, vocab, prosody,
+                                  PoemRequest(prompt=p, form=form_name, mode=mode, beam_width=beam_width,
+                                              seed=seed + i, tone=tone)).poem for i, p in enumerate(prompts)]
+            cells.append(summarise(Cell(form_name, mode, "constrained"), texts, form, prosody,
+                                   time.perf_counter() - start, corpus_lines))
+            start = time.perf_counter()
+            texts = [generate_free(model, vocab, form, mode, p, seed=seed + i, beam_width=beam_width)
+                     for i, p in enumerate(prompts)]
+            cells.append(summarise(Cell(form_name, mode, "free"), texts, form, prosody,
+                                   time.perf_counter() - start, corpus_lines))
+    return cells
+
+
+def format_table(cells: list[Cell]) -> str:
+    head = ("form", "mode", "decoding", "n", "form ok", "rhyme", "tone", "rep3+", "dist-1", "dist-2", "copied", "poems/s")
+    rows = [head]
+    pct = lambda x: "–" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    for c in cells:
+        rows.append((c.form, c.mode, c.decoding, str(c.poems), pct(c.form_valid), pct(c.rhyme), pct(c.tone_agreement),
+                     pct(c.repeat3), f"{c.distinct_1:.2f}", f"{c.distinct_2:.2f}", pct(c.copied_lines),
+                     f"{c.poems_per_s:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+def corpus_line_set(paths: list[str]) -> set[str]:
+    # Imported here: the engine runs without the trainer; only this optional report reads a corpus.
+    from trainer.corpus import load_corpus
+
+    return {line for poem in load_corpus(paths).poems for line in poem.lines}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None, help=f"default {DEFAULT_CHECKPOINT}")
+    parser.add_argument("--corpus", nargs="*", default=None, help="corpus dir(s) for the copied-lines share")
+    parser.add_argument("--n", "--poems-per-cell", dest="n", type=int, default=20, help="poems per form × mode")
+    parser.add_argument("--forms", nargs="*", default=list(FORM_NAMES), choices=FORM_NAMES)
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    parser.add_argument("--openings", default=OPENINGS, help="opening characters, one per poem in turn")
+    parser.add_argument("--beam-width", type=int, default=5)
+    parser.add_argument("--no-tone", action="store_true", help="constrained poems without the tone rule")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+
+
+def main(args: argparse.Namespace) -> int:
+    from engine.checkpoint import CheckpointError, load_checkpoint
+    from engine.prosody import prosody_for
+
+    path = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
+    if args.n < 1:
+        print("error: --n must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        ckpt = load_checkpoint(path, device=args.device)
+        corpus_lines = corpus_line_set(args.corpus) if args.corpus else None
+        cells = evaluate(ckpt.model, ckpt.vocab, prosody_for(ckpt.vocab), args.forms, args.modes, args.n,
+                         args.openings, args.beam_width, args.seed, corpus_lines, tone=not args.no_tone)
+    except (CheckpointError, RequestError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a CorpusError from the trainer, without importing it up front
+        if type(e).__name__ != "CorpusError":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"checkpoint": str(path), "version": ckpt.version, "cells": [asdict(c) for c in cells]},
+                     ensure_ascii=False, indent=2))
+    print(format_table(cells))
+    return 0

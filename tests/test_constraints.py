@@ -1,0 +1,298 @@
+"""Constrained decoding rules, checked by walking rows through random allowed tokens (no model needed)."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import pytest
+import torch
+from conftest import make_poems
+
+from engine.api import PoemRequest, RequestError
+from engine.constraints import allowed_masks, build_plan
+from engine.forms import FORM_NAMES, FORMS
+from engine.prosody import pingshui_table, prosody_for
+from engine.quality import check_poem
+from engine.vocab import FORM_TOKENS, PUNCTUATION, SPECIALS, Vocab, is_han
+
+ACROSTIC = {4: "春山秋水", 8: "春山秋水东南西北"}
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return Vocab.build(make_poems(400, seed=1))
+
+
+def tiny_vocab(chars: str) -> Vocab:
+    return Vocab([*SPECIALS, *FORM_TOKENS, *PUNCTUATION, *chars])
+
+
+def plan_for(vocab, **fields):
+    return build_plan(vocab, prosody_for(vocab), PoemRequest(**fields))
+
+
+def walk(plan, seed: int = 0):
+    """Take a random allowed token at every free step; returns the finished row."""
+    rng = random.Random(seed)
+    row = plan.new_row()
+    while not row.done:
+        token = row.forced()
+        if token is None:
+            allowed = allowed_masks([row])[0].nonzero().flatten().tolist()
+            assert allowed, f"no token allowed at position {row.pos}"
+            token = rng.choice(allowed)
+        row.advance(token)
+    return row
+
+
+OPTIONS = {
+    "plain": {},
+    "prompt": {"prompt": "明月"},
+    "long prompt": {"prompt": "白云明月山水花风"},
+    "acrostic": {"acrostic": True},
+    "no rhyme": {"rhyme": False},
+    "no tone": {"tone": False},
+    "neither": {"rhyme": False, "tone": False},
+}
+
+
+def fields_for(form: str, option: str) -> dict:
+    fields = dict(OPTIONS[option], form=form)
+    if fields.get("acrostic") is True:
+        fields["acrostic"] = ACROSTIC[FORMS[form].num_lines]
+    return fields
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("form", FORM_NAMES)
+def test_every_random_walk_through_the_masks_is_a_valid_poem(vocab, form, option, seed):
+    fields = fields_for(form, option)
+    plan = plan_for(vocab, **fields)
+    row = walk(plan, seed)
+    check = check_poem(row.text, form, plan.prosody)
+    assert check.form_valid, row.text
+    assert not check.repeated_chars and not check.repeated_line, row.text
+    assert check.rhyme or not fields.get("rhyme", True), row.text
+    if fields.get("tone", True) and not row.notes:
+        assert check.tone_agreement == 1.0, row.text
+    assert row.text.replace("，", "").replace("。", "").startswith(plan.prompt)
+    if plan.acrostic:
+        assert "".join(line[0] for line in check.lines) == plan.acrostic
+
+
+@pytest.mark.parametrize("form", FORM_NAMES)
+def test_rhyme_characters_are_never_reused(vocab, form):
+    for seed in range(5):
+        lines = check_poem(walk(plan_for(vocab, form=form), seed).text, form).lines
+        ends = [line[-1] for line in lines[1::2]]
+        assert len(set(ends)) == len(ends)
+
+
+@pytest.mark.parametrize("form", FORM_NAMES)
+def test_forced_tokens_are_punctuation_at_line_ends_and_eos_at_the_end(vocab, form):
+    f = FORMS[form]
+    plan = plan_for(vocab, form=form, rhyme=False, tone=False)
+    row = plan.new_row()
+    for pos in range(plan.num_steps):
+        forced = row.forced()
+        if pos == f.text_len:
+            assert forced == vocab.eos_id
+        elif pos % (f.line_len + 1) == f.line_len:
+            assert forced == (vocab.comma_id if (pos // (f.line_len + 1)) % 2 == 0 else vocab.period_id)
+        else:
+            assert forced is None
+            forced = allowed_masks([row])[0].nonzero()[0].item()
+        row.advance(forced)
+    assert row.done
+
+
+def test_masks_allow_only_han_characters_inside_lines(vocab):
+    plan = plan_for(vocab, form="wujue", rhyme=False, tone=False)
+    mask = allowed_masks([plan.new_row()])[0]
+    assert not mask[: vocab.first_han_id].any()
+
+
+def test_prompt_characters_open_the_poem_across_the_line_break(vocab):
+    plan = plan_for(vocab, form="wujue", prompt="明月山水花风云")
+    assert walk(plan).text.startswith("明月山水花，风云")
+
+
+def test_acrostic_characters_start_every_line(vocab):
+    plan = plan_for(vocab, form="wulv", acrostic="春山秋水东南西北")
+    lines = check_poem(walk(plan).text, "wulv").lines
+    assert [line[0] for line in lines] == list("春山秋水东南西北")
+
+
+def test_prompt_punctuation_and_spaces_are_dropped(vocab):
+    assert plan_for(vocab, form="wujue", prompt="明月山水花， 风").prompt == "明月山水花风"
+
+
+@pytest.mark.parametrize("prompt, expected", [("東風", "东风"), ("長江", "长江"), ("雲山", "云山")])
+def test_traditional_prompt_is_converted_to_simplified(vocab, prompt, expected):
+    assert plan_for(vocab, prompt=prompt).prompt == expected
+
+
+def test_traditional_acrostic_is_converted_to_simplified(vocab):
+    assert plan_for(vocab, form="wujue", acrostic="東風雲山").acrostic == "东风云山"
+
+
+@pytest.mark.parametrize("fields, code, field, named", [
+    ({"prompt": "月😀"}, "bad_character", "prompt", "😀"),
+    ({"prompt": "moon"}, "bad_character", "prompt", "m"),
+    ({"prompt": "月1"}, "bad_character", "prompt", "1"),
+    ({"prompt": "犇"}, "unknown_character", "prompt", "犇"),
+    ({"prompt": "明月犇"}, "unknown_character", "prompt", "犇"),
+    ({"prompt": "明" * 15}, "prompt_too_long", "prompt", "15"),
+    ({"form": "wujue", "acrostic": "春山秋"}, "bad_acrostic", "acrostic", "3"),
+    ({"form": "wujue", "acrostic": "春山秋水东南西北"}, "bad_acrostic", "acrostic", "wujue"),
+    ({"form": "wujue", "acrostic": "春山秋犇"}, "unknown_character", "acrostic", "犇"),
+    ({"form": "wujue", "acrostic": "春山秋A"}, "bad_character", "acrostic", "A"),
+    ({"form": "wujue", "acrostic": "春山秋水", "prompt": "月"}, "bad_acrostic", "acrostic", "not both"),
+    ({"form": "sonnet"}, "bad_form", "form", "sonnet"),
+])
+def test_bad_input_gives_its_error_naming_the_problem(vocab, fields, code, field, named):
+    with pytest.raises(RequestError) as e:
+        plan_for(vocab, **fields)
+    assert (e.value.code, e.value.field) == (code, field)
+    assert named in e.value.message
+
+
+def test_traditional_character_whose_simplified_form_is_unknown_is_named_in_both_scripts(vocab):
+    with pytest.raises(RequestError) as e:
+        plan_for(vocab, prompt="鬱")
+    assert e.value.code == "unknown_character" and "鬱" in e.value.message and "郁" in e.value.message
+
+
+def test_prompt_breaking_the_tone_pattern_relaxes_it_there_with_a_note(vocab):
+    # 东 (平) fixes s = 平 at line 1's 2nd character, so the 4th must be 仄; 风 is 平.
+    plan = plan_for(vocab, form="wujue", prompt="山东月风")
+    assert any(n.startswith("tone:") and "「风」" in n for n in plan.notes)
+    assert check_poem(walk(plan).text, "wujue").form_valid
+
+
+def test_prompt_that_fits_the_tone_pattern_adds_no_note(vocab):
+    assert plan_for(vocab, form="wujue", prompt="山东风月").notes == []
+
+
+def test_prompt_ending_a_rhyme_line_off_the_rhyme_relaxes_it_with_a_note(vocab):
+    # Line 2 ends in 月, an oblique character: it cannot rhyme.
+    plan = plan_for(vocab, form="wujue", prompt="山东风月花" + "秋江云水月")
+    assert any(n.startswith("rhyme:") for n in plan.notes)
+    assert check_poem(walk(plan).text, "wujue").form_valid
+
+
+def test_acrostic_character_forced_three_times_relaxes_repetition_with_a_note(vocab):
+    plan = plan_for(vocab, form="wujue", acrostic="月月月山")
+    assert any(n.startswith("repetition:") and "「月」" in n for n in plan.notes)
+    row = walk(plan)
+    assert check_poem(row.text, "wujue").form_valid and row.text.count("月") == 3
+
+
+def test_characters_forced_later_are_reserved_against_a_third_use(vocab):
+    plan = plan_for(vocab, form="wujue", acrostic="山月月水")
+    for seed in range(5):
+        assert walk(plan, seed).text.count("月") == 2
+
+
+def test_prompt_repeating_a_line_is_noted(vocab):
+    plan = plan_for(vocab, form="wulv", prompt="山水花风云" * 2)
+    assert any("repeats line 1" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("chars", ["月", "东", "月东", "东风", "月雪花", "明月山水"])
+@pytest.mark.parametrize("form", FORM_NAMES)
+@pytest.mark.parametrize("tone", [True, False])
+def test_a_row_on_a_tiny_vocabulary_never_runs_out_of_tokens(chars, form, tone):
+    vocab = tiny_vocab(chars)
+    plan = plan_for(vocab, form=form, tone=tone)
+    for seed in range(3):
+        row = walk(plan, seed)  # asserts a token is allowed at every step
+        assert check_poem(row.text, form).form_valid
+        assert row.notes, "so few characters cannot keep every rule"
+
+
+def test_relaxations_go_tone_first_then_rhyme(vocab):
+    # Only level characters: odd line ends need 仄 → tone relaxes; the rhyme (level) still holds.
+    v = tiny_vocab("东风山阳香")
+    row = walk(plan_for(v, form="wujue"))
+    assert any(n.startswith("tone:") for n in row.notes)
+    assert check_poem(row.text, "wujue").rhyme
+
+
+def test_batched_masks_equal_single_row_masks(vocab):
+    rows = []
+    for i, form in enumerate(FORM_NAMES * 3):
+        row = plan_for(vocab, form=form, acrostic=None if i % 2 else ACROSTIC[FORMS[form].num_lines]).new_row()
+        rng = random.Random(i)
+        for _ in range(rng.randrange(row.plan.num_steps - 1)):
+            token = row.forced()
+            row.advance(token if token is not None else rng.choice(allowed_masks([row])[0].nonzero().flatten().tolist()))
+        rows.append(row)
+    batch = allowed_masks(rows)
+    assert batch.shape == (len(rows), len(vocab))
+    for i, row in enumerate(rows):
+        assert torch.equal(batch[i], allowed_masks([row])[0])
+
+
+def test_forced_rows_get_a_one_hot_mask(vocab):
+    row = plan_for(vocab, form="wujue", prompt="明").new_row()
+    mask = allowed_masks([row])[0]
+    assert mask.sum() == 1 and mask[vocab.index["明"]]
+
+
+def test_a_copied_row_moves_on_independently(vocab):
+    row = plan_for(vocab, form="wujue", tone=False).new_row()
+    twin = row.copy()
+    row.advance(vocab.index["月"])
+    assert twin.pos == 0 and twin.tokens == [] and row.tokens == [vocab.index["月"]]
+
+
+def test_advance_rejects_a_token_other_than_the_forced_one(vocab):
+    row = plan_for(vocab, form="wujue", prompt="明").new_row()
+    with pytest.raises(ValueError):
+        row.advance(vocab.index["月"])
+
+
+def test_advance_rejects_punctuation_inside_a_line(vocab):
+    row = plan_for(vocab, form="wujue").new_row()
+    with pytest.raises(ValueError):
+        row.advance(vocab.comma_id)
+
+
+def test_the_first_rhyme_fixes_the_group_for_later_rhymes(vocab):
+    plan = plan_for(vocab, form="qilv", tone=False)
+    row = walk(plan, seed=3)
+    ends = check_poem(row.text, "qilv").lines[1::2]
+    groups = [plan.prosody.char(line[-1]).groups for line in ends]
+    assert frozenset.intersection(*groups)
+
+
+@pytest.fixture(scope="module")
+def big_vocab():
+    """About 6000 characters, the size of a real model's vocabulary."""
+    chars = sorted(c for c in pingshui_table() if is_han(c) and c <= "\u9fff")[:6000]
+    return Vocab([*SPECIALS, *FORM_TOKENS, *PUNCTUATION, *chars])
+
+
+def test_allowed_masks_for_256_rows_take_under_3_ms_on_cpu(big_vocab):
+    rng = random.Random(0)
+    rows = []
+    for i in range(256):
+        plan = plan_for(big_vocab, form=FORM_NAMES[i % 4], mode="greedy")
+        row = plan.new_row()
+        for _ in range(rng.randrange(plan.num_steps - 1)):
+            token = row.forced()
+            row.advance(token if token is not None else rng.choice(allowed_masks([row])[0].nonzero().flatten().tolist()))
+        rows.append(row)
+    allowed_masks(rows)  # warm the device table
+    times = []
+    for _ in range(30):
+        start = time.perf_counter()
+        allowed_masks(rows)
+        times.append(time.perf_counter() - start)
+    median_ms = statistics.median(times) * 1e3
+    print(f"\nallowed_masks: 256 rows × {len(big_vocab)} tokens: {median_ms:.2f} ms (median of 30)")
+    assert median_ms < 3.0
