@@ -1,0 +1,235 @@
+"""Throughput and latency benchmark: prints a table (stderr) and JSON (stdout).
+
+    python -m engine bench                                  # the full grid: concurrency 1 16 64 256 × greedy sample beam-5
+    python -m engine bench --concurrency 1 16 --modes greedy --requests 32 --checkpoint runs/lstm/best.safetensors
+
+Variants, each with `concurrency` closed-loop clients (a client sends its next request when the last one
+returns) writing `--form` poems (qijue):
+  unbatched  one request at a time on one worker, `decoding.generate_one` — the classic way
+  engine     LocalEngine in this process (continuous batching)
+  http       the aiohttp service on 127.0.0.1 with EngineClient (client and server share this process)
+  ceiling    a bare loop of batched `model.step` at the same batch size, no masks, no scheduling
+poems/s over the whole run; p50/p99 latency per request (queueing included). The ceiling's latency is
+its steps per poem × its mean step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from engine import store
+from engine.api import PoemRequest
+from engine.forms import FORMS
+
+VARIANTS = ("unbatched", "engine", "http", "ceiling")
+MODE_CHOICES = ("greedy", "sample", "beam")
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def make_requests(mode: str, n: int, form: str, beam_width: int) -> list[PoemRequest]:
+    return [PoemRequest(form=form, mode=mode, beam_width=beam_width, seed=i).validate() for i in range(n)]
+
+
+async def closed_loop(call, requests: list[PoemRequest], concurrency: int) -> tuple[float, list[float]]:
+    """Run `call(request)` with `concurrency` clients until all requests are done: (seconds, latencies)."""
+    queue = list(reversed(requests))
+    latencies: list[float] = []
+
+    async def client():
+        while queue:
+            request = queue.pop()
+            t0 = time.perf_counter()
+            await call(request)
+            latencies.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return time.perf_counter() - start, latencies
+
+
+def summarize(variant: str, mode: str, concurrency: int, seconds: float, latencies: list[float]) -> dict:
+    return {"variant": variant, "mode": mode, "concurrency": concurrency, "requests": len(latencies),
+            "poems_per_s": round(len(latencies) / seconds, 2) if seconds > 0 else None,
+            "p50_ms": round(percentile(latencies, 50) * 1e3, 1), "p99_ms": round(percentile(latencies, 99) * 1e3, 1)}
+
+
+async def bench_unbatched(serving, requests, concurrency) -> tuple[float, list[float]]:
+    from engine.decoding import generate_one
+
+    pool = ThreadPoolExecutor(max_workers=1)  # one worker: one request at a time
+    loop = asyncio.get_running_loop()
+
+    async def call(request):
+        return await loop.run_in_executor(pool, generate_one, serving.model, serving.vocab, serving.prosody, request)
+
+    try:
+        return await closed_loop(call, requests, concurrency)
+    finally:
+        pool.shutdown()
+
+
+@torch.inference_mode()
+def bench_ceiling(model, rows: int, width: int, steps_per_poem: int, num_poems: int,
+                  min_rows: int) -> tuple[float, list[float]]:
+    """Batched steps with argmax fed back: `rows` rows (`width` per poem) for enough steps to write `num_poems`."""
+    device = next(model.parameters()).device
+    batch = max(rows, min_rows)  # the engine pads the same way
+    tokens = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
+    state = model.init_state(batch, device)  # (L, B, S)
+    poems_per_round = max(1, rows // width)
+    rounds = -(-num_poems // poems_per_round)
+    step_times = []
+    start = time.perf_counter()
+    for _ in range(steps_per_poem * rounds):
+        t0 = time.perf_counter()
+        logits, state = model.step(tokens, state)  # (B, V)
+        tokens = logits.argmax(-1)
+        tokens.tolist()  # the same one host transfer per step as the engine
+        step_times.append(time.perf_counter() - t0)
+    seconds = time.perf_counter() - start
+    poem_latency = steps_per_poem * statistics.fmean(step_times)
+    return seconds * num_poems / (poems_per_round * rounds), [poem_latency] * num_poems
+
+
+async def run(args) -> dict:
+    from engine.local import EngineSettings, LocalEngine
+    from engine.registry import build_serving, pick_device
+
+    checkpoint = resolve_checkpoint(args)
+    device = pick_device(args.device)
+    serving = build_serving("lstm", checkpoint, device)
+    form = FORMS[args.form]
+    steps_per_poem = form.text_len + 1
+    results = []
+    with tempfile.TemporaryDirectory(prefix="yinshi-bench-") as tmp:
+        root = Path(tmp) / "store"
+        store.publish(root, "lstm", checkpoint)
+        settings = EngineSettings(checkpoint_dir=str(root), model_names=("lstm",), device=args.device,
+                                  max_num_rows=args.max_rows, max_queue=max(args.concurrency) * 2 + 16,
+                                  watch_interval=0.0)
+        engine = LocalEngine(settings)
+        await engine.start()
+        runner = site = None
+        try:
+            if "http" in args.variants:
+                from aiohttp import web
+
+                from engine.client import EngineClient
+                from engine.service import ServiceSettings, create_app
+
+                http_engine = LocalEngine(EngineSettings(**{**settings.__dict__}))
+                app = create_app(ServiceSettings(engine=settings), engine=http_engine)
+                runner = web.AppRunner(app, access_log=None)
+                await runner.setup()
+                site = web.TCPSite(runner, "127.0.0.1", 0)
+                await site.start()
+                port = site._server.sockets[0].getsockname()[1]
+                client = EngineClient(f"http://127.0.0.1:{port}", timeout=600, retries=0)
+            for mode in args.modes:
+                for c in args.concurrency:
+                    n = max(c, args.requests)
+                    requests = make_requests(mode, n, form.name, args.beam_width)
+                    width = args.beam_width if mode == "beam" else 1
+                    row = {}
+                    if "unbatched" in args.variants:
+                        row["unbatched"] = summarize("unbatched", mode, c, *await bench_unbatched(serving, requests, c))
+                    if "engine" in args.variants:
+                        row["engine"] = summarize("engine", mode, c, *await closed_loop(engine.generate, requests, c))
+                    if "http" in args.variants:
+                        row["http"] = summarize("http", mode, c, *await closed_loop(client.generate, requests, c))
+                    if "ceiling" in args.variants:
+                        rows = min(c * width, args.max_rows // width * width)
+                        row["ceiling"] = summarize("ceiling", mode, c, *bench_ceiling(
+                            serving.model, rows, width, steps_per_poem, n, settings.min_batch_rows))
+                    for r in row.values():
+                        results.append(r)
+                        print(format_row(r), file=sys.stderr, flush=True)
+        finally:
+            if "http" in args.variants:
+                await client.close()
+                await runner.cleanup()
+            await engine.close()
+    return {"device": str(device), "torch_threads": torch.get_num_threads(), "checkpoint": str(checkpoint),
+            "model": {"cell": serving.model.config.cell, "parameters": serving.model.num_parameters(),
+                      "version": serving.version},
+            "form": form.name, "beam_width": args.beam_width, "results": results, "ratios": ratios(results)}
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """The issue's targets per (mode, concurrency): engine/ceiling, engine/unbatched, p99/p50, http/engine."""
+    table = {(r["mode"], r["concurrency"], r["variant"]): r for r in results}
+    out = []
+    for mode, c in dict.fromkeys((r["mode"], r["concurrency"]) for r in results):
+        get = lambda v: table.get((mode, c, v))  # noqa: E731
+        e, d, a, h = get("engine"), get("ceiling"), get("unbatched"), get("http")
+        item = {"mode": mode, "concurrency": c}
+        if e and d:
+            item["engine_vs_ceiling"] = round(e["poems_per_s"] / d["poems_per_s"], 3)
+        if e and a:
+            item["engine_vs_unbatched"] = round(e["poems_per_s"] / a["poems_per_s"], 2)
+        if e:
+            item["engine_p99_over_p50"] = round(e["p99_ms"] / e["p50_ms"], 2)
+        if e and h:
+            item["http_vs_engine"] = round(h["poems_per_s"] / e["poems_per_s"], 3)
+        out.append(item)
+    return out
+
+
+def format_row(r: dict) -> str:
+    return (f"{r['mode']:>7} c={r['concurrency']:<4} {r['variant']:>10}: {r['poems_per_s']:>9.2f} poems/s  "
+            f"p50 {r['p50_ms']:>9.1f} ms  p99 {r['p99_ms']:>9.1f} ms  ({r['requests']} requests)")
+
+
+def resolve_checkpoint(args) -> Path:
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    if args.checkpoints:
+        path = store.current_path(Path(args.checkpoints), "lstm")
+        if path is not None:
+            return path
+    from engine.registry import PACKAGE_CHECKPOINTS
+
+    path = PACKAGE_CHECKPOINTS / "lstm.safetensors"
+    if not path.is_file():
+        raise SystemExit(f"no checkpoint: pass --checkpoint PATH or --checkpoints DIR (no {path})")
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None, help="a .safetensors checkpoint (default: the shipped lstm)")
+    parser.add_argument("--checkpoints", default=None, help="a store: benchmark its CURRENT lstm")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--modes", nargs="+", default=list(MODE_CHOICES), choices=MODE_CHOICES)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--requests", type=int, default=64, help="requests per cell (at least the concurrency)")
+    parser.add_argument("--form", default="qijue", choices=list(FORMS))
+    parser.add_argument("--beam-width", type=int, default=5)
+    parser.add_argument("--max-rows", type=int, default=256, help="engine batch rows per step")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
+def main(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = asyncio.run(run(args))
+    print("\n" + "\n".join(json.dumps(r) for r in report["ratios"]), file=sys.stderr)
+    print(json.dumps(report, ensure_ascii=False, indent=2))
+    return 0

@@ -1,0 +1,136 @@
+"""The engine over HTTP, with the same interface as the in-process `engine.local.LocalEngine`.
+
+    async with EngineClient("http://127.0.0.1:8080", token=os.environ.get("ENGINE_TOKEN")) as engine:
+        result = await engine.generate(PoemRequest(prompt="月", form="qijue"))
+
+Errors map back to the in-process ones: a 400 becomes RequestError (same code, field and message); a 503
+is retried with backoff (honouring Retry-After) and, once the retries run out, becomes QueueFullError
+(queue full) or EngineUnavailableError (no model, or the service cannot be reached); a 504 is
+TimeoutError. Connection errors are retried too: a poem request is safe to repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import aiohttp
+
+from engine.api import EngineUnavailableError, PoemRequest, PoemResult, QueueFullError, RequestError
+
+
+class EngineClient:
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0, retries: int = 3,
+                 backoff: float = 0.2, max_backoff: float = 5.0, session: aiohttp.ClientSession | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0))
+        self.retries = retries  # extra attempts after the first, on 503 and connection errors
+        self.backoff, self.max_backoff = backoff, max_backoff  # first delay, doubling, capped
+        self._session = session
+        self._own_session = session is None
+
+    async def __aenter__(self) -> EngineClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None and self._own_session:
+            await self._session.close()
+        self._session = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            self._own_session = True
+        return self._session
+
+    # -- the PoemEngine interface ----------------------------------------------------------------------
+    async def generate(self, request: PoemRequest) -> PoemResult:
+        request.validate()  # fail fast, the same way LocalEngine does
+        timeout = None
+        if request.timeout is not None:  # wait a little longer than the server will
+            timeout = aiohttp.ClientTimeout(total=request.timeout + 5.0, connect=self.timeout.connect)
+        data = await self._call("POST", "/v1/poems", json_body=request.to_dict(), timeout=timeout)
+        return PoemResult.from_dict(data)
+
+    async def models(self) -> list[dict]:
+        return (await self._call("GET", "/v1/models"))["models"]
+
+    async def status(self) -> dict:
+        return await self._call("GET", "/v1/status")
+
+    async def reload(self, name: str | None = None) -> dict:
+        body = {"model": name} if name else {}
+        return (await self._call("POST", "/v1/admin/reload", json_body=body, auth=True))["models"]
+
+    async def ready(self) -> bool:
+        """True when the service answers /readyz with 200."""
+        try:
+            session = self._get_session()
+            async with session.get(self.base_url + "/readyz") as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+    # -- one call, with retries --------------------------------------------------------------------------
+    async def _call(self, method: str, path: str, json_body=None, auth: bool = False, timeout=None) -> dict:
+        headers = {}
+        if auth:
+            if not self.token:
+                raise PermissionError("this call needs the engine's admin token (ENGINE_TOKEN)")
+            headers["Authorization"] = f"Bearer {self.token}"
+        body = None if json_body is None else json.dumps(json_body, ensure_ascii=False).encode()
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            retry_after = None
+            try:
+                session = self._get_session()
+                async with session.request(method, self.base_url + path, data=body, headers=headers,
+                                           timeout=timeout or self.timeout) as resp:
+                    payload = await _json_or_none(resp)
+                    if resp.status < 400:
+                        return payload if payload is not None else {}
+                    error = (payload or {}).get("error") if isinstance(payload, dict) else None
+                    error = error if isinstance(error, dict) else {}
+                    code, message = error.get("code", "http_error"), error.get("message", resp.reason or "")
+                    if resp.status == 503:
+                        retry_after = _seconds(resp.headers.get("Retry-After"))
+                        last = (QueueFullError(retry_after or 1.0) if code == "queue_full"
+                                else EngineUnavailableError(f"{self.base_url}: {message}"))
+                    elif resp.status == 504:
+                        raise TimeoutError(message)
+                    elif resp.status in (401, 403):
+                        raise PermissionError(f"{self.base_url}{path}: {message}")
+                    elif 400 <= resp.status < 500:
+                        raise RequestError(code, error.get("field"), message)
+                    else:
+                        raise EngineUnavailableError(f"{self.base_url}{path}: HTTP {resp.status}: {message}")
+            except aiohttp.ClientConnectionError as e:  # refused, reset, disconnected: the service may be restarting
+                last = EngineUnavailableError(f"cannot reach the engine at {self.base_url}: {e}")
+            except asyncio.TimeoutError as e:
+                raise TimeoutError(f"{method} {self.base_url}{path} timed out") from e
+            if attempt < self.retries:
+                delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
+                await asyncio.sleep(min(self.max_backoff, max(delay, retry_after or 0.0)))
+        assert last is not None
+        raise last
+
+
+async def _json_or_none(resp: aiohttp.ClientResponse):
+    try:
+        return await resp.json(content_type=None)
+    except (json.JSONDecodeError, aiohttp.ContentTypeError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None

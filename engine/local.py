@@ -1,0 +1,378 @@
+"""The in-process engine: one step loop on a thread, shared by every request, behind an async API.
+
+    engine = LocalEngine.from_env()            # CHECKPOINT_DIR, DEVICE, ENGINE_* from the environment
+    await engine.start()
+    result = await engine.generate(PoemRequest(prompt="月", form="qijue", mode="beam"))
+    await engine.close()                       # stop admitting, drain in-flight requests, stop the thread
+
+or `async with LocalEngine(EngineSettings(checkpoint_dir="...")) as engine: ...`.
+
+The bot uses this class or `engine.client.EngineClient` (same methods, over HTTP); both follow
+`engine.api.PoemEngine`. Work is split as in vLLM: `engine.scheduler` decides who runs each step,
+`engine.runner` runs it, `engine.registry` holds the models and swaps in new versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from engine.api import EngineUnavailableError, PoemRequest, PoemResult, QueueFullError, RequestError
+from engine.metrics import EngineMetrics
+from engine.registry import ModelRegistry
+from engine.runner import ModelRunner, make_plan
+from engine.scheduler import EngineRequest, RequestStatus, RunnerOutput, Scheduler
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class EngineSettings:
+    checkpoint_dir: str | None = None  # the store (engine.store layout); None = package defaults only
+    model_names: tuple[str, ...] = ("lstm", "gru")  # models to serve; the first is the default
+    device: str = "auto"  # auto | cpu | cuda
+    max_num_rows: int = 256  # batch rows per step, summed over models (a beam request takes beam_width)
+    max_queue: int = 1024  # waiting requests; one more gets QueueFullError at once
+    min_batch_rows: int = 16  # pad each step's batch to this many rows: see docs/ENGINE.md, batch invariance
+    request_timeout: float = 60.0  # default deadline (s) for a request without `timeout`
+    watch_interval: float = 10.0  # seconds between looks at CHECKPOINT_DIR for a new CURRENT; 0 = off
+    ppl_tolerance: float = 0.05  # a new version may have val_ppl up to 5% worse than the serving one
+    threads: int = 0  # torch threads for the step loop (0: leave torch's default)
+
+    @classmethod
+    def from_env(cls, env=None, **overrides) -> EngineSettings:
+        """Settings from CHECKPOINT_DIR, DEVICE and ENGINE_{MODELS,MAX_ROWS,MAX_QUEUE,TIMEOUT,WATCH_INTERVAL}."""
+        env = os.environ if env is None else env
+        values: dict = {}
+        if env.get("CHECKPOINT_DIR"):
+            values["checkpoint_dir"] = env["CHECKPOINT_DIR"]
+        if env.get("DEVICE"):
+            values["device"] = env["DEVICE"]
+        if env.get("ENGINE_MODELS"):
+            values["model_names"] = tuple(n.strip() for n in env["ENGINE_MODELS"].split(",") if n.strip())
+        for key, name, kind in (("ENGINE_MAX_ROWS", "max_num_rows", int), ("ENGINE_MAX_QUEUE", "max_queue", int),
+                                ("ENGINE_TIMEOUT", "request_timeout", float),
+                                ("ENGINE_WATCH_INTERVAL", "watch_interval", float)):
+            if env.get(key):
+                try:
+                    values[name] = kind(env[key])
+                except ValueError:
+                    raise ValueError(f"{key} must be a number, got {env[key]!r}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validate()
+
+    def validate(self) -> EngineSettings:
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not self.model_names:
+            raise ValueError("model_names is empty")
+        if self.max_num_rows < 16:
+            raise ValueError("max_num_rows must be at least 16 (the widest beam)")
+        if self.max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        return self
+
+
+class LocalEngine:
+    """The PoemEngine that runs the models in this process (see the module docstring)."""
+
+    def __init__(self, settings: EngineSettings | None = None, metrics: EngineMetrics | None = None):
+        self.settings = (settings or EngineSettings()).validate()
+        self.metrics = metrics or EngineMetrics()
+        s = self.settings
+        self.registry = ModelRegistry(s.checkpoint_dir, s.model_names, s.device, s.ppl_tolerance, metrics=self.metrics)
+        self.scheduler = Scheduler(max_num_rows=s.max_num_rows, max_queue=s.max_queue)
+        self.runner = ModelRunner(self.registry, min_batch_rows=s.min_batch_rows)
+        self._cv = threading.Condition()  # guards the scheduler; wakes the step loop
+        self._futures: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
+        self._thread: threading.Thread | None = None
+        self._watcher: asyncio.Task | None = None
+        self._accepting = False  # generate() admits requests
+        self._stop = False  # the step loop exits once idle
+        self._started_at: float | None = None
+        self.counts = {"completed": 0, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 0}
+        self.num_steps = 0
+        self.num_tokens = 0
+        self._rate = (time.monotonic(), 0)  # (since, tokens) for tokens_per_second
+
+    @classmethod
+    def from_env(cls, env=None, **overrides) -> LocalEngine:
+        """An engine configured from the environment (EngineSettings.from_env); call start() next."""
+        return cls(EngineSettings.from_env(env, **overrides))
+
+    # -- life cycle --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the models (off the event loop), start the step thread and the checkpoint watcher."""
+        if self._thread is not None:
+            return
+        await asyncio.to_thread(self.registry.load_initial)
+        if not self.registry.loaded_names():
+            log.error("no model could be loaded; /readyz stays 503 until a valid version is published")
+        self._stop = False
+        self._thread = threading.Thread(target=self._step_loop, name="yinshi-step-loop", daemon=True)
+        self._thread.start()
+        self._accepting = True
+        self._started_at = time.monotonic()
+        if self.settings.watch_interval > 0 and self.settings.checkpoint_dir:
+            self._watcher = asyncio.create_task(self._watch(), name="yinshi-checkpoint-watcher")
+
+    async def close(self, drain_timeout: float = 30.0) -> None:
+        """Stop admitting (new requests get EngineUnavailableError), finish in-flight ones, stop the thread."""
+        self._accepting = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline:
+            with self._cv:
+                if not self.scheduler.has_work():
+                    break
+            await asyncio.sleep(0.01)
+        with self._cv:
+            leftover = [r.req_id for r in (*self.scheduler.waiting, *self.scheduler.running.values())]
+            for req_id in leftover:
+                self.scheduler.abort(req_id)
+            self._stop = True
+            self._cv.notify_all()
+        if leftover:
+            log.warning("closing: %d requests did not finish within %.0fs", len(leftover), drain_timeout)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        for req_id in list(self._futures):
+            self._resolve(req_id, EngineUnavailableError("the engine is shutting down"))
+
+    async def __aenter__(self) -> LocalEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @property
+    def ready(self) -> bool:
+        """Started, accepting, and at least one model loaded."""
+        return self._accepting and self._thread is not None and bool(self.registry.loaded_names())
+
+    def loaded_names(self) -> list[str]:
+        return self.registry.loaded_names()
+
+    # -- requests --------------------------------------------------------------------------------------
+    async def generate(self, request: PoemRequest) -> PoemResult:
+        """Write one poem. Raises RequestError (bad input), QueueFullError (busy: retry later),
+        EngineUnavailableError (not started, closing, or no such model) or TimeoutError (deadline passed).
+        Cancelling the awaiting task frees the request's rows at the next step."""
+        if not self._accepting:
+            raise EngineUnavailableError("the engine is not running")
+        request.validate()
+        _check_encodable(request)
+        serving = self.registry.get(request.model)
+        plan = make_plan(serving, request)  # RequestError for characters the model cannot write
+        now = time.monotonic()
+        timeout = request.timeout if request.timeout is not None else self.settings.request_timeout
+        req = EngineRequest(req_id=uuid.uuid4().hex, request=request,
+                            num_rows=request.beam_width if request.mode == "beam" else 1,
+                            arrival_time=now, deadline=now + timeout, payload=(serving, plan))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cv:
+            try:
+                self.scheduler.add_request(req)
+            except QueueFullError:
+                self.counts["rejected"] += 1
+                self.metrics.rejections.inc()
+                self.metrics.requests.labels("rejected").inc()
+                raise
+            self._futures[req.req_id] = (future, loop)
+            self._cv.notify()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            with self._cv:
+                self.scheduler.abort(req.req_id)
+                self._cv.notify()
+            raise
+        finally:
+            self._futures.pop(req.req_id, None)
+
+    async def models(self) -> list[dict]:
+        """The serving models: name, cell, version, parameters, vocab_size, trained_on, metrics, default."""
+        default = self.registry.default_name
+        return [s.info() | {"default": s.name == default} for s in self.registry.all_serving()]
+
+    async def status(self) -> dict:
+        """Queue depth, running requests and rows, versions, uptime, request counts."""
+        with self._cv:
+            waiting, running = self.scheduler.num_waiting, len(self.scheduler.running)
+            rows = self.scheduler.num_running_rows
+        return {
+            "ready": self.ready,
+            "uptime_s": round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0,
+            "device": str(self.registry.device),
+            "queue_depth": waiting,
+            "max_queue": self.settings.max_queue,
+            "running_requests": running,
+            "running_rows": rows,
+            "max_num_rows": self.settings.max_num_rows,
+            "models": {s.name: s.version for s in self.registry.all_serving()},
+            "default_model": self.registry.default_name,
+            "refused_versions": self.registry.refused(),
+            "requests": dict(self.counts),
+            "steps": self.num_steps,
+            "tokens": self.num_tokens,
+            "swaps": self.registry.num_swaps,
+            "failed_validations": self.registry.num_failed_validations,
+        }
+
+    async def reload(self, name: str | None = None) -> dict:
+        """Load the newest published version of each model (or of `name`) now: validate, then swap.
+        Returns {name: {"status": "swapped" | "unchanged" | "refused", "version": …, "reason": …}}."""
+        report = await asyncio.to_thread(self.registry.reload, name)
+        await self._wait_for_swap()
+        return report
+
+    def refresh_gauges(self) -> None:
+        """Set the point-in-time gauges (called before /metrics renders)."""
+        with self._cv:
+            self.metrics.queue_depth.set(self.scheduler.num_waiting)
+            self.metrics.running_requests.set(len(self.scheduler.running))
+            self.metrics.running_rows.set(self.scheduler.num_running_rows)
+
+    # -- internals -------------------------------------------------------------------------------------
+    async def _wait_for_swap(self, timeout: float = 10.0) -> None:
+        """The step loop applies staged versions between steps; wait until it has."""
+        with self._cv:
+            self._cv.notify()
+        deadline = time.monotonic() + timeout
+        while self.registry.has_pending() and self._thread is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if self._thread is None:  # not started: nobody else will apply it
+            self.registry.apply_pending()
+
+    async def _watch(self) -> None:
+        """Look for a new CURRENT in the store every watch_interval seconds; reload the models that have one."""
+        while True:
+            await asyncio.sleep(self.settings.watch_interval)
+            try:
+                names = await asyncio.to_thread(self.registry.newer_names)
+                for name in names:
+                    log.info("model %s: a new version is published; loading it", name)
+                    await asyncio.to_thread(self.registry.reload, name)
+                if names:
+                    await self._wait_for_swap()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("checkpoint watcher failed; trying again in %.0fs", self.settings.watch_interval)
+
+    def _resolve(self, req_id: str, outcome) -> None:
+        """Hand a result or an exception to the awaiting task, from any thread."""
+        entry = self._futures.get(req_id)
+        if entry is None:
+            return
+        future, loop = entry
+
+        def settle():
+            if future.done():
+                return
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the caller's loop is closed; nobody is waiting
+            pass
+
+    def _step_loop(self) -> None:
+        """The one thread that runs steps: schedule → run → hand out results, until stopped and idle."""
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+        while True:
+            with self._cv:
+                while not (self.scheduler.has_work() or self.registry.has_pending() or self._stop):
+                    self._cv.wait()
+                if self._stop and not self.scheduler.has_work():
+                    return
+                self.registry.apply_pending()  # a swap happens here, between two steps
+                out = self.scheduler.schedule(time.monotonic())
+            for req_id, status in out.aborted.items():
+                self._abort_outcome(req_id, status)
+            if out.is_empty and not out.finished_req_ids:
+                continue
+            t0 = time.perf_counter()
+            try:
+                run = self.runner.execute(out)
+            except Exception as e:  # a bug, not the request's fault: fail what runs, keep serving
+                log.exception("engine step failed; failing the %d running requests", len(self.scheduler.running))
+                self._fail_running(e)
+                continue
+            elapsed = time.perf_counter() - t0
+            with self._cv:
+                done = self.scheduler.update_from_output(run)
+            self._record_step(run, elapsed)
+            for req in done:
+                outcome = run.finished[req.req_id]
+                if isinstance(outcome, BaseException):
+                    self.counts["failed"] += 1
+                    self.metrics.requests.labels("failed").inc()
+                else:
+                    latency = time.monotonic() - req.arrival_time
+                    outcome.elapsed_ms = round(latency * 1e3, 3)  # admission to poem, queueing included
+                    self.counts["completed"] += 1
+                    self.metrics.requests.labels("completed").inc()
+                    self.metrics.request_seconds.labels(req.request.mode).observe(latency)
+                self._resolve(req.req_id, outcome)
+
+    def _abort_outcome(self, req_id: str, status: RequestStatus) -> None:
+        if status is RequestStatus.EXPIRED:
+            self.counts["expired"] += 1
+            self.metrics.requests.labels("expired").inc()
+            self._resolve(req_id, TimeoutError("the request's deadline passed before its poem was done"))
+        else:
+            self.counts["cancelled"] += 1
+            self.metrics.requests.labels("cancelled").inc()
+            if self._stop or not self._accepting:
+                self._resolve(req_id, EngineUnavailableError("the engine is shutting down"))
+
+    def _fail_running(self, error: Exception) -> None:
+        with self._cv:
+            req_ids = list(self.scheduler.running)
+            self.scheduler.update_from_output(RunnerOutput(finished={r: error for r in req_ids}, num_rows=0))
+        self.runner.reset()
+        for req_id in req_ids:
+            self.counts["failed"] += 1
+            self._resolve(req_id, EngineUnavailableError(f"the engine step failed: {error}"))
+
+    def _record_step(self, run: RunnerOutput, elapsed: float) -> None:
+        self.num_steps += 1
+        self.num_tokens += run.num_rows
+        m = self.metrics
+        m.step_seconds.observe(elapsed)
+        m.batch_rows.observe(run.num_rows)
+        m.tokens.inc(run.num_rows)
+        since, tokens = self._rate
+        now = time.monotonic()
+        if now - since >= 1.0:
+            m.tokens_per_second.set((self.num_tokens - tokens) / (now - since))
+            self._rate = (now, self.num_tokens)
+
+
+def _check_encodable(request: PoemRequest) -> None:
+    """Lone surrogates ("\\ud800" in JSON) are valid Python strings but not text; refuse them by field."""
+    for name in ("prompt", "acrostic", "model", "form", "mode"):
+        value = getattr(request, name)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError("bad_character", name, f"{name} holds an unpaired surrogate, not a character") from None

@@ -1,0 +1,336 @@
+"""The model registry: which version of each named model serves, and hot-swapping in new ones.
+
+    registry = ModelRegistry(checkpoint_dir, names=("lstm", "gru"), device="cpu")
+    registry.load_initial()               # store CURRENT, else the package default engine/checkpoints/<name>.safetensors
+    registry.get("lstm")                  # -> ServingModel (model, vocab, prosody, version, …)
+    registry.reload()                     # load + validate newer published versions, stage the swaps
+    registry.apply_pending()              # the step loop calls this between steps: the swap itself
+
+A new version is loaded and validated off the step loop (the caller's thread): it must lie inside the
+checkpoint directory, load without CheckpointError (SHA-256, shapes, finite weights), have usable
+vocabulary and form tokens, write a greedy poem of every form that passes the form check, and have a
+`metrics.val_ppl` no worse than the serving version's by more than `ppl_tolerance` (unless it is older than
+the serving version: a rollback is the operator's choice). Then it is staged
+and swapped in at the next step boundary. Rows already running hold a reference to the ServingModel
+they started on and finish on it; new requests get the new one. A refused version keeps the old one
+serving, is logged with its reason, counted in metrics, and not retried until CURRENT changes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine import store
+from engine.api import EngineUnavailableError, PoemRequest, RequestError
+from engine.checkpoint import CheckpointError, load_checkpoint
+from engine.forms import FORMS, classify, split_lines
+from engine.model import PoemModel
+from engine.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+PACKAGE_CHECKPOINTS = Path(__file__).parent / "checkpoints"
+MIN_HAN_CHARS = 64  # fewer and the rhyme/tone constraints may have no candidates at some position
+
+
+class ValidationError(Exception):
+    """A checkpoint that must not serve; the message says why."""
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` → cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"DEVICE={name} but CUDA is not available")
+    return torch.device(name)
+
+
+@dataclass(eq=False)  # identity matters: the runner groups rows by the ServingModel object
+class ServingModel:
+    name: str  # the store name: lstm, gru, …
+    version: str  # the checkpoint's version (its metadata), e.g. 20261127T031500456Z
+    path: Path  # where it was loaded from
+    model: PoemModel  # eval mode, on `device`
+    vocab: Vocab
+    meta: dict  # the checkpoint metadata
+    prosody: object  # engine.prosody tables for this vocabulary, built once per version
+    device: torch.device
+    loaded_at: float = field(default_factory=time.time)  # wall-clock seconds
+
+    @property
+    def val_ppl(self) -> float | None:
+        value = (self.meta.get("metrics") or {}).get("val_ppl")
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    def info(self) -> dict:
+        """The GET /v1/models entry."""
+        train = self.meta.get("train") or {}
+        return {
+            "name": self.name,
+            "cell": self.model.config.cell,
+            "version": self.version,
+            "parameters": self.model.num_parameters(),
+            "vocab_size": len(self.vocab),
+            "trained_on": {"corpus_hash": self.meta.get("corpus_hash"), "poems": train.get("train_poems"),
+                           "tokens": train.get("tokens_seen"), "created_at": self.meta.get("created_at")},
+            "metrics": self.meta.get("metrics") or {},
+            "source": "package" if _inside(self.path, PACKAGE_CHECKPOINTS) else "store",
+            "device": str(self.device),
+        }
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return Path(path).resolve().is_relative_to(Path(root).resolve())
+    except OSError:
+        return False
+
+
+def build_serving(name: str, path: Path, device: torch.device) -> ServingModel:
+    """Load a checkpoint and its prosody tables; CheckpointError when the file is unusable."""
+    from engine.prosody import prosody_for  # late: the prosody tables are large
+
+    ckpt = load_checkpoint(path, device=device)
+    return ServingModel(name=name, version=ckpt.version, path=Path(path), model=ckpt.model, vocab=ckpt.vocab,
+                        meta=ckpt.meta, prosody=prosody_for(ckpt.vocab), device=device)
+
+
+def smoke_test(serving: ServingModel) -> None:
+    """Write one greedy poem of every form, unbatched; each must pass the form check."""
+    from engine.decoding import generate_one
+
+    for form in FORMS.values():
+        request = PoemRequest(form=form.name, mode="greedy", seed=0).validate()
+        try:
+            result = generate_one(serving.model, serving.vocab, serving.prosody, request)
+        except RequestError as e:
+            raise ValidationError(f"smoke generation of {form.name} failed: {e.message}") from None
+        lines = result.lines if hasattr(result, "lines") else split_lines(result)
+        if classify(lines) is not form:
+            raise ValidationError(f"smoke generation of {form.name} gave {lines!r}, not a {form.name}")
+
+
+def validate(serving: ServingModel, running: ServingModel | None, ppl_tolerance: float) -> None:
+    """Everything a new version must pass before it serves (beyond what load_checkpoint checks)."""
+    for pname, p in serving.model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValidationError(f"parameter {pname} is not finite")
+    vocab = serving.vocab
+    num_han = len(vocab.han_ids())
+    if num_han < MIN_HAN_CHARS:
+        raise ValidationError(f"vocabulary has {num_han} Han characters; at least {MIN_HAN_CHARS} needed")
+    if serving.model.config.vocab_size != len(vocab):
+        raise ValidationError("vocabulary size does not match the model")
+    if running is not None and running.val_ppl is not None:
+        new = serving.val_ppl
+        if new is None:
+            raise ValidationError(f"no metrics.val_ppl to compare with the serving {running.val_ppl:.3f}")
+        if new > running.val_ppl * (1 + ppl_tolerance):
+            raise ValidationError(f"val_ppl {new:.3f} is worse than the serving {running.val_ppl:.3f} "
+                                  f"by more than {ppl_tolerance:.0%}")
+    smoke_test(serving)
+
+
+class ModelRegistry:
+    def __init__(self, checkpoint_dir: str | Path | None, names: tuple[str, ...] = ("lstm", "gru"),
+                 device: str | torch.device = "cpu", ppl_tolerance: float = 0.05,
+                 package_dir: Path = PACKAGE_CHECKPOINTS, metrics=None):
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.names = tuple(store.check_name(n) for n in names)
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.ppl_tolerance = ppl_tolerance
+        self.package_dir = Path(package_dir)
+        self.metrics = metrics
+        self._serving: dict[str, ServingModel] = {}  # name → the version new requests get
+        self._pending: dict[str, ServingModel] = {}  # validated, swapped in at the next step boundary
+        self._refused: dict[str, tuple[str, str]] = {}  # name → (version, reason) last refused
+        self._lock = threading.Lock()  # guards the three dicts; held only for dict updates
+        self._reload_lock = threading.Lock()  # one load/validate at a time
+        self.num_swaps = 0
+        self.num_failed_validations = 0
+
+    # -- reading ---------------------------------------------------------------------------------------
+    @property
+    def default_name(self) -> str | None:
+        with self._lock:
+            return next((n for n in self.names if n in self._serving), None)
+
+    def get(self, name: str | None = None) -> ServingModel:
+        """The serving version of `name` (None: the default model)."""
+        with self._lock:
+            if name is None:
+                name = next((n for n in self.names if n in self._serving), None)
+                if name is None:
+                    raise EngineUnavailableError("no model is loaded")
+            serving = self._serving.get(name)
+        if serving is None:
+            if name in self.names:
+                raise EngineUnavailableError(f"model {name!r} is not loaded")
+            raise RequestError("unknown_model", "model", f"unknown model {name!r}; serving: {', '.join(self.loaded_names()) or 'none'}")
+        return serving
+
+    def loaded_names(self) -> list[str]:
+        with self._lock:
+            return [n for n in self.names if n in self._serving]
+
+    def all_serving(self) -> list[ServingModel]:
+        with self._lock:
+            return [self._serving[n] for n in self.names if n in self._serving]
+
+    def refused(self) -> dict[str, dict]:
+        with self._lock:
+            return {n: {"version": v, "reason": r} for n, (v, r) in self._refused.items()}
+
+    # -- loading ---------------------------------------------------------------------------------------
+    def _store_path(self, name: str) -> Path | None:
+        """The CURRENT version's file, refused if it resolves outside the checkpoint directory."""
+        if self.checkpoint_dir is None:
+            return None
+        try:
+            path = store.current_path(self.checkpoint_dir, name)
+        except store.StoreError as e:
+            raise ValidationError(str(e)) from None
+        if path is None:
+            return None
+        if not _inside(path, self.checkpoint_dir):
+            raise ValidationError(f"{path} resolves outside the checkpoint directory {self.checkpoint_dir}")
+        return path
+
+    def _package_path(self, name: str) -> Path | None:
+        for path in (self.package_dir / f"{name}.safetensors", self.package_dir / name / f"{name}.safetensors"):
+            if path.is_file():
+                return path
+        return None
+
+    def load_initial(self) -> None:
+        """Load every name from the store (else the package default). A name that fails stays unloaded."""
+        for name in self.names:
+            candidates = []
+            try:
+                if (p := self._store_path(name)) is not None:
+                    candidates.append(p)
+            except ValidationError as e:
+                self._refuse(name, "?", str(e))
+            if (p := self._package_path(name)) is not None:
+                candidates.append(p)
+            for path in candidates:
+                try:
+                    serving = build_serving(name, path, self.device)
+                    validate(serving, None, self.ppl_tolerance)
+                except (CheckpointError, ValidationError) as e:
+                    self._refuse(name, path.stem, str(e))
+                    continue
+                with self._lock:
+                    self._serving[name] = serving
+                self._set_info(None, serving)
+                log.info("serving %s version %s from %s", name, serving.version, path)
+                break
+            else:
+                log.warning("model %s: nothing to serve (store %s, package %s)", name, self.checkpoint_dir,
+                            self.package_dir)
+
+    def newer_names(self) -> list[str]:
+        """Names whose store CURRENT names a version neither serving, staged, nor already refused."""
+        out = []
+        if self.checkpoint_dir is None:
+            return out
+        for name in self.names:
+            try:
+                version = store.current_version(self.checkpoint_dir, name)
+            except (store.StoreError, OSError):
+                continue
+            if version is None:
+                continue
+            with self._lock:
+                serving, pending = self._serving.get(name), self._pending.get(name)
+                refused = self._refused.get(name, (None, None))[0]
+            known = {getattr(serving, "version", None), getattr(pending, "version", None), refused}
+            if version not in known:
+                out.append(name)
+        return out
+
+    def reload(self, name: str | None = None, force: bool = False) -> dict:
+        """Load, validate and stage the store's CURRENT of `name` (None: every name). Blocking: call it off
+        the event loop and off the step loop. Returns {name: {"status", "version", "reason"?}}."""
+        if name is not None and name not in self.names:
+            raise RequestError("unknown_model", "model", f"unknown model {name!r}; configured: {', '.join(self.names)}")
+        names = [name] if name else list(self.names)
+        report = {}
+        with self._reload_lock:
+            for n in names:
+                report[n] = self._reload_one(n, force)
+        return report
+
+    def _reload_one(self, name: str, force: bool) -> dict:
+        with self._lock:
+            running = self._pending.get(name) or self._serving.get(name)
+        try:
+            path = self._store_path(name)
+        except ValidationError as e:
+            return self._refuse(name, "?", str(e))
+        if path is None:
+            return {"status": "unchanged", "version": getattr(running, "version", None),
+                    "reason": "nothing published in the store"}
+        if running is not None and path.stem == running.version and not force:
+            return {"status": "unchanged", "version": running.version}
+        try:
+            candidate = build_serving(name, path, self.device)
+            if running is not None and candidate.version == running.version and not force:
+                return {"status": "unchanged", "version": running.version}
+            # The perplexity gate guards against a worse *new* model. CURRENT naming an older version than
+            # the serving one is a rollback, the operator's explicit choice: it is not held to it.
+            rollback = running is not None and candidate.version < running.version
+            validate(candidate, None if rollback else running, self.ppl_tolerance)
+        except (CheckpointError, ValidationError, OSError) as e:
+            return self._refuse(name, path.stem, str(e))
+        with self._lock:
+            self._pending[name] = candidate
+            self._refused.pop(name, None)
+        log.info("model %s: version %s validated, swapping in at the next step", name, candidate.version)
+        return {"status": "swapped", "version": candidate.version,
+                "previous": getattr(running, "version", None)}
+
+    def _refuse(self, name: str, version: str, reason: str) -> dict:
+        log.error("model %s: refusing version %s: %s", name, version, reason)
+        with self._lock:
+            self._refused[name] = (version, reason)
+            self.num_failed_validations += 1
+        if self.metrics is not None:
+            self.metrics.failed_validations.labels(name).inc()
+        return {"status": "refused", "version": version, "reason": reason}
+
+    def has_pending(self) -> bool:
+        with self._lock:
+            return bool(self._pending)
+
+    def apply_pending(self) -> list[ServingModel]:
+        """Swap staged versions in. Called by the step loop between steps, so a swap never splits a step."""
+        with self._lock:
+            if not self._pending:
+                return []
+            staged, self._pending = self._pending, {}
+            old = {n: self._serving.get(n) for n in staged}
+            self._serving.update(staged)
+            self.num_swaps += len(staged)
+        for name, serving in staged.items():
+            self._set_info(old[name], serving)
+            if self.metrics is not None:
+                self.metrics.swaps.labels(name).inc()
+            log.info("model %s: now serving %s (was %s)", name, serving.version,
+                     getattr(old[name], "version", None))
+        return list(staged.values())
+
+    def _set_info(self, old: ServingModel | None, new: ServingModel) -> None:
+        if self.metrics is None:
+            return
+        if old is not None:
+            self.metrics.model_info.remove(old.name, old.version) if (old.name, old.version) != (new.name, new.version) else None
+        self.metrics.model_info.labels(new.name, new.version).set(1)

@@ -1,0 +1,46 @@
+"""Fixtures for the engine tests: a checkpoint store holding the tiny trained lstm and gru, and settings for it.
+
+Imported by the engine test files (`from engine_fixtures import …`; pytest puts tests/ on sys.path) rather than put in conftest.py,
+which another engineer owns.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine import store
+from engine.local import EngineSettings
+
+
+@pytest.fixture
+def checkpoint_store(tmp_path, tiny_checkpoint, tiny_gru_checkpoint) -> Path:
+    """A fresh store with the tiny lstm and gru published (one version each)."""
+    root = tmp_path / "checkpoints"
+    store.publish(root, "lstm", tiny_checkpoint)
+    store.publish(root, "gru", tiny_gru_checkpoint)
+    return root
+
+
+@pytest.fixture
+def empty_package_dir(tmp_path) -> Path:
+    """A stand-in for engine/checkpoints/ with nothing in it, so tests never load the shipped models."""
+    d = tmp_path / "package"
+    d.mkdir()
+    return d
+
+
+def engine_settings(root: Path, **overrides) -> EngineSettings:
+    """Small, fast settings over a test store: no watcher unless asked, short deadline."""
+    values = dict(checkpoint_dir=str(root), device="cpu", max_num_rows=64, max_queue=64, watch_interval=0.0,
+                  request_timeout=60.0)
+    values.update(overrides)
+    return EngineSettings(**values)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return dst

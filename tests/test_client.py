@@ -1,0 +1,132 @@
+"""EngineClient against a real engine service and against scripted servers (retries, errors, timeouts)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from aiohttp import web
+
+from engine.api import EngineUnavailableError, PoemRequest, QueueFullError, RequestError
+from engine.client import EngineClient
+from engine.local import LocalEngine
+from engine.service import ServiceSettings, create_app
+from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
+
+TOKEN = "client-test-token"
+
+
+@pytest.fixture
+async def service_url(aiohttp_server, checkpoint_store):
+    server = await aiohttp_server(create_app(ServiceSettings(engine=engine_settings(checkpoint_store), token=TOKEN)))
+    return str(server.make_url("/"))
+
+
+async def test_the_client_writes_the_same_poem_as_the_in_process_engine(service_url, checkpoint_store):
+    request = PoemRequest(prompt="风", form="wulv", mode="sample", seed=11)
+    async with EngineClient(service_url) as client:
+        remote = await client.generate(request)
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        local = await engine.generate(request)
+    assert (remote.poem, remote.lines, remote.model, remote.score) == (local.poem, local.lines, local.model, local.score)
+
+
+async def test_a_400_comes_back_as_the_same_request_error(service_url):
+    async with EngineClient(service_url) as client:
+        with pytest.raises(RequestError) as info:
+            await client.generate(PoemRequest(prompt="龘"))
+    assert (info.value.code, info.value.field) == ("unknown_character", "prompt")
+
+
+async def test_models_status_and_reload_go_through(service_url):
+    async with EngineClient(service_url, token=TOKEN) as client:
+        models = await client.models()
+        status = await client.status()
+        report = await client.reload("lstm")
+        assert await client.ready()
+    assert [m["name"] for m in models] == ["lstm", "gru"]
+    assert status["models"]["lstm"] == models[0]["version"]
+    assert report["lstm"]["status"] == "unchanged"
+
+
+async def test_reload_without_the_token_is_refused(service_url):
+    async with EngineClient(service_url) as client:
+        with pytest.raises(PermissionError):
+            await client.reload()
+    async with EngineClient(service_url, token="wrong") as client:
+        with pytest.raises(PermissionError):
+            await client.reload()
+
+
+def scripted_app(answers: list[tuple[int, dict, dict]]) -> tuple[web.Application, list]:
+    """An app whose POST /v1/poems gives the scripted (status, body, headers) answers in turn, then repeats the last."""
+    calls = []
+
+    async def poems(request):
+        calls.append(await request.json())
+        status, body, headers = answers[min(len(calls), len(answers)) - 1]
+        return web.json_response(body, status=status, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/poems", poems)
+    return app, calls
+
+
+POEM = {"poem": "甲，乙。", "lines": ["甲", "乙"], "form": "qijue", "mode": "greedy",
+        "model": {"name": "lstm", "version": "v"}, "elapsed_ms": 1.0}
+BUSY = (503, {"error": {"code": "queue_full", "field": None, "message": "busy"}}, {"Retry-After": "0"})
+
+
+async def test_a_503_is_retried_with_backoff_until_it_succeeds(aiohttp_server):
+    app, calls = scripted_app([BUSY, BUSY, (200, POEM, {})])
+    server = await aiohttp_server(app)
+    async with EngineClient(str(server.make_url("/")), retries=3, backoff=0.01) as client:
+        result = await client.generate(PoemRequest(mode="greedy"))
+    assert result.poem == POEM["poem"] and len(calls) == 3
+
+
+async def test_a_queue_that_stays_full_raises_queue_full_after_the_retries(aiohttp_server):
+    app, calls = scripted_app([BUSY])
+    server = await aiohttp_server(app)
+    async with EngineClient(str(server.make_url("/")), retries=2, backoff=0.01) as client:
+        with pytest.raises(QueueFullError):
+            await client.generate(PoemRequest())
+    assert len(calls) == 3
+
+
+async def test_an_unavailable_engine_raises_engine_unavailable(aiohttp_server):
+    app, _ = scripted_app([(503, {"error": {"code": "unavailable", "message": "no model"}}, {"Retry-After": "0"})])
+    server = await aiohttp_server(app)
+    async with EngineClient(str(server.make_url("/")), retries=1, backoff=0.01) as client:
+        with pytest.raises(EngineUnavailableError, match="no model"):
+            await client.generate(PoemRequest())
+
+
+async def test_an_unreachable_engine_raises_engine_unavailable_after_retrying():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with EngineClient(f"http://127.0.0.1:{port}", retries=2, backoff=0.01) as client:
+        with pytest.raises(EngineUnavailableError, match="cannot reach"):
+            await client.generate(PoemRequest())
+
+
+async def test_a_slow_engine_raises_timeout_error(aiohttp_server):
+    async def slow(request):
+        await asyncio.sleep(2)
+        return web.json_response(POEM)
+
+    app = web.Application()
+    app.router.add_post("/v1/poems", slow)
+    server = await aiohttp_server(app)
+    async with EngineClient(str(server.make_url("/")), timeout=0.2) as client:
+        with pytest.raises(TimeoutError):
+            await client.generate(PoemRequest())
+
+
+async def test_a_bad_request_is_refused_before_anything_is_sent():
+    async with EngineClient("http://127.0.0.1:9") as client:
+        with pytest.raises(RequestError) as info:
+            await client.generate(PoemRequest(beam_width=99))
+    assert info.value.field == "beam_width"

@@ -1,0 +1,169 @@
+"""The in-process engine: continuous batching of mixed requests, batch invariance, cancellation, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import pytest
+
+from engine.api import EngineUnavailableError, PoemRequest, QueueFullError, RequestError
+from engine.forms import FORMS, classify
+from engine.local import EngineSettings, LocalEngine
+from engine_fixtures import checkpoint_store, empty_package_dir, engine_settings  # noqa: F401
+
+MODES = ("greedy", "sample", "beam")
+
+
+def mixed_requests(n: int) -> list[PoemRequest]:
+    """n seeded requests cycling through modes, forms, beam widths, prompts, acrostics and both models."""
+    combos = itertools.cycle(itertools.product(MODES, FORMS, (1, 3, 5, 16)))
+    out = []
+    for i in range(n):
+        mode, form, width = next(combos)
+        acrostic = "春江花月夜山水风"[: FORMS[form].num_lines] if i % 7 == 3 else None
+        out.append(PoemRequest(prompt="" if acrostic or i % 3 else "月", form=form, mode=mode, beam_width=width,
+                               acrostic=acrostic, seed=1000 + i, model="gru" if i % 5 == 4 else None,
+                               rhyme=i % 4 != 1, tone=i % 6 != 2).validate())
+    return out
+
+
+def same_poem(a, b) -> bool:
+    return (a.poem, a.model, a.notes) == (b.poem, b.model, b.notes) and a.score == b.score
+
+
+async def test_mixed_concurrent_requests_all_complete_and_match_their_solo_runs(checkpoint_store):
+    requests = mixed_requests(36)
+    async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=64)) as engine:
+        together = await asyncio.gather(*(engine.generate(r) for r in requests))
+        alone = [await engine.generate(r) for r in requests]
+        status = await engine.status()
+    for request, a, b in zip(requests, together, alone):
+        assert same_poem(a, b), (request, a.poem, b.poem)
+        assert classify(a.lines) is FORMS[request.form]
+        assert a.mode == request.mode
+        assert a.model["name"] == (request.model or "lstm")
+        if request.acrostic:
+            assert "".join(line[0] for line in a.lines) == request.acrostic
+        elif request.prompt:
+            assert a.poem.startswith(request.prompt)
+    assert status["requests"]["completed"] == 72 and status["running_rows"] == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_seeded_request_gives_the_same_poem_alone_or_in_a_full_batch(checkpoint_store, mode):
+    target = PoemRequest(prompt="山", form="qilv", mode=mode, beam_width=4, seed=7)
+    fillers = [PoemRequest(form="qilv", mode=m, beam_width=3, seed=i) for i, m in zip(range(40), itertools.cycle(MODES))]
+    async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=64)) as engine:
+        alone = await engine.generate(target)
+        crowd = [asyncio.ensure_future(engine.generate(r)) for r in fillers[:20]]
+        await asyncio.sleep(0.05)  # the target joins a batch already running, at some row in the middle
+        crowd.append(asyncio.ensure_future(engine.generate(target)))
+        crowd += [asyncio.ensure_future(engine.generate(r)) for r in fillers[20:]]
+        results = await asyncio.gather(*crowd)
+    assert same_poem(alone, results[20])
+
+
+async def test_a_sampling_request_without_a_seed_still_writes_a_valid_poem(checkpoint_store):
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        result = await engine.generate(PoemRequest(form="wujue", mode="sample"))
+    assert classify(result.lines) is FORMS["wujue"]
+
+
+async def test_a_request_picks_its_model_by_name_and_an_unknown_name_is_a_request_error(checkpoint_store):
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        gru = await engine.generate(PoemRequest(model="gru", mode="greedy"))
+        default = await engine.generate(PoemRequest(mode="greedy"))
+        with pytest.raises(RequestError) as info:
+            await engine.generate(PoemRequest(model="transformer"))
+    assert gru.model["name"] == "gru" and default.model["name"] == "lstm"
+    assert info.value.field == "model"
+
+
+async def test_a_prompt_the_model_cannot_write_is_refused_before_queueing(checkpoint_store):
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        with pytest.raises(RequestError) as info:
+            await engine.generate(PoemRequest(prompt="龘"))
+        assert (await engine.status())["requests"]["completed"] == 0
+    assert info.value.code == "unknown_character" and info.value.field == "prompt"
+
+
+async def wait_for(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.002)
+
+
+async def test_a_cancelled_request_frees_its_rows_for_the_next_one(checkpoint_store):
+    async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=16)) as engine:
+        wide = asyncio.ensure_future(engine.generate(PoemRequest(form="qilv", mode="beam", beam_width=16)))
+        await wait_for(lambda: _rows(engine, 16))
+        waiting = asyncio.ensure_future(engine.generate(PoemRequest(form="wujue", mode="greedy")))
+        await wait_for(lambda: _queue(engine, 1))
+        wide.cancel()
+        result = await asyncio.wait_for(waiting, 10)
+        status = await engine.status()
+    assert wide.cancelled() and classify(result.lines) is FORMS["wujue"]
+    assert status["requests"]["cancelled"] == 1 and status["running_rows"] == 0
+
+
+async def _rows(engine, n):
+    return (await engine.status())["running_rows"] == n
+
+
+async def _queue(engine, n):
+    return (await engine.status())["queue_depth"] == n
+
+
+async def test_a_request_past_its_deadline_times_out_and_frees_its_rows(checkpoint_store):
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        with pytest.raises(TimeoutError):
+            await engine.generate(PoemRequest(form="qilv", mode="beam", beam_width=16, timeout=0.001))
+        await wait_for(lambda: _rows(engine, 0))
+        assert (await engine.status())["requests"]["expired"] == 1
+
+
+async def test_a_full_queue_raises_queue_full_at_once(checkpoint_store):
+    async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=16, max_queue=2)) as engine:
+        tasks = [asyncio.ensure_future(engine.generate(PoemRequest(form="qilv", mode="beam", beam_width=16)))
+                 for _ in range(6)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        status = await engine.status()
+    rejected = [r for r in results if isinstance(r, QueueFullError)]
+    # 2 wait in the queue (a 3rd if the step loop took one in between); the rest are refused, the others finish.
+    assert len(rejected) in (3, 4) and status["requests"]["rejected"] == len(rejected)
+    assert all(classify(r.lines) is FORMS["qilv"] for r in results if not isinstance(r, QueueFullError))
+    assert all(r.retry_after > 0 for r in rejected)
+
+
+async def test_close_drains_in_flight_requests_and_then_refuses_new_ones(checkpoint_store):
+    engine = LocalEngine(engine_settings(checkpoint_store))
+    await engine.start()
+    tasks = [asyncio.ensure_future(engine.generate(PoemRequest(form="qilv", mode=m, seed=1))) for m in MODES * 3]
+    await asyncio.sleep(0.01)
+    await engine.close()
+    results = await asyncio.gather(*tasks)
+    assert all(classify(r.lines) is FORMS["qilv"] for r in results)
+    with pytest.raises(EngineUnavailableError):
+        await engine.generate(PoemRequest())
+
+
+async def test_an_engine_with_no_loadable_model_is_not_ready(tmp_path, empty_package_dir):
+    settings = EngineSettings(checkpoint_dir=str(tmp_path / "empty"), device="cpu", watch_interval=0)
+    engine = LocalEngine(settings)
+    engine.registry.package_dir = empty_package_dir
+    async with engine:
+        assert not engine.ready
+        with pytest.raises(EngineUnavailableError):
+            await engine.generate(PoemRequest())
+
+
+def test_settings_come_from_the_environment():
+    s = EngineSettings.from_env({"CHECKPOINT_DIR": "/srv/ckpt", "DEVICE": "cpu", "ENGINE_MODELS": "gru, lstm",
+                                 "ENGINE_MAX_ROWS": "128", "ENGINE_MAX_QUEUE": "9"})
+    assert (s.checkpoint_dir, s.device, s.model_names, s.max_num_rows, s.max_queue) == \
+        ("/srv/ckpt", "cpu", ("gru", "lstm"), 128, 9)
+    with pytest.raises(ValueError, match="ENGINE_MAX_ROWS"):
+        EngineSettings.from_env({"ENGINE_MAX_ROWS": "lots"})

@@ -1,0 +1,148 @@
+"""Hot-swap: a new published version is validated and swapped in under load; a bad one is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import store
+from engine.api import PoemRequest
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.forms import FORMS, classify
+from engine.local import LocalEngine
+from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
+
+
+def new_version(src: Path, dst: Path, **meta) -> Path:
+    """The same weights saved again: a new version (a new timestamp), with `meta` over the old metadata."""
+    time.sleep(0.002)  # versions have millisecond resolution
+    ckpt = load_checkpoint(src)
+    keep = {k: ckpt.meta[k] for k in ("metrics", "corpus_hash", "train") if k in ckpt.meta}
+    save_checkpoint(dst, ckpt.model, ckpt.vocab, keep | meta)
+    return dst
+
+
+def publish_raw(root: Path, name: str, version: str, data: bytes) -> None:
+    """Put bytes into the store as a version and point CURRENT at them, bypassing publish()'s checks."""
+    path = store.version_path(root, name, version)
+    path.write_bytes(data)
+    store.set_current(root, name, version)
+
+
+async def test_a_swap_under_a_stream_of_requests_drops_none(checkpoint_store, tiny_checkpoint, tmp_path):
+    async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=32)) as engine:
+        old = (await engine.models())[0]["version"]
+        modes = ["greedy", "sample", "beam"]
+        stream = [asyncio.ensure_future(engine.generate(PoemRequest(form="qilv", mode=modes[i % 3], seed=i,
+                                                                   beam_width=4)))
+                  for i in range(30)]
+        await asyncio.sleep(0.05)
+        new = store.publish(checkpoint_store, "lstm", new_version(tiny_checkpoint, tmp_path / "v2.safetensors"))
+        report = await engine.reload()
+        stream += [asyncio.ensure_future(engine.generate(PoemRequest(form="wujue", mode=modes[i % 3], seed=i)))
+                   for i in range(30)]
+        results = await asyncio.gather(*stream)
+        models = await engine.models()
+        status = await engine.status()
+    assert report["lstm"] == {"status": "swapped", "version": new, "previous": old}
+    assert report["gru"]["status"] == "unchanged"
+    assert all(classify(r.lines) is FORMS[r.form] for r in results)
+    versions = [r.model["version"] for r in results]
+    assert versions[0] == old  # running when the swap came: finished on the version it started on
+    assert set(versions[30:]) == {new}  # after the swap every new request gets the new version
+    assert models[0]["version"] == new and status["swaps"] == 1
+    assert status["requests"]["completed"] == 60 and status["running_rows"] == 0
+
+
+async def test_a_corrupt_checkpoint_is_refused_and_the_old_version_keeps_serving(checkpoint_store, tiny_checkpoint):
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        old = (await engine.models())[0]["version"]
+        data = bytearray(tiny_checkpoint.read_bytes())
+        data[-10] ^= 0xFF  # a flipped byte in the weights: the values still parse, the SHA-256 does not match
+        publish_raw(checkpoint_store, "lstm", "29990101T000000000Z", bytes(data))
+        report = await engine.reload("lstm")
+        result = await engine.generate(PoemRequest(mode="greedy"))
+        status = await engine.status()
+        engine.refresh_gauges()
+        metrics = engine.metrics.render().decode()
+    assert report["lstm"]["status"] == "refused" and "SHA-256" in report["lstm"]["reason"]
+    assert result.model["version"] == old
+    assert status["failed_validations"] == 1 and status["refused_versions"]["lstm"]["version"] == "29990101T000000000Z"
+    assert 'yinshi_failed_validations_total{model="lstm"} 1.0' in metrics
+
+
+async def test_a_truncated_checkpoint_is_refused(checkpoint_store, tiny_checkpoint):
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        publish_raw(checkpoint_store, "gru", "29990101T000000000Z", tiny_checkpoint.read_bytes()[:500])
+        report = await engine.reload("gru")
+        assert (await engine.generate(PoemRequest(model="gru", mode="greedy"))).model["name"] == "gru"
+    assert report["gru"]["status"] == "refused"
+
+
+async def test_a_version_with_a_much_worse_validation_perplexity_is_refused(checkpoint_store, tiny_checkpoint, tmp_path):
+    ckpt_meta = load_checkpoint(tiny_checkpoint).meta
+    worse = {**ckpt_meta["metrics"], "val_ppl": ckpt_meta["metrics"]["val_ppl"] * 1.5}
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        old = (await engine.models())[0]["version"]
+        store.publish(checkpoint_store, "lstm", new_version(tiny_checkpoint, tmp_path / "w.safetensors", metrics=worse))
+        report = await engine.reload("lstm")
+        assert (await engine.models())[0]["version"] == old
+    assert report["lstm"]["status"] == "refused" and "val_ppl" in report["lstm"]["reason"]
+
+
+async def test_a_checkpoint_outside_the_checkpoint_directory_is_refused(checkpoint_store, tiny_checkpoint, tmp_path):
+    outside = new_version(tiny_checkpoint, tmp_path / "elsewhere" / "evil.safetensors")
+    link = store.version_path(checkpoint_store, "lstm", "29990101T000000000Z")
+    os.symlink(outside, link)
+    store.set_current(checkpoint_store, "lstm", "29990101T000000000Z")
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        report = await engine.reload("lstm")
+        # At start-up too the store's CURRENT was refused; the model fell back to nothing in the store.
+    assert report["lstm"]["status"] == "refused" and "outside" in report["lstm"]["reason"]
+
+
+async def test_the_watcher_swaps_in_a_newly_published_version_by_itself(checkpoint_store, tiny_checkpoint, tmp_path):
+    async with LocalEngine(engine_settings(checkpoint_store, watch_interval=0.05)) as engine:
+        new = store.publish(checkpoint_store, "lstm", new_version(tiny_checkpoint, tmp_path / "v2.safetensors"))
+        deadline = time.monotonic() + 20
+        while (await engine.models())[0]["version"] != new:
+            assert time.monotonic() < deadline, "the watcher never swapped"
+            await asyncio.sleep(0.02)
+        result = await engine.generate(PoemRequest(mode="greedy"))
+    assert result.model["version"] == new
+
+
+async def test_a_refused_version_is_not_retried_until_current_changes(checkpoint_store, tiny_checkpoint):
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        publish_raw(checkpoint_store, "lstm", "29990101T000000000Z", b"not a checkpoint")
+        assert engine.registry.newer_names() == ["lstm"]
+        await engine.reload("lstm")
+        assert engine.registry.newer_names() == []
+        assert (await engine.status())["failed_validations"] == 1
+
+
+@pytest.mark.parametrize("name", ["../etc", "LSTM", ""])
+async def test_reload_of_a_model_that_is_not_configured_is_a_request_error(checkpoint_store, name):
+    from engine.api import RequestError
+
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        with pytest.raises(RequestError):
+            await engine.reload(name or "nope")
+
+
+async def test_a_rollback_to_an_older_version_swaps_even_with_a_worse_perplexity(checkpoint_store, tiny_checkpoint,
+                                                                                 tmp_path):
+    meta = load_checkpoint(tiny_checkpoint).meta
+    old = store.current_version(checkpoint_store, "lstm")
+    better = {**meta["metrics"], "val_ppl": meta["metrics"]["val_ppl"] / 2}
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        new = store.publish(checkpoint_store, "lstm", new_version(tiny_checkpoint, tmp_path / "b.safetensors", metrics=better))
+        assert (await engine.reload("lstm"))["lstm"]["status"] == "swapped"
+        store.rollback(checkpoint_store, "lstm", old)
+        report = await engine.reload("lstm")
+        assert (await engine.models())[0]["version"] == old
+    assert report["lstm"] == {"status": "swapped", "version": old, "previous": new}

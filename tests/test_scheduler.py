@@ -1,0 +1,164 @@
+"""The scheduler on its own, driven by a fake runner that finishes each request after a set number of steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.api import PoemRequest, QueueFullError
+from engine.scheduler import EngineRequest, RequestStatus, RunnerOutput, Scheduler, SchedulerOutput
+
+
+class FakeRunner:
+    """Keeps the set of rows the scheduler put in the batch and finishes a request after `steps[req_id]` steps."""
+
+    def __init__(self, steps: dict[str, int] | None = None, default_steps: int = 3):
+        self.steps, self.default_steps = steps or {}, default_steps
+        self.rows: dict[str, int] = {}  # req_id → rows it holds in the batch
+        self.done_steps: dict[str, int] = {}
+        self.batch_sizes: list[int] = []
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        for req_id in out.finished_req_ids:
+            self.rows.pop(req_id, None)
+        for req in out.scheduled_new_reqs:
+            assert req.req_id not in self.rows
+            self.rows[req.req_id] = req.num_rows
+        assert set(self.rows) == {r.req_id for r in out.scheduled_new_reqs} | set(out.scheduled_running_req_ids)
+        num_rows = sum(self.rows.values())
+        assert num_rows == out.num_scheduled_rows
+        self.batch_sizes.append(num_rows)
+        finished = {}
+        for req_id in self.rows:
+            self.done_steps[req_id] = self.done_steps.get(req_id, 0) + 1
+            if self.done_steps[req_id] >= self.steps.get(req_id, self.default_steps):
+                finished[req_id] = f"poem for {req_id}"
+        return RunnerOutput(finished=finished, num_rows=num_rows)
+
+
+def make_req(req_id: str, num_rows: int = 1, deadline: float | None = None) -> EngineRequest:
+    mode = "beam" if num_rows > 1 else "greedy"
+    return EngineRequest(req_id, PoemRequest(mode=mode, beam_width=num_rows), num_rows=num_rows,
+                         arrival_time=0.0, deadline=deadline)
+
+
+def run_until_idle(sched: Scheduler, runner: FakeRunner, max_steps: int = 1000) -> list[str]:
+    order = []
+    for step in range(max_steps):
+        if not sched.has_work():
+            return order
+        out = sched.schedule(now=float(step))
+        run = runner.execute(out)
+        order += [r.req_id for r in sched.update_from_output(run)]
+    raise AssertionError("scheduler never went idle")
+
+
+def test_a_full_queue_rejects_the_next_request_at_once():
+    sched = Scheduler(max_num_rows=16, max_queue=2)
+    sched.add_request(make_req("a"))
+    sched.add_request(make_req("b"))
+    with pytest.raises(QueueFullError) as info:
+        sched.add_request(make_req("c"))
+    assert info.value.retry_after > 0
+
+
+def test_requests_join_while_others_run_and_leave_when_finished():
+    sched, runner = Scheduler(max_num_rows=2), FakeRunner({"a": 2, "b": 4, "c": 1})
+    for r in "abc":
+        sched.add_request(make_req(r))
+    out = sched.schedule(0.0)
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["a", "b"]
+    sched.update_from_output(runner.execute(out))
+    out = sched.schedule(1.0)
+    assert out.scheduled_new_reqs == [] and sorted(out.scheduled_running_req_ids) == ["a", "b"]
+    done = sched.update_from_output(runner.execute(out))
+    assert [r.req_id for r in done] == ["a"]
+    out = sched.schedule(2.0)  # a left, c takes its row in the very next step
+    assert out.finished_req_ids == {"a"}
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["c"] and out.scheduled_running_req_ids == ["b"]
+
+
+def test_every_request_finishes_and_the_batch_never_exceeds_max_num_rows():
+    sched = Scheduler(max_num_rows=20, max_queue=100)
+    steps = {}
+    for i in range(60):
+        width = [1, 1, 5, 16, 3][i % 5]
+        sched.add_request(make_req(f"r{i}", num_rows=width))
+        steps[f"r{i}"] = 1 + i % 7
+    runner = FakeRunner(steps)
+    finished = run_until_idle(sched, runner)
+    assert sorted(finished) == sorted(steps)
+    assert max(runner.batch_sizes) <= 20
+    assert sched.num_running_rows == 0 and not sched.running and not sched.waiting
+
+
+def test_a_wide_beam_at_the_head_of_the_queue_is_not_overtaken():
+    sched, runner = Scheduler(max_num_rows=16), FakeRunner(default_steps=5)
+    sched.add_request(make_req("small", 1))
+    sched.add_request(make_req("wide", 16))
+    sched.add_request(make_req("late", 1))
+    out = sched.schedule(0.0)
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["small"]  # wide does not fit; late waits behind it
+    sched.update_from_output(runner.execute(out))
+    assert [r.req_id for r in sched.waiting] == ["wide", "late"]
+    assert run_until_idle(sched, runner) == ["small", "wide", "late"]
+
+
+def test_a_beam_request_takes_beam_width_rows():
+    sched = Scheduler(max_num_rows=16)
+    sched.add_request(make_req("beam", 5))
+    out = sched.schedule(0.0)
+    assert out.num_scheduled_rows == 5 and sched.num_running_rows == 5
+
+
+def test_a_cancelled_running_request_frees_its_rows_at_the_next_step():
+    sched, runner = Scheduler(max_num_rows=5), FakeRunner(default_steps=100)
+    sched.add_request(make_req("beam", 5))
+    sched.add_request(make_req("next", 1))
+    out = sched.schedule(0.0)
+    sched.update_from_output(runner.execute(out))
+    assert sched.abort("beam")
+    out = sched.schedule(1.0)
+    assert out.aborted == {"beam": RequestStatus.CANCELLED}
+    assert "beam" in out.finished_req_ids  # the runner drops its rows
+    assert [r.req_id for r in out.scheduled_new_reqs] == ["next"]  # and the freed rows are used at once
+    runner.execute(out)
+
+
+def test_a_cancelled_waiting_request_never_reaches_the_runner():
+    sched = Scheduler(max_num_rows=1)
+    sched.add_request(make_req("a"))
+    sched.add_request(make_req("b"))
+    sched.schedule(0.0)
+    sched.abort("b")
+    out = sched.schedule(1.0)
+    assert out.aborted == {"b": RequestStatus.CANCELLED} and "b" not in out.finished_req_ids
+    assert sched.num_waiting == 0
+
+
+def test_a_request_past_its_deadline_expires_whether_running_or_waiting():
+    sched, runner = Scheduler(max_num_rows=1), FakeRunner(default_steps=100)
+    sched.add_request(make_req("running", deadline=2.0))
+    sched.add_request(make_req("waiting", deadline=1.5))
+    out = sched.schedule(0.0)
+    sched.update_from_output(runner.execute(out))
+    out = sched.schedule(1.0)
+    assert out.aborted == {}
+    out = sched.schedule(2.0)
+    assert out.aborted == {"running": RequestStatus.EXPIRED, "waiting": RequestStatus.EXPIRED}
+    assert not sched.has_work() or out.finished_req_ids == {"running"}
+
+
+def test_aborting_a_finished_request_says_it_is_not_there():
+    sched, runner = Scheduler(), FakeRunner(default_steps=1)
+    sched.add_request(make_req("a"))
+    sched.update_from_output(runner.execute(sched.schedule(0.0)))
+    assert sched.abort("a") is False
+
+
+def test_a_duplicate_or_oversized_request_is_refused():
+    sched = Scheduler(max_num_rows=4)
+    sched.add_request(make_req("a"))
+    with pytest.raises(ValueError, match="duplicate"):
+        sched.add_request(make_req("a"))
+    with pytest.raises(ValueError, match="rows"):
+        sched.add_request(make_req("wide", 5))

@@ -1,0 +1,205 @@
+"""The HTTP service on a real socket: the contract's routes, every bad input a 4xx JSON error, 503 when full."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import pytest
+
+from engine.forms import FORMS, classify
+from engine.service import ENGINE, ServiceSettings, add_arguments, create_app
+from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+async def client(aiohttp_client, checkpoint_store):
+    settings = ServiceSettings(engine=engine_settings(checkpoint_store), token=TOKEN)
+    return await aiohttp_client(create_app(settings))
+
+
+async def error_of(resp, status: int) -> dict:
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/json"
+    error = (await resp.json())["error"]
+    assert error["message"] and error["code"]
+    return error
+
+
+async def test_a_poem_request_returns_the_contract_fields(client):
+    resp = await client.post("/v1/poems", json={"prompt": "月", "form": "qijue", "mode": "beam", "beam_width": 5,
+                                                "temperature": 0.8, "top_p": 0.9, "acrostic": None, "rhyme": True,
+                                                "tone": True, "model": "lstm", "seed": 7})
+    assert resp.status == 200
+    body = await resp.json()
+    assert {"poem", "lines", "form", "mode", "model", "elapsed_ms"} <= set(body)
+    assert body["poem"].startswith("月") and classify(body["lines"]) is FORMS["qijue"]
+    assert body["model"]["name"] == "lstm" and body["model"]["version"]
+    assert body["mode"] == "beam" and body["elapsed_ms"] > 0
+
+
+async def test_an_empty_body_means_every_field_takes_its_default(client):
+    resp = await client.post("/v1/poems", data=b"")
+    assert resp.status == 200
+    assert (await resp.json())["form"] == "qijue"
+
+
+@pytest.mark.parametrize("body, code, field", [
+    (b"{", "bad_json", None),
+    (b"\xff\xfe{}", "bad_encoding", None),
+    (b"[1, 2]", "bad_request", None),
+    (b'"just a string"', "bad_request", None),
+    (b"[" * 5000 + b"]" * 5000, "bad_request", None),
+    (b'{"prompt": "\\ud800"}', "bad_character", "prompt"),
+])
+async def test_a_body_that_is_not_a_json_object_is_a_400_with_a_message(client, body, code, field):
+    resp = await client.post("/v1/poems", data=body, headers={"Content-Type": "application/json"})
+    error = await error_of(resp, 400)
+    assert error["field"] == field
+    assert error["code"] == code or (code == "bad_request" and error["code"] == "bad_json")
+
+
+@pytest.mark.parametrize("payload, field", [
+    ({"poem": "x"}, "poem"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": ["月"]}, "prompt"),
+    ({"prompt": "moon"}, "prompt"),
+    ({"prompt": "月" * 15}, "prompt"),
+    ({"prompt": "龘"}, "prompt"),
+    ({"form": "sonnet"}, "form"),
+    ({"form": 4}, "form"),
+    ({"mode": "fast"}, "mode"),
+    ({"beam_width": "5"}, "beam_width"),
+    ({"beam_width": True}, "beam_width"),
+    ({"beam_width": 17}, "beam_width"),
+    ({"beam_width": 2.5}, "beam_width"),
+    ({"temperature": 0}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": 1e400}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"acrostic": "春夏秋"}, "acrostic"),
+    ({"acrostic": "春夏秋冬", "prompt": "月"}, "acrostic"),
+    ({"acrostic": "ABCD"}, "acrostic"),
+    ({"rhyme": "yes"}, "rhyme"),
+    ({"tone": 1}, "tone"),
+    ({"model": 3}, "model"),
+    ({"model": "transformer"}, "model"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**70}, "seed"),
+    ({"seed": "7"}, "seed"),
+    ({"timeout": -1}, "timeout"),
+])
+async def test_every_bad_field_is_a_400_naming_the_field(client, payload, field):
+    resp = await client.post("/v1/poems", json=payload)
+    error = await error_of(resp, 400)
+    assert error["field"] == field
+
+
+async def test_a_non_finite_number_is_a_400_not_a_500(client):
+    resp = await client.post("/v1/poems", data=b'{"temperature": NaN}')
+    assert (await error_of(resp, 400))["field"] == "temperature"
+
+
+async def test_a_body_over_the_limit_is_a_413(client):
+    resp = await client.post("/v1/poems", data=b'{"prompt": "' + b"a" * 20_000 + b'"}')
+    assert (await error_of(resp, 413))["code"] == "body_too_large"
+
+
+async def test_unknown_routes_and_methods_are_json_errors(client):
+    assert (await error_of(await client.get("/v1/nothing"), 404))["code"] == "not_found"
+    assert (await error_of(await client.get("/v1/poems"), 405))["code"] == "method_not_allowed"
+
+
+async def test_health_readiness_models_status_and_metrics_answer(client):
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["models"] == ["lstm", "gru"]
+    models = (await (await client.get("/v1/models")).json())["models"]
+    assert [m["name"] for m in models] == ["lstm", "gru"]
+    assert {"cell", "version", "parameters", "vocab_size", "trained_on"} <= set(models[0])
+    await client.post("/v1/poems", json={"mode": "greedy"})
+    status = await (await client.get("/v1/status")).json()
+    assert status["requests"]["completed"] == 1 and status["models"]["lstm"] == models[0]["version"]
+    text = await (await client.get("/metrics")).text()
+    for name in ("yinshi_queue_depth", "yinshi_running_rows", "yinshi_batch_rows_bucket", "yinshi_step_seconds_bucket",
+                 "yinshi_request_seconds_bucket", "yinshi_tokens_total", "yinshi_tokens_per_second",
+                 "yinshi_model_swaps_total", "yinshi_rejections_total", "yinshi_failed_validations_total"):
+        assert name in text, name
+    assert 'yinshi_requests_total{outcome="completed"} 1.0' in text
+
+
+async def test_a_full_queue_answers_503_fast_with_retry_after(aiohttp_client, checkpoint_store):
+    settings = ServiceSettings(engine=engine_settings(checkpoint_store, max_num_rows=16, max_queue=1))
+    client = await aiohttp_client(create_app(settings))
+    big = {"form": "qilv", "mode": "beam", "beam_width": 16}
+
+    async def timed_post():
+        start = time.perf_counter()
+        resp = await client.post("/v1/poems", json=big)
+        body = await resp.json()
+        return resp, body, time.perf_counter() - start
+
+    answers = await asyncio.gather(*(timed_post() for _ in range(12)))  # 1 waits (2 if one already runs), the rest are refused
+    ok = [a for a in answers if a[0].status == 200]
+    full = [a for a in answers if a[0].status == 503]
+    assert len(ok) + len(full) == 12 and len(ok) >= 1 and len(full) >= 9
+    slowest_ok = max(t for _, _, t in ok)
+    for resp, body, elapsed in full:
+        assert body["error"]["code"] == "queue_full" and int(resp.headers["Retry-After"]) >= 1
+        assert elapsed < slowest_ok / 2  # refused at once, not after waiting for a row
+    text = await (await client.get("/metrics")).text()
+    assert f"yinshi_rejections_total {float(len(full))}" in text
+
+
+async def test_admin_reload_needs_the_bearer_token(client):
+    assert (await error_of(await client.post("/v1/admin/reload"), 401))["code"] == "unauthorized"
+    wrong = await client.post("/v1/admin/reload", headers={"Authorization": "Bearer nope"})
+    assert (await error_of(wrong, 403))["code"] == "forbidden"
+    basic = await client.post("/v1/admin/reload", headers={"Authorization": f"Basic {TOKEN}"})
+    await error_of(basic, 401)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    bad = await client.post("/v1/admin/reload", headers=auth, json={"model": 5})
+    assert (await error_of(bad, 400))["field"] == "model"
+    bad = await client.post("/v1/admin/reload", headers=auth, json={"name": "lstm"})
+    assert (await error_of(bad, 400))["field"] == "name"
+    unknown = await client.post("/v1/admin/reload", headers=auth, json={"model": "transformer"})
+    assert (await error_of(unknown, 400))["field"] == "model"
+    ok = await client.post("/v1/admin/reload", headers=auth)
+    assert ok.status == 200
+    assert {m["status"] for m in (await ok.json())["models"].values()} == {"unchanged"}
+
+
+async def test_admin_reload_is_disabled_without_a_token(aiohttp_client, checkpoint_store):
+    client = await aiohttp_client(create_app(ServiceSettings(engine=engine_settings(checkpoint_store))))
+    resp = await client.post("/v1/admin/reload", headers={"Authorization": "Bearer anything"})
+    assert (await error_of(resp, 403))["code"] == "admin_disabled"
+
+
+def test_the_service_binds_loopback_by_default():
+    assert ServiceSettings().host == "127.0.0.1"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).host == "127.0.0.1"
+
+
+async def test_a_client_that_hangs_up_frees_its_rows(client):
+    app_engine = client.app[ENGINE]
+    task = asyncio.ensure_future(client.post("/v1/poems", json={"form": "qilv", "mode": "beam", "beam_width": 16,
+                                                                 "prompt": "山"}))
+    for _ in range(500):
+        if (await app_engine.status())["running_rows"]:
+            break
+        await asyncio.sleep(0.002)
+    task.cancel()
+    for _ in range(500):
+        status = await app_engine.status()
+        if status["running_rows"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert status["running_rows"] == 0
+    json.dumps(status)
