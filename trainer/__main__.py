@@ -1,12 +1,24 @@
 """Trainer command line.
 
+    python -m trainer corpus download --dest data/chinese-poetry [--include-ci] [--base-url URL]
+    python -m trainer corpus stats --corpus ../shared/corpus/chinese-poetry [--plot docs/corpus_stats.png]
     python -m trainer train --corpus ../shared/corpus/chinese-poetry --out runs/lstm --cell lstm --time-budget 30
     python -m trainer eval --checkpoint runs/lstm/best.safetensors --poems held_out.txt
+    python -m trainer bench [--seconds 30] [--cell lstm]
+    python -m trainer publish --store var/checkpoints --name lstm --checkpoint runs/lstm/best.safetensors --keep 5
+    python -m trainer rollback --store var/checkpoints --name lstm [--version V]
+    python -m trainer versions --store var/checkpoints --name lstm
+    python -m trainer retrain [--force]        (one run: fine-tune, evaluate, publish if not worse)
+    python -m trainer schedule [--once]        (the daemon: RETRAIN_CRON in TIMEZONE)
+
+Every expected failure (a malformed or missing corpus, a bad checkpoint, a bad flag value) ends with one
+`error: …` line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from dataclasses import fields
@@ -55,10 +67,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _module_command(module: str):
+    """A subcommand whose module defines main(args) -> int (imported only when it runs)."""
+    return lambda args: importlib.import_module(module).main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from trainer import bench, download, stats
+
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    corpus = sub.add_parser("corpus", help="fetch the corpus or describe it")
+    corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True)
+    p = corpus_sub.add_parser("download", help="fetch the chinese-poetry files (resumable, validated)")
+    download.add_arguments(p)
+    p.set_defaults(func=_module_command("trainer.download"))
+    p = corpus_sub.add_parser("stats", help="poems per form and source, characters, coverage, frequencies")
+    stats.add_arguments(p)
+    p.set_defaults(func=_module_command("trainer.stats"))
     p = sub.add_parser("train", help="train a model (see --help for every knob)")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
@@ -66,7 +93,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--poems", required=True)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("bench", help="training tokens/s: ours against the classic padded recipe (JSON)")
+    bench.add_arguments(p)
+    p.set_defaults(func=_module_command("trainer.bench"))
+    _add_publishing_commands(sub)
     return parser
+
+
+def _add_publishing_commands(sub):
+    """publish / rollback / versions (trainer.publish) and retrain / schedule (trainer.schedule)."""
+    from trainer import publish, schedule
+
+    for name, help_text, add, func in (
+        ("publish", "copy a checkpoint into the store atomically and make it current", publish.add_publish_arguments,
+         publish.publish_main),
+        ("rollback", "point the store's current version back at a kept one", publish.add_rollback_arguments,
+         publish.rollback_main),
+        ("versions", "list the store's versions (* = current)", publish.add_versions_arguments, publish.versions_main),
+        ("retrain", "one retrain run now: fine-tune, evaluate, publish if not worse", schedule.add_retrain_arguments,
+         schedule.retrain_main),
+        ("schedule", "the retrain daemon (RETRAIN_CRON in TIMEZONE); --once for one run", schedule.add_arguments,
+         schedule.main),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        add(p)
+        p.set_defaults(func=func)
 
 
 def main(argv=None) -> int:
@@ -76,9 +127,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CorpusError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CorpusError, CheckpointError, ValueError, OSError, FloatingPointError) as e:
+        # Expected failures: one line that names the file and the problem. Anything else is a bug and
+        # keeps its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from engine.checkpoint import atomic_write_bytes, save_checkpoint
 from engine.model import ModelConfig, PoemModel
 from engine.vocab import Vocab
-from trainer.corpus import load_corpus, split
+from trainer.corpus import Corpus, CorpusError, load_corpus, split
 from trainer.data import Buckets, classic_tensor
 from trainer.evaluate import perplexity
 
@@ -50,7 +51,7 @@ class TrainConfig:
     batch_tokens: int = 4096  # classic recipe: batch_size poems instead
     batch_size: int = 128
     epochs: int = 10
-    time_budget: float = 0.0  # minutes of training (0: epochs alone decide); eval time not counted
+    time_budget: float = 0.0  # minutes of training: CPU time on a CPU, wall time on a GPU; eval not counted (0: off)
     max_steps: int = 0  # 0: no limit
     eval_every: int = 500  # steps; also at every epoch end
     eval_poems: int = 2000  # validation poems per evaluation (a fixed subset, for speed)
@@ -63,6 +64,7 @@ class TrainConfig:
     threads: int = 0  # torch threads (0: torch's default)
     device: str = "auto"
     half: bool = True  # store best.safetensors in fp16 (half the size; the engine computes in fp32)
+    init_from: str = ""  # a checkpoint to fine-tune: its vocabulary and weights start the run (same cell and sizes)
 
     def validate(self):
         if self.recipe not in ("bucketed", "classic"):
@@ -115,10 +117,25 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, extra: dict):
     opt.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
 
 
+def read_progress(run_dir: Path) -> dict | None:
+    """A run's saved progress: from state.safetensors' header (written with the weights), else state.json."""
+    state, state_json = Path(run_dir) / "state.safetensors", Path(run_dir) / "state.json"
+    try:
+        if state.exists():
+            with safe_open(str(state), framework="pt") as f:
+                blob = (f.metadata() or {}).get("progress")
+            if blob:
+                return json.loads(blob)
+        return json.loads(state_json.read_text()) if state_json.exists() else None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"--resume: cannot read the saved state in {run_dir} ({e})") from None
+
+
 class Trainer:
     """Holds one run: data, model, optimizer and progress; `run()` trains until a stop rule fires."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, corpus: Corpus | None = None):
+        """`corpus`: an already loaded corpus (the benchmark shares one between two trainers)."""
         cfg.validate()
         self.cfg, self.log = cfg, log
         self.dir = Path(cfg.out)
@@ -128,20 +145,29 @@ class Trainer:
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
 
-        corpus = load_corpus(cfg.corpus)
+        corpus = corpus if corpus is not None else load_corpus(cfg.corpus)
         train_poems, val_poems = split(corpus.regular(), cfg.val_percent)
-        state_json = self.dir / "state.json"
-        if resume and state_json.exists():
-            self.progress = json.loads(state_json.read_text())
+        # A clear line instead of an empty epoch or a NaN perplexity further down.
+        if not train_poems:
+            raise CorpusError(f"{', '.join(cfg.corpus)}: no regular-form poem to train on")
+        if not val_poems:
+            raise CorpusError(f"{', '.join(cfg.corpus)}: the validation split is empty "
+                              f"({len(train_poems)} poems; add poems or raise --val-percent)")
+        saved = read_progress(self.dir) if resume else None
+        if saved is not None:
+            self.progress = saved
             saved_cfg = self.progress["config"]
             for key in ("cell", "embed_dim", "hidden_dim", "num_layers", "recipe"):
                 if saved_cfg[key] != getattr(cfg, key):
                     raise ValueError(f"--resume: {key} is {getattr(cfg, key)!r} but the run used {saved_cfg[key]!r}")
             self.vocab = Vocab(self.progress["vocab"])
+            init = None  # the saved state already holds the fine-tuned weights
         else:
             self.progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0,
                              "tokens": 0, "best_val_ppl": None, "bad_evals": 0, "done": False}
-            self.vocab = Vocab.build((p.text for p in train_poems), cfg.min_count, cfg.max_vocab)
+            init = self._load_init(cfg) if cfg.init_from else None
+            # Fine-tuning keeps the checkpoint's vocabulary: token ids are rows of its embedding and head.
+            self.vocab = init.vocab if init else Vocab.build((p.text for p in train_poems), cfg.min_count, cfg.max_vocab)
         self.corpus_hash = corpus.digest()
         self.num_train_poems = len(train_poems)
         self.train = Buckets.build(self.vocab, train_poems)
@@ -154,28 +180,64 @@ class Trainer:
         self.model_config = ModelConfig(vocab_size=len(self.vocab), cell=cfg.cell, embed_dim=cfg.embed_dim,
                                         hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout)
         self.model = PoemModel(self.model_config).to(self.device)
+        if init is not None:
+            self.model.load_state_dict(init.model.state_dict())
+            self.log(f"fine-tuning from {cfg.init_from} (version {init.version})")
         if cfg.optimizer == "adam":
             self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-        if resume and (self.dir / "state.safetensors").exists():
+        if saved is not None and (self.dir / "state.safetensors").exists():
             tensors = load_file(str(self.dir / "state.safetensors"))
             self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
             _load_optimizer(self.opt, tensors, self.progress["optimizer"])
             self.log(f"resumed at step {self.progress['step']} (epoch {self.progress['epoch']}, "
                      f"{self.progress['train_seconds']:.0f}s trained)")
+            self._trim_history(self.progress["step"])
+        # The time budget counts this process's CPU time on a CPU, so runs compared at the same budget
+        # got the same compute however busy the machine was; on a GPU it counts wall time.
+        self.clock = time.process_time if self.device.type == "cpu" else time.monotonic
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
 
+    @staticmethod
+    def _load_init(cfg: TrainConfig):
+        from engine.checkpoint import load_checkpoint
+
+        init = load_checkpoint(cfg.init_from)
+        for key in ("cell", "embed_dim", "hidden_dim", "num_layers"):
+            if getattr(init.model.config, key) != getattr(cfg, key):
+                raise ValueError(f"--init-from: {key} is {getattr(cfg, key)!r} but {cfg.init_from} has "
+                                 f"{getattr(init.model.config, key)!r}")
+        return init
+
     # -- persistence ---------------------------------------------------------------------------------
+    def _trim_history(self, step: int):
+        """Drop history rows the killed run wrote after its last save: those steps are trained again."""
+        history = self.dir / "history.jsonl"
+        if history.exists():
+            rows = [line for line in history.read_text().splitlines() if line.strip()]
+            keep = []
+            for line in rows:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line)
+                except ValueError:
+                    pass  # a line cut short by the kill
+            if len(keep) != len(rows):
+                atomic_write_bytes(history, "".join(line + "\n" for line in keep).encode())
+
     def save_state(self):
         """Everything needed to resume, written atomically (tensors first, then the JSON that points on)."""
         opt_tensors, opt_extra = _optimizer_tensors(self.opt)
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         tensors.update(opt_tensors)
-        atomic_write_bytes(self.dir / "state.safetensors", save(tensors))
         self.progress.update(config=asdict(self.cfg), vocab=self.vocab.tokens, optimizer=opt_extra)
-        atomic_write_bytes(self.dir / "state.json", json.dumps(self.progress, ensure_ascii=False).encode())
+        blob = json.dumps(self.progress, ensure_ascii=False)
+        # The progress rides in the tensors' header, so one rename commits both: a kill between two
+        # writes can never pair step N's weights with step N-1's counters. state.json is a readable copy.
+        atomic_write_bytes(self.dir / "state.safetensors", save(tensors, metadata={"progress": blob}))
+        atomic_write_bytes(self.dir / "state.json", blob.encode())
 
     def save_best(self, metrics: dict):
         meta = {
@@ -196,6 +258,21 @@ class Trainer:
         # Ours: no padding in the batch, every target counts. Classic: pads are targets too.
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
         return loss, target.numel()
+
+    def train_step(self, batch: torch.Tensor, lr: float) -> tuple[torch.Tensor, int]:
+        """One optimizer step on `batch` (B, T) at learning rate `lr`; returns (loss, target tokens)."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        loss, ntok = self._batch_loss(batch)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss became {loss.item()} at step {self.progress['step']}; lower --lr")
+        return loss, ntok
 
     def evaluate(self) -> dict:
         return perplexity(self.model, self.vocab, self.val_poems, pre_pad=self.cfg.recipe == "classic")
@@ -225,25 +302,15 @@ class Trainer:
                        desc=f"epoch {p['epoch'] + 1}/{cfg.epochs}", dynamic_ncols=True, mininterval=2)
             window_t, window_tok = time.monotonic(), 0
             while p["batch_in_epoch"] < len(batches):
-                t0 = time.monotonic()
+                t0 = self.clock()
                 progress = max(p["step"] / cfg.max_steps if cfg.max_steps else 0.0,
                                p["train_seconds"] / budget_s if budget_s else 0.0,
                                (p["epoch"] + p["batch_in_epoch"] / len(batches)) / cfg.epochs)
-                for group in self.opt.param_groups:
-                    group["lr"] = lr_at(cfg, p["step"], progress)
-                loss, ntok = self._batch_loss(batches[p["batch_in_epoch"]])
-                self.opt.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.opt)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
-                self.scaler.step(self.opt)
-                self.scaler.update()
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {p['step']}; lower --lr")
+                loss, ntok = self.train_step(batches[p["batch_in_epoch"]], lr_at(cfg, p["step"], progress))
                 p["step"] += 1
                 p["batch_in_epoch"] += 1
                 p["tokens"] += ntok
-                p["train_seconds"] += time.monotonic() - t0
+                p["train_seconds"] += self.clock() - t0
                 window_tok += ntok
                 bar.update(1)
                 if p["step"] % 20 == 0:

@@ -1,0 +1,113 @@
+"""The poem model: config validation, shapes for every cell, and the step API used for decoding."""
+
+import pytest
+import torch
+
+from engine.model import CELLS, ModelConfig, PoemModel
+
+CELL_NAMES = sorted(CELLS)
+
+
+def tiny(cell: str, **overrides) -> PoemModel:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=30, cell=cell, embed_dim=8, hidden_dim=12, num_layers=2, dropout=0.0) | overrides
+    return PoemModel(ModelConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_forward_gives_logits_per_position_and_a_packed_state(cell):
+    model = tiny(cell)
+    tokens = torch.randint(0, 30, (3, 7))
+    logits, state = model(tokens)
+    assert logits.shape == (3, 7, 30)
+    assert state.shape == (2, 3, model.config.state_dim)
+    assert model.config.state_dim == (24 if cell == "lstm" else 12)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_init_state_is_zeros_of_the_state_shape(cell):
+    model = tiny(cell)
+    state = model.init_state(5)
+    assert state.shape == (2, 5, model.config.state_dim) and not state.any()
+    # A zero state is what the recurrent layers start from when given none.
+    tokens = torch.randint(0, 30, (5, 4))
+    torch.testing.assert_close(model(tokens)[0], model(tokens, state)[0])
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_step_by_step_decoding_equals_one_full_forward(cell):
+    model = tiny(cell)
+    tokens = torch.randint(0, 30, (4, 9))
+    full_logits, full_state = model(tokens)
+    state = model.init_state(4)
+    for t in range(tokens.shape[1]):
+        logits, state = model.step(tokens[:, t], state)
+        assert logits.shape == (4, 30)
+        torch.testing.assert_close(logits, full_logits[:, t], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, full_state, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_batch_rows_are_independent_so_rows_can_join_and_leave(cell):
+    model = tiny(cell)
+    tokens = torch.randint(0, 30, (3, 6))
+    _, state = model(tokens)
+    # Dropping row 1 from the state and the batch changes nothing for rows 0 and 2.
+    nxt = torch.randint(0, 30, (3,))
+    all_rows, _ = model.step(nxt, state)
+    kept, _ = model.step(nxt[[0, 2]], state[:, [0, 2]])
+    torch.testing.assert_close(kept, all_rows[[0, 2]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_parameter_count_matches_the_layers(cell):
+    model = tiny(cell, num_layers=1)
+    gates = {"rnn": 1, "lstm": 4, "gru": 3}[cell]
+    recurrent = gates * (12 * 8 + 12 * 12 + 2 * 12)
+    assert model.num_parameters() == 30 * 8 + recurrent + 12 * 30 + 30
+
+
+def test_dropout_is_active_in_training_and_off_in_eval():
+    model = tiny("lstm", dropout=0.5)
+    tokens = torch.randint(0, 30, (2, 5))
+    model.train()
+    assert not torch.equal(model(tokens)[0], model(tokens)[0])
+    model.eval()
+    assert torch.equal(model(tokens)[0], model(tokens)[0])
+
+
+@pytest.mark.parametrize("overrides,problem", [
+    ({"cell": "transformer"}, "cell must be one of"),
+    ({"vocab_size": 0}, "vocab_size"),
+    ({"hidden_dim": -1}, "hidden_dim"),
+    ({"embed_dim": 1.5}, "embed_dim"),
+    ({"num_layers": True}, "num_layers"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"dropout": -0.1}, "dropout"),
+])
+def test_a_bad_config_is_rejected_naming_the_field(overrides, problem):
+    with pytest.raises(ValueError, match=problem):
+        ModelConfig(**({"vocab_size": 10} | overrides))
+
+
+def test_config_round_trips_through_a_dict_and_rejects_unknown_keys():
+    cfg = ModelConfig(vocab_size=10, cell="gru", hidden_dim=7)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict(cfg.to_dict() | {"attention": True})
+    with pytest.raises(TypeError):
+        ModelConfig.from_dict({"cell": "gru"})  # vocab_size missing
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_step_api_runs_on_cuda_and_matches_cpu(cell):
+    model = tiny(cell)
+    tokens = torch.randint(0, 30, (2, 5))
+    cpu_logits, _ = model(tokens)
+    gpu = model.to("cuda")
+    state = gpu.init_state(2)
+    assert state.device.type == "cuda"
+    for t in range(5):
+        logits, state = gpu.step(tokens[:, t].cuda(), state)
+    torch.testing.assert_close(logits.cpu(), cpu_logits[:, -1], rtol=1e-3, atol=1e-3)

@@ -1,0 +1,236 @@
+"""Fetch the chinese-poetry files the trainer reads, resumably, each one checked as JSON before it is kept.
+
+    python -m trainer corpus download --dest data/chinese-poetry [--include-ci] [--base-url URL] [--only GLOB]
+
+The upstream repository has no index file we can read over raw HTTP, so the file list is here in code
+(`file_list`): 全唐诗/poet.tang.{0..57000}.json and poet.song.{0..254000}.json every 1000, 唐诗三百首.json,
+and with `--include-ci` 宋词/ci.song.{0..21000}.json and 宋词三百首.json. The destination keeps the
+upstream layout, so `python -m trainer train --corpus DEST` reads it unchanged.
+
+Each file streams into a hidden `.NAME.part` beside its target; when the body is complete and parses as
+a JSON array it is fsynced and renamed into place, so a file under its real name is always whole. A run
+that stops half-way leaves the `.part`, and the next run asks for the rest with an HTTP Range request.
+Files already present and valid are skipped. Errors are one line per file; the summary is the last line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import aiohttp
+
+DEFAULT_BASE_URL = "https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/master"
+CHUNK = 1 << 16
+
+
+class DownloadError(Exception):
+    """One file that could not be fetched; the message is one line."""
+
+
+def file_list(include_ci: bool = False) -> list[str]:
+    """Upstream paths (relative to the repository root) of every file the trainer reads."""
+    files = [f"全唐诗/poet.tang.{n}.json" for n in range(0, 57_001, 1000)]
+    files += [f"全唐诗/poet.song.{n}.json" for n in range(0, 254_001, 1000)]
+    files.append("全唐诗/唐诗三百首.json")
+    if include_ci:
+        files += [f"宋词/ci.song.{n}.json" for n in range(0, 21_001, 1000)]
+        files.append("宋词/宋词三百首.json")
+    return files
+
+
+@dataclass
+class DownloadResult:
+    downloaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already present and valid
+    failed: dict[str, str] = field(default_factory=dict)  # path → why
+    num_bytes: int = 0  # fetched over the network in this run
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        return (f"{len(self.downloaded)} downloaded ({self.num_bytes / 1e6:.1f} MB), {len(self.skipped)} already "
+                f"present, {len(self.failed)} failed, in {self.seconds:.1f}s")
+
+
+def check_json(data: bytes, what: str) -> None:
+    """Raise DownloadError unless `data` is a JSON array (every chinese-poetry file is one)."""
+    try:
+        value = json.loads(data)
+    except UnicodeDecodeError as e:
+        raise DownloadError(f"{what}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DownloadError(f"{what}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(value, list):
+        raise DownloadError(f"{what}: expected a JSON array, got {type(value).__name__}")
+
+
+def is_complete(path: Path) -> bool:
+    """A file already under its real name that parses: the last run finished it."""
+    try:
+        check_json(path.read_bytes(), str(path))
+    except (OSError, DownloadError):
+        return False
+    return True
+
+
+def _part_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.part")
+
+
+def _finish(part: Path, target: Path) -> None:
+    """fsync the finished part file, rename it into place and fsync the directory (the rename itself)."""
+    with part.open("rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(part, target)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class _Transient(Exception):
+    """Worth another try: a server error, a dropped connection, a timeout."""
+
+
+async def _fetch_once(session: aiohttp.ClientSession, url: str, rel: str, target: Path) -> int:
+    """One attempt: (re)start or continue `target`'s part file; returns the bytes received."""
+    part = _part_path(target)
+    have = part.stat().st_size if part.exists() else 0
+    # The part holds the file's own bytes (aiohttp undoes gzip), so a resume asks for the rest of the
+    # identity encoding: byte offsets into a gzip stream would not line up with it.
+    headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"} if have else {}
+    received = 0
+    async with session.get(url, headers=headers) as resp:
+        if resp.status == 416 and have:
+            # The part is as long as the file or longer: a stale part. Start over next try.
+            part.unlink(missing_ok=True)
+            raise _Transient("HTTP 416 on resume; restarting the file")
+        if resp.status >= 500 or resp.status == 429:
+            raise _Transient(f"HTTP {resp.status} {resp.reason}")
+        if resp.status not in (200, 206):
+            raise DownloadError(f"{rel}: HTTP {resp.status} {resp.reason} ({url})")
+        if resp.status == 206 and not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            part.unlink(missing_ok=True)  # not the range we asked for: appending would corrupt the file
+            raise _Transient(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}; restarting the file")
+        mode = "ab" if resp.status == 206 else "wb"  # a 200 is the whole file: the server ignored Range
+        resumed_from = have if resp.status == 206 else 0
+        expected = resp.content_length
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with part.open(mode) as f:
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    f.write(chunk)
+                    received += len(chunk)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+            # Keep what arrived: the next try asks for the rest with Range.
+            raise _Transient(f"connection lost after {resumed_from + received} bytes ({type(e).__name__})") from None
+        # Content-Length counts encoded bytes; only an unencoded body can be checked against it here
+        # (aiohttp itself reports a gzip stream cut short as a payload error).
+        if expected is not None and "Content-Encoding" not in resp.headers and received < expected:
+            raise _Transient(f"truncated: {received} of {expected} bytes")
+    try:
+        check_json(part.read_bytes(), rel)
+    except DownloadError:
+        part.unlink(missing_ok=True)  # a resumed part may be the bad half; the next run starts clean
+        raise
+    _finish(part, target)
+    return received
+
+
+async def fetch_file(session, sem: asyncio.Semaphore, base_url: str, rel: str, dest: Path,
+                     retries: int, retry_delay: float) -> int:
+    """Fetch one file with up to `retries` extra tries for transient errors; returns bytes received."""
+    url = f"{base_url.rstrip('/')}/{quote(rel)}"
+    target = dest / rel
+    async with sem:
+        for attempt in range(retries + 1):
+            try:
+                return await _fetch_once(session, url, rel, target)
+            except _Transient as e:
+                if attempt == retries:
+                    raise DownloadError(f"{rel}: {e} ({url}; gave up after {retries + 1} tries)") from None
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                if attempt == retries:
+                    why = str(e) or type(e).__name__
+                    raise DownloadError(f"{rel}: {why} ({url}; gave up after {retries + 1} tries)") from None
+            await asyncio.sleep(retry_delay * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+async def download(dest, files: Iterable[str] | None = None, base_url: str = DEFAULT_BASE_URL,
+                   concurrency: int = 8, retries: int = 3, retry_delay: float = 1.0, timeout: float = 120.0,
+                   log: Callable[[str], None] = lambda m: None) -> DownloadResult:
+    """Fetch `files` (default: `file_list()`) under `dest`; failures are collected, not raised."""
+    dest = Path(dest)
+    files = list(files) if files is not None else file_list()
+    result = DownloadResult()
+    t0 = time.monotonic()
+    todo = []
+    for rel in files:
+        if is_complete(dest / rel):
+            result.skipped.append(rel)
+        else:
+            todo.append(rel)
+    sem = asyncio.Semaphore(max(1, concurrency))
+    client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout)
+    async with aiohttp.ClientSession(timeout=client_timeout, raise_for_status=False) as session:
+
+        async def one(rel: str):
+            try:
+                n = await fetch_file(session, sem, base_url, rel, dest, retries, retry_delay)
+            except DownloadError as e:
+                result.failed[rel] = str(e)
+                log(f"error: {e}")
+            else:
+                result.downloaded.append(rel)
+                result.num_bytes += n
+                log(f"ok {rel} ({n / 1e3:.0f} kB)")
+
+        await asyncio.gather(*(one(rel) for rel in todo))
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+# -- command line -------------------------------------------------------------------------------------------
+def add_arguments(p):
+    p.add_argument("--dest", required=True, help="directory to fill (the upstream layout is kept)")
+    p.add_argument("--base-url", default=os.environ.get("CORPUS_BASE_URL", DEFAULT_BASE_URL),
+                   help=f"raw file root of the repository (default {DEFAULT_BASE_URL})")
+    p.add_argument("--include-ci", action="store_true", help="also fetch 宋词 (ci), which training does not need")
+    p.add_argument("--only", action="append", metavar="GLOB",
+                   help="fetch only the listed paths matching GLOB (repeatable), e.g. '全唐诗/poet.tang.*'")
+    p.add_argument("--concurrency", type=int, default=8, help="files fetched at once (default 8)")
+    p.add_argument("--retries", type=int, default=3, help="extra tries for server errors and drops (default 3)")
+    p.add_argument("--retry-delay", type=float, default=1.0, help="seconds before the first retry, doubling")
+    p.add_argument("--quiet", action="store_true", help="print errors and the summary only")
+
+
+def main(args) -> int:
+    import sys
+
+    log_ok = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+
+    def log(message: str):
+        (print(message, file=sys.stderr, flush=True) if message.startswith("error:") else log_ok(message))
+
+    files = file_list(args.include_ci)
+    if args.only:
+        files = [f for f in files if any(fnmatch.fnmatchcase(f, pattern) for pattern in args.only)]
+        if not files:
+            raise ValueError(f"--only {' '.join(args.only)} matches none of the {len(file_list(True))} known files")
+    result = asyncio.run(download(args.dest, files, args.base_url, args.concurrency, args.retries,
+                                  args.retry_delay, log=log))
+    print(f"{'done' if result.ok else 'incomplete'}: {result.summary()} → {args.dest}")
+    return 0 if result.ok else 1

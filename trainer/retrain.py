@@ -1,0 +1,341 @@
+"""One retrain run: corpus → fine-tune (or train from scratch) → evaluate → publish or not → a record.
+
+    python -m trainer retrain [--force]             # one run now, prints its record as JSON
+    python -m trainer schedule                      # the daemon that calls retrain() on RETRAIN_CRON
+
+    record = retrain(RetrainConfig.from_env(), reason="cli")
+    record["outcome"]   # "published" | "rejected" | "skipped" | "failed" | "busy"
+
+A run
+1. hashes the corpus (trainer.corpus) and the training code; when both equal those of the last run that
+   trained (published or rejected), it is skipped unless forced — the same data and code train the same
+   model again, so a rejected run would only be rejected again;
+2. fine-tunes the serving checkpoint of the store when its vocabulary still covers the corpus (about as
+   well as a fresh vocabulary would), else trains from scratch with the serving model's sizes, within
+   RETRAIN_TIME_BUDGET minutes; an interrupted run resumes from its run directory next time;
+3. measures validation perplexity of the candidate and of the serving version on the same held-out poems
+   (the hash split of trainer.corpus, so a poem never moves between splits as the corpus grows) and
+   generates a few poems of each form;
+4. publishes (engine.store.publish) only when the candidate is not worse than the serving version beyond
+   `tolerance` and every generated poem has its form.
+Every run, skipped ones too, appends one JSON line to CHECKPOINT_DIR/.trainer/runs.jsonl ("kind":
+"retrain"; `python -m trainer publish` and `rollback` add theirs there too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import engine
+from engine import store as ckpt_store
+from engine.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from engine.forms import FORMS, classify, format_poem, split_lines
+from engine.vocab import Vocab, is_han
+from trainer.corpus import load_corpus, split
+from trainer.evaluate import perplexity
+
+log = logging.getLogger("yinshi.retrain")
+
+PACKAGE_CHECKPOINTS = Path(engine.__file__).parent / "checkpoints"  # what the engine serves from an empty store
+# Files whose change changes the model a run produces (not the bot's, not the service's).
+CODE_FILES = ("engine/model.py", "engine/vocab.py", "engine/forms.py", "engine/checkpoint.py",
+              "trainer/train.py", "trainer/data.py", "trainer/corpus.py", "trainer/evaluate.py")
+TRAINED = ("published", "rejected")  # outcomes of runs that trained to the end
+
+
+@dataclass
+class RetrainConfig:
+    store: str = "var/checkpoints"  # CHECKPOINT_DIR: the checkpoint store the engine serves from
+    corpus: list[str] = field(default_factory=lambda: ["data/chinese-poetry"])  # CORPUS_DIR
+    name: str = "lstm"  # model name in the store
+    work: str = "var/retrain"  # RETRAIN_WORK: run directories (resumable training state); not shared
+    time_budget: float = 20.0  # RETRAIN_TIME_BUDGET: minutes of training per run
+    max_steps: int = 0  # 0: the time budget alone decides
+    tolerance: float = 0.02  # publish when candidate ppl <= serving ppl * (1 + tolerance)
+    vocab_tolerance: float = 0.001  # fine-tune while serving vocab coverage >= fresh coverage - this
+    finetune_lr: float = 1e-3  # lower than from scratch: nudge what the serving model knows, not erase it
+    keep: int = 5  # versions kept in the store
+    eval_poems: int = 4000  # held-out poems scored per model (a fixed subset, for speed)
+    form_check_poems: int = 2  # poems generated per form for the form check
+    device: str = "auto"  # DEVICE
+    base: str = "package"  # start point while the store is empty: "package" = the shipped default the
+    # engine serves then (engine/checkpoints/<name>.safetensors), a path, or "" = none (train from scratch)
+    train: dict = field(default_factory=dict)  # TrainConfig overrides (sizes for scratch runs, threads, …)
+    code_version: str = ""  # "" = a hash of CODE_FILES
+
+    @classmethod
+    def from_env(cls, env=os.environ, **overrides) -> RetrainConfig:
+        cfg = cls(store=env.get("CHECKPOINT_DIR") or cls.store,
+                  corpus=[env["CORPUS_DIR"]] if env.get("CORPUS_DIR") else ["data/chinese-poetry"],
+                  device=env.get("DEVICE") or cls.device)
+        if env.get("RETRAIN_WORK"):
+            cfg.work = env["RETRAIN_WORK"]
+        if env.get("RETRAIN_TIME_BUDGET"):
+            cfg.time_budget = float(env["RETRAIN_TIME_BUDGET"])
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        return cfg
+
+
+# -- records -------------------------------------------------------------------------------------------
+def trainer_dir(store) -> Path:
+    """CHECKPOINT_DIR/.trainer: records, locks and the request spool (the dot keeps it out of model_names)."""
+    return Path(store) / ".trainer"
+
+
+def records_path(store) -> Path:
+    return trainer_dir(store) / "runs.jsonl"
+
+
+def append_record(store, record: dict) -> None:
+    """One JSON line, written with a single O_APPEND write so concurrent writers never interleave."""
+    path = records_path(store)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_records(store, name: str | None = None) -> list[dict]:
+    """All records, oldest first; a torn last line (a kill mid-write) is skipped."""
+    path = records_path(store)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and (name is None or rec.get("name") == name):
+            out.append(rec)
+    return out
+
+
+def code_version(root: Path | None = None) -> str:
+    """A hash of the training code, so a change to the model or the loop retrains even on the same corpus."""
+    root = root or Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for rel in CODE_FILES:
+        h.update(rel.encode())
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- checks ----------------------------------------------------------------------------------------------
+def vocab_coverage(texts: list[str], vocab: Vocab) -> float:
+    """Share of the Han character occurrences in `texts` that `vocab` holds."""
+    counts = Counter(ch for t in texts for ch in t if is_han(ch))
+    total = sum(counts.values())
+    return sum(n for ch, n in counts.items() if ch in vocab) / total if total else 1.0
+
+
+def _generate(ckpt: Checkpoint, form: str, seed: int) -> str:
+    """One poem from the engine's constrained decoder, as the engine would write it (rhyme and tone on)."""
+    from engine.api import PoemRequest
+    from engine.decoding import generate_one
+    from engine.prosody import prosody_for
+
+    request = PoemRequest(form=form, mode="sample", seed=seed)
+    return generate_one(ckpt.model, ckpt.vocab, prosody_for(ckpt.vocab), request).poem
+
+
+def form_check(ckpt: Checkpoint, per_form: int = 2) -> dict:
+    """Generate `per_form` poems of every form; ok when each one is exactly its form's layout."""
+    poems, failures = [], []
+    for form in FORMS:
+        for seed in range(per_form):
+            try:
+                poem = _generate(ckpt, form, seed)
+            except Exception as e:  # a broken model may fail inside decoding: that is a failed check
+                failures.append(f"{form} seed {seed}: {type(e).__name__}: {e}")
+                continue
+            lines = split_lines(poem)
+            got = classify(lines)
+            if got is None or got.name != form or poem != format_poem(lines):
+                failures.append(f"{form} seed {seed}: {poem!r} is not a {form}")
+            poems.append(poem)
+    return {"ok": not failures, "poems": poems[: len(FORMS)], "failures": failures}
+
+
+def _score(ckpt: Checkpoint, poems) -> dict:
+    pre_pad = ckpt.meta.get("train", {}).get("recipe") == "classic"
+    m = perplexity(ckpt.model, ckpt.vocab, poems, pre_pad=pre_pad)
+    return {"ppl": round(m["ppl"], 4), "nll": round(m["nll"], 6), "chars": m["chars"], "oov": m["oov"]}
+
+
+# -- the run --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _run_lock(store, wait: float = 0.0):
+    """One run at a time across processes (daemon, CLI, bot request); yields False if still held after `wait` s."""
+    path = trainer_dir(store) / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait
+    with open(path, "a") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def retrain(cfg: RetrainConfig, force: bool = False, reason: str = "manual", wait: float = 0.0) -> dict:
+    """Run once; returns the record it appended. Never raises for a failed run: the record says why.
+
+    `wait`: seconds to wait for a run already going elsewhere before giving up with outcome "busy".
+    """
+    t0 = time.monotonic()
+    record = {"at": _now(), "kind": "retrain", "name": cfg.name, "reason": reason, "forced": force}
+    with _run_lock(cfg.store, wait) as locked:
+        if not locked:
+            record.update(outcome="busy", why="another retrain is running")
+        else:
+            try:
+                _run(cfg, force, record)
+            except Exception as e:
+                log.exception("retrain failed")
+                record.update(outcome="failed", why=f"{type(e).__name__}: {e}")
+        record["seconds"] = round(time.monotonic() - t0, 1)
+        append_record(cfg.store, record)
+    log.info("retrain %s: %s", record["outcome"], record.get("why", ""))
+    return record
+
+
+def _load_serving(cfg: RetrainConfig, record: dict) -> tuple[Path | None, Checkpoint | None]:
+    path = ckpt_store.current_path(cfg.store, cfg.name)
+    if path is None and cfg.base:
+        path = PACKAGE_CHECKPOINTS / f"{cfg.name}.safetensors" if cfg.base == "package" else Path(cfg.base)
+        if cfg.base == "package" and not path.is_file():
+            return None, None
+    if path is None:
+        return None, None
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        # A serving file we cannot read cannot be compared against; train from scratch and say so.
+        record["serving_error"] = str(e)
+        return None, None
+    record["serving_version"] = ckpt.version
+    return path, ckpt
+
+
+def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
+    from trainer.train import Trainer, TrainConfig
+
+    corpus = load_corpus(cfg.corpus)
+    record["corpus_hash"] = corpus.digest()
+    record["code_version"] = cfg.code_version or code_version()
+    serving_path, serving = _load_serving(cfg, record)
+
+    last = next((r for r in reversed(read_records(cfg.store, cfg.name))
+                 if r.get("kind") == "retrain" and r.get("outcome") in TRAINED), None)
+    if not force and last and (last.get("corpus_hash"), last.get("code_version")) == (
+            record["corpus_hash"], record["code_version"]):
+        record.update(outcome="skipped", why=f"corpus and code unchanged since the run of {last['at']} "
+                                             f"({last['outcome']}{' ' + last['version'] if last.get('version') else ''})")
+        return
+
+    tc = TrainConfig(**cfg.train)
+    tc.corpus, tc.device = list(cfg.corpus), cfg.device
+    tc.time_budget, tc.max_steps = cfg.time_budget, cfg.max_steps
+    tc.epochs = max(tc.epochs, 1000)  # the budget decides, not epochs
+    train_poems, val_poems = split(corpus.regular(), tc.val_percent)
+    if not val_poems:
+        raise ValueError("the corpus has no held-out poem to evaluate on")
+    mode = "scratch"
+    if serving is not None:
+        texts = [p.text for p in train_poems]
+        fresh = Vocab.build(texts, tc.min_count, tc.max_vocab)
+        cov = {"serving": round(vocab_coverage(texts, serving.vocab), 6), "fresh": round(vocab_coverage(texts, fresh), 6)}
+        record["vocab_coverage"] = cov
+        for key in ("cell", "embed_dim", "hidden_dim", "num_layers"):
+            setattr(tc, key, getattr(serving.model.config, key))  # same sizes either way: one model line
+        if cov["serving"] >= cov["fresh"] - cfg.vocab_tolerance:
+            mode = "finetune"
+            tc.init_from, tc.lr = str(serving_path), cfg.finetune_lr
+    record["mode"] = mode
+
+    # One directory per (corpus, code, start point): a run killed mid-training resumes here next time.
+    run_dir = Path(cfg.work) / cfg.name / f"{record['corpus_hash']}-{record['code_version']}-" \
+                                          f"{serving.version if mode == 'finetune' else 'scratch'}"
+    state = run_dir / "state.json"
+    if state.exists() and json.loads(state.read_text()).get("done"):
+        shutil.rmtree(run_dir)  # finished before (e.g. a forced rerun): start over
+    for old in (run_dir.parent.iterdir() if run_dir.parent.is_dir() else []):
+        if old != run_dir:
+            shutil.rmtree(old, ignore_errors=True)
+    tc.out = str(run_dir)
+    record["resumed"] = state.exists()
+    trainer = Trainer(tc, resume=True, log=log.info)
+    progress = trainer.run(progress_bar=False)
+    record["train"] = {k: progress.get(k) for k in ("step", "tokens", "stop_reason")} | {
+        "seconds": round(progress["train_seconds"], 1)}
+
+    candidate = load_checkpoint(run_dir / "best.safetensors")
+    rng = torch.Generator().manual_seed(0)
+    pick = sorted(torch.randperm(len(val_poems), generator=rng)[: cfg.eval_poems].tolist())
+    held_out = [val_poems[i] for i in pick]
+    metrics = {"candidate": _score(candidate, held_out)}
+    if serving is not None:
+        metrics["serving"] = _score(serving, held_out)
+    record["metrics"] = metrics
+    check = form_check(candidate, cfg.form_check_poems)
+    record["form_check"] = check
+
+    cand_ppl = metrics["candidate"]["ppl"]
+    if not math.isfinite(cand_ppl):
+        record.update(outcome="rejected", why=f"candidate perplexity is {cand_ppl}")
+    elif serving is not None and cand_ppl > metrics["serving"]["ppl"] * (1 + cfg.tolerance):
+        record.update(outcome="rejected", why=f"validation ppl {cand_ppl:.2f} is worse than the serving "
+                                              f"{metrics['serving']['ppl']:.2f} beyond {cfg.tolerance:.0%}")
+    elif not check["ok"]:
+        record.update(outcome="rejected", why=f"form check failed: {check['failures'][0]}")
+    else:
+        version = ckpt_store.publish(cfg.store, cfg.name, run_dir / "best.safetensors", keep=cfg.keep)
+        was = f" (serving {metrics['serving']['ppl']:.2f})" if serving is not None else ""
+        record.update(outcome="published", version=version,
+                      why=f"validation ppl {cand_ppl:.2f}{was}, form check passed")
+
+
+def summary(record: dict) -> str:
+    """One line for people (the bot's /retrain reply, the CLI's stderr)."""
+    outcome = record.get("outcome", "unknown")
+    metrics = record.get("metrics") or {}
+    ppl = ""
+    if "candidate" in metrics:
+        ppl = f"ppl {metrics['candidate']['ppl']:.2f}"
+        if "serving" in metrics:
+            ppl = f"ppl {metrics['serving']['ppl']:.2f} → {metrics['candidate']['ppl']:.2f}"
+    head = f"{outcome} {record['version']}" if record.get("version") else outcome
+    return ", ".join(x for x in (head, ppl, record.get("why", "") if outcome != "published" else "") if x)
