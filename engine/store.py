@@ -6,9 +6,12 @@
         versions/20261127T031500456Z.safetensors
         CURRENT            ← "20261127T031500456Z\n", replaced atomically
 
-Publishing copies the checkpoint into `versions/` under a temporary name, fsyncs, renames, then
-replaces CURRENT. A kill at any moment leaves CURRENT naming a complete version (the old or the new),
-never half of one. The engine reads this layout; the trainer writes it.
+Publishing copies the checkpoint into `versions/` under a temporary name, fsyncs, fully validates the
+copy (the bytes that will be served, not the source), renames, fsyncs the directory, then replaces
+CURRENT. A kill at any moment leaves CURRENT naming a complete version (the old or the new), never half
+of one. Writers (publish, rollback, prune) hold an flock on `<name>/.lock`, so two publishers never
+interleave and the temporary files a writer finds under the lock are leftovers of a killed one. The
+engine reads this layout without locking; the trainer writes it.
 
     publish(store, "lstm", "runs/lstm/best.safetensors", keep=5)   # -> version
     rollback(store, "lstm", "20261126T221500123Z")
@@ -17,13 +20,15 @@ never half of one. The engine reads this layout; the trainer writes it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from engine.checkpoint import CheckpointError, atomic_write_bytes, read_meta
+from engine.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, read_meta
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 VERSION_RE = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
@@ -71,6 +76,27 @@ def current_path(store: Path, name: str) -> Path | None:
     return version_path(store, name, version) if version else None
 
 
+@contextlib.contextmanager
+def _writer_lock(store: Path, name: str):
+    """Exclusive flock on <name>/.lock for the duration of one write; released by the kernel on a kill."""
+    d = _model_dir(store, name)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def versions(store: Path, name: str) -> list[str]:
     """Complete published versions, oldest first (versions sort by time)."""
     d = _model_dir(store, name) / "versions"
@@ -80,7 +106,11 @@ def versions(store: Path, name: str) -> list[str]:
 
 
 def publish(store: Path, name: str, checkpoint: Path, keep: int = 5) -> str:
-    """Validate `checkpoint`'s metadata, copy it in atomically, point CURRENT at it; returns its version."""
+    """Validate `checkpoint`, copy it in atomically, point CURRENT at it; returns its version.
+
+    The copy is loaded in full (SHA-256 of the weights, shapes, finite values) before it becomes
+    visible, so a corrupt file is refused with StoreError and nothing in the store changes.
+    """
     if keep < 1:
         raise StoreError("keep must be at least 1")
     try:
@@ -89,25 +119,43 @@ def publish(store: Path, name: str, checkpoint: Path, keep: int = 5) -> str:
         raise StoreError(f"refusing to publish: {e}") from None
     version = meta["version"]
     target = version_path(store, name, version)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
-        fd, tmp = tempfile.mkstemp(prefix=f".{version}.", suffix=".tmp", dir=target.parent)
-        try:
-            with open(checkpoint, "rb") as src, os.fdopen(fd, "wb") as dst:
-                os.fchmod(dst.fileno(), 0o644)
-                shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    set_current(store, name, version)
-    prune(store, name, keep)
+    with _writer_lock(store, name):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            # Same version twice: fine when it is the same weights (re-publishing), an error otherwise —
+            # pointing CURRENT at the file already there would serve something other than `checkpoint`.
+            if read_meta(target).get("weights_sha256") != meta["weights_sha256"]:
+                raise StoreError(f"{name}: version {version} is already published with different weights")
+        else:
+            fd, tmp = tempfile.mkstemp(prefix=f".{version}.", suffix=".tmp", dir=target.parent)
+            try:
+                with open(checkpoint, "rb") as src, os.fdopen(fd, "wb") as dst:
+                    os.fchmod(dst.fileno(), 0o644)
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                try:
+                    load_checkpoint(tmp)
+                except CheckpointError as e:
+                    raise StoreError(f"refusing to publish {checkpoint}: {e.problem}") from None
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            # The rename must be durable before CURRENT names it, or a power cut could leave CURRENT
+            # pointing at a directory entry that never reached the disk.
+            _fsync_dir(target.parent)
+        _set_current(store, name, version)
+        _prune(store, name, keep)
     return version
 
 
 def set_current(store: Path, name: str, version: str) -> None:
+    with _writer_lock(store, name):
+        _set_current(store, name, version)
+
+
+def _set_current(store: Path, name: str, version: str) -> None:
     if not version_path(store, name, version).is_file():
         raise StoreError(f"{name}: no published version {version!r} (have {versions(store, name)})")
     atomic_write_bytes(_model_dir(store, name) / "CURRENT", f"{version}\n".encode())
@@ -122,14 +170,24 @@ def rollback(store: Path, name: str, version: str | None = None) -> str:
         if not older:
             raise StoreError(f"{name}: no version older than {cur!r} to roll back to")
         version = older[-1]
-    set_current(store, name, version)
+    with _writer_lock(store, name):
+        _set_current(store, name, version)
     return version
 
 
 def prune(store: Path, name: str, keep: int) -> list[str]:
     """Delete all but the newest `keep` versions, never the current one, and stale temporary files."""
-    d = _model_dir(store, name) / "versions"
-    for tmp in d.glob(".*.tmp"):
+    if keep < 1:
+        raise StoreError("keep must be at least 1")
+    with _writer_lock(store, name):
+        return _prune(store, name, keep)
+
+
+def _prune(store: Path, name: str, keep: int) -> list[str]:
+    # Under the writer lock no one else is writing, so every temporary file is a killed writer's leftover
+    # (version copies in versions/, CURRENT replacements in the model directory).
+    d = _model_dir(store, name)
+    for tmp in [*(d / "versions").glob(".*.tmp"), *d.glob(".CURRENT.*.tmp")]:
         tmp.unlink(missing_ok=True)
     cur = current_version(store, name)
     have = versions(store, name)

@@ -1,0 +1,227 @@
+"""One retrain run on a tiny synthetic corpus: publish, skip, fine-tune, refuse a worse model, records."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import make_poems, write_corpus
+
+from engine import store
+from engine.checkpoint import load_checkpoint
+from engine.forms import FORMS, format_poem
+from trainer import retrain as rt
+from trainer.retrain import RetrainConfig, read_records, retrain
+
+TINY = dict(embed_dim=16, hidden_dim=32, num_layers=1, dropout=0.0, eval_every=30, eval_poems=40,
+            batch_tokens=512, min_count=1, warmup_steps=5, lr=1e-2, threads=1, half=False)
+NEW_CHARS = "甲乙丙丁戊己庚辛壬癸子丑寅卯辰巳午未申酉戌亥"  # not in the fixture's characters
+
+
+def tiny_config(root: Path, corpus: Path, **overrides) -> RetrainConfig:
+    cfg = RetrainConfig(store=str(root / "store"), corpus=[str(corpus)], work=str(root / "work"), time_budget=0,
+                        max_steps=30, base="", tolerance=0.05, finetune_lr=3e-3, form_check_poems=1,
+                        code_version="test", train=dict(TINY))
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def fake_poem(ckpt, form, seed):
+    """A well-formed poem without the decoder, so these tests are about the run, not about decoding."""
+    f = FORMS[form]
+    return format_poem(["月" * f.line_len] * f.num_lines)
+
+
+@pytest.fixture
+def fake_decoder(monkeypatch):
+    monkeypatch.setattr(rt, "_generate", fake_poem)
+
+
+@pytest.fixture(scope="module")
+def published_v1(tmp_path_factory):
+    """A store where one retrain run has published v1 on a 400-poem corpus (copied per test)."""
+    root = tmp_path_factory.mktemp("v1")
+    corpus = write_corpus(root / "corpus", make_poems(400, seed=1))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(rt, "_generate", fake_poem)
+    try:
+        record = retrain(tiny_config(root, corpus, max_steps=60), reason="test")
+    finally:
+        mp.undo()
+    return root, record
+
+
+@pytest.fixture
+def v1(published_v1, tmp_path):
+    root, record = published_v1
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    return tmp_path, record
+
+
+def add_poems(corpus: Path, poems: list[str]):
+    """Grow the corpus by one more upstream-style file (the existing files stay as they are)."""
+    extra = write_corpus(corpus.parent / "extra", poems, per_file=len(poems))
+    n = len(list((corpus / "全唐诗").glob("*.json")))
+    (extra / "全唐诗" / "poet.tang.0.json").rename(corpus / "全唐诗" / f"poet.tang.{100000 + n}.json")
+    shutil.rmtree(extra)
+
+
+def test_a_first_run_publishes_v1_on_the_tiny_corpus(v1):
+    root, record = v1
+    assert record["outcome"] == "published", record
+    assert record["mode"] == "scratch"
+    cfg = tiny_config(root, root / "corpus")
+    assert store.current_version(cfg.store, "lstm") == record["version"]
+    assert load_checkpoint(store.current_path(cfg.store, "lstm")).meta["corpus_hash"] == record["corpus_hash"]
+
+
+def test_an_unchanged_corpus_is_skipped(v1, fake_decoder):
+    root, first = v1
+    record = retrain(tiny_config(root, root / "corpus"))
+    assert record["outcome"] == "skipped"
+    assert "unchanged" in record["why"]
+    assert store.versions(tiny_config(root, root / "corpus").store, "lstm") == [first["version"]]
+
+
+def test_a_forced_run_trains_even_when_nothing_changed(v1, fake_decoder):
+    root, _ = v1
+    record = retrain(tiny_config(root, root / "corpus", max_steps=10), force=True)
+    assert record["outcome"] in ("published", "rejected")
+    assert record["train"]["step"] == 10
+
+
+def test_changed_code_is_not_skipped(v1, fake_decoder):
+    root, _ = v1
+    record = retrain(tiny_config(root, root / "corpus", max_steps=10, code_version="test-2"))
+    assert record["outcome"] != "skipped"
+
+
+def test_a_changed_corpus_fine_tunes_the_serving_model_and_publishes_v2(v1, fake_decoder):
+    root, first = v1
+    add_poems(root / "corpus", make_poems(80, seed=2))
+    cfg = tiny_config(root, root / "corpus")
+    record = retrain(cfg)
+    assert record["outcome"] == "published", record
+    assert record["mode"] == "finetune"
+    assert record["serving_version"] == first["version"]
+    assert record["corpus_hash"] != first["corpus_hash"]
+    assert record["metrics"]["candidate"]["ppl"] <= record["metrics"]["serving"]["ppl"] * 1.05
+    assert store.current_version(cfg.store, "lstm") == record["version"] != first["version"]
+    assert store.versions(cfg.store, "lstm") == [first["version"], record["version"]]
+
+
+def test_new_characters_in_the_corpus_train_from_scratch(v1, fake_decoder):
+    root, _ = v1
+    rng = random.Random(0)
+    add_poems(root / "corpus", [format_poem(["".join(rng.choice(NEW_CHARS) for _ in range(5)) for _ in range(4)])
+                                for _ in range(20)])
+    record = retrain(tiny_config(root, root / "corpus", max_steps=10))
+    assert record["mode"] == "scratch", record.get("vocab_coverage")
+    assert record["vocab_coverage"]["serving"] < record["vocab_coverage"]["fresh"] == 1.0
+    candidate = load_checkpoint(Path(record_run_dir(root)) / "best.safetensors")
+    assert all(ch in candidate.vocab for ch in NEW_CHARS)
+
+
+def record_run_dir(root: Path) -> Path:
+    (run_dir,) = (root / "work" / "lstm").iterdir()
+    return run_dir
+
+
+def test_a_worse_model_is_not_published(v1, fake_decoder):
+    root, first = v1
+    add_poems(root / "corpus", make_poems(80, seed=4))
+    # Two steps from scratch cannot match 60 steps of training: the candidate must be refused.
+    record = retrain(tiny_config(root, root / "corpus", max_steps=2, base="", vocab_tolerance=-1.0))
+    assert record["mode"] == "scratch"
+    assert record["outcome"] == "rejected", record
+    assert "worse than the serving" in record["why"]
+    cfg = tiny_config(root, root / "corpus")
+    assert store.current_version(cfg.store, "lstm") == first["version"]
+    assert store.versions(cfg.store, "lstm") == [first["version"]]
+
+
+def test_a_rejected_run_is_not_repeated_on_the_same_corpus(v1, fake_decoder):
+    root, _ = v1
+    add_poems(root / "corpus", make_poems(80, seed=4))
+    retrain(tiny_config(root, root / "corpus", max_steps=2, vocab_tolerance=-1.0))
+    assert retrain(tiny_config(root, root / "corpus"))["outcome"] == "skipped"
+
+
+def test_a_model_failing_the_form_check_is_not_published(v1, monkeypatch):
+    root, first = v1
+    monkeypatch.setattr(rt, "_generate", lambda ckpt, form, seed: "月月月，月月月。")
+    record = retrain(tiny_config(root, root / "corpus", max_steps=10), force=True)
+    assert record["outcome"] == "rejected"
+    assert "form check failed" in record["why"]
+    assert store.current_version(tiny_config(root, root / "corpus").store, "lstm") == first["version"]
+
+
+def test_every_run_leaves_a_record(v1, fake_decoder):
+    root, first = v1
+    cfg = tiny_config(root, root / "corpus")
+    retrain(cfg)  # skipped
+    retrain(tiny_config(root, root / "missing-corpus"))  # failed: no corpus
+    records = read_records(cfg.store, "lstm")
+    assert [r["outcome"] for r in records] == ["published", "skipped", "failed"]
+    for r in records:
+        assert r["kind"] == "retrain" and r["at"] and r["reason"] and "seconds" in r
+    assert records[0]["metrics"]["candidate"]["ppl"] > 0 and records[0]["form_check"]["ok"]
+    assert "no such file or directory" in records[2]["why"]
+
+
+def test_a_second_run_while_one_holds_the_run_lock_is_busy(v1, fake_decoder):
+    root, _ = v1
+    cfg = tiny_config(root, root / "corpus")
+    with rt._run_lock(cfg.store) as locked:
+        assert locked
+        record = retrain(cfg, force=True)
+    assert record["outcome"] == "busy"
+    assert read_records(cfg.store)[-1]["outcome"] == "busy"
+
+
+def test_an_interrupted_run_resumes_from_its_run_directory(v1, fake_decoder):
+    root, _ = v1
+    add_poems(root / "corpus", make_poems(80, seed=5))
+    cfg = tiny_config(root, root / "corpus", max_steps=20)
+    from trainer.train import Trainer
+
+    # Stand-in for a run killed half-way: a run directory whose state says "not done" at step 10.
+    real_run = Trainer.run
+    calls = []
+
+    def run_then_die(self, progress_bar=True):
+        calls.append(self.progress["step"])
+        if len(calls) == 1:
+            self.cfg.max_steps = 10
+            real_run(self, progress_bar)
+            self.progress["done"] = False
+            self.save_state()
+            raise KeyboardInterrupt  # not an Exception: escapes retrain() like a kill would
+        return real_run(self, progress_bar)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "run", run_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            retrain(cfg)
+        record = retrain(cfg)
+    assert record["resumed"] is True
+    assert calls == [0, 10]
+    assert record["train"]["step"] == 20
+
+
+def test_the_form_check_passes_for_a_trained_model_with_the_real_decoder(v1):
+    root, _ = v1
+    ckpt = load_checkpoint(store.current_path(tiny_config(root, root / "corpus").store, "lstm"))
+    check = rt.form_check(ckpt, per_form=1)
+    assert check["ok"], check["failures"]
+    assert len(check["poems"]) == len(FORMS)
+
+
+def test_the_summary_reads_as_one_line():
+    record = {"outcome": "published", "version": "V2", "why": "x",
+              "metrics": {"candidate": {"ppl": 90.0}, "serving": {"ppl": 95.5}}}
+    assert rt.summary(record) == "published V2, ppl 95.50 → 90.00"
+    assert rt.summary({"outcome": "skipped", "why": "unchanged"}) == "skipped, unchanged"
