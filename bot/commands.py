@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ DEFAULT_MODELS = ("lstm", "gru")
 
 BUSY = "诗人正忙，请稍后再试。\nBusy — please try again in a moment."
 ADMINS_ONLY = "此命令仅限机器人管理员。\nThis command is for the bot's admins only."
+STORE_BUSY = ("设置暂时无法保存，什么也没有改变，请稍后再试。\n"
+              "The bot's database is busy; nothing was changed — please try again in a moment.")
 CHAT_ADMINS_ONLY = "只有本群/频道的管理员可以更改设置和订阅。\nOnly this chat's administrators can change its settings and subscription."
 
 
@@ -178,6 +181,7 @@ class Commands:
         """Run one command by name with its arguments."""
         command = COMMANDS.get(name)
         if command is None:
+            name = _echo(name)
             return Reply(f"未知命令 /{name}。发送 /help 查看全部命令。\nUnknown command /{name}; send /help for the list.")
         if command.admin and who.user_id not in self.admin_ids:
             return Reply(ADMINS_ONLY)
@@ -191,11 +195,26 @@ class Commands:
                              f"{math.ceil(wait)} s (at most {self.rate_limiter.count} per "
                              f"{self.rate_limiter.seconds:g} s).")
         handler = getattr(self, f"cmd_{'acrostic' if name == 'cangtou' else name}")
-        return await handler(who, args)
+        try:
+            return await handler(who, args)
+        except sqlite3.OperationalError as e:
+            # Locked by another writer past the busy timeout, or the disk is full: the write rolled back,
+            # nothing changed; say so instead of failing the update.
+            log.warning("store unavailable for /%s in chat %s: %s", name, who.chat_id, e)
+            return Reply(STORE_BUSY)
+
+    def describe_error(self, e: BaseException) -> str:
+        """An exception for an admin's chat: the log filter does not see replies, so secrets go here too
+        (an error from a hook or a library may carry a URL with the bot token in it)."""
+        text = f"{type(e).__name__}: {e}"
+        for secret in self.settings.secrets():
+            text = text.replace(secret, "***")
+        return text[:1000]
 
     async def feedback(self, who: Who, poem_id: int, value: int) -> tuple[str, tuple[int, int]]:
         """A 👍 (1) or 👎 (-1) on a poem; returns the text for the tap's answer and the new counts."""
-        if who.user_id is None or self.store.poem(poem_id) is None:
+        # Callback data comes from the client: an id SQLite cannot hold is no poem of ours.
+        if who.user_id is None or not 0 < poem_id < 2**63 or self.store.poem(poem_id) is None:
             return "这首诗已不在记录中。/ That poem is no longer on record.", (0, 0)
         self.store.record_feedback(poem_id, who.user_id, value)
         return ("谢谢！/ Thanks!" if value > 0 else "收到，我会改进。/ Noted."), self.store.feedback_counts(poem_id)
@@ -257,7 +276,7 @@ class Commands:
         try:
             form = parse_form(args[0])
         except ValueError:
-            return Reply(f"没有这种诗体：{args[0]}。可选：{allowed}\nUnknown form {args[0]!r}; allowed: {allowed}.")
+            return Reply(f"没有这种诗体：{_echo(args[0])}。可选：{allowed}\nUnknown form {_echo(args[0])!r}; allowed: {allowed}.")
         self.store.update_chat_settings(who.chat_id, form=form.name)
         return Reply(f"诗体：{form.chinese}（{form.num_lines} 句 × {form.line_len} 字）\n"
                      f"Form: {form.name} ({form.num_lines} lines × {form.line_len} characters).")
@@ -298,7 +317,7 @@ class Commands:
             return Reply(usage)
         name = args[0].lower()
         if name not in names:
-            return Reply(f"没有这个模型：{args[0]}。可选：{', '.join(names)}\nUnknown model {args[0]!r}; "
+            return Reply(f"没有这个模型：{_echo(args[0])}。可选：{', '.join(names)}\nUnknown model {_echo(args[0])!r}; "
                          f"loaded: {', '.join(names)}.")
         self.store.update_chat_settings(who.chat_id, model=name)
         return Reply(f"模型：{name}\nModel: {name}.")
@@ -335,7 +354,7 @@ class Commands:
                 form = parse_form(args[1]).name
             except ValueError:
                 allowed = "、".join(f"{f.chinese} {f.name}" for f in FORMS.values())
-                return Reply(f"没有这种诗体：{args[1]}。可选：{allowed}\nUnknown form {args[1]!r}; allowed: {allowed}.")
+                return Reply(f"没有这种诗体：{_echo(args[1])}。可选：{allowed}\nUnknown form {_echo(args[1])!r}; allowed: {allowed}.")
         hhmm = f"{int(m.group(1)):02d}:{int(m.group(2)):02d}"  # int() also normalises full-width digits
         self.store.subscribe(who.chat_id, hhmm, form, since=self.clock())
         await self._subscription_changed(who.chat_id)
@@ -374,7 +393,7 @@ class Commands:
         try:
             engine_status = await self.engine.status()
         except Exception as e:  # noqa: BLE001 — /status must answer even when the engine is down
-            engine_status = {"error": f"{type(e).__name__}: {e}"}
+            engine_status = {"error": self.describe_error(e)}
         uptime = self.clock() - self.started_at
         lines = ["引擎 / engine:"] + [f"  {k}: {_compact(v)}" for k, v in engine_status.items()]
         lines.append(f"机器人运行 / bot uptime: {str(uptime).split('.')[0]}")
@@ -385,7 +404,7 @@ class Commands:
         try:
             outcome = await self.engine.reload()
         except Exception as e:  # noqa: BLE001 — report any failure to the admin instead of raising
-            return Reply(f"重新载入失败 / reload failed: {type(e).__name__}: {e}")
+            return Reply(f"重新载入失败 / reload failed: {self.describe_error(e)}")
         return Reply("重新载入 / reload:\n" + "\n".join(f"  {k}: {_compact(v)}" for k, v in outcome.items()))
 
     async def cmd_retrain(self, who: Who, args: list[str]) -> Reply:
@@ -399,7 +418,7 @@ class Commands:
                 outcome = await maybe_await(await asyncio.to_thread(self.retrain))
         except Exception as e:  # noqa: BLE001 — report any failure to the admin instead of raising
             log.exception("retrain failed")
-            return Reply(f"重新训练失败 / retrain failed: {type(e).__name__}: {e}")
+            return Reply(f"重新训练失败 / retrain failed: {self.describe_error(e)}")
         return Reply(f"重新训练完成 / retrain finished:\n{_compact(outcome) if outcome is not None else 'ok'}")
 
 
@@ -410,10 +429,10 @@ def check_prompt(prompt: str, form_name: str) -> str | None:
     allowed_zh, allowed_en = f"开头只能是汉字，{form.chinese}最多 {limit} 个。", f"at most {limit} Han characters for a {form.name}."
     if len(prompt) > limit:
         return f"开头太长（{len(prompt)} 个字符）。{allowed_zh}\nThe opening is too long ({len(prompt)}): {allowed_en}"
-    bad = "".join(dict.fromkeys(ch for ch in prompt if not is_han(ch)))
+    bad = _echo("".join(dict.fromkeys(ch for ch in prompt if not is_han(ch))), 10)
     if bad:
-        return (f"这些不是汉字：{bad[:10]}。{allowed_zh}\n"
-                f"The opening must be Han characters, not {bad[:10]!r}: {allowed_en}")
+        return (f"这些不是汉字：{bad}。{allowed_zh}\n"
+                f"The opening must be Han characters, not {bad!r}: {allowed_en}")
     return None
 
 
@@ -449,6 +468,13 @@ def help_text() -> str:
     en = "\n".join(f"/{c.name} {c.usage}".rstrip() + f" — {c.en}" for c in shown)
     return (f"吟诗 · 命令\n{zh}\n私聊中直接发送汉字，等同 /poem。\n\n"
             f"Yinshi · commands\n{en}\nIn a private chat, plain text works like /poem.")
+
+
+def _echo(text: str, limit: int = 24) -> str:
+    """User input quoted back in a reply: short (Telegram refuses messages over 4096 characters) and
+    encodable (a lone surrogate would make the send itself fail)."""
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _compact(value) -> str:

@@ -75,15 +75,15 @@ class PoemRequest:
 
     def validate(self) -> PoemRequest:
         """Check types and ranges and normalise `form`; raises RequestError."""
-        _check_type("prompt", self.prompt, str)
+        _check_text("prompt", self.prompt)
         if len(self.prompt) > MAX_PROMPT:
             raise RequestError("prompt_too_long", "prompt", f"prompt has {len(self.prompt)} characters; at most {MAX_PROMPT}")
-        _check_type("form", self.form, str)
+        _check_text("form", self.form)
         try:
             self.form = parse_form(self.form).name
         except ValueError as e:
             raise RequestError("bad_form", "form", str(e)) from None
-        _check_type("mode", self.mode, str)
+        _check_text("mode", self.mode)
         if self.mode not in MODES:
             raise RequestError("bad_mode", "mode", f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _check_int("beam_width", self.beam_width, 1, MAX_BEAM_WIDTH)
@@ -91,7 +91,7 @@ class PoemRequest:
         _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_int("top_k", self.top_k, 0, 100_000)
         if self.acrostic is not None:
-            _check_type("acrostic", self.acrostic, str)
+            _check_text("acrostic", self.acrostic)
             n = FORMS[self.form].num_lines
             if len(self.acrostic) not in (4, 8):
                 raise RequestError("bad_acrostic", "acrostic", f"acrostic needs 4 or 8 characters (one per line), got {len(self.acrostic)}")
@@ -103,7 +103,7 @@ class PoemRequest:
         _check_type("rhyme", self.rhyme, bool)
         _check_type("tone", self.tone, bool)
         if self.model is not None:
-            _check_type("model", self.model, str)
+            _check_text("model", self.model)
         if self.seed is not None:
             _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.timeout is not None:
@@ -123,18 +123,37 @@ def _check_type(name, value, kind):
         raise RequestError("bad_type", name, f"{name} must be {kind.__name__}, got {type(value).__name__}")
 
 
+def _check_text(name, value):
+    """A str that is text: lone surrogates ("\\ud800" in JSON) are valid Python strings but cannot be encoded,
+    and would fail later, deep in OpenCC or the HTTP client, instead of here with the field named."""
+    _check_type(name, value, str)
+    if any("\ud800" <= ch <= "\udfff" for ch in value):
+        raise RequestError("bad_character", name, f"{name} holds an unpaired surrogate, not a character")
+
+
+def _show(value) -> str:
+    """A number for an error message, kept short (str() of an int past 4300 digits even raises)."""
+    if isinstance(value, int) and abs(value) >= 10**20:
+        return f"a {len(format(abs(value), 'x')) * 4}-bit integer"
+    return repr(value)
+
+
 def _check_int(name, value, low, high):
     _check_type(name, value, int)
     if not low <= value <= high:
-        raise RequestError("out_of_range", name, f"{name} must be between {low} and {high}, got {value}")
+        raise RequestError("out_of_range", name, f"{name} must be between {low} and {high}, got {_show(value)}")
 
 
 def _check_float(name, value, low, high, low_open=False):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError("bad_type", name, f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+    try:
+        number = float(value)  # an int too large for a float is out of range, not an OverflowError
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or number > high or number < low or (low_open and number == low):
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise RequestError("out_of_range", name, f"{name} must be in {interval}, got {value}")
+        raise RequestError("out_of_range", name, f"{name} must be in {interval}, got {_show(value)}")
 
 
 @dataclass

@@ -61,6 +61,13 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def meta_digest(meta: dict) -> str:
+    """SHA-256 of the metadata (without this field): a flipped byte in the header that still parses as
+    JSON — a vocabulary character, a config number — is caught, as the weights' digest catches theirs."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
     path = Path(path)
@@ -108,6 +115,7 @@ def save_checkpoint(path, model: PoemModel, vocab: Vocab, meta: dict | None = No
         "num_parameters": model.num_parameters(),
         "weights_sha256": weights_digest(tensors),
     }
+    full["meta_sha256"] = meta_digest(full)
     data = st_save(tensors, metadata={META_KEY: json.dumps(full, ensure_ascii=False)})
     atomic_write_bytes(Path(path), data)
     return full
@@ -127,15 +135,17 @@ def read_meta(path) -> dict:
         raise CheckpointError(path, f"no '{META_KEY}' metadata in the header: not a yinshi checkpoint")
     try:
         meta = json.loads(header[META_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(path, f"metadata is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 4,300+ digit integer, deep nesting
+        raise CheckpointError(path, f"metadata is not valid JSON ({str(e)[:100]})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(path, f"metadata format is not {FORMAT!r}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(path, f"format_version {meta.get('format_version')!r} is not {FORMAT_VERSION}")
-    for key in ("config", "vocab", "version", "weights_sha256"):
+    for key in ("config", "vocab", "version", "weights_sha256", "meta_sha256"):
         if key not in meta:
             raise CheckpointError(path, f"metadata lacks {key!r}")
+    if meta_digest(meta) != meta["meta_sha256"]:
+        raise CheckpointError(path, "metadata does not match its SHA-256: the header is corrupt")
     if meta.get("form_tokens") != list(FORM_TOKENS):
         raise CheckpointError(path, f"form tokens {meta.get('form_tokens')!r} do not match {list(FORM_TOKENS)}")
     return meta

@@ -155,6 +155,10 @@ def _clean(text: str, name: str, vocab: Vocab, drop: str = "") -> str:
     from engine.prosody import _t2s
 
     text = "".join(ch for ch in text if not ch.isspace() and ch not in drop)
+    for ch in text:
+        # A lone surrogate ("\\ud800" in JSON) is a str but not text: OpenCC would raise UnicodeEncodeError.
+        if "\ud800" <= ch <= "\udfff":
+            raise RequestError("bad_character", name, f"{name} holds an unpaired surrogate, not a character")
     whole = _t2s().convert(text)
     simple = whole if len(whole) == len(text) else "".join(_t2s().convert(ch) for ch in text)
     out = []

@@ -114,6 +114,9 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+MIN_TEMPERATURE = 1e-3  # sampling temperatures below this act as this (see sample_batch)
+
+
 def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                  uniform: torch.Tensor) -> torch.Tensor:
     """One draw per row by inverting the filtered distribution's CDF at that row's uniform number.
@@ -124,7 +127,11 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     """
     N, V = logits.shape
     device = logits.device
-    x = logits.float() / temperature.to(device, torch.float32)[:, None]  # (N, V)
+    # A temperature the contract allows, (0, 2], can still be 0 or overflow the logits in float32 (5e-324
+    # becomes 0.0; 1e-40 turns a logit of 20 into inf): softmax then gives NaN and the draw lands on a masked
+    # token. Below MIN_TEMPERATURE sampling is greedy anyway, so clamp there; above it nothing changes.
+    t = temperature.to(device, torch.float32).clamp_min(MIN_TEMPERATURE)
+    x = logits.float() / t[:, None]  # (N, V)
     sorted_x, order = x.sort(dim=-1, descending=True, stable=True)  # (N, V)
     probs = torch.softmax(sorted_x, dim=-1)  # (N, V), 0 for -inf
     ranks = torch.arange(V, device=device)[None, :]  # (1, V)

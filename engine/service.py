@@ -57,9 +57,19 @@ SETTINGS = web.AppKey("settings", ServiceSettings)
 
 
 # -- errors ------------------------------------------------------------------------------------------------
+def dumps(obj) -> str:
+    """JSON with Chinese readable; \\u escapes only when the text would not encode (an echoed lone surrogate)."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj)
+    return text
+
+
 def error_response(status: int, code: str, message: str, field: str | None = None, headers=None) -> web.Response:
     body = {"error": {"code": code, "field": field, "message": message}}
-    return web.json_response(body, status=status, headers=headers, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+    return web.json_response(body, status=status, headers=headers, dumps=dumps)
 
 
 @web.middleware
@@ -107,6 +117,8 @@ async def read_json(request: web.Request, allow_empty: bool = True):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise RequestError("bad_json", None, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except ValueError:  # an integer literal past Python's 4300-digit limit
+        raise RequestError("bad_json", None, "the JSON holds a number too long to read") from None
     except RecursionError:
         raise RequestError("bad_json", None, "the JSON is nested too deeply") from None
 
@@ -131,12 +143,12 @@ async def create_poem(request: web.Request) -> web.Response:
         task.cancel()
         raise
     result = task.result()
-    return web.json_response(result.to_dict(), dumps=lambda o: json.dumps(o, ensure_ascii=False))
+    return web.json_response(result.to_dict(), dumps=dumps)
 
 
 async def list_models(request: web.Request) -> web.Response:
     models = await request.app[ENGINE].models()
-    return web.json_response({"models": models}, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+    return web.json_response({"models": models}, dumps=dumps)
 
 
 async def get_status(request: web.Request) -> web.Response:

@@ -114,6 +114,13 @@ def publish(store: Path, name: str, checkpoint: Path, keep: int = 5) -> str:
     if keep < 1:
         raise StoreError("keep must be at least 1")
     try:
+        return _publish(Path(store), name, Path(checkpoint), keep)
+    except OSError as e:  # a full disk, a read-only store: the temporary file is gone, CURRENT untouched
+        raise StoreError(f"{name}: cannot publish {checkpoint}: {e.strerror or e}") from None
+
+
+def _publish(store: Path, name: str, checkpoint: Path, keep: int) -> str:
+    try:
         meta = read_meta(checkpoint)
     except CheckpointError as e:
         raise StoreError(f"refusing to publish: {e}") from None

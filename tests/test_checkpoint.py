@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from engine.checkpoint import (FORMAT, META_KEY, CheckpointError, load_checkpoint, read_meta, save_checkpoint,
+from engine.checkpoint import (FORMAT, META_KEY, CheckpointError, load_checkpoint, meta_digest, read_meta, save_checkpoint,
                                weights_digest)
 from engine.model import ModelConfig, PoemModel
 from engine.vocab import Vocab
@@ -98,8 +98,9 @@ def _tensors_and_meta(path):
 
 
 def _rewrite(path, tensors, meta, fix_digest=True, raw_meta=None):
-    if fix_digest:
+    if fix_digest:  # correct digests, so that only the check under test can catch the corruption
         meta = dict(meta, weights_sha256=weights_digest(tensors))
+        meta["meta_sha256"] = meta_digest(meta)
     header = {META_KEY: raw_meta if raw_meta is not None else json.dumps(meta, ensure_ascii=False)}
     path.write_bytes(st_save(tensors, metadata=header if raw_meta != "" else None))
 
@@ -128,6 +129,12 @@ def nan_weights(path):
     tensors, meta = _tensors_and_meta(path)
     tensors["head.weight"][0, 0] = float("nan")
     _rewrite(path, tensors, meta)  # a correct digest: only the NaN check can catch it
+
+
+def vocab_character_swapped(path):
+    tensors, meta = _tensors_and_meta(path)
+    meta["vocab"][-1], meta["vocab"][-2] = meta["vocab"][-2], meta["vocab"][-1]  # still valid JSON and a valid vocab
+    _rewrite(path, tensors, meta, fix_digest=False)
 
 
 def infinite_weights(path):
@@ -236,14 +243,15 @@ def deleted(path):
     path.unlink()
 
 
-CORRUPTIONS = [truncated, empty, random_bytes, flipped_weight_byte, nan_weights, infinite_weights, metadata_missing,
+CORRUPTIONS = [truncated, empty, random_bytes, flipped_weight_byte, nan_weights, vocab_character_swapped,
+               infinite_weights, metadata_missing,
                metadata_not_json, metadata_not_an_object, wrong_format, future_format_version, lacks_weights_digest,
                lacks_config, other_form_tokens, vocab_config_mismatch, unknown_config_key, bad_config_value,
                vocab_with_latin, wrong_tensor_shapes, missing_tensor, extra_tensor, integer_tensor, pickle_renamed,
                directory, deleted]
 
 EXPECTED_PROBLEM = {
-    flipped_weight_byte: "SHA-256", nan_weights: "NaN", infinite_weights: "NaN", metadata_missing: "metadata",
+    flipped_weight_byte: "SHA-256", nan_weights: "NaN", vocab_character_swapped: "metadata does not match", infinite_weights: "NaN", metadata_missing: "metadata",
     metadata_not_json: "not valid JSON", wrong_format: "format", future_format_version: "format_version",
     lacks_weights_digest: "weights_sha256", lacks_config: "config", other_form_tokens: "form tokens",
     vocab_config_mismatch: "vocabulary has", unknown_config_key: "unknown model config keys",

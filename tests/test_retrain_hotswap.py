@@ -3,7 +3,7 @@
 trainer publishes v1 → the engine serves v1 → the corpus grows → a scheduled run (1 s interval) publishes
 v2 → the engine's watcher swaps to v2 while a stream of requests runs, none failing → a corrupt v3 put in
 the store is refused and v2 keeps serving → `python -m trainer rollback` returns the store to v1 and the
-engine follows (xfail for now: see the marker).
+engine follows.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ CI_PATTERNS = ("ci.song.*.json", "宋词三百首.json")
 _BRACKETED = re.compile(r"[（(〔\[【〖{《][^）)〕\]】〗}》]*[）)〕\]】〗}》]")
 _NOISE = re.compile(r"[\s\u3000「」『』“”‘’\"'·•]")
 MISSING_MARKS = "□■○〇◻︎"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -113,6 +114,8 @@ def read_records(path: Path) -> list[dict]:
         raise CorpusError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise CorpusError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # a 4,300+ digit integer; nesting deeper than the parser's stack
+        raise CorpusError(f"{path}: unreadable JSON ({type(e).__name__}: {str(e)[:80]})") from None
     except OSError as e:
         raise CorpusError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(data, list):
@@ -128,6 +131,8 @@ def normalise(record) -> tuple[Poem | None, str]:
     if not isinstance(paragraphs, list) or not all(isinstance(p, str) for p in paragraphs):
         return None, "no paragraphs list"
     raw = "".join(paragraphs)
+    if _SURROGATE.search(raw + str(record.get("author", "")) + str(record.get("title", ""))):
+        return None, "invalid text (lone surrogate)"  # OpenCC cannot encode it
     raw = _BRACKETED.sub("", raw)
     raw = _NOISE.sub("", raw)
     if not raw:
