@@ -25,7 +25,9 @@ class EngineClient:
                  backoff: float = 0.2, max_backoff: float = 5.0, session: aiohttp.ClientSession | None = None):
         self.base_url = base_url.rstrip("/")
         self.token = token
-        self.timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0))
+        # sock_connect, not connect: aiohttp's `connect` also counts the wait for a pooled connection, so past
+        # 100 callers at once (the pool's limit) requests failed as 'connection timeout' instead of queueing.
+        self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 5.0))
         self.retries = retries  # extra attempts after the first, on 503 and connection errors
         self.backoff, self.max_backoff = backoff, max_backoff  # first delay, doubling, capped
         self._session = session
@@ -53,7 +55,7 @@ class EngineClient:
         request.validate()  # fail fast, the same way LocalEngine does
         timeout = None
         if request.timeout is not None:  # wait a little longer than the server will
-            timeout = aiohttp.ClientTimeout(total=request.timeout + 5.0, connect=self.timeout.connect)
+            timeout = aiohttp.ClientTimeout(total=request.timeout + 5.0, sock_connect=self.timeout.sock_connect)
         data = await self._call("POST", "/v1/poems", json_body=request.to_dict(), timeout=timeout)
         return PoemResult.from_dict(data)
 

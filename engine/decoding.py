@@ -53,7 +53,7 @@ from engine.prosody import Prosody, prosody_for
 from engine.vocab import Vocab
 
 REPEAT_PENALTY = 1.0  # nats per earlier use of a character, greedy and beam modes
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "lstm.safetensors"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "gru.safetensors"  # the better shipped model
 NEG_INF = float("-inf")
 
 
