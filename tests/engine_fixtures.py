@@ -34,8 +34,9 @@ def empty_package_dir(tmp_path) -> Path:
 
 def engine_settings(root: Path, **overrides) -> EngineSettings:
     """Small, fast settings over a test store: no watcher unless asked, short deadline."""
-    values = dict(checkpoint_dir=str(root), device="cpu", max_num_rows=64, max_queue=64, watch_interval=0.0,
-                  request_timeout=60.0)
+    # The tests pin lstm as the default model (the product's default is the GRU, the better shipped one).
+    values = dict(checkpoint_dir=str(root), model_names=("lstm", "gru"), device="cpu", max_num_rows=64,
+                  max_queue=64, watch_interval=0.0, request_timeout=60.0)
     values.update(overrides)
     return EngineSettings(**values)
 

@@ -250,7 +250,11 @@ async def test_a_model_directory_linked_to_outside_the_store_is_refused(lstm_sto
     outside = tmp_path / "outside"
     ckpt_store.publish(outside, "gru", tiny_checkpoint)
     (lstm_store / "gru").symlink_to(outside / "gru", target_is_directory=True)
-    async with LocalEngine(engine_settings(lstm_store, model_names=("lstm", "gru"))) as engine:
+    engine = LocalEngine(engine_settings(lstm_store, model_names=("lstm", "gru")))
+    empty = tmp_path / "package"
+    empty.mkdir()
+    engine.registry.package_dir = empty  # no shipped gru to fall back on: the refused one must stay out
+    async with engine:
         assert engine.loaded_names() == ["lstm"]
         report = await engine.reload("gru")
     assert report["gru"]["status"] == "refused" and "outside" in report["gru"]["reason"]

@@ -45,7 +45,7 @@ async def test_models_status_and_reload_go_through(service_url):
         status = await client.status()
         report = await client.reload("lstm")
         assert await client.ready()
-    assert [m["name"] for m in models] == ["gru", "lstm"]  # the default, GRU, first
+    assert [m["name"] for m in models] == ["lstm", "gru"]
     assert status["models"]["lstm"] == models[0]["version"]
     assert report["lstm"]["status"] == "unchanged"
 

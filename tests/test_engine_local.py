@@ -43,7 +43,7 @@ async def test_mixed_concurrent_requests_all_complete_and_match_their_solo_runs(
         assert same_poem(a, b), (request, a.poem, b.poem)
         assert classify(a.lines) is FORMS[request.form]
         assert a.mode == request.mode
-        assert a.model["name"] == (request.model or "gru")  # the default model: the first of ("gru", "lstm")
+        assert a.model["name"] == (request.model or "lstm")
         if request.acrostic:
             assert "".join(line[0] for line in a.lines) == request.acrostic
         elif request.prompt:
@@ -73,11 +73,11 @@ async def test_a_sampling_request_without_a_seed_still_writes_a_valid_poem(check
 
 async def test_a_request_picks_its_model_by_name_and_an_unknown_name_is_a_request_error(checkpoint_store):
     async with LocalEngine(engine_settings(checkpoint_store)) as engine:
-        lstm = await engine.generate(PoemRequest(model="lstm", mode="greedy"))
+        gru = await engine.generate(PoemRequest(model="gru", mode="greedy"))
         default = await engine.generate(PoemRequest(mode="greedy"))
         with pytest.raises(RequestError) as info:
             await engine.generate(PoemRequest(model="transformer"))
-    assert lstm.model["name"] == "lstm" and default.model["name"] == "gru"
+    assert gru.model["name"] == "gru" and default.model["name"] == "lstm"
     assert info.value.field == "model"
 
 

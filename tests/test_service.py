@@ -37,7 +37,7 @@ async def test_a_poem_request_returns_the_contract_fields(client):
     body = await resp.json()
     assert {"poem", "lines", "form", "mode", "model", "elapsed_ms"} <= set(body)
     assert body["poem"].startswith("月") and classify(body["lines"]) is FORMS["qijue"]
-    assert body["model"]["name"] == "gru" and body["model"]["version"]
+    assert body["model"]["name"] == "lstm" and body["model"]["version"]
     assert body["mode"] == "beam" and body["elapsed_ms"] > 0
 
 
@@ -117,13 +117,13 @@ async def test_unknown_routes_and_methods_are_json_errors(client):
 async def test_health_readiness_models_status_and_metrics_answer(client):
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
-    assert ready.status == 200 and (await ready.json())["models"] == ["gru", "lstm"]
+    assert ready.status == 200 and (await ready.json())["models"] == ["lstm", "gru"]
     models = (await (await client.get("/v1/models")).json())["models"]
-    assert [m["name"] for m in models] == ["gru", "lstm"]
+    assert [m["name"] for m in models] == ["lstm", "gru"]
     assert {"cell", "version", "parameters", "vocab_size", "trained_on"} <= set(models[0])
     await client.post("/v1/poems", json={"mode": "greedy"})
     status = await (await client.get("/v1/status")).json()
-    assert status["requests"]["completed"] == 1 and status["models"]["gru"] == models[0]["version"]
+    assert status["requests"]["completed"] == 1 and status["models"]["lstm"] == models[0]["version"]
     text = await (await client.get("/metrics")).text()
     for name in ("yinshi_queue_depth", "yinshi_running_rows", "yinshi_batch_rows_bucket", "yinshi_step_seconds_bucket",
                  "yinshi_request_seconds_bucket", "yinshi_tokens_total", "yinshi_tokens_per_second",
