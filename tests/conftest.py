@@ -25,6 +25,19 @@ FIXTURE_CHARS = (
 )
 
 
+# Request options every decoding test runs through, and an acrostic per line count.
+ACROSTIC = {4: "春山秋水", 8: "春山秋水东南西北"}
+DECODING_OPTIONS = {
+    "plain": {},
+    "prompt": {"prompt": "明月"},
+    "long prompt": {"prompt": "白云明月山水花风"},
+    "acrostic": {"acrostic": True},
+    "no rhyme": {"rhyme": False},
+    "no tone": {"tone": False},
+    "neither": {"rhyme": False, "tone": False},
+}
+
+
 def make_poems(n: int, seed: int = 0) -> list[str]:
     """n synthetic poems in the regular forms, as upstream paragraphs joined with ，。"""
     rng = random.Random(seed)

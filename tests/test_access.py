@@ -23,27 +23,19 @@ from aiohttp import web
 from bot.commands import ADMINS_ONLY, CHAT_ADMINS_ONLY, Commands, Who
 from bot.store import Store
 from bot.telegram_app import configure_logging
-from bot_fixtures import ScriptedEngine, make_settings, running_bot, store  # noqa: F401 (fixture)
+from bot_fixtures import ScriptedEngine, fake_api, make_settings, running_bot, store  # noqa: F401 (fixtures)
 from engine import store as ckpt_store
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.client import EngineClient
 from engine.local import LocalEngine
 from engine.service import ServiceSettings, create_app
 from engine_fixtures import engine_settings
-from fake_bot_api import TOKEN, FakeBotApi
+from fake_bot_api import TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_TOKEN = "engine-admin-token-7f3a9c1e5b"
 WEBHOOK_SECRET = "webhook_secret_d41d8cd98f00"
 ADMIN, USER, GROUP, OTHER_GROUP, CHANNEL = 999, 42, -1002000, -1002001, -1003000
-
-
-@pytest.fixture
-async def fake_api():
-    api = FakeBotApi()
-    await api.start()
-    yield api
-    await api.stop()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_poems
+from conftest import DECODING_OPTIONS as OPTIONS, ACROSTIC, make_poems
 
 from engine.api import PoemRequest, RequestError
 from engine.constraints import allowed_masks, build_plan
@@ -15,7 +15,6 @@ from engine.prosody import pingshui_table, prosody_for
 from engine.quality import check_poem
 from engine.vocab import FORM_TOKENS, PUNCTUATION, SPECIALS, Vocab, is_han
 
-ACROSTIC = {4: "春山秋水", 8: "春山秋水东南西北"}
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +44,6 @@ def walk(plan, seed: int = 0):
     return row
 
 
-OPTIONS = {
-    "plain": {},
-    "prompt": {"prompt": "明月"},
-    "long prompt": {"prompt": "白云明月山水花风"},
-    "acrostic": {"acrostic": True},
-    "no rhyme": {"rhyme": False},
-    "no tone": {"tone": False},
-    "neither": {"rhyme": False, "tone": False},
-}
 
 
 def fields_for(form: str, option: str) -> dict:

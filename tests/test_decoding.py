@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from conftest import DECODING_OPTIONS as OPTIONS, ACROSTIC
 import torch
 
 from engine import decoding
@@ -16,16 +17,6 @@ from engine.forms import FORM_NAMES, FORMS
 from engine.prosody import prosody_for
 from engine.quality import check_poem
 
-ACROSTIC = {4: "春山秋水", 8: "春山秋水东南西北"}
-OPTIONS = {
-    "plain": {},
-    "prompt": {"prompt": "明月"},
-    "long prompt": {"prompt": "白云明月山水花风"},
-    "acrostic": {"acrostic": True},
-    "no rhyme": {"rhyme": False},
-    "no tone": {"tone": False},
-    "neither": {"rhyme": False, "tone": False},
-}
 
 
 @pytest.fixture(scope="module")

@@ -28,25 +28,16 @@ from aiohttp import web
 
 from bot.commands import BUSY, STORE_BUSY, Commands, Who
 from bot.store import Store
-from bot_fixtures import ScriptedEngine, make_settings, running_bot
+from bot_fixtures import ScriptedEngine, fake_api, make_settings, running_bot  # noqa: F401 (fixture)
 from engine import store as ckpt_store
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.client import EngineClient
 from engine.service import ServiceSettings, create_app
 from engine_fixtures import engine_settings
-from fake_bot_api import FakeBotApi
 from trainer.corpus import CorpusError, load_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 FLIPS, TRUNCATIONS, RANDOM_FILES = 400, 120, 40
-
-
-@pytest.fixture
-async def fake_api():
-    api = FakeBotApi()
-    await api.start()
-    yield api
-    await api.stop()
 
 
 # -- corrupted checkpoints ------------------------------------------------------------------------------------
