@@ -117,6 +117,9 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 MIN_TEMPERATURE = 1e-3  # sampling temperatures below this act as this (see sample_batch)
 
 
+SAMPLE_CANDIDATES = (256, 1024)  # best-token prefixes tried before sorting a whole row
+
+
 def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                  uniform: torch.Tensor) -> torch.Tensor:
     """One draw per row by inverting the filtered distribution's CDF at that row's uniform number.
@@ -124,6 +127,12 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     logits (N, V), -inf where not allowed; temperature (N,) > 0; top_k (N,) long, 0 = off; top_p (N,) in
     (0, 1]; uniform (N,) in [0, 1). Returns (N,) long. Every row needs at least one finite logit.
     Each row's result depends only on that row's inputs, so batching never changes a poem.
+
+    A stable sort of all V tokens per row was most of a sampling step (22 ms for 64 rows × 6,000 tokens
+    on one core). The kept tokens are a prefix of the sorted row, so each row is drawn from its best
+    SAMPLE_CANDIDATES tokens (topk) once that prefix holds its whole filter — top_p of the mass, or top_k
+    tokens — and only the rows whose nucleus reaches further are sorted in full. Which path a row takes
+    depends on that row alone.
     """
     N, V = logits.shape
     device = logits.device
@@ -132,17 +141,39 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     # token. Below MIN_TEMPERATURE sampling is greedy anyway, so clamp there; above it nothing changes.
     t = temperature.to(device, torch.float32).clamp_min(MIN_TEMPERATURE)
     x = logits.float() / t[:, None]  # (N, V)
-    sorted_x, order = x.sort(dim=-1, descending=True, stable=True)  # (N, V)
-    probs = torch.softmax(sorted_x, dim=-1)  # (N, V), 0 for -inf
-    ranks = torch.arange(V, device=device)[None, :]  # (1, V)
-    k = top_k.to(device)
-    keep = ranks < torch.where(k > 0, k, V)[:, None]
-    keep &= (probs.cumsum(dim=-1) - probs) < top_p.to(device, torch.float32)[:, None]  # nucleus
+    k, p, u = top_k.to(device), top_p.to(device, torch.float32), uniform.to(device, torch.float32)
+    out = torch.empty(N, dtype=torch.long, device=device)
+    todo = torch.arange(N, device=device)  # rows not drawn yet
+    log_z = torch.logsumexp(x, dim=-1, keepdim=True)  # (N, 1): the full row's normaliser
+    for c in SAMPLE_CANDIDATES:
+        if c >= V or not len(todo):
+            break
+        top_x, top_i = x[todo].topk(c, dim=-1)  # (M, c), best first
+        probs = (top_x - log_z[todo]).exp()  # (M, c): shares of the full row
+        kt = k[todo]
+        fits = (probs.sum(dim=-1) >= p[todo]) | ((kt > 0) & (kt <= c))  # (M,)
+        if bool(fits.any()):
+            rows = todo[fits]
+            out[rows] = _draw_sorted(top_i[fits], probs[fits], kt[fits], p[rows], u[rows])
+            todo = todo[~fits]
+    if len(todo):
+        sorted_x, order = x[todo].sort(dim=-1, descending=True, stable=True)  # (M, V)
+        out[todo] = _draw_sorted(order, torch.softmax(sorted_x, dim=-1), k[todo], p[todo], u[todo])
+    return out
+
+
+def _draw_sorted(order: torch.Tensor, probs: torch.Tensor, k: torch.Tensor, p: torch.Tensor,
+                 u: torch.Tensor) -> torch.Tensor:
+    """The draw from each row's best tokens, best first: their ids `order` and shares `probs`, (M, C)."""
+    M, C = probs.shape
+    ranks = torch.arange(C, device=probs.device)[None, :]  # (1, C)
+    keep = ranks < torch.where(k > 0, k, C)[:, None]
+    keep &= (probs.cumsum(dim=-1) - probs) < p[:, None]  # nucleus
     keep &= probs > 0
     keep[:, 0] = True  # the best token always stays
     kept = probs * keep  # keep is a prefix of the sorted order
-    cdf = kept.cumsum(dim=-1)  # (N, V)
-    target = uniform.to(device, torch.float32) * cdf[:, -1]  # (N,)
+    cdf = kept.cumsum(dim=-1)  # (M, C)
+    target = u * cdf[:, -1]  # (M,)
     idx = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)  # first index with cdf > target
     idx = torch.minimum(idx, keep.sum(dim=-1) - 1)
     return order.gather(1, idx[:, None]).squeeze(1)
