@@ -52,12 +52,13 @@ def perplexity(model: PoemModel, vocab: Vocab, poems: list[Poem], pre_pad: bool 
             ids = [vocab.pad_id] * (CLASSIC_LEN - len(ids)) + ids
         by_len.setdefault(len(ids), []).append(ids)
     nll, chars, oov = 0.0, 0, 0
-    for length, rows in by_len.items():
+    for rows in by_len.values():
         for i in range(0, len(rows), batch_size):
             seq = torch.tensor(rows[i : i + batch_size], device=device)  # (B, T) ending in <eos>
-            logits, _ = model(seq[:, :-1])  # (B, T-1, V)
+            # <eos> is not scored, so the last text token is never fed: positions 0..T-3 predict 1..T-2.
+            logits, _ = model(seq[:, :-2])  # (B, T-2, V)
             target = seq[:, 1:-1]  # the text: skip <eos>
-            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            logp = F.log_softmax(logits.float(), dim=-1)
             tok = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-2)
             # Text is punctuation and Han characters; pads, the form token and <unk> are not scored.
             scored = target >= min(vocab.comma_id, vocab.period_id)
