@@ -10,8 +10,8 @@ row (one per greedy/sample request, `beam_width` per beam request) carries a sma
         logits, state = model.step(torch.tensor([token]), state)
         token = row.forced()                                 # punctuation, <eos>, prompt/acrostic chars
         if token is None:
-            mask = allowed_masks([row], device)              # (1, V) bool; batch many rows at once
-            token = pick(logits.masked_fill(~mask, -inf))
+            bias = allowed_bias([row], device)               # (1, V): 0 or -inf; batch many rows at once
+            token = pick(logits + bias)
         row.advance(token)
     row.text, row.lines, row.notes
 
@@ -33,7 +33,7 @@ at that position, and a row that would have no allowed token relaxes tone, then 
 Every relaxation is written to `notes` (plan-level ones are in `plan.notes`, and every row starts with them).
 
 Masks are built from precomputed tables: each row only picks a table index in Python, in `advance()`, and
-`allowed_masks` gathers those rows, forces one-hot rows and clears the few banned (row, token) pairs.
+`allowed_bias` gathers those rows, forces one-hot rows and clears the few banned (row, token) pairs.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class MaskTables:
         self.counts: list[int] = [int(r.sum()) for r in fixed]  # allowed tokens per row
         self.rhyme_index: dict[frozenset[int], int] = {}
         self.group_sizes = [int(n) for n in p.rhyme.sum(dim=1)]  # (G,) members per group
-        self._device: dict[str, torch.Tensor] = {}  # device → (K, V) bool
+        self._device: dict[tuple[str, str], torch.Tensor] = {}  # (device, kind) → (K, V) table
 
     def rhyme_row(self, groups: frozenset[int]) -> int:
         """The table row of "any character of these rhyme groups", registered on first use."""
@@ -104,10 +104,18 @@ class MaskTables:
 
     def on(self, device) -> torch.Tensor:
         """The whole table on `device`: (K, V) bool."""
-        key = str(device)
+        return self._cached(device, "mask", lambda rows: rows)
+
+    def bias_on(self, device) -> torch.Tensor:
+        """The table as additive scores on `device`: (K, V) float, 0 where allowed and -inf where not.
+        Adding a gathered bias row is several times faster on CPU than masked_fill with a scattered mask."""
+        return self._cached(device, "bias", lambda rows: torch.zeros(rows.shape).masked_fill_(~rows, float("-inf")))
+
+    def _cached(self, device, kind: str, build) -> torch.Tensor:
+        key = (str(device), kind)
         table = self._device.get(key)
         if table is None or table.shape[0] < len(self.rows):
-            table = self._device[key] = torch.stack(self.rows).to(device)
+            table = self._device[key] = build(torch.stack(self.rows)).to(device)
         return table
 
 
@@ -429,25 +437,31 @@ class RowState:
         return bool(set(tables.allowed_ids(index)) - set(banned))
 
 
-def allowed_masks(rows: list[RowState], device: torch.device | str = "cpu") -> torch.Tensor:
-    """The tokens each row may take next: (N, V) bool. Forced rows get a one-hot row, finished rows none.
+def allowed_bias(rows: list[RowState], device: torch.device | str = "cpu") -> torch.Tensor:
+    """What each row may take next, as scores to add: (N, V) float, 0 where allowed, -inf where not.
+    Forced rows allow only their forced token, finished rows nothing.
 
     Every row must belong to plans of one vocabulary (one model). Cost: one gather from the table, one
     scatter for forced tokens, one for banned (row, token) pairs — no per-token Python.
     """
     tables = rows[0].plan.tables
-    index = torch.tensor([r.mask_index for r in rows], dtype=torch.long)
-    mask = tables.on(device)[index.to(device)]  # (N, V)
-    forced_rows, forced_tokens, ban_rows, ban_tokens = [], [], [], []
+    index, forced_rows, forced_tokens, ban_rows, ban_tokens = [], [], [], [], []
     for i, r in enumerate(rows):
+        index.append(r.mask_index)
         if r._forced is not None:
             forced_rows.append(i)
             forced_tokens.append(r._forced)
         elif r.step_banned:
             ban_rows.extend([i] * len(r.step_banned))
             ban_tokens.extend(r.step_banned)
+    bias = tables.bias_on(device)[torch.tensor(index, device=device)]  # (N, V)
     if forced_rows:
-        mask[torch.tensor(forced_rows, device=device), torch.tensor(forced_tokens, device=device)] = True
+        bias[torch.tensor(forced_rows, device=device), torch.tensor(forced_tokens, device=device)] = 0.0
     if ban_rows:
-        mask[torch.tensor(ban_rows, device=device), torch.tensor(ban_tokens, device=device)] = False
-    return mask
+        bias[torch.tensor(ban_rows, device=device), torch.tensor(ban_tokens, device=device)] = float("-inf")
+    return bias
+
+
+def allowed_masks(rows: list[RowState], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The tokens each row may take next: (N, V) bool (`allowed_bias` as a mask)."""
+    return allowed_bias(rows, device) == 0

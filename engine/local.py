@@ -147,6 +147,7 @@ class LocalEngine:
             log.warning("closing: %d requests did not finish within %.0fs", len(leftover), drain_timeout)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        self.runner.close()
         for req_id in list(self._futures):
             self._resolve(req_id, EngineUnavailableError("the engine is shutting down"))
 

@@ -1,14 +1,22 @@
 """The model runner: decides *how* a step runs. Tensors only; the scheduler decides who is in the batch.
 
-For each serving model version it keeps one batch on the device: the next input token of every row (R,)
-and the recurrent state (L, R, S). A step, per model version:
+For each serving model version it keeps one batch on the device: the next input token of every row (R,),
+the recurrent state (L, R, S), each row's model log-prob so far and its beam score. Rows are ordered by
+segment — greedy, sample, then beam requests grouped by width — so that every mode decodes a contiguous
+slice and all beam requests of one width share one topk. A step, per model version:
 
-    drop the rows of requests that left        state = state[:, keep]
+    drop the rows that left or chose <eos>     one gather (it also restores the segment order)
     append rows for requests that joined       zero state, the <form> start token
-    one model.step on the batch, padded        logits (P, V), P = max(R, min_batch_rows)
-    constrain and choose per request           greedy / sample (its own generator) / beam_step
-    reorder beam rows, one transfer to host    tokens and beam parents, (2, R) → lists
-    advance every RowState, finish the done    PoemResult per finished request
+    model.step on the batch, padded  ─────────┐ on the model thread: logits (P, V), P = max(R, min_batch_rows)
+    advance every RowState with the last      │ meanwhile, here: the previous step's tokens, in Python;
+      step's tokens, finish the done requests │ the masks, bans and penalties this step needs
+    constrain and choose, per segment ◄───────┘ argmax / sample_batch / beam_search_step per width
+    one device → host transfer                 tokens, beam parents and totals, (3, R)
+
+The Python half of a step (RowState.advance, building the mask indices) runs while the model computes,
+on a second thread — as vLLM's async scheduling overlaps the CPU's scheduling with the GPU's step. A
+request's rows leave the batch as soon as they chose <eos> (every form has a fixed length, so that step is
+known in advance); its poem is assembled, from the tokens already on the host, while the next step runs.
 
 Batch invariance: on CPU, `model.step` gives bit-identical rows for any batch of 16 or more rows at any row
 position, but different bits for batches of 1–15 (the BLAS kernels block small matrices differently).
@@ -24,20 +32,22 @@ last row finishes, alongside the new version's batch.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import count
 
 import torch
 
-from engine.api import PoemRequest, PoemResult, RequestError
-from engine.constraints import PoemPlan, RowState, allowed_masks, build_plan
-from engine.decoding import (beam_step, constrain, greedy, make_generator, repeat_penalty_for, repetition_penalty,
-                             sample_batch)
+from engine.api import PoemRequest, PoemResult
+from engine.constraints import PoemPlan, RowState, build_plan
+from engine.decoding import beam_search_step, make_generator, repeat_penalty_for, sample_batch, step_bias
 from engine.forms import format_poem
 from engine.registry import ModelRegistry, ServingModel
 from engine.scheduler import EngineRequest, RunnerOutput, SchedulerOutput
 
 NEG_INF = float("-inf")
 MIN_BATCH_ROWS = 16  # see the module docstring: batch invariance
+_arrivals = count()  # tie-break for the segment order: first come, first placed
 
 
 def make_plan(serving: ServingModel, request: PoemRequest) -> PoemPlan:
@@ -54,12 +64,46 @@ class RowGroup:
     plan: PoemPlan
     rows: list[RowState]  # one per batch row, in batch order
     generator: torch.Generator | None  # sample mode: the request's own, seeded from `seed`
-    beam_scores: torch.Tensor | None = None  # beam mode: (k,) cumulative ranking scores, on the device
+    penalty: float  # repetition penalty of its mode
+    segment: tuple[int, int]  # where its rows sit in the batch: (0, 1) greedy, (1, 1) sample, (2, width) beam
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    offset: int = 0  # its first row in the batch tensors
+    steps_left: int = 0  # choices still to make; 0 once it chose <eos>
+    last: tuple[list[int], list[int]] | None = None  # the last step's tokens and parents, not yet applied
+    score: float = 0.0  # model log-prob of row 0 after the last step
     started: float = field(default_factory=time.perf_counter)
 
     @property
     def num_rows(self) -> int:
         return len(self.rows)
+
+    @property
+    def is_beam(self) -> bool:
+        return self.segment[0] == 2
+
+    def catch_up(self) -> None:
+        """Apply the last step's tokens to the rows (beams first take their parents' places)."""
+        if self.last is None:
+            return
+        tokens, parents = self.last
+        if self.is_beam:
+            self.rows = _children(self.rows, parents)
+        for row, token in zip(self.rows, tokens):
+            row.advance(token)
+        self.last = None
+
+
+@dataclass
+class StepInputs:
+    """What the choice needs from the rows, gathered while the model step runs."""
+
+    bias: torch.Tensor  # (R, V) step_bias: -inf where a row may not go, minus its repetition penalty
+    num_greedy: int  # rows [0, num_greedy) are greedy
+    sample_rows: list[int]  # sample rows with a free choice this step
+    sample_cfg: list[tuple[float, int, float, float]]  # their (temperature, top_k, top_p, uniform)
+    forced_rows: list[int]  # greedy and sample rows whose token is forced
+    forced_tokens: list[int]
+    beams: list[tuple[int, int, int]]  # (width, first row, end row) per beam segment
 
 
 class ModelBatch:
@@ -68,138 +112,151 @@ class ModelBatch:
     def __init__(self, serving: ServingModel):
         self.serving = serving
         self.device = serving.device
-        self.groups: dict[str, RowGroup] = {}  # req_id → group, in batch-row order
+        self.groups: list[RowGroup] = []  # in batch order
+        self.leaving: list[RowGroup] = []  # chose <eos> last step: rows gone, poems not yet assembled
         cfg = serving.model.config
         self.tokens = torch.empty(0, dtype=torch.long, device=self.device)  # (R,) next input token per row
         self.state = torch.zeros(cfg.num_layers, 0, cfg.state_dim, device=self.device)  # (L, R, S)
         self.totals = torch.zeros(0, device=self.device)  # (R,) model log-prob of each row's text so far
+        self.beam_scores = torch.zeros(0, device=self.device)  # (R,) beam rows: cumulative ranking score
 
     @property
     def num_rows(self) -> int:
         return self.tokens.shape[0]
 
-    def remove(self, req_ids: set[str]) -> None:
-        """Drop the rows of requests that left (finished, cancelled, expired)."""
-        leaving = [r for r in req_ids if r in self.groups]
-        if not leaving:
-            return
-        keep, offset = [], 0
-        for req_id, group in self.groups.items():
-            if req_id not in req_ids:
-                keep.extend(range(offset, offset + group.num_rows))
-            offset += group.num_rows
-        for req_id in leaving:
-            del self.groups[req_id]
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.tokens = self.tokens[index]  # (R',)
-        self.state = self.state[:, index]  # (L, R', S)
-        self.totals = self.totals[index]
-
     def add(self, req: EngineRequest, plan: PoemPlan) -> None:
-        """Append the request's rows: zero state, the <form> token as the first input."""
+        """Append the request's rows (zero state, the <form> token as the first input); `arrange` places them."""
         request = req.request
         k = req.num_rows
+        beam = request.mode == "beam"
         group = RowGroup(req.req_id, request, plan, [plan.new_row() for _ in range(k)],
-                         make_generator(request.seed) if request.mode == "sample" else None)
-        if request.mode == "beam":
-            group.beam_scores = torch.full((k,), NEG_INF, device=self.device)
-            group.beam_scores[0] = 0.0  # one live beam at the start; the others fill from its candidates
-        self.groups[req.req_id] = group
-        start = torch.full((k,), plan.start_token, dtype=torch.long, device=self.device)
-        self.tokens = torch.cat([self.tokens, start])
+                         make_generator(request.seed) if request.mode == "sample" else None,
+                         penalty=repeat_penalty_for(request.mode),
+                         segment=(2, k) if beam else (1, 1) if request.mode == "sample" else (0, 1),
+                         offset=self.num_rows, steps_left=plan.num_steps)
+        self.groups.append(group)
+        scores = torch.full((k,), NEG_INF, device=self.device)
+        scores[0] = 0.0  # beam: one live beam at the start; the others fill from its candidates
+        self.tokens = torch.cat([self.tokens, torch.full((k,), plan.start_token, dtype=torch.long, device=self.device)])
         self.state = torch.cat([self.state, self.serving.model.init_state(k, self.device)], dim=1)
         self.totals = torch.cat([self.totals, torch.zeros(k, device=self.device)])
+        self.beam_scores = torch.cat([self.beam_scores, scores])
 
-    def step(self, min_rows: int) -> dict[str, PoemResult]:
-        """One decoding step for every row; returns the requests it finished."""
-        model, device, vocab_size = self.serving.model, self.device, len(self.serving.vocab)
+    def remove(self, req_ids: set[str]) -> None:
+        """Forget requests that left (cancelled, expired); `arrange` drops their rows."""
+        self.groups = [g for g in self.groups if g.req_id not in req_ids]
+        self.leaving = [g for g in self.leaving if g.req_id not in req_ids]
+
+    def arrange(self) -> None:
+        """Retire the groups that chose <eos>, then put the rest in segment order: at most one gather."""
+        self.leaving += [g for g in self.groups if g.steps_left == 0]
+        self.groups = sorted((g for g in self.groups if g.steps_left), key=lambda g: (g.segment, g.arrival))
+        keep, offset = [], 0
+        for g in self.groups:
+            keep.extend(range(g.offset, g.offset + g.num_rows))
+            g.offset, offset = offset, offset + g.num_rows
+        if keep == list(range(self.num_rows)):
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.tokens, self.totals, self.beam_scores = self.tokens[index], self.totals[index], self.beam_scores[index]
+        self.state = self.state[:, index]  # (L, R', S)
+
+    def launch(self, pool: ThreadPoolExecutor, min_rows: int) -> Future | None:
+        """Start this step's model.step on the model thread; None when the batch is empty."""
         R = self.num_rows
+        if not R:
+            return None
         P = max(R, min_rows)
         tokens, state = self.tokens, self.state
         if P > R:  # pad rows: any token, zero state; their outputs are never read
             tokens = torch.cat([tokens, tokens.new_zeros(P - R)])  # (P,)
             state = torch.cat([state, state.new_zeros(state.shape[0], P - R, state.shape[2])], dim=1)  # (L, P, S)
-        logits, state = model.step(tokens, state)  # (P, V), (L, P, S)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)[:R]  # (R, V): row-local
-        state = state[:, :R]
+        return pool.submit(_model_step, self.serving.model, tokens, state)
 
-        rows = [row for g in self.groups.values() for row in g.rows]  # batch order
-        penalties = [repeat_penalty_for(g.request.mode) for g in self.groups.values() for _ in g.rows]
-        mask = allowed_masks(rows, device)  # (R, V) bool
-        penalty = repetition_penalty(rows, vocab_size, device, penalties)  # (R, V) or None
-        scores = constrain(logprobs, mask, penalty)  # (R, V), for greedy and sample rows
-
-        # Per row: the next token and the row it continues (itself, or a beam's parent).
-        next_tokens = torch.empty(R, dtype=torch.long, device=device)  # (R,)
-        parents = torch.arange(R, device=device)  # (R,)
-        token_logprobs = torch.empty(R, device=device)  # (R,)
-        greedy_idx, sample_idx, sample_u, sample_cfg = [], [], [], []
-        forced_idx, forced_tok = [], []
-        offset = 0
-        for group in self.groups.values():
-            k, mode = group.num_rows, group.request.mode
-            if mode == "beam":
-                sl = slice(offset, offset + k)
-                bs = beam_step(logprobs[sl], group.beam_scores, k, mask[sl],
-                               None if penalty is None else penalty[sl])
-                next_tokens[sl] = bs.tokens
-                parents[sl] = bs.parents + offset
-                token_logprobs[sl] = bs.logprobs
-                group.beam_scores = bs.scores
-            else:
-                forced = group.rows[0].forced()
-                if forced is not None:  # punctuation, <eos>, prompt characters: no draw, still a model step
-                    forced_idx.append(offset)
-                    forced_tok.append(forced)
-                elif mode == "sample":
-                    sample_idx.append(offset)
-                    # One uniform per free step from the request's own generator: independent of the batch.
-                    sample_u.append(float(torch.rand((), generator=group.generator)))
-                    r = group.request
-                    sample_cfg.append((r.temperature, r.top_k, r.top_p))
+    def catch_up(self) -> tuple[dict[str, PoemResult], StepInputs]:
+        """Apply the last step's tokens; finish the groups that left; gather what this step's choice needs."""
+        finished = {}
+        for group in self.leaving:
+            group.catch_up()
+            assert all(r.done for r in group.rows), "every row of a fixed-length form ends on the same step"
+            finished[group.req_id] = self._result(group)
+        self.leaving = []
+        rows, penalties, sample_rows, sample_cfg, forced_rows, forced_tokens, beams = [], [], [], [], [], [], []
+        num_greedy = 0
+        for group in self.groups:
+            group.catch_up()
+            offset, k = group.offset, group.num_rows
+            rows.extend(group.rows)
+            penalties.extend([group.penalty] * k)
+            kind, width = group.segment
+            if kind == 2:
+                if beams and beams[-1][0] == width:
+                    beams[-1] = (width, beams[-1][1], offset + k)
                 else:
-                    greedy_idx.append(offset)
-            offset += k
-        if greedy_idx:
-            idx = torch.tensor(greedy_idx, device=device)
-            next_tokens[idx] = greedy(scores[idx])
-        if sample_idx:
-            idx = torch.tensor(sample_idx, device=device)
-            temperature, top_k, top_p = (torch.tensor(c) for c in zip(*sample_cfg))
+                    beams.append((width, offset, offset + k))
+                continue
+            num_greedy += kind == 0
+            forced = group.rows[0].forced()
+            if forced is not None:  # punctuation, <eos>, prompt characters: no draw, still a model step
+                forced_rows.append(offset)
+                forced_tokens.append(forced)
+            elif kind == 1:
+                sample_rows.append(offset)
+                # One uniform per free step from the request's own generator: independent of the batch.
+                r = group.request
+                sample_cfg.append((r.temperature, r.top_k, r.top_p, float(torch.rand((), generator=group.generator))))
+        bias = step_bias(rows, penalties, self.device) if rows else None
+        return finished, StepInputs(bias, num_greedy, sample_rows, sample_cfg, forced_rows, forced_tokens, beams)
+
+    def choose(self, logits: torch.Tensor, state: torch.Tensor, inputs: StepInputs) -> None:
+        """Pick every row's next token from this step's logits; one transfer to the host."""
+        device, R = self.device, self.num_rows
+        logprobs = torch.log_softmax(logits[:R].float(), dim=-1)  # (R, V): row-local
+        scores = inputs.bias.add_(logprobs)  # (R, V): decoding.constrained_scores, its bias built in advance
+        next_tokens = torch.empty(R, dtype=torch.long, device=device)  # (R,)
+        parents = torch.arange(R, device=device)  # (R,) the row each row continues: itself, or a beam's parent
+        g = inputs.num_greedy
+        if g:
+            next_tokens[:g] = scores[:g].argmax(dim=-1)
+        if inputs.sample_rows:
+            idx = torch.tensor(inputs.sample_rows, device=device)
+            temperature, top_k, top_p, uniform = (torch.tensor(c) for c in zip(*inputs.sample_cfg))
             next_tokens[idx] = sample_batch(scores[idx], temperature.float(), top_k.long(), top_p.float(),
-                                            torch.tensor(sample_u, dtype=torch.float32))
-        if forced_idx:
-            next_tokens[torch.tensor(forced_idx, device=device)] = torch.tensor(forced_tok, device=device)
-        single = greedy_idx + sample_idx + forced_idx
-        if single:
-            idx = torch.tensor(single, device=device)
-            token_logprobs[idx] = logprobs[idx, next_tokens[idx]]
-
+                                            uniform.float())
+        if inputs.forced_rows:
+            next_tokens[torch.tensor(inputs.forced_rows, device=device)] = torch.tensor(inputs.forced_tokens, device=device)
+        for width, a, b in inputs.beams:
+            step = beam_search_step(scores[a:b], self.beam_scores[a:b], width)
+            next_tokens[a:b] = step.tokens
+            parents[a:b] = step.parents + a
+            self.beam_scores[a:b] = step.scores
         # Beam rows continue their parents' state; then the only device → host transfer of the step.
-        self.state = state[:, parents]  # (L, R, S)
-        self.totals = self.totals[parents] + token_logprobs
+        if inputs.beams:
+            state = state[:, parents]
+            self.totals = self.totals[parents]
+        self.state = state[:, :R] if not inputs.beams else state
+        self.totals = self.totals + logprobs[parents, next_tokens]
         self.tokens = next_tokens
-        host_tokens, host_parents = torch.stack([next_tokens, parents]).tolist()
+        # float64 holds token ids and parents exactly, and the float32 totals too: one transfer for all three.
+        host_tokens, host_parents, host_totals = torch.stack([next_tokens.double(), parents.double(),
+                                                              self.totals.double()]).tolist()
+        for group in self.groups:
+            a, b = group.offset, group.offset + group.num_rows
+            group.last = ([int(t) for t in host_tokens[a:b]], [int(p) - a for p in host_parents[a:b]])
+            group.score = host_totals[a]
+            group.steps_left -= 1
 
-        finished: dict[str, PoemResult] = {}
-        offset = 0
-        for req_id, group in self.groups.items():
-            k = group.num_rows
-            if group.request.mode == "beam":
-                group.rows = _children(group.rows, [p - offset for p in host_parents[offset:offset + k]])
-            for row, tok in zip(group.rows, host_tokens[offset:offset + k]):
-                row.advance(tok)
-            if group.rows[0].done:
-                assert all(r.done for r in group.rows), "every row of a fixed-length form ends on the same step"
-                finished[req_id] = self._result(group, float(self.totals[offset]))
-            offset += k
-        return finished
-
-    def _result(self, group: RowGroup, score: float) -> PoemResult:
+    def _result(self, group: RowGroup) -> PoemResult:
         row = group.rows[0]  # beams are sorted by score
         return PoemResult(poem=format_poem(row.line_texts), lines=row.line_texts, form=group.plan.form.name,
                           mode=group.request.mode, model={"name": self.serving.name, "version": self.serving.version},
-                          elapsed_ms=0.0, notes=list(row.notes), score=score)
+                          elapsed_ms=(time.perf_counter() - group.started) * 1e3, notes=list(row.notes),
+                          score=group.score)
+
+
+def _model_step(model, tokens: torch.Tensor, state: torch.Tensor):
+    with torch.inference_mode():  # thread-local: the model thread needs its own
+        return model.step(tokens, state)
 
 
 def _children(rows: list[RowState], parents: list[int]) -> list[RowState]:
@@ -219,6 +276,7 @@ class ModelRunner:
         self.min_batch_rows = min_batch_rows
         self.batches: dict[int, ModelBatch] = {}  # id(ServingModel) → its batch
         self.req_batch: dict[str, ModelBatch] = {}  # req_id → the batch holding its rows
+        self._pool: ThreadPoolExecutor | None = None  # the model thread, started with the first step
 
     @property
     def num_rows(self) -> int:
@@ -229,10 +287,16 @@ class ModelRunner:
         self.batches.clear()
         self.req_batch.clear()
 
+    def close(self) -> None:
+        """Stop the model thread (a later step starts a new one)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         finished: dict[str, object] = {}
-        # Leave: one gather per batch that lost rows.
+        # Leave: requests the scheduler dropped (cancelled, expired).
         by_batch: dict[int, set[str]] = {}
         for req_id in out.finished_req_ids:
             batch = self.req_batch.pop(req_id, None)
@@ -256,15 +320,29 @@ class ModelRunner:
                 batch = self.batches[id(serving)] = ModelBatch(serving)
             batch.add(req, plan)
             self.req_batch[req.req_id] = batch
-        # Run: one model step per version; empty batches (an old version's last rows left) are let go.
+        # Run: every batch's model step goes to the model thread; meanwhile the rows catch up here.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yinshi-model")
+        batches = list(self.batches.values())
+        for batch in batches:
+            batch.arrange()
+        launched = [(batch, batch.launch(self._pool, self.min_batch_rows)) for batch in batches]
+        try:
+            inputs = []
+            for batch in batches:
+                done, step_inputs = batch.catch_up()
+                inputs.append(step_inputs)
+                for req_id, result in done.items():
+                    finished[req_id] = result
+                    del self.req_batch[req_id]
+        finally:
+            results = [(batch, future.result() if future is not None else None) for batch, future in launched]
         num_rows = num_padded = 0
-        for key, batch in list(self.batches.items()):
-            if batch.num_rows == 0:
-                del self.batches[key]
+        for (batch, result), step_inputs in zip(results, inputs):
+            if result is None:  # an empty batch (an old version's last rows left): let it go
+                del self.batches[id(batch.serving)]
                 continue
             num_rows += batch.num_rows
             num_padded += max(batch.num_rows, self.min_batch_rows)
-            for req_id, result in batch.step(self.min_batch_rows).items():
-                result.elapsed_ms = (time.perf_counter() - batch.groups[req_id].started) * 1e3
-                finished[req_id] = result
+            batch.choose(*result, step_inputs)
         return RunnerOutput(finished=finished, num_rows=num_rows, num_padded_rows=num_padded)

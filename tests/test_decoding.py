@@ -12,7 +12,8 @@ from engine import decoding
 from engine.api import PoemRequest, RequestError
 from engine.checkpoint import load_checkpoint
 from engine.constraints import build_plan
-from engine.decoding import beam_step, generate_one, greedy, make_generator, repetition_penalty, sample, sample_batch
+from engine.decoding import (beam_search_step, generate_one, greedy, make_generator, sample, sample_batch,
+                             step_bias)
 from engine.forms import FORM_NAMES, FORMS
 from engine.prosody import prosody_for
 from engine.quality import check_poem
@@ -162,40 +163,75 @@ def test_batched_sampling_equals_row_by_row_sampling():
     assert batch.tolist() == single
 
 
-def test_beam_step_ranks_cumulative_scores_and_names_parents():
-    logprobs = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]]))
-    step = beam_step(logprobs, torch.tensor([0.0, -1.0]), width=3)
+def test_sampling_keeps_exactly_the_nucleus_and_the_top_k():
+    # Against a brute-force nucleus in float64 over flat, peaked and masked rows: every draw is in the kept
+    # set, and with enough draws every kept token turns up.
+    gen = torch.Generator().manual_seed(0)
+    for scale, top_p, top_k in [(0.5, 0.9, 0), (3.0, 0.9, 0), (8.0, 0.5, 0), (1.0, 1.0, 0), (2.0, 0.95, 7)]:
+        logits = torch.randn(300, generator=gen) * scale
+        logits[::3] = float("-inf")
+        probs = torch.softmax(logits.double(), dim=-1)
+        ordered, _ = probs.sort(descending=True)
+        boundary = ordered[min(int((ordered.cumsum(0) < top_p).sum()), int((ordered > 0).sum()) - 1)]
+        kept = probs >= boundary
+        if top_k:
+            kept &= probs >= ordered[top_k - 1]
+        n = 4000
+        draws = sample_batch(logits.expand(n, -1), torch.ones(n), torch.full((n,), top_k), torch.full((n,), top_p),
+                             torch.rand(n, generator=gen))
+        assert kept[draws].all(), (scale, top_p, top_k)
+        if int(kept.sum()) <= 20:
+            assert set(draws.tolist()) == set(kept.nonzero().flatten().tolist())
+
+
+def test_sampling_draws_the_last_kept_token_when_the_uniform_rounds_up():
+    logits = torch.tensor([[0.0, 0.0, float("-inf"), 0.0, float("-inf")]])
+    one = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype)  # noqa: E731
+    assert int(sample_batch(logits, one(1.0), one(0, torch.long), one(1.0), one(1.0 - 2**-24))[0]) == 3
+    assert int(sample_batch(logits, one(1.0), one(0, torch.long), one(1.0), one(0.0))[0]) == 0
+
+
+def test_beam_search_step_ranks_cumulative_scores_and_names_parents():
+    scores = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]]))
+    step = beam_search_step(scores[:2], torch.tensor([0.0, -1.0]), width=2)
     # candidates: (0,0) -0.51, (0,1) -1.20, (1,2) -1.22, ...
-    assert step.parents.tolist() == [0, 0, 1] and step.tokens.tolist() == [0, 1, 2]
-    assert torch.all(step.scores[:-1] >= step.scores[1:])
-    assert torch.allclose(step.logprobs, logprobs[step.parents, step.tokens])
+    assert step.parents.tolist() == [0, 0] and step.tokens.tolist() == [0, 1]
+    assert step.scores[0] >= step.scores[1]
 
 
-def test_beam_step_fills_empty_slots_with_dead_copies_of_the_best_beam():
-    logprobs = torch.log_softmax(torch.randn(3, 5), dim=-1)
-    mask = torch.zeros(3, 5, dtype=torch.bool)
-    mask[:, 2] = True  # a forced step: one candidate per row
-    step = beam_step(logprobs, torch.tensor([0.0, float("-inf"), float("-inf")]), width=3, mask=mask)
+def test_beam_search_step_keeps_requests_apart_and_equal_to_their_solo_steps():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.log_softmax(torch.randn(12, 50, generator=gen), dim=-1)  # 3 requests × width 4
+    beam = torch.randn(12, generator=gen)
+    together = beam_search_step(scores, beam, width=4)
+    for g in range(3):
+        rows = slice(4 * g, 4 * g + 4)
+        alone = beam_search_step(scores[rows], beam[rows], width=4)
+        assert together.parents[rows].tolist() == [p + 4 * g for p in alone.parents.tolist()]
+        assert torch.equal(together.tokens[rows], alone.tokens) and torch.equal(together.scores[rows], alone.scores)
+
+
+def test_beam_search_step_fills_empty_slots_with_dead_copies_of_the_best_beam():
+    scores = torch.full((3, 5), float("-inf"))
+    scores[:, 2] = torch.log_softmax(torch.randn(3, 5), dim=-1)[:, 2]  # a forced step: one candidate per row
+    step = beam_search_step(scores, torch.tensor([0.0, float("-inf"), float("-inf")]), width=3)
     assert step.parents.tolist() == [0, 0, 0] and step.tokens.tolist() == [2, 2, 2]
     assert torch.isfinite(step.scores[0]) and torch.isinf(step.scores[1:]).all()
 
 
-def test_beam_step_subtracts_the_penalty_before_ranking():
-    logprobs = torch.log(torch.tensor([[0.5, 0.4, 0.1]]))
-    penalty = torch.tensor([[1.0, 0.0, 0.0]])
-    step = beam_step(logprobs, torch.zeros(1), width=1, penalty=penalty)
-    assert step.tokens.tolist() == [1]
-
-
-def test_repetition_penalty_grows_with_each_earlier_use(tiny):
+def test_step_bias_masks_and_subtracts_the_penalty_per_earlier_use(tiny):
     _, vocab, prosody = tiny
     plan = build_plan(vocab, prosody, PoemRequest(form="wujue", prompt="月月山"))
     row = plan.new_row()
     for _ in range(3):
         row.advance(row.forced())
-    pen = repetition_penalty([row], len(vocab), "cpu", 0.5)
-    assert pen[0, vocab.index["月"]] == 1.0 and pen[0, vocab.index["山"]] == 0.5 and pen.sum() == 1.5
-    assert repetition_penalty([row], len(vocab), "cpu", 0.0) is None
+    bias = step_bias([row], 0.5, "cpu")[0]
+    allowed = torch.isfinite(bias)
+    assert not allowed[vocab.index["月"]]  # a third 月 is banned
+    assert bias[vocab.index["山"]] == -0.5  # one earlier use
+    assert (bias[allowed] == 0).sum() == allowed.sum() - 1
+    assert torch.equal(torch.isfinite(step_bias([row], 0.0, "cpu")[0]), allowed)
+    assert (step_bias([row], 0.0, "cpu")[0][allowed] == 0).all()
 
 
 def test_sampling_mode_has_no_repetition_penalty():
