@@ -204,7 +204,7 @@ class BeamStep:
 def beam_search_step(scores: torch.Tensor, beam_scores: torch.Tensor, width: int) -> BeamStep:
     """One step of beam search for G requests of the same width, in one topk.
 
-    scores (G·width, V): each beam's constrained_scores, request after request; beam_scores (G·width,)
+    scores (G·width, V): each beam's constrained_scores, request after request (overwritten); beam_scores (G·width,)
     cumulative, -inf for an empty slot (start a request's beams with [0, -inf, …]). Every request keeps
     `width` beams: when fewer than `width` candidates are finite, the empty slots copy its best beam with
     score -inf, so every row stays a valid, advanceable state and never wins. Each request's result
@@ -212,7 +212,7 @@ def beam_search_step(scores: torch.Tensor, beam_scores: torch.Tensor, width: int
     """
     n, V = scores.shape
     G = n // width
-    total = (beam_scores.float()[:, None] + scores).view(G, width * V)  # (G, width·V)
+    total = scores.add_(beam_scores.float()[:, None]).view(G, width * V)  # (G, width·V), in place: scores is spent
     top, flat = total.topk(width, dim=-1)  # (G, width), best first
     base = torch.arange(G, device=scores.device)[:, None] * width  # (G, 1): each request's first row
     parents, tokens = flat // V + base, flat % V

@@ -31,6 +31,7 @@ last row finishes, alongside the new version's batch.
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -69,8 +70,8 @@ class RowGroup:
     arrival: int = field(default_factory=lambda: next(_arrivals))
     offset: int = 0  # its first row in the batch tensors
     steps_left: int = 0  # choices still to make; 0 once it chose <eos>
-    last: tuple[list[int], list[int]] | None = None  # the last step's tokens and parents, not yet applied
-    score: float = 0.0  # model log-prob of row 0 after the last step
+    last: tuple[list, int] | None = None  # the last step's host (tokens, parents, totals) and where its rows were
+    score: float = 0.0  # model log-prob of row 0 after the last step applied
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -85,11 +86,13 @@ class RowGroup:
         """Apply the last step's tokens to the rows (beams first take their parents' places)."""
         if self.last is None:
             return
-        tokens, parents = self.last
+        (tokens, parents, totals), a = self.last
+        b = a + self.num_rows
         if self.is_beam:
-            self.rows = _children(self.rows, parents)
-        for row, token in zip(self.rows, tokens):
-            row.advance(token)
+            self.rows = _children(self.rows, [int(p) - a for p in parents[a:b]])
+        for row, token in zip(self.rows, tokens[a:b]):
+            row.advance(int(token))
+        self.score = totals[a]
         self.last = None
 
 
@@ -171,7 +174,12 @@ class ModelBatch:
         if P > R:  # pad rows: any token, zero state; their outputs are never read
             tokens = torch.cat([tokens, tokens.new_zeros(P - R)])  # (P,)
             state = torch.cat([state, state.new_zeros(state.shape[0], P - R, state.shape[2])], dim=1)  # (L, P, S)
-        return pool.submit(_model_step, self.serving.model, tokens, state)
+        started = threading.Event()
+        future = pool.submit(_model_step, started, self.serving.model, tokens, state)
+        # Let the model thread through its Python preamble before this thread's Python takes the GIL: else
+        # it waits up to a switch interval to start, and the overlap loses most of what it gains.
+        started.wait()
+        return future
 
     def catch_up(self) -> tuple[dict[str, PoemResult], StepInputs]:
         """Apply the last step's tokens; finish the groups that left; gather what this step's choice needs."""
@@ -238,12 +246,9 @@ class ModelBatch:
         self.totals = self.totals + logprobs[parents, next_tokens]
         self.tokens = next_tokens
         # float64 holds token ids and parents exactly, and the float32 totals too: one transfer for all three.
-        host_tokens, host_parents, host_totals = torch.stack([next_tokens.double(), parents.double(),
-                                                              self.totals.double()]).tolist()
-        for group in self.groups:
-            a, b = group.offset, group.offset + group.num_rows
-            group.last = ([int(t) for t in host_tokens[a:b]], [int(p) - a for p in host_parents[a:b]])
-            group.score = host_totals[a]
+        host = torch.stack([next_tokens.double(), parents.double(), self.totals.double()]).tolist()
+        for group in self.groups:  # each group reads its slice while the next step runs
+            group.last = (host, group.offset)
             group.steps_left -= 1
 
     def _result(self, group: RowGroup) -> PoemResult:
@@ -254,8 +259,9 @@ class ModelBatch:
                           score=group.score)
 
 
-def _model_step(model, tokens: torch.Tensor, state: torch.Tensor):
+def _model_step(started: threading.Event, model, tokens: torch.Tensor, state: torch.Tensor):
     with torch.inference_mode():  # thread-local: the model thread needs its own
+        started.set()
         return model.step(tokens, state)
 
 

@@ -203,10 +203,10 @@ def test_beam_search_step_keeps_requests_apart_and_equal_to_their_solo_steps():
     gen = torch.Generator().manual_seed(1)
     scores = torch.log_softmax(torch.randn(12, 50, generator=gen), dim=-1)  # 3 requests × width 4
     beam = torch.randn(12, generator=gen)
-    together = beam_search_step(scores, beam, width=4)
+    together = beam_search_step(scores.clone(), beam, width=4)  # it ranks in place
     for g in range(3):
         rows = slice(4 * g, 4 * g + 4)
-        alone = beam_search_step(scores[rows], beam[rows], width=4)
+        alone = beam_search_step(scores[rows].clone(), beam[rows], width=4)
         assert together.parents[rows].tolist() == [p + 4 * g for p in alone.parents.tolist()]
         assert torch.equal(together.tokens[rows], alone.tokens) and torch.equal(together.scores[rows], alone.scores)
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The GPU checks, in one run on a CUDA machine whose Python already has torch, aiohttp, prometheus-client and
+# safetensors (the rest of the engine's needs come as wheels in .whl/, when there is no package index):
+#   bash scripts/gpu_check.sh OUT_DIR
+# Runs the CUDA tests, then the engine benchmark on cuda (JSON to OUT_DIR/bench_cuda.json, table to .log).
+set -uo pipefail
+out=${1:-${OUT:-.}}
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_cuda.py 2>&1 | tee "$out/tests_cuda.log" | tail -5
+python3 -m engine bench --device cuda --concurrency 1 16 64 256 --requests 64 \
+    >"$out/bench_cuda.json" 2> >(tee "$out/bench_cuda.log" >&2)
