@@ -7,7 +7,8 @@ Variants, each with `concurrency` closed-loop clients (a client sends its next r
 returns) writing `--form` poems (qijue):
   unbatched  one request at a time on one worker, `decoding.generate_one` — the classic way
   engine     LocalEngine in this process (continuous batching)
-  http       the aiohttp service on 127.0.0.1 with EngineClient (client and server share this process)
+  http       `python -m engine serve` in its own process on 127.0.0.1, called through EngineClient — as the bot
+             calls a deployed engine (a server sharing this process would share its GIL with the clients)
   ceiling    a bare loop of batched `model.step` at the same batch size, no masks, no scheduling
 poems/s over the whole run; p50/p99 latency per request (queueing included). The ceiling's latency is
 its steps per poem × its mean step time.
@@ -126,22 +127,13 @@ async def run(args) -> dict:
                                   watch_interval=0.0)
         engine = LocalEngine(settings)
         await engine.start()
-        runner = site = None
+        server = None
         try:
             if "http" in args.variants:
-                from aiohttp import web
-
                 from engine.client import EngineClient
-                from engine.service import ServiceSettings, create_app
 
-                http_engine = LocalEngine(EngineSettings(**{**settings.__dict__}))
-                app = create_app(ServiceSettings(engine=settings), engine=http_engine)
-                runner = web.AppRunner(app, access_log=None)
-                await runner.setup()
-                site = web.TCPSite(runner, "127.0.0.1", 0)
-                await site.start()
-                port = site._server.sockets[0].getsockname()[1]
-                client = EngineClient(f"http://127.0.0.1:{port}", timeout=600, retries=0)
+                server, url = await start_server(root, args, settings)
+                client = EngineClient(url, timeout=600, retries=0)
             for mode in args.modes:
                 for c in args.concurrency:
                     n = max(c, args.requests)
@@ -162,14 +154,51 @@ async def run(args) -> dict:
                         results.append(r)
                         print(format_row(r), file=sys.stderr, flush=True)
         finally:
-            if "http" in args.variants:
+            if server is not None:
                 await client.close()
-                await runner.cleanup()
+                server.terminate()
+                await server.wait()
             await engine.close()
     return {"device": str(device), "torch_threads": torch.get_num_threads(), "checkpoint": str(checkpoint),
             "model": {"cell": serving.model.config.cell, "parameters": serving.model.num_parameters(),
                       "version": serving.version},
             "form": form.name, "beam_width": args.beam_width, "results": results, "ratios": ratios(results)}
+
+
+async def start_server(root: Path, args, settings) -> tuple[asyncio.subprocess.Process, str]:
+    """`python -m engine serve` on a free loopback port, serving the bench's store; returns it once ready."""
+    import os
+    import socket
+
+    import aiohttp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "ENGINE_MODELS": "lstm", "ENGINE_WATCH_INTERVAL": "0",
+           "ENGINE_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+    log = tempfile.TemporaryFile()
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine", "serve", "--port", str(port), "--checkpoints", str(root),
+        "--device", args.device, "--max-rows", str(settings.max_num_rows), "--max-queue", str(settings.max_queue),
+        env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(600):
+            if server.returncode is not None:
+                break
+            try:
+                async with session.get(f"{url}/readyz") as response:
+                    if response.status == 200:
+                        return server, url
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    if server.returncode is None:
+        server.terminate()
+    await server.wait()
+    log.seek(0)
+    raise RuntimeError(f"the engine server did not become ready:\n{log.read().decode(errors='replace')[-2000:]}")
 
 
 def ratios(results: list[dict]) -> list[dict]:

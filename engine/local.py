@@ -47,7 +47,7 @@ class EngineSettings:
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> EngineSettings:
-        """Settings from CHECKPOINT_DIR, DEVICE and ENGINE_{MODELS,MAX_ROWS,MAX_QUEUE,TIMEOUT,WATCH_INTERVAL}."""
+        """Settings from CHECKPOINT_DIR, DEVICE and ENGINE_{MODELS,MAX_ROWS,MAX_QUEUE,THREADS,TIMEOUT,WATCH_INTERVAL}."""
         env = os.environ if env is None else env
         values: dict = {}
         if env.get("CHECKPOINT_DIR"):
@@ -57,6 +57,7 @@ class EngineSettings:
         if env.get("ENGINE_MODELS"):
             values["model_names"] = tuple(n.strip() for n in env["ENGINE_MODELS"].split(",") if n.strip())
         for key, name, kind in (("ENGINE_MAX_ROWS", "max_num_rows", int), ("ENGINE_MAX_QUEUE", "max_queue", int),
+                                ("ENGINE_THREADS", "threads", int),
                                 ("ENGINE_TIMEOUT", "request_timeout", float),
                                 ("ENGINE_WATCH_INTERVAL", "watch_interval", float)):
             if env.get(key):

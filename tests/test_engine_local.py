@@ -162,8 +162,8 @@ async def test_an_engine_with_no_loadable_model_is_not_ready(tmp_path, empty_pac
 
 def test_settings_come_from_the_environment():
     s = EngineSettings.from_env({"CHECKPOINT_DIR": "/srv/ckpt", "DEVICE": "cpu", "ENGINE_MODELS": "gru, lstm",
-                                 "ENGINE_MAX_ROWS": "128", "ENGINE_MAX_QUEUE": "9"})
-    assert (s.checkpoint_dir, s.device, s.model_names, s.max_num_rows, s.max_queue) == \
-        ("/srv/ckpt", "cpu", ("gru", "lstm"), 128, 9)
+                                 "ENGINE_MAX_ROWS": "128", "ENGINE_MAX_QUEUE": "9", "ENGINE_THREADS": "1"})
+    assert (s.checkpoint_dir, s.device, s.model_names, s.max_num_rows, s.max_queue, s.threads) == \
+        ("/srv/ckpt", "cpu", ("gru", "lstm"), 128, 9, 1)
     with pytest.raises(ValueError, match="ENGINE_MAX_ROWS"):
         EngineSettings.from_env({"ENGINE_MAX_ROWS": "lots"})

@@ -1,0 +1,35 @@
+"""`python -m engine bench` end to end on the tiny checkpoint: every variant runs (http through a real
+`python -m engine serve` subprocess) and the report holds the numbers the README's table is made of."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from engine.bench import percentile, ratios
+
+
+def test_bench_runs_every_variant_and_reports_ratios(tiny_checkpoint, tmp_path):
+    cmd = [sys.executable, "-m", "engine", "bench", "--checkpoint", str(tiny_checkpoint), "--concurrency", "1", "3",
+           "--requests", "3", "--modes", "greedy", "beam", "--beam-width", "2", "--form", "wujue", "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    cells = {(r["mode"], r["concurrency"], r["variant"]): r for r in report["results"]}
+    assert set(cells) == {(m, c, v) for m in ("greedy", "beam") for c in (1, 3)
+                          for v in ("unbatched", "engine", "http", "ceiling")}
+    assert all(r["requests"] == 3 and r["poems_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in cells.values())
+    assert {(r["mode"], r["concurrency"]) for r in report["ratios"]} == {(m, c) for m in ("greedy", "beam") for c in (1, 3)}
+    assert all({"engine_vs_ceiling", "engine_vs_unbatched", "http_vs_engine"} <= set(r) for r in report["ratios"])
+    assert report["form"] == "wujue" and report["torch_threads"] == 1
+    assert "engine_vs_ceiling" in done.stderr  # the table and ratios go to stderr
+
+
+def test_ratios_and_percentiles_are_computed_from_the_cells():
+    results = [{"variant": v, "mode": "greedy", "concurrency": 4, "poems_per_s": n, "p50_ms": 10.0, "p99_ms": 20.0}
+               for v, n in (("engine", 50.0), ("ceiling", 100.0), ("unbatched", 5.0), ("http", 45.0))]
+    (r,) = ratios(results)
+    assert (r["engine_vs_ceiling"], r["engine_vs_unbatched"], r["http_vs_engine"], r["engine_p99_over_p50"]) == \
+        (0.5, 10.0, 0.9, 2.0)
+    assert percentile([5.0, 1.0, 3.0], 50) == 3.0 and percentile([1.0, 2.0], 99) == 2.0
