@@ -41,7 +41,7 @@ import torch
 
 from engine.api import PoemRequest, PoemResult
 from engine.constraints import PoemPlan, RowState, build_plan
-from engine.decoding import beam_search_step, make_generator, repeat_penalty_for, sample_batch, step_bias
+from engine.decoding import beam_search_step, greedy, make_generator, repeat_penalty_for, sample_batch, step_bias
 from engine.forms import format_poem
 from engine.registry import ModelRegistry, ServingModel
 from engine.scheduler import EngineRequest, RunnerOutput, SchedulerOutput
@@ -214,18 +214,22 @@ class ModelBatch:
                 r = group.request
                 sample_cfg.append((r.temperature, r.top_k, r.top_p, float(torch.rand((), generator=group.generator))))
         bias = step_bias(rows, penalties, self.device) if rows else None
+        for _, a, b in beams:  # beam rows rank bias + beam score + log-prob: decoding.beam_totals, in advance
+            bias[a:b].add_(self.beam_scores[a:b, None])
         return finished, StepInputs(bias, num_greedy, sample_rows, sample_cfg, forced_rows, forced_tokens, beams)
 
     def choose(self, logits: torch.Tensor, state: torch.Tensor, inputs: StepInputs) -> None:
         """Pick every row's next token from this step's logits; one transfer to the host."""
         device, R = self.device, self.num_rows
         logprobs = torch.log_softmax(logits[:R].float(), dim=-1)  # (R, V): row-local
-        scores = inputs.bias.add_(logprobs)  # (R, V): decoding.constrained_scores, its bias built in advance
+        # (R, V): constrained_scores for greedy and sample rows, beam_totals for beam rows; the bias was
+        # built while the model step ran.
+        scores = inputs.bias.add_(logprobs)
         next_tokens = torch.empty(R, dtype=torch.long, device=device)  # (R,)
         parents = torch.arange(R, device=device)  # (R,) the row each row continues: itself, or a beam's parent
         g = inputs.num_greedy
         if g:
-            next_tokens[:g] = scores[:g].argmax(dim=-1)
+            next_tokens[:g] = greedy(scores[:g])
         if inputs.sample_rows:
             idx = torch.tensor(inputs.sample_rows, device=device)
             temperature, top_k, top_p, uniform = (torch.tensor(c) for c in zip(*inputs.sample_cfg))
@@ -234,7 +238,7 @@ class ModelBatch:
         if inputs.forced_rows:
             next_tokens[torch.tensor(inputs.forced_rows, device=device)] = torch.tensor(inputs.forced_tokens, device=device)
         for width, a, b in inputs.beams:
-            step = beam_search_step(scores[a:b], self.beam_scores[a:b], width)
+            step = beam_search_step(scores[a:b], width)
             next_tokens[a:b] = step.tokens
             parents[a:b] = step.parents + a
             self.beam_scores[a:b] = step.scores

@@ -13,7 +13,7 @@ from engine.api import PoemRequest, RequestError
 from engine.checkpoint import load_checkpoint
 from engine.constraints import build_plan
 from engine.decoding import (beam_search_step, generate_one, greedy, make_generator, sample, sample_batch,
-                             step_bias)
+                             step_bias, top_k)
 from engine.forms import FORM_NAMES, FORMS
 from engine.prosody import prosody_for
 from engine.quality import check_poem
@@ -192,8 +192,8 @@ def test_sampling_draws_the_last_kept_token_when_the_uniform_rounds_up():
 
 
 def test_beam_search_step_ranks_cumulative_scores_and_names_parents():
-    scores = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]]))
-    step = beam_search_step(scores[:2], torch.tensor([0.0, -1.0]), width=2)
+    scores = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]]))
+    step = beam_search_step(torch.tensor([[0.0], [-1.0]]) + scores, width=2)
     # candidates: (0,0) -0.51, (0,1) -1.20, (1,2) -1.22, ...
     assert step.parents.tolist() == [0, 0] and step.tokens.tolist() == [0, 1]
     assert step.scores[0] >= step.scores[1]
@@ -201,22 +201,38 @@ def test_beam_search_step_ranks_cumulative_scores_and_names_parents():
 
 def test_beam_search_step_keeps_requests_apart_and_equal_to_their_solo_steps():
     gen = torch.Generator().manual_seed(1)
-    scores = torch.log_softmax(torch.randn(12, 50, generator=gen), dim=-1)  # 3 requests × width 4
-    beam = torch.randn(12, generator=gen)
-    together = beam_search_step(scores.clone(), beam, width=4)  # it ranks in place
+    totals = torch.log_softmax(torch.randn(12, 6000, generator=gen), dim=-1) + torch.randn(12, 1, generator=gen)
+    together = beam_search_step(totals, width=4)  # 3 requests × width 4
     for g in range(3):
         rows = slice(4 * g, 4 * g + 4)
-        alone = beam_search_step(scores[rows].clone(), beam[rows], width=4)
+        alone = beam_search_step(totals[rows].clone(), width=4)
         assert together.parents[rows].tolist() == [p + 4 * g for p in alone.parents.tolist()]
         assert torch.equal(together.tokens[rows], alone.tokens) and torch.equal(together.scores[rows], alone.scores)
+        best = totals[rows].flatten().topk(4)
+        assert torch.equal(alone.scores, best.values)
 
 
 def test_beam_search_step_fills_empty_slots_with_dead_copies_of_the_best_beam():
-    scores = torch.full((3, 5), float("-inf"))
-    scores[:, 2] = torch.log_softmax(torch.randn(3, 5), dim=-1)[:, 2]  # a forced step: one candidate per row
-    step = beam_search_step(scores, torch.tensor([0.0, float("-inf"), float("-inf")]), width=3)
+    totals = torch.full((3, 5), float("-inf"))
+    totals[0, 2] = -0.5  # a forced step from one live beam: one finite candidate
+    step = beam_search_step(totals, width=3)
     assert step.parents.tolist() == [0, 0, 0] and step.tokens.tolist() == [2, 2, 2]
     assert torch.isfinite(step.scores[0]) and torch.isinf(step.scores[1:]).all()
+
+
+@pytest.mark.parametrize("n", [6000, 6009, 256, 37])  # with and without a block size dividing the row
+def test_greedy_and_top_k_by_block_maxima_equal_argmax_and_topk(n):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(40, n, generator=gen)
+    x[:, ::7] = float("-inf")
+    x[3, :] = float("-inf")
+    x[3, n // 2] = 0.0
+    x[5, 10] = x[5, 2000 % n] = x[5].max() + 1  # a tie: the first one wins, as argmax
+    assert torch.equal(greedy(x), x.argmax(dim=-1))
+    for k in (1, 5, 16):
+        values, idx = top_k(x, k)
+        ref = x.topk(k, dim=-1)
+        assert torch.equal(values, ref.values) and torch.equal(x.gather(1, idx), values)
 
 
 def test_step_bias_masks_and_subtracts_the_penalty_per_earlier_use(tiny):
