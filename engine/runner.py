@@ -5,18 +5,19 @@ the recurrent state (L, R, S), each row's model log-prob so far and its beam sco
 segment — greedy, sample, then beam requests grouped by width — so that every mode decodes a contiguous
 slice and all beam requests of one width share one topk. A step, per model version:
 
-    drop the rows that left or chose <eos>     one gather (it also restores the segment order)
+    drop the rows that left or finished        one gather (it also restores the segment order)
     append rows for requests that joined       zero state, the <form> start token
     model.step on the batch, padded  ─────────┐ on the model thread: logits (P, V), P = max(R, min_batch_rows)
     advance every RowState with the last      │ meanwhile, here: the previous step's tokens, in Python;
-      step's tokens, finish the done requests │ the masks, bans and penalties this step needs
-    constrain and choose, per segment ◄───────┘ argmax / sample_batch / beam_search_step per width
+      step's tokens                           │ the masks, bans and penalties this step needs
+    constrain and choose, per segment ◄───────┘ greedy / sample_batch / beam_search_step per width
     one device → host transfer                 tokens, beam parents and totals, (3, R)
+    assemble the poems that chose <eos>        their rows are free for the next step
 
 The Python half of a step (RowState.advance, building the mask indices) runs while the model computes,
-on a second thread — as vLLM's async scheduling overlaps the CPU's scheduling with the GPU's step. A
-request's rows leave the batch as soon as they chose <eos> (every form has a fixed length, so that step is
-known in advance); its poem is assembled, from the tokens already on the host, while the next step runs.
+on a second thread — as vLLM's async scheduling overlaps the CPU's scheduling with the GPU's step. Only
+the requests that just chose <eos> are caught up at once, so that their rows go back to the scheduler
+without waiting a step.
 
 Batch invariance: on CPU, `model.step` gives bit-identical rows for any batch of 16 or more rows at any row
 position, but different bits for batches of 1–15 (the BLAS kernels block small matrices differently).
@@ -116,7 +117,6 @@ class ModelBatch:
         self.serving = serving
         self.device = serving.device
         self.groups: list[RowGroup] = []  # in batch order
-        self.leaving: list[RowGroup] = []  # chose <eos> last step: rows gone, poems not yet assembled
         cfg = serving.model.config
         self.tokens = torch.empty(0, dtype=torch.long, device=self.device)  # (R,) next input token per row
         self.state = torch.zeros(cfg.num_layers, 0, cfg.state_dim, device=self.device)  # (L, R, S)
@@ -148,11 +148,9 @@ class ModelBatch:
     def remove(self, req_ids: set[str]) -> None:
         """Forget requests that left (cancelled, expired); `arrange` drops their rows."""
         self.groups = [g for g in self.groups if g.req_id not in req_ids]
-        self.leaving = [g for g in self.leaving if g.req_id not in req_ids]
 
     def arrange(self) -> None:
-        """Retire the groups that chose <eos>, then put the rest in segment order: at most one gather."""
-        self.leaving += [g for g in self.groups if g.steps_left == 0]
+        """Drop the rows of finished groups and put the rest in segment order: at most one gather."""
         self.groups = sorted((g for g in self.groups if g.steps_left), key=lambda g: (g.segment, g.arrival))
         keep, offset = [], 0
         for g in self.groups:
@@ -181,14 +179,8 @@ class ModelBatch:
         started.wait()
         return future
 
-    def catch_up(self) -> tuple[dict[str, PoemResult], StepInputs]:
-        """Apply the last step's tokens; finish the groups that left; gather what this step's choice needs."""
-        finished = {}
-        for group in self.leaving:
-            group.catch_up()
-            assert all(r.done for r in group.rows), "every row of a fixed-length form ends on the same step"
-            finished[group.req_id] = self._result(group)
-        self.leaving = []
+    def catch_up(self) -> StepInputs:
+        """Apply the last step's tokens and gather what this step's choice needs."""
         rows, penalties, sample_rows, sample_cfg, forced_rows, forced_tokens, beams = [], [], [], [], [], [], []
         num_greedy = 0
         for group in self.groups:
@@ -216,10 +208,11 @@ class ModelBatch:
         bias = step_bias(rows, penalties, self.device) if rows else None
         for _, a, b in beams:  # beam rows rank bias + beam score + log-prob: decoding.beam_totals, in advance
             bias[a:b].add_(self.beam_scores[a:b, None])
-        return finished, StepInputs(bias, num_greedy, sample_rows, sample_cfg, forced_rows, forced_tokens, beams)
+        return StepInputs(bias, num_greedy, sample_rows, sample_cfg, forced_rows, forced_tokens, beams)
 
-    def choose(self, logits: torch.Tensor, state: torch.Tensor, inputs: StepInputs) -> None:
-        """Pick every row's next token from this step's logits; one transfer to the host."""
+    def choose(self, logits: torch.Tensor, state: torch.Tensor, inputs: StepInputs) -> dict[str, PoemResult]:
+        """Pick every row's next token from this step's logits (one transfer to the host); returns the poems
+        of the requests that chose <eos>, so that the scheduler frees their rows for the next step."""
         device, R = self.device, self.num_rows
         logprobs = torch.log_softmax(logits[:R].float(), dim=-1)  # (R, V): row-local
         # (R, V): constrained_scores for greedy and sample rows, beam_totals for beam rows; the bias was
@@ -251,9 +244,15 @@ class ModelBatch:
         self.tokens = next_tokens
         # float64 holds token ids and parents exactly, and the float32 totals too: one transfer for all three.
         host = torch.stack([next_tokens.double(), parents.double(), self.totals.double()]).tolist()
+        finished = {}
         for group in self.groups:  # each group reads its slice while the next step runs
             group.last = (host, group.offset)
             group.steps_left -= 1
+            if not group.steps_left:  # it chose <eos>: assemble its poem now rather than a step later
+                group.catch_up()
+                assert all(r.done for r in group.rows), "every row of a fixed-length form ends on the same step"
+                finished[group.req_id] = self._result(group)
+        return finished
 
     def _result(self, group: RowGroup) -> PoemResult:
         row = group.rows[0]  # beams are sorted by score
@@ -338,13 +337,7 @@ class ModelRunner:
             batch.arrange()
         launched = [(batch, batch.launch(self._pool, self.min_batch_rows)) for batch in batches]
         try:
-            inputs = []
-            for batch in batches:
-                done, step_inputs = batch.catch_up()
-                inputs.append(step_inputs)
-                for req_id, result in done.items():
-                    finished[req_id] = result
-                    del self.req_batch[req_id]
+            inputs = [batch.catch_up() for batch in batches]
         finally:
             results = [(batch, future.result() if future is not None else None) for batch, future in launched]
         num_rows = num_padded = 0
@@ -354,5 +347,7 @@ class ModelRunner:
                 continue
             num_rows += batch.num_rows
             num_padded += max(batch.num_rows, self.min_batch_rows)
-            batch.choose(*result, step_inputs)
+            for req_id, poem in batch.choose(*result, step_inputs).items():
+                finished[req_id] = poem
+                del self.req_batch[req_id]
         return RunnerOutput(finished=finished, num_rows=num_rows, num_padded_rows=num_padded)
