@@ -394,8 +394,12 @@ class RowState:
 
         tables = plan.tables
         # Tone: the union of what each still-possible s asks for here (nothing, if either asks nothing).
-        asks = [plan.tone_req[k][pos] for k, s in enumerate((LEVEL, OBLIQUE)) if self.starts & s]
-        tone = 0 if 0 in asks else (asks[0] | asks[-1])
+        req_l, req_o = plan.tone_req[0][pos], plan.tone_req[1][pos]
+        starts = self.starts
+        if starts == BOTH:
+            tone = req_l | req_o if req_l and req_o else 0
+        else:
+            tone = req_l if starts == LEVEL else req_o
         index = _TONE_MASK[tone]
         banned = list(self.banned)
         if pos in plan.rhyme_at:
@@ -410,20 +414,19 @@ class RowState:
         # row is already level-only, so rhyme goes first there (dropping tone alone would change nothing).
         # tables.counts makes the usual case one comparison; the exact check runs only when bans could
         # empty the row.
-        where = _where(form, pos)
         rhymes = pos in plan.rhyme_at
         if not rhymes and tone and not self._feasible(index, banned):
-            self._note(f"tone: no character fits the tone pattern at {where}; the tone rule is relaxed there")
+            self._note(f"tone: no character fits the tone pattern at {_where(form, pos)}; the tone rule is relaxed there")
             index = MASK_HAN
         if rhymes and not self._feasible(index, banned):
             self._note(f"rhyme: no character of the rhyme group can end line {pos // (L + 1) + 1}; "
                        f"the rhyme rule is relaxed for that line")
             index = _TONE_MASK[tone]
             if tone and not self._feasible(index, banned):
-                self._note(f"tone: no character fits the tone pattern at {where}; the tone rule is relaxed there")
+                self._note(f"tone: no character fits the tone pattern at {_where(form, pos)}; the tone rule is relaxed there")
                 index = MASK_HAN
         if not self._feasible(index, banned):
-            self._note(f"repetition: every character left at {where} was used twice already; "
+            self._note(f"repetition: every character left at {_where(form, pos)} was used twice already; "
                        f"the repetition rule is relaxed there")
             banned = []
         self.mask_index, self.step_banned = index, banned
