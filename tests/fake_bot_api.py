@@ -8,7 +8,7 @@
     await api.stop()
 
 Speaks just enough of the API for the bot: getMe, getUpdates (long-poll, capped at `max_poll_wait` so
-tests stay fast), deleteWebhook, setMyCommands, sendMessage, editMessageReplyMarkup, answerCallbackQuery,
+tests stay fast), deleteWebhook, setWebhook, setMyCommands, sendMessage, editMessageReplyMarkup, answerCallbackQuery,
 answerInlineQuery, getChatMember. Every call is recorded in `calls`, failed ones included.
 """
 
@@ -147,6 +147,9 @@ class FakeBotApi:
         return BOT_USER
 
     async def _api_deleteWebhook(self, params):
+        return True
+
+    async def _api_setWebhook(self, params):
         return True
 
     async def _api_setMyCommands(self, params):

@@ -281,3 +281,60 @@ async def test_python_m_bot_run_polls_answers_and_keeps_the_token_out_of_its_log
     log = stderr.decode()
     assert TOKEN not in log and "Traceback" not in log, log
     assert proc.returncode == 0
+
+
+async def test_python_m_bot_run_in_webhook_mode_takes_updates_only_with_the_secret(tmp_path, fake_api):
+    """WEBHOOK_URL set: the real entry point registers the webhook and serves it; an update POSTed with the
+    secret token is answered, one without it is refused and changes nothing."""
+    import json
+    import os
+    import signal
+    import socket
+    import sys
+    from pathlib import Path
+
+    import aiohttp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    secret = "webhook-secret_0123456789"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_BASE_URL": fake_api.base_url,
+           "ENGINE_URL": "http://127.0.0.1:9", "DATABASE_PATH": str(tmp_path / "run.db"),
+           "WEBHOOK_URL": "https://bot.example/telegram/hook", "WEBHOOK_LISTEN": "127.0.0.1",
+           "WEBHOOK_PORT": str(port), "WEBHOOK_SECRET": secret}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "--env-file", str(tmp_path / "none"),
+                                                "run", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/telegram/hook"
+    try:
+        (registered,) = await fake_api.wait_for_calls("setWebhook", timeout=30)
+        assert registered["url"] == "https://bot.example/telegram/hook" and registered["secret_token"] == secret
+        assert not fake_api.calls_of("getUpdates")  # no polling beside the webhook
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):  # the server starts listening just after setWebhook
+                try:
+                    async with session.post(url, data="{}", headers={"X-Telegram-Bot-Api-Secret-Token": "wrong"}) as r:
+                        refused = r.status
+                    break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            update = fake_api.message(USER, "/help")
+            async with session.post(url, data=json.dumps(update), headers={
+                    "Content-Type": "application/json", "X-Telegram-Bot-Api-Secret-Token": secret}) as r:
+                accepted = r.status
+            (sent,) = await fake_api.wait_for_sent(1, timeout=30)
+            forged = fake_api.message(USER + 1, "/help")
+            async with session.post(url, data=json.dumps(forged), headers={
+                    "Content-Type": "application/json", "X-Telegram-Bot-Api-Secret-Token": "not-the-secret"}) as r:
+                forged_status = r.status
+        await asyncio.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert refused == 403 and accepted == 200 and forged_status == 403
+    assert sent["chat_id"] == USER and "/daily" in sent["text"]
+    assert len(fake_api.sent) == 1  # the forged update was not answered
+    log = stderr.decode()
+    assert TOKEN not in log and secret not in log and "Traceback" not in log, log
+    assert proc.returncode == 0
