@@ -74,8 +74,7 @@ def _where(form: Form, pos: int) -> str:
 class MaskTables:
     """Rows of allowed tokens: fixed ones (none, Han, 平, 仄, toned) and one per rhyme-group set in use.
 
-    Index assignment is plain Python on the CPU; `on(device)` copies the table to a device once and again
-    only when new rhyme sets were registered since.
+    Index assignment is plain Python on the CPU; `bias_on(device)` is the table as 0/-inf scores on a device.
     """
 
     def __init__(self, prosody: Prosody):
@@ -87,7 +86,7 @@ class MaskTables:
         self.counts: list[int] = [int(r.sum()) for r in fixed]  # allowed tokens per row
         self.rhyme_index: dict[frozenset[int], int] = {}
         self.group_sizes = [int(n) for n in p.rhyme.sum(dim=1)]  # (G,) members per group
-        self._device: dict[tuple[str, str], torch.Tensor] = {}  # (device, kind) → (K, V) table
+        self._device: dict[str, torch.Tensor] = {}  # device → (K, V) bias table
 
     def rhyme_row(self, groups: frozenset[int]) -> int:
         """The table row of "any character of these rhyme groups", registered on first use."""
@@ -102,20 +101,15 @@ class MaskTables:
     def allowed_ids(self, index: int) -> list[int]:
         return self.rows[index].nonzero().flatten().tolist()
 
-    def on(self, device) -> torch.Tensor:
-        """The whole table on `device`: (K, V) bool."""
-        return self._cached(device, "mask", lambda rows: rows)
-
     def bias_on(self, device) -> torch.Tensor:
         """The table as additive scores on `device`: (K, V) float, 0 where allowed and -inf where not.
-        Adding a gathered bias row is several times faster on CPU than masked_fill with a scattered mask."""
-        return self._cached(device, "bias", lambda rows: torch.zeros(rows.shape).masked_fill_(~rows, float("-inf")))
-
-    def _cached(self, device, kind: str, build) -> torch.Tensor:
-        key = (str(device), kind)
+        Copied to a device once, and again only when new rhyme sets were registered since. Adding a gathered
+        bias row is several times faster on CPU than masked_fill with a scattered mask."""
+        key = str(device)
         table = self._device.get(key)
         if table is None or table.shape[0] < len(self.rows):
-            table = self._device[key] = build(torch.stack(self.rows)).to(device)
+            rows = torch.stack(self.rows)
+            table = self._device[key] = torch.zeros(rows.shape).masked_fill_(~rows, float("-inf")).to(device)
         return table
 
 

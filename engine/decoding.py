@@ -308,7 +308,7 @@ def _single(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, flo
 
 def _beam(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, float]:
     device = _device_of(model)
-    width, V = request.beam_width, len(plan.vocab)
+    width = request.beam_width
     rows = [plan.new_row() for _ in range(width)]
     scores = torch.full((width,), NEG_INF, device=device)
     scores[0] = 0.0  # one live beam at the start; the others fill from its candidates

@@ -237,9 +237,8 @@ class ModelBatch:
             self.beam_scores[a:b] = step.scores
         # Beam rows continue their parents' state; then the only device → host transfer of the step.
         if inputs.beams:
-            state = state[:, parents]
-            self.totals = self.totals[parents]
-        self.state = state[:, :R] if not inputs.beams else state
+            state, self.totals = state[:, parents], self.totals[parents]
+        self.state = state[:, :R]  # drops the padding rows
         self.totals = self.totals + logprobs[parents, next_tokens]
         self.tokens = next_tokens
         # float64 holds token ids and parents exactly, and the float32 totals too: one transfer for all three.

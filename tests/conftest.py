@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,13 @@ DECODING_OPTIONS = {
     "no tone": {"tone": False},
     "neither": {"rhyme": False, "tone": False},
 }
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for servers started in another process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_poems(n: int, seed: int = 0) -> list[str]:

@@ -289,15 +289,13 @@ async def test_python_m_bot_run_in_webhook_mode_takes_updates_only_with_the_secr
     import json
     import os
     import signal
-    import socket
     import sys
     from pathlib import Path
 
     import aiohttp
+    from conftest import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     secret = "webhook-secret_0123456789"
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_BASE_URL": fake_api.base_url,

@@ -16,15 +16,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from conftest import free_port
 from engine.forms import FORMS, split_lines
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_start_script_answers_a_poem_from_a_fresh_clone_without_a_token(tmp_path):
