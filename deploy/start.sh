@@ -40,15 +40,17 @@ client_host=$ENGINE_HOST
 export ENGINE_URL=${ENGINE_URL:-http://$client_host:$ENGINE_PORT}
 mkdir -p var/log "$CHECKPOINT_DIR" "$(dirname "$DATABASE_PATH")"
 
-# -- install (once; again when pyproject.toml changes) ----------------------------------------------------
+# -- install (once; again when the build files change) -----------------------------------------------------
 PY=.venv/bin/python
 if [[ ! -x $PY ]]; then
     echo "creating .venv" >&2
     "${PYTHON:-python3}" -m venv .venv
 fi
-# Install when the project does not import, or when pyproject.toml changed since our last install.
+# Install when the project does not import, or when pyproject.toml, setup.py or the C kernels it builds
+# (an editable install does not rebuild them by itself) changed since our last install.
 stamp=.venv/.yinshi-installed
-if ! "$PY" -c "import torch, engine, bot, trainer" 2>/dev/null || [[ -f $stamp && pyproject.toml -nt $stamp ]]; then
+changed() { [[ -f $stamp ]] && for f in pyproject.toml setup.py engine/_kernels.c; do [[ $f -nt $stamp ]] && return 0; done; return 1; }
+if ! "$PY" -c "import torch, engine, bot, trainer" 2>/dev/null || changed; then
     echo "installing (torch ${TORCH_VERSION:-2.13.0} first, then the project)" >&2
     "$PY" -m pip install -q --upgrade pip
     "$PY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}

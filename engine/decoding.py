@@ -1,18 +1,22 @@
 """Decoding: greedy, sampling and beam search on (masked) logits, and the one-request reference decoder.
 
-The primitives work on tensors and are shared with the batched engine (engine/runner.py), so that a
-request decodes to the same poem in either:
+The choice works on tensors and is shared with the batched engine (engine/runner.py), so that a request
+decodes to the same poem in either. After each model step:
 
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
-    scores = constrained_scores(logprobs, rows, [repeat_penalty_for(mode) per row])  # (N, V): -inf, penalty
-                                                          # = step_bias(rows, penalties, device) + logprobs
-    greedy(scores)                                        # (N,) argmax
-    sample_batch(scores, temperature, top_k, top_p, u)    # (N,) one draw per row from its own uniform u
-    sample(scores[i], temperature, top_k, top_p, gen)     # the same for one row, drawing u from gen
-    beam_search_step(beam_totals(step_bias(beam_rows, …), beam_scores, logprobs[…]), width)  # G requests → BeamStep
+    bias = step_bias(rows, [repeat_penalty_for(mode) per row], device)  # (N, V): -inf where a row may not
+                                                          # go, minus its repetition penalty (no logits needed)
+    choose_greedy(logits, bias)                           # (N,) the first best token per row
+    choose_sample(logits, bias, rows, temperature, top_k, top_p, u)  # one draw per listed row, from its own u
+    lse = logsumexp(logits)                               # (N,): logits - lse[:, None] are the log-probs
+    choose_beam(logits, bias + beam_scores[:, None], lse, width)     # G requests of one width → BeamStep
 
-Sampling on log-probs or on logits is the same (softmax ignores a per-row shift); greedy and beam use
-log-probs so that beam width 1 picks exactly what greedy picks.
+Greedy and sampling rank `bias + logits`: the log-sum-exp is a per-row constant, which changes neither a
+row's argmax nor its softmax. Beam search compares candidates across rows, so it ranks the constrained
+log-probs `bias + (logits - lse)`; with width 1 it picks what greedy picks. On a CPU with the C kernels
+built (engine/kernels.py) each choice takes one or two passes per row; elsewhere (a GPU, an install
+without a C compiler) the torch primitives below do it: greedy, sample_batch and beam_search_step on
+those scores. Greedy and beam search pick the same tokens either way; sampling keeps the same tokens and
+draws by the same rule, with its own float rounding.
 
 `generate_one(model, vocab, prosody, request)` decodes one request on its own — the reference the batched
 engine is tested against and the "classic" baseline of the benchmarks. It is also the CLI:
@@ -46,6 +50,7 @@ from pathlib import Path
 import torch
 
 from engine.api import MODES, MAX_BEAM_WIDTH, PoemRequest, PoemResult, RequestError
+from engine import kernels
 from engine.constraints import RowState, allowed_bias, build_plan
 from engine.forms import DEFAULT_FORM, FORM_NAMES, format_poem
 from engine.model import PoemModel
@@ -94,11 +99,6 @@ def step_bias(rows: list[RowState], penalty: float | list[float], device) -> tor
     minus the repetition penalty where it may (penalty: one value, or one per row). It needs no logits,
     so the engine builds it while the model step runs."""
     return penalize_(allowed_bias(rows, device), rows, penalty)
-
-
-def constrained_scores(logprobs: torch.Tensor, rows: list[RowState], penalty: float | list[float]) -> torch.Tensor:
-    """What greedy, sampling and beam search rank: logprobs (N, V) plus `step_bias` (a new tensor)."""
-    return step_bias(rows, penalty, logprobs.device).add_(logprobs)
 
 
 def greedy(scores: torch.Tensor) -> torch.Tensor:
@@ -210,16 +210,6 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     return idx.squeeze(1)
 
 
-def sample(logits_row: torch.Tensor, temperature: float, top_k: int, top_p: float,
-           generator: torch.Generator) -> int:
-    """One token from logits (V,) with temperature, top-k (0 = off) and top-p, using `generator`'s next
-    uniform number (one per call) — the same draw `sample_batch` makes for that row given that number."""
-    u = torch.rand((), generator=generator, device=generator.device).item()
-    one = lambda v, dtype: torch.tensor([v], dtype=dtype)  # noqa: E731
-    return int(sample_batch(logits_row[None], one(temperature, torch.float32), one(top_k, torch.long),
-                            one(top_p, torch.float32), one(u, torch.float32))[0])
-
-
 def make_generator(seed: int | None) -> torch.Generator:
     """A CPU generator for one request: seeded, or from fresh entropy when seed is None."""
     g = torch.Generator()
@@ -238,16 +228,20 @@ def beam_search_step(totals: torch.Tensor, width: int) -> BeamStep:
     """One step of beam search for G requests of the same width, in one top_k.
 
     totals (G·width, V): each candidate's cumulative ranking score, request after request — built as
-    `step_bias(rows) + beam_scores[:, None] + logprobs`, in that order (see `beam_totals`), with
+    `(step_bias(rows) + beam_scores[:, None]) + logprobs`, in that order (as `choose_beam` does), with
     beam_scores -inf for an empty slot (start a request's beams with [0, -inf, …]). Every request keeps
     `width` beams: when fewer than `width` candidates are finite, the empty slots copy its best beam with
     score -inf, so every row stays a valid, advanceable state and never wins. Each request's result
     depends only on its own rows.
     """
     n, V = totals.shape
-    G = n // width
-    top, flat = top_k(totals.view(G, width * V), width)  # (G, width), best first
-    base = torch.arange(G, device=totals.device)[:, None] * width  # (G, 1): each request's first row
+    top, flat = top_k(totals.view(n // width, width * V), width)  # (G, width), best first
+    return _beam_step(top, flat, V, width)
+
+
+def _beam_step(top: torch.Tensor, flat: torch.Tensor, V: int, width: int) -> BeamStep:
+    """BeamStep from each request's best `width` candidates: values and flat indices (G, width), best first."""
+    base = torch.arange(top.shape[0], device=top.device)[:, None] * width  # (G, 1): each request's first row
     parents, tokens = flat // V + base, flat % V
     dead = top == float("-inf")
     if bool(dead.any()):
@@ -256,10 +250,53 @@ def beam_search_step(totals: torch.Tensor, width: int) -> BeamStep:
     return BeamStep(parents=parents.flatten(), tokens=tokens.flatten(), scores=top.flatten())
 
 
-def beam_totals(bias: torch.Tensor, beam_scores: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    """What beam_search_step ranks: bias (k, V) from step_bias, plus each beam's score, plus the log-probs,
-    in place in `bias`. The engine adds the beam scores while the model step runs."""
-    return bias.add_(beam_scores.float()[:, None]).add_(logprobs)
+# ---------------------------------------------------------------------------------------------------------
+# The choice after a model step: C kernels on a CPU, the torch primitives above elsewhere
+
+
+def logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's log Σ exp of logits (N, V): (N,) float32. logits - lse[:, None] are the log-probs."""
+    if kernels.usable(logits):
+        return kernels.logsumexp(logits)
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
+def choose_greedy(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The first token with the best constrained score in each row: (N,) long. It ranks bias + logits,
+    which orders a row as bias + log-probs does (the log-sum-exp is the row's constant), so no
+    log-sum-exp waits in front of the choice."""
+    if kernels.usable(logits, bias):
+        return kernels.greedy(logits, bias)
+    return greedy(bias + logits.float())
+
+
+def choose_sample(logits: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
+                  top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One draw for each of `rows` (n,) long from bias + logits (softmax ignores the log-sum-exp), by
+    `sample_batch`'s rule: temperature, top_k, top_p and uniform are (n,), one per listed row. (n,) long."""
+    temperature = temperature.float().clamp_min(MIN_TEMPERATURE)
+    if kernels.usable(logits, bias):
+        return kernels.sample(logits, bias, rows.cpu(), temperature.cpu(), top_k.cpu(), top_p.cpu(), uniform.cpu())
+    return sample_batch(bias[rows] + logits[rows].float(), temperature, top_k, top_p, uniform)
+
+
+def sample(logits_row: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
+    """One token from unconstrained logits (V,), using `generator`'s next uniform number (one per call)."""
+    logits = logits_row[None].float().contiguous()  # (1, V)
+    u = float(torch.rand((), generator=generator, device=generator.device))
+    one = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype, device=logits.device)  # noqa: E731
+    return int(choose_sample(logits, torch.zeros_like(logits), one(0, torch.long), one(temperature),
+                             one(top_k, torch.long), one(top_p), one(u))[0])
+
+
+def choose_beam(logits: torch.Tensor, bias: torch.Tensor, lse: torch.Tensor, width: int) -> BeamStep:
+    """One beam-search step for the G requests of width `width` whose rows these are; `bias` already holds
+    each beam's score (see beam_search_step). Beams of different rows compete, so this ranks log-probs:
+    bias + (logits - lse)."""
+    if kernels.usable(logits, bias, lse):
+        top, flat = kernels.beam_top(logits, bias, lse, width)
+        return _beam_step(top, flat, logits.shape[1], width)
+    return beam_search_step(bias + (logits.float() - lse[:, None]), width)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,15 +330,18 @@ def _single(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, flo
     token, total = plan.start_token, 0.0
     while not row.done:
         logits, state = model.step(torch.tensor([token], device=device), state)  # (1, V)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (1, V)
+        lse = logsumexp(logits)  # (1,)
         token = row.forced()
         if token is None:
-            scores = constrained_scores(logprobs, [row], penalty)
+            bias = step_bias([row], penalty, device)  # (1, V)
             if generator is None:
-                token = int(greedy(scores)[0])
-            else:
-                token = sample(scores[0], request.temperature, request.top_k, request.top_p, generator)
-        total += float(logprobs[0, token])
+                token = int(choose_greedy(logits, bias)[0])
+            else:  # one uniform per free step from the request's generator, as the engine draws it
+                u = float(torch.rand((), generator=generator))
+                one = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype, device=device)  # noqa: E731
+                token = int(choose_sample(logits, bias, one(0, torch.long), one(request.temperature),
+                                          one(request.top_k, torch.long), one(request.top_p), one(u))[0])
+        total += float(logits[0, token] - lse[0])
         row.advance(token)
     return row, total
 
@@ -317,13 +357,13 @@ def _beam(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, float
     tokens = torch.full((width,), plan.start_token, dtype=torch.long, device=device)
     while not rows[0].done:
         logits, state = model.step(tokens, state)  # (k, V)
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        step = beam_search_step(beam_totals(step_bias(rows, REPEAT_PENALTY, device), scores, logprobs), width)
+        lse = logsumexp(logits)  # (k,)
+        step = choose_beam(logits, step_bias(rows, REPEAT_PENALTY, device).add_(scores[:, None]), lse, width)
         rows = _children(rows, step.parents.tolist())
         for r, t in zip(rows, step.tokens.tolist()):
             r.advance(t)
         state = state[:, step.parents]
-        totals = totals[step.parents] + logprobs[step.parents, step.tokens]
+        totals = totals[step.parents] + (logits[step.parents, step.tokens] - lse[step.parents])
         scores, tokens = step.scores, step.tokens
     assert all(r.done for r in rows), "every beam of a fixed-length form ends on the same step"
     return rows[0], float(totals[0])  # beams are sorted by score

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import kernels
 from engine.api import EngineUnavailableError, PoemRequest, PoemResult, QueueFullError, RequestError
 from engine.metrics import EngineMetrics
 from engine.registry import ModelRegistry
@@ -115,6 +116,9 @@ class LocalEngine:
         await asyncio.to_thread(self.registry.load_initial)
         if not self.registry.loaded_names():
             log.error("no model could be loaded; /readyz stays 503 until a valid version is published")
+        if self.registry.device.type == "cpu" and not kernels.AVAILABLE:
+            log.warning("engine._kernels is not built (no C compiler at install time): choosing tokens with "
+                        "torch operations, several times slower on a CPU; reinstall with gcc to build it")
         self._stop = False
         self._thread = threading.Thread(target=self._step_loop, name="yinshi-step-loop", daemon=True)
         self._thread.start()
@@ -219,6 +223,7 @@ class LocalEngine:
             "ready": self.ready,
             "uptime_s": round(time.monotonic() - self._started_at, 3) if self._started_at else 0.0,
             "device": str(self.registry.device),
+            "choice": "c-kernels" if self.registry.device.type == "cpu" and kernels.AVAILABLE else "torch",
             "queue_depth": waiting,
             "max_queue": self.settings.max_queue,
             "running_requests": running,

@@ -10,7 +10,7 @@ slice and all beam requests of one width share one topk. A step, per model versi
     model.step on the batch, padded  ─────────┐ on the model thread: logits (P, V), P = max(R, min_batch_rows)
     advance every RowState with the last      │ meanwhile, here: the previous step's tokens, in Python;
       step's tokens                           │ the masks, bans and penalties this step needs
-    constrain and choose, per segment ◄───────┘ greedy / sample_batch / beam_search_step per width
+    constrain and choose, per segment ◄───────┘ choose_greedy / choose_sample / choose_beam per width
     one device → host transfer                 tokens, beam parents and totals, (3, R)
     assemble the poems that chose <eos>        their rows are free for the next step
 
@@ -22,7 +22,7 @@ without waiting a step.
 Batch invariance: on CPU, `model.step` gives bit-identical rows for any batch of 16 or more rows at any row
 position, but different bits for batches of 1–15 (the BLAS kernels block small matrices differently).
 So every step's batch is padded to at least `min_batch_rows` (16) with ignored rows, and a request's poem
-is the same alone or among 255 others. Everything after the step is row-local (log_softmax, masks,
+is the same alone or among 255 others. Everything after the step is row-local (log-sum-exp, masks,
 penalties, sampling from the request's own generator, beam search over the request's own rows). On a
 GPU this is not guaranteed: cuBLAS may choose kernels by batch size at any size.
 
@@ -42,7 +42,8 @@ import torch
 
 from engine.api import PoemRequest, PoemResult
 from engine.constraints import PoemPlan, RowState, build_plan
-from engine.decoding import beam_search_step, greedy, make_generator, repeat_penalty_for, sample_batch, step_bias
+from engine.decoding import (choose_beam, choose_greedy, choose_sample, logsumexp, make_generator, repeat_penalty_for,
+                             step_bias)
 from engine.forms import format_poem
 from engine.registry import ModelRegistry, ServingModel
 from engine.scheduler import EngineRequest, RunnerOutput, SchedulerOutput
@@ -103,10 +104,10 @@ class StepInputs:
 
     bias: torch.Tensor  # (R, V) step_bias: -inf where a row may not go, minus its repetition penalty
     num_greedy: int  # rows [0, num_greedy) are greedy
-    sample_rows: list[int]  # sample rows with a free choice this step
-    sample_cfg: list[tuple[float, int, float, float]]  # their (temperature, top_k, top_p, uniform)
-    forced_rows: list[int]  # greedy and sample rows whose token is forced
-    forced_tokens: list[int]
+    sample_rows: torch.Tensor | None  # (n,) sample rows with a free choice this step
+    sample_cfg: tuple[torch.Tensor, ...]  # their temperature, top_k, top_p and uniform number, (n,) each
+    forced_rows: torch.Tensor | None  # (f,) greedy and sample rows whose token is forced
+    forced_tokens: torch.Tensor | None  # (f,)
     beams: list[tuple[int, int, int]]  # (width, first row, end row) per beam segment
 
 
@@ -120,7 +121,10 @@ class ModelBatch:
         cfg = serving.model.config
         self.tokens = torch.empty(0, dtype=torch.long, device=self.device)  # (R,) next input token per row
         self.state = torch.zeros(cfg.num_layers, 0, cfg.state_dim, device=self.device)  # (L, R, S)
-        self.totals = torch.zeros(0, device=self.device)  # (R,) model log-prob of each row's text so far
+        self.totals = torch.zeros(0, device=self.device)  # (R,) model log-prob of each row's text so far…
+        # …but for the last step's log-sum-exp, on greedy and sample rows: they choose without one, and it is
+        # paid while the next model step runs (`_pay_lse`). (logits (n, V), row of logits each row owes or -1)
+        self.owed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.beam_scores = torch.zeros(0, device=self.device)  # (R,) beam rows: cumulative ranking score
 
     @property
@@ -144,6 +148,9 @@ class ModelBatch:
         self.state = torch.cat([self.state, self.serving.model.init_state(k, self.device)], dim=1)
         self.totals = torch.cat([self.totals, torch.zeros(k, device=self.device)])
         self.beam_scores = torch.cat([self.beam_scores, scores])
+        if self.owed is not None:
+            logits, owes = self.owed
+            self.owed = logits, torch.cat([owes, owes.new_full((k,), -1)])
 
     def remove(self, req_ids: set[str]) -> None:
         """Forget requests that left (cancelled, expired); `arrange` drops their rows."""
@@ -161,6 +168,8 @@ class ModelBatch:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.tokens, self.totals, self.beam_scores = self.tokens[index], self.totals[index], self.beam_scores[index]
         self.state = self.state[:, index]  # (L, R', S)
+        if self.owed is not None:
+            self.owed = self.owed[0], self.owed[1][index]
 
     def launch(self, pool: ThreadPoolExecutor, min_rows: int) -> Future | None:
         """Start this step's model.step on the model thread; None when the batch is empty."""
@@ -181,6 +190,7 @@ class ModelBatch:
 
     def catch_up(self) -> StepInputs:
         """Apply the last step's tokens and gather what this step's choice needs."""
+        self._pay_lse()
         rows, penalties, sample_rows, sample_cfg, forced_rows, forced_tokens, beams = [], [], [], [], [], [], []
         num_greedy = 0
         for group in self.groups:
@@ -206,32 +216,41 @@ class ModelBatch:
                 r = group.request
                 sample_cfg.append((r.temperature, r.top_k, r.top_p, float(torch.rand((), generator=group.generator))))
         bias = step_bias(rows, penalties, self.device) if rows else None
-        for _, a, b in beams:  # beam rows rank bias + beam score + log-prob: decoding.beam_totals, in advance
+        for _, a, b in beams:  # beam rows rank (bias + beam score) + log-prob: see choose_beam
             bias[a:b].add_(self.beam_scores[a:b, None])
-        return StepInputs(bias, num_greedy, sample_rows, sample_cfg, forced_rows, forced_tokens, beams)
+        tensor = lambda values, dtype=None: torch.tensor(values, dtype=dtype, device=self.device) if values else None  # noqa: E731
+        cfg = tuple(torch.tensor(c) for c in zip(*sample_cfg))  # on the CPU: the sampler's arguments
+        return StepInputs(bias, num_greedy, tensor(sample_rows), cfg, tensor(forced_rows), tensor(forced_tokens),
+                          beams)
+
+    def _pay_lse(self) -> None:
+        """Subtract the last step's log-sum-exp from the totals of the rows that chose without one."""
+        if self.owed is None:
+            return
+        logits, owes = self.owed
+        self.owed = None
+        lse = logsumexp(logits)  # (n,)
+        self.totals = self.totals - torch.where(owes >= 0, lse[owes.clamp(min=0)], 0.0)
 
     def choose(self, logits: torch.Tensor, state: torch.Tensor, inputs: StepInputs) -> dict[str, PoemResult]:
         """Pick every row's next token from this step's logits (one transfer to the host); returns the poems
         of the requests that chose <eos>, so that the scheduler frees their rows for the next step."""
         device, R = self.device, self.num_rows
-        logprobs = torch.log_softmax(logits[:R].float(), dim=-1)  # (R, V): row-local
-        # (R, V): constrained_scores for greedy and sample rows, beam_totals for beam rows; the bias was
-        # built while the model step ran.
-        scores = inputs.bias.add_(logprobs)
+        logits = logits[:R].float()  # (R, V) without the padding rows; contiguous
+        nb = inputs.beams[0][1] if inputs.beams else R  # rows [nb, R) are beam rows: they rank log-probs
+        lse_beam = logsumexp(logits[nb:]) if nb < R else None  # (R - nb,)
+        bias = inputs.bias  # (R, V): step_bias, plus the beam scores on beam rows; built during the model step
         next_tokens = torch.empty(R, dtype=torch.long, device=device)  # (R,)
         parents = torch.arange(R, device=device)  # (R,) the row each row continues: itself, or a beam's parent
         g = inputs.num_greedy
         if g:
-            next_tokens[:g] = greedy(scores[:g])
-        if inputs.sample_rows:
-            idx = torch.tensor(inputs.sample_rows, device=device)
-            temperature, top_k, top_p, uniform = (torch.tensor(c) for c in zip(*inputs.sample_cfg))
-            next_tokens[idx] = sample_batch(scores[idx], temperature.float(), top_k.long(), top_p.float(),
-                                            uniform.float())
-        if inputs.forced_rows:
-            next_tokens[torch.tensor(inputs.forced_rows, device=device)] = torch.tensor(inputs.forced_tokens, device=device)
+            next_tokens[:g] = choose_greedy(logits[:g], bias[:g])
+        if inputs.sample_rows is not None:
+            next_tokens[inputs.sample_rows] = choose_sample(logits, bias, inputs.sample_rows, *inputs.sample_cfg).to(device)
+        if inputs.forced_rows is not None:
+            next_tokens[inputs.forced_rows] = inputs.forced_tokens
         for width, a, b in inputs.beams:
-            step = beam_search_step(scores[a:b], width)
+            step = choose_beam(logits[a:b], bias[a:b], lse_beam[a - nb:b - nb], width)
             next_tokens[a:b] = step.tokens
             parents[a:b] = step.parents + a
             self.beam_scores[a:b] = step.scores
@@ -239,7 +258,12 @@ class ModelBatch:
         if inputs.beams:
             state, self.totals = state[:, parents], self.totals[parents]
         self.state = state[:, :R]  # drops the padding rows
-        self.totals = self.totals + logprobs[parents, next_tokens]
+        gain = logits[parents, next_tokens]  # (R,) the chosen tokens' logits; minus lse = their log-probs
+        if nb < R:
+            gain[nb:] -= lse_beam[parents[nb:] - nb]
+        self.totals = self.totals + gain
+        if nb:
+            self.owed = logits[:nb], torch.cat([torch.arange(nb, device=device), parents.new_full((R - nb,), -1)])
         self.tokens = next_tokens
         # float64 holds token ids and parents exactly, and the float32 totals too: one transfer for all three.
         host = torch.stack([next_tokens.double(), parents.double(), self.totals.double()]).tolist()
@@ -249,6 +273,8 @@ class ModelBatch:
             group.steps_left -= 1
             if not group.steps_left:  # it chose <eos>: assemble its poem now rather than a step later
                 group.catch_up()
+                if not group.is_beam:  # its total still owes this step's log-sum-exp
+                    group.score -= float(logsumexp(logits[group.offset:group.offset + 1])[0])
                 assert all(r.done for r in group.rows), "every row of a fixed-length form ends on the same step"
                 finished[group.req_id] = self._result(group)
         return finished

@@ -40,6 +40,7 @@ def test_the_engine_serves_every_mode_and_form_from_models_resident_on_cuda():
     batch = requests()
     together, again, devices, status = asyncio.run(serve(batch))
     assert devices == {"lstm": "cuda", "gru": "cuda"} and status["device"].startswith("cuda")
+    assert status["choice"] == "torch"  # the C kernels are for the CPU
     for request, result in zip(batch, together):
         check = check_poem(result.poem, request.form)
         assert check.form_valid and check.rhyme and not check.repeated_chars, (request, result.poem)

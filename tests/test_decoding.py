@@ -12,8 +12,9 @@ from engine import decoding
 from engine.api import PoemRequest, RequestError
 from engine.checkpoint import load_checkpoint
 from engine.constraints import build_plan
-from engine.decoding import (beam_search_step, generate_one, greedy, make_generator, sample, sample_batch,
-                             step_bias, top_k)
+from engine.decoding import (beam_search_step, choose_beam, choose_greedy, choose_sample, generate_one, greedy,
+                             logsumexp, make_generator, sample_batch, step_bias, top_k)
+from engine import kernels
 from engine.forms import FORM_NAMES, FORMS
 from engine.prosody import prosody_for
 from engine.quality import check_poem
@@ -125,50 +126,75 @@ def test_greedy_takes_the_largest_logit_per_row():
     assert greedy(logits).tolist() == [1, 0]
 
 
-def test_sample_never_picks_a_masked_token():
+def kernel_sample_batch(logits, temperature, top_k, top_p, uniform):
+    """sample_batch's signature on the C kernel: scores = logits (a zero bias)."""
+    assert kernels.AVAILABLE, "engine._kernels is not built: `pip install -e .` needs a C compiler"
+    logits = logits.float().contiguous()
+    return kernels.sample(logits, torch.zeros_like(logits), torch.arange(logits.shape[0]),
+                          temperature.float().clamp_min(decoding.MIN_TEMPERATURE), top_k, top_p, uniform)
+
+
+SAMPLERS = {"torch": sample_batch, "kernel": kernel_sample_batch}
+
+
+def draw(sampler, logits_row, temperature, top_k, top_p, generator) -> int:
+    """One draw from one row, with the generator's next uniform number (as the engine draws it)."""
+    u = float(torch.rand((), generator=generator))
+    one = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype)  # noqa: E731
+    return int(SAMPLERS[sampler](logits_row[None], one(temperature), one(top_k, torch.long), one(top_p), one(u))[0])
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sample_never_picks_a_masked_token(sampler):
     logits = torch.tensor([0.0, float("-inf"), 0.0, float("-inf")])
     g = make_generator(0)
-    assert {sample(logits, 1.0, 0, 1.0, g) for _ in range(200)} == {0, 2}
+    assert {draw(sampler, logits, 1.0, 0, 1.0, g) for _ in range(200)} == {0, 2}
 
 
-@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (0, 1e-6)])
-def test_sampling_with_top_k_1_or_tiny_top_p_is_greedy(top_k, top_p):
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (0, 1e-6), (0, 5e-324)])  # 5e-324 is 0 in float32
+def test_sampling_with_top_k_1_or_tiny_top_p_is_greedy(sampler, top_k, top_p):
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
     g = make_generator(1)
-    assert all(sample(logits, 1.0, top_k, top_p, g) == int(logits.argmax()) for _ in range(20))
+    assert all(draw(sampler, logits, 1.0, top_k, top_p, g) == int(logits.argmax()) for _ in range(20))
 
 
-def test_top_k_keeps_only_the_k_best_tokens():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_top_k_keeps_only_the_k_best_tokens(sampler):
     logits = torch.arange(10.0)
     g = make_generator(3)
-    assert {sample(logits, 2.0, 3, 1.0, g) for _ in range(300)} == {7, 8, 9}
+    assert {draw(sampler, logits, 2.0, 3, 1.0, g) for _ in range(300)} == {7, 8, 9}
 
 
-def test_sampling_follows_the_distribution():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampling_follows_the_distribution(sampler):
     logits = torch.log(torch.tensor([0.7, 0.2, 0.1]))
     g = make_generator(5)
-    draws = [sample(logits, 1.0, 0, 1.0, g) for _ in range(3000)]
+    draws = [draw(sampler, logits, 1.0, 0, 1.0, g) for _ in range(3000)]
     assert abs(draws.count(0) / 3000 - 0.7) < 0.04 and abs(draws.count(2) / 3000 - 0.1) < 0.03
 
 
-def test_batched_sampling_equals_row_by_row_sampling():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_batched_sampling_equals_row_by_row_sampling(sampler):
     logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))
     temperature = torch.tensor([0.5, 1.0, 1.5, 0.8, 1.0, 2.0])
     top_k = torch.tensor([0, 5, 0, 3, 0, 10])
     top_p = torch.tensor([1.0, 0.9, 0.5, 1.0, 0.3, 0.95])
     gens = [make_generator(s) for s in range(6)]
     uniform = torch.tensor([torch.rand((), generator=make_generator(s)).item() for s in range(6)])
-    batch = sample_batch(logits, temperature, top_k, top_p, uniform)
-    single = [sample(logits[i], float(temperature[i]), int(top_k[i]), float(top_p[i]), gens[i]) for i in range(6)]
+    batch = SAMPLERS[sampler](logits, temperature, top_k, top_p, uniform)
+    single = [draw(sampler, logits[i], float(temperature[i]), int(top_k[i]), float(top_p[i]), gens[i]) for i in range(6)]
     assert batch.tolist() == single
 
 
-def test_sampling_keeps_exactly_the_nucleus_and_the_top_k():
-    # Against a brute-force nucleus in float64 over flat, peaked and masked rows: every draw is in the kept
-    # set, and with enough draws every kept token turns up.
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampling_keeps_exactly_the_nucleus_and_the_top_k(sampler):
+    # Against a brute-force nucleus in float64 over flat, peaked and masked rows, narrow and as wide as the
+    # model's vocabulary: every draw is in the kept set, and with enough draws every kept token turns up.
     gen = torch.Generator().manual_seed(0)
-    for scale, top_p, top_k in [(0.5, 0.9, 0), (3.0, 0.9, 0), (8.0, 0.5, 0), (1.0, 1.0, 0), (2.0, 0.95, 7)]:
-        logits = torch.randn(300, generator=gen) * scale
+    for scale, top_p, top_k, V in [(0.5, 0.9, 0, 300), (3.0, 0.9, 0, 300), (8.0, 0.5, 0, 300), (1.0, 1.0, 0, 300),
+                                   (2.0, 0.95, 7, 300), (0.3, 0.9, 0, 6000), (3.0, 0.7, 0, 6000), (1.0, 1.0, 40, 6000)]:
+        logits = torch.randn(V, generator=gen) * scale
         logits[::3] = float("-inf")
         probs = torch.softmax(logits.double(), dim=-1)
         ordered, _ = probs.sort(descending=True)
@@ -177,18 +203,76 @@ def test_sampling_keeps_exactly_the_nucleus_and_the_top_k():
         if top_k:
             kept &= probs >= ordered[top_k - 1]
         n = 4000
-        draws = sample_batch(logits.expand(n, -1), torch.ones(n), torch.full((n,), top_k), torch.full((n,), top_p),
-                             torch.rand(n, generator=gen))
-        assert kept[draws].all(), (scale, top_p, top_k)
+        draws = SAMPLERS[sampler](logits.expand(n, -1), torch.ones(n), torch.full((n,), top_k),
+                                  torch.full((n,), top_p), torch.rand(n, generator=gen))
+        assert kept[draws].all(), (scale, top_p, top_k, V)
         if int(kept.sum()) <= 20:
             assert set(draws.tolist()) == set(kept.nonzero().flatten().tolist())
 
 
-def test_sampling_draws_the_last_kept_token_when_the_uniform_rounds_up():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampling_draws_the_last_kept_token_when_the_uniform_rounds_up(sampler):
     logits = torch.tensor([[0.0, 0.0, float("-inf"), 0.0, float("-inf")]])
     one = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype)  # noqa: E731
-    assert int(sample_batch(logits, one(1.0), one(0, torch.long), one(1.0), one(1.0 - 2**-24))[0]) == 3
-    assert int(sample_batch(logits, one(1.0), one(0, torch.long), one(1.0), one(0.0))[0]) == 0
+    sample = SAMPLERS[sampler]
+    assert int(sample(logits, one(1.0), one(0, torch.long), one(1.0), one(1.0 - 2**-24))[0]) == 3
+    assert int(sample(logits, one(1.0), one(0, torch.long), one(1.0), one(0.0))[0]) == 0
+
+
+def kept_distribution(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    """The exact law of a draw, brute force in float64: the nucleus (and top-k) renormalised."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    ordered, _ = probs.sort(descending=True)
+    boundary = ordered[min(int((ordered.cumsum(0) < top_p).sum()), int((ordered > 0).sum()) - 1)]
+    kept = probs >= boundary
+    if top_k:
+        kept &= probs >= ordered[top_k - 1]
+    law = torch.where(kept, probs, 0.0)
+    return law / law.sum()
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("top_p, top_k", [(0.9, 0), (0.3, 0), (1.0, 5), (0.05, 0)])
+def test_sampling_draws_each_kept_token_in_proportion_to_its_probability(sampler, top_p, top_k):
+    # Empirical frequencies over many uniforms against the exact law: total variation within sampling noise.
+    # top_p 0.05 over a long flat tail makes the kernel's rejection rounds many.
+    gen = torch.Generator().manual_seed(int(top_p * 100) + top_k)
+    logits = torch.linspace(0.0, -3.0, 400) if top_p == 0.05 else torch.randn(400, generator=gen) * 1.5
+    logits[1::4] = float("-inf")
+    n = 40_000
+    draws = SAMPLERS[sampler](logits.expand(n, -1).contiguous(), torch.ones(n), torch.full((n,), top_k),
+                              torch.full((n,), top_p), torch.rand(n, generator=gen))
+    law = kept_distribution(logits, top_p, top_k)
+    seen = torch.bincount(draws, minlength=400).double() / n
+    assert (law[draws] > 0).all()
+    assert 0.5 * (seen - law).abs().sum() < 0.03
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_the_choice_on_kernels_equals_the_torch_primitives(rows):
+    # choose_* take the C kernels on a CPU; the torch primitives on the same scores pick the same tokens.
+    assert kernels.AVAILABLE, "engine._kernels is not built: `pip install -e .` needs a C compiler"
+    gen = torch.Generator().manual_seed(rows)
+    V, width = 6000, 5
+    logits = torch.randn(rows * width, V, generator=gen) * 3
+    bias = torch.zeros(rows * width, V)
+    bias[:, ::3] = float("-inf")
+    bias[:, 1::11] -= 1.0
+    bias[0, :] = float("-inf")
+    bias[0, 7] = 0.0  # a forced row: one allowed token
+    lse = logsumexp(logits)
+    assert torch.allclose(lse, torch.logsumexp(logits, dim=-1), atol=1e-5, rtol=0)
+    assert torch.equal(choose_greedy(logits, bias), (bias + logits).argmax(dim=-1))
+    beam_bias = bias + torch.randn(rows * width, 1, generator=gen)
+    beam_bias[width - 1::width] = float("-inf")  # an empty slot per request
+    step, ref = choose_beam(logits, beam_bias, lse, width), beam_search_step(beam_bias + (logits - lse[:, None]), width)
+    assert torch.equal(step.scores, ref.scores)
+    assert torch.equal(step.parents, ref.parents) and torch.equal(step.tokens, ref.tokens)
+    pick = torch.arange(0, rows * width, 2)
+    u = torch.rand(len(pick), generator=gen)
+    ones = torch.ones(len(pick))
+    drawn = choose_sample(logits, bias, pick, ones, torch.zeros(len(pick), dtype=torch.long), ones * 0.9, u)
+    assert torch.isfinite(bias[pick, drawn]).all()
 
 
 def test_beam_search_step_ranks_cumulative_scores_and_names_parents():

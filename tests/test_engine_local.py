@@ -49,6 +49,7 @@ async def test_mixed_concurrent_requests_all_complete_and_match_their_solo_runs(
         elif request.prompt:
             assert a.poem.startswith(request.prompt)
     assert status["requests"]["completed"] == 72 and status["running_rows"] == 0
+    assert status["choice"] == "c-kernels"  # the C kernels were built and chose every token here
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,0 +1,77 @@
+"""The choice after a model step on the CPU, by the C kernels of engine/_kernels.c.
+
+On a CPU, choosing the next tokens with torch operations cost as much as a sixth of the model step for
+greedy and two thirds for sampling (64 rows × 6,000 tokens): every operation is a pass over the rows,
+and masks, scatters and cumulative sums run scalar. The kernels make one or two vectorised passes per
+row. They rank what the torch path of engine/decoding.py ranks — `bias + logits` for greedy and
+sampling, `bias + (logits - lse)` for beam search — so greedy and beam search pick the same tokens either
+way; sampling draws from the same kept set by the same rule, with float rounding of its own (exp is a
+polynomial, the masses are summed in another order).
+
+`pip install` builds the extension where a C compiler is found (setup.py); without it `AVAILABLE` is
+False and decoding.py uses torch operations on every device. Tensors must be on the CPU, float32 (int64
+for indices) and contiguous: `usable` says whether the kernels can take them.
+
+    lse = logsumexp(logits)                                  # (R,)
+    greedy(logits, bias)                                     # (R,) long, the first best token per row
+    beam_top(logits, bias, lse, width)                       # (G, width) values and flat indices, best first
+    sample(logits, bias, rows, temperature, top_k, top_p, uniform)  # (n,) long, one draw per listed row
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from engine import _kernels as _c
+except ImportError:  # not built (no C compiler at install time)
+    _c = None
+
+AVAILABLE = _c is not None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: built, and every tensor a contiguous float32 CPU tensor."""
+    return AVAILABLE and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                             for t in tensors)
+
+
+def _np(t: torch.Tensor):
+    return t.detach().numpy()  # a view: the kernels read and write the tensor's own memory
+
+
+def logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """log Σ exp over each row of x (R, V): (R,) float32."""
+    R, V = x.shape
+    out = torch.empty(R, dtype=torch.float32)
+    _c.logsumexp(_np(x), R, V, _np(out))
+    return out
+
+
+def greedy(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The first token with the best `bias + x` in each row: (R,) long."""
+    R, V = x.shape
+    out = torch.empty(R, dtype=torch.long)
+    _c.greedy(_np(x), _np(bias), R, V, _np(out))
+    return out
+
+
+def beam_top(x: torch.Tensor, bias: torch.Tensor, lse: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best `width` of `bias + (x - lse)` over each group of `width` rows: values (G, width) float32 and
+    flat indices (G, width) long (row within the group · V + token), best first, ties by index."""
+    R, V = x.shape
+    values = torch.empty(R, dtype=torch.float32)
+    flat = torch.empty(R, dtype=torch.long)
+    _c.beam(_np(x), _np(bias), _np(lse), R, V, width, _np(values), _np(flat))
+    return values.view(-1, width), flat.view(-1, width)
+
+
+def sample(x: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
+           top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One draw for each of `rows` (n,) long from its scores `(bias + x) / temperature`, with top-k (0 = off)
+    and top-p, at its uniform number: (n,) long. See decoding.sample_batch for the rule."""
+    R, V = x.shape
+    out = torch.empty(rows.shape[0], dtype=torch.long)
+    args = [rows.long(), temperature.float(), top_k.long(), top_p.float(), uniform.float()]
+    _c.sample(_np(x), _np(bias), R, V, *(_np(a.contiguous()) for a in args), _np(out))
+    return out
