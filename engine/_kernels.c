@@ -2,15 +2,16 @@
  * torch operations (each a full pass, some of them scalar) that the same choice takes on the CPU.
  *
  * Every kernel reads the step's logits x (R, V) and the bias b (R, V: 0 / -inf masks, minus repetition
- * penalties, plus beam scores). Greedy and sampling rank b + x: the log-sum-exp is a per-row constant,
- * so they need none. Beam search compares rows, so it ranks the log-probs b + (x - lse). Each row is
+ * penalties). Greedy and sampling rank b + x: the log-sum-exp is a per-row constant, so they need none.
+ * Beam search compares rows, so it ranks log-probs plus each beam's score: (b + score) + (x - lse). Each row is
  * handled on its own: a row's result never depends on the rest of the batch. engine/kernels.py checks
  * shapes and types; the C functions check the buffer sizes again so that a mistake there cannot read out
  * of bounds.
  *
  *   logsumexp(x, R, V, out)                                   out[r] = log Σ exp x[r]
  *   greedy(x, b, R, V, out)                                   out[r] = first argmax of b + x
- *   beam(x, b, lse, R, V, width, values, flat)                best `width` of each group of `width` rows
+ *   beam(x, b, score, R, V, width, lse, values, flat)         each row's lse; the best `width` of
+ *                                                             (b + score) + (x - lse) per `width` rows
  *   sample(x, b, R, V, rows, temperature, top_k, top_p, uniform, out)   one draw per listed row
  *
  * Speed: loops marked `omp simd` are vectorised (-fopenmp-simd: no OpenMP runtime, only the permission
@@ -119,32 +120,57 @@ static inline void top_insert(float *vals, int64_t *idx, int width, float v, int
     idx[k] = i;
 }
 
-/* One beam-search step for one request: the best `width` candidates over its `width` rows. A block is
- * read twice only when its maximum would enter the list, which after the first blocks is rare. */
-HOT static void group_top(const float *x, const float *b, const float *lse, Py_ssize_t V, int width, float *vals,
-                          int64_t *idx)
+/* One beam-search step for one request: its rows' log-sum-exps, and the best `width` of
+ * (b + score) + (x - lse) over its `width` rows. Per row, one vectorised pass finds the row's maximum
+ * logit and each block's best b + x, a second sums the exps; then only the blocks whose best could enter
+ * the list are read again, exactly (a margin covers the rounding of the estimate), which after the first
+ * blocks is rare. */
+HOT static void group_top(const float *x, const float *b, const float *score, Py_ssize_t V, int width,
+                          float *lse, float *vals, int64_t *idx, float *bm)
 {
-    float block[BLOCK];
     for (int k = 0; k < width; k++) {
         vals[k] = -INFINITY;
         idx[k] = k; /* -inf candidates: beam_search_step turns them into dead copies */
     }
+    const Py_ssize_t nblocks = (V + BLOCK - 1) / BLOCK;
     for (int r = 0; r < width; r++) {
         const float *xr = x + (Py_ssize_t)r * V, *br = b + (Py_ssize_t)r * V;
-        const float l = lse[r];
-        for (Py_ssize_t j0 = 0; j0 < V; j0 += BLOCK) {
-            const Py_ssize_t n = V - j0 < BLOCK ? V - j0 : BLOCK;
-            float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-            for (Py_ssize_t j = 0; j < n; j++) {
-                block[j] = br[j0 + j] + (xr[j0 + j] - l);
-                m = block[j] > m ? block[j] : m;
+        float mx = -INFINITY;
+        for (Py_ssize_t k = 0; k < nblocks; k++) {
+            const Py_ssize_t j0 = k * BLOCK, j1 = j0 + BLOCK < V ? j0 + BLOCK : V;
+            float m = -INFINITY, mb = -INFINITY;
+#pragma omp simd reduction(max : m, mb)
+            for (Py_ssize_t j = j0; j < j1; j++) {
+                m = xr[j] > m ? xr[j] : m;
+                const float v = br[j] + xr[j];
+                mb = v > mb ? v : mb;
             }
-            if (!(m > vals[width - 1]))
+            mx = m > mx ? m : mx;
+            bm[k] = mb;
+        }
+        float l = mx;
+        if (isfinite(mx)) {
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (Py_ssize_t j = 0; j < V; j++) {
+                const float d = xr[j] - mx;
+                sum += exp_neg(d > MIN_LOG_SHARE ? d : MIN_LOG_SHARE);
+            }
+            l = mx + logf(sum);
+        }
+        lse[r] = l;
+        const float sc = score[r];
+        for (Py_ssize_t k = 0; k < nblocks; k++) {
+            const float estimate = (bm[k] + sc) - l;
+            const float margin = 1e-5f * (fabsf(bm[k]) + fabsf(sc) + fabsf(l) + 1.0f);
+            if (!(estimate + margin > vals[width - 1]))
                 continue;
-            for (Py_ssize_t j = 0; j < n; j++)
-                if (block[j] > vals[width - 1])
-                    top_insert(vals, idx, width, block[j], (int64_t)r * V + j0 + j);
+            const Py_ssize_t j0 = k * BLOCK, j1 = j0 + BLOCK < V ? j0 + BLOCK : V;
+            for (Py_ssize_t j = j0; j < j1; j++) {
+                const float v = (br[j] + sc) + (xr[j] - l);
+                if (v > vals[width - 1])
+                    top_insert(vals, idx, width, v, (int64_t)r * V + j);
+            }
         }
     }
 }
@@ -328,25 +354,34 @@ static PyObject *py_greedy(PyObject *self, PyObject *args)
 
 static PyObject *py_beam(PyObject *self, PyObject *args)
 {
-    Py_buffer x, b, lse, vals, flat;
+    Py_buffer x, b, score, lse, vals, flat;
     Py_ssize_t R, V;
     int width;
-    if (!PyArg_ParseTuple(args, "y*y*y*nniw*w*", &x, &b, &lse, &R, &V, &width, &vals, &flat))
+    if (!PyArg_ParseTuple(args, "y*y*y*nniw*w*w*", &x, &b, &score, &R, &V, &width, &lse, &vals, &flat))
         return NULL;
     PyObject *result = NULL;
+    float *bm = NULL;
     if (R >= 0 && V > 0 && width > 0 && R % width == 0 && !check_size(&x, "x", R * V, 4) &&
-        !check_size(&b, "bias", R * V, 4) && !check_size(&lse, "lse", R, 4) && !check_size(&vals, "values", R, 4) &&
-        !check_size(&flat, "flat", R, 8)) {
-        const float *xp = x.buf, *bp = b.buf, *lp = lse.buf;
-        float *vp = vals.buf;
+        !check_size(&b, "bias", R * V, 4) && !check_size(&score, "score", R, 4) && !check_size(&lse, "lse", R, 4) &&
+        !check_size(&vals, "values", R, 4) && !check_size(&flat, "flat", R, 8)) {
+        bm = PyMem_RawMalloc((size_t)(V / BLOCK + 1) * sizeof(float));
+        if (bm == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        const float *xp = x.buf, *bp = b.buf, *sp = score.buf;
+        float *lp = lse.buf, *vp = vals.buf;
         int64_t *fp = flat.buf;
         Py_BEGIN_ALLOW_THREADS for (Py_ssize_t g = 0; g < R; g += width)
-            group_top(xp + g * V, bp + g * V, lp + g, V, width, vp + g, fp + g);
+            group_top(xp + g * V, bp + g * V, sp + g, V, width, lp + g, vp + g, fp + g, bm);
         Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
     } else if (!PyErr_Occurred())
         PyErr_SetString(PyExc_ValueError, "bad shape");
+done:
+    PyMem_RawFree(bm);
     PyBuffer_Release(&x);
     PyBuffer_Release(&b);
+    PyBuffer_Release(&score);
     PyBuffer_Release(&lse);
     PyBuffer_Release(&vals);
     PyBuffer_Release(&flat);
@@ -408,7 +443,8 @@ done:
 static PyMethodDef methods[] = {
     {"logsumexp", py_logsumexp, METH_VARARGS, "logsumexp(x, R, V, out): out[r] = log sum exp x[r]"},
     {"greedy", py_greedy, METH_VARARGS, "greedy(x, bias, R, V, out): first argmax of bias + x"},
-    {"beam", py_beam, METH_VARARGS, "beam(x, bias, lse, R, V, width, values, flat): top `width` per group"},
+    {"beam", py_beam, METH_VARARGS,
+     "beam(x, bias, score, R, V, width, lse, values, flat): log-sum-exps and the top `width` per group"},
     {"sample", py_sample, METH_VARARGS,
      "sample(x, bias, R, V, rows, temperature, top_k, top_p, uniform, out): one draw per listed row"},
     {NULL, NULL, 0, NULL},

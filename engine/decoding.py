@@ -7,12 +7,14 @@ decodes to the same poem in either. After each model step:
                                                           # go, minus its repetition penalty (no logits needed)
     choose_greedy(logits, bias)                           # (N,) the first best token per row
     choose_sample(logits, bias, rows, temperature, top_k, top_p, u)  # one draw per listed row, from its own u
-    lse = logsumexp(logits)                               # (N,): logits - lse[:, None] are the log-probs
-    choose_beam(logits, bias + beam_scores[:, None], lse, width)     # G requests of one width → BeamStep
+    choose_beam(logits, bias, beam_scores, width)         # G requests of one width → BeamStep, and the
+                                                          # log-sum-exps (N,): logits - lse are log-probs
+    logsumexp(logits)                                     # (N,) for the totals of greedy and sample rows
 
 Greedy and sampling rank `bias + logits`: the log-sum-exp is a per-row constant, which changes neither a
 row's argmax nor its softmax. Beam search compares candidates across rows, so it ranks the constrained
-log-probs `bias + (logits - lse)`; with width 1 it picks what greedy picks. On a CPU with the C kernels
+log-probs plus each beam's score, `(bias + score) + (logits - lse)`; with width 1 it picks what greedy
+picks (the same order; only a tie to the last bit of a float could split them). On a CPU with the C kernels
 built (engine/kernels.py) each choice takes one or two passes per row; elsewhere (a GPU, an install
 without a C compiler) the torch primitives below do it: greedy, sample_batch and beam_search_step on
 those scores. Greedy and beam search pick the same tokens either way; sampling keeps the same tokens and
@@ -228,7 +230,7 @@ def beam_search_step(totals: torch.Tensor, width: int) -> BeamStep:
     """One step of beam search for G requests of the same width, in one top_k.
 
     totals (G·width, V): each candidate's cumulative ranking score, request after request — built as
-    `(step_bias(rows) + beam_scores[:, None]) + logprobs`, in that order (as `choose_beam` does), with
+    `(step_bias(rows) + beam_scores[:, None]) + logprobs`, in that order (as `choose_beam` builds it), with
     beam_scores -inf for an empty slot (start a request's beams with [0, -inf, …]). Every request keeps
     `width` beams: when fewer than `width` candidates are finite, the empty slots copy its best beam with
     score -inf, so every row stays a valid, advanceable state and never wins. Each request's result
@@ -289,14 +291,16 @@ def sample(logits_row: torch.Tensor, temperature: float, top_k: int, top_p: floa
                              one(top_k, torch.long), one(top_p), one(u))[0])
 
 
-def choose_beam(logits: torch.Tensor, bias: torch.Tensor, lse: torch.Tensor, width: int) -> BeamStep:
-    """One beam-search step for the G requests of width `width` whose rows these are; `bias` already holds
-    each beam's score (see beam_search_step). Beams of different rows compete, so this ranks log-probs:
-    bias + (logits - lse)."""
-    if kernels.usable(logits, bias, lse):
-        top, flat = kernels.beam_top(logits, bias, lse, width)
-        return _beam_step(top, flat, logits.shape[1], width)
-    return beam_search_step(bias + (logits.float() - lse[:, None]), width)
+def choose_beam(logits: torch.Tensor, bias: torch.Tensor, beam_scores: torch.Tensor,
+                width: int) -> tuple[BeamStep, torch.Tensor]:
+    """One beam-search step for the G requests of width `width` whose rows these are, and the rows'
+    log-sum-exps (N,). Beams of different rows compete, so they rank log-probs plus the beam's score:
+    (bias + beam_scores[:, None]) + (logits - lse[:, None]), as `beam_search_step` describes."""
+    if kernels.usable(logits, bias):
+        lse, top, flat = kernels.beam(logits, bias, beam_scores.cpu(), width)
+        return _beam_step(top, flat, logits.shape[1], width), lse
+    lse = logsumexp(logits)
+    return beam_search_step((bias + beam_scores.float()[:, None]) + (logits.float() - lse[:, None]), width), lse
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -357,8 +361,7 @@ def _beam(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, float
     tokens = torch.full((width,), plan.start_token, dtype=torch.long, device=device)
     while not rows[0].done:
         logits, state = model.step(tokens, state)  # (k, V)
-        lse = logsumexp(logits)  # (k,)
-        step = choose_beam(logits, step_bias(rows, REPEAT_PENALTY, device).add_(scores[:, None]), lse, width)
+        step, lse = choose_beam(logits, step_bias(rows, REPEAT_PENALTY, device), scores, width)  # lse: (k,)
         rows = _children(rows, step.parents.tolist())
         for r, t in zip(rows, step.tokens.tolist()):
             r.advance(t)

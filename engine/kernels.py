@@ -4,7 +4,7 @@ On a CPU, choosing the next tokens with torch operations cost as much as a sixth
 greedy and two thirds for sampling (64 rows × 6,000 tokens): every operation is a pass over the rows,
 and masks, scatters and cumulative sums run scalar. The kernels make one or two vectorised passes per
 row. They rank what the torch path of engine/decoding.py ranks — `bias + logits` for greedy and
-sampling, `bias + (logits - lse)` for beam search — so greedy and beam search pick the same tokens either
+sampling, `(bias + beam score) + (logits - lse)` for beam search — so greedy and beam search pick the same tokens either
 way; sampling draws from the same kept set by the same rule, with float rounding of its own (exp is a
 polynomial, the masses are summed in another order).
 
@@ -14,7 +14,7 @@ for indices) and contiguous: `usable` says whether the kernels can take them.
 
     lse = logsumexp(logits)                                  # (R,)
     greedy(logits, bias)                                     # (R,) long, the first best token per row
-    beam_top(logits, bias, lse, width)                       # (G, width) values and flat indices, best first
+    lse, values, flat = beam(logits, bias, beam_scores, width)  # (R,), then (G, width) each, best first
     sample(logits, bias, rows, temperature, top_k, top_p, uniform)  # (n,) long, one draw per listed row
 """
 
@@ -56,14 +56,17 @@ def greedy(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def beam_top(x: torch.Tensor, bias: torch.Tensor, lse: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best `width` of `bias + (x - lse)` over each group of `width` rows: values (G, width) float32 and
-    flat indices (G, width) long (row within the group · V + token), best first, ties by index."""
+def beam(x: torch.Tensor, bias: torch.Tensor, scores: torch.Tensor,
+         width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One beam-search step for the groups of `width` rows: each row's log-sum-exp (R,), and the best
+    `width` of `(bias + score) + (x - lse)` over each group — values (G, width) float32 and flat indices
+    (G, width) long (row within the group · V + token), best first, ties by index."""
     R, V = x.shape
+    lse = torch.empty(R, dtype=torch.float32)
     values = torch.empty(R, dtype=torch.float32)
     flat = torch.empty(R, dtype=torch.long)
-    _c.beam(_np(x), _np(bias), _np(lse), R, V, width, _np(values), _np(flat))
-    return values.view(-1, width), flat.view(-1, width)
+    _c.beam(_np(x), _np(bias), _np(scores.float().contiguous()), R, V, width, _np(lse), _np(values), _np(flat))
+    return lse, values.view(-1, width), flat.view(-1, width)
 
 
 def sample(x: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,

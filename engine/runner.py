@@ -216,8 +216,6 @@ class ModelBatch:
                 r = group.request
                 sample_cfg.append((r.temperature, r.top_k, r.top_p, float(torch.rand((), generator=group.generator))))
         bias = step_bias(rows, penalties, self.device) if rows else None
-        for _, a, b in beams:  # beam rows rank (bias + beam score) + log-prob: see choose_beam
-            bias[a:b].add_(self.beam_scores[a:b, None])
         tensor = lambda values, dtype=None: torch.tensor(values, dtype=dtype, device=self.device) if values else None  # noqa: E731
         cfg = tuple(torch.tensor(c) for c in zip(*sample_cfg))  # on the CPU: the sampler's arguments
         return StepInputs(bias, num_greedy, tensor(sample_rows), cfg, tensor(forced_rows), tensor(forced_tokens),
@@ -238,8 +236,8 @@ class ModelBatch:
         device, R = self.device, self.num_rows
         logits = logits[:R].float()  # (R, V) without the padding rows; contiguous
         nb = inputs.beams[0][1] if inputs.beams else R  # rows [nb, R) are beam rows: they rank log-probs
-        lse_beam = logsumexp(logits[nb:]) if nb < R else None  # (R - nb,)
-        bias = inputs.bias  # (R, V): step_bias, plus the beam scores on beam rows; built during the model step
+        lse_beam = []  # per beam segment, (b - a,)
+        bias = inputs.bias  # (R, V): step_bias, built during the model step
         next_tokens = torch.empty(R, dtype=torch.long, device=device)  # (R,)
         parents = torch.arange(R, device=device)  # (R,) the row each row continues: itself, or a beam's parent
         g = inputs.num_greedy
@@ -250,7 +248,8 @@ class ModelBatch:
         if inputs.forced_rows is not None:
             next_tokens[inputs.forced_rows] = inputs.forced_tokens
         for width, a, b in inputs.beams:
-            step = choose_beam(logits[a:b], bias[a:b], lse_beam[a - nb:b - nb], width)
+            step, lse = choose_beam(logits[a:b], bias[a:b], self.beam_scores[a:b], width)
+            lse_beam.append(lse.to(device))
             next_tokens[a:b] = step.tokens
             parents[a:b] = step.parents + a
             self.beam_scores[a:b] = step.scores
@@ -260,7 +259,7 @@ class ModelBatch:
         self.state = state[:, :R]  # drops the padding rows
         gain = logits[parents, next_tokens]  # (R,) the chosen tokens' logits; minus lse = their log-probs
         if nb < R:
-            gain[nb:] -= lse_beam[parents[nb:] - nb]
+            gain[nb:] -= torch.cat(lse_beam)[parents[nb:] - nb]
         self.totals = self.totals + gain
         if nb:
             self.owed = logits[:nb], torch.cat([torch.arange(nb, device=device), parents.new_full((R - nb,), -1)])

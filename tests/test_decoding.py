@@ -263,9 +263,11 @@ def test_the_choice_on_kernels_equals_the_torch_primitives(rows):
     lse = logsumexp(logits)
     assert torch.allclose(lse, torch.logsumexp(logits, dim=-1), atol=1e-5, rtol=0)
     assert torch.equal(choose_greedy(logits, bias), (bias + logits).argmax(dim=-1))
-    beam_bias = bias + torch.randn(rows * width, 1, generator=gen)
-    beam_bias[width - 1::width] = float("-inf")  # an empty slot per request
-    step, ref = choose_beam(logits, beam_bias, lse, width), beam_search_step(beam_bias + (logits - lse[:, None]), width)
+    scores = torch.randn(rows * width, generator=gen)
+    scores[width - 1::width] = float("-inf")  # an empty slot per request
+    (step, beam_lse), ref = choose_beam(logits, bias, scores, width), beam_search_step(
+        (bias + scores[:, None]) + (logits - lse[:, None]), width)
+    assert torch.equal(beam_lse, lse)
     assert torch.equal(step.scores, ref.scores)
     assert torch.equal(step.parents, ref.parents) and torch.equal(step.tokens, ref.tokens)
     pick = torch.arange(0, rows * width, 2)
