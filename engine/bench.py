@@ -2,6 +2,7 @@
 
     python -m engine bench                                  # the full grid: concurrency 1 16 64 256 × greedy sample beam-5
     python -m engine bench --concurrency 1 16 --modes greedy --requests 32 --checkpoint runs/lstm/best.safetensors
+    python -m engine bench --choice --threads 1                # the choice alone: C kernels vs torch primitives
 
 Variants, each with `concurrency` closed-loop clients (a client sends its next request when the last one
 returns) writing `--form` poems (qijue):
@@ -139,9 +140,12 @@ async def run(args) -> dict:
                 client = EngineClient(url, timeout=600, retries=0)
             for mode in args.modes:
                 for c in args.concurrency:
-                    n = max(c, args.requests)
-                    requests = make_requests(mode, n, form.name, args.beam_width)
                     width = args.beam_width if mode == "beam" else 1
+                    # Whole batches: c=64 beam-5 requests fill 255 rows with 51, so 64 of them would end on
+                    # a batch of 13, and the run would time that tail; the ceiling counts full batches only.
+                    fit = max(1, min(c, args.max_rows // width))  # requests one batch holds
+                    n = -(-max(c, args.requests) // fit) * fit
+                    requests = make_requests(mode, n, form.name, args.beam_width)
                     rows = min(c * width, args.max_rows // width * width)
                     runs = {
                         "unbatched": lambda: bench_unbatched(serving, requests, c),
@@ -236,6 +240,56 @@ def format_row(r: dict) -> str:
             f"p50 {r['p50_ms']:>9.1f} ms  p99 {r['p99_ms']:>9.1f} ms  ({r['requests']} requests)")
 
 
+def bench_choice(rows_list=(64, 255), vocab: int = 6000, repeat: int = 5, calls: int = 30) -> list[dict]:
+    """The choice after a model step on its own: the C kernels against the torch primitives on the same
+    synthetic rows (logits ~ 3·N(0, 1), a third of the tokens masked, penalties on a seventh), one call
+    over all rows, best of `repeat` × `calls`. Milliseconds per call."""
+    from engine import kernels
+    from engine.decoding import beam_search_step, greedy, sample_batch
+
+    def best_ms(fn, n=calls) -> float:
+        fn()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times.append((time.perf_counter() - t0) / n * 1e3)
+        return round(min(times), 3)
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    with torch.inference_mode():
+        for R in rows_list:
+            x = torch.randn(R, vocab, generator=gen) * 3
+            bias = torch.zeros(R, vocab)
+            bias[:, ::3] = float("-inf")
+            bias[:, 1::7] -= 1.0
+            scores = torch.randn(R, generator=gen)
+            cfg = (torch.full((R,), 0.8), torch.zeros(R, dtype=torch.long), torch.full((R,), 0.9),
+                   torch.rand(R, generator=gen))
+            torch_ops = {
+                "log-sum-exp": lambda: torch.logsumexp(x, dim=-1),
+                "greedy": lambda: greedy(bias + torch.log_softmax(x, dim=-1)),
+                "sample (T 0.8, top-p 0.9)": lambda: sample_batch(bias + x, *cfg),
+            }
+            kernel_ops = {
+                "log-sum-exp": lambda: kernels.logsumexp(x),
+                "greedy": lambda: kernels.greedy(x, bias),
+                "sample (T 0.8, top-p 0.9)": lambda: kernels.sample(x, bias, torch.arange(R), *cfg),
+            }
+            if R % 5 == 0:
+                torch_ops["beam-5 (log-sum-exp, top-k)"] = lambda: beam_search_step(
+                    (bias + scores[:, None]) + torch.log_softmax(x, dim=-1), 5)
+                kernel_ops["beam-5 (log-sum-exp, top-k)"] = lambda: kernels.beam(x, bias, scores, 5)
+            for op, fn in torch_ops.items():
+                item = {"op": op, "rows": R, "torch_ms": best_ms(fn, max(1, calls // 6))}
+                if kernels.AVAILABLE:
+                    item["kernel_ms"] = best_ms(kernel_ops[op])
+                out.append(item)
+    return out
+
+
 def resolve_checkpoint(args) -> Path:
     if args.checkpoint:
         return Path(args.checkpoint)
@@ -257,12 +311,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--modes", nargs="+", default=list(MODE_CHOICES), choices=MODE_CHOICES)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--requests", type=int, default=64, help="requests per cell (at least the concurrency)")
+    parser.add_argument("--requests", type=int, default=64,
+                        help="requests per cell: at least the concurrency, rounded up to whole batches")
     parser.add_argument("--form", default="qijue", choices=list(FORMS))
     parser.add_argument("--beam-width", type=int, default=5)
     parser.add_argument("--max-rows", type=int, default=256, help="engine batch rows per step")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--choice", action="store_true",
+                        help="only time the choice after a model step: the C kernels against the torch primitives")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run every cell this many times, variants in turn, and keep each variant's best run")
 
@@ -270,6 +327,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.choice:
+        report = {"torch_threads": torch.get_num_threads(), "choice": bench_choice()}
+        for r in report["choice"]:
+            print(f"{r['op']:>28} {r['rows']:>4} rows: torch {r['torch_ms']:7.2f} ms  "
+                  f"kernel {r.get('kernel_ms', float('nan')):7.2f} ms", file=sys.stderr)
+        print(json.dumps(report, indent=2))
+        return 0
     report = asyncio.run(run(args))
     print("\n" + "\n".join(json.dumps(r) for r in report["ratios"]), file=sys.stderr)
     print(json.dumps(report, ensure_ascii=False, indent=2))

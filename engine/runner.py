@@ -9,10 +9,14 @@ slice and all beam requests of one width share one topk. A step, per model versi
     append rows for requests that joined       zero state, the <form> start token
     model.step on the batch, padded  ─────────┐ on the model thread: logits (P, V), P = max(R, min_batch_rows)
     advance every RowState with the last      │ meanwhile, here: the previous step's tokens, in Python;
-      step's tokens                           │ the masks, bans and penalties this step needs
+      step's tokens                           │ the masks, bans and penalties this step needs; the last
+                                              │ step's log-sum-exp for the greedy and sample totals
     constrain and choose, per segment ◄───────┘ choose_greedy / choose_sample / choose_beam per width
     one device → host transfer                 tokens, beam parents and totals, (3, R)
     assemble the poems that chose <eos>        their rows are free for the next step
+
+Greedy and sample rows choose by bias + logits (a row's log-sum-exp changes neither its argmax nor its
+softmax), so the log-sum-exp their running log-probs need is paid during the next step (`owed`, `_pay_lse`).
 
 The Python half of a step (RowState.advance, building the mask indices) runs while the model computes,
 on a second thread — as vLLM's async scheduling overlaps the CPU's scheduling with the GPU's step. Only

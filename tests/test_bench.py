@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from engine.bench import percentile, ratios
+from engine.bench import bench_choice, percentile, ratios
 
 
 def test_bench_runs_every_variant_and_reports_ratios(tiny_checkpoint, tmp_path):
@@ -33,3 +33,10 @@ def test_ratios_and_percentiles_are_computed_from_the_cells():
     assert (r["engine_vs_ceiling"], r["engine_vs_unbatched"], r["http_vs_engine"], r["engine_p99_over_p50"]) == \
         (0.5, 10.0, 0.9, 2.0)
     assert percentile([5.0, 1.0, 3.0], 50) == 3.0 and percentile([1.0, 2.0], 99) == 2.0
+
+
+def test_bench_choice_times_every_op_on_both_paths():
+    report = bench_choice(rows_list=(5,), vocab=300, repeat=1, calls=2)
+    assert [r["op"] for r in report] == ["log-sum-exp", "greedy", "sample (T 0.8, top-p 0.9)",
+                                         "beam-5 (log-sum-exp, top-k)"]
+    assert all(r["rows"] == 5 and r["torch_ms"] > 0 and r["kernel_ms"] > 0 for r in report)
