@@ -19,7 +19,7 @@ from engine.vocab import Vocab
 from trainer.corpus import Poem, load_corpus
 from trainer.data import CLASSIC_LEN, Buckets, classic_tensor, encode_poem
 from trainer.evaluate import perplexity
-from trainer.train import TrainConfig, Trainer, lr_at
+from trainer.train import TrainConfig, Trainer, lr_at, read_progress
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(embed_dim=16, hidden_dim=32, num_layers=1, dropout=0.0, eval_poems=40, batch_tokens=512, min_count=1,
@@ -126,9 +126,11 @@ RESUME_ARGS = ["--embed-dim", "16", "--hidden-dim", "32", "--num-layers", "1", "
 
 
 def _saved_step(run: Path) -> int:
+    # state.safetensors' header is what --resume reads; state.json is a copy written after it, so a kill
+    # between the two renames leaves the copy a save behind.
     try:
-        return json.loads((run / "state.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
+        return (read_progress(run) or {}).get("step", 0)
+    except ValueError:  # being written
         return 0
 
 
