@@ -17,8 +17,9 @@ log-probs plus each beam's score, `(bias + score) + (logits - lse)`; with width 
 picks (the same order; only a tie to the last bit of a float could split them). On a CPU with the C kernels
 built (engine/kernels.py) each choice takes one or two passes per row; elsewhere (a GPU, an install
 without a C compiler) the torch primitives below do it: greedy, sample_batch and beam_search_step on
-those scores. Greedy and beam search pick the same tokens either way; sampling keeps the same tokens and
-draws by the same rule, with its own float rounding.
+those scores. Greedy picks the same tokens either way, beam search too but for near ties (the kernels
+round the log-sum-exp differently); sampling keeps the same tokens and draws in proportion to their
+probabilities, but by rejection, so a given seed writes another poem than on the torch path.
 
 `generate_one(model, vocab, prosody, request)` decodes one request on its own — the reference the batched
 engine is tested against and the "classic" baseline of the benchmarks. It is also the CLI:

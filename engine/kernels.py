@@ -4,9 +4,9 @@ On a CPU, choosing the next tokens with torch operations cost as much as a sixth
 greedy and two thirds for sampling (64 rows × 6,000 tokens): every operation is a pass over the rows,
 and masks, scatters and cumulative sums run scalar. The kernels make one or two vectorised passes per
 row. They rank what the torch path of engine/decoding.py ranks — `bias + logits` for greedy and
-sampling, `(bias + beam score) + (logits - lse)` for beam search — so greedy and beam search pick the same tokens either
-way; sampling draws from the same kept set by the same rule, with float rounding of its own (exp is a
-polynomial, the masses are summed in another order).
+sampling, `(bias + beam score) + (logits - lse)` for beam search — so greedy picks the same tokens
+either way, and beam search too but for near ties (its log-sum-exp is rounded differently). Sampling keeps the same tokens and draws in proportion to their probabilities,
+but by rejection (see `_kernels.c`), so a given uniform number picks another token than on the torch path.
 
 `pip install` builds the extension where a C compiler is found (setup.py); without it `AVAILABLE` is
 False and decoding.py uses torch operations on every device. Tensors must be on the CPU, float32 (int64
