@@ -283,13 +283,16 @@ def choose_sample(logits: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor, 
     return sample_batch(bias[rows] + logits[rows].float(), temperature, top_k, top_p, uniform)
 
 
-def sample(logits_row: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
-    """One token from unconstrained logits (V,), using `generator`'s next uniform number (one per call)."""
+def sample(logits_row: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator,
+           bias_row: torch.Tensor | None = None) -> int:
+    """One token from logits (V,) plus bias (V,) (none: unconstrained), using `generator`'s next uniform
+    number (one per call), as the engine draws a sample row's free step."""
     logits = logits_row[None].float().contiguous()  # (1, V)
+    bias = torch.zeros_like(logits) if bias_row is None else bias_row[None].contiguous()
     u = float(torch.rand((), generator=generator, device=generator.device))
     one = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype, device=logits.device)  # noqa: E731
-    return int(choose_sample(logits, torch.zeros_like(logits), one(0, torch.long), one(temperature),
-                             one(top_k, torch.long), one(top_p), one(u))[0])
+    return int(choose_sample(logits, bias, one(0, torch.long), one(temperature), one(top_k, torch.long),
+                             one(top_p), one(u))[0])
 
 
 def choose_beam(logits: torch.Tensor, bias: torch.Tensor, beam_scores: torch.Tensor,
@@ -341,11 +344,8 @@ def _single(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, flo
             bias = step_bias([row], penalty, device)  # (1, V)
             if generator is None:
                 token = int(choose_greedy(logits, bias)[0])
-            else:  # one uniform per free step from the request's generator, as the engine draws it
-                u = float(torch.rand((), generator=generator))
-                one = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype, device=device)  # noqa: E731
-                token = int(choose_sample(logits, bias, one(0, torch.long), one(request.temperature),
-                                          one(request.top_k, torch.long), one(request.top_p), one(u))[0])
+            else:
+                token = sample(logits[0], request.temperature, request.top_k, request.top_p, generator, bias[0])
         total += float(logits[0, token] - lse[0])
         row.advance(token)
     return row, total

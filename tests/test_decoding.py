@@ -187,6 +187,18 @@ def test_batched_sampling_equals_row_by_row_sampling(sampler):
     assert batch.tolist() == single
 
 
+def kept_distribution(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    """The exact law of a draw, brute force in float64: the nucleus (and top-k) renormalised."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    ordered, _ = probs.sort(descending=True)
+    boundary = ordered[min(int((ordered.cumsum(0) < top_p).sum()), int((ordered > 0).sum()) - 1)]
+    kept = probs >= boundary
+    if top_k:
+        kept &= probs >= ordered[top_k - 1]
+    law = torch.where(kept, probs, 0.0)
+    return law / law.sum()
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_sampling_keeps_exactly_the_nucleus_and_the_top_k(sampler):
     # Against a brute-force nucleus in float64 over flat, peaked and masked rows, narrow and as wide as the
@@ -196,12 +208,7 @@ def test_sampling_keeps_exactly_the_nucleus_and_the_top_k(sampler):
                                    (2.0, 0.95, 7, 300), (0.3, 0.9, 0, 6000), (3.0, 0.7, 0, 6000), (1.0, 1.0, 40, 6000)]:
         logits = torch.randn(V, generator=gen) * scale
         logits[::3] = float("-inf")
-        probs = torch.softmax(logits.double(), dim=-1)
-        ordered, _ = probs.sort(descending=True)
-        boundary = ordered[min(int((ordered.cumsum(0) < top_p).sum()), int((ordered > 0).sum()) - 1)]
-        kept = probs >= boundary
-        if top_k:
-            kept &= probs >= ordered[top_k - 1]
+        kept = kept_distribution(logits, top_p, top_k) > 0
         n = 4000
         draws = SAMPLERS[sampler](logits.expand(n, -1), torch.ones(n), torch.full((n,), top_k),
                                   torch.full((n,), top_p), torch.rand(n, generator=gen))
@@ -217,18 +224,6 @@ def test_sampling_draws_the_last_kept_token_when_the_uniform_rounds_up(sampler):
     sample = SAMPLERS[sampler]
     assert int(sample(logits, one(1.0), one(0, torch.long), one(1.0), one(1.0 - 2**-24))[0]) == 3
     assert int(sample(logits, one(1.0), one(0, torch.long), one(1.0), one(0.0))[0]) == 0
-
-
-def kept_distribution(logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
-    """The exact law of a draw, brute force in float64: the nucleus (and top-k) renormalised."""
-    probs = torch.softmax(logits.double(), dim=-1)
-    ordered, _ = probs.sort(descending=True)
-    boundary = ordered[min(int((ordered.cumsum(0) < top_p).sum()), int((ordered > 0).sum()) - 1)]
-    kept = probs >= boundary
-    if top_k:
-        kept &= probs >= ordered[top_k - 1]
-    law = torch.where(kept, probs, 0.0)
-    return law / law.sum()
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
