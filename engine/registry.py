@@ -22,6 +22,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from engine import store
 from engine.api import EngineUnavailableError, PoemRequest, RequestError
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.forms import FORMS, classify, split_lines
-from engine.model import PoemModel
+from engine.model import PoemModel, compile_step
 from engine.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class ServingModel:
     meta: dict  # the checkpoint metadata
     prosody: object  # engine.prosody tables for this vocabulary, built once per version
     device: torch.device
+    step: Callable  # model.step as one TorchScript call (engine.model.compile_step): what the runner steps
     loaded_at: float = field(default_factory=time.time)  # wall-clock seconds
 
     @property
@@ -100,7 +102,8 @@ def build_serving(name: str, path: Path, device: torch.device) -> ServingModel:
 
     ckpt = load_checkpoint(path, device=device)
     return ServingModel(name=name, version=ckpt.version, path=Path(path), model=ckpt.model, vocab=ckpt.vocab,
-                        meta=ckpt.meta, prosody=prosody_for(ckpt.vocab), device=device)
+                        meta=ckpt.meta, prosody=prosody_for(ckpt.vocab), device=device,
+                        step=compile_step(ckpt.model))
 
 
 def smoke_test(serving: ServingModel) -> None:

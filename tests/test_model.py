@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.model import CELLS, ModelConfig, PoemModel
+from engine.model import CELLS, ModelConfig, PoemModel, compile_step
 
 CELL_NAMES = sorted(CELLS)
 
@@ -57,6 +57,29 @@ def test_batch_rows_are_independent_so_rows_can_join_and_leave(cell):
     all_rows, _ = model.step(nxt, state)
     kept, _ = model.step(nxt[[0, 2]], state[:, [0, 2]])
     torch.testing.assert_close(kept, all_rows[[0, 2]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_the_compiled_step_is_the_eager_step_bit_for_bit_at_any_batch_size(cell, num_layers):
+    model = tiny(cell, num_layers=num_layers)
+    step = compile_step(model)
+    assert step is not model.step  # traced, not the fallback
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for rows in (16, 1, 5, 40, 16, 255):  # traced at 16 rows; any other batch goes through the same graph
+            tokens = torch.randint(0, 30, (rows,), generator=g)
+            state = torch.randn(num_layers, rows, model.config.state_dim, generator=g)
+            for _ in range(3):  # the executor may re-optimise the graph after its first runs
+                (want, want_state), (got, got_state) = model.step(tokens, state), step(tokens, state)
+                assert torch.equal(got, want) and torch.equal(got_state, want_state)
+
+
+def test_a_step_that_cannot_be_traced_falls_back_to_the_eager_step(monkeypatch, caplog):
+    model = tiny("gru")
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no tracer here")))
+    assert compile_step(model) == model.step
+    assert "could not be traced (no tracer here)" in caplog.text
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
