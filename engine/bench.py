@@ -10,7 +10,8 @@ returns) writing `--form` poems (qijue):
   engine     LocalEngine in this process (continuous batching)
   http       `python -m engine serve` in its own process on 127.0.0.1, called through EngineClient — as the bot
              calls a deployed engine (a server sharing this process would share its GIL with the clients)
-  ceiling    a bare loop of batched `model.step` at the same batch size, no masks, no scheduling
+  ceiling    a bare loop of batched model steps (the engine's traced step) at the same batch size, no masks,
+             no scheduling
 poems/s over the whole run; p50/p99 latency per request (queueing included). The ceiling's latency is
 its steps per poem × its mean step time. With --repeat N every cell runs N times, the variants taking
 turns, and each variant's best run is kept (as timeit keeps the best): on a shared machine a neighbour's
@@ -33,7 +34,7 @@ import torch
 
 from engine import store
 from engine.api import PoemRequest
-from engine.decoding import greedy
+from engine.decoding import choose_greedy
 from engine.forms import FORMS
 
 VARIANTS = ("unbatched", "engine", "http", "ceiling")
@@ -91,21 +92,24 @@ async def bench_unbatched(serving, requests, concurrency) -> tuple[float, list[f
 
 
 @torch.inference_mode()
-def bench_ceiling(model, rows: int, width: int, steps_per_poem: int, num_poems: int,
+def bench_ceiling(serving, rows: int, width: int, steps_per_poem: int, num_poems: int,
                   min_rows: int) -> tuple[float, list[float]]:
-    """Batched steps with argmax fed back: `rows` rows (`width` per poem) for enough steps to write `num_poems`."""
+    """Batched steps with argmax fed back: `rows` rows (`width` per poem) for enough steps to write `num_poems`.
+    The engine's own step function (traced), on the one thread."""
+    model, step = serving.model, serving.step
     device = next(model.parameters()).device
     batch = max(rows, min_rows)  # the engine pads the same way
     tokens = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
     state = model.init_state(batch, device)  # (L, B, S)
+    nothing_masked = torch.zeros(batch, model.config.vocab_size, device=device)  # (B, V)
     poems_per_round = max(1, rows // width)
     rounds = -(-num_poems // poems_per_round)
     step_times = []
     start = time.perf_counter()
     for _ in range(steps_per_poem * rounds):
         t0 = time.perf_counter()
-        logits, state = model.step(tokens, state)  # (B, V)
-        tokens = greedy(logits)  # the engine's own fastest pick
+        logits, state = step(tokens, state)  # (B, V)
+        tokens = choose_greedy(logits, nothing_masked)  # the engine's own pick
         tokens.tolist()  # the same one host transfer per step as the engine
         step_times.append(time.perf_counter() - t0)
     seconds = time.perf_counter() - start
@@ -151,7 +155,7 @@ async def run(args) -> dict:
                         "unbatched": lambda: bench_unbatched(serving, requests, c),
                         "engine": lambda: closed_loop(engine.generate, requests, c),
                         "http": lambda: closed_loop(client.generate, requests, c),
-                        "ceiling": lambda: _done(bench_ceiling(serving.model, rows, width, steps_per_poem, n,
+                        "ceiling": lambda: _done(bench_ceiling(serving, rows, width, steps_per_poem, n,
                                                                settings.min_batch_rows)),
                     }
                     row = {}

@@ -7,10 +7,11 @@ slice and all beam requests of one width share one topk. A step, per model versi
 
     drop the rows that left or finished        one gather (it also restores the segment order)
     append rows for requests that joined       zero state, the <form> start token
-    model.step on the batch, padded  ─────────┐ on the model thread: logits (P, V), P = max(R, min_batch_rows)
-    advance every RowState with the last      │ meanwhile, here: the previous step's tokens, in Python;
-      step's tokens                           │ the masks, bans and penalties this step needs; the last
-                                              │ step's log-sum-exp for the greedy and sample totals
+    model step on the batch, padded  ─────────┐ here: logits (P, V), P = max(R, min_batch_rows)
+    advance every RowState with the last      │ meanwhile, on the catch-up thread: the previous step's
+      step's tokens                           │ tokens, in Python; the masks, bans and penalties this
+                                              │ step needs; the last step's log-sum-exp for the greedy
+                                              │ and sample totals
     constrain and choose, per segment ◄───────┘ choose_greedy / choose_sample / choose_beam per width
     one device → host transfer                 tokens, beam parents and totals, (3, R)
     assemble the poems that chose <eos>        their rows are free for the next step
@@ -18,10 +19,12 @@ slice and all beam requests of one width share one topk. A step, per model versi
 Greedy and sample rows choose by bias + logits (a row's log-sum-exp changes neither its argmax nor its
 softmax), so the log-sum-exp their running log-probs need is paid during the next step (`owed`, `_pay_lse`).
 
-The Python half of a step (RowState.advance, building the mask indices) runs while the model computes,
-on a second thread — as vLLM's async scheduling overlaps the CPU's scheduling with the GPU's step. Only
-the requests that just chose <eos> are caught up at once, so that their rows go back to the scheduler
-without waiting a step.
+The Python half of a step (RowState.advance, building the mask indices) runs while the model computes —
+as vLLM's async scheduling overlaps the CPU's scheduling with the GPU's step. The step itself stays on the
+step loop's thread, so that it starts at once and the choice finds the logits in this core's cache; it
+runs traced (`ServingModel.step`, engine.model.compile_step), because eager, each of its ATen calls would
+wait for the GIL while the catch-up's Python holds it. Only the requests that just chose <eos> are caught
+up at once, so that their rows go back to the scheduler without waiting a step.
 
 Batch invariance: on CPU, `model.step` gives bit-identical rows for any batch of 16 or more rows at any row
 position, but different bits for batches of 1–15 (the BLAS kernels block small matrices differently).
@@ -36,9 +39,8 @@ last row finishes, alongside the new version's batch.
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -171,12 +173,12 @@ class ModelBatch:
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.tokens, self.totals, self.beam_scores = self.tokens[index], self.totals[index], self.beam_scores[index]
-        self.state = self.state[:, index]  # (L, R', S)
+        self.state = self.state.index_select(1, index)  # (L, R', S)
         if self.owed is not None:
             self.owed = self.owed[0], self.owed[1][index]
 
-    def launch(self, pool: ThreadPoolExecutor, min_rows: int) -> Future | None:
-        """Start this step's model.step on the model thread; None when the batch is empty."""
+    def step(self, min_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This step's model step: (logits (P, V), state (L, P, S)); None when the batch is empty."""
         R = self.num_rows
         if not R:
             return None
@@ -185,12 +187,7 @@ class ModelBatch:
         if P > R:  # pad rows: any token, zero state; their outputs are never read
             tokens = torch.cat([tokens, tokens.new_zeros(P - R)])  # (P,)
             state = torch.cat([state, state.new_zeros(state.shape[0], P - R, state.shape[2])], dim=1)  # (L, P, S)
-        started = threading.Event()
-        future = pool.submit(_model_step, started, self.serving.model, tokens, state)
-        # Let the model thread through its Python preamble before this thread's Python takes the GIL: else
-        # it waits up to a switch interval to start, and the overlap loses most of what it gains.
-        started.wait()
-        return future
+        return self.serving.step(tokens, state)
 
     def catch_up(self) -> StepInputs:
         """Apply the last step's tokens and gather what this step's choice needs."""
@@ -240,7 +237,7 @@ class ModelBatch:
         device, R = self.device, self.num_rows
         logits = logits[:R].float()  # (R, V) without the padding rows; contiguous
         nb = inputs.beams[0][1] if inputs.beams else R  # rows [nb, R) are beam rows: they rank log-probs
-        lse_beam = []  # per beam segment, (b - a,)
+        lse_beam = torch.empty(R - nb, device=device)  # their log-sum-exps
         bias = inputs.bias  # (R, V): step_bias, built during the model step
         next_tokens = torch.empty(R, dtype=torch.long, device=device)  # (R,)
         parents = torch.arange(R, device=device)  # (R,) the row each row continues: itself, or a beam's parent
@@ -249,38 +246,44 @@ class ModelBatch:
             next_tokens[:g] = choose_greedy(logits[:g], bias[:g])
         if inputs.sample_rows is not None:
             next_tokens[inputs.sample_rows] = choose_sample(logits, bias, inputs.sample_rows, *inputs.sample_cfg).to(device)
-        if inputs.forced_rows is not None:
-            next_tokens[inputs.forced_rows] = inputs.forced_tokens
         for width, a, b in inputs.beams:
             step, lse = choose_beam(logits[a:b], bias[a:b], self.beam_scores[a:b], width)
-            lse_beam.append(lse.to(device))
+            lse_beam[a - nb:b - nb] = lse.to(device)
             next_tokens[a:b] = step.tokens
             parents[a:b] = step.parents + a
             self.beam_scores[a:b] = step.scores
+        if inputs.forced_rows is not None:
+            next_tokens[inputs.forced_rows] = inputs.forced_tokens
         # Beam rows continue their parents' state; then the only device → host transfer of the step.
         if inputs.beams:
-            state, self.totals = state[:, parents], self.totals[parents]
+            state, self.totals = state.index_select(1, parents), self.totals[parents]  # index_select: 5× [:, p]
         self.state = state[:, :R]  # drops the padding rows
         gain = logits[parents, next_tokens]  # (R,) the chosen tokens' logits; minus lse = their log-probs
         if nb < R:
-            gain[nb:] -= torch.cat(lse_beam)[parents[nb:] - nb]
+            gain[nb:] -= lse_beam[parents[nb:] - nb]
         self.totals = self.totals + gain
         if nb:
             self.owed = logits[:nb], torch.cat([torch.arange(nb, device=device), parents.new_full((R - nb,), -1)])
         self.tokens = next_tokens
         # float64 holds token ids and parents exactly, and the float32 totals too: one transfer for all three.
         host = torch.stack([next_tokens.double(), parents.double(), self.totals.double()]).tolist()
-        finished = {}
+        ending = []
         for group in self.groups:  # each group reads its slice while the next step runs
             group.last = (host, group.offset)
             group.steps_left -= 1
             if not group.steps_left:  # it chose <eos>: assemble its poem now rather than a step later
-                group.catch_up()
-                if not group.is_beam:  # its total still owes this step's log-sum-exp
-                    group.score -= float(logsumexp(logits[group.offset:group.offset + 1])[0])
-                assert all(r.done for r in group.rows), "every row of a fixed-length form ends on the same step"
-                finished[group.req_id] = self._result(group)
-        return finished
+                ending.append(group)
+        if not ending:
+            return {}
+        owing = [g for g in ending if not g.is_beam]  # their totals still owe this step's log-sum-exp
+        if owing:
+            lse = logsumexp(logits[torch.tensor([g.offset for g in owing], device=device)]).tolist()
+        for group in ending:
+            group.catch_up()
+            assert all(r.done for r in group.rows), "every row of a fixed-length form ends on the same step"
+        for group, value in zip(owing, lse if owing else ()):
+            group.score -= value
+        return {group.req_id: self._result(group) for group in ending}
 
     def _result(self, group: RowGroup) -> PoemResult:
         row = group.rows[0]  # beams are sorted by score
@@ -290,10 +293,9 @@ class ModelBatch:
                           score=group.score)
 
 
-def _model_step(started: threading.Event, model, tokens: torch.Tensor, state: torch.Tensor):
-    with torch.inference_mode():  # thread-local: the model thread needs its own
-        started.set()
-        return model.step(tokens, state)
+def _catch_up(batches: list[ModelBatch]) -> list[StepInputs]:
+    with torch.inference_mode():  # thread-local: the catch-up thread needs its own
+        return [batch.catch_up() for batch in batches]
 
 
 def _children(rows: list[RowState], parents: list[int]) -> list[RowState]:
@@ -313,7 +315,7 @@ class ModelRunner:
         self.min_batch_rows = min_batch_rows
         self.batches: dict[int, ModelBatch] = {}  # id(ServingModel) → its batch
         self.req_batch: dict[str, ModelBatch] = {}  # req_id → the batch holding its rows
-        self._pool: ThreadPoolExecutor | None = None  # the model thread, started with the first step
+        self._pool: ThreadPoolExecutor | None = None  # the catch-up thread, started with the first step
 
     @property
     def num_rows(self) -> int:
@@ -325,7 +327,7 @@ class ModelRunner:
         self.req_batch.clear()
 
     def close(self) -> None:
-        """Stop the model thread (a later step starts a new one)."""
+        """Stop the catch-up thread (a later step starts a new one)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -357,17 +359,17 @@ class ModelRunner:
                 batch = self.batches[id(serving)] = ModelBatch(serving)
             batch.add(req, plan)
             self.req_batch[req.req_id] = batch
-        # Run: every batch's model step goes to the model thread; meanwhile the rows catch up here.
+        # Run: every batch's model step, here; meanwhile the rows catch up on the other thread.
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yinshi-model")
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yinshi-catch-up")
         batches = list(self.batches.values())
         for batch in batches:
             batch.arrange()
-        launched = [(batch, batch.launch(self._pool, self.min_batch_rows)) for batch in batches]
+        catching_up = self._pool.submit(_catch_up, batches)
         try:
-            inputs = [batch.catch_up() for batch in batches]
+            results = [(batch, batch.step(self.min_batch_rows)) for batch in batches]
         finally:
-            results = [(batch, future.result() if future is not None else None) for batch, future in launched]
+            inputs = catching_up.result()  # also when a step failed: the batches are the catch-up's till then
         num_rows = num_padded = 0
         for (batch, result), step_inputs in zip(results, inputs):
             if result is None:  # an empty batch (an old version's last rows left): let it go

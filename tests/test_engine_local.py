@@ -191,13 +191,13 @@ def test_settings_come_from_the_environment():
         EngineSettings.from_env({"ENGINE_MAX_ROWS": "lots"})
 
 
-async def test_the_model_thread_runs_the_steps_and_stops_with_the_engine(checkpoint_store):
+async def test_the_catch_up_thread_runs_beside_the_steps_and_stops_with_the_engine(checkpoint_store):
     import threading
 
     before = set(threading.enumerate())
     async with LocalEngine(engine_settings(checkpoint_store)) as engine:
         await engine.generate(PoemRequest(form="wujue", mode="greedy"))
-        model_threads = [t for t in set(threading.enumerate()) - before if t.name.startswith("yinshi-model")]
-        assert len(model_threads) == 1 and model_threads[0].is_alive()
-    model_threads[0].join(timeout=5)
-    assert not model_threads[0].is_alive() and engine.runner._pool is None
+        helpers = [t for t in set(threading.enumerate()) - before if t.name.startswith("yinshi-catch-up")]
+        assert len(helpers) == 1 and helpers[0].is_alive()
+    helpers[0].join(timeout=5)
+    assert not helpers[0].is_alive() and engine.runner._pool is None
