@@ -15,7 +15,10 @@ returns) writing `--form` poems (qijue):
 poems/s over the whole run; p50/p99 latency per request (queueing included). The ceiling's latency is
 its steps per poem × its mean step time. With --repeat N every cell runs N times, the variants taking
 turns, and each variant's best run is kept (as timeit keeps the best): on a shared machine a neighbour's
-busy spell can slow a run by a third, and the best run is the one it touched least.
+busy spell can slow a run by a third, and the best run is the one it touched least. The ratios then also
+give engine/ceiling as the median over rounds of each engine run against the ceiling run of the same round
+(`engine_vs_ceiling_paired_median`): runs side by side in time share the neighbours' load, so the ratio
+of a pair varies less than either run, and the median drops the pairs a spell split.
 """
 
 from __future__ import annotations
@@ -158,13 +161,15 @@ async def run(args) -> dict:
                         "ceiling": lambda: _done(bench_ceiling(serving, rows, width, steps_per_poem, n,
                                                                settings.min_batch_rows)),
                     }
-                    row = {}
+                    row, rounds = {}, []
                     for _ in range(args.repeat):  # variants take turns, so that a slow spell hits them alike
+                        rounds.append({})
                         for variant in (v for v in VARIANTS if v in args.variants):
-                            r = summarize(variant, mode, c, *await runs[variant]())
+                            r = rounds[-1][variant] = summarize(variant, mode, c, *await runs[variant]())
                             if variant not in row or r["poems_per_s"] > row[variant]["poems_per_s"]:
                                 row[variant] = r
                     for r in row.values():
+                        r["runs_poems_per_s"] = [round(x[r["variant"]]["poems_per_s"], 2) for x in rounds]
                         results.append(r)
                         print(format_row(r), file=sys.stderr, flush=True)
         finally:
@@ -229,6 +234,9 @@ def ratios(results: list[dict]) -> list[dict]:
         item = {"mode": mode, "concurrency": c}
         if e and d:
             item["engine_vs_ceiling"] = round(e["poems_per_s"] / d["poems_per_s"], 3)
+            if len(e.get("runs_poems_per_s", ())) > 1:  # each round's engine run against the ceiling run beside it
+                item["engine_vs_ceiling_paired_median"] = round(statistics.median(
+                    x / y for x, y in zip(e["runs_poems_per_s"], d["runs_poems_per_s"])), 3)
         if e and a:
             item["engine_vs_unbatched"] = round(e["poems_per_s"] / a["poems_per_s"], 2)
         if e:
