@@ -132,6 +132,7 @@ class ModelBatch:
         # paid while the next model step runs (`_pay_lse`). (logits (n, V), row of logits each row owes or -1)
         self.owed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.beam_scores = torch.zeros(0, device=self.device)  # (R,) beam rows: cumulative ranking score
+        self.arranged = True  # no group joined, left or finished since the last `arrange`
 
     @property
     def num_rows(self) -> int:
@@ -148,6 +149,7 @@ class ModelBatch:
                          segment=(2, k) if beam else (1, 1) if request.mode == "sample" else (0, 1),
                          offset=self.num_rows, steps_left=plan.num_steps)
         self.groups.append(group)
+        self.arranged = False
         scores = torch.full((k,), NEG_INF, device=self.device)
         scores[0] = 0.0  # beam: one live beam at the start; the others fill from its candidates
         self.tokens = torch.cat([self.tokens, torch.full((k,), plan.start_token, dtype=torch.long, device=self.device)])
@@ -161,9 +163,13 @@ class ModelBatch:
     def remove(self, req_ids: set[str]) -> None:
         """Forget requests that left (cancelled, expired); `arrange` drops their rows."""
         self.groups = [g for g in self.groups if g.req_id not in req_ids]
+        self.arranged = False
 
     def arrange(self) -> None:
         """Drop the rows of finished groups and put the rest in segment order: at most one gather."""
+        if self.arranged:
+            return
+        self.arranged = True
         self.groups = sorted((g for g in self.groups if g.steps_left), key=lambda g: (g.segment, g.arrival))
         keep, offset = [], 0
         for g in self.groups:
@@ -275,6 +281,7 @@ class ModelBatch:
                 ending.append(group)
         if not ending:
             return {}
+        self.arranged = False
         owing = [g for g in ending if not g.is_beam]  # their totals still owe this step's log-sum-exp
         if owing:
             lse = logsumexp(logits[torch.tensor([g.offset for g in owing], device=device)]).tolist()
