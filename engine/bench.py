@@ -3,6 +3,7 @@
     python -m engine bench                                  # the full grid: concurrency 1 16 64 256 × greedy sample beam-5
     python -m engine bench --concurrency 1 16 --modes greedy --requests 32 --checkpoint runs/lstm/best.safetensors
     python -m engine bench --choice --threads 1                # the choice alone: C kernels vs torch primitives
+    python -m engine bench --step --threads 1                  # the model step, eager and traced, beside Python
 
 Variants, each with `concurrency` closed-loop clients (a client sends its next request when the last one
 returns) writing `--form` poems (qijue):
@@ -302,6 +303,44 @@ def bench_choice(rows_list=(64, 255), vocab: int = 6000, repeat: int = 5, calls:
     return out
 
 
+@torch.inference_mode()
+def bench_step(model, rows: int = 64, calls: int = 20) -> list[dict]:
+    """The model step eager and traced (engine.model.compile_step), alone and beside a thread spinning in
+    Python, as the engine's catch-up thread runs beside its step: median milliseconds per step."""
+    import threading
+
+    from engine.model import compile_step
+
+    device = next(model.parameters()).device
+    tokens = torch.zeros(rows, dtype=torch.long, device=device)
+    state = model.init_state(rows, device)
+    out = []
+    for name, step in (("eager", model.step), ("traced", compile_step(model))):
+        for beside in ("nothing", "python"):
+            stop = threading.Event()
+
+            def spin():
+                while not stop.is_set():
+                    sum(range(1000))
+
+            spinner = threading.Thread(target=spin) if beside == "python" else None
+            step(tokens, state)  # warm
+            if spinner:
+                spinner.start()
+            times = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                step(tokens, state)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+            stop.set()
+            if spinner:
+                spinner.join()
+            out.append({"step": name, "beside": beside, "rows": rows, "ms": round(statistics.median(times), 3)})
+    return out
+
+
 def resolve_checkpoint(args) -> Path:
     if args.checkpoint:
         return Path(args.checkpoint)
@@ -332,6 +371,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--choice", action="store_true",
                         help="only time the choice after a model step: the C kernels against the torch primitives")
+    parser.add_argument("--step", action="store_true",
+                        help="only time the model step, eager and traced, alone and beside a busy Python thread")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run every cell this many times, variants in turn, and keep each variant's best run")
 
@@ -344,6 +385,16 @@ def main(args) -> int:
         for r in report["choice"]:
             print(f"{r['op']:>28} {r['rows']:>4} rows: torch {r['torch_ms']:7.2f} ms  "
                   f"kernel {r.get('kernel_ms', float('nan')):7.2f} ms", file=sys.stderr)
+        print(json.dumps(report, indent=2))
+        return 0
+    if args.step:
+        from engine.checkpoint import load_checkpoint
+        from engine.registry import pick_device
+
+        model = load_checkpoint(resolve_checkpoint(args), device=pick_device(args.device)).model
+        report = {"torch_threads": torch.get_num_threads(), "step": bench_step(model)}
+        for r in report["step"]:
+            print(f"{r['step']:>7} step, {r['rows']} rows, beside {r['beside']:>7}: {r['ms']:8.2f} ms", file=sys.stderr)
         print(json.dumps(report, indent=2))
         return 0
     report = asyncio.run(run(args))

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from engine.bench import bench_choice, percentile, ratios
+from engine.bench import bench_choice, bench_step, percentile, ratios
 
 
 def test_bench_runs_every_variant_and_reports_ratios(tiny_checkpoint, tmp_path):
@@ -55,3 +55,12 @@ def test_bench_choice_times_every_op_on_both_paths():
     assert [r["op"] for r in report] == ["log-sum-exp", "greedy", "sample (T 0.8, top-p 0.9)",
                                          "beam-5 (log-sum-exp, top-k)"]
     assert all(r["rows"] == 5 and r["torch_ms"] > 0 and r["kernel_ms"] > 0 for r in report)
+
+
+def test_bench_step_times_the_eager_and_the_traced_step_alone_and_beside_python(tiny_checkpoint):
+    from engine.checkpoint import load_checkpoint
+
+    report = bench_step(load_checkpoint(tiny_checkpoint).model, rows=16, calls=3)
+    assert [(r["step"], r["beside"]) for r in report] == [("eager", "nothing"), ("eager", "python"),
+                                                          ("traced", "nothing"), ("traced", "python")]
+    assert all(r["rows"] == 16 and r["ms"] > 0 for r in report)
