@@ -81,6 +81,27 @@ HOT static void logsumexp_rows(const float *x, Py_ssize_t R, Py_ssize_t V, float
 
 /* The first token with the row's best score (as torch.argmax): the best block by its maximum, in one
  * vectorised pass, then the first token of that block that reaches it. */
+/* The bias a choice adds to the logits, sparse: row r is row index[r] of a small shared table (the
+ * constraint masks, as 0 / -inf), with the entries tok[ptr[r]..ptr[r+1]) replaced by val[...] (its
+ * repetition penalties, bans and forced token). A row with replacements is materialised in `scratch`,
+ * which stays in this core's cache; the dense (rows, V) bias it replaces came from the other core. */
+typedef struct {
+    const float *table, *val;
+    const int64_t *index, *ptr, *tok;
+} Bias;
+
+static inline const float *bias_row(const Bias *b, Py_ssize_t r, Py_ssize_t V, float *scratch)
+{
+    const float *row = b->table + b->index[r] * V;
+    const int64_t e0 = b->ptr[r], e1 = b->ptr[r + 1];
+    if (e0 == e1)
+        return row;
+    memcpy(scratch, row, (size_t)V * sizeof(float));
+    for (int64_t e = e0; e < e1; e++)
+        scratch[b->tok[e]] = b->val[e];
+    return scratch;
+}
+
 HOT static int64_t row_greedy(const float *x, const float *b, Py_ssize_t V)
 {
     float best = -INFINITY;
@@ -124,8 +145,8 @@ static inline void top_insert(float *vals, int64_t *idx, int width, float v, int
  * logit and each block's best b + x, a second sums the exps; then only the blocks whose best could enter
  * the list are read again, exactly (a margin covers the rounding of the estimate), which after the first
  * blocks is rare. */
-HOT static void group_top(const float *x, const float *b, const float *score, Py_ssize_t V, int width,
-                          float *lse, float *vals, int64_t *idx, float *bm)
+HOT static void group_top(const float *x, const Bias *b, Py_ssize_t g, const float *score, Py_ssize_t V,
+                          int width, float *lse, float *vals, int64_t *idx, float *bm, float *scratch)
 {
     for (int k = 0; k < width; k++) {
         vals[k] = -INFINITY;
@@ -133,7 +154,7 @@ HOT static void group_top(const float *x, const float *b, const float *score, Py
     }
     const Py_ssize_t nblocks = (V + BLOCK - 1) / BLOCK;
     for (int r = 0; r < width; r++) {
-        const float *xr = x + (Py_ssize_t)r * V, *br = b + (Py_ssize_t)r * V;
+        const float *xr = x + (Py_ssize_t)r * V, *br = bias_row(b, g + r, V, scratch);
         float mx = -INFINITY;
         for (Py_ssize_t k = 0; k < nblocks; k++) {
             const Py_ssize_t j0 = k * BLOCK, j1 = j0 + BLOCK < V ? j0 + BLOCK : V;
@@ -313,6 +334,54 @@ static int check_size(Py_buffer *buf, const char *name, Py_ssize_t n, Py_ssize_t
     return 0;
 }
 
+/* Checks the bias buffers against R rows of V tokens and fills `b`; -1 with an exception set if they do
+ * not fit (every index and token is checked: the kernels then read without bounds checks). */
+static int check_bias(Py_buffer *table, Py_buffer *index, Py_buffer *ptr, Py_buffer *tok, Py_buffer *val,
+                      Py_ssize_t R, Py_ssize_t V, Bias *b)
+{
+    const Py_ssize_t T = table->len / (V * 4), E = tok->len / 8;
+    if (table->len % (V * 4) || T < 1 || check_size(index, "bias index", R, 8) ||
+        check_size(ptr, "bias ptr", R + 1, 8) || check_size(tok, "bias tokens", E, 8) ||
+        check_size(val, "bias values", E, 4)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "bias table: expected whole rows of V floats");
+        return -1;
+    }
+    const int64_t *ip = index->buf, *pp = ptr->buf, *tp = tok->buf;
+    if (pp[0] != 0 || pp[R] != E) {
+        PyErr_SetString(PyExc_ValueError, "bias ptr: must run from 0 to the number of replaced entries");
+        return -1;
+    }
+    for (Py_ssize_t r = 0; r < R; r++)
+        if (ip[r] < 0 || ip[r] >= T || pp[r + 1] < pp[r]) {
+            PyErr_Format(PyExc_ValueError, "bias row %zd: table row %lld of %zd, or ptr decreasing", r,
+                         (long long)ip[r], T);
+            return -1;
+        }
+    for (Py_ssize_t e = 0; e < E; e++)
+        if (tp[e] < 0 || tp[e] >= V) {
+            PyErr_Format(PyExc_ValueError, "bias token %lld out of range for %zd tokens", (long long)tp[e], V);
+            return -1;
+        }
+    b->table = table->buf;
+    b->val = val->buf;
+    b->index = ip;
+    b->ptr = pp;
+    b->tok = tp;
+    return 0;
+}
+
+#define BIAS_FORMAT "y*y*y*y*y*"
+#define BIAS_ARGS &bt, &bi, &bp_, &bk, &bv
+#define BIAS_RELEASE()                                                                                        \
+    do {                                                                                                      \
+        PyBuffer_Release(&bt);                                                                                \
+        PyBuffer_Release(&bi);                                                                                \
+        PyBuffer_Release(&bp_);                                                                               \
+        PyBuffer_Release(&bk);                                                                                \
+        PyBuffer_Release(&bv);                                                                                \
+    } while (0)
+
 static PyObject *py_logsumexp(PyObject *self, PyObject *args)
 {
     Py_buffer x, out;
@@ -332,54 +401,71 @@ static PyObject *py_logsumexp(PyObject *self, PyObject *args)
 
 static PyObject *py_greedy(PyObject *self, PyObject *args)
 {
-    Py_buffer x, b, out;
+    Py_buffer x, bt, bi, bp_, bk, bv, out;
     Py_ssize_t R, V;
-    if (!PyArg_ParseTuple(args, "y*y*nnw*", &x, &b, &R, &V, &out))
+    if (!PyArg_ParseTuple(args, "y*" BIAS_FORMAT "nnw*", &x, BIAS_ARGS, &R, &V, &out))
         return NULL;
     PyObject *result = NULL;
-    if (R >= 0 && V > 0 && !check_size(&x, "x", R * V, 4) && !check_size(&b, "bias", R * V, 4) &&
-        !check_size(&out, "out", R, 8)) {
-        const float *xp = x.buf, *bp = b.buf;
-        int64_t *op = out.buf;
-        Py_BEGIN_ALLOW_THREADS for (Py_ssize_t r = 0; r < R; r++) op[r] = row_greedy(xp + r * V, bp + r * V, V);
-        Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
-    } else if (!PyErr_Occurred())
-        PyErr_SetString(PyExc_ValueError, "bad shape");
+    Bias bias;
+    float *scratch = NULL;
+    if (!(R >= 0 && V > 0 && !check_size(&x, "x", R * V, 4) && !check_size(&out, "out", R, 8) &&
+          !check_bias(&bt, &bi, &bp_, &bk, &bv, R, V, &bias))) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "bad shape");
+        goto done;
+    }
+    if (!(scratch = PyMem_RawMalloc((size_t)V * sizeof(float)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const float *xp = x.buf;
+    int64_t *op = out.buf;
+    Py_BEGIN_ALLOW_THREADS for (Py_ssize_t r = 0; r < R; r++) op[r] =
+        row_greedy(xp + r * V, bias_row(&bias, r, V, scratch), V);
+    Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
+done:
+    PyMem_RawFree(scratch);
     PyBuffer_Release(&x);
-    PyBuffer_Release(&b);
+    BIAS_RELEASE();
     PyBuffer_Release(&out);
     return result;
 }
 
 static PyObject *py_beam(PyObject *self, PyObject *args)
 {
-    Py_buffer x, b, score, lse, vals, flat;
+    Py_buffer x, bt, bi, bp_, bk, bv, score, lse, vals, flat;
     Py_ssize_t R, V;
     int width;
-    if (!PyArg_ParseTuple(args, "y*y*y*nniw*w*w*", &x, &b, &score, &R, &V, &width, &lse, &vals, &flat))
+    if (!PyArg_ParseTuple(args, "y*" BIAS_FORMAT "y*nniw*w*w*", &x, BIAS_ARGS, &score, &R, &V, &width, &lse, &vals,
+                          &flat))
         return NULL;
     PyObject *result = NULL;
-    float *bm = NULL;
-    if (R >= 0 && V > 0 && width > 0 && R % width == 0 && !check_size(&x, "x", R * V, 4) &&
-        !check_size(&b, "bias", R * V, 4) && !check_size(&score, "score", R, 4) && !check_size(&lse, "lse", R, 4) &&
-        !check_size(&vals, "values", R, 4) && !check_size(&flat, "flat", R, 8)) {
-        bm = PyMem_RawMalloc((size_t)(V / BLOCK + 1) * sizeof(float));
-        if (bm == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        const float *xp = x.buf, *bp = b.buf, *sp = score.buf;
-        float *lp = lse.buf, *vp = vals.buf;
-        int64_t *fp = flat.buf;
-        Py_BEGIN_ALLOW_THREADS for (Py_ssize_t g = 0; g < R; g += width)
-            group_top(xp + g * V, bp + g * V, sp + g, V, width, lp + g, vp + g, fp + g, bm);
-        Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
-    } else if (!PyErr_Occurred())
-        PyErr_SetString(PyExc_ValueError, "bad shape");
+    Bias bias;
+    float *bm = NULL, *scratch = NULL;
+    if (!(R >= 0 && V > 0 && width > 0 && R % width == 0 && !check_size(&x, "x", R * V, 4) &&
+          !check_size(&score, "score", R, 4) && !check_size(&lse, "lse", R, 4) && !check_size(&vals, "values", R, 4) &&
+          !check_size(&flat, "flat", R, 8) && !check_bias(&bt, &bi, &bp_, &bk, &bv, R, V, &bias))) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "bad shape");
+        goto done;
+    }
+    bm = PyMem_RawMalloc((size_t)(V / BLOCK + 1) * sizeof(float));
+    scratch = PyMem_RawMalloc((size_t)V * sizeof(float));
+    if (bm == NULL || scratch == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const float *xp = x.buf, *sp = score.buf;
+    float *lp = lse.buf, *vp = vals.buf;
+    int64_t *fp = flat.buf;
+    Py_BEGIN_ALLOW_THREADS for (Py_ssize_t g = 0; g < R; g += width)
+        group_top(xp + g * V, &bias, g, sp + g, V, width, lp + g, vp + g, fp + g, bm, scratch);
+    Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
 done:
     PyMem_RawFree(bm);
+    PyMem_RawFree(scratch);
     PyBuffer_Release(&x);
-    PyBuffer_Release(&b);
+    BIAS_RELEASE();
     PyBuffer_Release(&score);
     PyBuffer_Release(&lse);
     PyBuffer_Release(&vals);
@@ -389,17 +475,20 @@ done:
 
 static PyObject *py_sample(PyObject *self, PyObject *args)
 {
-    Py_buffer x, b, rows, t, k, p, u, out;
+    Py_buffer x, bt, bi, bp_, bk, bv, rows, t, k, p, u, out;
     Py_ssize_t R, V;
-    if (!PyArg_ParseTuple(args, "y*y*nny*y*y*y*y*w*", &x, &b, &R, &V, &rows, &t, &k, &p, &u, &out))
+    if (!PyArg_ParseTuple(args, "y*" BIAS_FORMAT "nny*y*y*y*y*w*", &x, BIAS_ARGS, &R, &V, &rows, &t, &k, &p, &u,
+                          &out))
         return NULL;
     PyObject *result = NULL;
     const Py_ssize_t n = rows.len / 8;
     Scratch s = {0};
-    if (!(R >= 0 && V > 0 && V <= INT32_MAX && !check_size(&x, "x", R * V, 4) && !check_size(&b, "bias", R * V, 4) &&
+    Bias bias;
+    float *scratch = NULL;
+    if (!(R >= 0 && V > 0 && V <= INT32_MAX && !check_size(&x, "x", R * V, 4) &&
           !check_size(&rows, "rows", n, 8) && !check_size(&t, "temperature", n, 4) &&
           !check_size(&k, "top_k", n, 8) && !check_size(&p, "top_p", n, 4) && !check_size(&u, "uniform", n, 4) &&
-          !check_size(&out, "out", n, 8))) {
+          !check_size(&out, "out", n, 8) && !check_bias(&bt, &bi, &bp_, &bk, &bv, R, V, &bias))) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "bad shape");
         goto done;
@@ -412,24 +501,26 @@ static PyObject *py_sample(PyObject *self, PyObject *args)
         }
     s.share = PyMem_RawMalloc((size_t)V * sizeof(float));
     s.block = PyMem_RawMalloc((size_t)(V / BLOCK + 1) * sizeof(double));
-    if (!s.share || !s.block) {
+    scratch = PyMem_RawMalloc((size_t)V * sizeof(float));
+    if (!s.share || !s.block || !scratch) {
         PyErr_NoMemory();
         goto done;
     }
-    const float *xp = x.buf, *bp = b.buf, *tp = t.buf, *pp = p.buf, *up = u.buf;
+    const float *xp = x.buf, *tp = t.buf, *pp = p.buf, *up = u.buf;
     const int64_t *kp = k.buf;
     int64_t *op = out.buf;
     Py_BEGIN_ALLOW_THREADS for (Py_ssize_t i = 0; i < n; i++)
     {
         const int64_t r = rp[i];
-        op[i] = row_sample(xp + r * V, bp + r * V, V, tp[i], kp[i], pp[i], up[i], &s);
+        op[i] = row_sample(xp + r * V, bias_row(&bias, r, V, scratch), V, tp[i], kp[i], pp[i], up[i], &s);
     }
     Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
 done:
     PyMem_RawFree(s.share);
     PyMem_RawFree(s.block);
+    PyMem_RawFree(scratch);
     PyBuffer_Release(&x);
-    PyBuffer_Release(&b);
+    BIAS_RELEASE();
     PyBuffer_Release(&rows);
     PyBuffer_Release(&t);
     PyBuffer_Release(&k);
@@ -441,11 +532,11 @@ done:
 
 static PyMethodDef methods[] = {
     {"logsumexp", py_logsumexp, METH_VARARGS, "logsumexp(x, R, V, out): out[r] = log sum exp x[r]"},
-    {"greedy", py_greedy, METH_VARARGS, "greedy(x, bias, R, V, out): first argmax of bias + x"},
+    {"greedy", py_greedy, METH_VARARGS, "greedy(x, *bias, R, V, out): first argmax of bias + x"},
     {"beam", py_beam, METH_VARARGS,
-     "beam(x, bias, score, R, V, width, lse, values, flat): log-sum-exps and the top `width` per group"},
+     "beam(x, *bias, score, R, V, width, lse, values, flat): log-sum-exps and the top `width` per group"},
     {"sample", py_sample, METH_VARARGS,
-     "sample(x, bias, R, V, rows, temperature, top_k, top_p, uniform, out): one draw per listed row"},
+     "sample(x, *bias, R, V, rows, temperature, top_k, top_p, uniform, out): one draw per listed row"},
     {NULL, NULL, 0, NULL},
 };
 

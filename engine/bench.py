@@ -38,7 +38,7 @@ import torch
 
 from engine import store
 from engine.api import PoemRequest
-from engine.decoding import choose_greedy
+from engine.decoding import Bias, choose_greedy
 from engine.forms import FORMS
 
 VARIANTS = ("unbatched", "engine", "http", "ceiling")
@@ -105,7 +105,9 @@ def bench_ceiling(serving, rows: int, width: int, steps_per_poem: int, num_poems
     batch = max(rows, min_rows)  # the engine pads the same way
     tokens = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
     state = model.init_state(batch, device)  # (L, B, S)
-    nothing_masked = torch.zeros(batch, model.config.vocab_size, device=device)  # (B, V)
+    none = torch.zeros(0, dtype=torch.long)
+    nothing_masked = Bias(torch.zeros(1, model.config.vocab_size, device=device), torch.zeros(batch, dtype=torch.long),
+                          torch.zeros(batch + 1, dtype=torch.long), none, torch.zeros(0))  # one shared row of zeros
     poems_per_round = max(1, rows // width)
     rounds = -(-num_poems // poems_per_round)
     step_times = []
@@ -286,15 +288,16 @@ def bench_choice(rows_list=(64, 255), vocab: int = 6000, repeat: int = 5, calls:
                 "greedy": lambda: greedy(bias + torch.log_softmax(x, dim=-1)),
                 "sample (T 0.8, top-p 0.9)": lambda: sample_batch(bias + x, *cfg),
             }
+            rows_bias = Bias.of_dense(bias)  # the same dense rows, for the kernels
             kernel_ops = {
                 "log-sum-exp": lambda: kernels.logsumexp(x),
-                "greedy": lambda: kernels.greedy(x, bias),
-                "sample (T 0.8, top-p 0.9)": lambda: kernels.sample(x, bias, torch.arange(R), *cfg),
+                "greedy": lambda: kernels.greedy(x, rows_bias),
+                "sample (T 0.8, top-p 0.9)": lambda: kernels.sample(x, rows_bias, torch.arange(R), *cfg),
             }
             if R % 5 == 0:
                 torch_ops["beam-5 (log-sum-exp, top-k)"] = lambda: beam_search_step(
                     (bias + scores[:, None]) + torch.log_softmax(x, dim=-1), 5)
-                kernel_ops["beam-5 (log-sum-exp, top-k)"] = lambda: kernels.beam(x, bias, scores, 5)
+                kernel_ops["beam-5 (log-sum-exp, top-k)"] = lambda: kernels.beam(x, rows_bias, scores, 5)
             for op, fn in torch_ops.items():
                 item = {"op": op, "rows": R, "torch_ms": best_ms(fn, max(1, calls // 6))}
                 if kernels.AVAILABLE:

@@ -3,8 +3,9 @@
 The choice works on tensors and is shared with the batched engine (engine/runner.py), so that a request
 decodes to the same poem in either. After each model step:
 
-    bias = step_bias(rows, [repeat_penalty_for(mode) per row], device)  # (N, V): -inf where a row may not
-                                                          # go, minus its repetition penalty (no logits needed)
+    bias = step_bias(rows, [repeat_penalty_for(mode) per row], device)  # Bias: (N, V) as shared mask rows plus
+                                                          # edits; -inf where a row may not go, minus its
+                                                          # repetition penalty (no logits needed)
     choose_greedy(logits, bias)                           # (N,) the first best token per row
     choose_sample(logits, bias, rows, temperature, top_k, top_p, u)  # one draw per listed row, from its own u
     choose_beam(logits, bias, beam_scores, width)         # G requests of one width → BeamStep, and the
@@ -54,7 +55,7 @@ import torch
 
 from engine.api import MODES, MAX_BEAM_WIDTH, PoemRequest, PoemResult, RequestError
 from engine import kernels
-from engine.constraints import RowState, allowed_bias, build_plan
+from engine.constraints import RowState, build_plan
 from engine.forms import DEFAULT_FORM, FORM_NAMES, format_poem
 from engine.model import PoemModel
 from engine.prosody import Prosody, prosody_for
@@ -88,20 +89,85 @@ def _uses(rows: list[RowState], penalty: float | list[float]):
     return row_ids, tokens, values
 
 
-def penalize_(scores: torch.Tensor, rows: list[RowState], penalty: float | list[float]) -> torch.Tensor:
-    """Subtract the repetition penalty from scores (N, V) in place, touching only the used tokens."""
+@dataclass
+class Bias:
+    """What each row's logits get added before ranking, kept sparse: row r is `table[index[r]]` with the
+    entries `tokens[ptr[r]:ptr[r+1]]` replaced by `values[...]`. The table holds the plan's constraint masks
+    (0 / -inf, a few dozen rows that every row shares); the replacements are a row's repetition penalties,
+    bans and forced token, tens of entries where the dense (N, V) bias they stand for is N·V floats. The C
+    kernels read a row in place (a row with replacements is copied into a buffer this core caches); the
+    torch path asks for `dense()`. The table lives on the logits' device, the rest on the CPU."""
+
+    table: torch.Tensor  # (T, V) float32
+    index: torch.Tensor  # (N,) long: each row's table row
+    ptr: torch.Tensor  # (N + 1,) long: row r's replacements are entries ptr[r] to ptr[r + 1]
+    tokens: torch.Tensor  # (E,) long, ascending within a row
+    values: torch.Tensor  # (E,) float32: what the bias holds there
+
+    @classmethod
+    def of_dense(cls, dense: torch.Tensor) -> Bias:
+        """A dense bias (N, V) as a Bias: every row its own table row, nothing replaced."""
+        n = dense.shape[0]
+        return cls(dense.float().contiguous(), torch.arange(n), torch.zeros(n + 1, dtype=torch.long),
+                   torch.zeros(0, dtype=torch.long), torch.zeros(0))
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    def rows(self, a: int, b: int) -> Bias:
+        """Rows a..b (b excluded)."""
+        e0, e1 = int(self.ptr[a]), int(self.ptr[b])
+        return Bias(self.table, self.index[a:b], self.ptr[a:b + 1] - e0, self.tokens[e0:e1], self.values[e0:e1])
+
+    def dense(self) -> torch.Tensor:
+        """The bias as (N, V) on the table's device."""
+        device = self.table.device
+        out = self.table[self.index.to(device)]
+        if self.tokens.numel():
+            rows = torch.repeat_interleave(torch.arange(len(self)), self.ptr.diff())
+            out[rows.to(device), self.tokens.to(device)] = self.values.to(device)
+        return out
+
+
+def step_bias(rows: list[RowState], penalty: float | list[float], device) -> Bias:
+    """What each row's log-probs get added before ranking: -inf where a row may not go next, minus the
+    repetition penalty where it may (penalty: one value, or one per row). It needs no logits, so the engine
+    builds it while the model step runs.
+
+    The same values as the dense recipe — gather the rows' mask rows, 0 at a forced token, -inf at the
+    banned ones, then subtract each earlier use's penalty in place — computed only where that recipe
+    changes a mask row: the penalties are summed from 0 in the same order, and 0 + s is s exactly."""
+    tables = rows[0].plan.tables
+    table = tables.bias_on(device)  # (T, V) on the logits' device
+    host = table if table.device.type == "cpu" else tables.bias_on("cpu")
+    N, V = len(rows), table.shape[1]
+    index, forced, banned = [], [], []  # forced and banned as keys row·V + token
+    for i, r in enumerate(rows):
+        index.append(r.mask_index)
+        if r._forced is not None:
+            forced.append(i * V + r._forced)
+        elif r.step_banned:
+            banned.extend(i * V + t for t in r.step_banned)
+    index = torch.tensor(index, dtype=torch.long)
     uses = _uses(rows, penalty)
+    parts = [torch.tensor(forced, dtype=torch.long), torch.tensor(banned, dtype=torch.long)]
     if uses is not None:
-        row_ids, tokens, values = (t.to(scores.device) for t in uses)
-        scores.index_put_((row_ids, tokens), -values.to(scores.dtype), accumulate=True)
-    return scores
-
-
-def step_bias(rows: list[RowState], penalty: float | list[float], device) -> torch.Tensor:
-    """What each row's log-probs get added before ranking: (N, V), -inf where a row may not go next and
-    minus the repetition penalty where it may (penalty: one value, or one per row). It needs no logits,
-    so the engine builds it while the model step runs."""
-    return penalize_(allowed_bias(rows, device), rows, penalty)
+        parts.append(uses[0] * V + uses[1])
+    keys = torch.cat(parts)
+    if not keys.numel():
+        return Bias(table, index, torch.zeros(N + 1, dtype=torch.long), keys, torch.zeros(0))
+    unique, where = torch.unique(keys, sorted=True, return_inverse=True)  # by row, then token
+    row_of, token = unique // V, unique % V
+    values = host[index[row_of], token]
+    values[where[:len(forced)]] = 0.0
+    values[where[len(forced):len(forced) + len(banned)]] = NEG_INF
+    if uses is not None:
+        spent = torch.zeros(len(unique)).index_put_((where[len(forced) + len(banned):],), -uses[2].float(),
+                                                    accumulate=True)
+        values += spent
+    ptr = torch.zeros(N + 1, dtype=torch.long)
+    ptr[1:] = torch.bincount(row_of, minlength=N).cumsum(0)
+    return Bias(table, index, ptr, token, values)
 
 
 def greedy(scores: torch.Tensor) -> torch.Tensor:
@@ -264,23 +330,23 @@ def logsumexp(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1)
 
 
-def choose_greedy(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def choose_greedy(logits: torch.Tensor, bias: Bias) -> torch.Tensor:
     """The first token with the best constrained score in each row: (N,) long. It ranks bias + logits,
     which orders a row as bias + log-probs does (the log-sum-exp is the row's constant), so no
     log-sum-exp waits in front of the choice."""
-    if kernels.usable(logits, bias):
+    if kernels.usable(logits, bias.table):
         return kernels.greedy(logits, bias)
-    return greedy(bias + logits.float())
+    return greedy(bias.dense() + logits.float())
 
 
-def choose_sample(logits: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
+def choose_sample(logits: torch.Tensor, bias: Bias, rows: torch.Tensor, temperature: torch.Tensor,
                   top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """One draw for each of `rows` (n,) long from bias + logits (softmax ignores the log-sum-exp), by
     `sample_batch`'s rule: temperature, top_k, top_p and uniform are (n,), one per listed row. (n,) long."""
     temperature = temperature.float().clamp_min(MIN_TEMPERATURE)
-    if kernels.usable(logits, bias):
+    if kernels.usable(logits, bias.table):
         return kernels.sample(logits, bias, rows.cpu(), temperature.cpu(), top_k.cpu(), top_p.cpu(), uniform.cpu())
-    return sample_batch(bias[rows] + logits[rows].float(), temperature, top_k, top_p, uniform)
+    return sample_batch(bias.dense()[rows] + logits[rows].float(), temperature, top_k, top_p, uniform)
 
 
 def sample(logits_row: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator,
@@ -288,23 +354,24 @@ def sample(logits_row: torch.Tensor, temperature: float, top_k: int, top_p: floa
     """One token from logits (V,) plus bias (V,) (none: unconstrained), using `generator`'s next uniform
     number (one per call), as the engine draws a sample row's free step."""
     logits = logits_row[None].float().contiguous()  # (1, V)
-    bias = torch.zeros_like(logits) if bias_row is None else bias_row[None].contiguous()
+    bias = Bias.of_dense(torch.zeros_like(logits) if bias_row is None else bias_row[None])
     u = float(torch.rand((), generator=generator, device=generator.device))
     one = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype, device=logits.device)  # noqa: E731
     return int(choose_sample(logits, bias, one(0, torch.long), one(temperature), one(top_k, torch.long),
                              one(top_p), one(u))[0])
 
 
-def choose_beam(logits: torch.Tensor, bias: torch.Tensor, beam_scores: torch.Tensor,
+def choose_beam(logits: torch.Tensor, bias: Bias, beam_scores: torch.Tensor,
                 width: int) -> tuple[BeamStep, torch.Tensor]:
     """One beam-search step for the G requests of width `width` whose rows these are, and the rows'
     log-sum-exps (N,). Beams of different rows compete, so they rank log-probs plus the beam's score:
     (bias + beam_scores[:, None]) + (logits - lse[:, None]), as `beam_search_step` describes."""
-    if kernels.usable(logits, bias):
+    if kernels.usable(logits, bias.table):
         lse, top, flat = kernels.beam(logits, bias, beam_scores.cpu(), width)
         return _beam_step(top, flat, logits.shape[1], width), lse
     lse = logsumexp(logits)
-    return beam_search_step((bias + beam_scores.float()[:, None]) + (logits.float() - lse[:, None]), width), lse
+    return beam_search_step((bias.dense() + beam_scores.float()[:, None]) + (logits.float() - lse[:, None]),
+                            width), lse
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,11 +408,12 @@ def _single(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, flo
         lse = logsumexp(logits)  # (1,)
         token = row.forced()
         if token is None:
-            bias = step_bias([row], penalty, device)  # (1, V)
+            bias = step_bias([row], penalty, device)  # one row
             if generator is None:
                 token = int(choose_greedy(logits, bias)[0])
             else:
-                token = sample(logits[0], request.temperature, request.top_k, request.top_p, generator, bias[0])
+                token = sample(logits[0], request.temperature, request.top_k, request.top_p, generator,
+                               bias.dense()[0])
         total += float(logits[0, token] - lse[0])
         row.advance(token)
     return row, total

@@ -10,7 +10,8 @@ but by rejection (see `_kernels.c`), so a given uniform number picks another tok
 
 `pip install` builds the extension where a C compiler is found (setup.py); without it `AVAILABLE` is
 False and decoding.py uses torch operations on every device. Tensors must be on the CPU, float32 (int64
-for indices) and contiguous: `usable` says whether the kernels can take them.
+for indices) and contiguous: `usable` says whether the kernels can take them. `bias` is a decoding.Bias:
+shared mask rows plus each row's few replaced entries, read in place.
 
     lse = logsumexp(logits)                                  # (R,)
     greedy(logits, bias)                                     # (R,) long, the first best token per row
@@ -48,15 +49,21 @@ def logsumexp(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def greedy(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The first token with the best `bias + x` in each row: (R,) long."""
+def _bias(bias) -> tuple:
+    """A decoding.Bias as the kernels' five buffers: table, index, ptr, tokens, values."""
+    return (_np(bias.table), _np(bias.index.contiguous()), _np(bias.ptr.contiguous()), _np(bias.tokens.contiguous()),
+            _np(bias.values.float().contiguous()))
+
+
+def greedy(x: torch.Tensor, bias) -> torch.Tensor:
+    """The first token with the best `bias + x` in each row: (R,) long. `bias` is a decoding.Bias."""
     R, V = x.shape
     out = torch.empty(R, dtype=torch.long)
-    _c.greedy(_np(x), _np(bias), R, V, _np(out))
+    _c.greedy(_np(x), *_bias(bias), R, V, _np(out))
     return out
 
 
-def beam(x: torch.Tensor, bias: torch.Tensor, scores: torch.Tensor,
+def beam(x: torch.Tensor, bias, scores: torch.Tensor,
          width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One beam-search step for the groups of `width` rows: each row's log-sum-exp (R,), and the best
     `width` of `(bias + score) + (x - lse)` over each group — values (G, width) float32 and flat indices
@@ -65,16 +72,16 @@ def beam(x: torch.Tensor, bias: torch.Tensor, scores: torch.Tensor,
     lse = torch.empty(R, dtype=torch.float32)
     values = torch.empty(R, dtype=torch.float32)
     flat = torch.empty(R, dtype=torch.long)
-    _c.beam(_np(x), _np(bias), _np(scores.float().contiguous()), R, V, width, _np(lse), _np(values), _np(flat))
+    _c.beam(_np(x), *_bias(bias), _np(scores.float().contiguous()), R, V, width, _np(lse), _np(values), _np(flat))
     return lse, values.view(-1, width), flat.view(-1, width)
 
 
-def sample(x: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
+def sample(x: torch.Tensor, bias, rows: torch.Tensor, temperature: torch.Tensor,
            top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """One draw for each of `rows` (n,) long from its scores `(bias + x) / temperature`, with top-k (0 = off)
     and top-p, at its uniform number: (n,) long. See decoding.sample_batch for the rule."""
     R, V = x.shape
     out = torch.empty(rows.shape[0], dtype=torch.long)
     args = [rows.long(), temperature.float(), top_k.long(), top_p.float(), uniform.float()]
-    _c.sample(_np(x), _np(bias), R, V, *(_np(a.contiguous()) for a in args), _np(out))
+    _c.sample(_np(x), *_bias(bias), R, V, *(_np(a.contiguous()) for a in args), _np(out))
     return out

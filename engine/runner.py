@@ -48,7 +48,7 @@ import torch
 
 from engine.api import PoemRequest, PoemResult
 from engine.constraints import PoemPlan, RowState, build_plan
-from engine.decoding import (choose_beam, choose_greedy, choose_sample, logsumexp, make_generator, repeat_penalty_for,
+from engine.decoding import (Bias, choose_beam, choose_greedy, choose_sample, logsumexp, make_generator, repeat_penalty_for,
                              step_bias)
 from engine.forms import format_poem
 from engine.registry import ModelRegistry, ServingModel
@@ -108,7 +108,7 @@ class RowGroup:
 class StepInputs:
     """What the choice needs from the rows, gathered while the model step runs."""
 
-    bias: torch.Tensor  # (R, V) step_bias: -inf where a row may not go, minus its repetition penalty
+    bias: Bias  # step_bias: -inf where a row may not go, minus its repetition penalty (shared rows + edits)
     num_greedy: int  # rows [0, num_greedy) are greedy
     sample_rows: torch.Tensor | None  # (n,) sample rows with a free choice this step
     sample_cfg: tuple[torch.Tensor, ...]  # their temperature, top_k, top_p and uniform number, (n,) each
@@ -244,16 +244,16 @@ class ModelBatch:
         logits = logits[:R].float()  # (R, V) without the padding rows; contiguous
         nb = inputs.beams[0][1] if inputs.beams else R  # rows [nb, R) are beam rows: they rank log-probs
         lse_beam = torch.empty(R - nb, device=device)  # their log-sum-exps
-        bias = inputs.bias  # (R, V): step_bias, built during the model step
+        bias = inputs.bias  # step_bias, built during the model step
         next_tokens = torch.empty(R, dtype=torch.long, device=device)  # (R,)
         parents = torch.arange(R, device=device)  # (R,) the row each row continues: itself, or a beam's parent
         g = inputs.num_greedy
         if g:
-            next_tokens[:g] = choose_greedy(logits[:g], bias[:g])
+            next_tokens[:g] = choose_greedy(logits[:g], bias.rows(0, g))
         if inputs.sample_rows is not None:
             next_tokens[inputs.sample_rows] = choose_sample(logits, bias, inputs.sample_rows, *inputs.sample_cfg).to(device)
         for width, a, b in inputs.beams:
-            step, lse = choose_beam(logits[a:b], bias[a:b], self.beam_scores[a:b], width)
+            step, lse = choose_beam(logits[a:b], bias.rows(a, b), self.beam_scores[a:b], width)
             lse_beam[a - nb:b - nb] = lse.to(device)
             next_tokens[a:b] = step.tokens
             parents[a:b] = step.parents + a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import random
 
 import pytest
 from conftest import DECODING_OPTIONS as OPTIONS, ACROSTIC
@@ -12,7 +13,7 @@ from engine import decoding
 from engine.api import PoemRequest, RequestError
 from engine.checkpoint import load_checkpoint
 from engine.constraints import build_plan
-from engine.decoding import (beam_search_step, choose_beam, choose_greedy, choose_sample, generate_one, greedy,
+from engine.decoding import (Bias, beam_search_step, choose_beam, choose_greedy, choose_sample, generate_one, greedy,
                              logsumexp, make_generator, sample_batch, step_bias, top_k)
 from engine import kernels
 from engine.forms import FORM_NAMES, FORMS
@@ -130,7 +131,7 @@ def kernel_sample_batch(logits, temperature, top_k, top_p, uniform):
     """sample_batch's signature on the C kernel: scores = logits (a zero bias)."""
     assert kernels.AVAILABLE, "engine._kernels is not built: `pip install -e .` needs a C compiler"
     logits = logits.float().contiguous()
-    return kernels.sample(logits, torch.zeros_like(logits), torch.arange(logits.shape[0]),
+    return kernels.sample(logits, Bias.of_dense(torch.zeros_like(logits)), torch.arange(logits.shape[0]),
                           temperature.float().clamp_min(decoding.MIN_TEMPERATURE), top_k, top_p, uniform)
 
 
@@ -243,6 +244,15 @@ def test_sampling_draws_each_kept_token_in_proportion_to_its_probability(sampler
     assert 0.5 * (seen - law).abs().sum() < 0.03
 
 
+def sparse_like(dense: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> Bias:
+    """`dense` as rows of `table` plus the entries where it differs from them."""
+    edits = [(dense[r] != table[index[r]]).nonzero().flatten() for r in range(dense.shape[0])]
+    ptr = torch.tensor([0] + [len(e) for e in edits]).cumsum(0)
+    tokens = torch.cat(edits)
+    rows = torch.repeat_interleave(torch.arange(dense.shape[0]), ptr.diff())
+    return Bias(table, index, ptr, tokens, dense[rows, tokens])
+
+
 @pytest.mark.parametrize("rows", [1, 5, 64])
 def test_the_choice_on_kernels_equals_the_torch_primitives(rows):
     # choose_* take the C kernels on a CPU; the torch primitives on the same scores pick the same tokens.
@@ -250,26 +260,59 @@ def test_the_choice_on_kernels_equals_the_torch_primitives(rows):
     gen = torch.Generator().manual_seed(rows)
     V, width = 6000, 5
     logits = torch.randn(rows * width, V, generator=gen) * 3
-    bias = torch.zeros(rows * width, V)
-    bias[:, ::3] = float("-inf")
-    bias[:, 1::11] -= 1.0
-    bias[0, :] = float("-inf")
-    bias[0, 7] = 0.0  # a forced row: one allowed token
-    lse = logsumexp(logits)
-    assert torch.allclose(lse, torch.logsumexp(logits, dim=-1), atol=1e-5, rtol=0)
-    assert torch.equal(choose_greedy(logits, bias), (bias + logits).argmax(dim=-1))
-    scores = torch.randn(rows * width, generator=gen)
-    scores[width - 1::width] = float("-inf")  # an empty slot per request
-    (step, beam_lse), ref = choose_beam(logits, bias, scores, width), beam_search_step(
-        (bias + scores[:, None]) + (logits - lse[:, None]), width)
-    assert torch.equal(beam_lse, lse)
-    assert torch.equal(step.scores, ref.scores)
-    assert torch.equal(step.parents, ref.parents) and torch.equal(step.tokens, ref.tokens)
-    pick = torch.arange(0, rows * width, 2)
-    u = torch.rand(len(pick), generator=gen)
-    ones = torch.ones(len(pick))
-    drawn = choose_sample(logits, bias, pick, ones, torch.zeros(len(pick), dtype=torch.long), ones * 0.9, u)
-    assert torch.isfinite(bias[pick, drawn]).all()
+    table = torch.zeros(2, V)
+    table[0, ::3] = float("-inf")  # a mask row, and a row that allows nothing (forced rows start from it)
+    table[1] = float("-inf")
+    index = torch.zeros(rows * width, dtype=torch.long)
+    index[0] = 1
+    dense = table[index]
+    dense[:, 1::11] -= 1.0  # penalties: -1 where allowed, still -inf where masked
+    dense[0, 7] = 0.0  # a forced row: one allowed token
+    dense[-1, 2::13] = float("-inf")  # bans
+    for bias in (sparse_like(dense, table, index), Bias.of_dense(dense)):  # in place of the dense rows, and as them
+        assert torch.equal(bias.dense(), dense)
+        lse = logsumexp(logits)
+        assert torch.allclose(lse, torch.logsumexp(logits, dim=-1), atol=1e-5, rtol=0)
+        assert torch.equal(choose_greedy(logits, bias), (dense + logits).argmax(dim=-1))
+        scores = torch.randn(rows * width, generator=gen)
+        scores[width - 1::width] = float("-inf")  # an empty slot per request
+        (step, beam_lse), ref = choose_beam(logits, bias, scores, width), beam_search_step(
+            (dense + scores[:, None]) + (logits - lse[:, None]), width)
+        assert torch.equal(beam_lse, lse)
+        assert torch.equal(step.scores, ref.scores)
+        assert torch.equal(step.parents, ref.parents) and torch.equal(step.tokens, ref.tokens)
+        pick = torch.arange(0, rows * width, 2)
+        u = torch.rand(len(pick), generator=gen)
+        ones = torch.ones(len(pick))
+        drawn = choose_sample(logits, bias, pick, ones, torch.zeros(len(pick), dtype=torch.long), ones * 0.9, u)
+        assert torch.isfinite(dense[pick, drawn]).all()
+        assert drawn[0] == 7  # the forced row
+        half = rows * width // 2 // width * width  # a group boundary
+        assert torch.equal(bias.rows(half, rows * width).dense(), dense[half:])
+
+
+@pytest.mark.parametrize("broken", ["index", "token", "ptr", "table"])
+def test_the_kernels_refuse_a_bias_that_does_not_fit_their_rows(broken):
+    V = 50
+    logits = torch.randn(4, V)
+    bias = Bias(torch.zeros(2, V), torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 1, 2, 2]), torch.tensor([3, 4]),
+                torch.tensor([-1.0, -2.0]))
+    kernels.greedy(logits, bias)  # fits
+    if broken == "index":
+        bias.index = torch.tensor([0, 2, 0, 1])  # the table has 2 rows
+    elif broken == "token":
+        bias.tokens = torch.tensor([3, V])
+    elif broken == "ptr":
+        bias.ptr = torch.tensor([0, 2, 1, 2, 2])
+    else:
+        bias.table = torch.zeros(2 * V + 1)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.greedy(logits, bias)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.beam(logits, bias, torch.zeros(4), 2)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.sample(logits, bias, torch.arange(4), torch.ones(4), torch.zeros(4, dtype=torch.long), torch.ones(4),
+                       torch.rand(4))
 
 
 def test_beam_search_step_ranks_cumulative_scores_and_names_parents():
@@ -322,13 +365,42 @@ def test_step_bias_masks_and_subtracts_the_penalty_per_earlier_use(tiny):
     row = plan.new_row()
     for _ in range(3):
         row.advance(row.forced())
-    bias = step_bias([row], 0.5, "cpu")[0]
+    bias = step_bias([row], 0.5, "cpu").dense()[0]
     allowed = torch.isfinite(bias)
     assert not allowed[vocab.index["月"]]  # a third 月 is banned
     assert bias[vocab.index["山"]] == -0.5  # one earlier use
     assert (bias[allowed] == 0).sum() == allowed.sum() - 1
-    assert torch.equal(torch.isfinite(step_bias([row], 0.0, "cpu")[0]), allowed)
-    assert (step_bias([row], 0.0, "cpu")[0][allowed] == 0).all()
+    assert torch.equal(torch.isfinite(step_bias([row], 0.0, "cpu").dense()[0]), allowed)
+    assert (step_bias([row], 0.0, "cpu").dense()[0][allowed] == 0).all()
+
+
+def test_step_bias_is_the_dense_recipe_bit_for_bit(tiny):
+    # The sparse bias against the dense recipe it replaces (gather the mask rows, 0 at a forced token, -inf at
+    # the banned ones, then subtract each earlier use's penalty in place), over rows in every state: forced,
+    # free, with bans and repeated characters, finished; penalties per row, zero for some.
+    from engine.constraints import allowed_bias
+
+    _, vocab, prosody = tiny
+    rng = random.Random(3)
+    rows = []
+    for prompt, form in (("月月山", "wujue"), ("春风", "qijue"), ("", "wujue"), ("山山", "wulv")):
+        plan = build_plan(vocab, prosody, PoemRequest(form=form, prompt=prompt))
+        row = plan.new_row()
+        for step in range(plan.num_steps):
+            if step % 3 == 0:
+                rows.append(row.copy())
+            if row.done:
+                break
+            allowed = torch.isfinite(step_bias([row], 0.0, "cpu").dense()[0]).nonzero().flatten().tolist()
+            row.advance(row.forced() if row.forced() is not None else rng.choice(allowed))
+    rows = [r for r in rows if not r.done]
+    penalties = [rng.choice([0.0, 1.0, 0.37]) for _ in rows]
+    uses = decoding._uses(rows, penalties)
+    want = allowed_bias(rows)
+    want.index_put_((uses[0], uses[1]), -uses[2], accumulate=True)
+    got = step_bias(rows, penalties, "cpu")
+    assert len(rows) > 10 and got.tokens.numel() > len(rows)
+    assert torch.equal(got.dense(), want)
 
 
 def test_sampling_mode_has_no_repetition_penalty():
