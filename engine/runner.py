@@ -133,6 +133,7 @@ class ModelBatch:
         self.owed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.beam_scores = torch.zeros(0, device=self.device)  # (R,) beam rows: cumulative ranking score
         self.arranged = True  # no group joined, left or finished since the last `arrange`
+        self.step_inputs: tuple[torch.Tensor, ...] | None = None  # see `_step_inputs`
 
     @property
     def num_rows(self) -> int:
@@ -189,11 +190,28 @@ class ModelBatch:
         if not R:
             return None
         P = max(R, min_rows)
-        tokens, state = self.tokens, self.state
+        tokens, state = self._step_inputs(P)
+        tokens[:R].copy_(self.tokens)
+        state[:, :R].copy_(self.state)
         if P > R:  # pad rows: any token, zero state; their outputs are never read
-            tokens = torch.cat([tokens, tokens.new_zeros(P - R)])  # (P,)
-            state = torch.cat([state, state.new_zeros(state.shape[0], P - R, state.shape[2])], dim=1)  # (L, P, S)
+            tokens[R:].zero_()
+            state[:, R:].zero_()
         return self.serving.step(tokens, state)
+
+    def _step_inputs(self, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's input buffers for P rows, kept from step to step while P stays.
+
+        Why not pass the batch's own tensors: when the traced step lets go of an input that a Python object
+        wraps and nothing else in C++ still holds, torch gives the Python object back, which takes the GIL
+        in the middle of the step, so the step waits for the catch-up's Python. Ordinary (not inference)
+        tensors that live on, with a view each whose `_base` holds them from C++, are never let go of."""
+        if self.step_inputs is None or self.step_inputs[0].shape[0] != P:
+            cfg = self.serving.model.config
+            with torch.inference_mode(False):
+                tokens = torch.zeros(P, dtype=torch.long, device=self.device)
+                state = torch.zeros(cfg.num_layers, P, cfg.state_dim, dtype=self.state.dtype, device=self.device)
+                self.step_inputs = (tokens, state, tokens[:], state[:])
+        return self.step_inputs[0], self.step_inputs[1]
 
     def catch_up(self) -> StepInputs:
         """Apply the last step's tokens and gather what this step's choice needs."""

@@ -191,6 +191,29 @@ def test_settings_come_from_the_environment():
         EngineSettings.from_env({"ENGINE_MAX_ROWS": "lots"})
 
 
+async def test_the_step_reads_kept_ordinary_tensors_that_c_plus_plus_also_holds(checkpoint_store):
+    # The traced step must not be the last C++ holder of a Python-wrapped input (it would take the GIL back
+    # mid-step to hand the object to Python): its inputs are buffers kept across steps, ordinary tensors,
+    # each with a view whose _base holds it.
+    import asyncio
+
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        task = asyncio.ensure_future(engine.generate(PoemRequest(form="qilv", mode="greedy")))
+        seen = []
+        while not task.done():
+            for batch in list(engine.runner.batches.values()):
+                if batch.step_inputs is not None:
+                    seen.append(batch.step_inputs)
+            await asyncio.sleep(0.005)
+        await task
+    assert seen, "no step was seen"
+    tokens, state, tokens_view, state_view = seen[-1]
+    assert all(s[0] is tokens and s[1] is state for s in seen)  # one batch size (16 rows): the same buffers
+    assert not tokens.is_inference() and not state.is_inference()
+    assert tokens_view._base is tokens and state_view._base is state
+    assert tokens.shape == (16,) and state.shape[1] == 16  # padded to min_batch_rows
+
+
 async def test_the_catch_up_thread_runs_beside_the_steps_and_stops_with_the_engine(checkpoint_store):
     import threading
 
