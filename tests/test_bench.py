@@ -61,6 +61,6 @@ def test_bench_step_times_the_eager_and_the_traced_step_alone_and_beside_python(
     from engine.checkpoint import load_checkpoint
 
     report = bench_step(load_checkpoint(tiny_checkpoint).model, rows=16, calls=3)
-    assert [(r["step"], r["beside"]) for r in report] == [("eager", "nothing"), ("eager", "python"),
-                                                          ("traced", "nothing"), ("traced", "python")]
+    assert [(r["step"], r["beside"]) for r in report] == [
+        (step, beside) for step in ("eager", "traced", "traced, kept inputs") for beside in ("nothing", "python")]
     assert all(r["rows"] == 16 and r["ms"] > 0 for r in report)
