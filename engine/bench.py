@@ -310,22 +310,20 @@ def bench_choice(rows_list=(64, 255), vocab: int = 6000, repeat: int = 5, calls:
 def bench_step(model, rows: int = 64, calls: int = 20) -> list[dict]:
     """The model step eager and traced (engine.model.compile_step), alone and beside a thread spinning in
     Python, as the engine's catch-up thread runs beside its step: median milliseconds per step. "traced,
-    kept inputs" passes what the engine passes (ModelBatch._step_inputs): ordinary tensors that a view also
+    kept inputs" passes what the engine passes (engine.model.kept_step_inputs): ordinary tensors that a view also
     holds from C++, so that the step takes the GIL only to return."""
     import threading
 
-    from engine.model import compile_step
+    from engine.model import compile_step, kept_step_inputs
 
     device = next(model.parameters()).device
     tokens = torch.zeros(rows, dtype=torch.long, device=device)
     state = model.init_state(rows, device)
-    with torch.inference_mode(False):
-        kept = torch.zeros(rows, dtype=torch.long, device=device), model.init_state(rows, device)
-        views = kept[0][:], kept[1][:]  # noqa: F841 (their _base holds the inputs from C++)
+    kept = kept_step_inputs(model, rows)
     traced = compile_step(model)
     out = []
     for name, step, (tokens, state) in (("eager", model.step, (tokens, state)), ("traced", traced, (tokens, state)),
-                                        ("traced, kept inputs", traced, kept)):
+                                        ("traced, kept inputs", traced, kept[:2])):
         for beside in ("nothing", "python"):
             stop = threading.Event()
 

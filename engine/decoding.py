@@ -350,11 +350,11 @@ def choose_sample(logits: torch.Tensor, bias: Bias, rows: torch.Tensor, temperat
 
 
 def sample(logits_row: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator,
-           bias_row: torch.Tensor | None = None) -> int:
-    """One token from logits (V,) plus bias (V,) (none: unconstrained), using `generator`'s next uniform
-    number (one per call), as the engine draws a sample row's free step."""
+           bias: Bias | None = None) -> int:
+    """One token from logits (V,) plus a one-row bias (none: unconstrained), using `generator`'s next
+    uniform number (one per call), as the engine draws a sample row's free step."""
     logits = logits_row[None].float().contiguous()  # (1, V)
-    bias = Bias.of_dense(torch.zeros_like(logits) if bias_row is None else bias_row[None])
+    bias = Bias.of_dense(torch.zeros_like(logits)) if bias is None else bias
     u = float(torch.rand((), generator=generator, device=generator.device))
     one = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype, device=logits.device)  # noqa: E731
     return int(choose_sample(logits, bias, one(0, torch.long), one(temperature), one(top_k, torch.long),
@@ -412,8 +412,7 @@ def _single(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, flo
             if generator is None:
                 token = int(choose_greedy(logits, bias)[0])
             else:
-                token = sample(logits[0], request.temperature, request.top_k, request.top_p, generator,
-                               bias.dense()[0])
+                token = sample(logits[0], request.temperature, request.top_k, request.top_p, generator, bias)
         total += float(logits[0, token] - lse[0])
         row.advance(token)
     return row, total

@@ -117,8 +117,9 @@ def compile_step(model: PoemModel):
     Eager `step` is about a dozen ATen calls, and each one gives the GIL up and must take it back: while the
     engine's step loop runs Python on the other core, each of those takes up to a switch interval (5 ms),
     and a 9 ms step took 66 ms beside a busy Python thread. The traced graph runs the same ATen kernels
-    (bit-identical outputs, tested) and takes the GIL once, to return. Traced once per loaded version, for
-    any batch size; eager `model.step` if tracing fails (torch.jit is deprecated and may one day go)."""
+    (bit-identical outputs, tested) and takes the GIL back only on return, given `kept_step_inputs`. Traced
+    once per loaded version, for any batch size; eager `model.step` if tracing fails (torch.jit is
+    deprecated and may one day go)."""
     c = model.config
     device = model.head.weight.device
     tokens = torch.zeros(16, dtype=torch.long, device=device)
@@ -135,3 +136,18 @@ def compile_step(model: PoemModel):
         log.warning("model.step could not be traced (%s); stepping eagerly", e)
         return model.step
     return traced
+
+
+def kept_step_inputs(model: PoemModel, rows: int) -> tuple[torch.Tensor, ...]:
+    """Input buffers for the compiled step, to copy into and pass at every step of `rows` rows:
+    (tokens (rows,), state (L, rows, S), a view of each).
+
+    When the traced step lets go of an input that a Python object wraps and nothing else in C++ holds,
+    torch hands the object back to Python, which takes the GIL in the middle of the step, so the step
+    waits for whatever Python runs beside it. Ordinary (not inference) tensors that live on, each held
+    from C++ by its view's `_base`, are never let go of. Keep all four alive."""
+    device = model.head.weight.device
+    with torch.inference_mode(False):
+        tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        state = model.init_state(rows, device)
+        return tokens, state, tokens[:], state[:]

@@ -51,6 +51,7 @@ from engine.constraints import PoemPlan, RowState, build_plan
 from engine.decoding import (Bias, choose_beam, choose_greedy, choose_sample, logsumexp, make_generator, repeat_penalty_for,
                              step_bias)
 from engine.forms import format_poem
+from engine.model import kept_step_inputs
 from engine.registry import ModelRegistry, ServingModel
 from engine.scheduler import EngineRequest, RunnerOutput, SchedulerOutput
 
@@ -199,18 +200,10 @@ class ModelBatch:
         return self.serving.step(tokens, state)
 
     def _step_inputs(self, P: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's input buffers for P rows, kept from step to step while P stays.
-
-        Why not pass the batch's own tensors: when the traced step lets go of an input that a Python object
-        wraps and nothing else in C++ still holds, torch gives the Python object back, which takes the GIL
-        in the middle of the step, so the step waits for the catch-up's Python. Ordinary (not inference)
-        tensors that live on, with a view each whose `_base` holds them from C++, are never let go of."""
+        """The step's input buffers for P rows (engine.model.kept_step_inputs: why not the batch's own
+        tensors), kept from step to step while P stays."""
         if self.step_inputs is None or self.step_inputs[0].shape[0] != P:
-            cfg = self.serving.model.config
-            with torch.inference_mode(False):
-                tokens = torch.zeros(P, dtype=torch.long, device=self.device)
-                state = torch.zeros(cfg.num_layers, P, cfg.state_dim, dtype=self.state.dtype, device=self.device)
-                self.step_inputs = (tokens, state, tokens[:], state[:])
+            self.step_inputs = kept_step_inputs(self.serving.model, P)
         return self.step_inputs[0], self.step_inputs[1]
 
     def catch_up(self) -> StepInputs:
