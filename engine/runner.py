@@ -13,7 +13,7 @@ slice and all beam requests of one width share one topk. A step, per model versi
                                               │ step needs; the last step's log-sum-exp for the greedy
                                               │ and sample totals
     constrain and choose, per segment ◄───────┘ choose_greedy / choose_sample / choose_beam per width
-    one device → host transfer                 tokens, beam parents and totals, (3, R)
+    one device → host transfer                 the tokens (and beam parents); totals stay till a poem ends
     assemble the poems that chose <eos>        their rows are free for the next step
 
 Greedy and sample rows choose by bias + logits (a row's log-sum-exp changes neither its argmax nor its
@@ -78,9 +78,10 @@ class RowGroup:
     segment: tuple[int, int]  # where its rows sit in the batch: (0, 1) greedy, (1, 1) sample, (2, width) beam
     arrival: int = field(default_factory=lambda: next(_arrivals))
     offset: int = 0  # its first row in the batch tensors
-    steps_left: int = 0  # choices still to make; 0 once it chose <eos>
-    last: tuple[list, int] | None = None  # the last step's host (tokens, parents, totals) and where its rows were
-    score: float = 0.0  # model log-prob of row 0 after the last step applied
+    last_offset: int = 0  # its first row in the last step (`arrange` may have moved it since)
+    joined: int = 0  # the batch's step count when it joined: it takes part in the steps from this one on
+    ends: int = 0  # the batch's step count once it has chosen <eos>
+    score: float = 0.0  # model log-prob of row 0, set when it ends
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -91,18 +92,15 @@ class RowGroup:
     def is_beam(self) -> bool:
         return self.segment[0] == 2
 
-    def catch_up(self) -> None:
-        """Apply the last step's tokens to the rows (beams first take their parents' places)."""
-        if self.last is None:
-            return
-        (tokens, parents, totals), a = self.last
+    def catch_up(self, tokens: list[int], parents: list[int] | None) -> None:
+        """Apply a step's tokens (the batch's, on the host) to the rows; beams first take their parents'
+        places (`parents`: the batch's, None when it has no beam rows)."""
+        a = self.last_offset
         b = a + self.num_rows
         if self.is_beam:
-            self.rows = _children(self.rows, [int(p) - a for p in parents[a:b]])
+            self.rows = _children(self.rows, [p - a for p in parents[a:b]])
         for row, token in zip(self.rows, tokens[a:b]):
-            row.advance(int(token))
-        self.score = totals[a]
-        self.last = None
+            row.advance(token)
 
 
 @dataclass
@@ -135,6 +133,10 @@ class ModelBatch:
         self.beam_scores = torch.zeros(0, device=self.device)  # (R,) beam rows: cumulative ranking score
         self.arranged = True  # no group joined, left or finished since the last `arrange`
         self.step_inputs: tuple[torch.Tensor, ...] | None = None  # see `_step_inputs`
+        self.num_steps = 0  # steps chosen so far
+        self.last: tuple[list[int], list[int] | None] | None = None  # the last step's tokens and parents, on the host
+        self.ending: dict[int, list[RowGroup]] = {}  # step count → the groups that end there
+        self.owes: tuple[int, int, torch.Tensor] | None = None  # `_owes`'s last answer
 
     @property
     def num_rows(self) -> int:
@@ -149,8 +151,9 @@ class ModelBatch:
                          make_generator(request.seed) if request.mode == "sample" else None,
                          penalty=repeat_penalty_for(request.mode),
                          segment=(2, k) if beam else (1, 1) if request.mode == "sample" else (0, 1),
-                         offset=self.num_rows, steps_left=plan.num_steps)
+                         offset=self.num_rows, last_offset=self.num_rows, joined=self.num_steps, ends=self.num_steps + plan.num_steps)
         self.groups.append(group)
+        self.ending.setdefault(group.ends, []).append(group)
         self.arranged = False
         scores = torch.full((k,), NEG_INF, device=self.device)
         scores[0] = 0.0  # beam: one live beam at the start; the others fill from its candidates
@@ -164,6 +167,9 @@ class ModelBatch:
 
     def remove(self, req_ids: set[str]) -> None:
         """Forget requests that left (cancelled, expired); `arrange` drops their rows."""
+        for g in self.groups:
+            if g.req_id in req_ids:
+                g.ends = -1  # not among `ending` any more
         self.groups = [g for g in self.groups if g.req_id not in req_ids]
         self.arranged = False
 
@@ -172,10 +178,11 @@ class ModelBatch:
         if self.arranged:
             return
         self.arranged = True
-        self.groups = sorted((g for g in self.groups if g.steps_left), key=lambda g: (g.segment, g.arrival))
+        self.groups = sorted((g for g in self.groups if g.ends > self.num_steps), key=lambda g: (g.segment, g.arrival))
         keep, offset = [], 0
         for g in self.groups:
             keep.extend(range(g.offset, g.offset + g.num_rows))
+            g.last_offset = g.offset
             g.offset, offset = offset, offset + g.num_rows
         if keep == list(range(self.num_rows)):
             return
@@ -211,8 +218,11 @@ class ModelBatch:
         self._pay_lse()
         rows, penalties, sample_rows, sample_cfg, forced_rows, forced_tokens, beams = [], [], [], [], [], [], []
         num_greedy = 0
+        last, self.last = self.last, None
         for group in self.groups:
-            group.catch_up()
+            if last is not None and group.joined < self.num_steps:  # it took part in the last step
+                group.catch_up(*last)
+            group.last_offset = group.offset  # where its rows are in the step now running
             offset, k = group.offset, group.num_rows
             rows.extend(group.rows)
             penalties.extend([group.penalty] * k)
@@ -254,10 +264,11 @@ class ModelBatch:
         device, R = self.device, self.num_rows
         logits = logits[:R].float()  # (R, V) without the padding rows; contiguous
         nb = inputs.beams[0][1] if inputs.beams else R  # rows [nb, R) are beam rows: they rank log-probs
-        lse_beam = torch.empty(R - nb, device=device)  # their log-sum-exps
         bias = inputs.bias  # step_bias, built during the model step
         next_tokens = torch.empty(R, dtype=torch.long, device=device)  # (R,)
-        parents = torch.arange(R, device=device)  # (R,) the row each row continues: itself, or a beam's parent
+        if inputs.beams:
+            lse_beam = torch.empty(R - nb, device=device)  # their log-sum-exps
+            parents = torch.arange(R, device=device)  # (R,) the row each row continues: itself, or a beam's parent
         g = inputs.num_greedy
         if g:
             next_tokens[:g] = choose_greedy(logits[:g], bias.rows(0, g))
@@ -274,34 +285,38 @@ class ModelBatch:
         # Beam rows continue their parents' state; then the only device → host transfer of the step.
         if inputs.beams:
             state, self.totals = state.index_select(1, parents), self.totals[parents]  # index_select: 5× [:, p]
-        self.state = state[:, :R]  # drops the padding rows
-        gain = logits[parents, next_tokens]  # (R,) the chosen tokens' logits; minus lse = their log-probs
-        if nb < R:
+            gain = logits[parents, next_tokens]  # (R,) the chosen tokens' logits; minus lse = their log-probs
             gain[nb:] -= lse_beam[parents[nb:] - nb]
+        else:
+            gain = logits.gather(1, next_tokens[:, None])[:, 0]
+        self.state = state[:, :R]  # drops the padding rows
         self.totals = self.totals + gain
         if nb:
-            self.owed = logits[:nb], torch.cat([torch.arange(nb, device=device), parents.new_full((R - nb,), -1)])
+            self.owed = logits[:nb], self._owes(nb, R)
         self.tokens = next_tokens
-        # float64 holds token ids and parents exactly, and the float32 totals too: one transfer for all three.
-        host = torch.stack([next_tokens.double(), parents.double(), self.totals.double()]).tolist()
-        ending = []
-        for group in self.groups:  # each group reads its slice while the next step runs
-            group.last = (host, group.offset)
-            group.steps_left -= 1
-            if not group.steps_left:  # it chose <eos>: assemble its poem now rather than a step later
-                ending.append(group)
+        # The rows catch up on the host while the next step runs; their totals stay here till they end.
+        self.last = next_tokens.tolist(), parents.tolist() if inputs.beams else None
+        self.num_steps += 1
+        ending = [g for g in self.ending.pop(self.num_steps, ()) if g.ends == self.num_steps]
         if not ending:
             return {}
         self.arranged = False
-        owing = [g for g in ending if not g.is_beam]  # their totals still owe this step's log-sum-exp
-        if owing:
-            lse = logsumexp(logits[torch.tensor([g.offset for g in owing], device=device)]).tolist()
-        for group in ending:
-            group.catch_up()
+        index = torch.tensor([g.offset for g in ending], device=device)
+        scores = self.totals[index]
+        owing = torch.tensor([not g.is_beam for g in ending], device=device)  # still owe this step's log-sum-exp
+        if bool(owing.any()):
+            scores = scores - torch.where(owing, logsumexp(logits[index]), 0.0)
+        for group, score in zip(ending, scores.tolist()):
+            group.catch_up(*self.last)
             assert all(r.done for r in group.rows), "every row of a fixed-length form ends on the same step"
-        for group, value in zip(owing, lse if owing else ()):
-            group.score -= value
+            group.score = score
         return {group.req_id: self._result(group) for group in ending}
+
+    def _owes(self, nb: int, R: int) -> torch.Tensor:
+        """`owed`'s row index when rows [0, nb) of R owe: 0…nb-1, then -1 for the beam rows."""
+        if self.owes is None or self.owes[:2] != (nb, R):
+            self.owes = nb, R, torch.cat([torch.arange(nb), torch.full((R - nb,), -1)]).to(self.device)
+        return self.owes[2]
 
     def _result(self, group: RowGroup) -> PoemResult:
         row = group.rows[0]  # beams are sorted by score

@@ -40,7 +40,6 @@ class EngineRequest:
     arrival_time: float  # monotonic seconds when it was admitted
     deadline: float | None = None  # monotonic seconds after which it is dropped; None = never
     status: RequestStatus = RequestStatus.WAITING
-    num_steps: int = 0  # steps it has been in the batch for
     cancel_requested: bool = False  # set by abort(); acted on at the next schedule()
     payload: object = None  # what the runner needs to set the request up (model version, plan); opaque here
 
@@ -149,8 +148,6 @@ class Scheduler:
 
         new_ids = {r.req_id for r in new_reqs}
         continuing = [req_id for req_id in self.running if req_id not in new_ids]
-        for req in self.running.values():
-            req.num_steps += 1
         out = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
             scheduled_running_req_ids=continuing,
@@ -159,17 +156,20 @@ class Scheduler:
             num_scheduled_rows=self.num_running_rows,
             num_waiting=len(self.waiting),
         )
-
-        # Invariants: the batch fits, rows add up, nobody is both leaving and running, ids are unique.
         assert 0 <= self.num_running_rows <= self.max_num_rows, self.num_running_rows
+        return out
+
+    def check_invariants(self, out: SchedulerOutput) -> None:
+        """What must hold after schedule() returned `out` (the tests call it after every step; each check
+        is a pass over the batch, too dear for every step of the server)."""
         assert self.num_running_rows == sum(r.num_rows for r in self.running.values())
-        assert not (finished & set(self.running)), finished & set(self.running)
-        assert len(new_ids) == len(new_reqs) and not (new_ids & set(continuing))
+        assert not (out.finished_req_ids & set(self.running)), out.finished_req_ids & set(self.running)
+        new_ids = {r.req_id for r in out.scheduled_new_reqs}
+        assert len(new_ids) == len(out.scheduled_new_reqs) and not (new_ids & set(out.scheduled_running_req_ids))
         assert all(r.status is RequestStatus.RUNNING for r in self.running.values())
         assert all(r.status is RequestStatus.WAITING for r in self.waiting)
         assert len(self.waiting) <= self.max_queue
         assert self._req_ids == set(self.running) | {r.req_id for r in self.waiting}
-        return out
 
     def update_from_output(self, output: RunnerOutput) -> list[EngineRequest]:
         """Record what the runner finished; their rows are free from the next schedule() on."""

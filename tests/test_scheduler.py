@@ -41,12 +41,19 @@ def make_req(req_id: str, num_rows: int = 1, deadline: float | None = None) -> E
                          arrival_time=0.0, deadline=deadline)
 
 
+def checked(sched: Scheduler, now: float) -> SchedulerOutput:
+    """schedule(), then the invariants every step must keep (the server skips these passes)."""
+    out = sched.schedule(now)
+    sched.check_invariants(out)
+    return out
+
+
 def run_until_idle(sched: Scheduler, runner: FakeRunner, max_steps: int = 1000) -> list[str]:
     order = []
     for step in range(max_steps):
         if not sched.has_work():
             return order
-        out = sched.schedule(now=float(step))
+        out = checked(sched, float(step))
         run = runner.execute(out)
         order += [r.req_id for r in sched.update_from_output(run)]
     raise AssertionError("scheduler never went idle")
@@ -65,14 +72,14 @@ def test_requests_join_while_others_run_and_leave_when_finished():
     sched, runner = Scheduler(max_num_rows=2), FakeRunner({"a": 2, "b": 4, "c": 1})
     for r in "abc":
         sched.add_request(make_req(r))
-    out = sched.schedule(0.0)
+    out = checked(sched, 0.0)
     assert [r.req_id for r in out.scheduled_new_reqs] == ["a", "b"]
     sched.update_from_output(runner.execute(out))
-    out = sched.schedule(1.0)
+    out = checked(sched, 1.0)
     assert out.scheduled_new_reqs == [] and sorted(out.scheduled_running_req_ids) == ["a", "b"]
     done = sched.update_from_output(runner.execute(out))
     assert [r.req_id for r in done] == ["a"]
-    out = sched.schedule(2.0)  # a left, c takes its row in the very next step
+    out = checked(sched, 2.0)  # a left, c takes its row in the very next step
     assert out.finished_req_ids == {"a"}
     assert [r.req_id for r in out.scheduled_new_reqs] == ["c"] and out.scheduled_running_req_ids == ["b"]
 
@@ -96,7 +103,7 @@ def test_a_wide_beam_at_the_head_of_the_queue_is_not_overtaken():
     sched.add_request(make_req("small", 1))
     sched.add_request(make_req("wide", 16))
     sched.add_request(make_req("late", 1))
-    out = sched.schedule(0.0)
+    out = checked(sched, 0.0)
     assert [r.req_id for r in out.scheduled_new_reqs] == ["small"]  # wide does not fit; late waits behind it
     sched.update_from_output(runner.execute(out))
     assert [r.req_id for r in sched.waiting] == ["wide", "late"]
@@ -106,7 +113,7 @@ def test_a_wide_beam_at_the_head_of_the_queue_is_not_overtaken():
 def test_a_beam_request_takes_beam_width_rows():
     sched = Scheduler(max_num_rows=16)
     sched.add_request(make_req("beam", 5))
-    out = sched.schedule(0.0)
+    out = checked(sched, 0.0)
     assert out.num_scheduled_rows == 5 and sched.num_running_rows == 5
 
 
@@ -114,10 +121,10 @@ def test_a_cancelled_running_request_frees_its_rows_at_the_next_step():
     sched, runner = Scheduler(max_num_rows=5), FakeRunner(default_steps=100)
     sched.add_request(make_req("beam", 5))
     sched.add_request(make_req("next", 1))
-    out = sched.schedule(0.0)
+    out = checked(sched, 0.0)
     sched.update_from_output(runner.execute(out))
     assert sched.abort("beam")
-    out = sched.schedule(1.0)
+    out = checked(sched, 1.0)
     assert out.aborted == {"beam": RequestStatus.CANCELLED}
     assert "beam" in out.finished_req_ids  # the runner drops its rows
     assert [r.req_id for r in out.scheduled_new_reqs] == ["next"]  # and the freed rows are used at once
@@ -128,9 +135,9 @@ def test_a_cancelled_waiting_request_never_reaches_the_runner():
     sched = Scheduler(max_num_rows=1)
     sched.add_request(make_req("a"))
     sched.add_request(make_req("b"))
-    sched.schedule(0.0)
+    checked(sched, 0.0)
     sched.abort("b")
-    out = sched.schedule(1.0)
+    out = checked(sched, 1.0)
     assert out.aborted == {"b": RequestStatus.CANCELLED} and "b" not in out.finished_req_ids
     assert sched.num_waiting == 0
 
@@ -139,11 +146,11 @@ def test_a_request_past_its_deadline_expires_whether_running_or_waiting():
     sched, runner = Scheduler(max_num_rows=1), FakeRunner(default_steps=100)
     sched.add_request(make_req("running", deadline=2.0))
     sched.add_request(make_req("waiting", deadline=1.5))
-    out = sched.schedule(0.0)
+    out = checked(sched, 0.0)
     sched.update_from_output(runner.execute(out))
-    out = sched.schedule(1.0)
+    out = checked(sched, 1.0)
     assert out.aborted == {}
-    out = sched.schedule(2.0)
+    out = checked(sched, 2.0)
     assert out.aborted == {"running": RequestStatus.EXPIRED, "waiting": RequestStatus.EXPIRED}
     assert not sched.has_work() or out.finished_req_ids == {"running"}
 
@@ -151,7 +158,7 @@ def test_a_request_past_its_deadline_expires_whether_running_or_waiting():
 def test_aborting_a_finished_request_says_it_is_not_there():
     sched, runner = Scheduler(), FakeRunner(default_steps=1)
     sched.add_request(make_req("a"))
-    sched.update_from_output(runner.execute(sched.schedule(0.0)))
+    sched.update_from_output(runner.execute(checked(sched, 0.0)))
     assert sched.abort("a") is False
 
 
@@ -162,3 +169,12 @@ def test_a_duplicate_or_oversized_request_is_refused():
         sched.add_request(make_req("a"))
     with pytest.raises(ValueError, match="rows"):
         sched.add_request(make_req("wide", 5))
+
+
+def test_the_invariant_check_catches_rows_that_do_not_add_up():
+    sched = Scheduler(max_num_rows=16)
+    sched.add_request(make_req("a", num_rows=3))
+    out = checked(sched, 0.0)
+    sched.num_running_rows -= 1  # a bookkeeping slip
+    with pytest.raises(AssertionError):
+        sched.check_invariants(out)
