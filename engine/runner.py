@@ -192,8 +192,9 @@ class ModelBatch:
         if self.owed is not None:
             self.owed = self.owed[0], self.owed[1][index]
 
-    def step(self, min_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """This step's model step: (logits (P, V), state (L, P, S)); None when the batch is empty."""
+    def model_inputs(self, min_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This step's model inputs, padded to P = max(R, min_rows) rows: (tokens (P,), state (L, P, S));
+        None when the batch is empty."""
         R = self.num_rows
         if not R:
             return None
@@ -204,7 +205,7 @@ class ModelBatch:
         if P > R:  # pad rows: any token, zero state; their outputs are never read
             tokens[R:].zero_()
             state[:, R:].zero_()
-        return self.serving.step(tokens, state)
+        return tokens, state
 
     def _step_inputs(self, P: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's input buffers for P rows (engine.model.kept_step_inputs: why not the batch's own
@@ -392,15 +393,19 @@ class ModelRunner:
                 batch = self.batches[id(serving)] = ModelBatch(serving)
             batch.add(req, plan)
             self.req_batch[req.req_id] = batch
-        # Run: every batch's model step, here; meanwhile the rows catch up on the other thread.
+        # Run: every batch's model step, here; meanwhile the rows catch up on the other thread. The inputs
+        # are ready before the catch-up starts: each torch call from Python lets go of the GIL, and taking it
+        # back from the catch-up's Python could wait milliseconds; the traced step lets go once.
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yinshi-catch-up")
         batches = list(self.batches.values())
+        model_inputs = []
         for batch in batches:
             batch.arrange()
+            model_inputs.append(batch.model_inputs(self.min_batch_rows))
         catching_up = self._pool.submit(_catch_up, batches)
         try:
-            results = [(batch, batch.step(self.min_batch_rows)) for batch in batches]
+            results = [(batch, x if x is None else batch.serving.step(*x)) for batch, x in zip(batches, model_inputs)]
         finally:
             inputs = catching_up.result()  # also when a step failed: the batches are the catch-up's till then
         num_rows = num_padded = 0
