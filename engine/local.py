@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import itertools
 import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +102,9 @@ class LocalEngine:
         self.num_steps = 0
         self.num_tokens = 0
         self._rate = (time.monotonic(), 0)  # (since, tokens) for tokens_per_second
+        # Request ids need only be unique in this engine. A counter, not uuid4: os.urandom lets go of the
+        # GIL, and the step loop, waiting for it, would take a burst of arrivals in two steps, not one.
+        self._req_ids = itertools.count()
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> LocalEngine:
@@ -184,7 +187,7 @@ class LocalEngine:
         plan = make_plan(serving, request)  # RequestError for characters the model cannot write
         now = time.monotonic()
         timeout = request.timeout if request.timeout is not None else self.settings.request_timeout
-        req = EngineRequest(req_id=uuid.uuid4().hex, request=request,
+        req = EngineRequest(req_id=str(next(self._req_ids)), request=request,
                             num_rows=request.beam_width if request.mode == "beam" else 1,
                             arrival_time=now, deadline=now + timeout, payload=(serving, plan))
         loop = asyncio.get_running_loop()
