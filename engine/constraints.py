@@ -38,6 +38,7 @@ Masks are built from precomputed tables: each row only picks a table index in Py
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -86,6 +87,7 @@ class MaskTables:
         self.counts: list[int] = [int(r.sum()) for r in fixed]  # allowed tokens per row
         self.rhyme_index: dict[frozenset[int], int] = {}
         self.group_sizes = [int(n) for n in p.rhyme.sum(dim=1)]  # (G,) members per group
+        self.eligible: dict[int, frozenset[int]] = {}  # see eligible_groups
         self._device: dict[str, torch.Tensor] = {}  # device → (K, V) bias table
 
     def rhyme_row(self, groups: frozenset[int]) -> int:
@@ -111,6 +113,15 @@ class MaskTables:
             rows = torch.stack(self.rows)
             table = self._device[key] = torch.zeros(rows.shape).masked_fill_(~rows, float("-inf")).to(device)
         return table
+
+    def eligible_groups(self, need: int) -> frozenset[int]:
+        """The rhyme groups with at least `need` members (a poem's rhyme positions: a smaller group would
+        run dry), or every non-empty one if none has that many. Kept per `need`: every request asks."""
+        eligible = self.eligible.get(need)
+        if eligible is None:
+            eligible = frozenset(g for g, n in enumerate(self.group_sizes) if n >= need)
+            eligible = self.eligible[need] = eligible or frozenset(g for g, n in enumerate(self.group_sizes) if n > 0)
+        return eligible
 
 
 def mask_tables(prosody: Prosody) -> MaskTables:
@@ -179,6 +190,7 @@ def _clean(text: str, name: str, vocab: Vocab, drop: str = "") -> str:
     return "".join(out)
 
 
+@functools.cache  # a handful of (form, tone) pairs; every request asks
 def _tone_requirements(form: Form, tone: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Required tone per text position, for s = 平 and for s = 仄 (0 where nothing is required)."""
     L = form.line_len
@@ -235,9 +247,7 @@ def build_plan(vocab: Vocab, prosody: Prosody, request) -> PoemPlan:
 
     tables = mask_tables(prosody)
     rhyme = bool(request.rhyme)
-    need = form.num_lines // 2  # rhyme positions in the poem; a group smaller than that would run dry
-    eligible = frozenset(g for g, n in enumerate(tables.group_sizes) if n >= need)
-    eligible = eligible or frozenset(g for g, n in enumerate(tables.group_sizes) if n > 0)
+    eligible = tables.eligible_groups(form.num_lines // 2)
     if rhyme and not eligible:
         notes.append("rhyme: the model's vocabulary has no level-tone rhyme characters; rhyme is off")
         rhyme = False
