@@ -125,24 +125,10 @@ async def read_json(request: web.Request, allow_empty: bool = True):
 
 # -- handlers ------------------------------------------------------------------------------------------------
 async def create_poem(request: web.Request) -> web.Response:
-    """POST /v1/poems: validate, queue, wait for the poem; a client that goes away frees its rows."""
-    engine = request.app[ENGINE]
+    """POST /v1/poems: validate, queue, wait for the poem. A client that goes away frees its rows: the
+    server runs with handler_cancellation, so its handler is cancelled, and so is the engine's wait."""
     poem_request = PoemRequest.from_dict(await read_json(request))
-    task = asyncio.ensure_future(engine.generate(poem_request))
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.2)
-            if done:
-                break
-            transport = request.transport
-            if transport is None or transport.is_closing():  # the client hung up
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                raise web.HTTPBadRequest(text="client closed the connection")
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    result = task.result()
+    result = await request.app[ENGINE].generate(poem_request)
     return web.json_response(result.to_dict(), dumps=dumps)
 
 
@@ -235,6 +221,7 @@ def main(args) -> int:
     settings = ServiceSettings.from_env(checkpoint_dir=args.checkpoints, device=args.device,
                                         max_num_rows=args.max_rows, max_queue=args.max_queue)
     settings.host, settings.port = args.host, args.port
+    # handler_cancellation: a client that hangs up cancels its handler (create_poem), which frees its rows.
     web.run_app(create_app(settings), host=settings.host, port=settings.port,
-                shutdown_timeout=settings.drain_timeout, access_log=None)
+                shutdown_timeout=settings.drain_timeout, access_log=None, handler_cancellation=True)
     return 0

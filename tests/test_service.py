@@ -204,3 +204,60 @@ async def test_a_client_that_hangs_up_frees_its_rows(client):
         await asyncio.sleep(0.01)
     assert status["running_rows"] == 0
     json.dumps(status)
+
+
+async def test_the_served_process_frees_the_rows_of_a_client_that_hangs_up(checkpoint_store, tmp_path):
+    # `python -m engine serve` as deployed: its handlers are cancelled when their client goes away
+    # (handler_cancellation), and the cancelled wait aborts the request. Eight long beam requests hang up.
+    import os
+    import socket
+    import sys
+    from pathlib import Path
+
+    import aiohttp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "ENGINE_MODELS": "lstm", "ENGINE_WATCH_INTERVAL": "0",
+           "DEVICE": "cpu", "ENGINE_THREADS": "1"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "engine", "serve", "--port", str(port),
+                                                "--checkpoints", str(checkpoint_store), cwd=tmp_path, env=env,
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def status() -> dict:
+                async with session.get(f"{url}/v1/status") as resp:
+                    return await resp.json()
+
+            for _ in range(600):
+                try:
+                    async with session.get(f"{url}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            body = {"form": "qilv", "mode": "beam", "beam_width": 16, "prompt": "山"}
+            callers = [aiohttp.ClientSession() for _ in range(8)]
+            hangs = [asyncio.ensure_future(c.post(f"{url}/v1/poems", json=body)) for c in callers]
+            for _ in range(1000):
+                if (await status())["running_rows"]:
+                    break
+                await asyncio.sleep(0.002)
+            assert (await status())["running_rows"], "the requests never ran"
+            for task in hangs:
+                task.cancel()
+            await asyncio.gather(*hangs, return_exceptions=True)
+            await asyncio.gather(*(c.close() for c in callers))
+            for _ in range(500):
+                now = await status()
+                if now["running_rows"] == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert now["running_rows"] == 0 and now["requests"]["cancelled"] >= 1, now
+    finally:
+        proc.terminate()
+        await proc.wait()
