@@ -15,8 +15,8 @@ The bot uses this class or `engine.client.EngineClient` (same methods, over HTTP
 from __future__ import annotations
 
 import asyncio
-import logging
 import itertools
+import logging
 import os
 import threading
 import time

@@ -136,7 +136,7 @@ class ModelBatch:
         self.num_steps = 0  # steps chosen so far
         self.last: tuple[list[int], list[int] | None] | None = None  # the last step's tokens and parents, on the host
         self.ending: dict[int, list[RowGroup]] = {}  # step count → the groups that end there
-        self.owes: tuple[int, int, torch.Tensor] | None = None  # `_owes`'s last answer
+        self.owed_index: tuple[int, int, torch.Tensor] | None = None  # `_owed_index`'s last answer
         self.joining: list[RowGroup] = []  # joined since the last step; `arrange` appends their rows
 
     @property
@@ -307,7 +307,7 @@ class ModelBatch:
         self.state = state[:, :R]  # drops the padding rows
         self.totals = self.totals + gain
         if nb:
-            self.owed = logits[:nb], self._owes(nb, R)
+            self.owed = logits[:nb], self._owed_index(nb, R)
         self.tokens = next_tokens
         # The rows catch up on the host while the next step runs; their totals stay here till they end.
         self.last = next_tokens.tolist(), parents.tolist() if inputs.beams else None
@@ -318,20 +318,20 @@ class ModelBatch:
         self.arranged = False
         index = torch.tensor([g.offset for g in ending], device=device)
         scores = self.totals[index]
-        owing = torch.tensor([not g.is_beam for g in ending], device=device)  # still owe this step's log-sum-exp
-        if bool(owing.any()):
-            scores = scores - torch.where(owing, logsumexp(logits[index]), 0.0)
+        owing = [not g.is_beam for g in ending]  # their totals still owe this step's log-sum-exp
+        if any(owing):
+            scores = scores - torch.where(torch.tensor(owing, device=device), logsumexp(logits[index]), 0.0)
         for group, score in zip(ending, scores.tolist()):
             group.catch_up(*self.last)
             assert all(r.done for r in group.rows), "every row of a fixed-length form ends on the same step"
             group.score = score
         return {group.req_id: self._result(group) for group in ending}
 
-    def _owes(self, nb: int, R: int) -> torch.Tensor:
+    def _owed_index(self, nb: int, R: int) -> torch.Tensor:
         """`owed`'s row index when rows [0, nb) of R owe: 0…nb-1, then -1 for the beam rows."""
-        if self.owes is None or self.owes[:2] != (nb, R):
-            self.owes = nb, R, torch.cat([torch.arange(nb), torch.full((R - nb,), -1)]).to(self.device)
-        return self.owes[2]
+        if self.owed_index is None or self.owed_index[:2] != (nb, R):
+            self.owed_index = nb, R, torch.cat([torch.arange(nb), torch.full((R - nb,), -1)]).to(self.device)
+        return self.owed_index[2]
 
     def _result(self, group: RowGroup) -> PoemResult:
         row = group.rows[0]  # beams are sorted by score
