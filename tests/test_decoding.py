@@ -82,7 +82,9 @@ def test_beam_width_one_equals_greedy(tiny, form, option):
     g = write(tiny, mode="greedy", **fields)
     b = write(tiny, mode="beam", beam_width=1, **fields)
     assert b.poem == g.poem
-    assert b.score == pytest.approx(g.score, abs=1e-4)
+    # NOTE: float32 sums of a poem's log-probs; their last digits follow the CPU's vector width, so the
+    # two decoders agree to a relative tolerance (|score| reaches hundreds), not an absolute one.
+    assert b.score == pytest.approx(g.score, rel=1e-5)
 
 
 def test_beam_search_finds_a_poem_at_least_as_likely_as_greedy_on_average(tiny):
@@ -272,7 +274,7 @@ def test_the_choice_on_kernels_equals_the_torch_primitives(rows):
     for bias in (sparse_like(dense, table, index), Bias.of_dense(dense)):  # in place of the dense rows, and as them
         assert torch.equal(bias.dense(), dense)
         lse = logsumexp(logits)
-        assert torch.allclose(lse, torch.logsumexp(logits, dim=-1), atol=1e-5, rtol=0)
+        assert torch.allclose(lse, torch.logsumexp(logits, dim=-1), atol=1e-5, rtol=1e-6)
         assert torch.equal(choose_greedy(logits, bias), (dense + logits).argmax(dim=-1))
         scores = torch.randn(rows * width, generator=gen)
         scores[width - 1::width] = float("-inf")  # an empty slot per request
