@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         print(f"python -m bot: {e}", file=sys.stderr)
         return 2
 
-    from bot.store import Store
+    from bot.db import Store
 
     if args.command == "console":
         from bot.console import run_console

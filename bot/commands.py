@@ -29,12 +29,12 @@ from typing import Any
 
 import aiohttp
 
+from bot.db import ChatSettings, Store
 from bot.settings import Settings
-from bot.store import ChatSettings, Store
-from engine.api import (MAX_BEAM_WIDTH, EngineUnavailableError, PoemEngine, PoemRequest, PoemResult,
-                        QueueFullError, RequestError)
-from engine.forms import FORMS, parse_form
-from engine.vocab import is_han
+from engine.api import MAX_BEAM_WIDTH, PoemEngine, PoemRequest, PoemResult
+from engine.errors import EngineUnavailableError, QueueFullError, RequestError
+from engine.poem.forms import FORMS, parse_form
+from engine.poem.vocab import is_han
 
 log = logging.getLogger(__name__)
 

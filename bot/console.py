@@ -13,9 +13,9 @@ import asyncio
 import sys
 
 from bot.commands import Commands, Who
+from bot.db import Store
 from bot.engines import close_engine, make_engine, start_engine
 from bot.settings import Settings
-from bot.store import Store
 
 CONSOLE_ID = 1  # the console's chat and user id in the store
 

@@ -28,8 +28,15 @@ from zoneinfo import ZoneInfo
 from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
 from telegram.ext import ContextTypes, JobQueue
 
-from bot.commands import OPENINGS, Commands, PoemUnavailable, Reply, format_poem, utc_now
-from bot.store import Store, Subscription
+from bot.commands import (
+    OPENINGS,
+    Commands,
+    PoemUnavailable,
+    Reply,
+    format_poem,
+    utc_now,
+)
+from bot.db import Store, Subscription
 
 log = logging.getLogger(__name__)
 

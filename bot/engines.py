@@ -16,10 +16,10 @@ from engine.api import PoemEngine
 
 def make_engine(settings: Settings) -> PoemEngine:
     if settings.engine_url:
-        from engine.client import EngineClient
+        from engine.serving.client import EngineClient
 
         return EngineClient(settings.engine_url, token=settings.engine_token)
-    from engine.local import LocalEngine
+    from engine.serving.local import LocalEngine
 
     # Imported late: the HTTP client must not pay for loading torch.
     return LocalEngine.from_env(checkpoint_dir=str(settings.checkpoint_dir) if settings.checkpoint_dir else None,

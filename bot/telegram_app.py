@@ -15,17 +15,41 @@ import re
 import uuid
 from urllib.parse import urlparse
 
-from telegram import (BotCommand, ChatMember, InlineKeyboardButton, InlineKeyboardMarkup,
-                      InlineQueryResultArticle, InputTextMessageContent, Update)
+from telegram import (
+    BotCommand,
+    ChatMember,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    InlineQueryResultArticle,
+    InputTextMessageContent,
+    Update,
+)
 from telegram.error import BadRequest, Forbidden, TelegramError
-from telegram.ext import (AIORateLimiter, Application, CallbackQueryHandler, CommandHandler, ContextTypes,
-                          InlineQueryHandler, MessageHandler, filters)
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    InlineQueryHandler,
+    MessageHandler,
+    filters,
+)
 
-from bot.commands import COMMANDS, Commands, PoemUnavailable, Reply, Who, check_prompt, format_poem, utc_now
+from bot.commands import (
+    COMMANDS,
+    Commands,
+    PoemUnavailable,
+    Reply,
+    Who,
+    check_prompt,
+    format_poem,
+    utc_now,
+)
 from bot.daily import Daily
+from bot.db import Store
 from bot.engines import close_engine, start_engine
 from bot.settings import Settings
-from bot.store import Store
 from engine.api import PoemEngine
 
 log = logging.getLogger(__name__)

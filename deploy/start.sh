@@ -49,7 +49,7 @@ fi
 # Install when the project does not import, or when pyproject.toml, setup.py or the C kernels it builds
 # (an editable install does not rebuild them by itself) changed since our last install.
 stamp=.venv/.yinshi-installed
-changed() { [[ -f $stamp ]] && for f in pyproject.toml setup.py engine/_kernels.c; do [[ $f -nt $stamp ]] && return 0; done; return 1; }
+changed() { [[ -f $stamp ]] && for f in pyproject.toml setup.py engine/sampling/_kernels.c; do [[ $f -nt $stamp ]] && return 0; done; return 1; }
 if ! "$PY" -c "import torch, engine, bot, trainer" 2>/dev/null || changed; then
     echo "installing (torch ${TORCH_VERSION:-2.13.0} first, then the project)" >&2
     "$PY" -m pip install -q --upgrade pip
@@ -85,11 +85,11 @@ pids+=($!)
 echo "engine: pid $!, http://$client_host:$ENGINE_PORT (log var/log/engine.log)" >&2
 
 declare -A role
-export RETRAIN_HOOK=${RETRAIN_HOOK-trainer.schedule:bot_retrain}  # the bot's /retrain asks the trainer daemon
+export RETRAIN_HOOK=${RETRAIN_HOOK-trainer.spool:bot_retrain}  # the bot's /retrain asks the trainer daemon
 role[${pids[0]}]=engine
 if [[ ${YINSHI_NO_TRAINER:-0} == 1 ]]; then
     echo "trainer: not started (YINSHI_NO_TRAINER=1)" >&2
-elif "$PY" -c 'import os, sys; from trainer.schedule import daemon_running; sys.exit(not daemon_running(os.environ["CHECKPOINT_DIR"]))'; then
+elif "$PY" -c 'import os, sys; from trainer.daemon import daemon_running; sys.exit(not daemon_running(os.environ["CHECKPOINT_DIR"]))'; then
     echo "trainer: a daemon already serves $CHECKPOINT_DIR (e.g. the systemd unit); not starting another" >&2
 else
     "$PY" -m trainer schedule >>var/log/trainer.log 2>&1 &

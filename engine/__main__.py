@@ -1,9 +1,10 @@
 """Engine command line. Each subcommand lives in the module that does the work:
 
-    python -m engine generate 月 [--form qijue --mode beam --beam-width 5]   (engine.decoding)
-    python -m engine evaluate [--poems-per-cell 20]                        (engine.quality)
-    python -m engine serve [--host 127.0.0.1 --port 8080 --checkpoints DIR] (engine.service)
-    python -m engine bench [--concurrency 1 16 64 256]                     (engine.bench)
+    python -m engine generate 月 [--form qijue --mode beam --beam-width 5]   (engine.reference)
+    python -m engine serve [--host 127.0.0.1 --port 8080 --checkpoints DIR] (engine.serving.service)
+    python -m engine bench [--concurrency 1 16 64 256]                     (engine.serving.bench)
+
+The quality report, which reads the corpus, is the trainer's: python -m trainer quality.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import sys
 
 # subcommand → (module, help). Each module defines add_arguments(parser) and main(args) -> int.
 COMMANDS = {
-    "generate": ("engine.decoding", "write one poem and print it"),
-    "evaluate": ("engine.quality", "quality report: form, rhyme, tone, repetition, copying, speed"),
-    "serve": ("engine.service", "run the HTTP service"),
-    "bench": ("engine.bench", "throughput and latency benchmark (JSON and a table)"),
+    "generate": ("engine.reference", "write one poem and print it"),
+    "serve": ("engine.serving.service", "run the HTTP service"),
+    "bench": ("engine.serving.bench", "throughput and latency benchmark (JSON and a table)"),
 }
 
 

@@ -14,34 +14,12 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Protocol
 
-from engine.forms import DEFAULT_FORM, FORMS, parse_form
+from engine.errors import RequestError
+from engine.poem.forms import DEFAULT_FORM, FORMS, parse_form
 
 MODES = ("greedy", "sample", "beam")
 MAX_BEAM_WIDTH = 16
 MAX_PROMPT = 14
-
-
-class RequestError(ValueError):
-    """An invalid request. `code` is machine-readable, `field` names the offending field."""
-
-    def __init__(self, code: str, field: str | None, message: str):
-        super().__init__(message)
-        self.code, self.field, self.message = code, field, message
-
-    def to_dict(self) -> dict:
-        return {"code": self.code, "field": self.field, "message": self.message}
-
-
-class QueueFullError(Exception):
-    """The admission queue is full; try again after `retry_after` seconds."""
-
-    def __init__(self, retry_after: float = 1.0):
-        super().__init__(f"the engine is busy; retry in {retry_after:g}s")
-        self.retry_after = retry_after
-
-
-class EngineUnavailableError(Exception):
-    """The engine cannot be reached or has no model loaded."""
 
 
 @dataclass
@@ -177,7 +155,7 @@ class PoemResult:
 
 
 class PoemEngine(Protocol):
-    """What the bot needs from an engine: `engine.local.LocalEngine` and `engine.client.EngineClient`."""
+    """What the bot needs from an engine: `engine.serving.local.LocalEngine` and `engine.serving.client.EngineClient`."""
 
     async def generate(self, request: PoemRequest) -> PoemResult: ...
 

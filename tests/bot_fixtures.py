@@ -15,9 +15,10 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from bot.settings import Settings
-from bot.store import Store
-from engine.api import PoemRequest, PoemResult, RequestError
-from engine.forms import FORMS, format_poem
+from bot.db import Store
+from engine.api import PoemRequest, PoemResult
+from engine.errors import RequestError
+from engine.poem.forms import FORMS, format_poem
 from fake_bot_api import TOKEN, FakeBotApi
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -127,8 +128,8 @@ async def fake_api():
 @pytest.fixture
 async def local_engine(tmp_path, tiny_checkpoint):
     """The real in-process engine serving the tiny lstm from a tmp checkpoint store."""
-    from engine import store as checkpoint_store
-    from engine.local import EngineSettings, LocalEngine
+    from engine.model import versions as checkpoint_store
+    from engine.serving.local import EngineSettings, LocalEngine
 
     root = tmp_path / "checkpoints"
     checkpoint_store.publish(root, "lstm", tiny_checkpoint)

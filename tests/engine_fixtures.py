@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import store
-from engine.local import EngineSettings
+from engine.model import versions as store
+from engine.serving.local import EngineSettings
 
 
 @pytest.fixture

@@ -21,14 +21,14 @@ import torch
 from aiohttp import web
 
 from bot.commands import ADMINS_ONLY, CHAT_ADMINS_ONLY, Commands, Who
-from bot.store import Store
+from bot.db import Store
 from bot.telegram_app import configure_logging
 from bot_fixtures import ScriptedEngine, fake_api, make_settings, running_bot, store  # noqa: F401 (fixtures)
-from engine import store as ckpt_store
-from engine.checkpoint import CheckpointError, load_checkpoint
-from engine.client import EngineClient
-from engine.local import LocalEngine
-from engine.service import ServiceSettings, create_app
+from engine.model import versions as ckpt_store
+from engine.model.checkpoint import CheckpointError, load_checkpoint
+from engine.serving.client import EngineClient
+from engine.serving.local import LocalEngine
+from engine.serving.service import ServiceSettings, create_app
 from engine_fixtures import engine_settings
 from fake_bot_api import TOKEN
 

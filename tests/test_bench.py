@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from engine.bench import bench_choice, bench_step, percentile, ratios
+from engine.serving.bench import bench_choice, bench_step, percentile, ratios
 
 
 def test_bench_runs_every_variant_and_reports_ratios(tiny_checkpoint, tmp_path):
@@ -58,7 +58,7 @@ def test_bench_choice_times_every_op_on_both_paths():
 
 
 def test_bench_step_times_the_eager_and_the_traced_step_alone_and_beside_python(tiny_checkpoint):
-    from engine.checkpoint import load_checkpoint
+    from engine.model.checkpoint import load_checkpoint
 
     report = bench_step(load_checkpoint(tiny_checkpoint).model, rows=16, calls=3)
     assert [(r["step"], r["beside"]) for r in report] == [

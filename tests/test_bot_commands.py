@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from bot.commands import BUSY, COMMANDS, Commands, RateLimiter, Who, help_text
-from engine.api import EngineUnavailableError, QueueFullError
+from engine.errors import EngineUnavailableError, QueueFullError
 from bot_fixtures import *  # noqa: F401,F403
 from bot_fixtures import ScriptedEngine, make_settings
 
@@ -273,7 +273,7 @@ async def test_feedback_on_an_unknown_poem_is_answered_politely(commands):
 
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa: E402
 
-from bot.store import Store  # noqa: E402
+from bot.db import Store  # noqa: E402
 
 SETTING_COMMANDS = ["/beam", "/form", "/sample", "/model", "/daily", "/greedy", "/acrostic", "/poem"]
 

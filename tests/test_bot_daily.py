@@ -10,10 +10,10 @@ from telegram.error import BadRequest, Forbidden, RetryAfter, TimedOut
 
 from bot.commands import Commands
 from bot.daily import Daily, latest_slot
-from bot.store import Store
+from bot.db import Store
 from bot_fixtures import *  # noqa: F401,F403
 from bot_fixtures import TZ, make_settings
-from engine.api import QueueFullError
+from engine.errors import QueueFullError
 
 CHAT = -100500
 

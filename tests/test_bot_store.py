@@ -1,4 +1,4 @@
-"""bot.store: schema and migrations, settings, subscriptions and the once-only claim, poems, feedback."""
+"""bot.db: schema and migrations, settings, subscriptions and the once-only claim, poems, feedback."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from bot.store import SCHEMA_VERSION, ChatSettings, Store
+from bot.db import SCHEMA_VERSION, ChatSettings, Store
 from bot_fixtures import *  # noqa: F401,F403
 from engine.api import PoemResult
 

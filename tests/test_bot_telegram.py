@@ -11,11 +11,11 @@ import re
 import pytest
 
 from bot.daily import job_name
-from bot.store import Store
+from bot.db import Store
 from bot.telegram_app import RedactSecrets, configure_logging
 from bot_fixtures import *  # noqa: F401,F403
 from bot_fixtures import TZ, RecordingEngine, make_settings, running_bot
-from engine.api import EngineUnavailableError
+from engine.errors import EngineUnavailableError
 from fake_bot_api import TOKEN
 
 USER, ADMIN, GROUP, CHANNEL = 42, 999, -1002000, -1003000

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from engine.checkpoint import (FORMAT, META_KEY, CheckpointError, load_checkpoint, meta_digest, read_meta, save_checkpoint,
+from engine.model.checkpoint import (FORMAT, META_KEY, CheckpointError, load_checkpoint, meta_digest, read_meta, save_checkpoint,
                                weights_digest)
-from engine.model import ModelConfig, PoemModel
-from engine.vocab import Vocab
+from engine.model.network import ModelConfig, PoemModel
+from engine.poem.vocab import Vocab
 
 
 @pytest.fixture

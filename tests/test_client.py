@@ -8,10 +8,11 @@ import socket
 import pytest
 from aiohttp import web
 
-from engine.api import EngineUnavailableError, PoemRequest, QueueFullError, RequestError
-from engine.client import EngineClient
-from engine.local import LocalEngine
-from engine.service import ServiceSettings, create_app
+from engine.api import PoemRequest
+from engine.errors import EngineUnavailableError, QueueFullError, RequestError
+from engine.serving.client import EngineClient
+from engine.serving.local import LocalEngine
+from engine.serving.service import ServiceSettings, create_app
 from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
 
 TOKEN = "client-test-token"

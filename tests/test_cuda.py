@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from engine.api import PoemRequest
-from engine.forms import FORMS
-from engine.local import EngineSettings, LocalEngine
-from engine.quality import check_poem
+from engine.poem.forms import FORMS
+from engine.serving.local import EngineSettings, LocalEngine
+from engine.poem.judge import check_poem
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -57,7 +57,7 @@ def test_the_sampler_draws_only_from_the_nucleus_on_cuda():
     probs = torch.softmax(logits.double(), dim=-1)
     ordered, _ = probs.sort(descending=True)
     kept = probs >= ordered[int((ordered.cumsum(0) < 0.9).sum())]
-    from engine.decoding import sample_batch
+    from engine.sampling.choice import sample_batch
 
     n = 2000
     draws = sample_batch(logits.expand(n, -1), torch.ones(n), torch.zeros(n, dtype=torch.long),

@@ -9,16 +9,19 @@ import pytest
 from conftest import DECODING_OPTIONS as OPTIONS, ACROSTIC
 import torch
 
-from engine import decoding
-from engine.api import PoemRequest, RequestError
-from engine.checkpoint import load_checkpoint
-from engine.constraints import build_plan
-from engine.decoding import (Bias, beam_search_step, choose_beam, choose_greedy, choose_sample, generate_one, greedy,
-                             logsumexp, make_generator, sample_batch, step_bias, top_k)
-from engine import kernels
-from engine.forms import FORM_NAMES, FORMS
-from engine.prosody import prosody_for
-from engine.quality import check_poem
+from engine import reference
+from engine.sampling import choice
+from engine.api import PoemRequest
+from engine.errors import RequestError
+from engine.model.checkpoint import load_checkpoint
+from engine.poem.constraints import build_plan
+from engine.reference import generate_one
+from engine.sampling.choice import (Bias, beam_search_step, choose_beam, choose_greedy, choose_sample, greedy, logsumexp,
+                                    make_generator, sample_batch, step_bias, top_k)
+from engine.sampling import kernels
+from engine.poem.forms import FORM_NAMES, FORMS
+from engine.poem.prosody import prosody_for
+from engine.poem.judge import check_poem
 
 
 
@@ -134,7 +137,7 @@ def kernel_sample_batch(logits, temperature, top_k, top_p, uniform):
     assert kernels.AVAILABLE, "engine._kernels is not built: `pip install -e .` needs a C compiler"
     logits = logits.float().contiguous()
     return kernels.sample(logits, Bias.of_dense(torch.zeros_like(logits)), torch.arange(logits.shape[0]),
-                          temperature.float().clamp_min(decoding.MIN_TEMPERATURE), top_k, top_p, uniform)
+                          temperature.float().clamp_min(choice.MIN_TEMPERATURE), top_k, top_p, uniform)
 
 
 SAMPLERS = {"torch": sample_batch, "kernel": kernel_sample_batch}
@@ -380,7 +383,15 @@ def test_step_bias_is_the_dense_recipe_bit_for_bit(tiny):
     # The sparse bias against the dense recipe it replaces (gather the mask rows, 0 at a forced token, -inf at
     # the banned ones, then subtract each earlier use's penalty in place), over rows in every state: forced,
     # free, with bans and repeated characters, finished; penalties per row, zero for some.
-    from engine.constraints import allowed_bias
+    def allowed_bias(rows):
+        tables = rows[0].plan.tables
+        bias = tables.bias_on("cpu")[torch.tensor([r.mask_index for r in rows])]  # (N, V)
+        for i, r in enumerate(rows):
+            if r.forced() is not None:
+                bias[i, r.forced()] = 0.0
+            else:
+                bias[i, list(r.step_banned)] = float("-inf")
+        return bias
 
     _, vocab, prosody = tiny
     rng = random.Random(3)
@@ -397,7 +408,7 @@ def test_step_bias_is_the_dense_recipe_bit_for_bit(tiny):
             row.advance(row.forced() if row.forced() is not None else rng.choice(allowed))
     rows = [r for r in rows if not r.done]
     penalties = [rng.choice([0.0, 1.0, 0.37]) for _ in rows]
-    uses = decoding._uses(rows, penalties)
+    uses = choice._uses(rows, penalties)
     want = allowed_bias(rows)
     want.index_put_((uses[0], uses[1]), -uses[2], accumulate=True)
     got = step_bias(rows, penalties, "cpu")
@@ -406,7 +417,7 @@ def test_step_bias_is_the_dense_recipe_bit_for_bit(tiny):
 
 
 def test_sampling_mode_has_no_repetition_penalty():
-    assert decoding.repeat_penalty_for("sample") == 0.0 and decoding.repeat_penalty_for("beam") > 0
+    assert choice.repeat_penalty_for("sample") == 0.0 and choice.repeat_penalty_for("beam") > 0
 
 
 # --- CLI --------------------------------------------------------------------------------------------
@@ -414,8 +425,8 @@ def test_sampling_mode_has_no_repetition_penalty():
 
 def run_cli(argv, capsys):
     parser = argparse.ArgumentParser()
-    decoding.add_arguments(parser)
-    code = decoding.main(parser.parse_args(argv))
+    reference.add_arguments(parser)
+    code = reference.main(parser.parse_args(argv))
     out = capsys.readouterr()
     return code, out.out, out.err
 

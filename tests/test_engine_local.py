@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from engine import kernels
-from engine.api import EngineUnavailableError, PoemRequest, QueueFullError, RequestError
-from engine.forms import FORMS, classify
-from engine.local import EngineSettings, LocalEngine
+from engine.sampling import kernels
+from engine.api import PoemRequest
+from engine.errors import EngineUnavailableError, QueueFullError, RequestError
+from engine.poem.forms import FORMS, classify
+from engine.serving.local import EngineSettings, LocalEngine
 from engine_fixtures import checkpoint_store, empty_package_dir, engine_settings  # noqa: F401
 
 MODES = ("greedy", "sample", "beam")

@@ -27,12 +27,12 @@ import pytest
 from aiohttp import web
 
 from bot.commands import BUSY, STORE_BUSY, Commands, Who
-from bot.store import Store
+from bot.db import Store
 from bot_fixtures import ScriptedEngine, fake_api, make_settings, running_bot  # noqa: F401 (fixture)
-from engine import store as ckpt_store
-from engine.checkpoint import CheckpointError, load_checkpoint
-from engine.client import EngineClient
-from engine.service import ServiceSettings, create_app
+from engine.model import versions as ckpt_store
+from engine.model.checkpoint import CheckpointError, load_checkpoint
+from engine.serving.client import EngineClient
+from engine.serving.service import ServiceSettings, create_app
 from engine_fixtures import engine_settings
 from trainer.corpus import CorpusError, load_corpus
 
@@ -314,7 +314,7 @@ def _publish_under_file_size_limit(root: Path, checkpoint: Path, limit: int) -> 
 import json, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
 resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
-from engine import store
+from engine.model import versions as store
 try:
     store.publish({str(root)!r}, "lstm", {str(checkpoint)!r})
     print(json.dumps({{"ok": True}}))
@@ -336,7 +336,7 @@ def _assert_store_consistent(root: Path, version: str) -> None:
 
 def _second_version(tiny_checkpoint: Path, dst: Path) -> Path:
     ckpt = load_checkpoint(tiny_checkpoint)
-    from engine.checkpoint import save_checkpoint
+    from engine.model.checkpoint import save_checkpoint
 
     save_checkpoint(dst, ckpt.model, ckpt.vocab, meta={"metrics": ckpt.meta.get("metrics", {})})
     return dst

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.forms import (DEFAULT_FORM, FORM_NAMES, FORMS, classify, format_poem, parse_form, punctuation_at,
+from engine.poem.forms import (DEFAULT_FORM, FORM_NAMES, FORMS, classify, format_poem, parse_form, punctuation_at,
                           split_lines)
 
 

@@ -20,9 +20,10 @@ import os
 import pytest
 from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
 
-from engine import store
-from engine.api import PoemRequest, RequestError
-from engine.service import ENGINE, ServiceSettings, create_app
+from engine.model import versions as store
+from engine.api import PoemRequest
+from engine.errors import RequestError
+from engine.serving.service import ENGINE, ServiceSettings, create_app
 from engine_fixtures import engine_settings
 
 SOAK = os.environ.get("YINSHI_SOAK") == "1"
@@ -367,7 +368,7 @@ async def test_any_route_method_and_admin_call_gets_a_json_answer_never_a_500(cl
 
 
 async def test_after_the_fuzzing_the_engine_still_writes_poems_and_logged_no_internal_error(client, caplog):
-    with caplog.at_level(logging.ERROR, logger="engine.service"):
+    with caplog.at_level(logging.ERROR, logger="engine.serving.service"):
         for body in [b'{"temperature": 1e999}', b'{"\\ud800": 1}', b'{"seed": ' + b"9" * 5000 + b"}",
                      b'{"beam_width": 100000000000000000000000000000000000000000}', b"[" * 9000]:
             await check_answer(await client.post("/v1/poems", data=body))

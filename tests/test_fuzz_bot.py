@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
 
 from bot.commands import ADMINS_ONLY, BUSY, CHAT_ADMINS_ONLY, COMMANDS, Commands, Who
-from bot.store import Store
+from bot.db import Store
 from bot_fixtures import ScriptedEngine, make_settings
 from engine.api import MAX_BEAM_WIDTH
-from engine.forms import parse_form
+from engine.poem.forms import parse_form
 
 SOAK = os.environ.get("YINSHI_SOAK") == "1"
 FUZZ = dict(deadline=None, derandomize=not SOAK, suppress_health_check=list(HealthCheck))

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from engine import store
+from engine.model import versions as store
 from engine.api import PoemRequest
-from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.forms import FORMS, classify
-from engine.local import LocalEngine
+from engine.model.checkpoint import load_checkpoint, save_checkpoint
+from engine.poem.forms import FORMS, classify
+from engine.serving.local import LocalEngine
 from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
 
 
@@ -127,7 +127,7 @@ async def test_a_refused_version_is_not_retried_until_current_changes(checkpoint
 
 @pytest.mark.parametrize("name", ["../etc", "LSTM", ""])
 async def test_reload_of_a_model_that_is_not_configured_is_a_request_error(checkpoint_store, name):
-    from engine.api import RequestError
+    from engine.errors import RequestError
 
     async with LocalEngine(engine_settings(checkpoint_store)) as engine:
         with pytest.raises(RequestError):

@@ -20,13 +20,14 @@ import tracemalloc
 import pytest
 
 from bot.commands import BUSY
-from bot.store import Store
+from bot.db import Store
 from bot_fixtures import make_settings, running_bot
-from engine import store as ckpt_store
-from engine.api import PoemRequest, QueueFullError
-from engine.forms import FORMS, classify
-from engine.local import LocalEngine
-from engine.service import ENGINE, ServiceSettings, create_app
+from engine.model import versions as ckpt_store
+from engine.api import PoemRequest
+from engine.errors import QueueFullError
+from engine.poem.forms import FORMS, classify
+from engine.serving.local import LocalEngine
+from engine.serving.service import ENGINE, ServiceSettings, create_app
 from engine_fixtures import engine_settings
 from fake_bot_api import FakeBotApi
 

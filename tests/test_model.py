@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.model import CELLS, ModelConfig, PoemModel, compile_step
+from engine.model.network import CELLS, ModelConfig, PoemModel, compile_step
 
 CELL_NAMES = sorted(CELLS)
 

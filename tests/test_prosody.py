@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import make_poems
 
-from engine.prosody import LEVEL, OBLIQUE, _xinyun_group, char_info, pingshui_table, prosody_for
-from engine.vocab import Vocab
+from engine.poem.prosody import LEVEL, OBLIQUE, _xinyun_group, char_info, pingshui_table, prosody_for
+from engine.poem.vocab import Vocab
 
 
 @pytest.fixture(scope="module")

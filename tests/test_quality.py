@@ -1,4 +1,4 @@
-"""The poem checker and the `python -m engine evaluate` report."""
+"""The poem judge and the `python -m trainer quality` report."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from engine import quality
-from engine.quality import check_poem
+from engine.poem.judge import check_poem
+from trainer import quality
 
 # Synthetic poems built from the fixture's characters (not from the corpus).
 REGULAR = "山东风月雪，云雨深花香。江水清天落，人飞燕去阳。"  # 平起: every tone position fits, 阳 rhymes 香

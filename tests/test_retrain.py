@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import make_poems, write_corpus
 
-from engine import store
-from engine.checkpoint import load_checkpoint
-from engine.forms import FORMS, format_poem
+from engine.model import versions as store
+from engine.model.checkpoint import load_checkpoint
+from engine.poem.forms import FORMS, format_poem
 from trainer import retrain as rt
+from trainer import spool
 from trainer.retrain import RetrainConfig, read_records, retrain
 
 TINY = dict(embed_dim=16, hidden_dim=32, num_layers=1, dropout=0.0, eval_every=30, eval_poems=40,
@@ -223,5 +224,5 @@ def test_the_form_check_passes_for_a_trained_model_with_the_real_decoder(v1):
 def test_the_summary_reads_as_one_line():
     record = {"outcome": "published", "version": "V2", "why": "x",
               "metrics": {"candidate": {"ppl": 90.0}, "serving": {"ppl": 95.5}}}
-    assert rt.summary(record) == "published V2, ppl 95.50 → 90.00"
-    assert rt.summary({"outcome": "skipped", "why": "unchanged"}) == "skipped, unchanged"
+    assert spool.summary(record) == "published V2, ppl 95.50 → 90.00"
+    assert spool.summary({"outcome": "skipped", "why": "unchanged"}) == "skipped, unchanged"

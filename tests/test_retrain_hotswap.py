@@ -19,11 +19,11 @@ from conftest import make_poems, write_corpus
 from engine_fixtures import engine_settings
 from test_retrain import add_poems, tiny_config
 
-from engine import store
+from engine.model import versions as store
 from engine.api import PoemRequest
-from engine.forms import FORMS, classify
-from engine.local import LocalEngine
-from trainer import schedule
+from engine.poem.forms import FORMS, classify
+from engine.serving.local import LocalEngine
+from trainer import daemon
 from trainer.retrain import read_records, retrain
 
 MODES = ("greedy", "sample", "beam")
@@ -59,7 +59,7 @@ async def test_scheduled_retrain_publishes_and_the_engine_swaps_without_failing_
         # The corpus grows; the daemon's job fires every second; the engine watches the store.
         add_poems(corpus, make_poems(80, seed=2))
         cfg.max_steps = 30
-        scheduler = schedule.build_scheduler(cfg, scheduler_cls=BackgroundScheduler, trigger=IntervalTrigger(seconds=1))
+        scheduler = daemon.build_scheduler(cfg, scheduler_cls=BackgroundScheduler, trigger=IntervalTrigger(seconds=1))
         scheduler.start()
         try:
             async def swapped():

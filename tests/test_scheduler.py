@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.api import PoemRequest, QueueFullError
-from engine.scheduler import EngineRequest, RequestStatus, RunnerOutput, Scheduler, SchedulerOutput
+from engine.api import PoemRequest
+from engine.errors import QueueFullError
+from engine.serving.scheduler import EngineRequest, RequestStatus, RunnerOutput, Scheduler, SchedulerOutput
 
 
 class FakeRunner:

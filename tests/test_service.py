@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from engine.forms import FORMS, classify
-from engine.service import ENGINE, ServiceSettings, add_arguments, create_app
+from engine.poem.forms import FORMS, classify
+from engine.serving.service import ENGINE, ServiceSettings, add_arguments, create_app
 from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
 
 TOKEN = "s3cret-token"

@@ -17,7 +17,7 @@ import sysconfig
 from pathlib import Path
 
 from conftest import free_port
-from engine.forms import FORMS, split_lines
+from engine.poem.forms import FORMS, split_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 

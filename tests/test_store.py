@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import store
-from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.model import ModelConfig, PoemModel
-from engine.vocab import Vocab
+from engine.model import versions as store
+from engine.model.checkpoint import load_checkpoint, save_checkpoint
+from engine.model.network import ModelConfig, PoemModel
+from engine.poem.vocab import Vocab
 
 def make_checkpoint(path: Path, i: int, hidden_dim: int = 16) -> Path:
     """A small random-weight checkpoint with version V0000i (versions sort by i)."""

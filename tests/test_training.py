@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_poems, train_tiny
-from engine.checkpoint import load_checkpoint
-from engine.vocab import Vocab
+from engine.model.checkpoint import load_checkpoint
+from engine.poem.vocab import Vocab
 from trainer.corpus import Poem, load_corpus
 from trainer.data import CLASSIC_LEN, Buckets, classic_tensor, encode_poem
 from trainer.evaluate import perplexity
@@ -193,7 +193,7 @@ def test_eval_prints_poems_chars_oov_nll_and_ppl(tiny_checkpoint, tmp_path, caps
 
 
 def test_perplexity_of_a_model_that_knows_nothing_is_the_vocabulary_size():
-    from engine.model import ModelConfig, PoemModel
+    from engine.model.network import ModelConfig, PoemModel
 
     poems = poems_of(make_poems(4))
     vocab = Vocab.build(p.text for p in poems)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.vocab import FORM_TOKENS, PUNCTUATION, SPECIALS, Vocab, form_token, is_han
+from engine.poem.vocab import FORM_TOKENS, PUNCTUATION, SPECIALS, Vocab, form_token, is_han
 
 HEAD = [*SPECIALS, *FORM_TOKENS, *PUNCTUATION]
 

@@ -4,6 +4,7 @@
     python -m trainer corpus stats --corpus ../shared/corpus/chinese-poetry [--plot docs/corpus_stats.png]
     python -m trainer train --corpus ../shared/corpus/chinese-poetry --out runs/lstm --cell lstm --time-budget 30
     python -m trainer eval --checkpoint runs/lstm/best.safetensors --poems held_out.txt
+    python -m trainer quality --checkpoint engine/checkpoints/gru.safetensors --corpus ../shared/corpus/chinese-poetry --n 20
     python -m trainer bench [--seconds 30] [--cell lstm]
     python -m trainer publish --store var/checkpoints --name lstm --checkpoint runs/lstm/best.safetensors --keep 5
     python -m trainer rollback --store var/checkpoints --name lstm [--version V]
@@ -52,7 +53,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from engine.checkpoint import load_checkpoint
+    from engine.model.checkpoint import load_checkpoint
     from trainer.evaluate import perplexity, read_poem_lines
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -73,7 +74,7 @@ def _module_command(module: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer import bench, download, stats
+    from trainer import bench, download, quality, stats
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--poems", required=True)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("quality", help="quality report: form, rhyme, tone, repetition, copying, speed")
+    quality.add_arguments(p)
+    p.set_defaults(func=_module_command("trainer.quality"))
     p = sub.add_parser("bench", help="training tokens/s: ours against the classic padded recipe (JSON)")
     bench.add_arguments(p)
     p.set_defaults(func=_module_command("trainer.bench"))
@@ -101,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_publishing_commands(sub):
-    """publish / rollback / versions (trainer.publish) and retrain / schedule (trainer.schedule)."""
-    from trainer import publish, schedule
+    """publish / rollback / versions (trainer.publish) and retrain / schedule (trainer.daemon)."""
+    from trainer import daemon, publish
 
     for name, help_text, add, func in (
         ("publish", "copy a checkpoint into the store atomically and make it current", publish.add_publish_arguments,
@@ -110,10 +114,10 @@ def _add_publishing_commands(sub):
         ("rollback", "point the store's current version back at a kept one", publish.add_rollback_arguments,
          publish.rollback_main),
         ("versions", "list the store's versions (* = current)", publish.add_versions_arguments, publish.versions_main),
-        ("retrain", "one retrain run now: fine-tune, evaluate, publish if not worse", schedule.add_retrain_arguments,
-         schedule.retrain_main),
-        ("schedule", "the retrain daemon (RETRAIN_CRON in TIMEZONE); --once for one run", schedule.add_arguments,
-         schedule.main),
+        ("retrain", "one retrain run now: fine-tune, evaluate, publish if not worse", daemon.add_retrain_arguments,
+         daemon.retrain_main),
+        ("schedule", "the retrain daemon (RETRAIN_CRON in TIMEZONE); --once for one run", daemon.add_arguments,
+         daemon.main),
     ):
         p = sub.add_parser(name, help=help_text)
         add(p)
@@ -121,7 +125,7 @@ def _add_publishing_commands(sub):
 
 
 def main(argv=None) -> int:
-    from engine.checkpoint import CheckpointError
+    from engine.model.checkpoint import CheckpointError
     from trainer.corpus import CorpusError
 
     args = build_parser().parse_args(argv)

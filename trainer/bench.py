@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from engine.vocab import Vocab
+from engine.poem.vocab import Vocab
 from trainer.corpus import Corpus, load_corpus
 from trainer.train import TrainConfig, Trainer
 

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.forms import classify, format_poem, split_lines
-from engine.vocab import is_han
+from engine.poem.forms import classify, format_poem, split_lines
+from engine.poem.vocab import is_han, to_simplified
 
 
 class CorpusError(Exception):
@@ -66,16 +66,6 @@ class Corpus:
         return h.hexdigest()[:16]
 
 
-_converter = None
-
-
-def to_simplified(text: str) -> str:
-    global _converter
-    if _converter is None:
-        import opencc  # OpenCC's phrase-aware tables beat a hand-made character map (髮/發 → 发 by context)
-
-        _converter = opencc.OpenCC("t2s")
-    return _converter.convert(text)
 
 
 def source_name(path: Path) -> str:

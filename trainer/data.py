@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.vocab import Vocab
+from engine.poem.vocab import Vocab
 from trainer.corpus import Poem
 
 CLASSIC_LEN = 125

@@ -27,6 +27,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from engine.files import fsync_dir
+
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/master"
 CHUNK = 1 << 16
 
@@ -93,11 +95,7 @@ def _finish(part: Path, target: Path) -> None:
     with part.open("rb+") as f:
         os.fsync(f.fileno())
     os.replace(part, target)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(target.parent)
 
 
 class _Transient(Exception):

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.model import PoemModel
-from engine.vocab import Vocab
+from engine.model.network import PoemModel
+from engine.poem.vocab import Vocab
 from trainer.corpus import CorpusError, Poem, normalise
 from trainer.data import CLASSIC_LEN, encode_poem
 

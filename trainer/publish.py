@@ -1,4 +1,4 @@
-"""Publishing by hand: put a checkpoint into the store, roll back, list versions (engine.store underneath).
+"""Publishing by hand: put a checkpoint into the store, roll back, list versions (engine.model.versions underneath).
 
     python -m trainer publish --store var/checkpoints --name lstm --checkpoint runs/lstm/best.safetensors --keep 5
     python -m trainer rollback --store var/checkpoints --name lstm [--version 20261126T221500123Z]
@@ -16,8 +16,8 @@ import json
 import os
 import sys
 
-from engine import store
-from engine.checkpoint import CheckpointError, read_meta
+from engine.model import versions as store
+from engine.model.checkpoint import CheckpointError, read_meta
 from trainer.retrain import RetrainConfig, append_record
 
 

@@ -16,7 +16,7 @@ A run
 3. measures validation perplexity of the candidate and of the serving version on the same held-out poems
    (the hash split of trainer.corpus, so a poem never moves between splits as the corpus grows) and
    generates a few poems of each form;
-4. publishes (engine.store.publish) only when the candidate is not worse than the serving version beyond
+4. publishes (engine.model.versions.publish) only when the candidate is not worse than the serving version beyond
    `tolerance` and every generated poem has its form.
 Every run, skipped ones too, appends one JSON line to CHECKPOINT_DIR/.trainer/runs.jsonl ("kind":
 "retrain"; `python -m trainer publish` and `rollback` add theirs there too).
@@ -40,19 +40,27 @@ from pathlib import Path
 
 import torch
 
-import engine
-from engine import store as ckpt_store
-from engine.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from engine.forms import FORMS, classify, format_poem, split_lines
-from engine.vocab import Vocab, is_han
+from engine.api import PoemRequest
+from engine.model import versions as ckpt_store
+from engine.model.checkpoint import (
+    PACKAGE_CHECKPOINTS,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+)
+from engine.poem.forms import FORMS
+from engine.poem.judge import check_poem
+from engine.poem.prosody import prosody_for
+from engine.poem.vocab import Vocab, is_han
+from engine.reference import generate_one
 from trainer.corpus import load_corpus, split
 from trainer.evaluate import perplexity
+from trainer.spool import records_path, trainer_dir
 
 log = logging.getLogger("yinshi.retrain")
 
-PACKAGE_CHECKPOINTS = Path(engine.__file__).parent / "checkpoints"  # what the engine serves from an empty store
 # Files whose change changes the model a run produces (not the bot's, not the service's).
-CODE_FILES = ("engine/model.py", "engine/vocab.py", "engine/forms.py", "engine/checkpoint.py",
+CODE_FILES = ("engine/model/network.py", "engine/poem/vocab.py", "engine/poem/forms.py", "engine/model/checkpoint.py",
               "trainer/train.py", "trainer/data.py", "trainer/corpus.py", "trainer/evaluate.py")
 TRAINED = ("published", "rejected")  # outcomes of runs that trained to the end
 
@@ -93,15 +101,6 @@ class RetrainConfig:
 
 
 # -- records -------------------------------------------------------------------------------------------
-def trainer_dir(store) -> Path:
-    """CHECKPOINT_DIR/.trainer: records, locks and the request spool (the dot keeps it out of model_names)."""
-    return Path(store) / ".trainer"
-
-
-def records_path(store) -> Path:
-    return trainer_dir(store) / "runs.jsonl"
-
-
 def append_record(store, record: dict) -> None:
     """One JSON line, written with a single O_APPEND write so concurrent writers never interleave."""
     path = records_path(store)
@@ -154,17 +153,13 @@ def vocab_coverage(texts: list[str], vocab: Vocab) -> float:
 
 
 def _generate(ckpt: Checkpoint, form: str, seed: int) -> str:
-    """One poem from the engine's constrained decoder, as the engine would write it (rhyme and tone on)."""
-    from engine.api import PoemRequest
-    from engine.decoding import generate_one
-    from engine.prosody import prosody_for
-
+    """One poem as the engine writes it (rhyme and tone on)."""
     request = PoemRequest(form=form, mode="sample", seed=seed)
     return generate_one(ckpt.model, ckpt.vocab, prosody_for(ckpt.vocab), request).poem
 
 
 def form_check(ckpt: Checkpoint, per_form: int = 2) -> dict:
-    """Generate `per_form` poems of every form; ok when each one is exactly its form's layout."""
+    """Generate `per_form` poems of every form; ok when the poem judge finds each exactly its form's layout."""
     poems, failures = [], []
     for form in FORMS:
         for seed in range(per_form):
@@ -173,9 +168,7 @@ def form_check(ckpt: Checkpoint, per_form: int = 2) -> dict:
             except Exception as e:  # a broken model may fail inside decoding: that is a failed check
                 failures.append(f"{form} seed {seed}: {type(e).__name__}: {e}")
                 continue
-            lines = split_lines(poem)
-            got = classify(lines)
-            if got is None or got.name != form or poem != format_poem(lines):
+            if not check_poem(poem, form).form_valid:
                 failures.append(f"{form} seed {seed}: {poem!r} is not a {form}")
             poems.append(poem)
     return {"ok": not failures, "poems": poems[: len(FORMS)], "failures": failures}
@@ -251,7 +244,7 @@ def _load_serving(cfg: RetrainConfig, record: dict) -> tuple[Path | None, Checkp
 
 
 def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
-    from trainer.train import Trainer, TrainConfig
+    from trainer.train import TrainConfig, Trainer
 
     corpus = load_corpus(cfg.corpus)
     record["corpus_hash"] = corpus.digest()
@@ -326,16 +319,3 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
         was = f" (serving {metrics['serving']['ppl']:.2f})" if serving is not None else ""
         record.update(outcome="published", version=version,
                       why=f"validation ppl {cand_ppl:.2f}{was}, form check passed")
-
-
-def summary(record: dict) -> str:
-    """One line for people (the bot's /retrain reply, the CLI's stderr)."""
-    outcome = record.get("outcome", "unknown")
-    metrics = record.get("metrics") or {}
-    ppl = ""
-    if "candidate" in metrics:
-        ppl = f"ppl {metrics['candidate']['ppl']:.2f}"
-        if "serving" in metrics:
-            ppl = f"ppl {metrics['serving']['ppl']:.2f} → {metrics['candidate']['ppl']:.2f}"
-    head = f"{outcome} {record['version']}" if record.get("version") else outcome
-    return ", ".join(x for x in (head, ppl, record.get("why", "") if outcome != "published" else "") if x)

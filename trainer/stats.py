@@ -15,8 +15,8 @@ import os
 import sys
 from collections import Counter
 
-from engine.forms import FORM_NAMES
-from engine.vocab import is_han
+from engine.poem.forms import FORM_NAMES
+from engine.poem.vocab import is_han
 from trainer.corpus import Corpus, load_corpus
 
 COVERAGE_AT = (1000, 3000, 5000)

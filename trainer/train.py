@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from engine.checkpoint import atomic_write_bytes, save_checkpoint
-from engine.model import ModelConfig, PoemModel
-from engine.vocab import Vocab
+from engine.files import atomic_write_bytes
+from engine.model.checkpoint import save_checkpoint
+from engine.model.network import ModelConfig, PoemModel, pick_device
+from engine.poem.vocab import Vocab
 from trainer.corpus import Corpus, CorpusError, load_corpus, split
 from trainer.data import Buckets, classic_tensor
 from trainer.evaluate import perplexity
@@ -75,14 +76,6 @@ class TrainConfig:
             raise ValueError("lr, batch_tokens and batch_size must be positive")
         ModelConfig(vocab_size=1, cell=self.cell, embed_dim=self.embed_dim, hidden_dim=self.hidden_dim,
                     num_layers=self.num_layers, dropout=self.dropout)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("DEVICE=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -202,7 +195,7 @@ class Trainer:
 
     @staticmethod
     def _load_init(cfg: TrainConfig):
-        from engine.checkpoint import load_checkpoint
+        from engine.model.checkpoint import load_checkpoint
 
         init = load_checkpoint(cfg.init_from)
         for key in ("cell", "embed_dim", "hidden_dim", "num_layers"):

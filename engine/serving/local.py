@@ -7,9 +7,9 @@
 
 or `async with LocalEngine(EngineSettings(checkpoint_dir="...")) as engine: ...`.
 
-The bot uses this class or `engine.client.EngineClient` (same methods, over HTTP); both follow
-`engine.api.PoemEngine`. Work is split as in vLLM: `engine.scheduler` decides who runs each step,
-`engine.runner` runs it, `engine.registry` holds the models and swaps in new versions.
+The bot uses this class or `engine.serving.client.EngineClient` (same methods, over HTTP); both follow
+`engine.api.PoemEngine`. Work is split as in vLLM: `engine.serving.scheduler` decides who runs each step,
+`engine.serving.runner` runs it, `engine.serving.registry` holds the models and swaps in new versions.
 """
 
 from __future__ import annotations
@@ -24,18 +24,24 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import kernels
-from engine.api import EngineUnavailableError, PoemRequest, PoemResult, QueueFullError, RequestError
-from engine.metrics import EngineMetrics
-from engine.registry import ModelRegistry
-from engine.runner import ModelRunner, make_plan
-from engine.scheduler import EngineRequest, RequestStatus, RunnerOutput, Scheduler
+from engine.api import PoemRequest, PoemResult
+from engine.errors import EngineUnavailableError, QueueFullError, RequestError
+from engine.sampling import kernels
+from engine.serving.metrics import EngineMetrics
+from engine.serving.registry import ModelRegistry
+from engine.serving.runner import ModelRunner, make_plan
+from engine.serving.scheduler import (
+    EngineRequest,
+    RequestStatus,
+    RunnerOutput,
+    Scheduler,
+)
 
 log = logging.getLogger(__name__)
 
 @dataclass
 class EngineSettings:
-    checkpoint_dir: str | None = None  # the store (engine.store layout); None = package defaults only
+    checkpoint_dir: str | None = None  # the store (engine.model.versions layout); None = package defaults only
     model_names: tuple[str, ...] = ("gru", "lstm")  # models to serve; the first is the default (the GRU: lower ppl)
     device: str = "auto"  # auto | cpu | cuda
     max_num_rows: int = 256  # batch rows per step, summed over models (a beam request takes beam_width)

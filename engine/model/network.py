@@ -56,6 +56,15 @@ class ModelConfig:
         return 2 * self.hidden_dim if self.cell == "lstm" else self.hidden_dim
 
 
+def pick_device(name: str) -> torch.device:
+    """`auto` → cuda when available, else cpu; ValueError for a CUDA device that is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"DEVICE={name} but CUDA is not available")
+    return torch.device(name)
+
+
 class PoemModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -4,210 +4,46 @@
     python -m trainer schedule --once [--force]  # one run now, then exit (prints the record)
 
 One daemon per store: it holds an flock on CHECKPOINT_DIR/.trainer/daemon.lock, and a second one refuses
-to start. The bot triggers a run through a spool of small files in the same directory rather than by
-training in its own process: the trainer service has the corpus, the CPU/GPU budget and the run lock,
-the bot process stays responsive, and the trigger works the same whether the bot runs beside the trainer
-or in another container sharing the checkpoints volume.
-
-    request_id = request_retrain(store, force=True, requested_by="tg:42")   # RetrainUnavailable if no daemon
-    status = await wait_for_retrain(store, request_id, timeout=3600)         # {"state": "done", "record": {…}}
-    summary(status["record"])                                                # "published 2026…, ppl 93.10 → 91.80"
-
-The bot's /retrain calls `bot_retrain` (RETRAIN_HOOK=trainer.schedule:bot_retrain; `bot_retrain_force`
-trains even when nothing changed), which does exactly that and answers with the summary line.
-
-    .trainer/requests/<id>.json   queued (written by request_retrain)
-    .trainer/results/<id>.json    {"state": "accepted" | "running" | "done", "record": … when done}
+to start. Every POLL_SECONDS it takes the bot's requests from the spool (trainer.spool) and runs them.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
-import re
 import signal
 import sys
-import time
-import uuid
 from dataclasses import replace
-from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from engine.checkpoint import atomic_write_bytes
-from trainer.retrain import RetrainConfig, records_path, retrain, summary, trainer_dir
+from trainer.retrain import RetrainConfig, retrain
+from trainer.spool import (
+    DaemonRunning,
+    acquire_daemon_lock,
+    fail_interrupted,
+    summary,
+    take_requests,
+    write_result,
+)
 
 log = logging.getLogger("yinshi.schedule")
 
 DEFAULT_CRON = "15 3 * * *"  # 03:15 every day: after midnight's corpus updates, before the morning traffic
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 POLL_SECONDS = 2.0  # how often the daemon looks for requests from the bot
-REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-RESULTS_KEPT_DAYS = 7
-
-
-class DaemonRunning(RuntimeError):
-    """Another daemon holds the lock of this store."""
-
-
-class RetrainUnavailable(RuntimeError):
-    """No daemon serves this store, so a request would never be answered."""
-
-
-# -- the daemon lock -------------------------------------------------------------------------------------
-def _lock_path(store) -> Path:
-    return trainer_dir(store) / "daemon.lock"
-
-
-def acquire_daemon_lock(store):
-    """Hold the store's daemon lock for as long as the returned file stays open; DaemonRunning if taken."""
-    path = _lock_path(store)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise DaemonRunning(f"another trainer daemon is already running for {store} ({holder}; lock {path}); "
-                            "refusing to start a second one") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} since {dt.datetime.now().isoformat(timespec='seconds')}\n")
-    f.flush()
-    return f
-
-
-def daemon_running(store) -> bool:
-    """Whether some process holds the store's daemon lock (taking it for a moment if it is free)."""
-    path = _lock_path(store)
-    if not path.exists():
-        return False
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
-
-
-# -- requests from the bot -------------------------------------------------------------------------------
-def _spool(store, kind: str) -> Path:
-    return trainer_dir(store) / kind
-
-
-def request_retrain(store, *, name: str = "lstm", force: bool = False, requested_by: str = "") -> str:
-    """Queue a run for the store's daemon; returns the request id. Raises RetrainUnavailable without a daemon."""
-    if not daemon_running(store):
-        raise RetrainUnavailable(f"no trainer daemon is running for {store}: start `python -m trainer schedule`")
-    request_id = uuid.uuid4().hex
-    body = {"id": request_id, "name": name, "force": bool(force), "requested_by": str(requested_by),
-            "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    atomic_write_bytes(_spool(store, "requests") / f"{request_id}.json", json.dumps(body).encode())
-    return request_id
-
-
-def retrain_status(store, request_id: str) -> dict:
-    """{"state": "queued" | "accepted" | "running" | "done" | "unknown", "record": {…} once done}."""
-    if not REQUEST_ID_RE.match(request_id or ""):
-        return {"state": "unknown"}
-    result = _spool(store, "results") / f"{request_id}.json"
-    try:
-        return json.loads(result.read_text())
-    except FileNotFoundError:
-        pass
-    except json.JSONDecodeError:
-        return {"state": "unknown"}
-    if (_spool(store, "requests") / f"{request_id}.json").exists():
-        return {"state": "queued"}
-    return {"state": "unknown"}
-
-
-async def wait_for_retrain(store, request_id: str, timeout: float = 3600.0, poll: float = 2.0) -> dict:
-    """Poll until the run is done or `timeout` passes; returns the last status (check its "state")."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = retrain_status(store, request_id)
-        if status["state"] in ("done", "unknown") or time.monotonic() >= deadline:
-            return status
-        await asyncio.sleep(min(poll, max(0.0, deadline - time.monotonic())))
-
-
-async def bot_retrain(force: bool = False, timeout: float = 2 * 3600) -> str:
-    """The bot's /retrain (RETRAIN_HOOK=trainer.schedule:bot_retrain): ask the daemon, wait, one line back."""
-    store = os.environ.get("CHECKPOINT_DIR") or RetrainConfig.store
-    request_id = request_retrain(store, name=os.environ.get("RETRAIN_NAME") or "lstm", force=force,
-                                 requested_by="bot")
-    status = await wait_for_retrain(store, request_id, timeout=timeout)
-    if status["state"] != "done":
-        return f"still {status['state']} after {timeout / 60:.0f} min; its record will be in {records_path(store)}"
-    return summary(status["record"])
-
-
-async def bot_retrain_force() -> str:
-    """RETRAIN_HOOK=trainer.schedule:bot_retrain_force: the same, training even on an unchanged corpus."""
-    return await bot_retrain(force=True)
-
-
-def _write_result(store, request_id: str, status: dict) -> None:
-    atomic_write_bytes(_spool(store, "results") / f"{request_id}.json",
-                       json.dumps(status, ensure_ascii=False, default=str).encode())
 
 
 def serve_request(cfg: RetrainConfig, request: dict) -> dict:
     """Run one requested retrain and store its outcome where retrain_status finds it."""
-    _write_result(cfg.store, request["id"], {"state": "running", "request": request})
+    write_result(cfg.store, request["id"], {"state": "running", "request": request})
     run_cfg = replace(cfg, name=request.get("name") or cfg.name)
     record = retrain(run_cfg, force=request.get("force", False), reason=f"requested by {request['requested_by'] or 'bot'}",
                      wait=24 * 3600)
-    _write_result(cfg.store, request["id"], {"state": "done", "request": request, "record": record})
+    write_result(cfg.store, request["id"], {"state": "done", "request": request, "record": record})
     return record
-
-
-def take_requests(cfg: RetrainConfig, submit) -> list[dict]:
-    """Hand every queued request to `submit` (oldest first) and mark it accepted; returns them."""
-    taken = []
-    queue = _spool(cfg.store, "requests")
-    for path in sorted(queue.glob("*.json"), key=lambda p: p.stat().st_mtime) if queue.is_dir() else []:
-        try:
-            request = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # still being written, or junk: looked at again next poll
-        if not REQUEST_ID_RE.match(str(request.get("id", ""))) or path.stem != request["id"]:
-            path.unlink(missing_ok=True)
-            continue
-        request.setdefault("requested_by", "")
-        # Accepted before the request file goes, so a status read in between never sees "unknown".
-        _write_result(cfg.store, request["id"], {"state": "accepted", "request": request})
-        path.unlink(missing_ok=True)
-        submit(request)
-        taken.append(request)
-    return taken
-
-
-def fail_interrupted(store) -> int:
-    """Close out requests a previous daemon accepted but never finished (it was killed); drop old results."""
-    results = _spool(store, "results")
-    count = 0
-    for path in results.glob("*.json") if results.is_dir() else []:
-        try:
-            status = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            path.unlink(missing_ok=True)
-            continue
-        if status.get("state") in ("accepted", "running"):
-            status.update(state="done", record={"outcome": "failed", "why": "the trainer daemon stopped before the run ended"})
-            _write_result(store, path.stem, status)
-            count += 1
-        elif time.time() - path.stat().st_mtime > RESULTS_KEPT_DAYS * 86400:
-            path.unlink(missing_ok=True)
-    return count
 
 
 # -- the scheduler ---------------------------------------------------------------------------------------
@@ -251,7 +87,7 @@ def build_scheduler(cfg: RetrainConfig, cron: str = DEFAULT_CRON, timezone: str 
     )
 
     def poll():
-        take_requests(cfg, lambda request: scheduler.add_job(
+        take_requests(cfg.store, lambda request: scheduler.add_job(
             serve_request, "date", args=[cfg, request], id=f"request-{request['id']}",
             name=f"requested retrain {request['id'][:8]}", misfire_grace_time=None))
 

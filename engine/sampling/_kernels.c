@@ -4,7 +4,7 @@
  * Every kernel reads the step's logits x (R, V) and the bias b (R, V: 0 / -inf masks, minus repetition
  * penalties). Greedy and sampling rank b + x: the log-sum-exp is a per-row constant, so they need none.
  * Beam search compares rows, so it ranks log-probs plus each beam's score: (b + score) + (x - lse). Each row is
- * handled on its own: a row's result never depends on the rest of the batch. engine/kernels.py checks
+ * handled on its own: a row's result never depends on the rest of the batch. engine/sampling/kernels.py checks
  * shapes and types; the C functions check the buffer sizes again so that a mistake there cannot read out
  * of bounds.
  *
@@ -570,7 +570,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "CPU kernels for engine/kernels.py", -1,
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "CPU kernels for engine/sampling/kernels.py", -1,
                                     methods};
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

@@ -6,10 +6,11 @@ Ids are stable for a given token list, which a checkpoint stores in full; the mo
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable
 
-from engine.forms import COMMA, FORM_NAMES, PERIOD
+from engine.poem.forms import COMMA, FORM_NAMES, PERIOD
 
 PAD, UNK, EOS = "<pad>", "<unk>", "<eos>"
 SPECIALS = (PAD, UNK, EOS)
@@ -21,6 +22,18 @@ def form_token(form_name: str) -> str:
 
 
 FORM_TOKENS = tuple(form_token(name) for name in FORM_NAMES)
+
+
+@functools.cache
+def _t2s():
+    import opencc  # late: the bot's process never converts
+
+    return opencc.OpenCC("t2s")
+
+
+def to_simplified(text: str) -> str:
+    """Traditional → simplified by OpenCC's phrase-aware tables (髮/發 → 发 by context)."""
+    return _t2s().convert(text)
 
 
 def is_han(ch: str) -> bool:

@@ -1,4 +1,4 @@
-"""The engine over HTTP, with the same interface as the in-process `engine.local.LocalEngine`.
+"""The engine over HTTP, with the same interface as the in-process `engine.serving.local.LocalEngine`.
 
     async with EngineClient("http://127.0.0.1:8080", token=os.environ.get("ENGINE_TOKEN")) as engine:
         result = await engine.generate(PoemRequest(prompt="月", form="qijue"))
@@ -17,7 +17,8 @@ import random
 
 import aiohttp
 
-from engine.api import EngineUnavailableError, PoemRequest, PoemResult, QueueFullError, RequestError
+from engine.api import PoemRequest, PoemResult
+from engine.errors import EngineUnavailableError, QueueFullError, RequestError
 
 
 class EngineClient:

@@ -1,12 +1,12 @@
 """Quality report: how often poems keep their form, rhyme and tone, how much they repeat and copy, how fast.
 
-    python -m engine evaluate --checkpoint runs/lstm/best.safetensors --corpus ../shared/corpus/chinese-poetry --n 20
+    python -m trainer quality --checkpoint runs/lstm/best.safetensors --corpus ../shared/corpus/chinese-poetry --n 20
 
 For every form × mode it writes N poems from a list of opening characters twice: with the constraints
-(engine.decoding.generate_one) and the original lab's way (no masks: feed the form token and the opening,
+(engine.reference.generate_one) and unconstrained, as a plain character model decodes (no masks: feed the form token and the opening,
 then take tokens until <eos> or FREE_MAX_LEN). It prints JSON (one object per cell) and then a table.
 
-`check_poem(text, form, prosody)` is the one judge of a poem, used by this report and by the tests.
+Each poem is judged by engine.poem.judge.check_poem, the judge the engine and the retrain gate use too.
 """
 
 from __future__ import annotations
@@ -15,82 +15,26 @@ import argparse
 import json
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from engine.api import MODES, PoemRequest, RequestError
-from engine.constraints import SECOND_CHAR_SAME_AS_S
-from engine.decoding import DEFAULT_CHECKPOINT, NEG_INF, generate_one, make_generator, sample
-from engine.forms import COMMA, FORM_NAMES, FORMS, PERIOD, Form, parse_form
-from engine.prosody import LEVEL, OBLIQUE, Prosody, char_info
-from engine.vocab import is_han
+from engine.api import MODES, PoemRequest
+from engine.errors import RequestError
+from engine.model.checkpoint import DEFAULT_CHECKPOINT
+from engine.poem.forms import FORM_NAMES, FORMS, Form
+from engine.poem.judge import check_poem
+from engine.reference import generate_one
+from engine.sampling.choice import NEG_INF, make_generator, sample
+from trainer.corpus import CorpusError, load_corpus
 
 OPENINGS = "月春山风花江秋夜云雪"  # one per poem, in turn
-FREE_MAX_LEN = 125  # the lab's cap: its training rows were padded to 125 tokens (trainer.data.CLASSIC_LEN)
-
-
-@dataclass
-class PoemCheck:
-    form_valid: bool  # exactly the form's lines of Han characters, ， and 。 alternating
-    lines: list[str]  # the lines found (whatever the layout)
-    rhyme: bool  # form valid, and the even lines end in level characters sharing one rhyme group
-    tone_agreement: float  # share of tone positions (2nd/4th/6th characters, line ends) that fit, best s
-    tone_positions: int  # positions checked (0 when the form is invalid)
-    repeated_chars: list[str]  # characters used three times or more
-    repeated_line: bool  # some line appears twice
-
-    @property
-    def ok(self) -> bool:
-        """Valid form and rhyme, and neither repetition rule broken (tone is measured, not required)."""
-        return self.form_valid and self.rhyme and not self.repeated_chars and not self.repeated_line
-
-
-def _tones(ch: str, prosody: Prosody | None) -> int:
-    info = prosody.char(ch) if prosody is not None else char_info(ch)
-    return info.tones if info else 0
-
-
-def check_poem(text: str, form: Form | str, prosody: Prosody | None = None) -> PoemCheck:
-    """Judge a poem's text against `form` with the same 平水韵/中华新韵 data the constraints use."""
-    form = parse_form(form) if isinstance(form, str) else form
-    L = form.line_len
-    lines = [piece for piece in text.replace(PERIOD, COMMA).split(COMMA) if piece]
-    expected = "".join(line + (COMMA if i % 2 == 0 else PERIOD) for i, line in enumerate(lines))
-    form_valid = (expected == text and len(lines) == form.num_lines
-                  and all(len(line) == L and all(is_han(c) for c in line) for line in lines))
-    counts = Counter(c for line in lines for c in line)
-    repeated_chars = sorted(c for c, n in counts.items() if n >= 3)
-    repeated_line = len(set(lines)) < len(lines)
-    if not form_valid:
-        return PoemCheck(False, lines, False, 0.0, 0, repeated_chars, repeated_line)
-
-    info = lambda ch: prosody.char(ch) if prosody is not None else char_info(ch)  # noqa: E731
-    ends = [info(line[-1]) for line in lines[1::2]]
-    shared = None
-    for end in ends:
-        groups = end.groups if end and end.level else frozenset()
-        shared = groups if shared is None else shared & groups
-    rhyme = bool(shared)
-
-    best, total = 0, 0
-    for s in (LEVEL, OBLIQUE):
-        hits = total = 0
-        for i, line in enumerate(lines):
-            second = s if SECOND_CHAR_SAME_AS_S[i] else LEVEL + OBLIQUE - s
-            wants = [(1, second), (3, LEVEL + OBLIQUE - second)] + ([(5, second)] if L == 7 else [])
-            wants.append((L - 1, OBLIQUE if i % 2 == 0 else LEVEL))
-            for col, tone in wants:
-                total += 1
-                hits += bool(_tones(line[col], prosody) & tone)
-        best = max(best, hits)
-    return PoemCheck(True, lines, rhyme, best / total, total, repeated_chars, repeated_line)
+FREE_MAX_LEN = 125  # the classic recipe pads its training rows to 125 tokens (trainer.data.CLASSIC_LEN)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Unconstrained decoding: the original lab's way
+# Unconstrained decoding: a plain character model's way
 
 
 @torch.no_grad()
@@ -228,9 +172,6 @@ def format_table(cells: list[Cell]) -> str:
 
 
 def corpus_line_set(paths: list[str]) -> set[str]:
-    # Imported here: the engine runs without the trainer; only this optional report reads a corpus.
-    from trainer.corpus import load_corpus
-
     return {line for poem in load_corpus(paths).poems for line in poem.lines}
 
 
@@ -248,8 +189,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from engine.checkpoint import CheckpointError, load_checkpoint
-    from engine.prosody import prosody_for
+    from engine.model.checkpoint import CheckpointError, load_checkpoint
+    from engine.poem.prosody import prosody_for
 
     path = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
     if args.n < 1:
@@ -260,12 +201,7 @@ def main(args: argparse.Namespace) -> int:
         corpus_lines = corpus_line_set(args.corpus) if args.corpus else None
         cells = evaluate(ckpt.model, ckpt.vocab, prosody_for(ckpt.vocab), args.forms, args.modes, args.n,
                          args.openings, args.beam_width, args.seed, corpus_lines, tone=not args.no_tone)
-    except (CheckpointError, RequestError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a CorpusError from the trainer, without importing it up front
-        if type(e).__name__ != "CorpusError":
-            raise
+    except (CheckpointError, CorpusError, RequestError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"checkpoint": str(path), "version": ckpt.version, "cells": [asdict(c) for c in cells]},

@@ -10,8 +10,8 @@ row (one per greedy/sample request, `beam_width` per beam request) carries a sma
         logits, state = model.step(torch.tensor([token]), state)
         token = row.forced()                                 # punctuation, <eos>, prompt/acrostic chars
         if token is None:
-            bias = allowed_bias([row], device)               # (1, V): 0 or -inf; batch many rows at once
-            token = pick(logits + bias)
+            bias = step_bias([row], penalty, device)         # engine.sampling.choice: masks as a Bias
+            token = choose_greedy(logits, bias)              # or sample / beam
         row.advance(token)
     row.text, row.lines, row.notes
 
@@ -32,8 +32,8 @@ Soft rules (tone, rhyme, repetition) bend instead of failing: a forced character
 at that position, and a row that would have no allowed token relaxes tone, then rhyme, then repetition.
 Every relaxation is written to `notes` (plan-level ones are in `plan.notes`, and every row starts with them).
 
-Masks are built from precomputed tables: each row only picks a table index in Python, in `advance()`, and
-`allowed_bias` gathers those rows, forces one-hot rows and clears the few banned (row, token) pairs.
+Masks are built from precomputed tables: each row only picks a table index in Python, in `advance()`;
+`engine.sampling.choice.step_bias` turns the rows' indices, forced tokens and banned pairs into the bias.
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.api import RequestError
-from engine.forms import FORMS, LINE_BREAKS, Form
-from engine.prosody import LEVEL, OBLIQUE, Prosody
-from engine.vocab import Vocab, is_han
+from engine.errors import RequestError
+from engine.poem.forms import FORMS, LINE_BREAKS, Form
+from engine.poem.prosody import LEVEL, OBLIQUE, Prosody
+from engine.poem.vocab import Vocab, is_han, to_simplified
 
 BOTH = LEVEL | OBLIQUE
 TONE_NAMES = {LEVEL: "平", OBLIQUE: "仄", BOTH: "平 or 仄"}
@@ -165,15 +165,13 @@ class PoemPlan:
 
 def _clean(text: str, name: str, vocab: Vocab, drop: str = "") -> str:
     """Simplified characters the vocabulary holds; RequestError naming the first bad character."""
-    from engine.prosody import _t2s
-
     text = "".join(ch for ch in text if not ch.isspace() and ch not in drop)
     for ch in text:
         # A lone surrogate ("\\ud800" in JSON) is a str but not text: OpenCC would raise UnicodeEncodeError.
         if "\ud800" <= ch <= "\udfff":
             raise RequestError("bad_character", name, f"{name} holds an unpaired surrogate, not a character")
-    whole = _t2s().convert(text)
-    simple = whole if len(whole) == len(text) else "".join(_t2s().convert(ch) for ch in text)
+    whole = to_simplified(text)
+    simple = whole if len(whole) == len(text) else "".join(to_simplified(ch) for ch in text)
     out = []
     for orig, ch in zip(text, simple):
         if not is_han(orig) or not is_han(ch):
@@ -444,31 +442,10 @@ class RowState:
         return bool(set(tables.allowed_ids(index)) - set(banned))
 
 
-def allowed_bias(rows: list[RowState], device: torch.device | str = "cpu") -> torch.Tensor:
-    """What each row may take next, as scores to add: (N, V) float, 0 where allowed, -inf where not.
-    Forced rows allow only their forced token, finished rows nothing.
-
-    Every row must belong to plans of one vocabulary (one model). Cost: one gather from the table, one
-    scatter for forced tokens, one for banned (row, token) pairs — no per-token Python.
-    """
-    tables = rows[0].plan.tables
-    index, forced_rows, forced_tokens, ban_rows, ban_tokens = [], [], [], [], []
-    for i, r in enumerate(rows):
-        index.append(r.mask_index)
-        if r._forced is not None:
-            forced_rows.append(i)
-            forced_tokens.append(r._forced)
-        elif r.step_banned:
-            ban_rows.extend([i] * len(r.step_banned))
-            ban_tokens.extend(r.step_banned)
-    bias = tables.bias_on(device)[torch.tensor(index, device=device)]  # (N, V)
-    if forced_rows:
-        bias[torch.tensor(forced_rows, device=device), torch.tensor(forced_tokens, device=device)] = 0.0
-    if ban_rows:
-        bias[torch.tensor(ban_rows, device=device), torch.tensor(ban_tokens, device=device)] = float("-inf")
-    return bias
-
-
-def allowed_masks(rows: list[RowState], device: torch.device | str = "cpu") -> torch.Tensor:
-    """The tokens each row may take next: (N, V) bool (`allowed_bias` as a mask)."""
-    return allowed_bias(rows, device) == 0
+def beam_children(rows: list[RowState], parents: list[int]) -> list[RowState]:
+    """The beam rows for the next step: a parent's first child reuses it, later children get copies."""
+    out, taken = [], set()
+    for p in parents:
+        out.append(rows[p].copy() if p in taken else rows[p])
+        taken.add(p)
+    return out  # all copies exist before the caller advances any row

@@ -28,7 +28,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from engine.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, read_meta
+from engine.files import atomic_write_bytes, fsync_dir
+from engine.model.checkpoint import CheckpointError, load_checkpoint, read_meta
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 VERSION_RE = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
@@ -89,14 +90,6 @@ def _writer_lock(store: Path, name: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def versions(store: Path, name: str) -> list[str]:
     """Complete published versions, oldest first (versions sort by time)."""
     d = _model_dir(store, name) / "versions"
@@ -151,7 +144,7 @@ def _publish(store: Path, name: str, checkpoint: Path, keep: int) -> str:
                 raise
             # The rename must be durable before CURRENT names it, or a power cut could leave CURRENT
             # pointing at a directory entry that never reached the disk.
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         _set_current(store, name, version)
         _prune(store, name, keep)
     return version

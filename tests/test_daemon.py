@@ -16,7 +16,7 @@ from conftest import make_poems, write_corpus
 from test_retrain import fake_poem, tiny_config
 
 from trainer import retrain as rt
-from trainer import schedule
+from trainer import daemon, spool
 from trainer.retrain import read_records
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,10 +39,10 @@ def wait_until(predicate, timeout: float = 60.0):
 
 
 def test_a_second_daemon_is_refused_by_the_lock(cfg):
-    lock = schedule.acquire_daemon_lock(cfg.store)
+    lock = spool.acquire_daemon_lock(cfg.store)
     try:
-        with pytest.raises(schedule.DaemonRunning, match="already running"):
-            schedule.acquire_daemon_lock(cfg.store)
+        with pytest.raises(spool.DaemonRunning, match="already running"):
+            spool.acquire_daemon_lock(cfg.store)
         proc = subprocess.run([sys.executable, "-m", "trainer", "schedule", "--store", cfg.store], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1
@@ -53,15 +53,15 @@ def test_a_second_daemon_is_refused_by_the_lock(cfg):
 
 
 def test_the_lock_is_free_again_once_the_daemon_is_gone(cfg):
-    lock = schedule.acquire_daemon_lock(cfg.store)
-    assert schedule.daemon_running(cfg.store)
+    lock = spool.acquire_daemon_lock(cfg.store)
+    assert spool.daemon_running(cfg.store)
     lock.close()
-    assert not schedule.daemon_running(cfg.store)
-    schedule.acquire_daemon_lock(cfg.store).close()
+    assert not spool.daemon_running(cfg.store)
+    spool.acquire_daemon_lock(cfg.store).close()
 
 
 def test_the_retrain_job_is_set_to_run_once_at_a_time_coalesced_with_a_grace_time(cfg):
-    scheduler = schedule.build_scheduler(cfg, "15 3 * * *", "Asia/Shanghai", scheduler_cls=BackgroundScheduler)
+    scheduler = daemon.build_scheduler(cfg, "15 3 * * *", "Asia/Shanghai", scheduler_cls=BackgroundScheduler)
     job = scheduler.get_job("retrain")
     assert (job.max_instances, job.coalesce, job.misfire_grace_time) == (1, True, 3600)
     assert str(job.trigger.timezone) == "Asia/Shanghai"
@@ -72,11 +72,11 @@ def test_the_retrain_job_is_set_to_run_once_at_a_time_coalesced_with_a_grace_tim
                                                  ("15 3 * * *", "Mars/Olympus", "TIMEZONE")])
 def test_a_bad_cron_expression_or_time_zone_is_a_clear_error(cfg, cron, zone, message):
     with pytest.raises(ValueError, match=message):
-        schedule.build_scheduler(cfg, cron, zone, scheduler_cls=BackgroundScheduler)
+        daemon.build_scheduler(cfg, cron, zone, scheduler_cls=BackgroundScheduler)
 
 
 def test_the_scheduled_job_fires_and_runs_a_retrain(cfg):
-    scheduler = schedule.build_scheduler(cfg, scheduler_cls=BackgroundScheduler, trigger=IntervalTrigger(seconds=1))
+    scheduler = daemon.build_scheduler(cfg, scheduler_cls=BackgroundScheduler, trigger=IntervalTrigger(seconds=1))
     scheduler.start()
     try:
         assert wait_until(lambda: len(read_records(cfg.store)) >= 2), read_records(cfg.store)
@@ -89,38 +89,38 @@ def test_the_scheduled_job_fires_and_runs_a_retrain(cfg):
 
 
 def test_request_retrain_without_a_daemon_is_refused(cfg):
-    with pytest.raises(schedule.RetrainUnavailable, match="python -m trainer schedule"):
-        schedule.request_retrain(cfg.store)
+    with pytest.raises(spool.RetrainUnavailable, match="python -m trainer schedule"):
+        spool.request_retrain(cfg.store)
 
 
 def test_a_bot_request_is_run_by_the_daemon_and_its_outcome_reported(cfg):
-    lock = schedule.acquire_daemon_lock(cfg.store)  # this process plays the daemon
-    scheduler = schedule.build_scheduler(cfg, scheduler_cls=BackgroundScheduler, trigger=IntervalTrigger(days=1),
+    lock = spool.acquire_daemon_lock(cfg.store)  # this process plays the daemon
+    scheduler = daemon.build_scheduler(cfg, scheduler_cls=BackgroundScheduler, trigger=IntervalTrigger(days=1),
                                          poll_seconds=0.2)
     scheduler.start()
     try:
-        request_id = schedule.request_retrain(cfg.store, force=True, requested_by="tg:42")
-        assert schedule.retrain_status(cfg.store, request_id)["state"] in ("queued", "accepted", "running")
-        status = asyncio.run(schedule.wait_for_retrain(cfg.store, request_id, timeout=60, poll=0.1))
+        request_id = spool.request_retrain(cfg.store, force=True, requested_by="tg:42")
+        assert spool.retrain_status(cfg.store, request_id)["state"] in ("queued", "accepted", "running")
+        status = asyncio.run(spool.wait_for_retrain(cfg.store, request_id, timeout=60, poll=0.1))
     finally:
         scheduler.shutdown(wait=True)
         lock.close()
     assert status["state"] == "done"
     assert status["record"]["outcome"] == "published"
     assert status["record"]["reason"] == "requested by tg:42"
-    assert rt.summary(status["record"]).startswith("published ")
+    assert spool.summary(status["record"]).startswith("published ")
     assert read_records(cfg.store)[-1]["version"] == status["record"]["version"]
 
 
 def test_the_bot_hook_asks_the_daemon_and_answers_with_one_line(cfg, monkeypatch):
     monkeypatch.setenv("CHECKPOINT_DIR", cfg.store)
-    lock = schedule.acquire_daemon_lock(cfg.store)
-    scheduler = schedule.build_scheduler(cfg, scheduler_cls=BackgroundScheduler, trigger=IntervalTrigger(days=1),
+    lock = spool.acquire_daemon_lock(cfg.store)
+    scheduler = daemon.build_scheduler(cfg, scheduler_cls=BackgroundScheduler, trigger=IntervalTrigger(days=1),
                                          poll_seconds=0.2)
     scheduler.start()
     try:
-        first = asyncio.run(schedule.bot_retrain())
-        second = asyncio.run(schedule.bot_retrain())
+        first = asyncio.run(spool.bot_retrain())
+        second = asyncio.run(spool.bot_retrain())
     finally:
         scheduler.shutdown(wait=True)
         lock.close()
@@ -129,35 +129,35 @@ def test_the_bot_hook_asks_the_daemon_and_answers_with_one_line(cfg, monkeypatch
 
 
 def test_waiting_for_a_request_times_out_without_losing_it(cfg):
-    lock = schedule.acquire_daemon_lock(cfg.store)
+    lock = spool.acquire_daemon_lock(cfg.store)
     try:
-        request_id = schedule.request_retrain(cfg.store)
-        status = asyncio.run(schedule.wait_for_retrain(cfg.store, request_id, timeout=0.2, poll=0.05))
+        request_id = spool.request_retrain(cfg.store)
+        status = asyncio.run(spool.wait_for_retrain(cfg.store, request_id, timeout=0.2, poll=0.05))
     finally:
         lock.close()
     assert status == {"state": "queued"}
 
 
 def test_requests_cut_off_by_a_stopped_daemon_are_reported_as_failed(cfg):
-    lock = schedule.acquire_daemon_lock(cfg.store)
+    lock = spool.acquire_daemon_lock(cfg.store)
     try:
-        request_id = schedule.request_retrain(cfg.store)
-        schedule.take_requests(cfg, submit=lambda request: None)  # accepted, then the daemon dies
+        request_id = spool.request_retrain(cfg.store)
+        spool.take_requests(cfg.store, submit=lambda request: None)  # accepted, then the daemon dies
     finally:
         lock.close()
-    assert schedule.retrain_status(cfg.store, request_id)["state"] == "accepted"
-    assert schedule.fail_interrupted(cfg.store) == 1
-    status = schedule.retrain_status(cfg.store, request_id)
+    assert spool.retrain_status(cfg.store, request_id)["state"] == "accepted"
+    assert spool.fail_interrupted(cfg.store) == 1
+    status = spool.retrain_status(cfg.store, request_id)
     assert status["state"] == "done" and status["record"]["outcome"] == "failed"
 
 
 @pytest.mark.parametrize("request_id", ["", "../../etc/passwd", "x" * 32])
 def test_an_unknown_or_malformed_request_id_reads_as_unknown(cfg, request_id):
-    assert schedule.retrain_status(cfg.store, request_id) == {"state": "unknown"}
+    assert spool.retrain_status(cfg.store, request_id) == {"state": "unknown"}
 
 
 def test_schedule_once_runs_one_retrain_and_prints_its_record(cfg, capsys):
-    assert schedule.run_once(cfg, force=False, reason="once") == 0
+    assert daemon.run_once(cfg, force=False, reason="once") == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["outcome"] == "published" and record["reason"] == "once"
 
@@ -170,10 +170,10 @@ def test_command_line_flags_and_the_environment_reach_the_retrain_config(monkeyp
     monkeypatch.setenv("RETRAIN_TIME_BUDGET", "7.5")
     monkeypatch.setenv("RETRAIN_CRON", "0 4 * * 1")
     args = build_parser().parse_args(["schedule", "--once", "--keep", "3", "--name", "gru"])
-    cfg = schedule.config_from_args(args)
+    cfg = daemon.config_from_args(args)
     assert (cfg.store, cfg.corpus, cfg.time_budget, cfg.keep, cfg.name) == (
         "/srv/checkpoints", ["/srv/corpus"], 7.5, 3, "gru")
     assert args.cron == "0 4 * * 1" and args.once
     args = build_parser().parse_args(["retrain", "--corpus", "a", "b", "--time-budget", "1", "--force"])
-    cfg = schedule.config_from_args(args)
+    cfg = daemon.config_from_args(args)
     assert (cfg.corpus, cfg.time_budget, args.force) == (["a", "b"], 1.0, True)

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from engine.api import EngineUnavailableError, PoemRequest, QueueFullError, RequestError
-from engine.local import EngineSettings, LocalEngine
-from engine.metrics import CONTENT_TYPE
+from engine.api import PoemRequest
+from engine.errors import EngineUnavailableError, QueueFullError, RequestError
+from engine.serving.local import EngineSettings, LocalEngine
+from engine.serving.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ async def error_middleware(request: web.Request, handler):
         return error_response(503, "unavailable", str(e), headers={"Retry-After": "5"})
     except TimeoutError as e:
         return error_response(504, "timeout", str(e) or "the request's deadline passed")
-    except web.HTTPRequestEntityTooLarge as e:
+    except web.HTTPRequestEntityTooLarge:
         limit = request.app[SETTINGS].max_body_bytes
         return error_response(413, "body_too_large", f"the body is over the {limit}-byte limit")
     except web.HTTPException as e:

@@ -28,30 +28,26 @@ from pathlib import Path
 
 import torch
 
-from engine import store
-from engine.api import EngineUnavailableError, PoemRequest, RequestError
-from engine.checkpoint import CheckpointError, load_checkpoint
-from engine.forms import FORMS, classify, split_lines
-from engine.model import PoemModel, compile_step
-from engine.vocab import Vocab
+from engine.api import PoemRequest
+from engine.errors import EngineUnavailableError, RequestError
+from engine.model import versions as store
+from engine.model.checkpoint import (
+    PACKAGE_CHECKPOINTS,
+    CheckpointError,
+    load_checkpoint,
+)
+from engine.model.network import PoemModel, compile_step, pick_device
+from engine.poem.forms import FORMS
+from engine.poem.judge import check_poem
+from engine.poem.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-PACKAGE_CHECKPOINTS = Path(__file__).parent / "checkpoints"
 MIN_HAN_CHARS = 64  # fewer and the rhyme/tone constraints may have no candidates at some position
 
 
 class ValidationError(Exception):
     """A checkpoint that must not serve; the message says why."""
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` → cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"DEVICE={name} but CUDA is not available")
-    return torch.device(name)
 
 
 @dataclass(eq=False)  # identity matters: the runner groups rows by the ServingModel object
@@ -62,9 +58,9 @@ class ServingModel:
     model: PoemModel  # eval mode, on `device`
     vocab: Vocab
     meta: dict  # the checkpoint metadata
-    prosody: object  # engine.prosody tables for this vocabulary, built once per version
+    prosody: object  # engine.poem.prosody tables for this vocabulary, built once per version
     device: torch.device
-    step: Callable  # model.step as one TorchScript call (engine.model.compile_step): what the runner steps
+    step: Callable  # model.step as one TorchScript call (engine.model.network.compile_step): what the runner steps
     loaded_at: float = field(default_factory=time.time)  # wall-clock seconds
 
     @property
@@ -98,7 +94,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 def build_serving(name: str, path: Path, device: torch.device) -> ServingModel:
     """Load a checkpoint and its prosody tables; CheckpointError when the file is unusable."""
-    from engine.prosody import prosody_for  # late: the prosody tables are large
+    from engine.poem.prosody import prosody_for  # late: the prosody tables are large
 
     ckpt = load_checkpoint(path, device=device)
     return ServingModel(name=name, version=ckpt.version, path=Path(path), model=ckpt.model, vocab=ckpt.vocab,
@@ -107,8 +103,8 @@ def build_serving(name: str, path: Path, device: torch.device) -> ServingModel:
 
 
 def smoke_test(serving: ServingModel) -> None:
-    """Write one greedy poem of every form, unbatched; each must pass the form check."""
-    from engine.decoding import generate_one
+    """Write one greedy poem of every form, unbatched; each must pass the poem judge's form check."""
+    from engine.reference import generate_one
 
     for form in FORMS.values():
         request = PoemRequest(form=form.name, mode="greedy", seed=0).validate()
@@ -116,9 +112,8 @@ def smoke_test(serving: ServingModel) -> None:
             result = generate_one(serving.model, serving.vocab, serving.prosody, request)
         except RequestError as e:
             raise ValidationError(f"smoke generation of {form.name} failed: {e.message}") from None
-        lines = result.lines if hasattr(result, "lines") else split_lines(result)
-        if classify(lines) is not form:
-            raise ValidationError(f"smoke generation of {form.name} gave {lines!r}, not a {form.name}")
+        if not check_poem(result.poem, form, serving.prosody).form_valid:
+            raise ValidationError(f"smoke generation of {form.name} gave {result.poem!r}, not a {form.name}")
 
 
 def validate(serving: ServingModel, running: ServingModel | None, ppl_tolerance: float) -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +21,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from engine.model import ModelConfig, PoemModel
-from engine.vocab import FORM_TOKENS, Vocab
+from engine.files import atomic_write_bytes
+from engine.model.network import ModelConfig, PoemModel
+from engine.poem.vocab import FORM_TOKENS, Vocab
 
 FORMAT = "yinshi-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "yinshi"
+PACKAGE_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"  # shipped; served from an empty store
+DEFAULT_CHECKPOINT = PACKAGE_CHECKPOINTS / "gru.safetensors"  # the default model of `generate` and the reports
 
 
 class CheckpointError(Exception):
@@ -66,28 +67,6 @@ def meta_digest(meta: dict) -> str:
     JSON — a vocabulary character, a config number — is caught, as the weights' digest catches theirs."""
     body = {k: v for k, v in meta.items() if k != "meta_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a checkpoint is read by other users (the engine's)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def make_version(now: dt.datetime | None = None) -> str:

@@ -1,9 +1,9 @@
-"""The choice after a model step on the CPU, by the C kernels of engine/_kernels.c.
+"""The choice after a model step on the CPU, by the C kernels of engine/sampling/_kernels.c.
 
 On a CPU, choosing the next tokens with torch operations cost as much as a sixth of the model step for
 greedy and two thirds for sampling (64 rows × 6,000 tokens): every operation is a pass over the rows,
 and masks, scatters and cumulative sums run scalar. The kernels make one or two vectorised passes per
-row. They rank what the torch path of engine/decoding.py ranks — `bias + logits` for greedy and
+row. They rank what the torch path of engine/sampling/choice.py ranks — `bias + logits` for greedy and
 sampling, `(bias + beam score) + (logits - lse)` for beam search — so greedy picks the same tokens
 either way, and beam search too but for near ties (its log-sum-exp is rounded differently). Sampling keeps the same tokens and draws in proportion to their probabilities,
 but by rejection (see `_kernels.c`), so a given uniform number picks another token than on the torch path.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 try:
-    from engine import _kernels as _c
+    from engine.sampling import _kernels as _c
 except ImportError:  # not built (no C compiler at install time)
     _c = None
 

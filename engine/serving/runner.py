@@ -22,7 +22,7 @@ softmax), so the log-sum-exp their running log-probs need is paid during the nex
 The Python half of a step (RowState.advance, building the mask indices) runs while the model computes —
 as vLLM's async scheduling overlaps the CPU's scheduling with the GPU's step. The step itself stays on the
 step loop's thread, so that it starts at once and the choice finds the logits in this core's cache; it
-runs traced (`ServingModel.step`, engine.model.compile_step), because eager, each of its ATen calls would
+runs traced (`ServingModel.step`, engine.model.network.compile_step), because eager, each of its ATen calls would
 wait for the GIL while the catch-up's Python holds it. Only the requests that just chose <eos> are caught
 up at once, so that their rows go back to the scheduler without waiting a step.
 
@@ -47,13 +47,21 @@ from itertools import count
 import torch
 
 from engine.api import PoemRequest, PoemResult
-from engine.constraints import PoemPlan, RowState, build_plan
-from engine.decoding import (Bias, choose_beam, choose_greedy, choose_sample, logsumexp, make_generator, repeat_penalty_for,
-                             step_bias)
-from engine.forms import format_poem
-from engine.model import kept_step_inputs
-from engine.registry import ModelRegistry, ServingModel
-from engine.scheduler import EngineRequest, RunnerOutput, SchedulerOutput
+from engine.model.network import kept_step_inputs
+from engine.poem.constraints import PoemPlan, RowState, beam_children, build_plan
+from engine.poem.forms import format_poem
+from engine.sampling.choice import (
+    Bias,
+    choose_beam,
+    choose_greedy,
+    choose_sample,
+    logsumexp,
+    make_generator,
+    repeat_penalty_for,
+    step_bias,
+)
+from engine.serving.registry import ModelRegistry, ServingModel
+from engine.serving.scheduler import EngineRequest, RunnerOutput, SchedulerOutput
 
 NEG_INF = float("-inf")
 MIN_BATCH_ROWS = 16  # see the module docstring: batch invariance
@@ -98,7 +106,7 @@ class RowGroup:
         a = self.last_offset
         b = a + self.num_rows
         if self.is_beam:
-            self.rows = _children(self.rows, [p - a for p in parents[a:b]])
+            self.rows = beam_children(self.rows, [p - a for p in parents[a:b]])
         for row, token in zip(self.rows, tokens[a:b]):
             row.advance(token)
 
@@ -222,7 +230,7 @@ class ModelBatch:
         return tokens, state
 
     def _step_inputs(self, P: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's input buffers for P rows (engine.model.kept_step_inputs: why not the batch's own
+        """The step's input buffers for P rows (engine.model.network.kept_step_inputs: why not the batch's own
         tensors), kept from step to step while P stays."""
         if self.step_inputs is None or self.step_inputs[0].shape[0] != P:
             self.step_inputs = kept_step_inputs(self.serving.model, P)
@@ -344,15 +352,6 @@ class ModelBatch:
 def _catch_up(batches: list[ModelBatch]) -> list[StepInputs]:
     with torch.inference_mode():  # thread-local: the catch-up thread needs its own
         return [batch.catch_up() for batch in batches]
-
-
-def _children(rows: list[RowState], parents: list[int]) -> list[RowState]:
-    """The rows for the next step: a parent's first child reuses it, later children get copies."""
-    out, taken = [], set()
-    for p in parents:
-        out.append(rows[p].copy() if p in taken else rows[p])
-        taken.add(p)
-    return out
 
 
 class ModelRunner:
