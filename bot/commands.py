@@ -34,7 +34,6 @@ from bot.settings import Settings
 from engine.api import MAX_BEAM_WIDTH, PoemEngine, PoemRequest, PoemResult
 from engine.errors import EngineUnavailableError, QueueFullError, RequestError
 from engine.poem.forms import FORMS, parse_form
-from engine.poem.vocab import is_han
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +162,14 @@ class Commands:
         self.rate_limiter = rate_limiter or RateLimiter(settings.rate_limit_count, settings.rate_limit_seconds)
         self.rng = rng or random.Random()
         self.started_at = clock()
+        # Every command of COMMANDS and the method that answers it.
+        self.handlers: dict[str, Callable[[Who, list[str]], Awaitable[Reply]]] = {
+            "start": self.cmd_start, "help": self.cmd_help,
+            "poem": self.cmd_poem, "acrostic": self.cmd_acrostic, "cangtou": self.cmd_acrostic,
+            "form": self.cmd_form, "greedy": self.cmd_greedy, "sample": self.cmd_sample, "beam": self.cmd_beam,
+            "model": self.cmd_model, "settings": self.cmd_settings, "daily": self.cmd_daily,
+            "status": self.cmd_status, "reload": self.cmd_reload, "retrain": self.cmd_retrain,
+        }
 
     # entry points
 
@@ -194,9 +201,8 @@ class Commands:
                 return Reply(f"请慢一点：{math.ceil(wait)} 秒后再来。\nToo many poems — try again in "
                              f"{math.ceil(wait)} s (at most {self.rate_limiter.count} per "
                              f"{self.rate_limiter.seconds:g} s).")
-        handler = getattr(self, f"cmd_{'acrostic' if name == 'cangtou' else name}")
         try:
-            return await handler(who, args)
+            return await self.handlers[name](who, args)
         except sqlite3.OperationalError as e:
             # Locked by another writer past the busy timeout, or the disk is full: the write rolled back,
             # nothing changed; say so instead of failing the update.
@@ -222,23 +228,16 @@ class Commands:
     # poems
 
     async def cmd_poem(self, who: Who, args: list[str]) -> Reply:
-        settings = self.store.chat_settings(who.chat_id)
-        prompt = "".join(args)
-        problem = check_prompt(prompt, settings.form)
-        if problem:
-            return Reply(problem)
-        if not prompt:
-            prompt = self.rng.choice(OPENINGS)
+        prompt = "".join(args) or self.rng.choice(OPENINGS)
         return await self.poem_reply(who, prompt=prompt)
 
     async def cmd_acrostic(self, who: Who, args: list[str]) -> Reply:
         heads = "".join(args)
-        usage = "藏头诗需要 4 或 8 个汉字，每句一个：/acrostic 春夏秋冬\nAn acrostic needs 4 or 8 Han characters, one per line."
-        if len(heads) not in (4, 8) or not all(is_han(ch) for ch in heads):
-            return Reply(usage + (f"\n（收到 {len(heads)} 个字符 / got {len(heads)} characters）" if heads else ""))
-        # Keep the chat's line length; the number of characters picks 绝句 (4 lines) or 律诗 (8 lines).
-        line_len = FORMS[self.store.chat_settings(who.chat_id).form].line_len
-        form = next(f.name for f in FORMS.values() if f.line_len == line_len and f.num_lines == len(heads))
+        # Keep the chat's line length; the number of characters picks 绝句 (4 lines) or 律诗 (8 lines). Any
+        # other count goes to the engine's validation as it is, which says what an acrostic needs.
+        chat_form = FORMS[self.store.chat_settings(who.chat_id).form]
+        form = next((f.name for f in FORMS.values() if f.line_len == chat_form.line_len and f.num_lines == len(heads)),
+                    chat_form.name)
         return await self.poem_reply(who, acrostic=heads, form=form)
 
     async def poem_reply(self, who: Who, *, prompt: str = "", acrostic: str | None = None,
@@ -248,7 +247,7 @@ class Commands:
         except PoemUnavailable as e:
             return Reply(e.reply)
         poem_id = self.store.record_poem(who.chat_id, who.user_id, "command", result, prompt, acrostic)
-        return Reply(format_poem(result, self.store.chat_settings(who.chat_id)), poem_id=poem_id)
+        return Reply(format_reply(result, self.store.chat_settings(who.chat_id)), poem_id=poem_id)
 
     async def generate(self, chat_id: int, *, prompt: str = "", acrostic: str | None = None,
                        form: str | None = None) -> PoemResult:
@@ -422,24 +421,20 @@ class Commands:
         return Reply(f"重新训练完成 / retrain finished:\n{_compact(outcome) if outcome is not None else 'ok'}")
 
 
-def check_prompt(prompt: str, form_name: str) -> str | None:
-    """Why `prompt` cannot open a poem in this form, or None when it can."""
-    form = FORMS[form_name]
-    limit = min(form.num_chars, 14)
-    allowed_zh, allowed_en = f"开头只能是汉字，{form.chinese}最多 {limit} 个。", f"at most {limit} Han characters for a {form.name}."
-    if len(prompt) > limit:
-        return f"开头太长（{len(prompt)} 个字符）。{allowed_zh}\nThe opening is too long ({len(prompt)}): {allowed_en}"
-    bad = _echo("".join(dict.fromkeys(ch for ch in prompt if not is_han(ch))), 10)
-    if bad:
-        return (f"这些不是汉字：{bad}。{allowed_zh}\n"
-                f"The opening must be Han characters, not {bad!r}: {allowed_en}")
-    return None
+ACROSTIC_USAGE = "藏头诗需要 4 或 8 个汉字，每句一个：/acrostic 春夏秋冬\nAn acrostic needs 4 or 8 Han characters, one per line."
 
 
 def describe_request_error(e: RequestError) -> str:
+    """The engine's validation error, in words for the chat (the engine validates; the bot explains)."""
     if e.code == "unknown_character":
-        return f"模型不认识这个字，换一个试试。\nThe model does not know that character: {e.message}"
-    return f"无法作诗。\nCannot write that poem: {e.message}"
+        return f"模型不认识这个字，换一个试试。\nThe model does not know that character: {_echo(e.message, 200)}"
+    if e.field == "acrostic":
+        return f"{ACROSTIC_USAGE}\n({_echo(e.message, 200)})"
+    if e.code == "prompt_too_long":
+        return f"开头太长。\nThe opening is too long: {_echo(e.message, 200)}"
+    if e.code == "bad_character":
+        return f"开头只能是汉字。\nThe opening must be Han characters: {_echo(e.message, 200)}"
+    return f"无法作诗。\nCannot write that poem: {_echo(e.message, 200)}"
 
 
 def describe_settings(s: ChatSettings) -> str:
@@ -451,7 +446,7 @@ def describe_settings(s: ChatSettings) -> str:
             f"模型 model: {s.model or 'default'}")
 
 
-def format_poem(result: PoemResult, s: ChatSettings) -> str:
+def format_reply(result: PoemResult, s: ChatSettings) -> str:
     """One couplet a line, then a footer naming form, decoding and model."""
     lines = result.lines
     couplets = [f"{lines[i]}，{lines[i + 1]}。" for i in range(0, len(lines) - 1, 2)]

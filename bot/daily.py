@@ -1,7 +1,7 @@
 """Daily poems: one post per subscribed chat per day at its HH:MM in TIMEZONE, on PTB's job queue.
 
     daily = Daily(store, commands, send, timezone, grace=timedelta(hours=2), job_queue=app.job_queue)
-    daily.schedule_all()       # one run_daily job per chat, named "daily:<chat_id>"
+    daily.add_all_jobs()       # one run_daily job per chat, named "daily:<chat_id>"
     await daily.catch_up()     # on start: a slot missed within the grace window is posted now
 
 Once only, across restarts. Every post goes through `post_if_due`, which (1) finds the chat's latest slot
@@ -33,7 +33,7 @@ from bot.commands import (
     Commands,
     PoemUnavailable,
     Reply,
-    format_poem,
+    format_reply,
     utc_now,
 )
 from bot.db import Store, Subscription
@@ -98,7 +98,7 @@ class Daily:
         if not self.store.claim_daily_post(chat_id, date):
             return False
         poem_id = self.store.record_poem(chat_id, None, "daily", result)
-        reply = Reply(format_poem(result, self.store.chat_settings(chat_id)), poem_id=poem_id)
+        reply = Reply(format_reply(result, self.store.chat_settings(chat_id)), poem_id=poem_id)
         try:
             await self.send(chat_id, reply)
         except Forbidden as e:
@@ -133,21 +133,21 @@ class Daily:
     def pause(self, chat_id: int, reason: str) -> None:
         log.warning("pausing the daily poem of chat %s: %s", chat_id, reason)
         self.store.pause_subscription(chat_id, reason)
-        self.unschedule(chat_id)
+        self.remove_job(chat_id)
 
     # the job queue
 
-    def schedule_all(self) -> int:
+    def add_all_jobs(self) -> int:
         subs = self.store.active_subscriptions()
         for sub in subs:
-            self.schedule(sub.chat_id)
+            self.set_job(sub.chat_id)
         return len(subs)
 
-    def schedule(self, chat_id: int) -> None:
-        """(Re)schedule the chat's daily job from its stored subscription; removes the old job first."""
+    def set_job(self, chat_id: int) -> None:
+        """(Re)set the chat's daily job from its stored subscription; removes the old job first."""
         if self.job_queue is None:
             return
-        self.unschedule(chat_id)
+        self.remove_job(chat_id)
         sub = self.store.subscription(chat_id)
         if sub is None or sub.paused:
             return
@@ -158,7 +158,7 @@ class Daily:
             # A job that fires late (loop busy, clock jump) still runs, and post_if_due decides.
             job_kwargs={"misfire_grace_time": int(self.grace.total_seconds()) or 1, "coalesce": True})
 
-    def unschedule(self, chat_id: int) -> None:
+    def remove_job(self, chat_id: int) -> None:
         if self.job_queue is None:
             return
         for job in self.job_queue.get_jobs_by_name(job_name(chat_id)):

@@ -42,8 +42,7 @@ from bot.commands import (
     PoemUnavailable,
     Reply,
     Who,
-    check_prompt,
-    format_poem,
+    format_reply,
     utc_now,
 )
 from bot.daily import Daily
@@ -155,7 +154,7 @@ async def on_inline_query(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
     query = update.inline_query
     prompt = "".join(query.query.split())
     commands = commands_of(context)
-    if not prompt or check_prompt(prompt, commands.store.chat_settings(query.from_user.id).form):
+    if not prompt:
         await query.answer([], cache_time=5)
         return
     if commands.rate_limiter.acquire(query.from_user.id) > 0:
@@ -167,7 +166,7 @@ async def on_inline_query(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
             result = await commands.generate(query.from_user.id, prompt=prompt)
         except PoemUnavailable:
             break
-        text = format_poem(result, commands.store.chat_settings(query.from_user.id))
+        text = format_reply(result, commands.store.chat_settings(query.from_user.id))
         results.append(InlineQueryResultArticle(id=uuid.uuid4().hex, title=result.lines[0], description="".join(result.lines[1:2]),
                                                 input_message_content=InputTextMessageContent(text)))
     await query.answer(results, cache_time=0, is_personal=True)
@@ -200,7 +199,7 @@ def build_application(settings: Settings, engine: PoemEngine, store: Store, *, r
             await start_engine(engine)
         await app.bot.set_my_commands([BotCommand(c.name, c.en[:256]) for c in COMMANDS.values() if not c.admin])
         daily = app.bot_data["daily"]
-        daily.schedule_all()
+        daily.add_all_jobs()
         # Missed posts go out in the background so a slow engine does not hold up polling. (A plain
         # asyncio task: the Application is not running yet, so its create_task would not track it.)
         app.bot_data["catch_up"] = asyncio.get_running_loop().create_task(daily.catch_up(), name="daily catch-up")
@@ -231,7 +230,7 @@ def build_application(settings: Settings, engine: PoemEngine, store: Store, *, r
     commands = Commands(engine, store, settings, retrain=retrain, clock=clock)
     daily = Daily(store, commands, send, settings.timezone, dt.timedelta(minutes=settings.daily_grace_minutes),
                   job_queue=app.job_queue, clock=clock)
-    commands.on_subscription_change = daily.schedule
+    commands.on_subscription_change = daily.set_job
     app.bot_data.update(commands=commands, daily=daily, store=store)
 
     names = [name for name in COMMANDS]

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Protocol
 
 from engine.errors import RequestError
-from engine.poem.forms import DEFAULT_FORM, FORMS, parse_form
+from engine.poem.forms import DEFAULT_FORM, FORMS, LINE_BREAKS, parse_form
+from engine.poem.vocab import is_han
 
 MODES = ("greedy", "sample", "beam")
 MAX_BEAM_WIDTH = 16
@@ -52,8 +53,12 @@ class PoemRequest:
         return req
 
     def validate(self) -> PoemRequest:
-        """Check types and ranges and normalise `form`; raises RequestError."""
+        """Check every field and normalise `form`, `prompt` and `acrostic`; raises RequestError. The one
+        validation of a request: the bot, the HTTP service and the engine all rely on it. What only a
+        model can tell (whether it knows a character) is checked when the plan is made."""
         _check_text("prompt", self.prompt)
+        # Line marks in a prompt are implied by the form ("床前明月光，疑是" is the prompt 床前明月光疑是).
+        self.prompt = _han_text("prompt", self.prompt, drop=LINE_BREAKS)
         if len(self.prompt) > MAX_PROMPT:
             raise RequestError("prompt_too_long", "prompt", f"prompt has {len(self.prompt)} characters; at most {MAX_PROMPT}")
         _check_text("form", self.form)
@@ -70,6 +75,7 @@ class PoemRequest:
         _check_int("top_k", self.top_k, 0, 100_000)
         if self.acrostic is not None:
             _check_text("acrostic", self.acrostic)
+            self.acrostic = _han_text("acrostic", self.acrostic)
             n = FORMS[self.form].num_lines
             if len(self.acrostic) not in (4, 8):
                 raise RequestError("bad_acrostic", "acrostic", f"acrostic needs 4 or 8 characters (one per line), got {len(self.acrostic)}")
@@ -107,6 +113,16 @@ def _check_text(name, value):
     _check_type(name, value, str)
     if any("\ud800" <= ch <= "\udfff" for ch in value):
         raise RequestError("bad_character", name, f"{name} holds an unpaired surrogate, not a character")
+
+
+def _han_text(name: str, value: str, drop: str = "") -> str:
+    """`value` without whitespace (and `drop`); RequestError unless every character left is a Han character."""
+    text = "".join(ch for ch in value if not ch.isspace() and ch not in drop)
+    for ch in text:
+        if not is_han(ch):
+            raise RequestError("bad_character", name,
+                               f"{name} holds {ch!r}, which is not a Chinese character; use Han characters only")
+    return text
 
 
 def _show(value) -> str:

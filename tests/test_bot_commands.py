@@ -303,3 +303,7 @@ def test_any_text_gets_a_reply_and_rejected_arguments_change_nothing(tmp_path, c
         assert re.fullmatch(r"\d{1,3}", arg.strip()) and 1 <= int(arg) <= 16
     if command in ("/beam", "/form", "/sample", "/model", "/daily") and after != before:
         assert "Usage" not in reply.text and "Unknown" not in reply.text and "allowed" not in reply.text
+
+
+def test_every_command_has_exactly_one_handler_and_every_handler_a_command(commands):
+    assert set(commands.handlers) == set(COMMANDS)

@@ -17,7 +17,7 @@ from test_retrain import fake_poem, tiny_config
 
 from trainer import retrain as rt
 from trainer import daemon, spool
-from trainer.retrain import read_records
+from trainer.retrain import read_run_records
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,10 +79,10 @@ def test_the_scheduled_job_fires_and_runs_a_retrain(cfg):
     scheduler = daemon.build_scheduler(cfg, scheduler_cls=BackgroundScheduler, trigger=IntervalTrigger(seconds=1))
     scheduler.start()
     try:
-        assert wait_until(lambda: len(read_records(cfg.store)) >= 2), read_records(cfg.store)
+        assert wait_until(lambda: len(read_run_records(cfg.store)) >= 2), read_run_records(cfg.store)
     finally:
         scheduler.shutdown(wait=True)
-    records = read_records(cfg.store)
+    records = read_run_records(cfg.store)
     assert records[0]["reason"] == "schedule"
     assert records[0]["outcome"] == "published", records[0]
     assert records[1]["outcome"] == "skipped"  # the next firing: nothing changed since
@@ -109,7 +109,7 @@ def test_a_bot_request_is_run_by_the_daemon_and_its_outcome_reported(cfg):
     assert status["record"]["outcome"] == "published"
     assert status["record"]["reason"] == "requested by tg:42"
     assert spool.summary(status["record"]).startswith("published ")
-    assert read_records(cfg.store)[-1]["version"] == status["record"]["version"]
+    assert read_run_records(cfg.store)[-1]["version"] == status["record"]["version"]
 
 
 def test_the_bot_hook_asks_the_daemon_and_answers_with_one_line(cfg, monkeypatch):

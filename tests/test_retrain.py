@@ -14,7 +14,7 @@ from engine.model.checkpoint import load_checkpoint
 from engine.poem.forms import FORMS, format_poem
 from trainer import retrain as rt
 from trainer import spool
-from trainer.retrain import RetrainConfig, read_records, retrain
+from trainer.retrain import RetrainConfig, read_run_records, retrain
 
 TINY = dict(embed_dim=16, hidden_dim=32, num_layers=1, dropout=0.0, eval_every=30, eval_poems=40,
             batch_tokens=512, min_count=1, warmup_steps=5, lr=1e-2, threads=1, half=False)
@@ -165,7 +165,7 @@ def test_every_run_leaves_a_record(v1, fake_decoder):
     cfg = tiny_config(root, root / "corpus")
     retrain(cfg)  # skipped
     retrain(tiny_config(root, root / "missing-corpus"))  # failed: no corpus
-    records = read_records(cfg.store, "lstm")
+    records = read_run_records(cfg.store, "lstm")
     assert [r["outcome"] for r in records] == ["published", "skipped", "failed"]
     for r in records:
         assert r["kind"] == "retrain" and r["at"] and r["reason"] and "seconds" in r
@@ -180,7 +180,7 @@ def test_a_second_run_while_one_holds_the_run_lock_is_busy(v1, fake_decoder):
         assert locked
         record = retrain(cfg, force=True)
     assert record["outcome"] == "busy"
-    assert read_records(cfg.store)[-1]["outcome"] == "busy"
+    assert read_run_records(cfg.store)[-1]["outcome"] == "busy"
 
 
 def test_an_interrupted_run_resumes_from_its_run_directory(v1, fake_decoder):

@@ -24,7 +24,7 @@ from engine.api import PoemRequest
 from engine.poem.forms import FORMS, classify
 from engine.serving.local import LocalEngine
 from trainer import daemon
-from trainer.retrain import read_records, retrain
+from trainer.retrain import read_run_records, retrain
 
 MODES = ("greedy", "sample", "beam")
 
@@ -43,7 +43,7 @@ async def request_stream(engine, until, timeout: float = 120.0) -> list:
         i += 6
         if await until():
             return results
-    raise AssertionError(f"timed out; last records: {read_records(engine.settings.checkpoint_dir)[-2:]}")
+    raise AssertionError(f"timed out; last records: {read_run_records(engine.settings.checkpoint_dir)[-2:]}")
 
 
 async def test_scheduled_retrain_publishes_and_the_engine_swaps_without_failing_a_request(tmp_path):
@@ -72,7 +72,7 @@ async def test_scheduled_retrain_publishes_and_the_engine_swaps_without_failing_
         assert not [r for r in results if isinstance(r, BaseException)]
         assert all(classify(r.lines) is FORMS[r.form] for r in results)
         assert {r.model["version"] for r in results} <= {v1, v2}
-        assert read_records(root)[1]["outcome"] == "published" and read_records(root)[1]["version"] == v2
+        assert read_run_records(root)[1]["outcome"] == "published" and read_run_records(root)[1]["version"] == v2
 
         # A corrupt v3 lands in the store (a bad disk, a hand copy): refused, v2 keeps serving.
         good = store.version_path(root, "lstm", v2).read_bytes()

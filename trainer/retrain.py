@@ -114,7 +114,7 @@ def append_record(store, record: dict) -> None:
         os.close(fd)
 
 
-def read_records(store, name: str | None = None) -> list[dict]:
+def read_run_records(store, name: str | None = None) -> list[dict]:
     """All records, oldest first; a torn last line (a kill mid-write) is skipped."""
     path = records_path(store)
     if not path.exists():
@@ -251,7 +251,7 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     record["code_version"] = cfg.code_version or code_version()
     serving_path, serving = _load_serving(cfg, record)
 
-    last = next((r for r in reversed(read_records(cfg.store, cfg.name))
+    last = next((r for r in reversed(read_run_records(cfg.store, cfg.name))
                  if r.get("kind") == "retrain" and r.get("outcome") in TRAINED), None)
     if not force and last and (last.get("corpus_hash"), last.get("code_version")) == (
             record["corpus_hash"], record["code_version"]):

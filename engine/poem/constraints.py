@@ -45,9 +45,9 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import RequestError
-from engine.poem.forms import FORMS, LINE_BREAKS, Form
+from engine.poem.forms import FORMS, Form
 from engine.poem.prosody import LEVEL, OBLIQUE, Prosody
-from engine.poem.vocab import Vocab, is_han, to_simplified
+from engine.poem.vocab import Vocab, to_simplified
 
 BOTH = LEVEL | OBLIQUE
 TONE_NAMES = {LEVEL: "平", OBLIQUE: "仄", BOTH: "平 or 仄"}
@@ -163,20 +163,13 @@ class PoemPlan:
         return RowState.start(self)
 
 
-def _clean(text: str, name: str, vocab: Vocab, drop: str = "") -> str:
-    """Simplified characters the vocabulary holds; RequestError naming the first bad character."""
-    text = "".join(ch for ch in text if not ch.isspace() and ch not in drop)
-    for ch in text:
-        # A lone surrogate ("\\ud800" in JSON) is a str but not text: OpenCC would raise UnicodeEncodeError.
-        if "\ud800" <= ch <= "\udfff":
-            raise RequestError("bad_character", name, f"{name} holds an unpaired surrogate, not a character")
+def _in_vocab(text: str, name: str, vocab: Vocab) -> str:
+    """`text` (validated Han characters) as the simplified characters the vocabulary holds; RequestError
+    `unknown_character` naming the first one the model cannot write."""
     whole = to_simplified(text)
     simple = whole if len(whole) == len(text) else "".join(to_simplified(ch) for ch in text)
     out = []
     for orig, ch in zip(text, simple):
-        if not is_han(orig) or not is_han(ch):
-            raise RequestError("bad_character", name,
-                               f"{name} holds {orig!r}, which is not a Chinese character; use Han characters only")
         if ch not in vocab:
             if orig in vocab:  # the model knows the traditional form (e.g. 乾 in 乾坤)
                 ch = orig
@@ -211,24 +204,15 @@ def _tone_requirements(form: Form, tone: bool) -> tuple[tuple[int, ...], tuple[i
 def build_plan(vocab: Vocab, prosody: Prosody, request) -> PoemPlan:
     """Validate `request` (a PoemRequest) against the model's vocabulary and make its plan.
 
-    Raises RequestError: `bad_character` for a non-Han prompt/acrostic character (Latin, emoji, digits),
-    `unknown_character` for a Han character the model cannot produce (after traditional → simplified),
-    plus every error of `PoemRequest.validate()` (too-long prompt, bad acrostic length, …).
+    Raises RequestError: every error of `PoemRequest.validate()` (a non-Han or too long prompt, a bad
+    acrostic, …), and `unknown_character` for a Han character the model cannot write (after traditional
+    → simplified).
     """
     request.validate()
     form = FORMS[request.form]
     L = form.line_len
-    # Line marks in a prompt are implied by the form ("床前明月光，疑是" is the 7-character prompt 床前明月光疑是).
-    prompt = _clean(request.prompt, "prompt", vocab, drop=LINE_BREAKS)
-    acrostic = None
-    if request.acrostic is not None:
-        acrostic = _clean(request.acrostic, "acrostic", vocab)
-        if len(acrostic) != form.num_lines:
-            raise RequestError("bad_acrostic", "acrostic",
-                               f"acrostic needs {form.num_lines} characters (one per line), got {len(acrostic)}")
-    if len(prompt) > form.num_chars:
-        raise RequestError("prompt_too_long", "prompt",
-                           f"prompt has {len(prompt)} characters; a {form.name} holds {form.num_chars}")
+    prompt = _in_vocab(request.prompt, "prompt", vocab)
+    acrostic = _in_vocab(request.acrostic, "acrostic", vocab) if request.acrostic is not None else None
 
     forced_at: dict[int, int] = {}
     for k, ch in enumerate(prompt):

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 
 from engine.api import PoemRequest, PoemResult
-from engine.errors import EngineUnavailableError, QueueFullError, RequestError
+from engine.errors import EngineUnavailableError, QueueFullError
 from engine.sampling import kernels
 from engine.serving.metrics import EngineMetrics
 from engine.serving.registry import ModelRegistry
-from engine.serving.runner import ModelRunner, make_plan
+from engine.serving.runner import ModelRunner
 from engine.serving.scheduler import (
     EngineRequest,
     RequestStatus,
@@ -188,9 +188,8 @@ class LocalEngine:
         if not self._accepting:
             raise EngineUnavailableError("the engine is not running")
         request.validate()
-        _check_encodable(request)
         serving = self.registry.get(request.model)
-        plan = make_plan(serving, request)  # RequestError for characters the model cannot write
+        plan = serving.make_plan(request)  # RequestError for characters the model cannot write
         now = time.monotonic()
         timeout = request.timeout if request.timeout is not None else self.settings.request_timeout
         req = EngineRequest(req_id=str(next(self._req_ids)), request=request,
@@ -381,14 +380,3 @@ class LocalEngine:
         if now - since >= 1.0:
             m.tokens_per_second.set((self.num_tokens - tokens) / (now - since))
             self._rate = (now, self.num_tokens)
-
-
-def _check_encodable(request: PoemRequest) -> None:
-    """Lone surrogates ("\\ud800" in JSON) are valid Python strings but not text; refuse them by field."""
-    for name in ("prompt", "acrostic", "model", "form", "mode"):
-        value = getattr(request, name)
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise RequestError("bad_character", name, f"{name} holds an unpaired surrogate, not a character") from None

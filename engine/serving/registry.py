@@ -37,6 +37,7 @@ from engine.model.checkpoint import (
     load_checkpoint,
 )
 from engine.model.network import PoemModel, compile_step, pick_device
+from engine.poem.constraints import PoemPlan, build_plan
 from engine.poem.forms import FORMS
 from engine.poem.judge import check_poem
 from engine.poem.vocab import Vocab
@@ -67,6 +68,10 @@ class ServingModel:
     def val_ppl(self) -> float | None:
         value = (self.meta.get("metrics") or {}).get("val_ppl")
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+    def make_plan(self, request: PoemRequest) -> PoemPlan:
+        """The request's decoding plan for this model's vocabulary (RequestError for characters it lacks)."""
+        return build_plan(self.vocab, self.prosody, request)
 
     def info(self) -> dict:
         """The GET /v1/models entry."""

@@ -39,6 +39,7 @@ last row finishes, alongside the new version's batch.
 
 from __future__ import annotations
 
+import enum
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ import torch
 
 from engine.api import PoemRequest, PoemResult
 from engine.model.network import kept_step_inputs
-from engine.poem.constraints import PoemPlan, RowState, beam_children, build_plan
+from engine.poem.constraints import PoemPlan, RowState, beam_children
 from engine.poem.forms import format_poem
 from engine.sampling.choice import (
     Bias,
@@ -64,13 +65,18 @@ from engine.serving.registry import ModelRegistry, ServingModel
 from engine.serving.scheduler import EngineRequest, RunnerOutput, SchedulerOutput
 
 NEG_INF = float("-inf")
+
+
+class RowKind(enum.IntEnum):
+    """How a group's rows choose; the batch keeps them in this order (then by beam width)."""
+
+    GREEDY = 0
+    SAMPLE = 1
+    BEAM = 2
+
+
 MIN_BATCH_ROWS = 16  # see the module docstring: batch invariance
 _arrivals = count()  # tie-break for the segment order: first come, first placed
-
-
-def make_plan(serving: ServingModel, request: PoemRequest) -> PoemPlan:
-    """The request's decoding plan for this model's vocabulary (RequestError for characters it lacks)."""
-    return build_plan(serving.vocab, serving.prosody, request)
 
 
 @dataclass
@@ -83,7 +89,7 @@ class RowGroup:
     rows: list[RowState]  # one per batch row, in batch order
     generator: torch.Generator | None  # sample mode: the request's own, seeded from `seed`
     penalty: float  # repetition penalty of its mode
-    segment: tuple[int, int]  # where its rows sit in the batch: (0, 1) greedy, (1, 1) sample, (2, width) beam
+    segment: tuple[RowKind, int]  # where its rows sit in the batch: (kind, beam width; 1 unless beam)
     arrival: int = field(default_factory=lambda: next(_arrivals))
     offset: int = 0  # its first row in the batch tensors
     last_offset: int = 0  # its first row in the last step (`arrange` may have moved it since)
@@ -98,7 +104,7 @@ class RowGroup:
 
     @property
     def is_beam(self) -> bool:
-        return self.segment[0] == 2
+        return self.segment[0] == RowKind.BEAM
 
     def catch_up(self, tokens: list[int], parents: list[int] | None) -> None:
         """Apply a step's tokens (the batch's, on the host) to the rows; beams first take their parents'
@@ -121,7 +127,7 @@ class StepInputs:
     sample_cfg: tuple[torch.Tensor, ...]  # their temperature, top_k, top_p and uniform number, (n,) each
     forced_rows: torch.Tensor | None  # (f,) greedy and sample rows whose token is forced
     forced_tokens: torch.Tensor | None  # (f,)
-    beams: list[tuple[int, int, int]]  # (width, first row, end row) per beam segment
+    beam_segments: list[tuple[int, int, int]]  # (beam width, first row, end row) per run of one width
 
 
 class ModelBatch:
@@ -162,7 +168,7 @@ class ModelBatch:
         group = RowGroup(req.req_id, request, plan, [plan.new_row() for _ in range(k)],
                          make_generator(request.seed) if request.mode == "sample" else None,
                          penalty=repeat_penalty_for(request.mode),
-                         segment=(2, k) if beam else (1, 1) if request.mode == "sample" else (0, 1),
+                         segment=(RowKind.BEAM, k) if beam else (RowKind.SAMPLE if request.mode == "sample" else RowKind.GREEDY, 1),
                          offset=offset, last_offset=offset, joined=self.num_steps, ends=self.num_steps + plan.num_steps)
         self.groups.append(group)
         self.joining.append(group)
@@ -239,7 +245,7 @@ class ModelBatch:
     def catch_up(self) -> StepInputs:
         """Apply the last step's tokens and gather what this step's choice needs."""
         self._pay_lse()
-        rows, penalties, sample_rows, sample_cfg, forced_rows, forced_tokens, beams = [], [], [], [], [], [], []
+        rows, penalties, sample_rows, sample_cfg, forced_rows, forced_tokens, beam_segments = [], [], [], [], [], [], []
         num_greedy = 0
         last, self.last = self.last, None
         for group in self.groups:
@@ -249,19 +255,19 @@ class ModelBatch:
             offset, k = group.offset, group.num_rows
             rows.extend(group.rows)
             penalties.extend([group.penalty] * k)
-            kind, width = group.segment
-            if kind == 2:
-                if beams and beams[-1][0] == width:
-                    beams[-1] = (width, beams[-1][1], offset + k)
+            kind, beam_width = group.segment
+            if kind == RowKind.BEAM:
+                if beam_segments and beam_segments[-1][0] == beam_width:
+                    beam_segments[-1] = (beam_width, beam_segments[-1][1], offset + k)
                 else:
-                    beams.append((width, offset, offset + k))
+                    beam_segments.append((beam_width, offset, offset + k))
                 continue
-            num_greedy += kind == 0
+            num_greedy += kind == RowKind.GREEDY
             forced = group.rows[0].forced()
             if forced is not None:  # punctuation, <eos>, prompt characters: no draw, still a model step
                 forced_rows.append(offset)
                 forced_tokens.append(forced)
-            elif kind == 1:
+            elif kind == RowKind.SAMPLE:
                 sample_rows.append(offset)
                 # One uniform per free step from the request's own generator: independent of the batch.
                 r = group.request
@@ -270,7 +276,7 @@ class ModelBatch:
         tensor = lambda values, dtype=None: torch.tensor(values, dtype=dtype, device=self.device) if values else None  # noqa: E731
         cfg = tuple(torch.tensor(c) for c in zip(*sample_cfg))  # on the CPU: the sampler's arguments
         return StepInputs(bias, num_greedy, tensor(sample_rows), cfg, tensor(forced_rows), tensor(forced_tokens),
-                          beams)
+                          beam_segments)
 
     def _pay_lse(self) -> None:
         """Subtract the last step's log-sum-exp from the totals of the rows that chose without one."""
@@ -286,10 +292,10 @@ class ModelBatch:
         of the requests that chose <eos>, so that the scheduler frees their rows for the next step."""
         device, R = self.device, self.num_rows
         logits = logits[:R].float()  # (R, V) without the padding rows; contiguous
-        nb = inputs.beams[0][1] if inputs.beams else R  # rows [nb, R) are beam rows: they rank log-probs
+        nb = inputs.beam_segments[0][1] if inputs.beam_segments else R  # rows [nb, R) are beam rows: they rank log-probs
         bias = inputs.bias  # step_bias, built during the model step
         next_tokens = torch.empty(R, dtype=torch.long, device=device)  # (R,)
-        if inputs.beams:
+        if inputs.beam_segments:
             lse_beam = torch.empty(R - nb, device=device)  # their log-sum-exps
             parents = torch.arange(R, device=device)  # (R,) the row each row continues: itself, or a beam's parent
         g = inputs.num_greedy
@@ -297,8 +303,8 @@ class ModelBatch:
             next_tokens[:g] = choose_greedy(logits[:g], bias.rows(0, g))
         if inputs.sample_rows is not None:
             next_tokens[inputs.sample_rows] = choose_sample(logits, bias, inputs.sample_rows, *inputs.sample_cfg).to(device)
-        for width, a, b in inputs.beams:
-            step, lse = choose_beam(logits[a:b], bias.rows(a, b), self.beam_scores[a:b], width)
+        for beam_width, a, b in inputs.beam_segments:
+            step, lse = choose_beam(logits[a:b], bias.rows(a, b), self.beam_scores[a:b], beam_width)
             lse_beam[a - nb:b - nb] = lse.to(device)
             next_tokens[a:b] = step.tokens
             parents[a:b] = step.parents + a
@@ -306,7 +312,7 @@ class ModelBatch:
         if inputs.forced_rows is not None:
             next_tokens[inputs.forced_rows] = inputs.forced_tokens
         # Beam rows continue their parents' state; then the only device → host transfer of the step.
-        if inputs.beams:
+        if inputs.beam_segments:
             state, self.totals = state.index_select(1, parents), self.totals[parents]  # index_select: 5× [:, p]
             gain = logits[parents, next_tokens]  # (R,) the chosen tokens' logits; minus lse = their log-probs
             gain[nb:] -= lse_beam[parents[nb:] - nb]
@@ -318,7 +324,7 @@ class ModelBatch:
             self.owed = logits[:nb], self._owed_index(nb, R)
         self.tokens = next_tokens
         # The rows catch up on the host while the next step runs; their totals stay here till they end.
-        self.last = next_tokens.tolist(), parents.tolist() if inputs.beams else None
+        self.last = next_tokens.tolist(), parents.tolist() if inputs.beam_segments else None
         self.num_steps += 1
         ending = [g for g in self.ending.pop(self.num_steps, ()) if g.ends == self.num_steps]
         if not ending:
@@ -397,7 +403,7 @@ class ModelRunner:
             try:
                 current = self.registry.get(req.request.model)
                 if current is not serving:
-                    serving, plan = current, make_plan(current, req.request)
+                    serving, plan = current, current.make_plan(req.request)
             except Exception as e:  # RequestError: the new version cannot write the prompt; or the model went away
                 finished[req.req_id] = e
                 continue
