@@ -81,12 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     corpus = sub.add_parser("corpus", help="fetch the corpus or describe it")
     corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True)
-    p = corpus_sub.add_parser("download", help="fetch the chinese-poetry files (resumable, validated)")
-    download.add_arguments(p)
-    p.set_defaults(func=_module_command("trainer.download"))
-    p = corpus_sub.add_parser("stats", help="poems per form and source, characters, coverage, frequencies")
-    stats.add_arguments(p)
-    p.set_defaults(func=_module_command("trainer.stats"))
     p = sub.add_parser("train", help="train a model (see --help for every knob)")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
@@ -94,12 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--poems", required=True)
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("quality", help="quality report: form, rhyme, tone, repetition, copying, speed")
-    quality.add_arguments(p)
-    p.set_defaults(func=_module_command("trainer.quality"))
-    p = sub.add_parser("bench", help="training tokens/s: ours against the classic padded recipe (JSON)")
-    bench.add_arguments(p)
-    p.set_defaults(func=_module_command("trainer.bench"))
+    for parent, name, module, help_text in (
+        (corpus_sub, "download", download, "fetch the chinese-poetry files (resumable, validated)"),
+        (corpus_sub, "stats", stats, "poems per form and source, characters, coverage, frequencies"),
+        (sub, "quality", quality, "quality report: form, rhyme, tone, repetition, copying, speed"),
+        (sub, "bench", bench, "training tokens/s: ours against the classic padded recipe (JSON)"),
+    ):
+        p = parent.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        p.set_defaults(func=_module_command(module.__name__))
     _add_publishing_commands(sub)
     return parser
 
