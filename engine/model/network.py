@@ -124,8 +124,8 @@ def compile_step(model: PoemModel):
     """`model.step` as one TorchScript call, for a thread that steps while other threads run Python.
 
     Eager `step` is about a dozen ATen calls, and each one gives the GIL up and must take it back: while the
-    engine's step loop runs Python on the other core, each of those takes up to a switch interval (5 ms),
-    and a 9 ms step took 66 ms beside a busy Python thread. The traced graph runs the same ATen kernels
+    engine's step loop runs Python on the other core, each of those can wait a whole switch interval, and
+    a step beside a busy Python thread takes several times as long. The traced graph runs the same ATen kernels
     (bit-identical outputs, tested) and takes the GIL back only on return, given `kept_step_inputs`. Traced
     once per loaded version, for any batch size; eager `model.step` if tracing fails (torch.jit is
     deprecated and may one day go)."""

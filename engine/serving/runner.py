@@ -177,7 +177,7 @@ class ModelBatch:
 
     def _append_joining(self) -> None:
         """The rows of the requests that joined since the last step, at the end of the batch, in one go (a
-        request at a time, a burst of 64 took 4 ms of growing tensors)."""
+        request at a time, a burst would grow the tensors once per request)."""
         joining, self.joining = self.joining, []
         k = sum(g.num_rows for g in joining)
         starts = [g.plan.start_token for g in joining for _ in range(g.num_rows)]

@@ -1,4 +1,4 @@
-"""The engine over HTTP: an aiohttp app serving the contract of DESIGN.md.
+"""The engine over HTTP: an aiohttp app serving the contract of engine/api.py (routes in docs/ENGINE.md).
 
     python -m engine serve [--host 127.0.0.1 --port 8080 --checkpoints DIR --device auto]
 
