@@ -79,3 +79,38 @@ def test_evaluate_reports_a_missing_checkpoint(tmp_path, capsys):
     quality.add_arguments(parser)
     assert quality.main(parser.parse_args(["--checkpoint", str(tmp_path / "x.safetensors")])) == 2
     assert "x.safetensors" in capsys.readouterr().err
+
+
+def test_variety_counts_lines_shared_between_poems_and_formula_spans():
+    poems = [["山东风月雪", "云雨深花香"], ["山东风月雪", "江水清天落"], ["人飞燕去阳", "水清花落香"]]
+    v = quality.variety(poems)
+    assert v["shared_lines"] == pytest.approx(2 / 6)  # 山东风月雪 stands in two poems
+    assert v["formula_4grams"] == pytest.approx(4 / 12)  # 山东风月 and 东风月雪, in two of three poems
+    assert set(v["top_formulas"]) == {"山东风月", "东风月雪"}
+
+
+def test_variety_of_poems_that_share_nothing_is_zero():
+    v = quality.variety([["山东风月雪"], ["云雨深花香"], ["江水清天落"]])
+    assert v["shared_lines"] == 0 and v["formula_4grams"] == 0 and v["distinct_2"] == 1.0
+
+
+def test_the_report_measures_variety_and_held_out_perplexity(tiny_checkpoint, tiny_corpus, capsys):
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(tiny_checkpoint), "--corpus", str(tiny_corpus), "--n", "0",
+                              "--variety", "6", "--modes", "greedy", "sample", "--held-out", "20"])
+    assert quality.main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[: out.rindex("}") + 1])
+    assert set(report["variety"]) == {"greedy", "sample"} and "cells" not in report
+    for v in report["variety"].values():
+        assert 0 < v["poems"] <= 6 and 0 <= v["shared_lines"] <= 1 and 0 <= v["formula_4grams"] <= 1
+    assert report["held_out"]["poems"] > 0 and report["held_out"]["ppl"] > 1
+    assert "variety greedy" in out and "held-out perplexity" in out
+
+
+def test_held_out_needs_a_corpus(tiny_checkpoint, capsys):
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    assert quality.main(parser.parse_args(["--checkpoint", str(tiny_checkpoint), "--held-out", "5"])) == 2
+    assert "--corpus" in capsys.readouterr().err

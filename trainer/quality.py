@@ -7,14 +7,27 @@ For every form × mode it writes N poems from a list of opening characters twice
 then take tokens until <eos> or FREE_MAX_LEN). It prints JSON (one object per cell) and then a table.
 
 Each poem is judged by engine.poem.judge.check_poem, the judge the engine and the retrain gate use too.
+
+What a reader notices beyond form: whether the poems say the same things whatever the prompt. With
+`--variety N` it writes one poem per mode for each of N different opening characters and reports
+
+    shared_lines     the share of lines that stand in two or more of the poems
+    formula_4grams   the share of 4-character spans (within a line) that are formulas: spans found in
+                     FORMULA_SHARE (5 %) or more of the poems
+    distinct_2       distinct character bigrams over all bigrams
+
+and with `--held-out N --corpus DIR` the per-character perplexity on N poems of the corpus's held-out
+split (the same hash split training leaves out).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,9 +40,15 @@ from engine.poem.forms import FORM_NAMES, FORMS, Form
 from engine.poem.judge import check_poem
 from engine.reference import generate_one
 from engine.sampling.choice import NEG_INF, make_generator, sample
-from trainer.corpus import CorpusError, load_corpus
+from trainer.corpus import CorpusError, load_corpus, split
+from trainer.evaluate import perplexity
 
 OPENINGS = "月春山风花江秋夜云雪"  # one per poem, in turn
+# 100 common opening characters, one poem each for the variety measures.
+VARIETY_OPENINGS = ("月春山风花江秋夜云雪日天水人白青长高清孤落寒烟野西东南北千万一三何独远古空明新"
+                    "红绿黄碧金玉石松竹柳桃梅菊草木林溪泉湖海雨霜露星晚朝暮晓夕歌酒诗书琴剑马舟楼门"
+                    "城关路家乡故归客行来去闲幽深声光影心梦思愁鸟")
+FORMULA_SHARE = 0.05  # a 4-gram in this share of the poems or more is a formula
 FREE_MAX_LEN = 125  # the classic recipe pads its training rows to 125 tokens (trainer.data.CLASSIC_LEN)
 
 
@@ -171,6 +190,46 @@ def format_table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def variety(poems: list[list[str]]) -> dict:
+    """Cross-poem repetition of a set of poems (each a list of lines): see the module docstring."""
+    line_poems: Counter = Counter()
+    gram_poems: Counter = Counter()
+    bigrams = []
+    for lines in poems:
+        line_poems.update(set(lines))
+        gram_poems.update({line[i:i + 4] for line in lines for i in range(len(line) - 3)})
+        bigrams += [line[i:i + 2] for line in lines for i in range(len(line) - 1)]
+    all_lines = [line for lines in poems for line in lines]
+    grams = [line[i:i + 4] for lines in poems for line in lines for i in range(len(line) - 3)]
+    formula = {g for g, n in gram_poems.items() if n >= max(2, FORMULA_SHARE * len(poems))}
+    return {"poems": len(poems),
+            "shared_lines": sum(line_poems[line] >= 2 for line in all_lines) / max(1, len(all_lines)),
+            "formula_4grams": sum(g in formula for g in grams) / max(1, len(grams)),
+            "distinct_2": len(set(bigrams)) / max(1, len(bigrams)),
+            "top_formulas": [g for g, _ in gram_poems.most_common(8) if g in formula]}
+
+
+def variety_report(model, vocab, prosody, form: str, modes: list[str], openings: str, beam_width: int = 5,
+                   seed: int = 0, generate=None) -> dict:
+    """{mode: variety(...)} over one poem per opening character (those the vocabulary holds).
+    `generate(request) -> PoemResult` decodes; the reference decoder by default."""
+    generate = generate or (lambda request: generate_one(model, vocab, prosody, request))
+    openings = [c for c in dict.fromkeys(openings) if c in vocab]
+    out = {}
+    for mode in modes:
+        results = [generate(PoemRequest(prompt=c, form=form, mode=mode, beam_width=beam_width, seed=seed + i))
+                   for i, c in enumerate(openings)]
+        out[mode] = variety([r.lines for r in results]) | {"examples": [r.poem for r in results[:3]]}
+    return out
+
+
+def held_out_poems(paths: list[str], n: int, forms=FORM_NAMES) -> list:
+    """The first `n` held-out poems of the given forms, in a fixed order (the split training leaves out)."""
+    _, val = split(load_corpus(paths).regular())
+    val = sorted((p for p in val if p.form in forms), key=lambda p: hashlib.sha1(p.text.encode()).hexdigest())
+    return val[:n]
+
+
 def corpus_line_set(paths: list[str]) -> set[str]:
     return {line for poem in load_corpus(paths).poems for line in poem.lines}
 
@@ -186,6 +245,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tone", action="store_true", help="constrained poems without the tone rule")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variety", type=int, default=0, metavar="N",
+                        help="also write one poem per mode for N different openings and report shared lines, "
+                             f"formulas and distinct-2 (at most {len(VARIETY_OPENINGS)})")
+    parser.add_argument("--variety-form", default="qijue", choices=FORM_NAMES)
+    parser.add_argument("--held-out", type=int, default=0, metavar="N",
+                        help="also the perplexity on N held-out poems of --corpus")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -193,18 +258,38 @@ def main(args: argparse.Namespace) -> int:
     from engine.poem.prosody import prosody_for
 
     path = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
-    if args.n < 1:
-        print("error: --n must be at least 1", file=sys.stderr)
+    problem = ("--n, --variety and --held-out must not be negative" if min(args.n, args.variety, args.held_out) < 0
+               else "--held-out needs --corpus" if args.held_out and not args.corpus
+               else f"--variety takes at most {len(VARIETY_OPENINGS)}" if args.variety > len(VARIETY_OPENINGS)
+               else None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
+    report: dict = {"checkpoint": str(path)}
     try:
         ckpt = load_checkpoint(path, device=args.device)
-        corpus_lines = corpus_line_set(args.corpus) if args.corpus else None
-        cells = evaluate(ckpt.model, ckpt.vocab, prosody_for(ckpt.vocab), args.forms, args.modes, args.n,
-                         args.openings, args.beam_width, args.seed, corpus_lines, tone=not args.no_tone)
+        prosody = prosody_for(ckpt.vocab)
+        report["version"] = ckpt.version
+        cells = []
+        if args.n:
+            corpus_lines = corpus_line_set(args.corpus) if args.corpus else None
+            cells = evaluate(ckpt.model, ckpt.vocab, prosody, args.forms, args.modes, args.n,
+                             args.openings, args.beam_width, args.seed, corpus_lines, tone=not args.no_tone)
+            report["cells"] = [asdict(c) for c in cells]
+        if args.variety:
+            report["variety"] = variety_report(ckpt.model, ckpt.vocab, prosody, args.variety_form, args.modes,
+                                               VARIETY_OPENINGS[: args.variety], args.beam_width, args.seed)
+        if args.held_out:
+            report["held_out"] = perplexity(ckpt.model, ckpt.vocab, held_out_poems(args.corpus, args.held_out))
     except (CheckpointError, CorpusError, RequestError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"checkpoint": str(path), "version": ckpt.version, "cells": [asdict(c) for c in cells]},
-                     ensure_ascii=False, indent=2))
-    print(format_table(cells))
+    print(json.dumps(report, ensure_ascii=False, indent=2))
+    if cells:
+        print(format_table(cells))
+    for mode, v in report.get("variety", {}).items():
+        print(f"variety {mode}: {v['poems']} openings, shared lines {v['shared_lines']:.0%}, "
+              f"formula 4-grams {v['formula_4grams']:.0%}, distinct-2 {v['distinct_2']:.2f}")
+    if "held_out" in report:
+        print(f"held-out perplexity: {report['held_out']['ppl']:.1f} over {report['held_out']['poems']} poems")
     return 0
