@@ -15,7 +15,8 @@ Variables (all optional except TELEGRAM_BOT_TOKEN for `python -m bot run`):
     DATABASE_PATH        SQLite file (default var/bot.db)
     TIMEZONE             IANA name for daily posts (default Asia/Shanghai)
     WEBHOOK_URL          public https URL; set = webhook mode, unset = polling
-    WEBHOOK_LISTEN, WEBHOOK_PORT, WEBHOOK_SECRET   where the webhook server listens, and its secret token
+    WEBHOOK_SECRET       required with WEBHOOK_URL: 32–256 of A-Z a-z 0-9 _ -; Telegram sends it with each update
+    WEBHOOK_LISTEN, WEBHOOK_PORT   where the webhook server listens (default 127.0.0.1:8443, behind a proxy)
     RATE_LIMIT           poem requests per user, "N/SECONDS" (default 6/60)
     DAILY_GRACE_MINUTES  a daily post missed while the bot was down is still sent this long after its time
     RETRAIN_HOOK         "module:function" that /retrain calls (sync or async, no arguments); unset = not configured
@@ -32,6 +33,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DEFAULT_BASE_URL = "https://api.telegram.org"
 TOKEN_RE = re.compile(r"^\d{3,15}:[A-Za-z0-9_-]{20,}$")  # BotFather's shape: <bot id>:<35 url-safe chars>
+
+
+MIN_SECRET_LEN = 32
+WEBHOOK_SECRET_REQUIRED = (f"WEBHOOK_SECRET: required with WEBHOOK_URL, at least {MIN_SECRET_LEN} characters of "
+                           "A-Z a-z 0-9 _ - (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
 
 
 class SettingsError(ValueError):
@@ -51,7 +57,7 @@ class Settings:
     database_path: Path = Path("var/bot.db")
     timezone: ZoneInfo = ZoneInfo("Asia/Shanghai")
     webhook_url: str | None = None
-    webhook_listen: str = "0.0.0.0"
+    webhook_listen: str = "127.0.0.1"  # loopback: a TLS proxy in front forwards Telegram's calls
     webhook_port: int = 8443
     webhook_secret: str | None = field(default=None, repr=False)
     rate_limit_count: int = 6  # poem requests a user may make …
@@ -95,9 +101,17 @@ class Settings:
                 kwargs["rate_limit_count"], kwargs["rate_limit_seconds"] = _rate(values["RATE_LIMIT"])
             except ValueError as e:
                 problems.append(f"RATE_LIMIT: {e}")
+        if "webhook_url" in kwargs and "webhook_secret" not in kwargs and "WEBHOOK_SECRET" not in values:
+            problems.append(WEBHOOK_SECRET_REQUIRED)
         if problems:
             raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
         return cls(**kwargs)
+
+    def check_webhook(self) -> None:
+        """Refuse webhook mode without a strong secret: PTB checks the secret header only when one is set,
+        so without it anyone who finds the URL can post forged updates (admin ids included)."""
+        if self.webhook_url and not (self.webhook_secret and len(self.webhook_secret) >= MIN_SECRET_LEN):
+            raise SettingsError(WEBHOOK_SECRET_REQUIRED)
 
     @property
     def bot_api_url(self) -> str:
@@ -202,9 +216,10 @@ def _int_in(value: str, low: int, high: int) -> int:
 
 
 def _secret(value: str) -> str:
-    # Telegram's secret_token: 1–256 characters of A-Z a-z 0-9 _ -.
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value):
-        raise ValueError("must be 1–256 characters of letters, digits, _ and -")
+    # Telegram allows 1–256 characters of A-Z a-z 0-9 _ -; a short one can be guessed.
+    if not re.fullmatch(r"[A-Za-z0-9_-]{%d,256}" % MIN_SECRET_LEN, value):
+        raise ValueError(f"must be {MIN_SECRET_LEN}–256 characters of letters, digits, _ and - "
+                         "(python -c 'import secrets; print(secrets.token_urlsafe(32))')")
     return value
 
 

@@ -245,6 +245,7 @@ def build_application(settings: Settings, engine: PoemEngine, store: Store, *, r
 
 def run(settings: Settings, engine: PoemEngine, store: Store, retrain=None) -> None:
     """Run until Ctrl-C: polling, or a webhook server when WEBHOOK_URL is set."""
+    settings.check_webhook()
     app = build_application(settings, engine, store, retrain=retrain, manage_resources=True)
     if settings.webhook_url:
         app.run_webhook(listen=settings.webhook_listen, port=settings.webhook_port,

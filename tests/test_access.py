@@ -34,7 +34,7 @@ from fake_bot_api import TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_TOKEN = "engine-admin-token-7f3a9c1e5b"
-WEBHOOK_SECRET = "webhook_secret_d41d8cd98f00"
+WEBHOOK_SECRET = "webhook_secret_d41d8cd98f00b204e9800998"
 ADMIN, USER, GROUP, OTHER_GROUP, CHANNEL = 999, 42, -1002000, -1002001, -1003000
 
 

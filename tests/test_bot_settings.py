@@ -30,6 +30,7 @@ def test_every_variable_is_read():
         "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_BASE_URL": "http://localhost:8081/", "ADMIN_IDS": "1, 2,3",
         "ENGINE_URL": "http://127.0.0.1:8080", "ENGINE_TOKEN": "s3cret", "CHECKPOINT_DIR": "ck", "DEVICE": "cpu",
         "DATABASE_PATH": "x.db", "TIMEZONE": "UTC", "WEBHOOK_URL": "https://example.org/hook", "WEBHOOK_PORT": "8443",
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
         "RATE_LIMIT": "3/10", "DAILY_GRACE_MINUTES": "30"}, env_file=None)
     assert s.admin_ids == {1, 2, 3} and s.bot_api_url == "http://localhost:8081/bot"
     assert (s.rate_limit_count, s.rate_limit_seconds, s.daily_grace_minutes) == (3, 10.0, 30)
@@ -44,6 +45,45 @@ def test_bad_values_are_all_reported_with_what_is_allowed():
     text = str(e.value)
     for key in ("ADMIN_IDS", "TIMEZONE", "RATE_LIMIT", "WEBHOOK_URL", "ENGINE_URL", "DEVICE"):
         assert key in text
+
+
+WEBHOOK_SECRET = "webhook_secret_0123456789abcdef_XYZ"  # 34 characters
+
+
+@pytest.mark.parametrize("secret", [None, "x", "a" * 31, "has space" + "a" * 30])
+def test_webhook_mode_without_a_secret_of_32_characters_is_refused(secret):
+    env = {"WEBHOOK_URL": "https://example.org/hook"} | ({"WEBHOOK_SECRET": secret} if secret else {})
+    with pytest.raises(SettingsError, match="WEBHOOK_SECRET") as e:
+        Settings.from_env(env, env_file=None)
+    assert secret is None or secret not in str(e.value)
+    assert Settings.from_env({**env, "WEBHOOK_SECRET": "a" * 32}, env_file=None).webhook_secret == "a" * 32
+
+
+def test_a_short_webhook_secret_is_refused_even_without_webhook_url():
+    with pytest.raises(SettingsError, match="WEBHOOK_SECRET"):
+        Settings.from_env({"WEBHOOK_SECRET": "x"}, env_file=None)
+
+
+def test_the_webhook_server_listens_on_loopback_by_default():
+    assert Settings().webhook_listen == "127.0.0.1"
+    s = Settings.from_env({"WEBHOOK_URL": "https://example.org/hook", "WEBHOOK_SECRET": WEBHOOK_SECRET}, env_file=None)
+    assert s.webhook_listen == "127.0.0.1"
+
+
+def test_run_refuses_webhook_settings_built_without_a_secret(tmp_path):
+    from bot.telegram_app import run
+
+    with pytest.raises(SettingsError, match="WEBHOOK_SECRET"):
+        run(Settings(telegram_bot_token=TOKEN, webhook_url="https://example.org/hook"), ScriptedEngine(), None)
+
+
+def test_bot_run_in_webhook_mode_without_a_secret_exits_with_one_clear_line(tmp_path):
+    env = {"PATH": "", "PYTHONPATH": str(ROOT), "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_BASE_URL": "http://127.0.0.1:9",
+           "WEBHOOK_URL": "https://example.org/hook", "DATABASE_PATH": str(tmp_path / "bot.db")}
+    proc = subprocess.run([sys.executable, "-m", "bot", "--env-file", str(tmp_path / "none.env"), "run"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode != 0 and "WEBHOOK_SECRET" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and TOKEN not in proc.stderr + proc.stdout
 
 
 def test_a_malformed_token_is_refused_without_echoing_it():

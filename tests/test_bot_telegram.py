@@ -296,7 +296,7 @@ async def test_python_m_bot_run_in_webhook_mode_takes_updates_only_with_the_secr
     from conftest import free_port
 
     port = free_port()
-    secret = "webhook-secret_0123456789"
+    secret = "webhook-secret_0123456789abcdefghijklmn"  # 40 characters
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_BASE_URL": fake_api.base_url,
            "ENGINE_URL": "http://127.0.0.1:9", "DATABASE_PATH": str(tmp_path / "run.db"),
