@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import threading
 
 from bot.settings import Settings, SettingsError
 
@@ -43,11 +44,34 @@ def main(argv=None) -> int:
         asyncio.run(run_console(settings, retrain=retrain))
         return 0
 
+    from telegram.error import InvalidToken
+
     from bot.engines import make_engine
-    from bot.telegram_app import configure_logging, run
+    from bot.telegram_app import configure_logging, redact, run
 
     configure_logging(settings)
-    run(settings, make_engine(settings), Store.open(settings.database_path), retrain=retrain)
+
+    def one_line(kind, error, tb=None):
+        # Tracebacks may quote a URL with the token in it; whatever escapes ends as one redacted line.
+        text = redact(f"{kind.__name__}: {error}", settings.secrets())
+        print(f"python -m bot: stopped by an unexpected error: {text}", file=sys.stderr)
+
+    sys.excepthook = one_line
+    threading.excepthook = lambda args: one_line(args.exc_type, args.exc_value)
+    try:
+        run(settings, make_engine(settings), Store.open(settings.database_path), retrain=retrain)
+    except SettingsError as e:
+        print(f"python -m bot: {e}", file=sys.stderr)
+        return 2
+    except InvalidToken:
+        # PTB's message quotes the whole token; ours names the two settings that cause a 401/404 on getMe.
+        print(f"python -m bot: Telegram refused TELEGRAM_BOT_TOKEN (401/404 on getMe): the token was revoked or "
+              f"mistyped (check it with @BotFather), or TELEGRAM_BASE_URL ({settings.telegram_base_url}) is not "
+              f"a Bot API server", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 — the last word of the process: one line, no secrets
+        one_line(type(e), e)
+        return 1
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import re
 import uuid
@@ -24,7 +25,7 @@ from telegram import (
     InputTextMessageContent,
     Update,
 )
-from telegram.error import BadRequest, Forbidden, TelegramError
+from telegram.error import BadRequest, Forbidden, InvalidToken, TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -59,6 +60,13 @@ FEEDBACK_RE = re.compile(r"^fb:(\d+):(up|down)$")
 COMMAND_UPDATES = filters.UpdateType.MESSAGE | filters.UpdateType.CHANNEL_POST
 
 
+def redact(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return text
+
+
 class RedactSecrets(logging.Filter):
     """Replace secrets (the bot token, ENGINE_TOKEN) in every log record that passes a handler."""
 
@@ -81,14 +89,25 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class NoTracebackForMisconfiguration(logging.Filter):
+    """PTB logs a rejected token, and a non-JSON answer (a wrong TELEGRAM_BASE_URL), with a traceback before
+    raising; `python -m bot run` then says what to fix in one line, so the traceback only repeats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (InvalidToken, json.JSONDecodeError)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def configure_logging(settings: Settings, level: int = logging.INFO) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     # httpx logs every request URL at INFO, and the URL holds the bot token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    redact = RedactSecrets(settings.secrets())
+    redacting = RedactSecrets(settings.secrets())
     for handler in logging.getLogger().handlers:
-        handler.addFilter(redact)
+        handler.addFilter(NoTracebackForMisconfiguration())
+        handler.addFilter(redacting)
 
 
 # helpers the handlers share

@@ -336,3 +336,60 @@ async def test_python_m_bot_run_in_webhook_mode_takes_updates_only_with_the_secr
     log = stderr.decode()
     assert TOKEN not in log and secret not in log and "Traceback" not in log, log
     assert proc.returncode == 0
+
+
+def _bot_run_env(tmp_path, base_url: str, **extra) -> dict:
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return {**os.environ, "PYTHONPATH": str(root), "TELEGRAM_BOT_TOKEN": TOKEN, "TELEGRAM_BASE_URL": base_url,
+            "ENGINE_URL": "http://127.0.0.1:9", "DATABASE_PATH": str(tmp_path / "run.db"), **extra}
+
+
+@pytest.mark.parametrize("fault", ["401 revoked token", "404 wrong TELEGRAM_BASE_URL"])
+async def test_a_rejected_token_ends_python_m_bot_run_with_one_line_and_never_prints_the_token(tmp_path, fault):
+    import sys
+
+    from fake_bot_api import FakeBotApi
+
+    api = FakeBotApi(token="987654321:AAAnotherBotsTokenNotOurs_abcdefghij")  # ours gets 401 Unauthorized
+    base = await api.start()
+    try:
+        if fault.startswith("404"):
+            base += "/not-the-bot-api"  # aiohttp's plain 404 page, as a wrong proxy path gives
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "--env-file", str(tmp_path / "none"), "run", cwd=tmp_path,
+            env=_bot_run_env(tmp_path, base), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await api.stop()
+    out = stdout.decode() + stderr.decode()
+    assert proc.returncode not in (0, None), out
+    assert TOKEN not in out and TOKEN.split(":")[1] not in out, out
+    assert "Traceback" not in out, out
+    clear = [line for line in out.splitlines() if line.startswith("python -m bot:")]
+    assert len(clear) == 1 and "TELEGRAM_BOT_TOKEN" in clear[0] and "TELEGRAM_BASE_URL" in clear[0], out
+
+
+def test_an_unexpected_error_leaving_run_is_one_redacted_line(tmp_path, monkeypatch, capsys):
+    import bot.__main__ as entry
+    import bot.telegram_app
+
+    def crash(*args, **kwargs):
+        raise RuntimeError(f"GET https://api.telegram.org/bot{TOKEN}/getMe: boom")
+
+    import sys
+    import threading
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # main() replaces both; put them back after
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    monkeypatch.setattr(bot.telegram_app, "run", crash)
+    monkeypatch.setattr("bot.engines.make_engine", lambda settings: None)
+    for key, value in _bot_run_env(tmp_path, "http://127.0.0.1:9").items():
+        monkeypatch.setenv(key, value)
+    code = entry.main(["--env-file", str(tmp_path / "none"), "run"])
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert code not in (0, None) and TOKEN not in out and "Traceback" not in out, out
+    assert "RuntimeError" in out and "***" in out
