@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import random
 import re
 import uuid
 from urllib.parse import urlparse
@@ -25,7 +26,7 @@ from telegram import (
     InputTextMessageContent,
     Update,
 )
-from telegram.error import BadRequest, Forbidden, InvalidToken, TelegramError
+from telegram.error import BadRequest, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -216,7 +217,11 @@ def build_application(settings: Settings, engine: PoemEngine, store: Store, *, r
     async def post_init(app: Application) -> None:
         if manage_resources:
             await start_engine(engine)
-        await app.bot.set_my_commands([BotCommand(c.name, c.en[:256]) for c in COMMANDS.values() if not c.admin])
+        try:
+            await app.bot.set_my_commands([BotCommand(c.name, c.en[:256]) for c in COMMANDS.values() if not c.admin])
+        except TelegramError as e:
+            # Only the menu of command hints: the commands work without it, and the next start sets it.
+            log.warning("could not publish the command menu (setMyCommands): %s", e)
         daily = app.bot_data["daily"]
         daily.add_all_jobs()
         # Missed posts go out in the background so a slow engine does not hold up polling. (A plain
@@ -266,9 +271,36 @@ def run(settings: Settings, engine: PoemEngine, store: Store, retrain=None) -> N
     """Run until Ctrl-C: polling, or a webhook server when WEBHOOK_URL is set."""
     settings.check_webhook()
     app = build_application(settings, engine, store, retrain=retrain, manage_resources=True)
+    # run_polling/run_webhook run on this loop; initializing here first lets a Bot API that is down or
+    # answering 5xx be waited out with logged retries (PTB's own retries log only at DEBUG).
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(initialize_with_retries(app))
+    except KeyboardInterrupt:
+        return
+    # -1: deleteWebhook/setWebhook are retried too (with PTB's backoff); InvalidToken still ends the run.
     if settings.webhook_url:
         app.run_webhook(listen=settings.webhook_listen, port=settings.webhook_port,
                         url_path=urlparse(settings.webhook_url).path.lstrip("/"), webhook_url=settings.webhook_url,
-                        secret_token=settings.webhook_secret, allowed_updates=Update.ALL_TYPES)
+                        secret_token=settings.webhook_secret, allowed_updates=Update.ALL_TYPES, bootstrap_retries=-1)
     else:
-        app.run_polling(allowed_updates=Update.ALL_TYPES)
+        app.run_polling(allowed_updates=Update.ALL_TYPES, bootstrap_retries=-1)
+
+
+async def initialize_with_retries(app: Application, first_delay: float = 1.0, max_delay: float = 60.0) -> None:
+    """app.initialize() (getMe), retried while Telegram is unreachable or answers 5xx/429, with jittered
+    exponential backoff. A refused token (InvalidToken) or another 4xx is raised at once: waiting won't fix it."""
+    delay = first_delay
+    while True:
+        try:
+            await app.initialize()
+            return
+        except RetryAfter as e:
+            wait = float(e.retry_after.total_seconds() if isinstance(e.retry_after, dt.timedelta) else e.retry_after)
+            log.warning("the Bot API asks to wait %.0f s at start-up", wait)
+        except NetworkError as e:  # connection errors, timeouts and 5xx (PTB maps those to NetworkError)
+            wait = delay * random.uniform(0.5, 1.0)
+            delay = min(max_delay, delay * 2)
+            log.warning("the Bot API is unreachable at start-up (%s); retrying in %.1f s", e, wait)
+        await asyncio.sleep(wait)

@@ -393,3 +393,46 @@ def test_an_unexpected_error_leaving_run_is_one_redacted_line(tmp_path, monkeypa
     out = captured.out + captured.err
     assert code not in (0, None) and TOKEN not in out and "Traceback" not in out, out
     assert "RuntimeError" in out and "***" in out
+
+
+async def _run_bot_until_it_answers_a_poem(tmp_path, fake_api) -> tuple[dict, str, int]:
+    """`python -m bot run` against fake_api: wait for it to poll, send /poem, stop it; (reply, stderr, exit)."""
+    import signal
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "--env-file", str(tmp_path / "none"),
+                                                "run", cwd=tmp_path, env=_bot_run_env(tmp_path, fake_api.base_url),
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        polling = asyncio.ensure_future(fake_api.wait_for_calls("getUpdates", timeout=60))
+        exited = asyncio.ensure_future(proc.wait())
+        await asyncio.wait([polling, exited], return_when=asyncio.FIRST_COMPLETED)
+        exited.cancel()
+        if not polling.done():
+            polling.cancel()
+            raise AssertionError(f"the bot exited ({proc.returncode}) instead of polling")
+        fake_api.message(USER, "/poem 月")
+        [sent] = await fake_api.wait_for_sent(1, timeout=30)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    return sent, stderr.decode(), proc.returncode
+
+
+async def test_a_500_on_set_my_commands_at_start_up_is_logged_and_the_bot_runs_on(tmp_path, fake_api):
+    fake_api.fail_next("setMyCommands", 500)
+    sent, log, code = await _run_bot_until_it_answers_a_poem(tmp_path, fake_api)
+    assert "try again in a moment" in sent["text"]  # answered (ENGINE_URL points nowhere: busy)
+    assert "setMyCommands" in log or "command menu" in log, log
+    assert code == 0 and TOKEN not in log and "Traceback" not in log, log
+
+
+async def test_bot_api_5xx_and_network_errors_at_start_up_are_retried(tmp_path, fake_api):
+    fake_api.fail_next("getMe", 502)
+    fake_api.fail_next("getMe", 500)
+    fake_api.fail_next("deleteWebhook", 503)
+    sent, log, code = await _run_bot_until_it_answers_a_poem(tmp_path, fake_api)
+    assert len(fake_api.calls_of("getMe")) >= 3 and len(fake_api.calls_of("deleteWebhook")) >= 2
+    assert "try again in a moment" in sent["text"]
+    assert code == 0 and TOKEN not in log and "Traceback" not in log, log
