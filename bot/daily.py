@@ -61,6 +61,9 @@ class Daily:
     def __init__(self, store: Store, commands: Commands, send: Callable[[int, Reply], Awaitable[object]],
                  timezone: ZoneInfo, grace: dt.timedelta, job_queue: JobQueue | None = None,
                  clock: Callable[[], dt.datetime] = utc_now):
+        if grace < dt.timedelta(minutes=1):
+            # The job itself runs a moment after HH:MM:00; with no grace every post would be "too late".
+            raise ValueError(f"the daily grace window must be at least one minute, got {grace}")
         self.store, self.commands, self.send = store, commands, send
         self.timezone, self.grace, self.job_queue, self.clock = timezone, grace, job_queue, clock
 

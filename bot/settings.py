@@ -18,7 +18,7 @@ Variables (all optional except TELEGRAM_BOT_TOKEN for `python -m bot run`):
     WEBHOOK_SECRET       required with WEBHOOK_URL: 32–256 of A-Z a-z 0-9 _ -; Telegram sends it with each update
     WEBHOOK_LISTEN, WEBHOOK_PORT   where the webhook server listens (default 127.0.0.1:8443, behind a proxy)
     RATE_LIMIT           poem requests per user, "N/SECONDS" (default 6/60)
-    DAILY_GRACE_MINUTES  a daily post missed while the bot was down is still sent this long after its time
+    DAILY_GRACE_MINUTES  a daily post missed (bot down, engine busy) is still sent this long after its time; 1–1440
     RETRAIN_HOOK         "module:function" that /retrain calls (sync or async, no arguments); unset = not configured
 """
 
@@ -94,7 +94,8 @@ class Settings:
         parse("WEBHOOK_LISTEN", "webhook_listen", str)
         parse("WEBHOOK_PORT", "webhook_port", lambda v: _int_in(v, 1, 65535))
         parse("WEBHOOK_SECRET", "webhook_secret", _secret)
-        parse("DAILY_GRACE_MINUTES", "daily_grace_minutes", lambda v: _int_in(v, 0, 24 * 60))
+        # ≥ 1: the job fires just after HH:MM:00, so a zero window would let no post through at all.
+        parse("DAILY_GRACE_MINUTES", "daily_grace_minutes", lambda v: _int_in(v, 1, 24 * 60))
         parse("RETRAIN_HOOK", "retrain_hook", _hook)
         if "RATE_LIMIT" in values:
             try:

@@ -180,3 +180,25 @@ async def test_a_crash_between_claim_and_send_never_posts_twice(tmp_path, daily,
     daily.store.close()
     restarted = make_daily(tmp_path, scripted_engine, clock, outbox)
     assert await restarted.catch_up() == 0 and outbox.sent == []
+
+
+# -- DAILY_GRACE_MINUTES=0 ------------------------------------------------------------------------------------
+
+def test_a_grace_window_under_one_minute_is_refused():
+    from bot.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="DAILY_GRACE_MINUTES"):
+        Settings.from_env({"DAILY_GRACE_MINUTES": "0"}, env_file=None)
+    assert Settings.from_env({"DAILY_GRACE_MINUTES": "1"}, env_file=None).daily_grace_minutes == 1
+    with pytest.raises(ValueError, match="grace"):
+        Daily(None, None, None, TZ, dt.timedelta(0))
+
+
+async def test_with_one_minute_of_grace_the_job_firing_just_after_the_minute_posts(tmp_path, scripted_engine, clock,
+                                                                                   outbox):
+    store = Store.open(tmp_path / "bot.db")
+    d = Daily(store, Commands(scripted_engine, store, make_settings(tmp_path), clock=clock), outbox, TZ,
+              dt.timedelta(minutes=1), clock=clock)
+    store.subscribe(CHAT, "08:00", None, since=clock())
+    clock.now = dt.datetime(2026, 5, 1, 8, 0, 0, 3000, tzinfo=TZ)  # the job runs a few ms after HH:MM:00
+    assert await d.post_if_due(CHAT) and len(outbox.sent) == 1
