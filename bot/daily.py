@@ -12,7 +12,8 @@ then (5) sends. Claiming before sending gives "never twice": a crash between cla
 day's poem instead of repeating it; claiming after sending would repeat it (at-least-once). Writing the
 poem before claiming means an engine failure costs no claim: the job retries a minute later within the
 grace window. A send that Telegram surely refused (RetryAfter after the limiter's retries) releases the
-claim; a timeout might have been delivered, so the claim stays.
+claim, as does a connection that was never made (nothing left); a read timeout might have been
+delivered, so the claim stays.
 
 A chat that removed the bot (Forbidden, or "chat not found") gets its subscription paused and its job
 removed; `/daily HH:MM` there resumes it.
@@ -24,6 +25,8 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
 from zoneinfo import ZoneInfo
+
+import httpx
 
 from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
 from telegram.ext import ContextTypes, JobQueue
@@ -41,6 +44,12 @@ from bot.db import Store, Subscription
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 60  # engine busy at post time: try again this much later (within the grace window)
+
+
+def surely_not_sent(error: BaseException) -> bool:
+    """True when the request never reached the Bot API: no connection was made (refused, DNS, connect
+    timeout) or no pooled connection was free. PTB wraps httpx's error as the cause."""
+    return isinstance(error.__cause__, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
 
 
 def job_name(chat_id: int) -> str:
@@ -120,7 +129,12 @@ class Daily:
             self.retry_later(chat_id)
             return False
         except TelegramError as e:
-            # A timeout or network error may still have delivered it: keep the claim (never twice).
+            if surely_not_sent(e):
+                log.warning("daily post for chat %s not sent (%s); retrying", chat_id, e)
+                self.store.release_daily_post(chat_id, date, previous)
+                self.retry_later(chat_id)
+                return False
+            # A read timeout or a broken answer may still have delivered it: keep the claim (never twice).
             log.warning("daily post for chat %s may not have arrived: %s", chat_id, e)
             return False
         log.info("daily post sent to chat %s for %s", chat_id, date)

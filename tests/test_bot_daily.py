@@ -202,3 +202,33 @@ async def test_with_one_minute_of_grace_the_job_firing_just_after_the_minute_pos
     store.subscribe(CHAT, "08:00", None, since=clock())
     clock.now = dt.datetime(2026, 5, 1, 8, 0, 0, 3000, tzinfo=TZ)  # the job runs a few ms after HH:MM:00
     assert await d.post_if_due(CHAT) and len(outbox.sent) == 1
+
+
+# -- a send that surely never left is retried; one that may have arrived is not -----------------------------
+
+async def _real_connection_error() -> Exception:
+    """The exception PTB raises when nothing listens at the Bot API's address (httpx.ConnectError inside)."""
+    from conftest import free_port
+    from telegram import Bot
+    from telegram.error import NetworkError
+
+    from fake_bot_api import TOKEN
+
+    bot = Bot(TOKEN, base_url=f"http://127.0.0.1:{free_port()}/bot")
+    try:
+        await bot.send_message(CHAT, "x")
+    except NetworkError as e:
+        return e
+    finally:
+        await bot.shutdown()
+    raise AssertionError("the send did not fail")
+
+
+async def test_a_connection_error_before_anything_was_sent_releases_the_claim_and_a_retry_posts(daily, clock, outbox):
+    clock.set_local("08:00")
+    outbox.errors.append(await _real_connection_error())
+    assert not await daily.post_if_due(CHAT)
+    assert daily.store.subscription(CHAT).last_posted_date is None
+    clock.set_local("08:01")
+    assert await daily.post_if_due(CHAT)
+    assert len(outbox.sent) == 1
