@@ -61,7 +61,12 @@ def _migrate_1(db: sqlite_utils.Database) -> None:
                           pk=("poem_id", "user_id"), foreign_keys=[("poem_id", "poems", "id")])
 
 
-MIGRATIONS = [_migrate_1]
+def _migrate_2(db: sqlite_utils.Database) -> None:
+    """/daily off keeps the row (inactive) so its last_posted_date survives a resubscribe the same day."""
+    db.execute("ALTER TABLE subscriptions ADD COLUMN active INTEGER NOT NULL DEFAULT 1")
+
+
+MIGRATIONS = [_migrate_1, _migrate_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -127,31 +132,38 @@ class Store:
     # subscriptions
 
     def subscription(self, chat_id: int) -> Subscription | None:
+        """The chat's subscription, or None when it has none (never subscribed, or /daily off)."""
+        row = self._subscription_row(chat_id)
+        return _subscription(row) if row is not None and row["active"] else None
+
+    def _subscription_row(self, chat_id: int) -> dict | None:
         try:
-            row = self.db["subscriptions"].get(chat_id)
+            return self.db["subscriptions"].get(chat_id)
         except sqlite_utils.db.NotFoundError:
             return None
-        return _subscription(row)
 
     def active_subscriptions(self) -> list[Subscription]:
-        return [_subscription(r) for r in self.db["subscriptions"].rows_where("paused = 0", order_by="chat_id")]
+        return [_subscription(r) for r in self.db["subscriptions"].rows_where("paused = 0 AND active = 1",
+                                                                              order_by="chat_id")]
 
     def subscribe(self, chat_id: int, time: str, form: str | None, since: dt.datetime | None = None) -> Subscription:
         """Subscribe (or change the time/form, and unpause) as of `since` (default now). Keeps
-        last_posted_date, so moving today's time later does not post a second poem today."""
-        old = self.subscription(chat_id)
+        last_posted_date, also across /daily off, so moving today's time later does not post a second poem today."""
+        old = self._subscription_row(chat_id)
         with self.db.atomic():
             self.db["subscriptions"].upsert({
-                "chat_id": chat_id, "time": time, "form": form, "paused": 0, "paused_reason": None,
-                "last_posted_date": old.last_posted_date if old else None,
+                "chat_id": chat_id, "time": time, "form": form, "paused": 0, "paused_reason": None, "active": 1,
+                "last_posted_date": old["last_posted_date"] if old else None,
                 "created_at": (since or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).isoformat(timespec="seconds"),
             }, pk="chat_id")
         return self.subscription(chat_id)
 
     def unsubscribe(self, chat_id: int) -> bool:
-        """Remove the subscription; False when there was none."""
+        """Stop the subscription; False when there was none. The row stays, inactive, keeping the date of
+        the last post, so subscribing again the same day does not post that day twice."""
         with self.db.atomic():
-            cursor = self.db.execute("DELETE FROM subscriptions WHERE chat_id = ?", [chat_id])
+            cursor = self.db.execute("UPDATE subscriptions SET active = 0 WHERE chat_id = ? AND active = 1",
+                                     [chat_id])
         return cursor.rowcount > 0
 
     def pause_subscription(self, chat_id: int, reason: str) -> None:
@@ -166,7 +178,7 @@ class Store:
         catch-up) racing for the same date cannot both win."""
         with self.db.atomic():
             cursor = self.db.execute(
-                "UPDATE subscriptions SET last_posted_date = ? WHERE chat_id = ? AND paused = 0 "
+                "UPDATE subscriptions SET last_posted_date = ? WHERE chat_id = ? AND paused = 0 AND active = 1 "
                 "AND (last_posted_date IS NULL OR last_posted_date < ?)", [date, chat_id, date])
         return cursor.rowcount == 1
 
@@ -218,8 +230,8 @@ class Store:
         one = lambda sql: self.db.execute(sql).fetchone()[0]  # noqa: E731
         return {
             "chats": one("SELECT COUNT(*) FROM chats"),
-            "subscriptions": one("SELECT COUNT(*) FROM subscriptions WHERE paused = 0"),
-            "paused_subscriptions": one("SELECT COUNT(*) FROM subscriptions WHERE paused = 1"),
+            "subscriptions": one("SELECT COUNT(*) FROM subscriptions WHERE paused = 0 AND active = 1"),
+            "paused_subscriptions": one("SELECT COUNT(*) FROM subscriptions WHERE paused = 1 AND active = 1"),
             "poems": one("SELECT COUNT(*) FROM poems"),
             "likes": one("SELECT COUNT(*) FROM feedback WHERE value = 1"),
             "dislikes": one("SELECT COUNT(*) FROM feedback WHERE value = -1"),

@@ -232,3 +232,22 @@ async def test_a_connection_error_before_anything_was_sent_releases_the_claim_an
     clock.set_local("08:01")
     assert await daily.post_if_due(CHAT)
     assert len(outbox.sent) == 1
+
+
+# -- /daily off, then a later time the same day -----------------------------------------------------------------
+
+async def test_daily_off_then_a_later_time_the_same_day_does_not_post_twice(daily, clock, outbox):
+    from bot.commands import Who
+
+    who = Who(chat_id=CHAT, user_id=None, chat_type="channel")
+    clock.set_local("08:00")
+    assert await daily.post_if_due(CHAT)
+    clock.set_local("08:05")
+    await daily.commands.handle(who, "/daily off")
+    assert daily.store.subscription(CHAT) is None and daily.store.active_subscriptions() == []
+    await daily.commands.handle(who, "/daily 09:00")
+    clock.set_local("09:00")
+    assert not await daily.post_if_due(CHAT)
+    assert len(outbox.sent) == 1
+    clock.set_local("09:00", day=dt.date(2026, 5, 2))  # and the next day it posts again
+    assert await daily.post_if_due(CHAT)

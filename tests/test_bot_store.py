@@ -41,6 +41,26 @@ def test_a_database_from_a_newer_bot_is_refused(tmp_path):
         Store.open(tmp_path / "bot.db")
 
 
+def test_a_version_1_database_keeps_its_subscriptions_active_after_migrating(tmp_path):
+    import sqlite_utils
+
+    from bot.db import MIGRATIONS
+
+    db = sqlite_utils.Database(tmp_path / "bot.db")
+    MIGRATIONS[0](db)
+    db.execute("PRAGMA user_version = 1")
+    db["subscriptions"].insert({"chat_id": 7, "time": "08:00", "paused": 0, "last_posted_date": "2026-05-01",
+                                "created_at": "2026-04-01T00:00:00+00:00"})
+    db.conn.commit()
+    db.close()
+    store = Store.open(tmp_path / "bot.db")
+    assert store.schema_version() == SCHEMA_VERSION
+    assert [s.chat_id for s in store.active_subscriptions()] == [7]
+    assert store.unsubscribe(7) and store.subscription(7) is None and not store.unsubscribe(7)
+    assert store.subscribe(7, "09:00", None).last_posted_date == "2026-05-01"  # kept across /daily off
+    store.close()
+
+
 def test_chat_settings_default_until_changed(store):
     assert store.chat_settings(5) == ChatSettings()
     store.update_chat_settings(5, mode="beam", beam_width=9)
