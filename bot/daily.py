@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from zoneinfo import ZoneInfo
 
@@ -43,7 +44,8 @@ from bot.db import Store, Subscription
 
 log = logging.getLogger(__name__)
 
-RETRY_SECONDS = 60  # engine busy at post time: try again this much later (within the grace window)
+RETRY_SECONDS = 60  # engine busy at post time: try again about this much later (within the grace window)
+RETRY_JITTER = 0.5  # ± this fraction, so chats that failed together do not all come back in the same second
 
 
 def surely_not_sent(error: BaseException) -> bool:
@@ -97,8 +99,8 @@ class Daily:
         try:
             result = await self.commands.generate(chat_id, prompt=self.commands.rng.choice(OPENINGS), form=sub.form)
         except PoemUnavailable as e:
-            log.warning("daily post for chat %s: no poem (%s); retrying in %ss", chat_id, e.reply.splitlines()[-1],
-                        RETRY_SECONDS)
+            log.warning("daily post for chat %s: no poem (%s); retrying in about %ss", chat_id,
+                        e.reply.splitlines()[-1], RETRY_SECONDS)
             self.retry_later(chat_id)
             return False
         # Re-read: the slot may have been claimed while the poem was being written.
@@ -184,7 +186,8 @@ class Daily:
     def retry_later(self, chat_id: int) -> None:
         if self.job_queue is not None:
             # Same name as the daily job, so /daily off or a new time removes a pending retry too.
-            self.job_queue.run_once(daily_job, RETRY_SECONDS, name=job_name(chat_id), chat_id=chat_id, data=self)
+            delay = RETRY_SECONDS * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
+            self.job_queue.run_once(daily_job, delay, name=job_name(chat_id), chat_id=chat_id, data=self)
 
 
 async def daily_job(context: ContextTypes.DEFAULT_TYPE) -> None:

@@ -251,3 +251,26 @@ async def test_daily_off_then_a_later_time_the_same_day_does_not_post_twice(dail
     assert len(outbox.sent) == 1
     clock.set_local("09:00", day=dt.date(2026, 5, 2))  # and the next day it posts again
     assert await daily.post_if_due(CHAT)
+
+
+# -- retries are spread out ---------------------------------------------------------------------------------------
+
+class RecordingJobQueue:
+    """Only what Daily.retry_later calls: records each run_once delay."""
+
+    def __init__(self):
+        self.delays: list[float] = []
+
+    def run_once(self, callback, when, **kwargs):
+        self.delays.append(when)
+
+
+async def test_retries_after_an_engine_error_are_jittered(daily, clock, scripted_engine):
+    daily.job_queue = jobs = RecordingJobQueue()
+    scripted_engine.error = QueueFullError(1.0)
+    clock.set_local("08:00")
+    for chat in range(20):
+        daily.store.subscribe(chat, "08:00", None, since=dt.datetime(2026, 5, 1, 7, 0, tzinfo=TZ))
+        assert not await daily.post_if_due(chat)
+    assert len(jobs.delays) == 20 and len(set(jobs.delays)) > 10
+    assert all(30 <= d <= 90 for d in jobs.delays), jobs.delays
