@@ -20,6 +20,7 @@ Variables (all optional except TELEGRAM_BOT_TOKEN for `python -m bot run`):
     RATE_LIMIT           poem requests per user, "N/SECONDS" (default 6/60)
     DAILY_GRACE_MINUTES  a daily post missed (bot down, engine busy) is still sent this long after its time; 1–1440
     RETRAIN_HOOK         "module:function" that /retrain calls (sync or async, no arguments); unset = not configured
+    LOG_LEVEL            DEBUG | INFO | WARNING | ERROR | CRITICAL (default INFO)
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Settings:
     rate_limit_seconds: float = 60.0  # … within this many seconds
     daily_grace_minutes: int = 120
     retrain_hook: str | None = None  # "package.module:function", loaded by load_retrain_hook
+    log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, env: dict | None = None, env_file: str | Path | None = ".env") -> Settings:
@@ -97,6 +99,7 @@ class Settings:
         # ≥ 1: the job fires just after HH:MM:00, so a zero window would let no post through at all.
         parse("DAILY_GRACE_MINUTES", "daily_grace_minutes", lambda v: _int_in(v, 1, 24 * 60))
         parse("RETRAIN_HOOK", "retrain_hook", _hook)
+        parse("LOG_LEVEL", "log_level", _log_level)
         if "RATE_LIMIT" in values:
             try:
                 kwargs["rate_limit_count"], kwargs["rate_limit_seconds"] = _rate(values["RATE_LIMIT"])
@@ -222,6 +225,12 @@ def _secret(value: str) -> str:
         raise ValueError(f"must be {MIN_SECRET_LEN}–256 characters of letters, digits, _ and - "
                          "(python -c 'import secrets; print(secrets.token_urlsafe(32))')")
     return value
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}")
+    return value.upper()
 
 
 def _hook(value: str) -> str:

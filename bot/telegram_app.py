@@ -100,8 +100,11 @@ class NoTracebackForMisconfiguration(logging.Filter):
         return True
 
 
-def configure_logging(settings: Settings, level: int = logging.INFO) -> None:
+def configure_logging(settings: Settings, level: int | None = None) -> None:
+    """Log to stderr at `level` (default LOG_LEVEL), with secrets redacted and httpx quiet."""
+    level = logging.getLevelName(settings.log_level) if level is None else level
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
+    logging.getLogger().setLevel(level)  # basicConfig leaves the level alone when handlers exist
     # httpx logs every request URL at INFO, and the URL holds the bot token.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)

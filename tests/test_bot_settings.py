@@ -148,3 +148,23 @@ def test_docs_describe_every_command():
     doc = (ROOT / "docs" / "BOT.md").read_text(encoding="utf-8")
     for name in COMMANDS:
         assert f"`/{name}" in doc, f"/{name} is not in docs/BOT.md"
+
+
+def test_log_level_is_read_checked_and_applied(tmp_path):
+    import logging
+
+    from bot.telegram_app import configure_logging
+
+    assert Settings().log_level == "INFO"
+    assert Settings.from_env({"LOG_LEVEL": "warning"}, env_file=None).log_level == "WARNING"
+    with pytest.raises(SettingsError, match="LOG_LEVEL"):
+        Settings.from_env({"LOG_LEVEL": "loud"}, env_file=None)
+    root = logging.getLogger()
+    before = root.level
+    try:
+        configure_logging(make_settings(tmp_path, log_level="ERROR"))
+        assert root.level == logging.ERROR
+        configure_logging(make_settings(tmp_path, log_level="DEBUG"))
+        assert root.level == logging.DEBUG and logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
+    finally:
+        root.setLevel(before)

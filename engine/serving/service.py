@@ -218,7 +218,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("LOG_LEVEL", "INFO").strip().upper()
+    level = level if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServiceSettings.from_env(checkpoint_dir=args.checkpoints, device=args.device,
                                         max_num_rows=args.max_rows, max_queue=args.max_queue)
     settings.host, settings.port = args.host, args.port
