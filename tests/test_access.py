@@ -33,7 +33,7 @@ from engine_fixtures import engine_settings
 from fake_bot_api import TOKEN
 
 ROOT = Path(__file__).resolve().parent.parent
-ENGINE_TOKEN = "engine-admin-token-7f3a9c1e5b"
+ENGINE_TOKEN = "engine-admin-token-7f3a9c1e5b2d4c6e8a0b"  # ≥ 32 characters, as the service requires
 WEBHOOK_SECRET = "webhook_secret_d41d8cd98f00b204e9800998"
 ADMIN, USER, GROUP, OTHER_GROUP, CHANNEL = 999, 42, -1002000, -1002001, -1003000
 
@@ -133,6 +133,38 @@ async def test_without_engine_token_the_admin_routes_are_off_for_everyone(aiohtt
     client = await aiohttp_client(create_app(ServiceSettings(engine=engine_settings(lstm_store, model_names=("lstm",)))))
     resp = await client.post("/v1/admin/reload", headers={"Authorization": auth} if auth else {})
     assert resp.status == 403 and (await resp.json())["error"]["code"] == "admin_disabled"
+
+
+@pytest.mark.parametrize("raw", [b"Bearer \xff\xfe", b"Bearer \xc0\xaf" + ENGINE_TOKEN.encode(), b"\xff " + b"x" * 40,
+                                 "Bearer 月".encode()])
+async def test_a_non_utf8_or_non_ascii_authorization_header_is_refused_not_a_500(aiohttp_server, lstm_store, raw):
+    settings = ServiceSettings(engine=engine_settings(lstm_store, model_names=("lstm",)), token=ENGINE_TOKEN)
+    server = await aiohttp_server(create_app(settings))
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"POST /v1/admin/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n"
+                 b"Authorization: " + raw + b"\r\n\r\n")
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    status = int(status_line.split()[1])
+    assert status in (400, 401, 403), status_line
+
+
+def test_engine_token_is_stripped_and_must_have_32_characters():
+    assert ServiceSettings.from_env({"ENGINE_TOKEN": f"  {ENGINE_TOKEN}\n"}).token == ENGINE_TOKEN
+    assert ServiceSettings.from_env({}).token is None and ServiceSettings.from_env({"ENGINE_TOKEN": " "}).token is None
+    with pytest.raises(ValueError, match="ENGINE_TOKEN") as info:
+        ServiceSettings.from_env({"ENGINE_TOKEN": "s3cret-but-short"})
+    assert "s3cret-but-short" not in str(info.value)
+    assert ENGINE_TOKEN not in repr(ServiceSettings(token=ENGINE_TOKEN))
+
+
+def test_python_m_engine_serve_with_a_short_engine_token_refuses_to_start(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ENGINE_TOKEN": "short-token", "DEVICE": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "engine", "serve", "--port", "1", "--checkpoints", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "ENGINE_TOKEN" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "short-token" not in proc.stderr + proc.stdout
 
 
 async def test_a_client_without_the_token_never_sends_an_admin_call():

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -35,6 +36,7 @@ from engine.serving.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
+MIN_TOKEN_LEN = 32  # an admin token short enough to guess is refused at start-up
 MAX_BODY_BYTES = 16 * 1024  # a request is a few hundred bytes; anything bigger is a mistake or abuse
 
 
@@ -43,14 +45,21 @@ class ServiceSettings:
     engine: EngineSettings = field(default_factory=EngineSettings)  # what the in-process engine loads and how
     host: str = "127.0.0.1"  # loopback by default: put a proxy in front to expose it
     port: int = 8080
-    token: str | None = None  # ENGINE_TOKEN: bearer token for /v1/admin/*; None disables them
+    # ENGINE_TOKEN: bearer token for /v1/admin/*; None disables them. repr=False keeps it out of logs.
+    token: str | None = field(default=None, repr=False)
     max_body_bytes: int = MAX_BODY_BYTES
     drain_timeout: float = 30.0  # seconds shutdown waits for in-flight requests
 
     @classmethod
     def from_env(cls, env=None, **engine_overrides) -> ServiceSettings:
         env = os.environ if env is None else env
-        return cls(engine=EngineSettings.from_env(env, **engine_overrides), token=env.get("ENGINE_TOKEN") or None)
+        token = (env.get("ENGINE_TOKEN") or "").strip() or None
+        if token is not None and len(token) < MIN_TOKEN_LEN:
+            # Never echo it: a short token is still a secret.
+            raise ValueError(f"ENGINE_TOKEN is too short ({len(token)} characters): use at least {MIN_TOKEN_LEN}, e.g. "
+                             "python -c 'import secrets; print(secrets.token_urlsafe(32))'; or unset it to "
+                             "disable the admin API")
+        return cls(engine=EngineSettings.from_env(env, **engine_overrides), token=token)
 
 
 ENGINE = web.AppKey("engine", LocalEngine)
@@ -170,7 +179,13 @@ async def admin_reload(request: web.Request) -> web.Response:
     if scheme.lower() != "bearer" or not given:
         return error_response(401, "unauthorized", "send Authorization: Bearer <ENGINE_TOKEN>",
                               headers={"WWW-Authenticate": 'Bearer realm="yinshi-engine"'})
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    try:
+        # aiohttp keeps undecodable header bytes as surrogates; such a header is no token of ours.
+        given_bytes = given.strip().encode("utf-8")
+    except UnicodeEncodeError:
+        return error_response(401, "unauthorized", "send Authorization: Bearer <ENGINE_TOKEN>",
+                              headers={"WWW-Authenticate": 'Bearer realm="yinshi-engine"'})
+    if not hmac.compare_digest(given_bytes, token.encode()):
         return error_response(403, "forbidden", "wrong token")
     body = await read_json(request)
     if not isinstance(body, dict):
@@ -221,8 +236,12 @@ def main(args) -> int:
     level = os.environ.get("LOG_LEVEL", "INFO").strip().upper()
     level = level if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO"
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ServiceSettings.from_env(checkpoint_dir=args.checkpoints, device=args.device,
-                                        max_num_rows=args.max_rows, max_queue=args.max_queue)
+    try:
+        settings = ServiceSettings.from_env(checkpoint_dir=args.checkpoints, device=args.device,
+                                            max_num_rows=args.max_rows, max_queue=args.max_queue)
+    except ValueError as e:
+        print(f"python -m engine serve: {e}", file=sys.stderr)
+        return 2
     settings.host, settings.port = args.host, args.port
     # handler_cancellation: a client that hangs up cancels its handler (create_poem), which frees its rows.
     web.run_app(create_app(settings), host=settings.host, port=settings.port,
