@@ -406,3 +406,48 @@ async def test_the_rate_limit_is_per_user_across_chats_with_a_clear_reply(tmp_pa
     assert limited["chat_id"] == USER
     assert sent[3]["text"].startswith("水") or sent[4]["text"].startswith("水")
     assert inline["results"] == []
+
+
+# -- deploy files: secrets stay off command lines and out of containers that do not need them ---------------------
+
+def _exec_reload_script() -> str:
+    unit = (ROOT / "deploy" / "systemd" / "yinshi-engine.service").read_text()
+    [line] = [x for x in unit.splitlines() if x.startswith("ExecReload=")]
+    assert line.startswith("ExecReload=/bin/sh -c '") and line.endswith("'"), line
+    assert "\\" not in line  # systemd would unescape backslashes first; keep the line free of them
+    return line[len("ExecReload=/bin/sh -c '"):-1].replace("%%", "%")  # systemd's specifier escape
+
+
+async def test_the_systemd_reload_sends_the_engine_token_without_putting_it_on_curls_command_line(tmp_path):
+    import shutil
+
+    real_curl = shutil.which("curl")
+    if real_curl is None:
+        pytest.skip("no curl here")
+    seen = {}
+
+    async def reload(request):
+        seen["auth"] = request.headers.get("Authorization")
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/v1/admin/reload", reload)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    shim = tmp_path / "bin" / "curl"  # records curl's argv (what /proc/PID/cmdline shows), then runs curl
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/argv\nexec {real_curl} "$@"\n')
+    shim.chmod(0o755)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", _exec_reload_script(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={"PATH": f"{shim.parent}:/usr/bin:/bin", "ENGINE_TOKEN": ENGINE_TOKEN, "ENGINE_PORT": str(port)})
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await runner.cleanup()
+    assert proc.returncode == 0, err.decode()
+    assert seen["auth"] == f"Bearer {ENGINE_TOKEN}"  # the token did arrive …
+    assert ENGINE_TOKEN not in (tmp_path / "argv").read_text()  # … but not through curl's arguments
