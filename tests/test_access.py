@@ -451,3 +451,26 @@ async def test_the_systemd_reload_sends_the_engine_token_without_putting_it_on_c
     assert proc.returncode == 0, err.decode()
     assert seen["auth"] == f"Bearer {ENGINE_TOKEN}"  # the token did arrive …
     assert ENGINE_TOKEN not in (tmp_path / "argv").read_text()  # … but not through curl's arguments
+
+
+def _compose_services() -> dict[str, str]:
+    """compose.yaml's text per block: each top-level key (the x- anchors) and each service as "svc:NAME"."""
+    blocks, top, name = {}, None, None
+    for line in (ROOT / "deploy" / "compose.yaml").read_text().splitlines():
+        if re.match(r"^[\w-]+:", line):
+            top = name = line.split(":")[0]
+        elif top == "services" and re.match(r"^  [\w-]+:\s*$", line):
+            name = "svc:" + line.strip().rstrip(":")
+        if name:
+            blocks[name] = blocks.get(name, "") + line + "\n"
+    return blocks
+
+
+def test_compose_gives_the_bot_token_and_the_whole_env_file_to_the_bot_only():
+    blocks = _compose_services()
+    assert {"svc:engine", "svc:bot", "svc:trainer"} <= set(blocks), list(blocks)
+    for name, text in blocks.items():
+        if name != "svc:bot":
+            assert "env_file" not in text and "TELEGRAM_BOT_TOKEN" not in text, name
+    assert "env_file" in blocks["svc:bot"]
+    assert "ENGINE_TOKEN" in blocks["svc:engine"] and "ENGINE_TOKEN" not in blocks["svc:trainer"]
