@@ -87,6 +87,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             admin=True),
 )}
 POEM_COMMANDS = ("poem", "acrostic", "cangtou")  # the ones the per-user rate limit counts
+FEEDBACK_PER_MINUTE = 20  # 👍/👎 taps per user
 
 
 @dataclass
@@ -161,6 +162,8 @@ class Commands:
         self.clock = clock  # aware datetimes; tests pass a fake
         self.rate_limiter = rate_limiter or RateLimiter(settings.rate_limit_count, settings.rate_limit_seconds)
         self.rng = rng or random.Random()
+        # 👍/👎 taps cost nothing to send; bound the writes one user can cause.
+        self.feedback_limiter = RateLimiter(FEEDBACK_PER_MINUTE, 60.0)
         self.started_at = clock()
         # Every command of COMMANDS and the method that answers it.
         self.handlers: dict[str, Callable[[Who, list[str]], Awaitable[Reply]]] = {
@@ -219,9 +222,16 @@ class Commands:
 
     async def feedback(self, who: Who, poem_id: int, value: int) -> tuple[str, tuple[int, int]]:
         """A 👍 (1) or 👎 (-1) on a poem; returns the text for the tap's answer and the new counts."""
-        # Callback data comes from the client: an id SQLite cannot hold is no poem of ours.
-        if who.user_id is None or not 0 < poem_id < 2**63 or self.store.poem(poem_id) is None:
+        if who.user_id is None:
             return "这首诗已不在记录中。/ That poem is no longer on record.", (0, 0)
+        # Callback data comes from the client and can be forged: the poem must be one sent to this chat
+        # (and an id SQLite cannot hold is no poem of ours).
+        poem = self.store.poem(poem_id) if 0 < poem_id < 2**63 else None
+        if poem is None or poem["chat_id"] != who.chat_id:
+            return "这首诗已不在记录中。/ That poem is no longer on record.", (0, 0)
+        wait = self.feedback_limiter.acquire(who.user_id)
+        if wait > 0:
+            return f"请慢一点。/ Too many taps — try again in {math.ceil(wait)} s.", self.store.feedback_counts(poem_id)
         self.store.record_feedback(poem_id, who.user_id, value)
         return ("谢谢！/ Thanks!" if value > 0 else "收到，我会改进。/ Noted."), self.store.feedback_counts(poem_id)
 

@@ -257,10 +257,10 @@ def test_rate_limiter_window_slides():
 
 
 async def test_feedback_is_stored_once_per_user(commands, store):
-    reply = await commands.handle(private(), "/poem 月")
-    await commands.feedback(private(1), reply.poem_id, 1)
-    await commands.feedback(private(2), reply.poem_id, 1)
-    _, counts = await commands.feedback(private(2), reply.poem_id, -1)
+    reply = await commands.handle(group(1, False, chat_id=-100), "/poem 月")
+    await commands.feedback(group(1, False, chat_id=-100), reply.poem_id, 1)  # two members of the same group
+    await commands.feedback(group(2, False, chat_id=-100), reply.poem_id, 1)
+    _, counts = await commands.feedback(group(2, False, chat_id=-100), reply.poem_id, -1)
     assert counts == (1, 1)
 
 
@@ -307,3 +307,19 @@ def test_any_text_gets_a_reply_and_rejected_arguments_change_nothing(tmp_path, c
 
 def test_every_command_has_exactly_one_handler_and_every_handler_a_command(commands):
     assert set(commands.handlers) == set(COMMANDS)
+
+
+async def test_feedback_on_a_poem_of_another_chat_is_refused(commands, store):
+    theirs = (await commands.handle(private(7), "/poem 月")).poem_id
+    text, counts = await commands.feedback(private(42), theirs, 1)  # forged callback data naming their poem
+    assert counts == (0, 0) and store.feedback_counts(theirs) == (0, 0)
+    ours = (await commands.handle(private(42), "/poem 月")).poem_id
+    assert (await commands.feedback(private(42), ours, 1))[1] == (1, 0)
+
+
+async def test_feedback_taps_are_rate_limited_per_user(commands, store):
+    poem_id = (await commands.handle(private(42), "/poem 月")).poem_id
+    answers = [await commands.feedback(private(42), poem_id, 1 if i % 2 else -1) for i in range(100)]
+    limited = [text for text, _ in answers if "Too many" in text]
+    assert limited and len(limited) < 100
+    assert (await commands.feedback(private(43), poem_id, 1))[0] != limited[0]  # someone else is not limited
