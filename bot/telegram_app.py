@@ -78,15 +78,16 @@ class RedactSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if any(s in message for s in self.secrets):
-            for s in self.secrets:
-                message = message.replace(s, "***")
-            record.msg, record.args = message, None
+            record.msg, record.args = redact(message, self.secrets), None
         if record.exc_info and record.exc_info[1] is not None:
             text = logging.Formatter().formatException(record.exc_info)
             if any(s in text for s in self.secrets):
-                for s in self.secrets:
-                    text = text.replace(s, "***")
                 record.exc_text, record.exc_info = text, None
+        # exc_text too: another filter (or handler) may already have turned the traceback into text.
+        if record.exc_text and any(s in record.exc_text for s in self.secrets):
+            record.exc_text = redact(record.exc_text, self.secrets)
+        if record.stack_info and any(s in record.stack_info for s in self.secrets):
+            record.stack_info = redact(record.stack_info, self.secrets)
         return True
 
 
@@ -110,6 +111,9 @@ def configure_logging(settings: Settings, level: int | None = None) -> None:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     redacting = RedactSecrets(settings.secrets())
     for handler in logging.getLogger().handlers:
+        # Called again (tests, a second configuration): replace our filters rather than stack them.
+        for old in [f for f in handler.filters if isinstance(f, (RedactSecrets, NoTracebackForMisconfiguration))]:
+            handler.removeFilter(old)
         handler.addFilter(NoTracebackForMisconfiguration())
         handler.addFilter(redacting)
 

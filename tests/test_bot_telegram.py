@@ -436,3 +436,23 @@ async def test_bot_api_5xx_and_network_errors_at_start_up_are_retried(tmp_path, 
     assert len(fake_api.calls_of("getMe")) >= 3 and len(fake_api.calls_of("deleteWebhook")) >= 2
     assert "try again in a moment" in sent["text"]
     assert code == 0 and TOKEN not in log and "Traceback" not in log, log
+
+
+def test_two_redacting_filters_on_one_handler_both_redact_a_traceback():
+    """A first filter turns the traceback into text; the second must still redact that text."""
+    import io
+
+    other = "engine-token-0123456789abcdef0123456789"
+    logger = logging.getLogger("test.redact.stacked")
+    handler = logging.StreamHandler(stream := io.StringIO())
+    handler.addFilter(RedactSecrets([TOKEN]))
+    handler.addFilter(RedactSecrets([other]))
+    logger.addHandler(handler)
+    try:
+        try:
+            raise RuntimeError(f"bot{TOKEN} and {other}")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    assert TOKEN not in stream.getvalue() and other not in stream.getvalue() and "RuntimeError" in stream.getvalue()
