@@ -70,7 +70,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("cangtou", "春夏秋冬", "同 /acrostic", "same as /acrostic", example="/cangtou 春夏秋冬"),
     Command("form", "七绝|五绝|七律|五律", "诗体（也可用 qijue wujue qilv wulv）", "poem form (pinyin names too)",
             manages=True, example="/form 五律"),
-    Command("greedy", "", "贪心解码：每次取最可能的字", "greedy decoding: always the likeliest character",
+    Command("greedy", "", "贪心解码：每次取最可能的几个字之一", "greedy decoding: among the likeliest few characters",
             manages=True),
     Command("sample", "[温度]", "随机采样，温度 0–2（默认 0.8）", "sampling, temperature in (0, 2] (default 0.8)",
             manages=True, example="/sample 1.2"),
@@ -294,7 +294,8 @@ class Commands:
         if args:
             return Reply("/greedy 不带参数。\n/greedy takes no arguments.")
         self.store.update_chat_settings(who.chat_id, mode="greedy")
-        return Reply("解码：贪心（每次取最可能的字，同一开头总得同一首）。\nDecoding: greedy.")
+        return Reply("解码：贪心（每次取最可能的几个字之一，每首各不相同）。\n"
+                     "Decoding: greedy (each character among the likeliest few, so poems still differ).")
 
     async def cmd_sample(self, who: Who, args: list[str]) -> Reply:
         usage = "用法：/sample 或 /sample 0.8（温度，大于 0 且不超过 2）\nUsage: /sample [temperature], temperature in (0, 2]."

@@ -22,17 +22,9 @@ from engine.poem.constraints import RowState, beam_children, build_plan
 from engine.poem.forms import DEFAULT_FORM, FORM_NAMES, format_poem
 from engine.poem.prosody import Prosody, prosody_for
 from engine.poem.vocab import Vocab
-from engine.sampling.choice import (
-    NEG_INF,
-    REPEAT_PENALTY,
-    choose_beam,
-    choose_greedy,
-    logsumexp,
-    make_generator,
-    repeat_penalty_for,
-    sample,
-    step_bias,
-)
+from engine.sampling.choice import (BEAM_CANDIDATES, NEG_INF, REPEAT_PENALTY, choose_beam, draw_params, logsumexp,
+                                    make_generator, repeat_penalty_for, sample, step_bias)
+from engine.sampling.formulas import formulas_for
 
 
 def _device_of(model: PoemModel) -> torch.device:
@@ -44,7 +36,7 @@ def generate_one(model: PoemModel, vocab: Vocab, prosody: Prosody, request: Poem
                  model_info: dict | None = None) -> PoemResult:
     """Write one poem for `request` (validated here; RequestError on bad input), one step at a time."""
     start = time.perf_counter()
-    plan = build_plan(vocab, prosody, request)
+    plan = build_plan(vocab, prosody, request, formulas_for(model, vocab))
     if request.mode == "beam":
         row, score = _beam(model, plan, request)
     else:
@@ -56,7 +48,8 @@ def generate_one(model: PoemModel, vocab: Vocab, prosody: Prosody, request: Poem
 
 def _single(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, float]:
     device = _device_of(model)
-    generator = make_generator(request.seed) if request.mode == "sample" else None
+    generator = make_generator(request.seed)
+    temperature, top_k, top_p = draw_params(request)
     penalty = repeat_penalty_for(request.mode)
     row, state = plan.new_row(), model.init_state(1, device)
     token, total = plan.start_token, 0.0
@@ -66,10 +59,7 @@ def _single(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, flo
         token = row.forced()
         if token is None:
             bias = step_bias([row], penalty, device)  # one row
-            if generator is None:
-                token = int(choose_greedy(logits, bias)[0])
-            else:
-                token = sample(logits[0], request.temperature, request.top_k, request.top_p, generator, bias)
+            token = sample(logits[0], temperature, top_k, top_p, generator, bias)
         total += float(logits[0, token] - lse[0])
         row.advance(token)
     return row, total
@@ -78,6 +68,7 @@ def _single(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, flo
 def _beam(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, float]:
     device = _device_of(model)
     width = request.beam_width
+    generator = make_generator(request.seed)
     rows = [plan.new_row() for _ in range(width)]
     scores = torch.full((width,), NEG_INF, device=device)
     scores[0] = 0.0  # one live beam at the start; the others fill from its candidates
@@ -86,7 +77,8 @@ def _beam(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, float
     tokens = torch.full((width,), plan.start_token, dtype=torch.long, device=device)
     while not rows[0].done:
         logits, state = model.step(tokens, state)  # (k, V)
-        step, lse = choose_beam(logits, step_bias(rows, REPEAT_PENALTY, device), scores, width)  # lse: (k,)
+        uniform = torch.rand(1, BEAM_CANDIDATES * width, generator=generator)  # one request: G = 1
+        step, lse = choose_beam(logits, step_bias(rows, REPEAT_PENALTY, device), scores, width, uniform)  # lse: (k,)
         rows = beam_children(rows, step.parents.tolist())
         for r, t in zip(rows, step.tokens.tolist()):
             r.advance(t)

@@ -72,22 +72,25 @@ def test_sampling_with_different_seeds_gives_different_poems(tiny):
 
 
 @pytest.mark.parametrize("mode", ["greedy", "beam"])
-def test_deterministic_modes_repeat_exactly(tiny, mode):
-    assert write(tiny, form="wulv", mode=mode).poem == write(tiny, form="wulv", mode=mode).poem
+def test_greedy_and_beam_with_the_same_seed_repeat_exactly(tiny, mode):
+    a, b = (write(tiny, form="wulv", mode=mode, prompt="月", seed=7) for _ in range(2))
+    assert a.poem == b.poem and a.score == b.score
 
 
-@pytest.mark.parametrize("option", ["plain", "prompt", "acrostic", "neither"])
-@pytest.mark.parametrize("form", FORM_NAMES)
-def test_beam_width_one_equals_greedy(tiny, form, option):
-    fields = dict(OPTIONS[option], form=form)
-    if fields.get("acrostic") is True:
-        fields["acrostic"] = ACROSTIC[FORMS[form].num_lines]
-    g = write(tiny, mode="greedy", **fields)
-    b = write(tiny, mode="beam", beam_width=1, **fields)
-    assert b.poem == g.poem
-    # NOTE: float32 sums of a poem's log-probs; their last digits follow the CPU's vector width, so the
-    # two decoders agree to a relative tolerance (|score| reaches hundreds), not an absolute one.
-    assert b.score == pytest.approx(g.score, rel=1e-5)
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_greedy_and_beam_vary_from_seed_to_seed(tiny, mode):
+    # The likeliest poem is much the same whatever the prompt: both modes take a small seeded draw.
+    poems = {write(tiny, form="qijue", mode=mode, prompt="月", seed=s).poem for s in range(6)}
+    assert len(poems) > 1
+
+
+def test_plain_beam_of_width_one_picks_what_greedy_picks(tiny):
+    model, vocab, prosody = tiny
+    rows = [build_plan(vocab, prosody, PoemRequest(form="qilv", prompt=p)).new_row() for p in "月山水花风云"]
+    logits = torch.randn(len(rows), len(vocab), generator=torch.Generator().manual_seed(0))
+    bias = step_bias(rows, 1.0, "cpu")
+    step, _ = choose_beam(logits, bias, torch.zeros(len(rows)), 1)
+    assert torch.equal(step.tokens, choose_greedy(logits, bias))
 
 
 def test_beam_search_finds_a_poem_at_least_as_likely_as_greedy_on_average(tiny):

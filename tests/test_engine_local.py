@@ -58,9 +58,6 @@ async def test_without_the_c_kernels_the_torch_path_serves_every_mode_the_same_w
     # An install without a C compiler, or a GPU, chooses with torch operations: same rules, same batch
     # invariance. (On a CPU with the kernels built, CI runs this path only here.)
     requests = mixed_requests(18)
-    greedy = [r for r in requests if r.mode == "greedy"]
-    async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=64)) as engine:
-        by_kernels = await asyncio.gather(*(engine.generate(r) for r in greedy))
     monkeypatch.setattr(kernels, "AVAILABLE", False)
     async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=64)) as engine:
         together = await asyncio.gather(*(engine.generate(r) for r in requests))
@@ -70,8 +67,6 @@ async def test_without_the_c_kernels_the_torch_path_serves_every_mode_the_same_w
     for request, a, b in zip(requests, together, alone):
         assert same_poem(a, b), (request, a.poem, b.poem)
         assert classify(a.lines) is FORMS[request.form] and a.score < 0
-    # Greedy ranks the same float sums either way, so the two paths write the same greedy poems.
-    assert [r.poem for r in by_kernels] == [a.poem for r, a in zip(requests, together) if r.mode == "greedy"]
 
 
 @pytest.mark.parametrize("mode", MODES)

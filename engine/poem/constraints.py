@@ -152,6 +152,7 @@ class PoemPlan:
     rhyme_at: frozenset[int]  # positions that rhyme (even line ends), empty when rhyme is off
     notes: list[str] = field(default_factory=list)  # soft rules relaxed by the request itself, and why
     tables: MaskTables | None = None
+    formulas: object = None  # engine.sampling.formulas.Formulas of the model, or None: spans greedy and beam avoid
 
     @property
     def num_steps(self) -> int:
@@ -201,7 +202,7 @@ def _tone_requirements(form: Form, tone: bool) -> tuple[tuple[int, ...], tuple[i
     return reqs[0], reqs[1]
 
 
-def build_plan(vocab: Vocab, prosody: Prosody, request) -> PoemPlan:
+def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPlan:
     """Validate `request` (a PoemRequest) against the model's vocabulary and make its plan.
 
     Raises RequestError: every error of `PoemRequest.validate()` (a non-Han or too long prompt, a bad
@@ -238,7 +239,7 @@ def build_plan(vocab: Vocab, prosody: Prosody, request) -> PoemPlan:
     plan = PoemPlan(form=form, vocab=vocab, prosody=prosody, prompt=prompt, acrostic=acrostic, rhyme=rhyme,
                     tone=bool(request.tone), start_token=vocab.form_id(form.name), forced_at=forced_at,
                     reserved=reserved, eligible_groups=eligible, tone_req=_tone_requirements(form, request.tone),
-                    rhyme_at=rhyme_at, notes=notes, tables=tables)
+                    rhyme_at=rhyme_at, notes=notes, tables=tables, formulas=formulas)
     # Run the forced opening once so that what the prompt itself breaks is known (and said) up front.
     row = plan.new_row()
     while not row.done and row.forced() is not None:
@@ -293,6 +294,13 @@ class RowState:
     def forced(self) -> int | None:
         """The token that must come next (punctuation, <eos>, a prompt or acrostic character), or None."""
         return self._forced
+
+    def formula_tokens(self) -> tuple[int, ...]:
+        """Tokens that would complete one of the model's formulas here (the plan's `formulas`)."""
+        formulas = self.plan.formulas
+        if formulas is None or self._forced is not None or self.pos % (self.plan.form.line_len + 1) < 3:
+            return ()
+        return formulas.completions(tuple(self.tokens[-3:]))
 
     @property
     def text(self) -> str:

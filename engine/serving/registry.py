@@ -41,6 +41,7 @@ from engine.poem.constraints import PoemPlan, build_plan
 from engine.poem.forms import FORMS
 from engine.poem.judge import check_poem
 from engine.poem.vocab import Vocab
+from engine.sampling.formulas import Formulas, formulas_for
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class ServingModel:
     prosody: object  # engine.poem.prosody tables for this vocabulary, built once per version
     device: torch.device
     step: Callable  # model.step as one TorchScript call (engine.model.network.compile_step): what the runner steps
+    formulas: Formulas = field(default_factory=Formulas)  # the spans greedy and beam rows avoid
     loaded_at: float = field(default_factory=time.time)  # wall-clock seconds
 
     @property
@@ -71,7 +73,7 @@ class ServingModel:
 
     def make_plan(self, request: PoemRequest) -> PoemPlan:
         """The request's decoding plan for this model's vocabulary (RequestError for characters it lacks)."""
-        return build_plan(self.vocab, self.prosody, request)
+        return build_plan(self.vocab, self.prosody, request, self.formulas)
 
     def info(self) -> dict:
         """The GET /v1/models entry."""
@@ -104,7 +106,7 @@ def build_serving(name: str, path: Path, device: torch.device) -> ServingModel:
     ckpt = load_checkpoint(path, device=device)
     return ServingModel(name=name, version=ckpt.version, path=Path(path), model=ckpt.model, vocab=ckpt.vocab,
                         meta=ckpt.meta, prosody=prosody_for(ckpt.vocab), device=device,
-                        step=compile_step(ckpt.model))
+                        step=compile_step(ckpt.model), formulas=formulas_for(ckpt.model, ckpt.vocab))
 
 
 def smoke_test(serving: ServingModel) -> None:

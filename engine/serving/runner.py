@@ -12,7 +12,7 @@ slice and all beam requests of one width share one topk. A step, per model versi
       step's tokens                           │ tokens, in Python; the masks, bans and penalties this
                                               │ step needs; the last step's log-sum-exp for the greedy
                                               │ and sample totals
-    constrain and choose, per segment ◄───────┘ choose_greedy / choose_sample / choose_beam per width
+    constrain and choose, per segment ◄───────┘ choose_sample (greedy, sample) / choose_beam per width
     one device → host transfer                 the tokens (and beam parents); totals stay till a poem ends
     assemble the poems that chose <eos>        their rows are free for the next step
 
@@ -51,16 +51,8 @@ from engine.api import PoemRequest, PoemResult
 from engine.model.network import kept_step_inputs
 from engine.poem.constraints import PoemPlan, RowState, beam_children
 from engine.poem.forms import format_poem
-from engine.sampling.choice import (
-    Bias,
-    choose_beam,
-    choose_greedy,
-    choose_sample,
-    logsumexp,
-    make_generator,
-    repeat_penalty_for,
-    step_bias,
-)
+from engine.sampling.choice import (BEAM_CANDIDATES, Bias, choose_beam, choose_sample, draw_params, logsumexp,
+                                    make_generator, repeat_penalty_for, step_bias)
 from engine.serving.registry import ModelRegistry, ServingModel
 from engine.serving.scheduler import EngineRequest, RunnerOutput, SchedulerOutput
 
@@ -87,7 +79,7 @@ class RowGroup:
     request: PoemRequest
     plan: PoemPlan
     rows: list[RowState]  # one per batch row, in batch order
-    generator: torch.Generator | None  # sample mode: the request's own, seeded from `seed`
+    generator: torch.Generator  # the request's own, seeded from `seed`: its draws (greedy, sample) or noise (beam)
     penalty: float  # repetition penalty of its mode
     segment: tuple[RowKind, int]  # where its rows sit in the batch: (kind, beam width; 1 unless beam)
     arrival: int = field(default_factory=lambda: next(_arrivals))
@@ -122,12 +114,12 @@ class StepInputs:
     """What the choice needs from the rows, gathered while the model step runs."""
 
     bias: Bias  # step_bias: -inf where a row may not go, minus its repetition penalty (shared rows + edits)
-    num_greedy: int  # rows [0, num_greedy) are greedy
-    sample_rows: torch.Tensor | None  # (n,) sample rows with a free choice this step
+    sample_rows: torch.Tensor | None  # (n,) greedy and sample rows with a free choice this step: they draw
     sample_cfg: tuple[torch.Tensor, ...]  # their temperature, top_k, top_p and uniform number, (n,) each
     forced_rows: torch.Tensor | None  # (f,) greedy and sample rows whose token is forced
     forced_tokens: torch.Tensor | None  # (f,)
     beam_segments: list[tuple[int, int, int]]  # (beam width, first row, end row) per run of one width
+    beam_uniform: list[torch.Tensor]  # per segment (G, BEAM_CANDIDATES · width): each request's noise this step
 
 
 class ModelBatch:
@@ -166,7 +158,7 @@ class ModelBatch:
         last = self.joining[-1] if self.joining else None
         offset = last.offset + last.num_rows if last else self.num_rows
         group = RowGroup(req.req_id, request, plan, [plan.new_row() for _ in range(k)],
-                         make_generator(request.seed) if request.mode == "sample" else None,
+                         make_generator(request.seed),
                          penalty=repeat_penalty_for(request.mode),
                          segment=(RowKind.BEAM, k) if beam else (RowKind.SAMPLE if request.mode == "sample" else RowKind.GREEDY, 1),
                          offset=offset, last_offset=offset, joined=self.num_steps, ends=self.num_steps + plan.num_steps)
@@ -246,7 +238,7 @@ class ModelBatch:
         """Apply the last step's tokens and gather what this step's choice needs."""
         self._pay_lse()
         rows, penalties, sample_rows, sample_cfg, forced_rows, forced_tokens, beam_segments = [], [], [], [], [], [], []
-        num_greedy = 0
+        beam_uniform: list[list[torch.Tensor]] = []
         last, self.last = self.last, None
         for group in self.groups:
             if last is not None and group.joined < self.num_steps:  # it took part in the last step
@@ -257,26 +249,28 @@ class ModelBatch:
             penalties.extend([group.penalty] * k)
             kind, beam_width = group.segment
             if kind == RowKind.BEAM:
+                # Every step, as the reference decoder draws: the noise is the request's alone.
+                uniform = torch.rand(BEAM_CANDIDATES * beam_width, generator=group.generator)
                 if beam_segments and beam_segments[-1][0] == beam_width:
                     beam_segments[-1] = (beam_width, beam_segments[-1][1], offset + k)
+                    beam_uniform[-1].append(uniform)
                 else:
                     beam_segments.append((beam_width, offset, offset + k))
+                    beam_uniform.append([uniform])
                 continue
-            num_greedy += kind == RowKind.GREEDY
             forced = group.rows[0].forced()
             if forced is not None:  # punctuation, <eos>, prompt characters: no draw, still a model step
                 forced_rows.append(offset)
                 forced_tokens.append(forced)
-            elif kind == RowKind.SAMPLE:
+            else:
                 sample_rows.append(offset)
                 # One uniform per free step from the request's own generator: independent of the batch.
-                r = group.request
-                sample_cfg.append((r.temperature, r.top_k, r.top_p, float(torch.rand((), generator=group.generator))))
+                sample_cfg.append((*draw_params(group.request), float(torch.rand((), generator=group.generator))))
         bias = step_bias(rows, penalties, self.device) if rows else None
         tensor = lambda values, dtype=None: torch.tensor(values, dtype=dtype, device=self.device) if values else None  # noqa: E731
         cfg = tuple(torch.tensor(c) for c in zip(*sample_cfg))  # on the CPU: the sampler's arguments
-        return StepInputs(bias, num_greedy, tensor(sample_rows), cfg, tensor(forced_rows), tensor(forced_tokens),
-                          beam_segments)
+        return StepInputs(bias, tensor(sample_rows), cfg, tensor(forced_rows), tensor(forced_tokens),
+                          beam_segments, [torch.stack(u) for u in beam_uniform])
 
     def _pay_lse(self) -> None:
         """Subtract the last step's log-sum-exp from the totals of the rows that chose without one."""
@@ -298,13 +292,10 @@ class ModelBatch:
         if inputs.beam_segments:
             lse_beam = torch.empty(R - nb, device=device)  # their log-sum-exps
             parents = torch.arange(R, device=device)  # (R,) the row each row continues: itself, or a beam's parent
-        g = inputs.num_greedy
-        if g:
-            next_tokens[:g] = choose_greedy(logits[:g], bias.rows(0, g))
         if inputs.sample_rows is not None:
             next_tokens[inputs.sample_rows] = choose_sample(logits, bias, inputs.sample_rows, *inputs.sample_cfg).to(device)
-        for beam_width, a, b in inputs.beam_segments:
-            step, lse = choose_beam(logits[a:b], bias.rows(a, b), self.beam_scores[a:b], beam_width)
+        for (beam_width, a, b), uniform in zip(inputs.beam_segments, inputs.beam_uniform):
+            step, lse = choose_beam(logits[a:b], bias.rows(a, b), self.beam_scores[a:b], beam_width, uniform)
             lse_beam[a - nb:b - nb] = lse.to(device)
             next_tokens[a:b] = step.tokens
             parents[a:b] = step.parents + a
