@@ -260,11 +260,12 @@ class Commands:
         return Reply(format_reply(result, self.store.chat_settings(who.chat_id)), poem_id=poem_id)
 
     async def generate(self, chat_id: int, *, prompt: str = "", acrostic: str | None = None,
-                       form: str | None = None) -> PoemResult:
-        """One poem in the chat's settings; raises PoemUnavailable with a reply fit for the chat."""
+                       form: str | None = None, seed: int | None = None) -> PoemResult:
+        """One poem in the chat's settings; raises PoemUnavailable with a reply fit for the chat.
+        `seed`: the engine's draw (same request and seed, same poem); None lets the engine pick one."""
         s = self.store.chat_settings(chat_id)
         request = PoemRequest(prompt=prompt, acrostic=acrostic, form=form or s.form, mode=s.mode,
-                              beam_width=s.beam_width, temperature=s.temperature, model=s.model)
+                              beam_width=s.beam_width, temperature=s.temperature, model=s.model, seed=seed)
         try:
             return await self.engine.generate(request.validate())
         except RequestError as e:

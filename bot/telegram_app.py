@@ -59,6 +59,8 @@ FEEDBACK_RE = re.compile(r"^fb:(\d+):(up|down)$")
 # Commands arrive as messages in private chats and groups, and as channel posts in channels.
 # Edited messages are left out: editing "/poem 月" should not write a second poem.
 COMMAND_UPDATES = filters.UpdateType.MESSAGE | filters.UpdateType.CHANNEL_POST
+INLINE_CANDIDATES = 3  # poems offered per inline query, one rate-limit token each
+SEED_LIMIT = 2**63  # the engine takes seeds in [0, 2**63)
 
 
 def redact(text: str, secrets: list[str]) -> str:
@@ -177,25 +179,39 @@ async def on_feedback(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Non
 
 
 async def on_inline_query(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    """`@bot 月`: offer three poems opening with 月 (sampled, each with its own seed)."""
+    """`@bot 月`: offer up to three different poems opening with 月.
+
+    Each candidate is a poem like /poem's, so each costs one rate-limit token: a user with one token left
+    gets one candidate, not three poems for the price of one. The candidates are drawn with three different
+    seeds (from one random draw), so they differ by construction rather than by chance, and a candidate that
+    still repeats another (a model sure of itself draws the same lines) is dropped."""
     query = update.inline_query
     prompt = "".join(query.query.split())
     commands = commands_of(context)
-    if not prompt:
+    granted = 0
+    while prompt and granted < INLINE_CANDIDATES and commands.rate_limiter.acquire(query.from_user.id) == 0:
+        granted += 1
+    if not granted:
         await query.answer([], cache_time=5)
         return
-    if commands.rate_limiter.acquire(query.from_user.id) > 0:
-        await query.answer([], cache_time=5)
-        return
-    results = []
-    for _ in range(3):
-        try:
-            result = await commands.generate(query.from_user.id, prompt=prompt)
-        except PoemUnavailable:
-            break
-        text = format_reply(result, commands.store.chat_settings(query.from_user.id))
-        results.append(InlineQueryResultArticle(id=uuid.uuid4().hex, title=result.lines[0], description="".join(result.lines[1:2]),
-                                                input_message_content=InputTextMessageContent(text)))
+    first_seed = commands.rng.randrange(SEED_LIMIT)
+    # Together: the engine batches concurrent requests, and Telegram waits only seconds for an answer.
+    outcomes = await asyncio.gather(
+        *(commands.generate(query.from_user.id, prompt=prompt, seed=(first_seed + i) % SEED_LIMIT)
+          for i in range(granted)), return_exceptions=True)
+    settings = commands.store.chat_settings(query.from_user.id)
+    results, seen = [], set()
+    for outcome in outcomes:
+        if isinstance(outcome, PoemUnavailable):
+            continue
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if tuple(outcome.lines) in seen:
+            continue
+        seen.add(tuple(outcome.lines))
+        results.append(InlineQueryResultArticle(
+            id=uuid.uuid4().hex, title=outcome.lines[0], description="".join(outcome.lines[1:2]),
+            input_message_content=InputTextMessageContent(format_reply(outcome, settings))))
     await query.answer(results, cache_time=0, is_personal=True)
 
 

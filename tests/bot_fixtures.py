@@ -27,13 +27,19 @@ FILLER = "山水花风云春秋天人江河日夜明清白青长空中东西南�
 
 class ScriptedEngine:
     """A PoemEngine without a model: validates like the real one, writes a poem of the right shape that opens
-    with the prompt, and remembers every request. Set `error` to make the next calls raise it."""
+    with the prompt, and remembers every request. Set `error` to make the next calls raise it.
+
+    Like the real engine's contract, the same request and seed give the same poem and another seed another
+    poem; a request without a seed always gets the same poem here, so a caller that wants different poems
+    must ask with different seeds. `ignore_seed` makes every seed give the same poem (a model so sure of
+    itself that its draws agree)."""
 
     def __init__(self, known: str = FILLER + "月春夏秋冬雪雨"):
         self.requests: list[PoemRequest] = []
         self.known = set(known)
         self.error: Exception | None = None
         self.reloads = 0
+        self.ignore_seed = False
 
     async def generate(self, request: PoemRequest) -> PoemResult:
         request.validate()
@@ -44,7 +50,8 @@ class ScriptedEngine:
         if unknown:
             raise RequestError("unknown_character", "prompt", f"unknown character {unknown[0]!r}")
         form = FORMS[request.form]
-        text = request.prompt + FILLER * 3
+        shift = request.seed % len(FILLER) if request.seed is not None and not self.ignore_seed else 0
+        text = request.prompt + (FILLER[shift:] + FILLER[:shift]) * 3
         lines = [text[i * form.line_len:(i + 1) * form.line_len] for i in range(form.num_lines)]
         if request.acrostic:
             lines = [head + line[1:] for head, line in zip(request.acrostic, lines)]

@@ -226,12 +226,43 @@ async def test_feedback_buttons_store_the_vote_and_show_counts(settings, fake_ap
     assert edit["reply_markup"]["inline_keyboard"][0][0]["text"] == "👍 1"
 
 
-async def test_inline_mode_offers_poems(settings, fake_api, scripted_engine, store):
+def inline_texts(answer: dict) -> list[str]:
+    return [r["input_message_content"]["message_text"] for r in answer["results"]]
+
+
+async def test_inline_mode_offers_three_distinct_poems_each_from_its_own_seed(settings, fake_api, scripted_engine,
+                                                                             store):
     async with running_bot(settings, scripted_engine, store):
         fake_api.inline_query(USER, "月")
         [answer] = await fake_api.wait_for_calls("answerInlineQuery")
-    assert len(answer["results"]) == 3
-    assert answer["results"][0]["input_message_content"]["message_text"].startswith("月")
+    texts = inline_texts(answer)
+    assert len(texts) == 3 and len(set(texts)) == 3, texts
+    assert all(t.startswith("月") for t in texts)
+    seeds = [r.seed for r in scripted_engine.requests]
+    assert None not in seeds and len(set(seeds)) == 3, seeds
+
+
+async def test_inline_mode_drops_a_candidate_that_repeats_another(settings, fake_api, scripted_engine, store):
+    scripted_engine.ignore_seed = True  # every seed writes the same poem
+    async with running_bot(settings, scripted_engine, store):
+        fake_api.inline_query(USER, "月")
+        [answer] = await fake_api.wait_for_calls("answerInlineQuery")
+    assert len(inline_texts(answer)) == 1
+
+
+async def test_an_inline_query_costs_one_rate_limit_token_per_candidate(tmp_path, fake_api, scripted_engine, store):
+    settings = make_settings(tmp_path, telegram_base_url=fake_api.base_url, rate_limit_count=4,
+                             rate_limit_seconds=600.0)
+    async with running_bot(settings, scripted_engine, store):
+        fake_api.inline_query(USER, "月")
+        await fake_api.wait_for_calls("answerInlineQuery", 1)
+        fake_api.inline_query(USER, "山")
+        answers = await fake_api.wait_for_calls("answerInlineQuery", 2)
+        fake_api.message(USER, "/poem 水")
+        [limited] = await fake_api.wait_for_sent(1)
+    assert [len(a["results"]) for a in answers] == [3, 1]  # 4 tokens: three poems, then the one left
+    assert "Too many poems" in limited["text"]
+    assert len(scripted_engine.requests) == 4
 
 
 def test_the_token_never_reaches_a_log_line(settings, caplog):
