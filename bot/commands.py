@@ -105,6 +105,16 @@ class Who:
     chat_type: str = "private"  # private | group | supergroup | channel
     # Asks Telegram whether the sender administers this group; only called when a command needs it.
     is_chat_admin: Callable[[], Awaitable[bool]] | None = None
+    # The chat the message was sent as: an anonymous group admin (the group) or "send as channel" (the channel).
+    sender_chat_id: int | None = None
+
+    @property
+    def rate_key(self) -> int:
+        """Whose poems the rate limit counts. A message sent as a chat names a placeholder bot as its user,
+        shared by every anonymous admin and every channel in Telegram, so it counts against that chat."""
+        if self.sender_chat_id is not None:
+            return self.sender_chat_id
+        return self.user_id if self.user_id is not None else self.chat_id
 
     async def can_manage(self) -> bool:
         """May this sender change the chat's settings? Anyone in private; in channels only admins can post."""
@@ -199,7 +209,7 @@ class Commands:
         if manages and not await who.can_manage():
             return Reply(CHAT_ADMINS_ONLY)
         if name in POEM_COMMANDS:
-            wait = self.rate_limiter.acquire(who.user_id if who.user_id is not None else who.chat_id)
+            wait = self.rate_limiter.acquire(who.rate_key)
             if wait > 0:
                 return Reply(f"请慢一点：{math.ceil(wait)} 秒后再来。\nToo many poems — try again in "
                              f"{math.ceil(wait)} s (at most {self.rate_limiter.count} per "

@@ -145,7 +145,9 @@ def who_sent(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Who:
         member = await context.bot.get_chat_member(chat.id, user.id)
         return member.status in (ChatMember.ADMINISTRATOR, ChatMember.OWNER)
 
-    return Who(chat_id=chat.id, user_id=user.id if user else None, chat_type=chat.type, is_chat_admin=is_chat_admin)
+    sender_chat = message.sender_chat if message is not None else None
+    return Who(chat_id=chat.id, user_id=user.id if user else None, chat_type=chat.type, is_chat_admin=is_chat_admin,
+               sender_chat_id=sender_chat.id if sender_chat is not None else None)
 
 
 def commands_of(context: ContextTypes.DEFAULT_TYPE) -> Commands:

@@ -265,6 +265,30 @@ async def test_an_inline_query_costs_one_rate_limit_token_per_candidate(tmp_path
     assert len(scripted_engine.requests) == 4
 
 
+GROUP_ANONYMOUS_BOT, CHANNEL_BOT = 1087968824, 136817688  # Telegram's placeholder senders
+
+
+async def test_the_rate_limit_counts_per_chat_a_message_is_sent_as(tmp_path, fake_api, scripted_engine, store):
+    """Posts "as a channel" all come from CHANNEL_BOT and anonymous admins' from GROUP_ANONYMOUS_BOT: keyed on
+    from_user, every such sender in the world would share one bucket."""
+    settings = make_settings(tmp_path, telegram_base_url=fake_api.base_url, rate_limit_count=1,
+                             rate_limit_seconds=600.0)
+    channel_a = {"id": CHANNEL, "type": "channel", "title": "a"}
+    channel_b = {"id": CHANNEL - 1, "type": "channel", "title": "b"}
+    as_group = {"id": GROUP, "type": "supergroup", "title": "g"}
+    async with running_bot(settings, scripted_engine, store):
+        for n, (text, sender, sender_chat) in enumerate([
+                ("/poem 月", CHANNEL_BOT, channel_a), ("/poem 山", CHANNEL_BOT, channel_b),
+                ("/poem 水", CHANNEL_BOT, channel_a), ("/poem 花", GROUP_ANONYMOUS_BOT, as_group),
+                ("/poem 风", GROUP_ANONYMOUS_BOT, as_group)], start=1):
+            fake_api.message(GROUP, text, user_id=sender, chat_type="supergroup", sender_chat=sender_chat)
+            sent = await fake_api.wait_for_sent(n)  # one at a time: the order decides who is limited
+    texts = [m["text"] for m in sent]
+    assert texts[0].startswith("月") and texts[1].startswith("山")  # two channels, two buckets
+    assert "Too many poems" in texts[2]  # channel a again: its own bucket is spent
+    assert texts[3].startswith("花") and "Too many poems" in texts[4]  # the group's anonymous admins share one
+
+
 def test_the_token_never_reaches_a_log_line(settings, caplog):
     assert TOKEN not in repr(settings) and TOKEN not in str(settings)
     logger = logging.getLogger("test.redact")
