@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import threading
 
 import pytest
 from telegram.error import BadRequest, Forbidden, RetryAfter, TimedOut
@@ -127,10 +128,59 @@ async def test_a_slot_before_the_subscription_is_not_owed(daily, clock, outbox):
     assert await daily.catch_up() == 0 and outbox.sent == []
 
 
-async def test_two_posters_racing_send_once(daily, clock, outbox):
+class Lockstep:
+    """Holds two posters in step so they race where it matters: both writing the poem (both past the first
+    "is it due?" check), then both past the re-read, before either claims. Each poster runs in its own thread
+    with its own event loop and its own connection to the SQLite file, as two bot processes would; only the
+    claim's conditional UPDATE can then keep the post single.
+
+    The engine waits at the first barrier; the clock, first read after the poem (the re-check of the slot,
+    just after re-reading the subscription), at the second."""
+
+    def __init__(self, engine, clock):
+        self.engine, self.clock = engine, clock
+        self.writing, self.rechecked = threading.Barrier(2, timeout=30), threading.Barrier(2, timeout=30)
+        self.local = threading.local()
+
+    async def generate(self, request):
+        await asyncio.to_thread(self.writing.wait)  # yields: the other poster gets here too
+        self.local.poem_written = True
+        return await self.engine.generate(request)
+
+    def now(self):
+        if getattr(self.local, "poem_written", False) and not getattr(self.local, "rechecked", False):
+            self.local.rechecked = True
+            self.rechecked.wait()
+        return self.clock()
+
+    def __getattr__(self, name):  # models(), status() … as the engine has them
+        return getattr(self.engine, name)
+
+
+def test_two_posters_racing_for_one_slot_post_once(tmp_path, scripted_engine, clock, outbox):
+    Store.open(tmp_path / "bot.db").subscribe(CHAT, "08:00", "wujue", since=clock())
     clock.set_local("08:00")
-    results = await asyncio.gather(daily.post_if_due(CHAT), daily.post_if_due(CHAT), daily.catch_up())
-    assert len(outbox.sent) == 1 and sum(results) == 1
+    lockstep = Lockstep(scripted_engine, clock)
+    results, errors = [], []
+
+    def poster():
+        try:
+            store = Store.open(tmp_path / "bot.db")
+            daily = Daily(store, Commands(lockstep, store, make_settings(tmp_path), clock=lockstep.now), outbox, TZ,
+                          dt.timedelta(hours=2), clock=lockstep.now)
+            results.append(asyncio.run(daily.post_if_due(CHAT)))
+            store.close()
+        except BaseException as e:  # noqa: BLE001 — reported by the test below
+            errors.append(e)
+
+    threads = [threading.Thread(target=poster) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(scripted_engine.requests) == 2  # both wrote a poem: they did race
+    assert sorted(results) == [False, True] and len(outbox.sent) == 1
 
 
 async def test_a_busy_engine_costs_no_claim_and_a_later_try_posts(daily, clock, outbox, scripted_engine):
