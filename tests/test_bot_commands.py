@@ -67,10 +67,15 @@ async def test_command_addressed_with_bot_username_is_understood(commands):
     assert reply.poem_id is not None
 
 
-async def test_acrostic_puts_one_character_at_the_head_of_each_line(commands):
-    reply = await commands.handle(private(), "/cangtou 春夏秋冬")
-    lines = [part for c in poem_lines(reply.text) for part in re.split("[，。]", c) if part]
-    assert [line[0] for line in lines] == list("春夏秋冬")
+@pytest.mark.parametrize("command", ["/acrostic", "/cangtou"])
+async def test_acrostic_asks_the_engine_for_those_heads_in_the_chats_line_length(commands, scripted_engine, command):
+    """What the bot decides: the heads go to the engine as `acrostic` (not as a prompt), and four heads in a
+    chat set to 七律 ask for 七绝 (same line length, four lines). Putting them at the line heads is the engine's."""
+    await commands.handle(private(), "/form 七律")
+    reply = await commands.handle(private(), f"{command} 春夏秋冬")
+    [request] = scripted_engine.requests
+    assert (request.acrostic, request.prompt, request.form) == ("春夏秋冬", "", "qijue")
+    assert reply.poem_id is not None
 
 
 async def test_acrostic_with_eight_characters_writes_a_lushi(commands, scripted_engine):
