@@ -146,3 +146,49 @@ async def test_a_rollback_to_an_older_version_swaps_even_with_a_worse_perplexity
         report = await engine.reload("lstm")
         assert (await engine.models())[0]["version"] == old
     assert report["lstm"] == {"status": "swapped", "version": old, "previous": new}
+
+
+async def test_a_version_that_sorts_older_but_is_no_rollback_is_still_gated(checkpoint_store, tiny_checkpoint, tmp_path):
+    # A candidate saved before a hand-published version sorts older than it. Taking version order for a
+    # rollback let it skip the perplexity gate; only `rollback` itself may.
+    meta = load_checkpoint(tiny_checkpoint).meta
+    worse = new_version(tiny_checkpoint, tmp_path / "worse.safetensors",
+                        metrics={**meta["metrics"], "val_ppl": meta["metrics"]["val_ppl"] * 1.5})
+    newer = store.publish(checkpoint_store, "lstm", new_version(tiny_checkpoint, tmp_path / "newer.safetensors"))
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        assert (await engine.models())[0]["version"] == newer
+        older = store.publish(checkpoint_store, "lstm", worse)
+        assert older < newer
+        report = await engine.reload("lstm")
+        assert (await engine.models())[0]["version"] == newer
+    assert report["lstm"]["status"] == "refused" and "val_ppl" in report["lstm"]["reason"]
+
+
+async def test_a_version_that_passed_the_trainers_gate_is_not_gated_again_on_metadata(checkpoint_store, tiny_checkpoint,
+                                                                                         tmp_path):
+    # The trainer scores candidate and serving on the same held-out poems; metadata val_ppl comes from each
+    # checkpoint's own split. Re-gating on the metadata refused versions the trainer had published.
+    meta = load_checkpoint(tiny_checkpoint).meta
+    worse_meta = {**meta["metrics"], "val_ppl": meta["metrics"]["val_ppl"] * 1.5}
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        new = store.publish(checkpoint_store, "lstm", new_version(tiny_checkpoint, tmp_path / "g.safetensors",
+                                                                  metrics=worse_meta),
+                            gate={"candidate_ppl": 80.0, "serving_ppl": 81.0})
+        report = await engine.reload("lstm")
+        assert (await engine.models())[0]["version"] == new
+    assert report["lstm"]["status"] == "swapped"
+
+
+async def test_a_gate_verdict_for_other_weights_is_not_trusted(checkpoint_store, tiny_checkpoint, tmp_path):
+    meta = load_checkpoint(tiny_checkpoint).meta
+    worse_meta = {**meta["metrics"], "val_ppl": meta["metrics"]["val_ppl"] * 1.5}
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        old = (await engine.models())[0]["version"]
+        new = store.publish(checkpoint_store, "lstm", new_version(tiny_checkpoint, tmp_path / "g.safetensors",
+                                                                  metrics=worse_meta))
+        # A verdict copied in by hand from another version: its weights digest does not match.
+        (store.version_path(checkpoint_store, "lstm", new).with_suffix(".gate.json")).write_text(
+            '{"passed": true, "weights_sha256": "0000"}')
+        report = await engine.reload("lstm")
+        assert (await engine.models())[0]["version"] == old
+    assert report["lstm"]["status"] == "refused"

@@ -226,3 +226,68 @@ def test_the_summary_reads_as_one_line():
               "metrics": {"candidate": {"ppl": 90.0}, "serving": {"ppl": 95.5}}}
     assert spool.summary(record) == "published V2, ppl 95.50 → 90.00"
     assert spool.summary({"outcome": "skipped", "why": "unchanged"}) == "skipped, unchanged"
+
+
+def _during_training(action):
+    """Trainer.run that does `action()` (a hand publish, a rollback) while the run trains."""
+    from trainer.train import Trainer
+
+    real_run = Trainer.run
+
+    def run(self, progress_bar=True):
+        action()
+        return real_run(self, progress_bar)
+    return pytest.MonkeyPatch.context(), Trainer, run
+
+
+def _new_version_of(path: Path, dst: Path) -> Path:
+    import time as _time
+
+    from engine.model.checkpoint import save_checkpoint
+
+    _time.sleep(0.002)  # versions have millisecond resolution
+    ckpt = load_checkpoint(path)
+    save_checkpoint(dst, ckpt.model, ckpt.vocab, {k: ckpt.meta[k] for k in ("metrics", "corpus_hash", "train")})
+    return dst
+
+
+@pytest.mark.parametrize("operator", ["publish", "rollback"])
+def test_a_run_whose_start_point_moved_while_it_trained_is_superseded(v1, fake_decoder, tmp_path, operator):
+    from trainer.__main__ import main
+
+    root, first = v1
+    add_poems(root / "corpus", make_poems(80, seed=2))
+    cfg = tiny_config(root, root / "corpus")
+    cur = store.current_path(cfg.store, "lstm")
+    hand = _new_version_of(cur, tmp_path / "hand.safetensors")
+    if operator == "rollback":  # the run starts from a hand-published v2 and the operator goes back to v1
+        assert main(["publish", "--store", cfg.store, "--name", "lstm", "--checkpoint", str(hand)]) == 0
+        args = ["rollback", "--store", cfg.store, "--name", "lstm"]
+    else:
+        args = ["publish", "--store", cfg.store, "--name", "lstm", "--checkpoint", str(hand)]
+    start = store.current_version(cfg.store, "lstm")
+    ctx, Trainer, run = _during_training(lambda: main(args))
+    with ctx as mp:
+        mp.setattr(Trainer, "run", run)
+        record = retrain(cfg)
+    chosen = store.current_version(cfg.store, "lstm")
+    assert chosen != start  # the operator moved CURRENT during the run …
+    assert record["outcome"] == "superseded", record  # … so the run does not overwrite it
+    assert record["serving_version"] == start and chosen in record["why"]
+    assert "version" not in record and len(store.versions(cfg.store, "lstm")) == 2
+    # Not a trained outcome: the next run trains again, from what serves now.
+    again = retrain(cfg)
+    assert again["outcome"] == "published" and again["serving_version"] == chosen
+
+
+def test_a_published_run_stores_its_gate_verdict_for_the_engine(v1, fake_decoder):
+    root, first = v1
+    add_poems(root / "corpus", make_poems(80, seed=2))
+    cfg = tiny_config(root, root / "corpus")
+    record = retrain(cfg)
+    assert record["outcome"] == "published", record
+    gate = store.gate_record(cfg.store, "lstm", record["version"])
+    assert gate["passed"] is True
+    assert gate["candidate_ppl"] == record["metrics"]["candidate"]["ppl"]
+    assert gate["serving_ppl"] == record["metrics"]["serving"]["ppl"]
+    assert gate["serving_version"] == first["version"]

@@ -212,3 +212,45 @@ def test_the_command_line_publishes_rolls_back_and_lists_versions(root, ckpts, c
     assert "no published version" in capsys.readouterr().err
     records = [json.loads(line) for line in (root / ".trainer" / "runs.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["publish", "publish", "rollback"]
+
+
+def test_a_publish_expecting_a_current_that_moved_is_superseded_and_changes_nothing(root, ckpts):
+    # A retrain fine-tuned from v0; meanwhile an operator published v1 by hand. The retrain's publish must
+    # not overwrite the operator's choice (last writer wins was the bug).
+    v0 = store.publish(root, "lstm", ckpts[0])
+    v1 = store.publish(root, "lstm", ckpts[1])
+    with pytest.raises(store.Superseded, match=v1):
+        store.publish(root, "lstm", ckpts[2], expect=v0)
+    assert store.current_version(root, "lstm") == v1
+    assert store.versions(root, "lstm") == [v0, v1]
+    # The expected CURRENT still there: the publish goes through; None expects an empty store.
+    assert store.publish(root, "lstm", ckpts[2], expect=v1) == version_of(ckpts[2])
+    with pytest.raises(store.Superseded):
+        store.publish(root / "other", "lstm", ckpts[0], expect=v0)
+    assert store.publish(root / "other", "lstm", ckpts[0], expect=None) == v0
+
+
+def test_a_rollback_is_recorded_with_current_and_a_publish_or_set_current_clears_it(root, ckpts):
+    v0, v1 = (store.publish(root, "lstm", c) for c in ckpts[:2])
+    assert store.current_state(root, "lstm") == (v1, False)
+    store.rollback(root, "lstm")
+    assert store.current_state(root, "lstm") == (v0, True)
+    assert store.current_version(root, "lstm") == v0
+    store.set_current(root, "lstm", v1)
+    assert store.current_state(root, "lstm") == (v1, False)
+    store.rollback(root, "lstm", v0)
+    store.publish(root, "lstm", ckpts[2])
+    assert store.current_state(root, "lstm") == (version_of(ckpts[2]), False)
+
+
+def test_the_gate_verdict_is_stored_beside_the_version_before_current_moves_and_pruned_with_it(root, ckpts):
+    verdict = {"candidate_ppl": 90.0, "serving_ppl": 95.0}
+    v0 = store.publish(root, "lstm", ckpts[0], gate=verdict)
+    gate = store.gate_record(root, "lstm", v0)
+    assert gate["candidate_ppl"] == 90.0 and gate["passed"] is True
+    assert gate["weights_sha256"] == load_checkpoint(store.current_path(root, "lstm")).meta["weights_sha256"]
+    v1 = store.publish(root, "lstm", ckpts[1])  # by hand: no gate verdict
+    assert store.gate_record(root, "lstm", v1) is None
+    store.publish(root, "lstm", ckpts[2], keep=1)
+    assert store.gate_record(root, "lstm", v0) is None
+    assert sorted(p.name for p in (root / "lstm" / "versions").iterdir()) == [f"{version_of(ckpts[2])}.safetensors"]

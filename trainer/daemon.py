@@ -166,7 +166,7 @@ def run_once(cfg: RetrainConfig, force: bool, reason: str) -> int:
     record = retrain(cfg, force=force, reason=reason)
     print(json.dumps(record, ensure_ascii=False, default=str))
     print(summary(record), file=sys.stderr)
-    return 0 if record["outcome"] in ("published", "skipped", "rejected") else 1
+    return 0 if record["outcome"] in ("published", "skipped", "rejected", "superseded") else 1
 
 
 def setup_logging():

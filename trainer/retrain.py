@@ -4,7 +4,7 @@
     python -m trainer schedule                      # the daemon that calls retrain() on RETRAIN_CRON
 
     record = retrain(RetrainConfig.from_env(), reason="cli")
-    record["outcome"]   # "published" | "rejected" | "skipped" | "failed" | "busy"
+    record["outcome"]   # "published" | "rejected" | "superseded" | "skipped" | "failed" | "busy"
 
 A run
 1. hashes the corpus (trainer.corpus) and the training code; when both equal those of the last run that
@@ -17,7 +17,9 @@ A run
    (the hash split of trainer.corpus, so a poem never moves between splits as the corpus grows) and
    generates a few poems of each form;
 4. publishes (engine.model.versions.publish) only when the candidate is not worse than the serving version beyond
-   `tolerance` and every generated poem has its form.
+   `tolerance` and every generated poem has its form, storing that verdict beside the version (the engine
+   trusts it rather than gating again), and only if CURRENT still names the version the run started from:
+   otherwise (a hand publish or rollback meanwhile) the outcome is "superseded" and nothing is published.
 Every run, skipped ones too, appends one JSON line to CHECKPOINT_DIR/.trainer/runs.jsonl ("kind":
 "retrain"; `python -m trainer publish` and `rollback` add theirs there too).
 """
@@ -226,7 +228,9 @@ def retrain(cfg: RetrainConfig, force: bool = False, reason: str = "manual", wai
 
 
 def _load_serving(cfg: RetrainConfig, record: dict) -> tuple[Path | None, Checkpoint | None]:
-    path = ckpt_store.current_path(cfg.store, cfg.name)
+    # CURRENT read once: the version the run starts from is the one its publish expects to replace.
+    record["store_version"] = ckpt_store.current_version(cfg.store, cfg.name)
+    path = ckpt_store.version_path(cfg.store, cfg.name, record["store_version"]) if record["store_version"] else None
     if path is None and cfg.base:
         path = PACKAGE_CHECKPOINTS / f"{cfg.name}.safetensors" if cfg.base == "package" else Path(cfg.base)
         if cfg.base == "package" and not path.is_file():
@@ -315,7 +319,19 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     elif not check["ok"]:
         record.update(outcome="rejected", why=f"form check failed: {check['failures'][0]}")
     else:
-        version = ckpt_store.publish(cfg.store, cfg.name, run_dir / "best.safetensors", keep=cfg.keep)
+        gate = {"candidate_ppl": cand_ppl, "serving_ppl": metrics.get("serving", {}).get("ppl"),
+                "serving_version": record.get("serving_version"), "tolerance": cfg.tolerance,
+                "held_out_poems": len(held_out), "corpus_hash": record["corpus_hash"]}
+        try:
+            # Compare-and-swap on the CURRENT this run started from: a hand publish or rollback made while it
+            # trained is the operator's decision, and this candidate was only compared with the old version.
+            version = ckpt_store.publish(cfg.store, cfg.name, run_dir / "best.safetensors", keep=cfg.keep,
+                                         expect=record["store_version"], gate=gate)
+        except ckpt_store.Superseded:
+            now = ckpt_store.current_version(cfg.store, cfg.name)
+            record.update(outcome="superseded", why=f"CURRENT moved from {record['store_version']} to {now} "
+                                                    "while the run trained; not publishing over it")
+            return
         was = f" (serving {metrics['serving']['ppl']:.2f})" if serving is not None else ""
         record.update(outcome="published", version=version,
                       why=f"validation ppl {cand_ppl:.2f}{was}, form check passed")

@@ -4,7 +4,8 @@
       lstm/
         versions/20261126T221500123Z.safetensors
         versions/20261127T031500456Z.safetensors
-        CURRENT            ← "20261127T031500456Z\n", replaced atomically
+        versions/20261127T031500456Z.gate.json   ← the trainer's gate verdict (retrain publishes only)
+        CURRENT            ← "20261127T031500456Z\n" ("…\nrollback\n" after a rollback), replaced atomically
 
 Publishing copies the checkpoint into `versions/` under a temporary name, fsyncs, fully validates the
 copy (the bytes that will be served, not the source), renames, fsyncs the directory, then replaces
@@ -12,6 +13,13 @@ CURRENT. A kill at any moment leaves CURRENT naming a complete version (the old 
 of one. Writers (publish, rollback, prune) hold an flock on `<name>/.lock`, so two publishers never
 interleave and the temporary files a writer finds under the lock are leftovers of a killed one. The
 engine reads this layout without locking; the trainer writes it.
+
+`publish(..., expect=v)` is a compare-and-swap: it changes nothing and raises Superseded unless CURRENT
+still names `v` (a retrain passes the version it started from, so a hand publish or rollback made while it
+trained is not overwritten). `rollback` marks CURRENT as a rollback in the same atomic write, so the
+engine knows the operator chose it and does not guess from version order. `publish(..., gate={…})`
+stores the trainer's gate verdict beside the version before CURRENT names it; the engine trusts that
+verdict instead of gating again on each checkpoint's own metadata perplexity.
 
     publish(store, "lstm", "runs/lstm/best.safetensors", keep=5)   # -> version
     rollback(store, "lstm", "20261126T221500123Z")
@@ -21,7 +29,9 @@ engine reads this layout without locking; the trainer writes it.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -37,6 +47,14 @@ VERSION_RE = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
 
 class StoreError(Exception):
     """A store operation that cannot be done; nothing was changed."""
+
+
+class Superseded(StoreError):
+    """publish(expect=…) found CURRENT naming another version: someone else moved it; nothing was changed."""
+
+
+ANY = object()  # publish(expect=ANY): whatever CURRENT names (a hand publish)
+ROLLBACK = "rollback"  # CURRENT's second line after `rollback`
 
 
 def check_name(name: str) -> str:
@@ -63,13 +81,33 @@ def model_names(store: Path) -> list[str]:
     return sorted(d.name for d in store.iterdir() if NAME_RE.match(d.name) and (d / "CURRENT").is_file())
 
 
-def current_version(store: Path, name: str) -> str | None:
+def current_state(store: Path, name: str) -> tuple[str | None, bool]:
+    """(the version CURRENT names or None, whether `rollback` put it there), read in one go."""
     pointer = _model_dir(store, name) / "CURRENT"
     try:
-        version = pointer.read_text().strip()
+        lines = pointer.read_text().split()
     except FileNotFoundError:
+        return None, False
+    if not lines:
+        return None, False
+    return lines[0], lines[1:2] == [ROLLBACK]
+
+
+def current_version(store: Path, name: str) -> str | None:
+    return current_state(store, name)[0]
+
+
+def gate_path(store: Path, name: str, version: str) -> Path:
+    return version_path(store, name, version).with_name(f"{version}.gate.json")
+
+
+def gate_record(store: Path, name: str, version: str) -> dict | None:
+    """The trainer's gate verdict for `version` (None when it was published by hand or the file is unreadable)."""
+    try:
+        record = json.loads(gate_path(store, name, version).read_text())
+    except (OSError, ValueError):
         return None
-    return version or None
+    return record if isinstance(record, dict) else None
 
 
 def current_path(store: Path, name: str) -> Path | None:
@@ -98,21 +136,23 @@ def versions(store: Path, name: str) -> list[str]:
     return sorted(p.stem for p in d.glob("*.safetensors") if not p.name.startswith("."))
 
 
-def publish(store: Path, name: str, checkpoint: Path, keep: int = 5) -> str:
+def publish(store: Path, name: str, checkpoint: Path, keep: int = 5, *, expect=ANY, gate: dict | None = None) -> str:
     """Validate `checkpoint`, copy it in atomically, point CURRENT at it; returns its version.
 
     The copy is loaded in full (SHA-256 of the weights, shapes, finite values) before it becomes
     visible, so a corrupt file is refused with StoreError and nothing in the store changes.
+    `expect`: the version CURRENT must still name (None: nothing published yet), else Superseded.
+    `gate`: the trainer's verdict (perplexities, …), stored with the weights digest as <version>.gate.json.
     """
     if keep < 1:
         raise StoreError("keep must be at least 1")
     try:
-        return _publish(Path(store), name, Path(checkpoint), keep)
+        return _publish(Path(store), name, Path(checkpoint), keep, expect, gate)
     except OSError as e:  # a full disk, a read-only store: the temporary file is gone, CURRENT untouched
         raise StoreError(f"{name}: cannot publish {checkpoint}: {e.strerror or e}") from None
 
 
-def _publish(store: Path, name: str, checkpoint: Path, keep: int) -> str:
+def _publish(store: Path, name: str, checkpoint: Path, keep: int, expect, gate: dict | None) -> str:
     try:
         meta = read_meta(checkpoint)
     except CheckpointError as e:
@@ -120,6 +160,8 @@ def _publish(store: Path, name: str, checkpoint: Path, keep: int) -> str:
     version = meta["version"]
     target = version_path(store, name, version)
     with _writer_lock(store, name):
+        if expect is not ANY and (cur := current_version(store, name)) != expect:
+            raise Superseded(f"{name}: CURRENT is {cur!r}, not {expect!r} as expected; not publishing {version}")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             # Same version twice: fine when it is the same weights (re-publishing), an error otherwise —
@@ -145,6 +187,14 @@ def _publish(store: Path, name: str, checkpoint: Path, keep: int) -> str:
             # The rename must be durable before CURRENT names it, or a power cut could leave CURRENT
             # pointing at a directory entry that never reached the disk.
             fsync_dir(target.parent)
+        gate_file = gate_path(store, name, version)
+        if gate is not None:
+            # Durable before CURRENT moves: an engine that sees the new CURRENT finds the verdict too.
+            verdict = {**gate, "passed": True, "version": version, "weights_sha256": meta["weights_sha256"],
+                       "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            atomic_write_bytes(gate_file, json.dumps(verdict, default=str).encode())
+        else:
+            gate_file.unlink(missing_ok=True)  # a hand re-publish is not vouched for by an older verdict
         _set_current(store, name, version)
         _prune(store, name, keep)
     return version
@@ -155,23 +205,25 @@ def set_current(store: Path, name: str, version: str) -> None:
         _set_current(store, name, version)
 
 
-def _set_current(store: Path, name: str, version: str) -> None:
+def _set_current(store: Path, name: str, version: str, rollback: bool = False) -> None:
     if not version_path(store, name, version).is_file():
         raise StoreError(f"{name}: no published version {version!r} (have {versions(store, name)})")
-    atomic_write_bytes(_model_dir(store, name) / "CURRENT", f"{version}\n".encode())
+    # The rollback mark travels in the same atomic write as the version, so no reader sees one without the other.
+    text = f"{version}\n{ROLLBACK}\n" if rollback else f"{version}\n"
+    atomic_write_bytes(_model_dir(store, name) / "CURRENT", text.encode())
 
 
 def rollback(store: Path, name: str, version: str | None = None) -> str:
-    """Point CURRENT at `version`, or at the version before the current one; returns it."""
-    have = versions(store, name)
-    if version is None:
-        cur = current_version(store, name)
-        older = [v for v in have if cur is None or v < cur]
-        if not older:
-            raise StoreError(f"{name}: no version older than {cur!r} to roll back to")
-        version = older[-1]
+    """Point CURRENT at `version`, or at the version before the current one, marked as a rollback; returns it."""
     with _writer_lock(store, name):
-        _set_current(store, name, version)
+        # Read under the lock: a publish finishing meanwhile would otherwise make "the one before" stale.
+        if version is None:
+            cur = current_version(store, name)
+            older = [v for v in versions(store, name) if cur is None or v < cur]
+            if not older:
+                raise StoreError(f"{name}: no version older than {cur!r} to roll back to")
+            version = older[-1]
+        _set_current(store, name, version, rollback=True)
     return version
 
 
@@ -194,4 +246,5 @@ def _prune(store: Path, name: str, keep: int) -> list[str]:
     doomed = [v for v in have[:-keep] if v != cur] if len(have) > keep else []
     for v in doomed:
         version_path(store, name, v).unlink(missing_ok=True)
+        gate_path(store, name, v).unlink(missing_ok=True)
     return doomed

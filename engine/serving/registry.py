@@ -8,9 +8,12 @@
 
 A new version is loaded and validated off the step loop (the caller's thread): it must lie inside the
 checkpoint directory, load without CheckpointError (SHA-256, shapes, finite weights), have usable
-vocabulary and form tokens, write a greedy poem of every form that passes the form check, and have a
-`metrics.val_ppl` no worse than the serving version's by more than `ppl_tolerance` (unless it is older than
-the serving version: a rollback is the operator's choice). Then it is staged
+vocabulary and form tokens, write a greedy poem of every form that passes the form check, and pass one
+perplexity gate: a version the trainer published through its gate (a verdict stored beside it for these
+very weights, engine.model.versions.gate_record) is trusted, since the trainer scored candidate and serving
+on the same held-out poems; a version published by hand must have a `metrics.val_ppl` no worse than the
+serving version's by more than `ppl_tolerance`; a CURRENT written by `rollback` (the operator's explicit
+choice) is held to neither. Then it is staged
 and swapped in at the next step boundary. Rows already running hold a reference to the ServingModel
 they started on and finish on it; new requests get the new one. A refused version keeps the old one
 serving, is logged with its reason, counted in metrics, and not retried until CURRENT changes again.
@@ -197,17 +200,31 @@ class ModelRegistry:
     # -- loading ---------------------------------------------------------------------------------------
     def _store_path(self, name: str) -> Path | None:
         """The CURRENT version's file, refused if it resolves outside the checkpoint directory."""
+        return self._store_state(name)[0]
+
+    def _store_state(self, name: str) -> tuple[Path | None, bool]:
+        """(the CURRENT version's file, whether `rollback` wrote CURRENT); ValidationError outside the store."""
         if self.checkpoint_dir is None:
-            return None
+            return None, False
         try:
-            path = store.current_path(self.checkpoint_dir, name)
+            version, rolled_back = store.current_state(self.checkpoint_dir, name)
+            path = store.version_path(self.checkpoint_dir, name, version) if version else None
         except store.StoreError as e:
             raise ValidationError(str(e)) from None
         if path is None:
-            return None
+            return None, False
         if not _inside(path, self.checkpoint_dir):
             raise ValidationError(f"{path} resolves outside the checkpoint directory {self.checkpoint_dir}")
-        return path
+        return path, rolled_back
+
+    def _gated(self, candidate: ServingModel) -> bool:
+        """Whether the trainer's gate passed these very weights (a verdict for other weights proves nothing)."""
+        try:
+            gate = store.gate_record(self.checkpoint_dir, candidate.name, candidate.version)
+        except store.StoreError:
+            return False
+        return bool(gate and gate.get("passed") is True
+                    and gate.get("weights_sha256") == candidate.meta.get("weights_sha256"))
 
     def _package_path(self, name: str) -> Path | None:
         for path in (self.package_dir / f"{name}.safetensors", self.package_dir / name / f"{name}.safetensors"):
@@ -278,7 +295,7 @@ class ModelRegistry:
         with self._lock:
             running = self._pending.get(name) or self._serving.get(name)
         try:
-            path = self._store_path(name)
+            path, rolled_back = self._store_state(name)
         except ValidationError as e:
             return self._refuse(name, "?", str(e))
         if path is None:
@@ -290,10 +307,11 @@ class ModelRegistry:
             candidate = build_serving(name, path, self.device)
             if running is not None and candidate.version == running.version and not force:
                 return {"status": "unchanged", "version": running.version}
-            # The perplexity gate guards against a worse *new* model. CURRENT naming an older version than
-            # the serving one is a rollback, the operator's explicit choice: it is not held to it.
-            rollback = running is not None and candidate.version < running.version
-            validate(candidate, None if rollback else running, self.ppl_tolerance)
+            # One perplexity gate: the trainer's verdict when it published this version, else the metadata
+            # comparison. A rollback is the operator's explicit choice, recorded in CURRENT by `rollback`
+            # (version order proves nothing: a candidate may sort older than a hand-published version).
+            trusted = rolled_back or self._gated(candidate)
+            validate(candidate, None if trusted else running, self.ppl_tolerance)
         except (CheckpointError, ValidationError, OSError) as e:
             return self._refuse(name, path.stem, str(e))
         with self._lock:
