@@ -1,8 +1,10 @@
 """Trainer command line.
 
     python -m trainer corpus download --dest data/chinese-poetry [--include-ci] [--base-url URL]
+    python -m trainer corpus pack --corpus ../shared/corpus/chinese-poetry --out data/packed.safetensors
     python -m trainer corpus stats --corpus ../shared/corpus/chinese-poetry [--plot docs/corpus_stats.png]
     python -m trainer train --corpus ../shared/corpus/chinese-poetry --out runs/lstm --cell lstm --time-budget 30
+    python -m trainer export --checkpoint runs/gpu/best.safetensors --out OUT --name lstm --int8   (then: join)
     python -m trainer eval --checkpoint runs/lstm/best.safetensors --poems held_out.txt
     python -m trainer quality --checkpoint engine/checkpoints/gru.safetensors --corpus ../shared/corpus/chinese-poetry --n 20
     python -m trainer bench [--seconds 30] [--cell lstm]
@@ -74,7 +76,7 @@ def _module_command(module: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer import bench, download, quality, stats
+    from trainer import bench, download, pack, quality, stats
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (see --help for every knob)")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+    from trainer import export
+
+    for name, help_text, add, func in (
+        ("export", "a checkpoint as parts of at most --part-mib MiB (optionally int8)", export.add_export_arguments,
+         export.export_main),
+        ("join", "parts from `export` back into one verified checkpoint", export.add_join_arguments, export.join_main),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        add(p)
+        p.set_defaults(func=func)
     p = sub.add_parser("eval", help="per-character perplexity of a checkpoint on a file of poems (one a line)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--poems", required=True)
@@ -91,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     for parent, name, module, help_text in (
         (corpus_sub, "download", download, "fetch the chinese-poetry files (resumable, validated)"),
         (corpus_sub, "stats", stats, "poems per form and source, characters, coverage, frequencies"),
+        (corpus_sub, "pack", pack, "the training set preprocessed into one small file (for a GPU machine)"),
         (sub, "quality", quality, "quality report: form, rhyme, tone, repetition, copying, speed"),
         (sub, "bench", bench, "training tokens/s: ours against the classic padded recipe (JSON)"),
     ):

@@ -59,7 +59,12 @@ class Buckets:
         return [out[i] for i in order]
 
     def get(self, form: str, rows: torch.Tensor) -> torch.Tensor:
-        return self.tensors[form][rows]
+        t = self.tensors[form]
+        return t[rows.to(t.device)]
+
+    def to(self, device) -> Buckets:
+        """The same poems on `device` (a GPU then gathers its batches without a copy from the host)."""
+        return Buckets({form: t.to(device) for form, t in self.tensors.items()})
 
 
 def classic_tensor(vocab: Vocab, poems: list[Poem], length: int = CLASSIC_LEN) -> torch.Tensor:

@@ -38,23 +38,29 @@ def read_poem_lines(path) -> tuple[list[Poem], int]:
     return poems, skipped
 
 
-@torch.inference_mode()
 def perplexity(model: PoemModel, vocab: Vocab, poems: list[Poem], pre_pad: bool = False,
                batch_size: int = 256) -> dict:
     """{'poems', 'chars', 'oov', 'nll', 'ppl'}; `pre_pad` feeds the classic recipe's padded context."""
+    rows = []
+    for p in poems:
+        ids = encode_poem(vocab, p)
+        rows.append([vocab.pad_id] * (CLASSIC_LEN - len(ids)) + ids if pre_pad else ids)
+    return perplexity_of_rows(model, vocab, rows, batch_size)
+
+
+@torch.inference_mode()
+def perplexity_of_rows(model: PoemModel, vocab: Vocab, rows: list[list[int]], batch_size: int = 256) -> dict:
+    """`perplexity` of poems already encoded as <form> text <eos> (each may be pre-padded)."""
     was_training = model.training
     model.eval()
     device = model.head.weight.device
     by_len: dict[int, list[list[int]]] = {}
-    for p in poems:
-        ids = encode_poem(vocab, p)
-        if pre_pad:
-            ids = [vocab.pad_id] * (CLASSIC_LEN - len(ids)) + ids
+    for ids in rows:
         by_len.setdefault(len(ids), []).append(ids)
     nll, chars, oov = 0.0, 0, 0
-    for rows in by_len.values():
-        for i in range(0, len(rows), batch_size):
-            seq = torch.tensor(rows[i : i + batch_size], device=device)  # (B, T) ending in <eos>
+    for same in by_len.values():
+        for i in range(0, len(same), batch_size):
+            seq = torch.tensor(same[i : i + batch_size], device=device)  # (B, T) ending in <eos>
             # <eos> is not scored, so the last text token is never fed: positions 0..T-3 predict 1..T-2.
             logits, _ = model(seq[:, :-2])  # (B, T-2, V)
             target = seq[:, 1:-1]  # the text: skip <eos>
@@ -68,5 +74,5 @@ def perplexity(model: PoemModel, vocab: Vocab, poems: list[Poem], pre_pad: bool 
     if was_training:
         model.train()
     mean = nll / chars if chars else float("nan")
-    return {"poems": len(poems), "chars": chars, "oov": oov, "nll": mean,
+    return {"poems": len(rows), "chars": chars, "oov": oov, "nll": mean,
             "ppl": math.exp(mean) if chars else float("nan")}

@@ -29,13 +29,15 @@ from engine.model.checkpoint import save_checkpoint
 from engine.model.network import ModelConfig, PoemModel, pick_device
 from engine.poem.vocab import Vocab
 from trainer.corpus import Corpus, CorpusError, load_corpus, split
-from trainer.data import Buckets, classic_tensor
-from trainer.evaluate import perplexity
+from trainer.data import CLASSIC_LEN, Buckets, classic_tensor, encode_poem
+from trainer.evaluate import perplexity_of_rows
+from trainer.pack import load_pack
 
 
 @dataclass
 class TrainConfig:
     corpus: list[str] = field(default_factory=lambda: ["../shared/corpus/chinese-poetry"])
+    packed: str = ""  # a `trainer corpus pack` file to train on instead of --corpus (its vocabulary and split)
     out: str = "runs/lstm"
     recipe: str = "bucketed"  # bucketed (ours) | classic (pre-padded to 125, loss everywhere)
     cell: str = "lstm"
@@ -68,6 +70,8 @@ class TrainConfig:
     init_from: str = ""  # a checkpoint to fine-tune: its vocabulary and weights start the run (same cell and sizes)
 
     def validate(self):
+        if self.packed and self.recipe != "bucketed":
+            raise ValueError("--packed trains the bucketed recipe only")
         if self.recipe not in ("bucketed", "classic"):
             raise ValueError(f"recipe must be bucketed or classic, got {self.recipe!r}")
         if self.optimizer not in ("adam", "sgd"):
@@ -138,14 +142,16 @@ class Trainer:
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
 
-        corpus = corpus if corpus is not None else load_corpus(cfg.corpus)
-        train_poems, val_poems = split(corpus.regular(), cfg.val_percent)
-        # A clear line instead of an empty epoch or a NaN perplexity further down.
-        if not train_poems:
-            raise CorpusError(f"{', '.join(cfg.corpus)}: no regular-form poem to train on")
-        if not val_poems:
-            raise CorpusError(f"{', '.join(cfg.corpus)}: the validation split is empty "
-                              f"({len(train_poems)} poems; add poems or raise --val-percent)")
+        pack = load_pack(cfg.packed) if cfg.packed else None
+        if pack is None:
+            corpus = corpus if corpus is not None else load_corpus(cfg.corpus)
+            train_poems, val_poems = split(corpus.regular(), cfg.val_percent)
+            # A clear line instead of an empty epoch or a NaN perplexity further down.
+            if not train_poems:
+                raise CorpusError(f"{', '.join(cfg.corpus)}: no regular-form poem to train on")
+            if not val_poems:
+                raise CorpusError(f"{', '.join(cfg.corpus)}: the validation split is empty "
+                                  f"({len(train_poems)} poems; add poems or raise --val-percent)")
         saved = read_progress(self.dir) if resume else None
         if saved is not None:
             self.progress = saved
@@ -160,15 +166,28 @@ class Trainer:
                              "tokens": 0, "best_val_ppl": None, "bad_evals": 0, "done": False}
             init = self._load_init(cfg) if cfg.init_from else None
             # Fine-tuning keeps the checkpoint's vocabulary: token ids are rows of its embedding and head.
-            self.vocab = init.vocab if init else Vocab.build((p.text for p in train_poems), cfg.min_count, cfg.max_vocab)
-        self.corpus_hash = corpus.digest()
-        self.num_train_poems = len(train_poems)
-        self.train = Buckets.build(self.vocab, train_poems)
+            if init and pack and init.vocab.tokens != pack.vocab.tokens:
+                raise ValueError(f"--init-from {cfg.init_from} has another vocabulary than {cfg.packed}")
+            self.vocab = (init.vocab if init else pack.vocab if pack
+                          else Vocab.build((p.text for p in train_poems), cfg.min_count, cfg.max_vocab))
+        if pack is not None:
+            if saved is not None and pack.vocab.tokens != self.vocab.tokens:
+                raise ValueError(f"--resume: {cfg.packed} has another vocabulary than the run")
+            self.corpus_hash, self.num_train_poems, self.train = pack.corpus_hash, pack.train.num_poems, pack.train
+            val_rows = [row.tolist() for t in pack.val.tensors.values() for row in t]
+        else:
+            self.corpus_hash, self.num_train_poems = corpus.digest(), len(train_poems)
+            self.train = Buckets.build(self.vocab, train_poems)
+            pre_pad = cfg.recipe == "classic"
+            val_rows = [[self.vocab.pad_id] * (CLASSIC_LEN - len(ids)) + ids if pre_pad else ids
+                        for ids in (encode_poem(self.vocab, p) for p in val_poems)]
         rng = torch.Generator().manual_seed(0)
-        pick = torch.randperm(len(val_poems), generator=rng)[: cfg.eval_poems].tolist()
-        self.val_poems = [val_poems[i] for i in sorted(pick)]
+        pick = torch.randperm(len(val_rows), generator=rng)[: cfg.eval_poems].tolist()
+        self.val_rows = [val_rows[i] for i in sorted(pick)]
         if cfg.recipe == "classic":
             self.classic = classic_tensor(self.vocab, train_poems)
+        elif self.device.type == "cuda":
+            self.train = self.train.to(self.device)
 
         self.model_config = ModelConfig(vocab_size=len(self.vocab), cell=cfg.cell, embed_dim=cfg.embed_dim,
                                         hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout)
@@ -268,7 +287,7 @@ class Trainer:
         return loss, ntok
 
     def evaluate(self) -> dict:
-        return perplexity(self.model, self.vocab, self.val_poems, pre_pad=self.cfg.recipe == "classic")
+        return perplexity_of_rows(self.model, self.vocab, self.val_rows)
 
     def _epoch_batches(self, epoch: int):
         seed = self.cfg.seed * 1000 + epoch

@@ -74,12 +74,44 @@ def make_version(now: dt.datetime | None = None) -> str:
     return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
 
 
-def save_checkpoint(path, model: PoemModel, vocab: Vocab, meta: dict | None = None, half: bool = False) -> dict:
-    """Write model + vocab + metadata atomically; returns the metadata written."""
+SCALE_SUFFIX = ".scale"  # an int8 matrix's per-row scales: weight ≈ int8 · scale[:, None]
+
+
+def quantize_int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Matrices as int8 with one float32 scale per row (symmetric: the row's largest |value| maps to 127);
+    vectors (biases) stay float16. A quarter of float32's bytes."""
+    out = {}
+    for name, t in tensors.items():
+        if t.dim() == 2:
+            scale = (t.float().abs().amax(dim=1) / 127).clamp_min(1e-12)  # (rows,)
+            out[name] = torch.round(t.float() / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            out[name + SCALE_SUFFIX] = scale.contiguous()
+        else:
+            out[name] = t.to(torch.float16).contiguous()
+    return out
+
+
+def dequantize(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float32 weights of `quantize_int8`'s output (float tensors pass through)."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = tensors.get(name + SCALE_SUFFIX)
+        out[name] = t.float() * scale[:, None] if t.dtype == torch.int8 and scale is not None else t
+    return out
+
+
+def save_checkpoint(path, model: PoemModel, vocab: Vocab, meta: dict | None = None, half: bool = False,
+                    int8: bool = False) -> dict:
+    """Write model + vocab + metadata atomically; returns the metadata written. `half`: float16 weights;
+    `int8`: int8 matrices with per-row scales (for shipping a large model small)."""
     if len(vocab) != model.config.vocab_size:
         raise ValueError(f"vocab has {len(vocab)} tokens but the model expects {model.config.vocab_size}")
     dtype = torch.float16 if half else torch.float32
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    if int8:
+        tensors, dtype = quantize_int8(tensors), torch.int8
     now = dt.datetime.now(dt.timezone.utc)
     full = {
         "version": make_version(now),
@@ -148,6 +180,10 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> Checkpoint:
         raise CheckpointError(path, f"weights cannot be read ({e})") from None
     if weights_digest(tensors) != meta["weights_sha256"]:
         raise CheckpointError(path, "weights do not match their SHA-256: the file is corrupt")
+    if meta.get("dtype") == "int8":
+        if any(t.dtype == torch.int8 and k + SCALE_SUFFIX not in tensors for k, t in tensors.items()):
+            raise CheckpointError(path, "an int8 matrix has no scales")
+        tensors = dequantize(tensors)
     model = PoemModel(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}

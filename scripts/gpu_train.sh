@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Trains a model to ship, on a fresh CUDA machine that has only this repository: the corpus travels
+# preprocessed in data/packed.safetensors (ignored by git; make it here first with
+#   python -m trainer corpus pack --corpus ../shared/corpus/chinese-poetry --out data/packed.safetensors
+# and carry data/packed.safetensors). cuDNN's LSTM/GRU kernels, bf16 autocast, wall-clock budget.
+#   bash scripts/gpu_train.sh OUT_DIR
+# OUT_DIR receives NAME.safetensors.partNNN (float16, at most 16 MiB each) with their .sha256, the
+# training log and history.jsonl. Here: python -m trainer join OUT_DIR/NAME.safetensors.part000 --out …
+# Every knob has an environment variable (below); tests run this script on the CPU at toy size.
+set -euo pipefail
+out=${1:-${OUT:-.}}
+mkdir -p "$out"
+: "${PACK:=data/packed.safetensors}" "${NAME:=lstm}" "${DEVICE:=cuda}" "${CELL:=lstm}" "${EMBED:=256}"
+: "${HIDDEN:=1024}" "${LAYERS:=2}" "${DROPOUT:=0.3}" "${LR:=2e-3}" "${BATCH_TOKENS:=65536}" "${MINUTES:=5.5}"
+: "${EVAL_EVERY:=250}" "${MAX_STEPS:=0}" "${PART_MIB:=16}" "${RUN_DIR:=/tmp/yinshi-gpu-run}"
+[[ -f $PACK ]] || { echo "error: no $PACK: run python -m trainer corpus pack, and carry the file" >&2; exit 2; }
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+python3 -c 'import torch; print("torch", torch.__version__, "cuda:", torch.cuda.is_available() and torch.cuda.get_device_name())'
+rm -rf "$RUN_DIR"
+python3 -m trainer train --packed "$PACK" --out "$RUN_DIR" --device "$DEVICE" --cell "$CELL" --embed-dim "$EMBED" \
+    --hidden-dim "$HIDDEN" --num-layers "$LAYERS" --dropout "$DROPOUT" --lr "$LR" --batch-tokens "$BATCH_TOKENS" \
+    --time-budget "$MINUTES" --max-steps "$MAX_STEPS" --epochs 1000 --eval-every "$EVAL_EVERY" --patience 6 \
+    --warmup-steps 50 --save-every 1e9 --no-progress 2>&1 | tee "$out/train.log"
+python3 -m trainer export --checkpoint "$RUN_DIR/best.safetensors" --out "$out" --name "$NAME" --part-mib "$PART_MIB"
+cp "$RUN_DIR/history.jsonl" "$out/history.jsonl"

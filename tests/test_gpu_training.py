@@ -1,0 +1,145 @@
+"""Training away from the corpus: the packed training set, int8 checkpoints, checkpoints in parts, and
+scripts/gpu_train.sh itself, run here on the CPU at toy size (on a GPU machine it runs as is)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainer.corpus import load_corpus, split
+from trainer.data import Buckets
+from trainer.evaluate import perplexity
+from trainer.export import export, join
+from trainer.pack import load_pack, pack_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pack") / "packed.safetensors"
+    pack_corpus([str(tiny_corpus)], out, min_count=1)
+    return out
+
+
+def test_the_pack_holds_the_training_split_encoded_and_keeps_the_held_out_poems_apart(tiny_corpus, packed):
+    pack = load_pack(packed)
+    train, val = split(load_corpus([str(tiny_corpus)]).regular())
+    want_train, want_val = Buckets.build(pack.vocab, train), Buckets.build(pack.vocab, val)
+    assert pack.train.tensors.keys() == want_train.tensors.keys()
+    for form, t in want_train.tensors.items():
+        assert torch.equal(pack.train.tensors[form], t)
+    for form, t in want_val.tensors.items():
+        assert torch.equal(pack.val.tensors[form], t)
+    train_rows = {tuple(r) for t in pack.train.tensors.values() for r in t.tolist()}
+    assert not train_rows & {tuple(r) for t in pack.val.tensors.values() for r in t.tolist()}
+
+
+def test_a_file_that_is_not_a_pack_is_refused_by_name(tmp_path, tiny_checkpoint):
+    from trainer.corpus import CorpusError
+
+    with pytest.raises(CorpusError, match="not a packed corpus"):
+        load_pack(tiny_checkpoint)
+
+
+def test_training_on_the_pack_gives_a_checkpoint_with_its_vocabulary(packed, tmp_path):
+    from trainer.train import Trainer, TrainConfig
+
+    cfg = TrainConfig(packed=str(packed), out=str(tmp_path / "run"), cell="gru", embed_dim=16, hidden_dim=32,
+                      num_layers=1, dropout=0.0, max_steps=20, eval_every=20, eval_poems=40, batch_tokens=512,
+                      warmup_steps=5, lr=1e-2, threads=1, half=False)
+    result = Trainer(cfg, log=lambda m: None).run(progress_bar=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert result["step"] == 20 and ckpt.vocab.tokens == load_pack(packed).vocab.tokens
+    assert ckpt.meta["corpus_hash"] == load_pack(packed).corpus_hash
+
+
+def test_an_int8_checkpoint_is_a_quarter_the_size_and_scores_almost_the_same(tiny_checkpoint, tiny_corpus, tmp_path):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    small = tmp_path / "int8.safetensors"
+    save_checkpoint(small, ckpt.model, ckpt.vocab, {"metrics": ckpt.meta.get("metrics", {})}, int8=True)
+    assert small.stat().st_size < 0.4 * tiny_checkpoint.stat().st_size  # fp32 → int8 plus scales and header
+    back = load_checkpoint(small)
+    assert back.meta["dtype"] == "int8"
+    _, val = split(load_corpus([str(tiny_corpus)]).regular())
+    a, b = perplexity(ckpt.model, ckpt.vocab, val), perplexity(back.model, back.vocab, val)
+    assert b["ppl"] == pytest.approx(a["ppl"], rel=0.02)
+
+
+def test_an_int8_matrix_without_its_scales_is_refused(tiny_checkpoint, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    small = tmp_path / "int8.safetensors"
+    save_checkpoint(small, ckpt.model, ckpt.vocab, int8=True)
+    with safe_open(str(small), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    dropped = {k: v for k, v in tensors.items() if k != "head.weight.scale"}
+    body = json.loads(meta["yinshi"])
+    from engine.model.checkpoint import meta_digest, weights_digest
+
+    body["weights_sha256"] = weights_digest(dropped)
+    body["meta_sha256"] = meta_digest(body)
+    small.write_bytes(save(dropped, metadata={"yinshi": json.dumps(body, ensure_ascii=False)}))
+    with pytest.raises(CheckpointError, match="no scales"):
+        load_checkpoint(small)
+
+
+def test_export_splits_into_small_parts_and_join_restores_the_checkpoint(tiny_checkpoint, tmp_path):
+    report = export(tiny_checkpoint, tmp_path / "out", "lstm", part_mib=0.02)
+    parts = sorted((tmp_path / "out").glob("lstm.safetensors.part*"))
+    assert len(parts) == len(report["parts"]) > 2
+    assert all(p.stat().st_size <= int(0.02 * (1 << 20)) for p in parts)
+    joined = tmp_path / "joined.safetensors"
+    join(parts[0], joined)
+    a, b = load_checkpoint(tiny_checkpoint), load_checkpoint(joined)
+    assert a.version == b.version
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing"])
+def test_join_refuses_damaged_or_missing_parts_and_writes_nothing(tiny_checkpoint, tmp_path, damage):
+    export(tiny_checkpoint, tmp_path / "out", "lstm", part_mib=0.02)
+    parts = sorted((tmp_path / "out").glob("lstm.safetensors.part*"))
+    if damage == "flip":
+        data = bytearray(parts[1].read_bytes())
+        data[7] ^= 0x10
+        parts[1].write_bytes(bytes(data))
+    else:
+        parts[1].unlink()
+    joined = tmp_path / "joined.safetensors"
+    with pytest.raises(CheckpointError, match="do not match"):
+        join(parts[0], joined)
+    assert not joined.exists()
+
+
+def test_the_gpu_script_runs_end_to_end_at_toy_size_on_the_cpu(packed, tmp_path):
+    env = dict(os.environ, PACK=str(packed), DEVICE="cpu", CELL="gru", EMBED="16", HIDDEN="32", LAYERS="1",
+               DROPOUT="0", BATCH_TOKENS="512", MAX_STEPS="15", EVAL_EVERY="15", MINUTES="5", PART_MIB="0.01",
+               NAME="gru", RUN_DIR=str(tmp_path / "run"))
+    out = tmp_path / "OUT"
+    done = subprocess.run(["bash", "scripts/gpu_train.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    parts = sorted(out.glob("gru.safetensors.part*"))
+    assert parts and all(p.stat().st_size <= int(0.01 * (1 << 20)) for p in parts)
+    assert (out / "train.log").is_file() and (out / "history.jsonl").is_file()
+    join(parts[0], tmp_path / "gru.safetensors")
+    ckpt = load_checkpoint(tmp_path / "gru.safetensors")
+    assert ckpt.model.config.cell == "gru" and ckpt.meta["train"]["packed"] == str(packed)
+
+
+def test_the_gpu_script_says_what_to_do_without_the_pack(tmp_path):
+    env = dict(os.environ, PACK=str(tmp_path / "none.safetensors"))
+    done = subprocess.run(["bash", "scripts/gpu_train.sh", str(tmp_path / "OUT")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "trainer corpus pack" in done.stderr
