@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -114,6 +115,7 @@ def test_a_bot_request_is_run_by_the_daemon_and_its_outcome_reported(cfg):
 
 def test_the_bot_hook_asks_the_daemon_and_answers_with_one_line(cfg, monkeypatch):
     monkeypatch.setenv("CHECKPOINT_DIR", cfg.store)
+    cfg.names = ("gru", "lstm")  # the bot's /retrain retrains what serves, like the schedule
     lock = spool.acquire_daemon_lock(cfg.store)
     scheduler = daemon.build_scheduler(cfg, scheduler_cls=BackgroundScheduler, trigger=IntervalTrigger(days=1),
                                          poll_seconds=0.2)
@@ -124,8 +126,9 @@ def test_the_bot_hook_asks_the_daemon_and_answers_with_one_line(cfg, monkeypatch
     finally:
         scheduler.shutdown(wait=True)
         lock.close()
-    assert first.startswith("published ") and "\n" not in first
-    assert second.startswith("skipped, corpus and code unchanged")
+    assert first.startswith("gru: published ") and "; lstm: published " in first and "\n" not in first
+    assert second.startswith("gru: skipped, corpus and code unchanged") and "; lstm: skipped" in second
+    assert [r["name"] for r in read_run_records(cfg.store)] == ["gru", "lstm", "gru", "lstm"]
 
 
 def test_waiting_for_a_request_times_out_without_losing_it(cfg):
@@ -169,11 +172,43 @@ def test_command_line_flags_and_the_environment_reach_the_retrain_config(monkeyp
     monkeypatch.setenv("CORPUS_DIR", "/srv/corpus")
     monkeypatch.setenv("RETRAIN_TIME_BUDGET", "7.5")
     monkeypatch.setenv("RETRAIN_CRON", "0 4 * * 1")
+    monkeypatch.setenv("ENGINE_MODELS", " lstm , gru ")
+    monkeypatch.setenv("RETRAIN_NAME", "nope")  # gone: ENGINE_MODELS says what serves, so what retrains
+    assert daemon.config_from_args(build_parser().parse_args(["retrain"])).names == ("lstm", "gru")
     args = build_parser().parse_args(["schedule", "--once", "--keep", "3", "--name", "gru"])
     cfg = daemon.config_from_args(args)
-    assert (cfg.store, cfg.corpus, cfg.time_budget, cfg.keep, cfg.name) == (
-        "/srv/checkpoints", ["/srv/corpus"], 7.5, 3, "gru")
+    assert (cfg.store, cfg.corpus, cfg.time_budget, cfg.keep, cfg.names) == (
+        "/srv/checkpoints", ["/srv/corpus"], 7.5, 3, ("gru",))
     assert args.cron == "0 4 * * 1" and args.once
     args = build_parser().parse_args(["retrain", "--corpus", "a", "b", "--time-budget", "1", "--force"])
     cfg = daemon.config_from_args(args)
     assert (cfg.corpus, cfg.time_budget, args.force) == (["a", "b"], 1.0, True)
+
+
+def test_the_default_names_are_the_engines(monkeypatch):
+    from engine.serving.local import EngineSettings
+    from trainer.retrain import RetrainConfig
+
+    monkeypatch.delenv("ENGINE_MODELS", raising=False)
+    assert RetrainConfig.from_env().names == EngineSettings().model_names  # the default model first
+
+
+def test_a_scheduled_run_retrains_every_served_model_the_default_first(cfg):
+    # The engine serves ENGINE_MODELS, the default (gru) first; retraining only "lstm" left it untouched.
+    cfg.names = ("gru", "lstm")
+    scheduler = daemon.build_scheduler(cfg, scheduler_cls=BackgroundScheduler, trigger=IntervalTrigger(days=1))
+    scheduler.start()
+    try:
+        scheduler.get_job("retrain").modify(next_run_time=dt.datetime.now(dt.timezone.utc))  # fire now
+        assert wait_until(lambda: len(read_run_records(cfg.store)) >= 2), read_run_records(cfg.store)
+    finally:
+        scheduler.shutdown(wait=True)
+    records = read_run_records(cfg.store)
+    assert [(r["name"], r["outcome"], r["reason"]) for r in records] == [("gru", "published", "schedule"),
+                                                                       ("lstm", "published", "schedule")]
+    from engine.model import versions as store
+    from engine.model.checkpoint import load_checkpoint
+
+    assert store.model_names(cfg.store) == ["gru", "lstm"]
+    assert load_checkpoint(store.current_path(cfg.store, "gru")).model.config.cell == "gru"
+    assert load_checkpoint(store.current_path(cfg.store, "lstm")).model.config.cell == "lstm"

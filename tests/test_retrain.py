@@ -22,7 +22,7 @@ NEW_CHARS = "甲乙丙丁戊己庚辛壬癸子丑寅卯辰巳午未申酉戌亥"
 
 
 def tiny_config(root: Path, corpus: Path, **overrides) -> RetrainConfig:
-    cfg = RetrainConfig(store=str(root / "store"), corpus=[str(corpus)], work=str(root / "work"), time_budget=0,
+    cfg = RetrainConfig(store=str(root / "store"), corpus=[str(corpus)], names=("lstm",), work=str(root / "work"), time_budget=0,
                         max_steps=30, base="", tolerance=0.05, finetune_lr=3e-3, form_check_poems=1,
                         code_version="test", train=dict(TINY))
     for key, value in overrides.items():

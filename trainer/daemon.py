@@ -1,6 +1,6 @@
 """The retrain daemon: APScheduler runs trainer.retrain on RETRAIN_CRON in TIMEZONE; the bot asks it for runs.
 
-    python -m trainer schedule                 # daemon: CHECKPOINT_DIR, CORPUS_DIR, RETRAIN_CRON, TIMEZONE, …
+    python -m trainer schedule                 # daemon: CHECKPOINT_DIR, CORPUS_DIR, ENGINE_MODELS, RETRAIN_CRON, …
     python -m trainer schedule --once [--force]  # one run now, then exit (prints the record)
 
 One daemon per store: it holds an flock on CHECKPOINT_DIR/.trainer/daemon.lock, and a second one refuses
@@ -19,7 +19,7 @@ import sys
 from dataclasses import replace
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from trainer.retrain import RetrainConfig, retrain
+from trainer.retrain import RetrainConfig, retrain_all
 from trainer.spool import (
     DaemonRunning,
     acquire_daemon_lock,
@@ -36,14 +36,16 @@ DEFAULT_TIMEZONE = "Asia/Shanghai"
 POLL_SECONDS = 2.0  # how often the daemon looks for requests from the bot
 
 
-def serve_request(cfg: RetrainConfig, request: dict) -> dict:
-    """Run one requested retrain and store its outcome where retrain_status finds it."""
+def serve_request(cfg: RetrainConfig, request: dict) -> list[dict]:
+    """Run one requested retrain (its model, or every served one) and store the outcome where retrain_status finds it."""
     write_result(cfg.store, request["id"], {"state": "running", "request": request})
-    run_cfg = replace(cfg, name=request.get("name") or cfg.name)
-    record = retrain(run_cfg, force=request.get("force", False), reason=f"requested by {request['requested_by'] or 'bot'}",
-                     wait=24 * 3600)
-    write_result(cfg.store, request["id"], {"state": "done", "request": request, "record": record})
-    return record
+    run_cfg = replace(cfg, names=(request["name"],)) if request.get("name") else cfg
+    records = retrain_all(run_cfg, force=request.get("force", False),
+                          reason=f"requested by {request['requested_by'] or 'bot'}", wait=24 * 3600)
+    # "record": the default model's, for readers of one record; "records": one per model, in order.
+    write_result(cfg.store, request["id"], {"state": "done", "request": request, "record": records[0],
+                                            "records": records})
+    return records
 
 
 # -- the scheduler ---------------------------------------------------------------------------------------
@@ -71,7 +73,7 @@ def build_scheduler(cfg: RetrainConfig, cron: str = DEFAULT_CRON, timezone: str 
         executors={"default": ThreadPoolExecutor(1), "poll": ThreadPoolExecutor(1)},
     )
     scheduler.add_job(
-        retrain, trigger, kwargs={"cfg": cfg, "reason": "schedule", "wait": 3600},
+        retrain_all, trigger, kwargs={"cfg": cfg, "reason": "schedule", "wait": 3600},
         id="retrain", name="scheduled retrain",
         # max_instances=1: a run that overruns the interval to the next firing must not start a second,
         # concurrent run on the same store (the run lock would refuse it anyway; this avoids the noise).
@@ -114,7 +116,8 @@ def run_daemon(cfg: RetrainConfig, cron: str, timezone: str) -> int:
     signal.signal(signal.SIGTERM, stop)
     trigger = scheduler.get_job("retrain").trigger
     first = trigger.get_next_fire_time(None, dt.datetime.now(trigger.timezone))
-    log.info("trainer daemon for %s: model %s, cron %r in %s (next run %s), budget %g min", cfg.store, cfg.name,
+    log.info("trainer daemon for %s: models %s, cron %r in %s (next run %s), budget %g min", cfg.store,
+             ",".join(cfg.names),
              cron, timezone, first.isoformat(timespec="minutes") if first else "never", cfg.time_budget)
     try:
         scheduler.start()  # blocks; logs the next run time
@@ -135,7 +138,8 @@ def add_retrain_arguments(p: argparse.ArgumentParser):
     d = RetrainConfig()
     p.add_argument("--store", help=f"checkpoint store (CHECKPOINT_DIR, default {d.store})")
     p.add_argument("--corpus", nargs="+", help=f"corpus directories or files (CORPUS_DIR, default {d.corpus[0]})")
-    p.add_argument("--name", help=f"model name in the store (default {d.name})")
+    p.add_argument("--name", help=f"retrain only this model (default: each in ENGINE_MODELS, the default first: "
+                                  f"{','.join(d.names)})")
     p.add_argument("--work", help=f"run directories, resumable (default {d.work})")
     p.add_argument("--time-budget", type=float, help=f"minutes of training (RETRAIN_TIME_BUDGET, default {d.time_budget:g})")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the budget decides)")
@@ -148,7 +152,8 @@ def add_retrain_arguments(p: argparse.ArgumentParser):
 
 
 def config_from_args(args) -> RetrainConfig:
-    return RetrainConfig.from_env(store=args.store, corpus=args.corpus, name=args.name, work=args.work,
+    return RetrainConfig.from_env(store=args.store, corpus=args.corpus, names=(args.name,) if args.name else None,
+                                  work=args.work,
                                   time_budget=args.time_budget, max_steps=args.max_steps, tolerance=args.tolerance,
                                   keep=args.keep, base=args.base, device=args.device)
 
@@ -163,10 +168,13 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run_once(cfg: RetrainConfig, force: bool, reason: str) -> int:
-    record = retrain(cfg, force=force, reason=reason)
-    print(json.dumps(record, ensure_ascii=False, default=str))
-    print(summary(record), file=sys.stderr)
-    return 0 if record["outcome"] in ("published", "skipped", "rejected", "superseded") else 1
+    """One run per model in cfg.names; one JSON record per line on stdout."""
+    records = retrain_all(cfg, force=force, reason=reason)
+    for record in records:
+        print(json.dumps(record, ensure_ascii=False, default=str))
+        print(f"{record['name']}: {summary(record)}", file=sys.stderr)
+    ok = ("published", "skipped", "rejected", "superseded")
+    return 0 if all(r["outcome"] in ok for r in records) else 1
 
 
 def setup_logging():

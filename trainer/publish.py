@@ -24,7 +24,10 @@ from trainer.retrain import RetrainConfig, append_record
 def _store_args(p: argparse.ArgumentParser):
     default = os.environ.get("CHECKPOINT_DIR") or RetrainConfig.store
     p.add_argument("--store", default=default, help=f"checkpoint store (CHECKPOINT_DIR, default {default})")
-    p.add_argument("--name", default="lstm", help="model name in the store (default lstm)")
+    # The engine's default model (first of ENGINE_MODELS), read loosely: a bad value must not break --help.
+    default_name = next((n.strip() for n in os.environ.get("ENGINE_MODELS", "").split(",") if n.strip()),
+                        RetrainConfig.names[0])
+    p.add_argument("--name", default=default_name, help=f"model name in the store (default {default_name})")
 
 
 def add_publish_arguments(p: argparse.ArgumentParser):

@@ -1,9 +1,10 @@
 """One retrain run: corpus → fine-tune (or train from scratch) → evaluate → publish or not → a record.
 
-    python -m trainer retrain [--force]             # one run now, prints its record as JSON
-    python -m trainer schedule                      # the daemon that calls retrain() on RETRAIN_CRON
+    python -m trainer retrain [--force]             # one run per served model now, prints the records as JSON
+    python -m trainer schedule                      # the daemon that calls retrain_all() on RETRAIN_CRON
 
-    record = retrain(RetrainConfig.from_env(), reason="cli")
+    records = retrain_all(RetrainConfig.from_env(), reason="cli")   # every model in ENGINE_MODELS, default first
+    record = retrain(RetrainConfig.from_env(), reason="cli")        # one model: cfg.name, else the default
     record["outcome"]   # "published" | "rejected" | "superseded" | "skipped" | "failed" | "busy"
 
 A run
@@ -37,7 +38,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -71,7 +72,9 @@ TRAINED = ("published", "rejected")  # outcomes of runs that trained to the end
 class RetrainConfig:
     store: str = "var/checkpoints"  # CHECKPOINT_DIR: the checkpoint store the engine serves from
     corpus: list[str] = field(default_factory=lambda: ["data/chinese-poetry"])  # CORPUS_DIR
-    name: str = "lstm"  # model name in the store
+    # ENGINE_MODELS: what the engine serves, the default first; a scheduled run retrains each, in this order.
+    names: tuple[str, ...] = ("gru", "lstm")
+    name: str = ""  # the model one retrain() trains; "" = the first of `names` (the engine's default)
     work: str = "var/retrain"  # RETRAIN_WORK: run directories (resumable training state); not shared
     time_budget: float = 20.0  # RETRAIN_TIME_BUDGET: minutes of training per run
     max_steps: int = 0  # 0: the time budget alone decides
@@ -92,6 +95,8 @@ class RetrainConfig:
         cfg = cls(store=env.get("CHECKPOINT_DIR") or cls.store,
                   corpus=[env["CORPUS_DIR"]] if env.get("CORPUS_DIR") else ["data/chinese-poetry"],
                   device=env.get("DEVICE") or cls.device)
+        if env.get("ENGINE_MODELS"):  # parsed as the engine parses it (engine.serving.local.EngineSettings)
+            cfg.names = tuple(n.strip() for n in env["ENGINE_MODELS"].split(",") if n.strip())
         if env.get("RETRAIN_WORK"):
             cfg.work = env["RETRAIN_WORK"]
         if env.get("RETRAIN_TIME_BUDGET"):
@@ -99,6 +104,9 @@ class RetrainConfig:
         for key, value in overrides.items():
             if value is not None:
                 setattr(cfg, key, value)
+        cfg.names = tuple(ckpt_store.check_name(n) for n in cfg.names)
+        if not cfg.names:
+            raise ValueError("ENGINE_MODELS names no model to retrain")
         return cfg
 
 
@@ -205,11 +213,18 @@ def _run_lock(store, wait: float = 0.0):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def retrain_all(cfg: RetrainConfig, force: bool = False, reason: str = "manual", wait: float = 0.0) -> list[dict]:
+    """Retrain every model in `cfg.names`, one after the other, the default first; returns their records."""
+    return [retrain(replace(cfg, name=name), force=force, reason=reason, wait=wait) for name in cfg.names]
+
+
 def retrain(cfg: RetrainConfig, force: bool = False, reason: str = "manual", wait: float = 0.0) -> dict:
-    """Run once; returns the record it appended. Never raises for a failed run: the record says why.
+    """Run once for `cfg.name`; returns the record it appended. Never raises for a failed run: the record says why.
 
     `wait`: seconds to wait for a run already going elsewhere before giving up with outcome "busy".
     """
+    if not cfg.name:
+        cfg = replace(cfg, name=cfg.names[0])
     t0 = time.monotonic()
     record = {"at": _now(), "kind": "retrain", "name": cfg.name, "reason": reason, "forced": force}
     with _run_lock(cfg.store, wait) as locked:
@@ -264,6 +279,8 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
         return
 
     tc = TrainConfig(**cfg.train)
+    if "cell" not in cfg.train and cfg.name in ("gru", "lstm"):
+        tc.cell = cfg.name  # from scratch, the store name is the cell ("gru" must not become an LSTM)
     tc.corpus, tc.device = list(cfg.corpus), cfg.device
     tc.time_budget, tc.max_steps = cfg.time_budget, cfg.max_steps
     tc.epochs = max(tc.epochs, 1000)  # the budget decides, not epochs

@@ -96,12 +96,13 @@ def _spool(store, kind: str) -> Path:
     return trainer_dir(store) / kind
 
 
-def request_retrain(store, *, name: str = "lstm", force: bool = False, requested_by: str = "") -> str:
-    """Queue a run for the store's daemon; returns the request id. Raises RetrainUnavailable without a daemon."""
+def request_retrain(store, *, name: str | None = None, force: bool = False, requested_by: str = "") -> str:
+    """Queue a run for the store's daemon (of `name`, None: every model it retrains); returns the request id.
+    Raises RetrainUnavailable without a daemon."""
     if not daemon_running(store):
         raise RetrainUnavailable(f"no trainer daemon is running for {store}: start `python -m trainer schedule`")
     request_id = uuid.uuid4().hex
-    body = {"id": request_id, "name": name, "force": bool(force), "requested_by": str(requested_by),
+    body = {"id": request_id, "name": name or None, "force": bool(force), "requested_by": str(requested_by),
             "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     atomic_write_bytes(_spool(store, "requests") / f"{request_id}.json", json.dumps(body).encode())
     return request_id
@@ -134,14 +135,17 @@ async def wait_for_retrain(store, request_id: str, timeout: float = 3600.0, poll
 
 
 async def bot_retrain(force: bool = False, timeout: float = 2 * 3600) -> str:
-    """The bot's /retrain (RETRAIN_HOOK=trainer.spool:bot_retrain): ask the daemon, wait, one line back."""
+    """The bot's /retrain (RETRAIN_HOOK=trainer.spool:bot_retrain): ask the daemon, wait, one line back.
+
+    No model name: the daemon retrains every model the engine serves (its ENGINE_MODELS), the default first.
+    """
     store = os.environ.get("CHECKPOINT_DIR") or DEFAULT_STORE
-    request_id = request_retrain(store, name=os.environ.get("RETRAIN_NAME") or "lstm", force=force,
-                                 requested_by="bot")
+    request_id = request_retrain(store, force=force, requested_by="bot")
     status = await wait_for_retrain(store, request_id, timeout=timeout)
     if status["state"] != "done":
         return f"still {status['state']} after {timeout / 60:.0f} min; its record will be in {records_path(store)}"
-    return summary(status["record"])
+    records = status.get("records") or [status["record"]]
+    return "; ".join(f"{r['name']}: {summary(r)}" if r.get("name") else summary(r) for r in records)
 
 
 async def bot_retrain_force() -> str:
