@@ -7,6 +7,7 @@ which another engineer owns.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -145,6 +146,16 @@ async def local_engine(tmp_path, tiny_checkpoint):
     await engine.start()
     yield engine
     await engine.close()
+
+
+async def all_updates_handled(app, api: FakeBotApi, timeout: float = 15.0) -> None:
+    """The positive signal that replaces "sleep, then assert nothing more was sent": the bot has taken in
+    every update queued so far (the server will not hand them out again) and PTB has finished handling each
+    one, error handler and rate-limiter retries included (its update_queue.task_done runs after both).
+    Nothing those updates cause can be sent after this returns. (A later marker message alone would not do:
+    the Application handles updates concurrently, so its reply can overtake an earlier update's.)"""
+    await api.wait_for_confirmed(timeout=timeout)
+    await asyncio.wait_for(app.update_queue.join(), timeout)
 
 
 @asynccontextmanager

@@ -45,6 +45,7 @@ class FakeBotApi:
         self.forbidden_chats: set[int] = set()  # sendMessage to these: 403 (the bot was removed)
         self.faults: dict[str, list[dict]] = {}  # method -> faults for its next calls, in order
         self._update_ids = itertools.count(1)
+        self.last_update_id = 0  # the newest queued update's id
         self._message_ids = itertools.count(1000)
         self._new_update = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -113,6 +114,13 @@ class FakeBotApi:
 
     async def wait_for_calls(self, method: str, count: int = 1, timeout: float = 15.0) -> list[dict]:
         return await self.wait_for(lambda: self.calls_of(method), count, timeout)
+
+    async def wait_for_confirmed(self, update_id: int | None = None, timeout: float = 15.0) -> None:
+        """Wait until the bot asked for updates past `update_id` (default: the newest queued), which it does
+        only after taking that update in; from then on getUpdates never hands it out again."""
+        last = self.last_update_id if update_id is None else update_id
+        await self.wait_for(lambda: [p for p in self.calls_of("getUpdates") if (p.get("offset") or 0) > last],
+                            1, timeout)
 
     async def wait_for(self, select, count: int, timeout: float) -> list:
         deadline = time.monotonic() + timeout
@@ -211,6 +219,7 @@ class FakeBotApi:
 
     def _queue(self, body: dict) -> dict:
         update = {"update_id": next(self._update_ids), **body}
+        self.last_update_id = update["update_id"]
         self.updates.append(update)
         self._new_update.set()
         return update

@@ -14,7 +14,7 @@ from bot.daily import job_name
 from bot.db import Store
 from bot.telegram_app import RedactSecrets, configure_logging
 from bot_fixtures import *  # noqa: F401,F403
-from bot_fixtures import TZ, RecordingEngine, make_settings, running_bot
+from bot_fixtures import TZ, RecordingEngine, all_updates_handled, make_settings, running_bot
 from engine.errors import EngineUnavailableError
 from fake_bot_api import TOKEN
 
@@ -179,11 +179,11 @@ async def test_commands_work_as_channel_posts(settings, fake_api, scripted_engin
 
 
 async def test_plain_text_in_private_writes_a_poem_but_not_in_groups(settings, fake_api, scripted_engine, store):
-    async with running_bot(settings, scripted_engine, store):
+    async with running_bot(settings, scripted_engine, store) as app:
         fake_api.message(GROUP, "月", user_id=7, chat_type="supergroup")
         fake_api.message(USER, "月")
         [sent] = await fake_api.wait_for_sent(1)
-        await asyncio.sleep(0.3)
+        await all_updates_handled(app, fake_api)  # the group's message too: it was taken in and passed over
     assert sent["chat_id"] == USER and len(fake_api.sent) == 1
 
 
@@ -381,13 +381,19 @@ async def test_python_m_bot_run_in_webhook_mode_takes_updates_only_with_the_secr
             async with session.post(url, data=json.dumps(forged), headers={
                     "Content-Type": "application/json", "X-Telegram-Bot-Api-Secret-Token": "not-the-secret"}) as r:
                 forged_status = r.status
-        await asyncio.sleep(0.5)
+            # The 403 is PTB refusing the update before queuing it. A marker sent after it and answered shows
+            # the bot kept serving: had the forged update been queued, it would have been dispatched first.
+            marker = fake_api.message(USER + 2, "/help")
+            async with session.post(url, data=json.dumps(marker), headers={
+                    "Content-Type": "application/json", "X-Telegram-Bot-Api-Secret-Token": secret}) as r:
+                assert r.status == 200
+            await fake_api.wait_for_sent(1, chat_id=USER + 2, timeout=30)
     finally:
         proc.send_signal(signal.SIGINT)
         _, stderr = await asyncio.wait_for(proc.communicate(), 30)
     assert refused == 403 and accepted == 200 and forged_status == 403
     assert sent["chat_id"] == USER and "/daily" in sent["text"]
-    assert len(fake_api.sent) == 1  # the forged update was not answered
+    assert [m["chat_id"] for m in fake_api.sent] == [USER, USER + 2]  # the forged update was not answered
     log = stderr.decode()
     assert TOKEN not in log and secret not in log and "Traceback" not in log, log
     assert proc.returncode == 0
