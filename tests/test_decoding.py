@@ -289,6 +289,14 @@ def test_the_choice_on_kernels_equals_the_torch_primitives(rows):
         assert torch.equal(beam_lse, lse)
         assert torch.equal(step.scores, ref.scores)
         assert torch.equal(step.parents, ref.parents) and torch.equal(step.tokens, ref.tokens)
+        # The stochastic beam: the kernels' best 3·width candidates are the torch path's, noise and all.
+        uniform = torch.rand(rows, 3 * width, generator=gen)
+        noisy = choose_beam(logits, bias, scores, width, uniform)[0]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kernels, "AVAILABLE", False)
+            noisy_ref = choose_beam(logits, bias, scores, width, uniform)[0]
+        assert torch.equal(noisy.parents, noisy_ref.parents) and torch.equal(noisy.tokens, noisy_ref.tokens)
+        assert torch.allclose(noisy.scores, noisy_ref.scores, rtol=1e-6, atol=1e-5)
         pick = torch.arange(0, rows * width, 2)
         u = torch.rand(len(pick), generator=gen)
         ones = torch.ones(len(pick))

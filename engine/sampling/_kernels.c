@@ -10,7 +10,7 @@
  *
  *   logsumexp(x, R, V, out)                                   out[r] = log Σ exp x[r]
  *   greedy(x, b, R, V, out)                                   out[r] = first argmax of b + x
- *   beam(x, b, score, R, V, width, lse, values, flat)         each row's lse; the best `width` of
+ *   beam(x, b, score, R, V, width, keep, lse, values, flat)   each row's lse; the best `keep` of
  *                                                             (b + score) + (x - lse) per `width` rows
  *   sample(x, b, R, V, rows, temperature, top_k, top_p, uniform, out)   one draw per listed row
  *
@@ -143,15 +143,15 @@ static inline void top_insert(float *vals, int64_t *idx, int width, float v, int
     idx[k] = i;
 }
 
-/* One beam-search step for one request: its rows' log-sum-exps, and the best `width` of
+/* One beam-search step for one request: its rows' log-sum-exps, and the best `keep` (>= width) of
  * (b + score) + (x - lse) over its `width` rows. Per row, one vectorised pass finds the row's maximum
  * logit and each block's best b + x, a second sums the exps; then only the blocks whose best could enter
  * the list are read again, exactly (a margin covers the rounding of the estimate), which after the first
  * blocks is rare. */
 HOT static void group_top(const float *x, const Bias *b, Py_ssize_t g, const float *score, Py_ssize_t V,
-                          int width, float *lse, float *vals, int64_t *idx, float *bm, float *scratch)
+                          int width, int keep, float *lse, float *vals, int64_t *idx, float *bm, float *scratch)
 {
-    for (int k = 0; k < width; k++) {
+    for (int k = 0; k < keep; k++) {
         vals[k] = -INFINITY;
         idx[k] = k; /* -inf candidates: beam_search_step turns them into dead copies */
     }
@@ -186,13 +186,13 @@ HOT static void group_top(const float *x, const Bias *b, Py_ssize_t g, const flo
         for (Py_ssize_t k = 0; k < nblocks; k++) {
             const float estimate = (bm[k] + sc) - l;
             const float margin = 1e-5f * (fabsf(bm[k]) + fabsf(sc) + fabsf(l) + 1.0f);
-            if (!(estimate + margin > vals[width - 1]))
+            if (!(estimate + margin > vals[keep - 1]))
                 continue;
             const Py_ssize_t j0 = k * BLOCK, j1 = j0 + BLOCK < V ? j0 + BLOCK : V;
             for (Py_ssize_t j = j0; j < j1; j++) {
                 const float v = (br[j] + sc) + (xr[j] - l);
-                if (v > vals[width - 1])
-                    top_insert(vals, idx, width, v, (int64_t)r * V + j);
+                if (v > vals[keep - 1])
+                    top_insert(vals, idx, keep, v, (int64_t)r * V + j);
             }
         }
     }
@@ -462,16 +462,16 @@ static PyObject *py_beam(PyObject *self, PyObject *args)
 {
     Py_buffer x, bt, bi, bp_, bk, bv, score, lse, vals, flat;
     Py_ssize_t R, V;
-    int width;
-    if (!PyArg_ParseTuple(args, "y*" BIAS_FORMAT "y*nniw*w*w*", &x, BIAS_ARGS, &score, &R, &V, &width, &lse, &vals,
-                          &flat))
+    int width, keep;
+    if (!PyArg_ParseTuple(args, "y*" BIAS_FORMAT "y*nniiw*w*w*", &x, BIAS_ARGS, &score, &R, &V, &width, &keep, &lse,
+                          &vals, &flat))
         return NULL;
     PyObject *result = NULL;
     Bias bias;
     float *bm = NULL, *scratch = NULL;
-    if (!(R >= 0 && V > 0 && width > 0 && R % width == 0 && !check_size(&x, "x", R * V, 4) &&
-          !check_size(&score, "score", R, 4) && !check_size(&lse, "lse", R, 4) && !check_size(&vals, "values", R, 4) &&
-          !check_size(&flat, "flat", R, 8) && !check_bias(&bt, &bi, &bp_, &bk, &bv, R, V, &bias))) {
+    if (!(R >= 0 && V > 0 && width > 0 && keep >= width && R % width == 0 && !check_size(&x, "x", R * V, 4) &&
+          !check_size(&score, "score", R, 4) && !check_size(&lse, "lse", R, 4) &&
+          !check_size(&vals, "values", R / width * keep, 4) && !check_size(&flat, "flat", R / width * keep, 8) && !check_bias(&bt, &bi, &bp_, &bk, &bv, R, V, &bias))) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "bad shape");
         goto done;
@@ -486,7 +486,8 @@ static PyObject *py_beam(PyObject *self, PyObject *args)
     float *lp = lse.buf, *vp = vals.buf;
     int64_t *fp = flat.buf;
     Py_BEGIN_ALLOW_THREADS for (Py_ssize_t g = 0; g < R; g += width)
-        group_top(xp + g * V, &bias, g, sp + g, V, width, lp + g, vp + g, fp + g, bm, scratch);
+        group_top(xp + g * V, &bias, g, sp + g, V, width, keep, lp + g, vp + g / width * keep, fp + g / width * keep,
+                  bm, scratch);
     Py_END_ALLOW_THREADS result = Py_NewRef(Py_None);
 done:
     PyMem_RawFree(bm);
@@ -563,7 +564,7 @@ static PyMethodDef methods[] = {
     {"logsumexp", py_logsumexp, METH_VARARGS, "logsumexp(x, R, V, out): out[r] = log sum exp x[r]"},
     {"greedy", py_greedy, METH_VARARGS, "greedy(x, *bias, R, V, out): first argmax of bias + x"},
     {"beam", py_beam, METH_VARARGS,
-     "beam(x, *bias, score, R, V, width, lse, values, flat): log-sum-exps and the top `width` per group"},
+     "beam(x, *bias, score, R, V, width, keep, lse, values, flat): log-sum-exps and the top `keep` per group"},
     {"sample", py_sample, METH_VARARGS,
      "sample(x, *bias, R, V, rows, temperature, top_k, top_p, uniform, out): one draw per listed row"},
     {NULL, NULL, 0, NULL},

@@ -384,15 +384,18 @@ def choose_beam(logits: torch.Tensor, bias: Bias, beam_scores: torch.Tensor, wid
     `uniform` (G, BEAM_CANDIDATES·width), each request's own uniform numbers for this step: the stochastic
     beam. Each request's BEAM_CANDIDATES·width best candidates get BEAM_NOISE · Gumbel noise, and the
     `width` best by the noisy score go on, sorted by their true score. None: plain beam search."""
-    if uniform is None and kernels.usable(logits, bias.table):
-        lse, top, flat = kernels.beam(logits, bias, beam_scores.cpu(), width)
-        return _beam_step(top, flat, logits.shape[1], width), lse
-    lse = logsumexp(logits)
-    totals = (bias.dense() + beam_scores.float()[:, None]) + (logits.float() - lse[:, None].to(logits.device))
+    keep = width if uniform is None else uniform.shape[1]  # candidates per request before the noise
+    V = logits.shape[1]
+    if kernels.usable(logits, bias.table):
+        lse, top, flat = kernels.beam(logits, bias, beam_scores.cpu(), width, keep)
+    else:
+        lse = logsumexp(logits)
+        totals = (bias.dense() + beam_scores.float()[:, None]) + (logits.float() - lse[:, None].to(logits.device))
+        if uniform is None:
+            return beam_search_step(totals, width), lse
+        top, flat = top_k(totals.view(-1, width * V), keep)  # (G, keep), best first
     if uniform is None:
-        return beam_search_step(totals, width), lse
-    n, V = totals.shape
-    top, flat = top_k(totals.view(n // width, width * V), uniform.shape[1])  # (G, M), best first
+        return _beam_step(top, flat, V, width), lse
     noisy = top + BEAM_NOISE * gumbel(uniform).to(top.device)  # -inf stays -inf
     pick = noisy.topk(width, dim=1).indices.sort(dim=1).values  # (G, width): ascending index = by true score
     return _beam_step(top.gather(1, pick), flat.gather(1, pick), V, width), lse

@@ -63,17 +63,19 @@ def greedy(x: torch.Tensor, bias) -> torch.Tensor:
     return out
 
 
-def beam(x: torch.Tensor, bias, scores: torch.Tensor,
-         width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def beam(x: torch.Tensor, bias, scores: torch.Tensor, width: int,
+         keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One beam-search step for the groups of `width` rows: each row's log-sum-exp (R,), and the best
-    `width` of `(bias + score) + (x - lse)` over each group — values (G, width) float32 and flat indices
-    (G, width) long (row within the group · V + token), best first, ties by index."""
+    `keep` (default `width`) of `(bias + score) + (x - lse)` over each group — values (G, keep) float32 and
+    flat indices (G, keep) long (row within the group · V + token), best first, ties by index."""
     R, V = x.shape
+    keep = keep or width
     lse = torch.empty(R, dtype=torch.float32)
-    values = torch.empty(R, dtype=torch.float32)
-    flat = torch.empty(R, dtype=torch.long)
-    _c.beam(_np(x), *_bias(bias), _np(scores.float().contiguous()), R, V, width, _np(lse), _np(values), _np(flat))
-    return lse, values.view(-1, width), flat.view(-1, width)
+    values = torch.empty(R // width * keep, dtype=torch.float32)
+    flat = torch.empty(R // width * keep, dtype=torch.long)
+    _c.beam(_np(x), *_bias(bias), _np(scores.float().contiguous()), R, V, width, keep, _np(lse), _np(values),
+            _np(flat))
+    return lse, values.view(-1, keep), flat.view(-1, keep)
 
 
 def sample(x: torch.Tensor, bias, rows: torch.Tensor, temperature: torch.Tensor,
