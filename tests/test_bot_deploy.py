@@ -45,6 +45,34 @@ def compose_names(service: str) -> set[str]:
     return set(re.findall(r"^      ([A-Z][A-Z0-9_]*):\s*$", block, re.MULTILINE))
 
 
+def test_only_the_bot_unit_reads_the_file_with_the_bot_token():
+    assert env_files("yinshi-bot") == [BOT_ENV]
+    for name in ("yinshi-engine", "yinshi-trainer"):
+        assert BOT_ENV not in env_files(name), name
+        assert "TELEGRAM_BOT_TOKEN" not in inline_environment(name), name
+
+
+@pytest.mark.parametrize("name", ["yinshi-engine", "yinshi-trainer"])
+def test_the_engine_and_trainer_cannot_open_the_bot_s_env_file_either(name):
+    """They run as the same user in the same directory, so leaving the file out of EnvironmentFile= alone
+    would not keep a compromised engine from reading it."""
+    hidden = " ".join(unit(name).get("Service.InaccessiblePaths", [])).split()
+    assert BOT_ENV in [p.lstrip("-") for p in hidden], hidden
+
+
+@pytest.mark.parametrize("name, service", [("yinshi-engine", "engine"), ("yinshi-trainer", "trainer")])
+def test_each_unit_names_the_variables_compose_gives_its_service(name, service):
+    """Compose hands the engine and trainer their variables by name; the unit's own env file must be told to
+    carry the same ones, so its comment lists them (and nothing compose keeps from that service)."""
+    text = (SYSTEMD / f"{name}.service").read_text()
+    wanted = compose_names(service)
+    assert wanted, service
+    missing = sorted(v for v in wanted if not re.search(rf"\b{v}\b", text))
+    assert missing == [], missing
+    if "ENGINE_TOKEN" not in wanted:
+        assert "ENGINE_TOKEN" not in text, name
+
+
 @pytest.mark.parametrize("name", UNITS)
 def test_every_yinshi_unit_a_unit_orders_itself_after_exists(name):
     """A Wants=/After= naming a unit that does not exist is ignored by systemd without a word."""
