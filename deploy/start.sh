@@ -89,7 +89,7 @@ export RETRAIN_HOOK=${RETRAIN_HOOK-trainer.spool:bot_retrain}  # the bot's /retr
 role[${pids[0]}]=engine
 if [[ ${YINSHI_NO_TRAINER:-0} == 1 ]]; then
     echo "trainer: not started (YINSHI_NO_TRAINER=1)" >&2
-elif "$PY" -c 'import os, sys; from trainer.daemon import daemon_running; sys.exit(not daemon_running(os.environ["CHECKPOINT_DIR"]))'; then
+elif "$PY" -c 'import os, sys; from trainer.spool import daemon_running; sys.exit(not daemon_running(os.environ["CHECKPOINT_DIR"]))'; then
     echo "trainer: a daemon already serves $CHECKPOINT_DIR (e.g. the systemd unit); not starting another" >&2
 else
     "$PY" -m trainer schedule >>var/log/trainer.log 2>&1 &
