@@ -7,6 +7,7 @@
     python -m trainer export --checkpoint runs/gpu/best.safetensors --out OUT --name lstm --int8   (then: join)
     python -m trainer eval --checkpoint runs/lstm/best.safetensors --poems held_out.txt
     python -m trainer quality --checkpoint engine/checkpoints/gru.safetensors --corpus ../shared/corpus/chinese-poetry --n 20
+    python -m trainer panel make --n 16 --out runs/panel --system gru=engine/checkpoints/gru.safetensors:sample
     python -m trainer bench [--seconds 30] [--cell lstm]
     python -m trainer publish --store var/checkpoints --name lstm --checkpoint runs/lstm/best.safetensors --keep 5
     python -m trainer rollback --store var/checkpoints --name lstm [--version V]
@@ -76,7 +77,7 @@ def _module_command(module: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer import bench, download, pack, quality, stats
+    from trainer import bench, download, pack, panel, quality, stats
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         (corpus_sub, "stats", stats, "poems per form and source, characters, coverage, frequencies"),
         (corpus_sub, "pack", pack, "the training set preprocessed into one small file (for a GPU machine)"),
         (sub, "quality", quality, "quality report: form, rhyme, tone, repetition, copying, speed"),
+        (sub, "panel", panel, "a blind panel: held-out poems shuffled with generated ones, and its scores"),
         (sub, "bench", bench, "training tokens/s: ours against the classic padded recipe (JSON)"),
     ):
         p = parent.add_parser(name, help=help_text)
