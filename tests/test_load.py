@@ -116,6 +116,32 @@ async def test_soak_overload_in_process(lstm_store):
     await _overload_rounds(lstm_store, rounds=30, per_round=500)
 
 
+async def test_overload_with_a_short_deadline_refuses_what_cannot_finish_and_the_admitted_all_finish_in_time(
+        lstm_store):
+    # Scaled down from 3,000 beam-16 requests with a 60 s deadline over HTTP, which gave 504s: requests
+    # admitted by queue length waited out their deadline. Here the queue is long enough for all of them,
+    # so only the estimated wait can refuse.
+    timeout, n = 2.0, 600
+    async with small_engine(lstm_store, max_num_rows=64, max_queue=10_000) as engine:
+        await engine.generate(PoemRequest(prompt="月", form="wujue", mode="beam", beam_width=16))  # measured steps
+
+        def beam(k):
+            return PoemRequest(prompt=PROMPTS[k % len(PROMPTS)], form="wujue", mode="beam", beam_width=16, seed=k,
+                               timeout=timeout)
+        outcomes = await asyncio.gather(*(engine.generate(beam(k)) for k in range(n)), return_exceptions=True)
+        counts = dict(engine.counts)
+        await assert_idle_and_healthy(engine)
+    unexpected = [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, QueueFullError)]
+    assert not unexpected, {repr(o) for o in unexpected}  # no TimeoutError (504), nothing else
+    poems = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, QueueFullError)]
+    assert poems and counts["expired"] == 0 and counts["rejected"] == len(refused)
+    assert all(r.retry_after >= 1 for r in refused)
+    for poem in poems:  # admitted ones finish before their deadline (the engine would have expired them)
+        assert classify(poem.lines) is FORMS["wujue"] and poem.elapsed_ms < timeout * 1000
+    print(f"\nload/deadline: {n} beam-16 at once, {timeout:g} s deadline: {len(poems)} done, {len(refused)} refused")
+
+
 async def _overload_http(aiohttp_client, lstm_store, n: int):
     settings = ServiceSettings(engine=engine_settings(lstm_store, model_names=("lstm",), max_num_rows=16, max_queue=4,
                                                       threads=1))

@@ -179,3 +179,57 @@ def test_the_invariant_check_catches_rows_that_do_not_add_up():
     sched.num_running_rows -= 1  # a bookkeeping slip
     with pytest.raises(AssertionError):
         sched.check_invariants(out)
+
+
+def test_admission_refuses_at_once_what_cannot_finish_before_its_deadline_and_admitted_ones_do():
+    # Each step takes 0.1 s (fake time) at a full batch of 32 rows; every request needs 16 rows for 10 steps
+    # and has 5 s. Queue length alone admitted them all, and the later ones expired in the queue (504s).
+    sched = Scheduler(max_num_rows=32, max_queue=1000)
+    sched.observe_step(0.1, 32)
+    step, now = 0, 0.0
+    admitted, refused = [], []
+
+    def arrive(req_id):
+        req = EngineRequest(req_id, PoemRequest(mode="beam", beam_width=16), num_rows=16, arrival_time=now,
+                            deadline=now + 5.0, num_steps=10)
+        try:
+            sched.add_request(req)
+        except QueueFullError as e:
+            assert e.retry_after >= 1
+            refused.append(req_id)
+        else:
+            admitted.append(req)
+
+    for i in range(40):  # a burst
+        arrive(f"burst{i}")
+    assert admitted and refused and len(admitted) < 40
+    runner, finished_at = FakeRunner(default_steps=10), {}
+    while sched.has_work() or step < 200:
+        if step < 200 and step % 5 == 0:
+            arrive(f"later{step}")  # a steady trickle while the backlog drains
+        out = checked(sched, now)
+        assert not out.aborted  # nothing admitted expires
+        run = runner.execute(out)
+        now += 0.1
+        step += 1
+        for req in sched.update_from_output(run):
+            finished_at[req.req_id] = now
+        sched.observe_step(0.1, 32)
+    assert set(finished_at) == {r.req_id for r in admitted}
+    assert all(finished_at[r.req_id] <= r.deadline + 1e-9 for r in admitted)
+    assert any(r.req_id.startswith("later") for r in admitted)  # the backlog drained and admission resumed
+
+
+def test_the_estimate_uses_the_measured_step_time_and_the_work_ahead():
+    sched = Scheduler(max_num_rows=32, max_queue=1000)
+    req = EngineRequest("a", PoemRequest(), num_rows=1, arrival_time=0.0, deadline=1.0, num_steps=10)
+    assert sched.estimate_seconds(req) is None  # nothing measured yet: admission by queue length only
+    sched.observe_step(0.05, 32)
+    assert sched.estimate_seconds(req) == pytest.approx(0.5)  # an empty engine: its own 10 steps
+    for i in range(4):
+        sched.add_request(EngineRequest(f"b{i}", PoemRequest(mode="beam", beam_width=16), num_rows=16,
+                                        arrival_time=0.0, deadline=100.0, num_steps=10))
+    # 640 row-steps ahead at 32 rows a step: 20 steps of waiting, then its own 10.
+    assert sched.estimate_seconds(req) == pytest.approx(1.5)
+    with pytest.raises(QueueFullError):
+        sched.add_request(req)

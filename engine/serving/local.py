@@ -48,13 +48,17 @@ class EngineSettings:
     max_queue: int = 1024  # waiting requests; one more gets QueueFullError at once
     min_batch_rows: int = 16  # pad each step's batch to this many rows: see docs/ENGINE.md, batch invariance
     request_timeout: float = 60.0  # default deadline (s) for a request without `timeout`
+    # Admit a request only when its estimated finish (work ahead, measured step time) falls within this share
+    # of its deadline; the rest get QueueFullError (503 + Retry-After) at once instead of a 504 later. 0 = off.
+    admit_share: float = 0.8
     watch_interval: float = 10.0  # seconds between looks at CHECKPOINT_DIR for a new CURRENT; 0 = off
     ppl_tolerance: float = 0.05  # a new version may have val_ppl up to 5% worse than the serving one
     threads: int = 0  # torch threads for the step loop (0: leave torch's default)
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> EngineSettings:
-        """Settings from CHECKPOINT_DIR, DEVICE and ENGINE_{MODELS,MAX_ROWS,MAX_QUEUE,THREADS,TIMEOUT,WATCH_INTERVAL}."""
+        """Settings from CHECKPOINT_DIR, DEVICE and ENGINE_{MODELS,MAX_ROWS,MAX_QUEUE,THREADS,TIMEOUT,WATCH_INTERVAL,
+        ADMIT_SHARE}."""
         env = os.environ if env is None else env
         values: dict = {}
         if env.get("CHECKPOINT_DIR"):
@@ -66,7 +70,8 @@ class EngineSettings:
         for key, name, kind in (("ENGINE_MAX_ROWS", "max_num_rows", int), ("ENGINE_MAX_QUEUE", "max_queue", int),
                                 ("ENGINE_THREADS", "threads", int),
                                 ("ENGINE_TIMEOUT", "request_timeout", float),
-                                ("ENGINE_WATCH_INTERVAL", "watch_interval", float)):
+                                ("ENGINE_WATCH_INTERVAL", "watch_interval", float),
+                                ("ENGINE_ADMIT_SHARE", "admit_share", float)):
             if env.get(key):
                 try:
                     values[name] = kind(env[key])
@@ -84,6 +89,8 @@ class EngineSettings:
             raise ValueError("max_num_rows must be at least 16 (the widest beam)")
         if self.max_queue < 1:
             raise ValueError("max_queue must be at least 1")
+        if not 0 <= self.admit_share <= 1:
+            raise ValueError(f"admit_share (ENGINE_ADMIT_SHARE) must be between 0 and 1, got {self.admit_share}")
         return self
 
 
@@ -95,7 +102,7 @@ class LocalEngine:
         self.metrics = metrics or EngineMetrics()
         s = self.settings
         self.registry = ModelRegistry(s.checkpoint_dir, s.model_names, s.device, s.ppl_tolerance, metrics=self.metrics)
-        self.scheduler = Scheduler(max_num_rows=s.max_num_rows, max_queue=s.max_queue)
+        self.scheduler = Scheduler(max_num_rows=s.max_num_rows, max_queue=s.max_queue, admit_share=s.admit_share)
         self.runner = ModelRunner(self.registry, min_batch_rows=s.min_batch_rows)
         self._cv = threading.Condition()  # guards the scheduler; wakes the step loop
         self._futures: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
@@ -194,7 +201,8 @@ class LocalEngine:
         timeout = request.timeout if request.timeout is not None else self.settings.request_timeout
         req = EngineRequest(req_id=str(next(self._req_ids)), request=request,
                             num_rows=request.beam_width if request.mode == "beam" else 1,
-                            arrival_time=now, deadline=now + timeout, payload=(serving, plan))
+                            arrival_time=now, deadline=now + timeout, payload=(serving, plan),
+                            num_steps=plan.num_steps)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._cv:
@@ -319,6 +327,7 @@ class LocalEngine:
                 if self._stop and not self.scheduler.has_work():
                     return
                 self.registry.apply_pending()  # a swap happens here, between two steps
+                cycle_start = time.perf_counter()
                 out = self.scheduler.schedule(time.monotonic())
             for req_id, status in out.aborted.items():
                 self._abort_outcome(req_id, status)
@@ -347,6 +356,10 @@ class LocalEngine:
                     self.metrics.requests.labels("completed").inc()
                     self.metrics.request_seconds.labels(req.request.mode).observe(latency)
                 self._resolve(req.req_id, outcome)
+            # The whole cycle, not only the runner: scheduling, handing out results and waiting for the lock
+            # and the GIL are part of how long each step of a waiting request takes.
+            with self._cv:
+                self.scheduler.observe_step(time.perf_counter() - cycle_start, run.num_padded_rows or run.num_rows)
 
     def _abort_outcome(self, req_id: str, status: RequestStatus) -> None:
         if status is RequestStatus.EXPIRED:

@@ -13,11 +13,18 @@ sampling request takes one row, a beam request `beam_width` rows for its whole l
 Admission is FIFO: when the head of the queue does not fit (a wide beam while the batch is nearly full)
 nothing behind it jumps ahead, so wide beams cannot starve. Cancellation and deadlines are noticed at
 the next schedule(): the request leaves (`aborted`) and its rows are free in that same step.
+
+Admission by estimated wait: add_request refuses at once (QueueFullError) a request that would not finish
+within `admit_share` of the time to its deadline, estimated from the work ahead of it (rows × steps left of
+the running and waiting requests), the batch size and the step time the engine reports (observe_step).
+Admitting it would only have ended in a TimeoutError after holding rows others could use. Before any step
+is measured, or for a request without `num_steps`, only `max_queue` limits admission.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,6 +50,8 @@ class EngineRequest:
     status: RequestStatus = RequestStatus.WAITING
     cancel_requested: bool = False  # set by abort(); acted on at the next schedule()
     payload: object = None  # what the runner needs to set the request up (model version, plan); opaque here
+    num_steps: int = 0  # steps it runs until done (a poem's length is fixed by its form); 0 = unknown
+    start_step: int = 0  # the scheduler's step count when it joined the batch
 
     @property
     def is_done(self) -> bool:
@@ -75,7 +84,15 @@ class RunnerOutput:
 class Scheduler:
     max_num_rows: int = 256  # rows per step over all models; one beam request may take up to 16
     max_queue: int = 1024  # waiting requests; the next add_request raises QueueFullError
-    retry_after: float = 1.0  # seconds a rejected caller is told to wait
+    retry_after: float = 1.0  # seconds a rejected caller is told to wait (at least)
+    admit_share: float = 0.8  # admit when the estimated finish is within this share of the deadline; 0 = off
+    step_seconds: float | None = None  # recent step time (moving average of observe_step); None = unmeasured
+    step_rows: float = 0.0  # recent rows per step (padded), to scale the step time to a fuller batch
+    num_steps: int = 0  # steps scheduled so far
+    _waiting_rows: int = 0  # sum of num_rows over waiting
+    _waiting_work: int = 0  # sum of num_rows * num_steps over waiting (row-steps)
+    _running_work_at_0: int = 0  # sum of num_rows * (num_steps + start_step) over running; minus
+    # num_steps * num_running_rows it is the running requests' row-steps left, kept without a pass per step
     waiting: deque[EngineRequest] = field(default_factory=deque)  # FIFO admission queue
     running: dict[str, EngineRequest] = field(default_factory=dict)  # req_id → request in the batch
     num_running_rows: int = 0  # sum of num_rows over running
@@ -91,9 +108,42 @@ class Scheduler:
             raise ValueError(f"duplicate req_id {req.req_id}")
         if len(self.waiting) >= self.max_queue:
             raise QueueFullError(self.retry_after)
+        estimate = self.estimate_seconds(req)
+        if estimate is not None and req.deadline is not None and self.admit_share > 0:
+            budget = (req.deadline - req.arrival_time) * self.admit_share
+            if estimate > budget:
+                # The backlog drains as fast as time passes: in about (estimate - budget) s it would fit.
+                raise QueueFullError(max(self.retry_after, min(60.0, math.ceil(estimate - budget))))
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
+        self._waiting_rows += req.num_rows
+        self._waiting_work += req.num_rows * req.num_steps
         self._req_ids.add(req.req_id)
+
+    def observe_step(self, seconds: float, rows: int) -> None:
+        """The engine's measurement of one step (its wall time, the rows it ran padded): feeds the estimate."""
+        if seconds <= 0 or rows <= 0:
+            return
+        if self.step_seconds is None:
+            self.step_seconds, self.step_rows = seconds, float(rows)
+        else:  # a moving average: follows a slower machine (other load) within a few steps
+            self.step_seconds += 0.2 * (seconds - self.step_seconds)
+            self.step_rows += 0.2 * (rows - self.step_rows)
+
+    def estimate_seconds(self, req: EngineRequest) -> float | None:
+        """When `req`, added now, would finish: None without a measured step or a step count."""
+        if self.step_seconds is None or req.num_steps <= 0:
+            return None
+        rows = self.num_running_rows + self._waiting_rows + req.num_rows
+        batch = min(self.max_num_rows, rows)
+        # A fuller batch than the measured ones takes proportionally longer (an overestimate: part of a
+        # step's time does not grow with rows); a smaller one is not counted as faster.
+        per_step = self.step_seconds * max(1.0, batch / max(self.step_rows, 1.0))
+        wait_steps = 0.0
+        if rows > self.max_num_rows:  # it must wait for rows: the work ahead drains a full batch per step
+            running_left = max(0, self._running_work_at_0 - self.num_steps * self.num_running_rows)
+            wait_steps = (running_left + self._waiting_work) / self.max_num_rows
+        return (wait_steps + req.num_steps) * per_step
 
     def abort(self, req_id: str) -> bool:
         """Ask for a request to be dropped at the next schedule(); False when it is not here (done)."""
@@ -122,8 +172,7 @@ class Scheduler:
             status = self._abort_status(req, now)
             if status is not None:
                 self._drop(req, status)
-                del self.running[req_id]
-                self.num_running_rows -= req.num_rows
+                self._leave_running(req)
                 finished.add(req_id)
                 aborted[req_id] = status
 
@@ -136,15 +185,21 @@ class Scheduler:
                     keep.append(req)
                 else:
                     self._drop(req, status)
+                    self._waiting_rows -= req.num_rows
+                    self._waiting_work -= req.num_rows * req.num_steps
                     aborted[req.req_id] = status
             self.waiting = keep
 
         new_reqs: list[EngineRequest] = []
         while self.waiting and self.num_running_rows + self.waiting[0].num_rows <= self.max_num_rows:
             req = self.waiting.popleft()
+            self._waiting_rows -= req.num_rows
+            self._waiting_work -= req.num_rows * req.num_steps
             req.status = RequestStatus.RUNNING
+            req.start_step = self.num_steps
             self.running[req.req_id] = req
             self.num_running_rows += req.num_rows
+            self._running_work_at_0 += req.num_rows * (req.num_steps + req.start_step)
             new_reqs.append(req)
 
         new_ids = {r.req_id for r in new_reqs}
@@ -158,6 +213,8 @@ class Scheduler:
             num_waiting=len(self.waiting),
         )
         assert 0 <= self.num_running_rows <= self.max_num_rows, self.num_running_rows
+        if self.num_running_rows:
+            self.num_steps += 1
         return out
 
     def check_invariants(self, out: SchedulerOutput) -> None:
@@ -171,15 +228,18 @@ class Scheduler:
         assert all(r.status is RequestStatus.WAITING for r in self.waiting)
         assert len(self.waiting) <= self.max_queue
         assert self._req_ids == set(self.running) | {r.req_id for r in self.waiting}
+        assert self._waiting_rows == sum(r.num_rows for r in self.waiting)
+        assert self._waiting_work == sum(r.num_rows * r.num_steps for r in self.waiting)
+        assert self._running_work_at_0 == sum(r.num_rows * (r.num_steps + r.start_step) for r in self.running.values())
 
     def update_from_output(self, output: RunnerOutput) -> list[EngineRequest]:
         """Record what the runner finished; their rows are free from the next schedule() on."""
         done = []
         for req_id in output.finished:
-            req = self.running.pop(req_id, None)
+            req = self.running.get(req_id)
             if req is None:  # aborted in the same breath; the runner's result is dropped
                 continue
-            self.num_running_rows -= req.num_rows
+            self._leave_running(req)
             req.status = RequestStatus.FINISHED
             self._req_ids.discard(req_id)
             self._finished_since_schedule.add(req_id)
@@ -192,6 +252,11 @@ class Scheduler:
         if req.deadline is not None and now >= req.deadline:
             return RequestStatus.EXPIRED
         return None
+
+    def _leave_running(self, req: EngineRequest) -> None:
+        del self.running[req.req_id]
+        self.num_running_rows -= req.num_rows
+        self._running_work_at_0 -= req.num_rows * (req.num_steps + req.start_step)
 
     def _drop(self, req: EngineRequest, status: RequestStatus) -> None:
         req.status = status
