@@ -152,10 +152,10 @@ def test_keep_below_one_is_refused(root, ckpts):
 
 
 def publish_forever(root: Path, work: Path, ready) -> None:
-    """The child: publish fresh checkpoints (a few MB each) as fast as it can, until it is killed."""
+    """The child: publish fresh checkpoints (a few MB each) as fast as it can, until it is killed; `ready`
+    is set once its first publish is done."""
     vocab = Vocab.build(["月山水花风云春秋天人"])
     model = PoemModel(ModelConfig(vocab_size=len(vocab), embed_dim=64, hidden_dim=256, num_layers=2))
-    ready.set()
     i = 0
     while True:
         with torch.no_grad():
@@ -163,6 +163,7 @@ def publish_forever(root: Path, work: Path, ready) -> None:
         src = work / f"src{i % 2}.safetensors"
         save_checkpoint(src, model, vocab, half=False)
         store.publish(root, "lstm", src, keep=3)
+        ready.set()
         i += 1
 
 
@@ -171,14 +172,14 @@ def test_sigkill_while_publishing_always_leaves_current_naming_a_complete_versio
     ctx = multiprocessing.get_context("fork")
     store.publish(root, "lstm", ckpts[0])
     rng = random.Random(7)
-    seen = set()
+    parents = {version_of(c) for c in ckpts}  # what this process publishes; the children's versions differ
     for round_ in range(12):
         ready = ctx.Event()
         child = ctx.Process(target=publish_forever, args=(root, tmp_path, ready), daemon=True)
         child.start()
         try:
-            assert ready.wait(30)
-            time.sleep(rng.uniform(0.02, 0.6))
+            assert ready.wait(120)  # it has published once: the kill lands in a live publishing loop
+            time.sleep(rng.uniform(0.0, 0.6))  # somewhere in a later publish, or between two
             assert child.is_alive()  # still publishing, not crashed
             os.kill(child.pid, signal.SIGKILL)
             child.join(30)
@@ -189,11 +190,11 @@ def test_sigkill_while_publishing_always_leaves_current_naming_a_complete_versio
         assert load_checkpoint(current).version == store.current_version(root, "lstm")
         for v in store.versions(root, "lstm"):  # every visible version is whole, not only the current
             load_checkpoint(store.version_path(root, "lstm", v))
-        seen.add(store.current_version(root, "lstm"))
+        # The child published after this process's last publish, so CURRENT names one of its versions.
+        assert store.current_version(root, "lstm") not in parents
         # The store keeps working after the kill: the next publish succeeds and sweeps the leftovers.
         store.publish(root, "lstm", ckpts[1 + round_ % 4], keep=3)
         assert not list((root / "lstm" / "versions").glob(".*.tmp"))
-    assert len(seen) > 1  # the children did publish: the kills landed in a live publishing loop
 
 
 def test_the_command_line_publishes_rolls_back_and_lists_versions(root, ckpts, capsys):
