@@ -21,7 +21,7 @@ import pytest
 
 from bot.commands import BUSY
 from bot.db import Store
-from bot_fixtures import make_settings, running_bot
+from bot_fixtures import all_updates_handled, make_settings, running_bot
 from engine.model import versions as ckpt_store
 from engine.api import PoemRequest
 from engine.errors import QueueFullError
@@ -190,12 +190,12 @@ async def _many_chats(tmp_path, lstm_store, chats: int, per_chat: int):
     engine = small_engine(lstm_store, max_queue=8)
     await engine.start()
     try:
-        async with running_bot(settings, engine, store):
+        async with running_bot(settings, engine, store) as app:
             for k in range(per_chat):
                 for chat in range(1, chats + 1):
                     api.message(chat, f"/poem {PROMPTS[(chat + k) % len(PROMPTS)]}")
             await api.wait_for_sent(chats * per_chat, timeout=120)
-            await asyncio.sleep(0.5)  # a duplicate would arrive by now
+            await all_updates_handled(app, api)  # nothing these updates cause can still be sent
     finally:
         await engine.close()
         await api.stop()

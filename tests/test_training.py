@@ -120,7 +120,10 @@ def test_a_corpus_without_a_validation_split_is_refused(tiny_corpus, tmp_path):
 
 
 # -- resume after kill -9 ----------------------------------------------------------------------------------------
-RESUME_ARGS = ["--embed-dim", "16", "--hidden-dim", "32", "--num-layers", "1", "--dropout", "0", "--max-steps", "40",
+# A constant learning rate after the warm-up (--min-lr-ratio 1), so that the run to be killed can be given
+# more steps than it will ever take (it cannot finish before the kill, however fast the machine) and still
+# follow the same schedule as the 60-step runs it is compared with.
+RESUME_ARGS = ["--embed-dim", "16", "--hidden-dim", "32", "--num-layers", "1", "--dropout", "0", "--min-lr-ratio", "1",
                "--eval-every", "100000", "--eval-poems", "20", "--batch-tokens", "256", "--min-count", "1",
                "--threads", "1", "--no-progress", "--no-half", "--warmup-steps", "5", "--lr", "0.01", "--epochs", "100"]
 
@@ -137,28 +140,31 @@ def _saved_step(run: Path) -> int:
 def test_resume_after_kill_9_continues_from_the_saved_step_and_ends_where_an_unbroken_run_ends(tiny_corpus, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "trainer", "train", "--corpus", str(tiny_corpus), "--out", str(run), *RESUME_ARGS]
-    proc = subprocess.Popen([*cmd, "--save-every", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*cmd, "--save-every", "0", "--max-steps", "100000"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while _saved_step(run) < 8 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGSTOP)  # frozen where it is, so the saved step read below is the last one
+    saved = _saved_step(run)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    saved = _saved_step(run)
-    assert 8 <= saved < 40
+    assert 8 <= saved < 60
 
-    resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([*cmd, "--resume", "--max-steps", "60"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed at step {saved} " in resumed.stderr
     result = json.loads(resumed.stdout.strip().splitlines()[-1])
-    assert result["step"] == 40 and result["stop_reason"] == "max_steps"
+    assert result["step"] == 60 and result["stop_reason"] == "max_steps"
 
     # Nothing was lost or trained twice: the weights equal those of a run that was never interrupted.
     unbroken = tmp_path / "unbroken"
     cfg = TrainConfig(corpus=[str(tiny_corpus)], out=str(unbroken), embed_dim=16, hidden_dim=32, num_layers=1,
-                      dropout=0.0, max_steps=40, eval_every=100000, eval_poems=20, batch_tokens=256, min_count=1,
-                      threads=1, half=False, warmup_steps=5, lr=0.01, epochs=100, save_every=1e9)
+                      dropout=0.0, max_steps=60, eval_every=100000, eval_poems=20, batch_tokens=256, min_count=1,
+                      threads=1, half=False, warmup_steps=5, lr=0.01, min_lr_ratio=1.0, epochs=100, save_every=1e9)
     Trainer(cfg, log=lambda m: None).run(progress_bar=False)
     a, b = load_file(str(run / "state.safetensors")), load_file(str(unbroken / "state.safetensors"))
     assert a.keys() == b.keys()
