@@ -25,7 +25,7 @@ from engine.poem.forms import DEFAULT_FORM
 @dataclass
 class ChatSettings:
     form: str = DEFAULT_FORM  # qijue | wujue | qilv | wulv
-    mode: str = "sample"  # greedy | sample | beam
+    mode: str = "greedy"  # greedy | sample | beam; greedy reads best (docs/PERFORMANCE.md, the panel)
     beam_width: int = 5  # 1–16, beam mode
     temperature: float = 0.8  # (0, 2], sample mode
     model: str | None = None  # None = the engine's default model

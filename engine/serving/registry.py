@@ -1,6 +1,6 @@
 """The model registry: which version of each named model serves, and hot-swapping in new ones.
 
-    registry = ModelRegistry(checkpoint_dir, names=("gru", "lstm"), device="cpu")
+    registry = ModelRegistry(checkpoint_dir, names=("lstm", "gru"), device="cpu")
     registry.load_initial()               # store CURRENT, else the package default engine/checkpoints/<name>.safetensors
     registry.get("lstm")                  # -> ServingModel (model, vocab, prosody, version, …)
     registry.reload()                     # load + validate newer published versions, stage the swaps
@@ -148,7 +148,7 @@ def validate(serving: ServingModel, running: ServingModel | None, ppl_tolerance:
 
 
 class ModelRegistry:
-    def __init__(self, checkpoint_dir: str | Path | None, names: tuple[str, ...] = ("gru", "lstm"),
+    def __init__(self, checkpoint_dir: str | Path | None, names: tuple[str, ...] = ("lstm", "gru"),
                  device: str | torch.device = "cpu", ppl_tolerance: float = 0.05,
                  package_dir: Path = PACKAGE_CHECKPOINTS, metrics=None):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
