@@ -3,6 +3,7 @@
     python -m engine serve [--host 127.0.0.1 --port 8080 --checkpoints DIR --device auto]
 
     POST /v1/poems           {"prompt": "月", "form": "qijue", "mode": "beam"} → {"poem": …}
+    POST /v1/check           {"poem": "白日依山尽，…"} → its meter: form, style, tones, rhyme, faults
     GET  /v1/models          the serving models and versions
     GET  /v1/status          queue depth, running rows, versions, uptime, counts
     GET  /healthz            the process is alive
@@ -31,6 +32,7 @@ from aiohttp import web
 
 from engine.api import PoemRequest
 from engine.errors import EngineUnavailableError, QueueFullError, RequestError
+from engine.poem.meter import check_body
 from engine.serving.local import EngineSettings, LocalEngine
 from engine.serving.metrics import CONTENT_TYPE
 
@@ -142,6 +144,12 @@ async def create_poem(request: web.Request) -> web.Response:
     return web.json_response(result.to_dict(), dumps=dumps)
 
 
+async def check_meter(request: web.Request) -> web.Response:
+    """POST /v1/check: the meter of a pasted poem (engine.poem.meter); needs no model, so never queues."""
+    report = check_body(await read_json(request, allow_empty=False))
+    return web.json_response(report.to_dict(), dumps=dumps)
+
+
 async def list_models(request: web.Request) -> web.Response:
     models = await request.app[ENGINE].models()
     return web.json_response({"models": models}, dumps=dumps)
@@ -214,6 +222,7 @@ def create_app(settings: ServiceSettings | None = None, engine: LocalEngine | No
 
     app.cleanup_ctx.append(engine_ctx)
     app.router.add_post("/v1/poems", create_poem)
+    app.router.add_post("/v1/check", check_meter)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/healthz", healthz)
