@@ -3,6 +3,7 @@
     python -m engine generate 月 [--form qijue --mode beam --beam-width 5]   (engine.reference)
     python -m engine serve [--host 127.0.0.1 --port 8080 --checkpoints DIR] (engine.serving.service)
     python -m engine bench [--concurrency 1 16 64 256]                     (engine.serving.bench)
+    python -m engine check "白日依山尽，黄河入海流。…"                      (engine.poem.meter)
 
 The quality report, which reads the corpus, is the trainer's: python -m trainer quality.
 """
@@ -18,6 +19,7 @@ COMMANDS = {
     "generate": ("engine.reference", "write one poem and print it"),
     "serve": ("engine.serving.service", "run the HTTP service"),
     "bench": ("engine.serving.bench", "throughput and latency benchmark (JSON and a table)"),
+    "check": ("engine.poem.meter", "read a pasted 绝句 or 律诗's meter: tones, rhyme, faults"),
 }
 
 
