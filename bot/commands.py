@@ -34,6 +34,7 @@ from bot.settings import Settings
 from engine.api import MAX_BEAM_WIDTH, PoemEngine, PoemRequest, PoemResult
 from engine.errors import EngineUnavailableError, QueueFullError, RequestError
 from engine.poem.forms import FORMS, parse_form
+from engine.poem.meter import check_meter, format_report
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             manages=True, example="/sample 1.2"),
     Command("beam", "N", "束搜索，宽度 1–16", "beam search, width 1–16", manages=True, example="/beam 5"),
     Command("model", "lstm|gru", "选择模型", "choose the model", manages=True, example="/model gru"),
+    Command("check", "诗句", "格律检查：每字平仄、韵部、出律之处", "prosody check: each character's tone, the rhyme, any faults",
+            example="/check 白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"),
     Command("settings", "", "查看本聊天的设置", "show this chat's settings"),
     Command("daily", "HH:MM [诗体] | off", "每日一诗：订阅、取消或查看", "daily poem: subscribe, stop, or show",
             example="/daily 08:00 五绝"),
@@ -180,7 +183,7 @@ class Commands:
             "start": self.cmd_start, "help": self.cmd_help,
             "poem": self.cmd_poem, "acrostic": self.cmd_acrostic, "cangtou": self.cmd_acrostic,
             "form": self.cmd_form, "greedy": self.cmd_greedy, "sample": self.cmd_sample, "beam": self.cmd_beam,
-            "model": self.cmd_model, "settings": self.cmd_settings, "daily": self.cmd_daily,
+            "model": self.cmd_model, "check": self.cmd_check, "settings": self.cmd_settings, "daily": self.cmd_daily,
             "status": self.cmd_status, "reload": self.cmd_reload, "retrain": self.cmd_retrain,
         }
 
@@ -286,6 +289,9 @@ class Commands:
             # OSError covers refused connections; asyncio.TimeoutError is TimeoutError on 3.11.
             log.warning("engine unavailable: %s: %s", type(e).__name__, e)
             raise PoemUnavailable(BUSY, busy=True) from None
+
+    async def cmd_check(self, who: Who, args: list[str]) -> Reply:
+        return Reply(check_reply(" ".join(args)))
 
     # settings
 
@@ -457,6 +463,21 @@ def describe_request_error(e: RequestError) -> str:
     if e.code == "bad_character":
         return f"开头只能是汉字。\nThe opening must be Han characters: {_echo(e.message, 200)}"
     return f"无法作诗。\nCannot write that poem: {_echo(e.message, 200)}"
+
+
+CHECK_USAGE = ("用法：/check 后接一首绝句或律诗（4 或 8 句，每句 5 或 7 字），如 /check 白日依山尽，黄河入海流。欲穷千里目，更上一层楼。\n"
+               "Usage: /check followed by a 绝句 or 律诗 (4 or 8 lines of 5 or 7 characters).")
+
+
+def check_reply(text: str) -> str:
+    """/check's reply: the poem marked ○ 平 ● 仄 ◐ 中 and its verdict (engine.poem.meter, no engine call), or
+    the usage and what was wrong with the text."""
+    if not text.strip():
+        return CHECK_USAGE
+    try:
+        return format_report(check_meter(text))
+    except RequestError as e:
+        return f"{CHECK_USAGE}\n({_echo(e.message, 200)})"
 
 
 def describe_settings(s: ChatSettings) -> str:
