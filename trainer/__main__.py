@@ -51,6 +51,8 @@ def cmd_train(args) -> int:
     cfg = config_from_args(vars(args))
     trainer = Trainer(cfg, resume=args.resume, log=lambda m: print(m, file=sys.stderr, flush=True))
     result = trainer.run(progress_bar=not args.no_progress)
+    if trainer.rank != 0:
+        return 0  # under torchrun, one result line (rank 0's), as from one process
     print(json.dumps({k: result[k] for k in ("step", "epoch", "tokens", "train_seconds", "best_val_ppl", "stop_reason")}))
     return 0
 

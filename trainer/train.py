@@ -8,6 +8,13 @@ written atomically every `--save-every` seconds), `best.safetensors` (the best m
 engine checkpoint), `history.jsonl` and `curves.png`. `--resume` continues a run killed at any moment,
 losing at most the time since the last save. `--recipe classic` trains the classic baseline instead:
 every poem pre-padded to 125 tokens and the loss taken over all positions.
+
+Data-parallel: `torchrun --nproc-per-node=N -m trainer train …` (detected by WORLD_SIZE > 1) trains with
+DistributedDataParallel, gloo on the CPU and nccl on GPUs (rank r on cuda:LOCAL_RANK). `--batch-tokens` (or
+`--batch-size`) is per rank: every step takes one global batch of N times that, cut into N disjoint shares,
+and the learning rate is scaled by N (linear rule, after the same warm-up). The update equals that of one
+process with the N-times batch and N-times learning rate (tests/test_distributed_training.py). Rank 0 alone
+evaluates and writes; every rank resumes from the same state.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
@@ -56,6 +64,7 @@ class TrainConfig:
     epochs: int = 10
     time_budget: float = 0.0  # minutes of training: CPU time on a CPU, wall time on a GPU; eval not counted (0: off)
     max_steps: int = 0  # 0: no limit
+    log_every: int = 20  # steps between train-loss rows in history.jsonl
     eval_every: int = 500  # steps; also at every epoch end
     eval_poems: int = 2000  # validation poems per evaluation (a fixed subset, for speed)
     patience: int = 4  # evaluations without improvement before stopping
@@ -76,8 +85,8 @@ class TrainConfig:
             raise ValueError(f"recipe must be bucketed or classic, got {self.recipe!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
-        if self.lr <= 0 or self.batch_tokens < 1 or self.batch_size < 1:
-            raise ValueError("lr, batch_tokens and batch_size must be positive")
+        if self.lr <= 0 or self.batch_tokens < 1 or self.batch_size < 1 or self.log_every < 1:
+            raise ValueError("lr, batch_tokens, batch_size and log_every must be positive")
         ModelConfig(vocab_size=1, cell=self.cell, embed_dim=self.embed_dim, hidden_dim=self.hidden_dim,
                     num_layers=self.num_layers, dropout=self.dropout)
 
@@ -128,18 +137,33 @@ def read_progress(run_dir: Path) -> dict | None:
         raise ValueError(f"--resume: cannot read the saved state in {run_dir} ({e})") from None
 
 
+def _init_distributed(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group); (0, 1, False) outside torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), created
+
+
 class Trainer:
     """Holds one run: data, model, optimizer and progress; `run()` trains until a stop rule fires."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, corpus: Corpus | None = None):
         """`corpus`: an already loaded corpus (the benchmark shares one between two trainers)."""
         cfg.validate()
-        self.cfg, self.log = cfg, log
+        self.cfg = cfg
         self.dir = Path(cfg.out)
         self.dir.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = pick_device(cfg.device)
+        if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(self.device)
+        self.rank, self.world, self._owns_group = _init_distributed(self.device)
+        self.log = log if self.rank == 0 else (lambda m: None)  # one voice, not N copies of each line
         torch.manual_seed(cfg.seed)
 
         pack = load_pack(cfg.packed) if cfg.packed else None
@@ -163,7 +187,8 @@ class Trainer:
             init = None  # the saved state already holds the fine-tuned weights
         else:
             self.progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "train_seconds": 0.0,
-                             "tokens": 0, "best_val_ppl": None, "bad_evals": 0, "done": False}
+                             "tokens": 0, "best_val_ppl": None, "bad_evals": 0, "done": False,
+                             "world_size": self.world}
             init = self._load_init(cfg) if cfg.init_from else None
             # Fine-tuning keeps the checkpoint's vocabulary: token ids are rows of its embedding and head.
             if init and pack and init.vocab.tokens != pack.vocab.tokens:
@@ -205,7 +230,22 @@ class Trainer:
             _load_optimizer(self.opt, tensors, self.progress["optimizer"])
             self.log(f"resumed at step {self.progress['step']} (epoch {self.progress['epoch']}, "
                      f"{self.progress['train_seconds']:.0f}s trained)")
-            self._trim_history(self.progress["step"])
+            if self.rank == 0:
+                self._trim_history(self.progress["step"])
+        if saved is not None and saved.get("world_size", 1) != self.world:
+            # Another world size cuts the epoch into global batches of another size: continue at the same
+            # share of the epoch (so not bit-for-bit the interrupted run: that epoch's remaining poems differ).
+            old = saved.get("world_size", 1)
+            self.progress["batch_in_epoch"] = self.progress["batch_in_epoch"] * old // self.world
+            self.progress["world_size"] = self.world
+            self.log(f"resuming a {old}-process run with {self.world} processes: batch "
+                     f"{self.progress['batch_in_epoch']} of the epoch")
+        # Every rank holds the same weights (DDP also broadcasts rank 0's at construction) and the same
+        # optimizer state; `self.model` stays the plain module for evaluation and checkpoints.
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # The time budget counts this process's CPU time on a CPU, so runs compared at the same budget
         # got the same compute however busy the machine was; on a GPU it counts wall time.
         self.clock = time.process_time if self.device.type == "cpu" else time.monotonic
@@ -256,47 +296,82 @@ class Trainer:
             "corpus_hash": self.corpus_hash,
             "metrics": metrics,
             "train": {k: v for k, v in asdict(self.cfg).items() if k not in ("out",)}
-            | {"train_poems": self.num_train_poems, "tokens_seen": self.progress["tokens"],
+            | {"train_poems": self.num_train_poems, "tokens_seen": self.progress["tokens"], "world_size": self.world,
                "train_seconds": round(self.progress["train_seconds"], 1), "step": self.progress["step"]},
         }
         save_checkpoint(self.dir / "best.safetensors", self.model, self.vocab, meta, half=self.cfg.half)
 
     # -- one step --------------------------------------------------------------------------------------
     def _batch_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(summed cross-entropy over the batch's targets, number of targets)."""
         batch = batch.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            logits, _ = self.model(batch[:, :-1])  # (B, T-1, V)
+            logits, _ = self.net(batch[:, :-1])  # (B, T-1, V)
         target = batch[:, 1:]
         # Ours: no padding in the batch, every target counts. Classic: pads are targets too.
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
         return loss, target.numel()
 
-    def train_step(self, batch: torch.Tensor, lr: float) -> tuple[torch.Tensor, int]:
-        """One optimizer step on `batch` (B, T) at learning rate `lr`; returns (loss, target tokens)."""
+    def train_step(self, batch: torch.Tensor, lr: float, global_tokens: int = 0) -> tuple[torch.Tensor, int]:
+        """One optimizer step on `batch` (B, T) at learning rate `lr`; returns (mean loss, target tokens).
+
+        Under DDP `batch` is this rank's share of a global batch of `global_tokens` targets; the loss and
+        the token count returned are the global batch's.
+        """
         for group in self.opt.param_groups:
             group["lr"] = lr
-        loss, ntok = self._batch_loss(batch)
+        loss_sum, ntok = self._batch_loss(batch)
+        global_tokens = global_tokens or ntok * self.world
+        # DDP averages gradients over the N ranks: each rank's token sum times N / (global tokens) makes that
+        # average exactly the per-token mean over the whole global batch, however unevenly it was shared.
+        loss = loss_sum * (self.world / global_tokens)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.scaler.step(self.opt)
         self.scaler.update()
+        loss = loss_sum.detach()
+        if self.world > 1:
+            dist.all_reduce(loss)  # the global batch's loss, so every rank logs and checks the same number
+        loss = loss / global_tokens
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss became {loss.item()} at step {self.progress['step']}; lower --lr")
-        return loss, ntok
+        return loss, global_tokens
 
     def evaluate(self) -> dict:
         return perplexity_of_rows(self.model, self.vocab, self.val_rows)
 
-    def _epoch_batches(self, epoch: int):
+    def _epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        return [batch for batch, _ in self._epoch_shares(epoch)]
+
+    def _epoch_shares(self, epoch: int) -> list[tuple[torch.Tensor, int]]:
+        """One epoch's global batches as (this rank's rows, target tokens of the whole global batch).
+
+        Every rank draws the same order from the seed, with batches N times the per-rank size, and takes
+        the r-th of N contiguous slices of each; one process (N = 1) takes all of it, as before.
+        """
         seed = self.cfg.seed * 1000 + epoch
         if self.cfg.recipe == "classic":
             g = torch.Generator().manual_seed(seed)
             perm = torch.randperm(self.classic.shape[0], generator=g)
-            bs = self.cfg.batch_size
-            return [self.classic[perm[i : i + bs]] for i in range(0, len(perm), bs)]
-        return [self.train.get(form, rows) for form, rows in self.train.batches(self.cfg.batch_tokens, seed)]
+            bs = self.cfg.batch_size * self.world
+            return [(self.classic[rows.tensor_split(self.world)[self.rank]], len(rows) * (CLASSIC_LEN - 1))
+                    for rows in (perm[i : i + bs] for i in range(0, len(perm), bs))]
+        # A share may hold a row fewer than another (or none, in a tiny tail batch): the loss weighting in
+        # train_step keeps the update exact all the same.
+        return [(self.train.get(form, rows.tensor_split(self.world)[self.rank]),
+                 len(rows) * (self.train.tensors[form].shape[1] - 1))
+                for form, rows in self.train.batches(self.cfg.batch_tokens * self.world, seed)]
+
+    def _sync_seconds(self, seconds: float) -> float:
+        """The mean of the ranks' step times: every rank must see the same clock, or the time budget and the
+        cosine schedule would stop or steer them apart."""
+        if self.world == 1:
+            return seconds
+        t = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world
 
     # -- the loop --------------------------------------------------------------------------------------
     def run(self, progress_bar: bool = True) -> dict:
@@ -309,8 +384,8 @@ class Trainer:
         stop_reason = None
         self.model.train()
         while p["epoch"] < cfg.epochs and not p["done"]:
-            batches = self._epoch_batches(p["epoch"])
-            bar = tqdm(total=len(batches), initial=p["batch_in_epoch"], disable=not progress_bar,
+            batches = self._epoch_shares(p["epoch"])
+            bar = tqdm(total=len(batches), initial=p["batch_in_epoch"], disable=not progress_bar or self.rank != 0,
                        desc=f"epoch {p['epoch'] + 1}/{cfg.epochs}", dynamic_ncols=True, mininterval=2)
             window_t, window_tok = time.monotonic(), 0
             while p["batch_in_epoch"] < len(batches):
@@ -318,14 +393,16 @@ class Trainer:
                 progress = max(p["step"] / cfg.max_steps if cfg.max_steps else 0.0,
                                p["train_seconds"] / budget_s if budget_s else 0.0,
                                (p["epoch"] + p["batch_in_epoch"] / len(batches)) / cfg.epochs)
-                loss, ntok = self.train_step(batches[p["batch_in_epoch"]], lr_at(cfg, p["step"], progress))
+                batch, global_tokens = batches[p["batch_in_epoch"]]
+                # Linear scaling: N times the batch, N times the learning rate (warm-up included).
+                loss, ntok = self.train_step(batch, lr_at(cfg, p["step"], progress) * self.world, global_tokens)
                 p["step"] += 1
                 p["batch_in_epoch"] += 1
                 p["tokens"] += ntok
-                p["train_seconds"] += self.clock() - t0
+                p["train_seconds"] += self._sync_seconds(self.clock() - t0)
                 window_tok += ntok
                 bar.update(1)
-                if p["step"] % 20 == 0:
+                if p["step"] % cfg.log_every == 0 and self.rank == 0:
                     rate = window_tok / max(1e-9, time.monotonic() - window_t)
                     bar.set_postfix(loss=f"{loss.item():.3f}", ppl=f"{math.exp(min(20, loss.item())):.1f}",
                                     tok_s=f"{rate:.0f}", lr=f"{self.opt.param_groups[0]['lr']:.1e}")
@@ -341,7 +418,7 @@ class Trainer:
                     stop_reason = self._evaluate_and_keep(history) or stop_reason
                 if stop_reason:
                     break
-                if time.monotonic() - last_save >= cfg.save_every:
+                if time.monotonic() - last_save >= cfg.save_every and self.rank == 0:
                     self.save_state()
                     last_save = time.monotonic()
             bar.close()
@@ -354,13 +431,28 @@ class Trainer:
                 break
         p["done"] = True
         p["stop_reason"] = stop_reason or "epochs"
-        self.save_state()
-        plot_curves(history, self.dir / "curves.png")
+        if self.rank == 0:
+            self.save_state()
+            plot_curves(history, self.dir / "curves.png")
+        if self.world > 1:
+            dist.barrier()  # the final state is on disk before any rank (and so torchrun) exits
+            if self._owns_group:
+                dist.destroy_process_group()
         self.log(f"stopped ({p['stop_reason']}) after {p['step']} steps, {p['tokens']} tokens, "
                  f"{p['train_seconds']:.0f}s; best validation ppl {p['best_val_ppl']}")
         return p
 
     def _evaluate_and_keep(self, history: Path) -> str | None:
+        """Rank 0 evaluates, keeps the best and saves; every rank gets its verdict (so all stop together)."""
+        p = self.progress
+        stop = self._evaluate_and_keep_here(history) if self.rank == 0 else None
+        if self.world > 1:
+            shared = [stop, p["best_val_ppl"], p["bad_evals"]]
+            dist.broadcast_object_list(shared, src=0)
+            stop, p["best_val_ppl"], p["bad_evals"] = shared
+        return stop
+
+    def _evaluate_and_keep_here(self, history: Path) -> str | None:
         metrics = self.evaluate()
         p = self.progress
         with history.open("a") as f:
