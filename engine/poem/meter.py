@@ -20,7 +20,7 @@ How a poem is read:
    character of the lines that do not rhyme. The 1st, 3rd (and 5th) are free (一三五不论), except for 孤平
    and 三平尾 below.
 2. 古体 or 近体. A poem that rhymes on 仄 (more than half its even lines end on a 仄-only character), or
-   whose rhymes share no group in at least half its even lines, or of which half the lines or more break
+   whose rhyme group holds fewer than half its even-line ends, or of which half the lines or more break
    the template after the accepted 拗救, is 古体 (e.g. 李白《静夜思》, 柳宗元《江雪》): it is named so and
    no faults are listed, since it never meant to follow these rules.
 3. Faults of a 近体 poem, each with its line and character (1-based):
