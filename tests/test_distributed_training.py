@@ -148,3 +148,26 @@ def test_a_two_rank_run_killed_with_sigkill_resumes_on_both_ranks_and_ends_as_th
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
     assert _losses(run)[STEPS] == pytest.approx(_losses(two_ranks)[STEPS], rel=1e-5)
+
+
+def test_retrain_nproc_2_trains_the_retrain_run_under_torchrun(tiny_corpus, tmp_path, monkeypatch):
+    from engine.model import versions as store
+    from engine.poem.forms import FORMS, format_poem
+    from trainer import retrain as rt
+
+    # A well-formed poem without the decoder: this test is about how the run trains, not about decoding.
+    monkeypatch.setattr(rt, "_generate", lambda ckpt, form, seed: format_poem(
+        ["月" * FORMS[form].line_len] * FORMS[form].num_lines))
+    env = {"RETRAIN_NPROC": "2", "CHECKPOINT_DIR": str(tmp_path / "store"), "CORPUS_DIR": str(tiny_corpus),
+           "ENGINE_MODELS": "lstm", "RETRAIN_WORK": str(tmp_path / "work")}
+    cfg = rt.RetrainConfig.from_env(env, time_budget=0, max_steps=10, base="", code_version="test",
+                                    form_check_poems=1, train=TINY | PER_RANK | {"eval_every": 10})
+    assert cfg.nproc == 2 and rt.RetrainConfig.from_env({}).nproc == 1
+    [record] = rt.retrain_all(cfg, reason="test")
+    assert record["outcome"] == "published", record
+    assert record["train"]["step"] == 10 and record["train"]["stop_reason"] == "max_steps"
+    [run_dir] = (tmp_path / "work" / "lstm").iterdir()
+    assert read_progress(run_dir)["world_size"] == 2  # trained by two ranks, not in the daemon's process
+    assert store.current_version(cfg.store, "lstm") == record["version"]
+    with pytest.raises(ValueError, match="RETRAIN_NPROC"):
+        rt.RetrainConfig.from_env({"RETRAIN_NPROC": "0"})

@@ -13,7 +13,9 @@ A run
    model again, so a rejected run would only be rejected again;
 2. fine-tunes the serving checkpoint of the store when its vocabulary still covers the corpus (about as
    well as a fresh vocabulary would), else trains from scratch with the serving model's sizes, within
-   RETRAIN_TIME_BUDGET minutes; an interrupted run resumes from its run directory next time;
+   RETRAIN_TIME_BUDGET minutes; an interrupted run resumes from its run directory next time; with
+   RETRAIN_NPROC=N > 1 the training step runs data-parallel in N processes (`python -m torch.distributed.run
+   --nproc-per-node=N -m trainer train …` as a subprocess; RETRAIN_TIME_BUDGET is then each process's);
 3. measures validation perplexity of the candidate and of the serving version on the same held-out poems
    (the hash split of trainer.corpus, so a poem never moves between splits as the corpus grows) and
    generates a few poems of each form;
@@ -36,9 +38,12 @@ import logging
 import math
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -77,6 +82,7 @@ class RetrainConfig:
     name: str = ""  # the model one retrain() trains; "" = the first of `names` (the engine's default)
     work: str = "var/retrain"  # RETRAIN_WORK: run directories (resumable training state); not shared
     time_budget: float = 20.0  # RETRAIN_TIME_BUDGET: minutes of training per run
+    nproc: int = 1  # RETRAIN_NPROC: training processes; > 1 trains data-parallel under torchrun (a subprocess)
     max_steps: int = 0  # 0: the time budget alone decides
     tolerance: float = 0.02  # publish when candidate ppl <= serving ppl * (1 + tolerance)
     vocab_tolerance: float = 0.001  # fine-tune while serving vocab coverage >= fresh coverage - this
@@ -101,12 +107,16 @@ class RetrainConfig:
             cfg.work = env["RETRAIN_WORK"]
         if env.get("RETRAIN_TIME_BUDGET"):
             cfg.time_budget = float(env["RETRAIN_TIME_BUDGET"])
+        if env.get("RETRAIN_NPROC"):
+            cfg.nproc = int(env["RETRAIN_NPROC"])
         for key, value in overrides.items():
             if value is not None:
                 setattr(cfg, key, value)
         cfg.names = tuple(ckpt_store.check_name(n) for n in cfg.names)
         if not cfg.names:
             raise ValueError("ENGINE_MODELS names no model to retrain")
+        if cfg.nproc < 1:
+            raise ValueError(f"RETRAIN_NPROC must be at least 1, got {cfg.nproc}")
         return cfg
 
 
@@ -148,6 +158,49 @@ def code_version(root: Path | None = None) -> str:
         h.update(rel.encode())
         h.update((root / rel).read_bytes())
     return h.hexdigest()[:12]
+
+
+def torchrun_command(tc, nproc: int, port: int) -> list[str]:
+    """`python -m torch.distributed.run … -m trainer train` with every field of TrainConfig `tc` as a flag."""
+    args = []
+    for f in fields(tc):
+        value, flag = getattr(tc, f.name), "--" + f.name.replace("_", "-")
+        if f.name == "corpus":
+            args += [flag, *value]
+        elif isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, str(value)]  # str() of a float reads back exactly
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr", "127.0.0.1",
+            "--master-port", str(port), "-m", "trainer", "train", *args, "--resume", "--no-progress"]
+
+
+def _train_distributed(tc, nproc: int) -> dict:
+    """Train `tc` in `nproc` processes under torchrun; returns the progress rank 0 saved."""
+    from trainer.train import read_progress
+
+    with socket.socket() as s:  # a free loopback port for the rendezvous (one node: nothing leaves the host)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one node: gloo's ranks meet over loopback
+    root = str(Path(__file__).resolve().parent.parent)  # `-m trainer` from any working directory
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = torchrun_command(tc, nproc, port)
+    log.info("training in %d processes: %s", nproc, " ".join(cmd))
+    # The workers' log lines go to this log as they come; the last ones explain a failure in the record.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tail: list[str] = []
+    for line in proc.stderr:
+        log.info("train: %s", line.rstrip())
+        tail = (tail + [line.strip()])[-50:]  # torchrun's own report follows the worker's error line
+    if proc.wait() != 0:
+        errors = [t for t in tail if t.startswith("error:")] or tail
+        raise RuntimeError(f"torchrun training exited with status {proc.returncode}: {' | '.join(errors[-2:])}")
+    progress = read_progress(Path(tc.out))
+    if not progress or not progress.get("done"):
+        raise RuntimeError(f"torchrun training ended without a finished state in {tc.out}")
+    return progress
 
 
 def _now() -> str:
@@ -311,8 +364,10 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
             shutil.rmtree(old, ignore_errors=True)
     tc.out = str(run_dir)
     record["resumed"] = state.exists()
-    trainer = Trainer(tc, resume=True, log=log.info)
-    progress = trainer.run(progress_bar=False)
+    if cfg.nproc > 1:
+        progress = _train_distributed(tc, cfg.nproc)
+    else:
+        progress = Trainer(tc, resume=True, log=log.info).run(progress_bar=False)
     record["train"] = {k: progress.get(k) for k in ("step", "tokens", "stop_reason")} | {
         "seconds": round(progress["train_seconds"], 1)}
 
