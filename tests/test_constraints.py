@@ -6,16 +6,18 @@ import random
 
 import pytest
 import torch
-from conftest import DECODING_OPTIONS as OPTIONS, ACROSTIC, make_poems
+from conftest import ACROSTIC, make_poems
+from conftest import DECODING_OPTIONS as OPTIONS
 
 from engine.api import PoemRequest
 from engine.errors import RequestError
 from engine.poem.constraints import build_plan
-from engine.sampling.choice import step_bias
 from engine.poem.forms import FORM_NAMES, FORMS
-from engine.poem.prosody import pingshui_table, prosody_for
 from engine.poem.judge import check_poem
+from engine.poem.prosody import prosody_for
+from engine.poem.rhymes import pingshui_table
 from engine.poem.vocab import FORM_TOKENS, PUNCTUATION, SPECIALS, Vocab, is_han
+from engine.sampling.choice import step_bias
 
 
 def allowed_masks(rows):

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from bot.commands import CHECK_USAGE, Commands, Who
 from bot_fixtures import *  # noqa: F401,F403
 from bot_fixtures import make_settings
+
+from bot.commands import CHECK_USAGE, Commands, Who
 from engine.errors import RequestError
 from engine.poem.meter import check_meter, format_report
 from engine.serving.service import ServiceSettings, create_app
@@ -149,7 +149,7 @@ def test_what_is_not_a_jueju_or_lushi_is_a_request_error(text, code):
 
 
 def test_tones_agree_with_the_generators_tables():
-    from engine.poem.prosody import LEVEL, OBLIQUE, char_info
+    from engine.poem.rhymes import LEVEL, OBLIQUE, char_info
 
     for ch in set(CHUNWANG + GUANQUELOU + CHUSAI + SHANXING + DENGGAO + JIANGNANCHUN + YILIBAI + JINGYESI) - set("，。"):
         info = char_info(ch)

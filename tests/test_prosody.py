@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import make_poems
 
-from engine.poem.prosody import LEVEL, OBLIQUE, _xinyun_group, char_info, pingshui_table, prosody_for
+from engine.poem.prosody import prosody_for
+from engine.poem.rhymes import LEVEL, OBLIQUE, _xinyun_group, char_info, pingshui_table
 from engine.poem.vocab import Vocab
 
 

@@ -1,2 +1,3 @@
-"""What a poem is: the four forms, the vocabulary, the 平水韵 tables, the rules a decoding row follows
-(`constraints`) and the judge that checks a finished poem (`judge`). No torch model here."""
+"""What a poem is: the four forms, the vocabulary, the 平水韵 tables (`rhymes`, plain Python; `prosody`, the
+same as a vocabulary's tensors), the rules a decoding row follows (`constraints`), the judge that checks a
+generated poem (`judge`) and the reader of any pasted poem's meter (`meter`, behind /check)."""

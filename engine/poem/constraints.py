@@ -46,7 +46,8 @@ import torch
 
 from engine.errors import RequestError
 from engine.poem.forms import FORMS, Form
-from engine.poem.prosody import LEVEL, OBLIQUE, Prosody
+from engine.poem.prosody import Prosody
+from engine.poem.rhymes import LEVEL, OBLIQUE
 from engine.poem.vocab import Vocab, to_simplified
 
 BOTH = LEVEL | OBLIQUE

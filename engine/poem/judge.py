@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from engine.poem.constraints import SECOND_CHAR_SAME_AS_S
 from engine.poem.forms import COMMA, PERIOD, Form, parse_form
-from engine.poem.prosody import LEVEL, OBLIQUE, Prosody, char_info
+from engine.poem.prosody import Prosody
+from engine.poem.rhymes import LEVEL, OBLIQUE, char_info
 from engine.poem.vocab import is_han
 
 

