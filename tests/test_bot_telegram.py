@@ -11,7 +11,7 @@ import re
 import pytest
 
 from bot.daily import job_name
-from bot.db import Store
+from bot.db import ChatSettings, Store
 from bot.telegram_app import RedactSecrets, configure_logging
 from bot_fixtures import *  # noqa: F401,F403
 from bot_fixtures import TZ, RecordingEngine, all_updates_handled, make_settings, running_bot
@@ -57,7 +57,7 @@ async def test_beam_changes_how_the_next_poem_is_made(settings, fake_api, local_
         await fake_api.wait_for_sent(2)
         fake_api.message(USER, "/poem 月")
         sent = await fake_api.wait_for_sent(3)
-    assert engine.requests[0].mode == "sample"
+    assert engine.requests[0].mode == ChatSettings().mode  # the default: greedy
     assert (engine.requests[1].mode, engine.requests[1].beam_width) == ("beam", 5)
     assert store.chat_settings(USER).beam_width == 5 and "beam 5" in sent[2]["text"]
     assert is_qijue(poem_text(sent[2]["text"]))
