@@ -7,13 +7,23 @@
     store.claim_daily_post(42, "2026-05-01")  # True once per chat and date, however often it is asked
 
 Every write commits before it returns, so a restart (or a kill) loses nothing that was acknowledged.
+Every write takes the write lock first and waits up to the busy timeout for another process's lock
+(then raises sqlite3.OperationalError, having changed nothing). So async code never waits on the event
+loop: it awaits `store.aio.<method>(…)`, which runs the call on the store's one worker thread.
+
+    settings = await store.aio.chat_settings(42)
 The schema version lives in `PRAGMA user_version`; `MIGRATIONS[i]` takes version i to i + 1.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import functools
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -82,19 +92,35 @@ def migrate(db: sqlite_utils.Database) -> int:
     return found
 
 
+def _serialised(method):
+    """One call at a time on the store's connection: its transactions must not interleave across threads."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class Store:
-    """Small, precisely named reads and writes over one sqlite-utils Database."""
+    """Small, precisely named reads and writes over one sqlite-utils Database. Thread-safe (each call holds
+    the store's lock); from async code use `store.aio`, so that no call runs on the event loop."""
 
     def __init__(self, db: sqlite_utils.Database):
         self.db = db
+        self._lock = threading.RLock()
+        # For async code: the same methods, to be awaited, each run off the event loop (its worker thread
+        # starts with the first call).
+        self.aio = AsyncStore(self)
 
     @classmethod
-    def open(cls, path: str | Path) -> Store:
-        """Open (creating) the file, switch to WAL, migrate. ":memory:" works for tests."""
+    def open(cls, path: str | Path, busy_timeout: float = 10.0) -> Store:
+        """Open (creating) the file, switch to WAL, migrate. ":memory:" works for tests. A write waits up to
+        `busy_timeout` seconds for another connection's write lock."""
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # check_same_thread=False: PTB may run a job on another thread; every call here is one short statement.
-        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=10)
+        # check_same_thread=False: calls come from the store's worker thread (store.aio) and from plain
+        # callers; the store's lock serialises them.
+        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=busy_timeout)
         db = sqlite_utils.Database(conn)
         if str(path) != ":memory:":
             db.enable_wal()
@@ -102,13 +128,35 @@ class Store:
         return cls(db)
 
     def close(self) -> None:
-        self.db.close()
+        """Let calls already made through `aio` finish, then close the connection. May wait up to the busy
+        timeout: from async code, `await asyncio.to_thread(store.close)`."""
+        self.aio.shutdown()
+        with self._lock:
+            self.db.close()
 
+    @contextlib.contextmanager
+    def _write(self):
+        """One write transaction that takes the write lock first (BEGIN IMMEDIATE). Waiting for another
+        process's lock then goes through SQLite's busy handler (up to the busy timeout); a deferred BEGIN
+        whose transaction reads before it writes would get "database is locked" at once instead. On any
+        error the transaction rolls back, so a write that cannot get the lock changes nothing."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    @_serialised
     def schema_version(self) -> int:
         return self.db.execute("PRAGMA user_version").fetchone()[0]
 
     # chat settings
 
+    @_serialised
     def chat_settings(self, chat_id: int) -> ChatSettings:
         """The chat's settings, defaults for a chat never seen."""
         try:
@@ -119,18 +167,20 @@ class Store:
         return ChatSettings(**{f.name: row[f.name] if row[f.name] is not None else getattr(defaults, f.name)
                                for f in fields(ChatSettings)})
 
+    @_serialised
     def update_chat_settings(self, chat_id: int, **changes) -> ChatSettings:
         """Change some settings (callers validate first); returns the new whole."""
         unknown = set(changes) - {f.name for f in fields(ChatSettings)}
         if unknown:
             raise TypeError(f"unknown chat settings: {sorted(unknown)}")
-        merged = asdict(self.chat_settings(chat_id)) | changes
-        with self.db.atomic():
+        with self._write():  # read and write in one transaction: a concurrent change is not lost
+            merged = asdict(self.chat_settings(chat_id)) | changes
             self.db["chats"].upsert({"chat_id": chat_id, **merged, "updated_at": _now()}, pk="chat_id")
         return ChatSettings(**merged)
 
     # subscriptions
 
+    @_serialised
     def subscription(self, chat_id: int) -> Subscription | None:
         """The chat's subscription, or None when it has none (never subscribed, or /daily off)."""
         row = self._subscription_row(chat_id)
@@ -142,15 +192,17 @@ class Store:
         except sqlite_utils.db.NotFoundError:
             return None
 
+    @_serialised
     def active_subscriptions(self) -> list[Subscription]:
         return [_subscription(r) for r in self.db["subscriptions"].rows_where("paused = 0 AND active = 1",
                                                                               order_by="chat_id")]
 
+    @_serialised
     def subscribe(self, chat_id: int, time: str, form: str | None, since: dt.datetime | None = None) -> Subscription:
         """Subscribe (or change the time/form, and unpause) as of `since` (default now). Keeps
         last_posted_date, also across /daily off, so moving today's time later does not post a second poem today."""
-        old = self._subscription_row(chat_id)
-        with self.db.atomic():
+        with self._write():
+            old = self._subscription_row(chat_id)
             self.db["subscriptions"].upsert({
                 "chat_id": chat_id, "time": time, "form": form, "paused": 0, "paused_reason": None, "active": 1,
                 "last_posted_date": old["last_posted_date"] if old else None,
@@ -158,42 +210,47 @@ class Store:
             }, pk="chat_id")
         return self.subscription(chat_id)
 
+    @_serialised
     def unsubscribe(self, chat_id: int) -> bool:
         """Stop the subscription; False when there was none. The row stays, inactive, keeping the date of
         the last post, so subscribing again the same day does not post that day twice."""
-        with self.db.atomic():
+        with self._write():
             cursor = self.db.execute("UPDATE subscriptions SET active = 0 WHERE chat_id = ? AND active = 1",
                                      [chat_id])
         return cursor.rowcount > 0
 
+    @_serialised
     def pause_subscription(self, chat_id: int, reason: str) -> None:
-        with self.db.atomic():
+        with self._write():
             self.db.execute("UPDATE subscriptions SET paused = 1, paused_reason = ? WHERE chat_id = ?",
                             [reason, chat_id])
 
+    @_serialised
     def claim_daily_post(self, chat_id: int, date: str) -> bool:
         """Atomically mark `date`'s post as taken; True only for the one caller that moved it forward.
 
         One UPDATE with the condition in its WHERE clause, so two jobs (or a job and the start-up
         catch-up) racing for the same date cannot both win."""
-        with self.db.atomic():
+        with self._write():
             cursor = self.db.execute(
                 "UPDATE subscriptions SET last_posted_date = ? WHERE chat_id = ? AND paused = 0 AND active = 1 "
                 "AND (last_posted_date IS NULL OR last_posted_date < ?)", [date, chat_id, date])
         return cursor.rowcount == 1
 
+    @_serialised
     def release_daily_post(self, chat_id: int, date: str, previous: str | None) -> None:
         """Undo a claim whose poem surely never left (the engine failed before sending)."""
-        with self.db.atomic():
+        with self._write():
             self.db.execute("UPDATE subscriptions SET last_posted_date = ? WHERE chat_id = ? AND last_posted_date = ?",
                             [previous, chat_id, date])
 
     # poems and feedback
 
+    @_serialised
     def record_poem(self, chat_id: int, user_id: int | None, source: str, result, prompt: str = "",
                     acrostic: str | None = None) -> int:
         """Store a poem (a PoemResult) that is about to be sent; returns its id for the feedback buttons."""
-        with self.db.atomic():
+        with self._write():
             table = self.db["poems"].insert({
                 "chat_id": chat_id, "user_id": user_id, "source": source, "prompt": prompt, "acrostic": acrostic,
                 "form": result.form, "mode": result.mode, "model": (result.model or {}).get("name"),
@@ -201,23 +258,27 @@ class Store:
             })
         return table.last_pk
 
+    @_serialised
     def poem(self, poem_id: int) -> dict | None:
         try:
             return self.db["poems"].get(poem_id)
         except sqlite_utils.db.NotFoundError:
             return None
 
+    @_serialised
     def recent_poems(self, chat_id: int, limit: int = 10) -> list[dict]:
         return list(self.db["poems"].rows_where("chat_id = ?", [chat_id], order_by="id desc", limit=limit))
 
+    @_serialised
     def record_feedback(self, poem_id: int, user_id: int, value: int) -> None:
         """One vote per user and poem (+1 or -1); voting again replaces the vote."""
         if value not in (1, -1):
             raise ValueError("feedback value must be 1 or -1")
-        with self.db.atomic():
+        with self._write():
             self.db["feedback"].upsert({"poem_id": poem_id, "user_id": user_id, "value": value,
                                         "created_at": _now()}, pk=("poem_id", "user_id"))
 
+    @_serialised
     def feedback_counts(self, poem_id: int) -> tuple[int, int]:
         """(👍, 👎) for one poem."""
         up, down = self.db.execute(
@@ -225,6 +286,7 @@ class Store:
             [poem_id]).fetchone()
         return int(up), int(down)
 
+    @_serialised
     def counts(self) -> dict[str, int]:
         """Totals for /status."""
         one = lambda sql: self.db.execute(sql).fetchone()[0]  # noqa: E731
@@ -242,3 +304,32 @@ def _subscription(row: dict) -> Subscription:
     return Subscription(chat_id=row["chat_id"], time=row["time"], form=row["form"], paused=bool(row["paused"]),
                         last_posted_date=row["last_posted_date"], paused_reason=row["paused_reason"],
                         since=row["created_at"])
+
+
+class AsyncStore:
+    """A Store's methods for async code: `await store.aio.subscribe(…)` runs `store.subscribe(…)` on one worker
+    thread owned by this store. A call waiting for another process's write lock (up to the busy timeout) then
+    holds up only the coroutines awaiting the store; the event loop goes on answering everything else. One
+    worker, so calls run one at a time and in the order they were made."""
+
+    NOT_AWAITED = {"open", "close"}  # close() waits for the worker, so it must not run on it
+
+    def __init__(self, store: Store):
+        self._store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+
+    def __getattr__(self, name: str):
+        method = getattr(self._store, name) if not name.startswith("_") and name not in self.NOT_AWAITED else None
+        if not callable(method):
+            raise AttributeError(f"AsyncStore has no method {name!r}")
+
+        async def call(*args, **kwargs):
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, functools.partial(method, *args, **kwargs))
+
+        call.__name__ = call.__qualname__ = name
+        return call
+
+    def shutdown(self) -> None:
+        """Let calls already made finish, then stop the worker."""
+        self._executor.shutdown(wait=True)
