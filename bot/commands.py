@@ -6,6 +6,10 @@ hand a message's text to `Commands.handle` and send back the `Reply` it returns.
     reply.text        # the poem and a footer, or a clear message saying what went wrong
     reply.poem_id     # set when the reply is a stored poem (the transport adds 👍/👎 buttons)
 
+Store calls are awaited through `store.aio`, which runs them on the store's worker thread: a database
+locked by another process holds up only the commands that wait for it, never the event loop, and a write
+that cannot get the lock within the busy timeout changes nothing and gets the STORE_BUSY reply.
+
 Every bad argument gets a reply that says what is allowed and changes nothing; an engine that is busy or
 down gets "busy, try again in a moment", never a traceback.
 """
@@ -239,14 +243,16 @@ class Commands:
             return "这首诗已不在记录中。/ That poem is no longer on record.", (0, 0)
         # Callback data comes from the client and can be forged: the poem must be one sent to this chat
         # (and an id SQLite cannot hold is no poem of ours).
-        poem = self.store.poem(poem_id) if 0 < poem_id < 2**63 else None
+        poem = await self.store.aio.poem(poem_id) if 0 < poem_id < 2**63 else None
         if poem is None or poem["chat_id"] != who.chat_id:
             return "这首诗已不在记录中。/ That poem is no longer on record.", (0, 0)
         wait = self.feedback_limiter.acquire(who.user_id)
         if wait > 0:
-            return f"请慢一点。/ Too many taps — try again in {math.ceil(wait)} s.", self.store.feedback_counts(poem_id)
-        self.store.record_feedback(poem_id, who.user_id, value)
-        return ("谢谢！/ Thanks!" if value > 0 else "收到，我会改进。/ Noted."), self.store.feedback_counts(poem_id)
+            return (f"请慢一点。/ Too many taps — try again in {math.ceil(wait)} s.",
+                    await self.store.aio.feedback_counts(poem_id))
+        await self.store.aio.record_feedback(poem_id, who.user_id, value)
+        return (("谢谢！/ Thanks!" if value > 0 else "收到，我会改进。/ Noted."),
+                await self.store.aio.feedback_counts(poem_id))
 
     # poems
 
@@ -258,7 +264,7 @@ class Commands:
         heads = "".join(args)
         # Keep the chat's line length; the number of characters picks 绝句 (4 lines) or 律诗 (8 lines). Any
         # other count goes to the engine's validation as it is, which says what an acrostic needs.
-        chat_form = FORMS[self.store.chat_settings(who.chat_id).form]
+        chat_form = FORMS[(await self.store.aio.chat_settings(who.chat_id)).form]
         form = next((f.name for f in FORMS.values() if f.line_len == chat_form.line_len and f.num_lines == len(heads)),
                     chat_form.name)
         return await self.poem_reply(who, acrostic=heads, form=form)
@@ -269,14 +275,14 @@ class Commands:
             result = await self.generate(who.chat_id, prompt=prompt, acrostic=acrostic, form=form)
         except PoemUnavailable as e:
             return Reply(e.reply)
-        poem_id = self.store.record_poem(who.chat_id, who.user_id, "command", result, prompt, acrostic)
-        return Reply(format_reply(result, self.store.chat_settings(who.chat_id)), poem_id=poem_id)
+        poem_id = await self.store.aio.record_poem(who.chat_id, who.user_id, "command", result, prompt, acrostic)
+        return Reply(format_reply(result, await self.store.aio.chat_settings(who.chat_id)), poem_id=poem_id)
 
     async def generate(self, chat_id: int, *, prompt: str = "", acrostic: str | None = None,
                        form: str | None = None, seed: int | None = None) -> PoemResult:
         """One poem in the chat's settings; raises PoemUnavailable with a reply fit for the chat.
         `seed`: the engine's draw (same request and seed, same poem); None lets the engine pick one."""
-        s = self.store.chat_settings(chat_id)
+        s = await self.store.aio.chat_settings(chat_id)
         request = PoemRequest(prompt=prompt, acrostic=acrostic, form=form or s.form, mode=s.mode,
                               beam_width=s.beam_width, temperature=s.temperature, model=s.model, seed=seed)
         try:
@@ -303,14 +309,14 @@ class Commands:
             form = parse_form(args[0])
         except ValueError:
             return Reply(f"没有这种诗体：{_echo(args[0])}。可选：{allowed}\nUnknown form {_echo(args[0])!r}; allowed: {allowed}.")
-        self.store.update_chat_settings(who.chat_id, form=form.name)
+        await self.store.aio.update_chat_settings(who.chat_id, form=form.name)
         return Reply(f"诗体：{form.chinese}（{form.num_lines} 句 × {form.line_len} 字）\n"
                      f"Form: {form.name} ({form.num_lines} lines × {form.line_len} characters).")
 
     async def cmd_greedy(self, who: Who, args: list[str]) -> Reply:
         if args:
             return Reply("/greedy 不带参数。\n/greedy takes no arguments.")
-        self.store.update_chat_settings(who.chat_id, mode="greedy")
+        await self.store.aio.update_chat_settings(who.chat_id, mode="greedy")
         return Reply("解码：贪心（每次取最可能的几个字之一，每首各不相同）。\n"
                      "Decoding: greedy (each character among the likeliest few, so poems still differ).")
 
@@ -318,7 +324,7 @@ class Commands:
         usage = "用法：/sample 或 /sample 0.8（温度，大于 0 且不超过 2）\nUsage: /sample [temperature], temperature in (0, 2]."
         if len(args) > 1:
             return Reply(usage)
-        temperature = self.store.chat_settings(who.chat_id).temperature
+        temperature = (await self.store.aio.chat_settings(who.chat_id)).temperature
         if args:
             try:
                 temperature = float(args[0])
@@ -326,7 +332,7 @@ class Commands:
                 return Reply(usage)
             if not (math.isfinite(temperature) and 0 < temperature <= 2):
                 return Reply(usage)
-        self.store.update_chat_settings(who.chat_id, mode="sample", temperature=temperature)
+        await self.store.aio.update_chat_settings(who.chat_id, mode="sample", temperature=temperature)
         return Reply(f"解码：随机采样，温度 {temperature:g}。\nDecoding: sampling at temperature {temperature:g}.")
 
     async def cmd_beam(self, who: Who, args: list[str]) -> Reply:
@@ -334,7 +340,7 @@ class Commands:
         if len(args) != 1 or not re.fullmatch(r"\d{1,3}", args[0]) or not 1 <= int(args[0]) <= MAX_BEAM_WIDTH:
             return Reply(usage)
         width = int(args[0])
-        self.store.update_chat_settings(who.chat_id, mode="beam", beam_width=width)
+        await self.store.aio.update_chat_settings(who.chat_id, mode="beam", beam_width=width)
         return Reply(f"解码：束搜索，宽度 {width}。\nDecoding: beam search, width {width}.")
 
     async def cmd_model(self, who: Who, args: list[str]) -> Reply:
@@ -346,7 +352,7 @@ class Commands:
         if name not in names:
             return Reply(f"没有这个模型：{_echo(args[0])}。可选：{', '.join(names)}\nUnknown model {_echo(args[0])!r}; "
                          f"loaded: {', '.join(names)}.")
-        self.store.update_chat_settings(who.chat_id, model=name)
+        await self.store.aio.update_chat_settings(who.chat_id, model=name)
         return Reply(f"模型：{name}\nModel: {name}.")
 
     async def model_names(self) -> list[str]:
@@ -358,18 +364,18 @@ class Commands:
             return list(DEFAULT_MODELS)
 
     async def cmd_settings(self, who: Who, args: list[str]) -> Reply:
-        s = self.store.chat_settings(who.chat_id)
-        return Reply(f"{describe_settings(s)}\n{self.describe_subscription(who.chat_id)}")
+        s = await self.store.aio.chat_settings(who.chat_id)
+        return Reply(f"{describe_settings(s)}\n{await self.describe_subscription(who.chat_id)}")
 
     # daily posts
 
     async def cmd_daily(self, who: Who, args: list[str]) -> Reply:
         if not args:
-            return Reply(self.describe_subscription(who.chat_id))
+            return Reply(await self.describe_subscription(who.chat_id))
         usage = ("用法：/daily 08:00 [诗体]，/daily off 取消，/daily 查看\n"
                  "Usage: /daily HH:MM [form] to subscribe, /daily off to stop, /daily to show.")
         if args[0].lower() in ("off", "stop", "关", "取消") and len(args) == 1:
-            removed = self.store.unsubscribe(who.chat_id)
+            removed = await self.store.aio.unsubscribe(who.chat_id)
             await self._subscription_changed(who.chat_id)
             return Reply("已取消每日一诗。\nDaily poem stopped." if removed else "本聊天没有订阅。\nThis chat has no subscription.")
         m = re.fullmatch(r"([01]?\d|2[0-3])[:：]([0-5]\d)", args[0])
@@ -383,16 +389,16 @@ class Commands:
                 allowed = "、".join(f"{f.chinese} {f.name}" for f in FORMS.values())
                 return Reply(f"没有这种诗体：{_echo(args[1])}。可选：{allowed}\nUnknown form {_echo(args[1])!r}; allowed: {allowed}.")
         hhmm = f"{int(m.group(1)):02d}:{int(m.group(2)):02d}"  # int() also normalises full-width digits
-        self.store.subscribe(who.chat_id, hhmm, form, since=self.clock())
+        await self.store.aio.subscribe(who.chat_id, hhmm, form, since=self.clock())
         await self._subscription_changed(who.chat_id)
-        return Reply(self.describe_subscription(who.chat_id))
+        return Reply(await self.describe_subscription(who.chat_id))
 
     async def _subscription_changed(self, chat_id: int) -> None:
         if self.on_subscription_change is not None:
             await maybe_await(self.on_subscription_change(chat_id))
 
-    def describe_subscription(self, chat_id: int) -> str:
-        sub = self.store.subscription(chat_id)
+    async def describe_subscription(self, chat_id: int) -> str:
+        sub = await self.store.aio.subscription(chat_id)
         tz = self.settings.timezone.key
         if sub is None:
             return "每日一诗：未订阅（/daily 08:00）\nDaily poem: off (/daily 08:00 to subscribe)."
@@ -424,7 +430,7 @@ class Commands:
         uptime = self.clock() - self.started_at
         lines = ["引擎 / engine:"] + [f"  {k}: {_compact(v)}" for k, v in engine_status.items()]
         lines.append(f"机器人运行 / bot uptime: {str(uptime).split('.')[0]}")
-        lines += [f"  {k}: {v}" for k, v in self.store.counts().items()]
+        lines += [f"  {k}: {v}" for k, v in (await self.store.aio.counts()).items()]
         return Reply("\n".join(lines))
 
     async def cmd_reload(self, who: Who, args: list[str]) -> Reply:

@@ -65,5 +65,5 @@ async def run_console(settings: Settings, engine=None, store=None, stdin=sys.std
         return await chat(commands, read_lines(stdin), out, prompt="> " if interactive else "")
     finally:
         await close_engine(engine)
-        store.close()
+        await asyncio.to_thread(store.close)  # waits for a store call in flight
 

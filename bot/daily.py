@@ -1,7 +1,7 @@
 """Daily poems: one post per subscribed chat per day at its HH:MM in TIMEZONE, on PTB's job queue.
 
     daily = Daily(store, commands, send, timezone, grace=timedelta(hours=2), job_queue=app.job_queue)
-    daily.add_all_jobs()       # one run_daily job per chat, named "daily:<chat_id>"
+    await daily.add_all_jobs()  # one run_daily job per chat, named "daily:<chat_id>"
     await daily.catch_up()     # on start: a slot missed within the grace window is posted now
 
 Once only, across restarts. Every post goes through `post_if_due`, which (1) finds the chat's latest slot
@@ -14,6 +14,10 @@ poem before claiming means an engine failure costs no claim: the job retries a m
 grace window. A send that Telegram surely refused (RetryAfter after the limiter's retries) releases the
 claim, as does a connection that was never made (nothing left); a read timeout might have been
 delivered, so the claim stays.
+
+Store calls are awaited through `store.aio` (the store's worker thread), so a database locked by another
+process holds up only the post that waits for it; a claim that cannot get the lock within the busy timeout
+raises, changes nothing, and the post is not sent.
 
 A chat that removed the bot (Forbidden, or "chat not found") gets its subscription paused and its job
 removed; `/daily HH:MM` there resumes it.
@@ -93,7 +97,7 @@ class Daily:
 
     async def post_if_due(self, chat_id: int) -> bool:
         """Post today's poem to `chat_id` if it is owed and nobody else has; True when it was sent."""
-        sub = self.store.subscription(chat_id)
+        sub = await self.store.aio.subscription(chat_id)
         if sub is None or self.due_slot(sub, self.clock()) is None:
             return False
         try:
@@ -104,36 +108,36 @@ class Daily:
             self.retry_later(chat_id)
             return False
         # Re-read: the slot may have been claimed while the poem was being written.
-        sub = self.store.subscription(chat_id)
+        sub = await self.store.aio.subscription(chat_id)
         slot = self.due_slot(sub, self.clock()) if sub else None
         if slot is None:
             return False
         date, previous = slot.date().isoformat(), sub.last_posted_date
-        if not self.store.claim_daily_post(chat_id, date):
+        if not await self.store.aio.claim_daily_post(chat_id, date):
             return False
-        poem_id = self.store.record_poem(chat_id, None, "daily", result)
-        reply = Reply(format_reply(result, self.store.chat_settings(chat_id)), poem_id=poem_id)
+        poem_id = await self.store.aio.record_poem(chat_id, None, "daily", result)
+        reply = Reply(format_reply(result, await self.store.aio.chat_settings(chat_id)), poem_id=poem_id)
         try:
             await self.send(chat_id, reply)
         except Forbidden as e:
-            self.pause(chat_id, f"Forbidden: {e.message}")
+            await self.pause(chat_id, f"Forbidden: {e.message}")
             return False
         except BadRequest as e:
             if "chat not found" in e.message.lower():
-                self.pause(chat_id, f"BadRequest: {e.message}")
+                await self.pause(chat_id, f"BadRequest: {e.message}")
             else:
                 log.error("daily post for chat %s refused: %s", chat_id, e.message)
-                self.store.release_daily_post(chat_id, date, previous)
+                await self.store.aio.release_daily_post(chat_id, date, previous)
             return False
         except RetryAfter:
             # The rate limiter already retried; Telegram surely did not take it, so another try may post it.
-            self.store.release_daily_post(chat_id, date, previous)
+            await self.store.aio.release_daily_post(chat_id, date, previous)
             self.retry_later(chat_id)
             return False
         except TelegramError as e:
             if surely_not_sent(e):
                 log.warning("daily post for chat %s not sent (%s); retrying", chat_id, e)
-                self.store.release_daily_post(chat_id, date, previous)
+                await self.store.aio.release_daily_post(chat_id, date, previous)
                 self.retry_later(chat_id)
                 return False
             # A read timeout or a broken answer may still have delivered it: keep the claim (never twice).
@@ -145,29 +149,30 @@ class Daily:
     async def catch_up(self) -> int:
         """On start: post every slot missed while the bot was down (within the grace window). Returns the count."""
         sent = 0
-        for sub in self.store.active_subscriptions():
+        for sub in await self.store.aio.active_subscriptions():
             sent += await self.post_if_due(sub.chat_id)
         return sent
 
-    def pause(self, chat_id: int, reason: str) -> None:
+    async def pause(self, chat_id: int, reason: str) -> None:
         log.warning("pausing the daily poem of chat %s: %s", chat_id, reason)
-        self.store.pause_subscription(chat_id, reason)
+        await self.store.aio.pause_subscription(chat_id, reason)
         self.remove_job(chat_id)
 
     # the job queue
 
-    def add_all_jobs(self) -> int:
-        subs = self.store.active_subscriptions()
+    async def add_all_jobs(self) -> int:
+        subs = await self.store.aio.active_subscriptions()
         for sub in subs:
-            self.set_job(sub.chat_id)
+            await self.set_job(sub.chat_id)
         return len(subs)
 
-    def set_job(self, chat_id: int) -> None:
+    async def set_job(self, chat_id: int) -> None:
         """(Re)set the chat's daily job from its stored subscription; removes the old job first."""
         if self.job_queue is None:
             return
+        sub = await self.store.aio.subscription(chat_id)
+        # No await from here on: two calls for one chat cannot interleave and leave two jobs.
         self.remove_job(chat_id)
-        sub = self.store.subscription(chat_id)
         if sub is None or sub.paused:
             return
         hour, minute = (int(x) for x in sub.time.split(":"))

@@ -201,7 +201,7 @@ async def on_inline_query(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
     outcomes = await asyncio.gather(
         *(commands.generate(query.from_user.id, prompt=prompt, seed=(first_seed + i) % SEED_LIMIT)
           for i in range(granted)), return_exceptions=True)
-    settings = commands.store.chat_settings(query.from_user.id)
+    settings = await commands.store.aio.chat_settings(query.from_user.id)
     results, seen = [], set()
     for outcome in outcomes:
         if isinstance(outcome, PoemUnavailable):
@@ -248,7 +248,7 @@ def build_application(settings: Settings, engine: PoemEngine, store: Store, *, r
             # Only the menu of command hints: the commands work without it, and the next start sets it.
             log.warning("could not publish the command menu (setMyCommands): %s", e)
         daily = app.bot_data["daily"]
-        daily.add_all_jobs()
+        await daily.add_all_jobs()
         # Missed posts go out in the background so a slow engine does not hold up polling. (A plain
         # asyncio task: the Application is not running yet, so its create_task would not track it.)
         app.bot_data["catch_up"] = asyncio.get_running_loop().create_task(daily.catch_up(), name="daily catch-up")
@@ -260,7 +260,7 @@ def build_application(settings: Settings, engine: PoemEngine, store: Store, *, r
             await asyncio.gather(catch_up, return_exceptions=True)
         if manage_resources:
             await close_engine(engine)
-            store.close()
+            await asyncio.to_thread(store.close)  # waits for a store call in flight
 
     app = (Application.builder()
            .token(settings.require_token())
