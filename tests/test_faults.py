@@ -20,6 +20,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -314,6 +315,80 @@ async def test_a_locked_database_gives_a_clear_reply_and_changes_nothing(tmp_pat
     assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     # Once the lock is gone the same command works.
     assert (await commands.handle(Who(chat_id=42, user_id=42), text)).text != STORE_BUSY
+
+
+def _hold_write_lock(path: Path, locked: threading.Event, release: threading.Event, bound: float) -> dict:
+    """Start a thread that takes the database's write lock (BEGIN IMMEDIATE on its own connection, as a second
+    bot process, a backup or an sqlite3 shell would) and keeps it until `release` is set or `bound` seconds
+    pass; the returned dict says, once the thread is done, whether `release` came in time."""
+    outcome: dict = {}
+
+    def hold():
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            locked.set()
+            outcome["released_in_time"] = release.wait(bound)
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+
+    outcome["thread"] = threading.Thread(target=hold, name="lock holder", daemon=True)
+    outcome["thread"].start()
+    return outcome
+
+
+WRITER_CHAT, HELP_CHAT, LOCK_BOUND = 7001, 7002, 30.0
+# A write command, its reply when it went through, and whether its change is in the store.
+WRITES = {
+    "/form 五律": ("诗体：五律", lambda store: store.chat_settings(WRITER_CHAT).form == "wulv"),
+    "/daily off": ("已取消每日一诗", lambda store: store.subscription(WRITER_CHAT) is None),
+}
+
+
+@pytest.mark.parametrize("busy_timeout_s", [120.0, 0.3], ids=["lock-released-within-busy-timeout",
+                                                              "lock-outlives-busy-timeout"])
+@pytest.mark.parametrize("write", list(WRITES))
+async def test_a_write_waiting_for_a_locked_database_does_not_stall_other_chats(tmp_path, fake_api, write,
+                                                                                busy_timeout_s):
+    """Another process holds the write lock; a write command waits for it, and /help (no store) in another
+    chat is still answered while the lock is held: store calls run off the event loop. The lock is released
+    only after /help's reply arrived (or after LOCK_BOUND s, and the test fails). With a busy timeout longer
+    than the lock is held, the write then goes through; with a short one, the lock is kept until the write
+    command has answered, which must be the store-busy reply, with nothing changed."""
+    success_text, changed = WRITES[write]
+    settings = make_settings(tmp_path, telegram_base_url=fake_api.base_url)
+    # 120 s, longer than LOCK_BOUND: a bot that blocks its event loop in the write cannot answer /help in time.
+    store = Store.open(settings.database_path, busy_timeout=busy_timeout_s)
+    store.subscribe(WRITER_CHAT, "08:00", None)
+    locked, release = threading.Event(), threading.Event()
+    async with running_bot(settings, ScriptedEngine(), store) as app:
+        holder = _hold_write_lock(settings.database_path, locked, release, LOCK_BOUND)
+        assert await asyncio.to_thread(locked.wait, LOCK_BOUND)
+        # One getUpdates batch, the write first: its handler reaches the store before /help's runs.
+        fake_api.message(WRITER_CHAT, write)
+        fake_api.message(HELP_CHAT, "/help")
+        try:
+            [help_reply] = await fake_api.wait_for_sent(1, chat_id=HELP_CHAT, timeout=LOCK_BOUND + 30)
+            if busy_timeout_s < LOCK_BOUND:  # keep the lock until the write has given up
+                [write_reply] = await fake_api.wait_for_sent(1, chat_id=WRITER_CHAT, timeout=LOCK_BOUND)
+        finally:
+            release.set()
+            await asyncio.to_thread(holder["thread"].join)
+        assert holder["released_in_time"], (
+            f"/help was not answered within {LOCK_BOUND:g} s while another connection held the write lock: "
+            f"the event loop was blocked by {write}'s write")
+        assert "/help" in help_reply["text"]
+        [write_reply] = await fake_api.wait_for_sent(1, chat_id=WRITER_CHAT, timeout=LOCK_BOUND)
+        await all_updates_handled(app, fake_api)
+    if busy_timeout_s >= LOCK_BOUND:  # the lock went away within the busy timeout: the write went through
+        assert write_reply["text"].startswith(success_text), write_reply["text"]
+        assert changed(store)
+    else:  # the lock outlived the busy timeout: rolled back, nothing changed, and the user was told
+        assert write_reply["text"] == STORE_BUSY
+        assert not changed(store)
+    assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store.close()
 
 
 # -- a full disk --------------------------------------------------------------------------------------------------
