@@ -312,7 +312,7 @@ class AsyncStore:
     holds up only the coroutines awaiting the store; the event loop goes on answering everything else. One
     worker, so calls run one at a time and in the order they were made."""
 
-    NOT_AWAITED = {"open", "close"}  # close() waits for the worker, so it must not run on it
+    NOT_AWAITED = frozenset({"open", "close"})  # close() waits for the worker, so it must not run on it
 
     def __init__(self, store: Store):
         self._store = store
@@ -320,8 +320,8 @@ class AsyncStore:
 
     def __getattr__(self, name: str):
         method = getattr(self._store, name) if not name.startswith("_") and name not in self.NOT_AWAITED else None
-        if not callable(method):
-            raise AttributeError(f"AsyncStore has no method {name!r}")
+        if not callable(method):  # __getattr__ answers "no such attribute" with AttributeError
+            raise AttributeError(f"AsyncStore has no method {name!r}")  # noqa: TRY004
 
         async def call(*args, **kwargs):
             return await asyncio.get_running_loop().run_in_executor(
