@@ -21,6 +21,8 @@ from engine.poem.vocab import is_han
 MODES = ("greedy", "sample", "beam")
 MAX_BEAM_WIDTH = 16
 MAX_PROMPT = 14
+MAX_KEYWORDS = 4
+MAX_KEYWORD_LEN = 2  # a keyword stays inside one line, so it must be short enough to fit wherever it goes
 
 
 @dataclass
@@ -33,6 +35,7 @@ class PoemRequest:
     top_p: float = 0.9  # (0, 1], sample mode
     top_k: int = 0  # 0 = off, sample mode
     acrostic: str | None = None  # one character per line (4 or 8), excludes prompt
+    keywords: list[str] = field(default_factory=list)  # up to 4 words of 1–2 Han characters, each somewhere in the poem
     rhyme: bool = True
     tone: bool = True
     model: str | None = None  # a loaded model's name; None = the default model
@@ -53,7 +56,7 @@ class PoemRequest:
         return req
 
     def validate(self) -> PoemRequest:
-        """Check every field and normalise `form`, `prompt` and `acrostic`; raises RequestError. The one
+        """Check every field and normalise `form`, `prompt`, `acrostic` and `keywords`; raises RequestError. The one
         validation of a request: the bot, the HTTP service and the engine all rely on it. What only a
         model can tell (whether it knows a character) is checked when the plan is made."""
         _check_text("prompt", self.prompt)
@@ -84,6 +87,7 @@ class PoemRequest:
                                    f"acrostic has {len(self.acrostic)} characters but {self.form} has {n} lines")
             if self.prompt:
                 raise RequestError("bad_acrostic", "acrostic", "give either prompt or acrostic, not both")
+        self.keywords = _keywords(self.keywords)
         _check_type("rhyme", self.rhyme, bool)
         _check_type("tone", self.tone, bool)
         if self.model is not None:
@@ -95,6 +99,8 @@ class PoemRequest:
         form = FORMS[self.form]
         if len(self.prompt) > form.num_chars:
             raise RequestError("prompt_too_long", "prompt", f"prompt has {len(self.prompt)} characters; a {self.form} holds {form.num_chars}")
+        if self.keywords:
+            _check_keyword_room(form, self.prompt, self.acrostic, self.keywords)
         return self
 
     def to_dict(self) -> dict:
@@ -123,6 +129,72 @@ def _han_text(name: str, value: str, drop: str = "") -> str:
             raise RequestError("bad_character", name,
                                f"{name} holds {ch!r}, which is not a Chinese character; use Han characters only")
     return text
+
+
+def _keywords(value) -> list[str]:
+    """`keywords` as a list of 1–2 Han characters each (whitespace dropped); RequestError otherwise."""
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list):
+        raise RequestError("bad_type", "keywords", f"keywords must be a list of words, got {type(value).__name__}")
+    if len(value) > MAX_KEYWORDS:
+        raise RequestError("bad_keywords", "keywords", f"at most {MAX_KEYWORDS} keywords, got {len(value)}")
+    out = []
+    for word in value:
+        if not isinstance(word, str):
+            raise RequestError("bad_keywords", "keywords", f"each keyword must be a string, got {type(word).__name__}")
+        if any("\ud800" <= ch <= "\udfff" for ch in word):
+            raise RequestError("bad_keywords", "keywords", "a keyword holds an unpaired surrogate, not a character")
+        text = "".join(ch for ch in word if not ch.isspace())
+        shown = text if len(text) <= 8 else text[:8] + "…"  # echoed back: keep a huge one short
+        for ch in text:
+            if not is_han(ch):
+                raise RequestError("bad_keywords", "keywords", f"keyword {shown!r} holds {ch!r}, which is not a "
+                                   f"Chinese character; use Han characters only")
+        if not 1 <= len(text) <= MAX_KEYWORD_LEN:
+            raise RequestError("bad_keywords", "keywords",
+                               f"each keyword is 1 or {MAX_KEYWORD_LEN} Han characters; {shown!r} has {len(text)}")
+        out.append(text)
+    return out
+
+
+def keywords_to_place(keywords: list[str], prompt: str, acrostic: str | None, line_len: int) -> list[str]:
+    """The keywords that still need a place, in request order. One already in the poem is left out: inside
+    one line of the prompt, an acrostic head, or inside a longer keyword (or the same one given earlier)."""
+    chunks = [prompt[i:i + line_len] for i in range(0, len(prompt), line_len)]
+    out = []
+    for i, word in enumerate(keywords):
+        if any(word in chunk for chunk in chunks) or (acrostic and len(word) == 1 and word in acrostic):
+            continue
+        if any(word in other and (len(other) > len(word) or (other == word and j < i)) for j, other in enumerate(keywords)):
+            continue
+        out.append(word)
+    return out
+
+
+def keywords_fit(free: set[int], lengths: list[int]) -> bool:
+    """Can words of these lengths (1 or 2) take distinct `free` text positions, each 2-character word two
+    neighbours in one line? Exact: 2-character words packed from each run's start use floor(run / 2) pairs
+    of a run, and single characters take any place left."""
+    pairs = sum(1 for n in lengths if n == 2)
+    room = run = 0  # line marks are never free, so a run of neighbours stays inside one line
+    for pos in sorted(free):
+        run = run + 1 if pos - 1 in free else 1
+        room += run % 2 == 0
+    return pairs <= room and len(free) - 2 * pairs >= len(lengths) - pairs
+
+
+def _check_keyword_room(form, prompt: str, acrostic: str | None, keywords: list[str]) -> None:
+    L = form.line_len
+    taken = {(k // L) * (L + 1) + k % L for k in range(len(prompt))} | {line * (L + 1) for line in range(len(acrostic or ""))}
+    free = {p for p in range(form.text_len) if p % (L + 1) != L} - taken
+    words = keywords_to_place(keywords, prompt, acrostic, L)
+    if not keywords_fit(free, [len(w) for w in words]):
+        by = "prompt" if prompt else "acrostic" if acrostic else "form"
+        raise RequestError("bad_keywords", "keywords",
+                           f"the keywords do not fit: they need {sum(map(len, words))} characters "
+                           f"(a 2-character keyword inside one line) and the {by} leaves {len(free)} places "
+                           f"of this {form.name}")
 
 
 def _show(value) -> str:

@@ -86,6 +86,7 @@ FIELD_VALUES = {
     "model": st.none() | st.sampled_from(["lstm", "gru", "transformer", "LSTM", ""]) | strings,
     "seed": st.none() | around(0, 2**63 - 1) | st.integers(),
     "timeout": st.none() | around(0, 3600) | st.floats(min_value=5, max_value=3600),
+    "keywords": st.lists(st.text(HAN, max_size=3) | strings, max_size=5),
 }
 
 

@@ -18,6 +18,7 @@ row (one per greedy/sample request, `beam_width` per beam request) carries a sma
 Rules (docs/DECODING.md has the long version):
 - layout: exactly the form's lines of Han characters, ， after odd lines, 。 after even ones, then <eos>;
 - prompt: opens the poem (it may run over line ends); acrostic: one character forced at each line start;
+- keywords: each forced at a place chosen when the plan is made (`_place_keywords`), where its tones fit;
 - rhyme (on by default): even lines end in level-tone characters sharing ONE rhyme group, chosen by the
   model at the first rhyming line end (a character in several groups keeps them all open until a later
   rhyme narrows them);
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.api import keywords_fit, keywords_to_place
 from engine.errors import RequestError
 from engine.poem.forms import FORMS, Form
 from engine.poem.prosody import Prosody
@@ -146,7 +148,7 @@ class PoemPlan:
     rhyme: bool  # the rhyme rule is on (after relaxations at plan time)
     tone: bool  # the tone rule is on
     start_token: int  # the <form> token, fed to the model before the first character
-    forced_at: dict[int, int]  # position in the text → token that must be there (prompt, acrostic)
+    forced_at: dict[int, int]  # position in the text → token that must be there (prompt, acrostic, keywords)
     reserved: Counter  # forced Han token → times it is forced (counted against the three-times rule)
     eligible_groups: frozenset[int]  # rhyme groups the first rhyme may open (large enough for the poem)
     tone_req: tuple[tuple[int, ...], tuple[int, ...]]  # [s is 平, s is 仄][pos] → LEVEL | OBLIQUE | 0
@@ -154,6 +156,8 @@ class PoemPlan:
     notes: list[str] = field(default_factory=list)  # soft rules relaxed by the request itself, and why
     tables: MaskTables | None = None
     formulas: object = None  # engine.sampling.formulas.Formulas of the model, or None: spans greedy and beam avoid
+    keywords: tuple[str, ...] = ()  # simplified, as placed (those the prompt or acrostic already holds left out)
+    starts: int = BOTH  # the values s may take from the start: narrowed when a keyword's tone fits only one
 
     @property
     def num_steps(self) -> int:
@@ -216,37 +220,117 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPl
     prompt = _in_vocab(request.prompt, "prompt", vocab)
     acrostic = _in_vocab(request.acrostic, "acrostic", vocab) if request.acrostic is not None else None
 
+    keywords = keywords_to_place([_in_vocab(k, "keywords", vocab) for k in request.keywords], prompt, acrostic, L)
+
     forced_at: dict[int, int] = {}
     for k, ch in enumerate(prompt):
         forced_at[(k // L) * (L + 1) + k % L] = vocab.index[ch]
     for line, ch in enumerate(acrostic or ""):
         forced_at[line * (L + 1)] = vocab.index[ch]
-    reserved = Counter(forced_at.values())
-
-    notes: list[str] = []
-    for token, n in sorted(reserved.items()):
-        if n >= 3:
-            notes.append(f"repetition: 「{vocab.tokens[token]}」 is forced {n} times by the "
-                         f"{'acrostic' if acrostic else 'prompt'}; the no-three-times rule is relaxed for it")
 
     tables = mask_tables(prosody)
     rhyme = bool(request.rhyme)
     eligible = tables.eligible_groups(form.num_lines // 2)
-    if rhyme and not eligible:
-        notes.append("rhyme: the model's vocabulary has no level-tone rhyme characters; rhyme is off")
+    rhyme_off = rhyme and not eligible
+    if rhyme_off:
         rhyme = False
     rhyme_at = frozenset(line * (L + 1) + L - 1 for line in range(1, form.num_lines, 2)) if rhyme else frozenset()
+    tone_req = _tone_requirements(form, request.tone)
+
+    starts = BOTH
+    if keywords:
+        placed, starts, eligible = _place_keywords(form, prosody, [[vocab.index[ch] for ch in k] for k in keywords],
+                                                   forced_at, tone_req, rhyme_at, eligible, len(prompt))
+        forced_at.update(placed)
+    reserved = Counter(forced_at.values())
+    by = " and ".join(name for name, there in (("prompt", prompt), ("acrostic", acrostic), ("keywords", keywords)) if there)
+    notes = [f"repetition: 「{vocab.tokens[token]}」 is forced {n} times by the {by}; the no-three-times rule is "
+             f"relaxed for it" for token, n in sorted(reserved.items()) if n >= 3]
+    if rhyme_off:
+        notes.append("rhyme: the model's vocabulary has no level-tone rhyme characters; rhyme is off")
 
     plan = PoemPlan(form=form, vocab=vocab, prosody=prosody, prompt=prompt, acrostic=acrostic, rhyme=rhyme,
                     tone=bool(request.tone), start_token=vocab.form_id(form.name), forced_at=forced_at,
-                    reserved=reserved, eligible_groups=eligible, tone_req=_tone_requirements(form, request.tone),
-                    rhyme_at=rhyme_at, notes=notes, tables=tables, formulas=formulas)
+                    reserved=reserved, eligible_groups=eligible, tone_req=tone_req,
+                    rhyme_at=rhyme_at, notes=notes, tables=tables, formulas=formulas, keywords=tuple(keywords),
+                    starts=starts)
     # Run the forced opening once so that what the prompt itself breaks is known (and said) up front.
     row = plan.new_row()
     while not row.done and row.forced() is not None:
         row.advance(row.forced())
     plan.notes = list(row.notes)
     return plan
+
+
+def _place_keywords(form: Form, prosody: Prosody, words: list[list[int]], forced_at: dict[int, int], tone_req,
+                    rhyme_at: frozenset[int], eligible: frozenset[int], prompt_len: int):
+    """Where each keyword goes: {position: token}, the values s may start with, and the rhyme groups the first
+    rhyme may open. Deterministic from the request, so every row of a batch (and the reference decoder)
+    decodes the same plan.
+
+    Each keyword, in request order, takes the free place that ranks first by: tone and rhyme misses (a
+    character whose tone the pattern does not allow there, or one at a rhyme position that is not a level
+    rhyme character of the groups still open), then rhyme positions last (they narrow the rhyme for the whole
+    poem), then distance from its target line (keywords spread evenly over the lines after the prompt), then
+    the earliest place. A place is only taken if the keywords after it still fit (`keywords_fit`), so a
+    request that validation accepts always gets every keyword placed. With the tone rule on this is done for
+    s = 平 and s = 仄 and the one with fewer misses kept; if its keywords fit only that s, s is fixed from
+    the start, so the model's own choice of s cannot break them later. A miss is not an error: the character
+    is forced anyway and the soft rule bends there with a note, as for a prompt."""
+    L = form.line_len
+    free0 = {p for p in range(form.text_len) if p % (L + 1) != L} - set(forced_at)
+    first = min(prompt_len // L, form.num_lines - 1)
+    span_lines = form.num_lines - first
+    targets = [first + int((i + 0.5) * span_lines / len(words)) for i in range(len(words))]
+
+    def misses(req, placed: dict[int, int]) -> int:
+        return sum(1 for p, t in placed.items() if req[p] and not req[p] & prosody.info(t)[0])
+
+    best = None
+    for s_index in ((0, 1) if any(tone_req[0]) else (0,)):
+        req = tone_req[s_index]
+        groups = eligible
+        for p in sorted(rhyme_at & set(forced_at)):  # a prompt reaching a rhyme position narrows the groups
+            groups = groups & prosody.info(forced_at[p])[1] or groups
+        free, placed = set(free0), {}
+        for i, word in enumerate(words):
+            rest = [len(w) for w in words[i + 1:]]
+            choices = []
+            for p in sorted(free):
+                span = range(p, p + len(word))
+                if p % (L + 1) + len(word) > L or any(q not in free for q in span):
+                    continue
+                if not keywords_fit(free - set(span), rest):
+                    continue
+                miss, at_rhyme, open_groups = 0, 0, groups
+                for q, t in zip(span, word):
+                    tones, its_groups = prosody.info(t)
+                    miss += bool(req[q] and not req[q] & tones)
+                    if q in rhyme_at:
+                        at_rhyme += 1
+                        if open_groups & its_groups:
+                            open_groups &= its_groups
+                        else:
+                            miss += 1
+                choices.append(((miss, at_rhyme, abs(p // (L + 1) - targets[i]), p), span, open_groups))
+            if not choices:  # validation checks the room; a traditional word that simplifies apart could still miss
+                raise RequestError("bad_keywords", "keywords", "the keywords do not fit beside the prompt or acrostic")
+            _, span, groups = min(choices, key=lambda c: c[0])
+            for q, t in zip(span, word):
+                placed[q] = t
+            free -= set(span)
+        total = misses(req, placed) + misses(req, forced_at)
+        if best is None or total < best[0]:
+            best = (total, s_index, placed, groups)
+    total, s_index, placed, groups = best
+    starts = BOTH
+    if any(tone_req[0]):
+        other = tone_req[1 - s_index]
+        if misses(other, placed) + misses(other, forced_at) > total:
+            starts = (LEVEL, OBLIQUE)[s_index]
+    if not (rhyme_at & set(placed)):
+        groups = eligible  # no keyword rhymes: the model still chooses the rhyme, as without keywords
+    return placed, starts, groups
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,7 +364,7 @@ class RowState:
         row.plan, row.pos, row.done, row.tokens, row.used = plan, 0, False, [], []
         row.counts = dict(plan.reserved)
         row.banned = [t for t, n in row.counts.items() if n >= 2]
-        row.starts, row.rhyme_groups, row.lines, row.notes = BOTH, None, [], list(plan.notes)
+        row.starts, row.rhyme_groups, row.lines, row.notes = plan.starts, None, [], list(plan.notes)
         row._prepare()
         return row
 
