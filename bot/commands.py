@@ -68,8 +68,9 @@ class Command:
 COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("start", "", "开始，简介", "start: what this bot does"),
     Command("help", "", "所有命令", "all commands"),
-    Command("poem", "[开头]", "写一首诗，以给定的字开头；不给则随机", "a poem opening with the given characters (random without)",
-            example="/poem 月"),
+    Command("poem", "[开头 关键词…]", "写一首诗，以第一个词开头，其余的词（至多 4 个，各 1–2 字）写进诗中；不给则随机开头",
+            "a poem opening with the first word; further words are keywords (up to 4, 1–2 characters each) placed "
+            "somewhere in it (random opening without)", example="/poem 月 舟 秋"),
     Command("acrostic", "春夏秋冬", "藏头诗：每句首字，4 或 8 个字", "acrostic: one character per line, 4 or 8",
             example="/acrostic 春夏秋冬"),
     Command("cangtou", "春夏秋冬", "同 /acrostic", "same as /acrostic", example="/cangtou 春夏秋冬"),
@@ -257,8 +258,10 @@ class Commands:
     # poems
 
     async def cmd_poem(self, who: Who, args: list[str]) -> Reply:
-        prompt = "".join(args) or self.rng.choice(OPENINGS)
-        return await self.poem_reply(who, prompt=prompt)
+        # "/poem 月 舟 秋": the first word opens the poem, the others are keywords placed anywhere in it; the
+        # engine's validation says what is wrong with them (too many, too long, no room).
+        prompt = args[0] if args else self.rng.choice(OPENINGS)
+        return await self.poem_reply(who, prompt=prompt, keywords=args[1:])
 
     async def cmd_acrostic(self, who: Who, args: list[str]) -> Reply:
         heads = "".join(args)
@@ -270,21 +273,23 @@ class Commands:
         return await self.poem_reply(who, acrostic=heads, form=form)
 
     async def poem_reply(self, who: Who, *, prompt: str = "", acrostic: str | None = None,
-                         form: str | None = None) -> Reply:
+                         form: str | None = None, keywords: list[str] | None = None) -> Reply:
         try:
-            result = await self.generate(who.chat_id, prompt=prompt, acrostic=acrostic, form=form)
+            result = await self.generate(who.chat_id, prompt=prompt, acrostic=acrostic, form=form, keywords=keywords)
         except PoemUnavailable as e:
             return Reply(e.reply)
         poem_id = await self.store.aio.record_poem(who.chat_id, who.user_id, "command", result, prompt, acrostic)
         return Reply(format_reply(result, await self.store.aio.chat_settings(who.chat_id)), poem_id=poem_id)
 
     async def generate(self, chat_id: int, *, prompt: str = "", acrostic: str | None = None,
-                       form: str | None = None, seed: int | None = None) -> PoemResult:
+                       form: str | None = None, seed: int | None = None,
+                       keywords: list[str] | None = None) -> PoemResult:
         """One poem in the chat's settings; raises PoemUnavailable with a reply fit for the chat.
         `seed`: the engine's draw (same request and seed, same poem); None lets the engine pick one."""
         s = await self.store.aio.chat_settings(chat_id)
         request = PoemRequest(prompt=prompt, acrostic=acrostic, form=form or s.form, mode=s.mode,
-                              beam_width=s.beam_width, temperature=s.temperature, model=s.model, seed=seed)
+                              beam_width=s.beam_width, temperature=s.temperature, model=s.model, seed=seed,
+                              keywords=list(keywords or []))
         try:
             return await self.engine.generate(request.validate())
         except RequestError as e:

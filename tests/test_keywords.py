@@ -1,5 +1,5 @@
 """Keywords placed anywhere in the poem: every mode and form, with and without a prompt or an acrostic, the same
-poem alone or in a batch, clear 400s for keywords that are bad or cannot fit."""
+poem alone or in a batch, clear 400s for keywords that are bad or cannot fit, and the bot's `/poem 月 舟 秋`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import asyncio
 import itertools
 
 import pytest
+from bot_fixtures import clock, make_settings, scripted_engine, store  # noqa: F401
 from conftest import ACROSTIC
 from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
 
+from bot.commands import COMMANDS, Commands, Who, help_text
 from engine.api import PoemRequest
 from engine.errors import RequestError
 from engine.model.checkpoint import load_checkpoint
@@ -237,3 +239,38 @@ async def test_a_keyword_the_model_cannot_write_is_named(client):
     error = (await resp.json())["error"]
     assert (error["code"], error["field"]) == ("unknown_character", "keywords") and "龘" in error["message"]
 
+
+# -- the bot: /poem 月 舟 秋 ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def commands(tmp_path, store, scripted_engine, clock) -> Commands:  # noqa: F811
+    return Commands(scripted_engine, store, make_settings(tmp_path), clock=clock)
+
+
+def private(user_id: int = 42) -> Who:
+    return Who(chat_id=user_id, user_id=user_id, chat_type="private")
+
+
+@pytest.mark.parametrize("text", ["/poem 月 舟 秋", "月 舟 秋", "/poem  月   舟 秋 "])
+async def test_the_first_word_opens_the_poem_and_the_rest_are_keywords(commands, scripted_engine, text):
+    reply = await commands.handle(private(), text)
+    assert reply.poem_id is not None
+    request = scripted_engine.requests[-1]
+    assert (request.prompt, request.keywords) == ("月", ["舟", "秋"])
+
+
+@pytest.mark.parametrize("text, prompt", [("/poem 月落", "月落"), ("春", "春")])
+async def test_a_single_word_still_only_opens_the_poem(commands, scripted_engine, text, prompt):
+    await commands.handle(private(), text)
+    assert (scripted_engine.requests[-1].prompt, scripted_engine.requests[-1].keywords) == (prompt, [])
+
+
+async def test_bad_keywords_from_the_bot_get_a_clear_reply_and_no_poem(commands, scripted_engine):
+    reply = await commands.handle(private(), "/poem 月 舟 秋 山 水 花")
+    assert reply.poem_id is None and "at most 4" in reply.text and scripted_engine.requests == []
+
+
+def test_the_poem_help_names_keywords():
+    assert "关键词" in COMMANDS["poem"].usage and "keyword" in COMMANDS["poem"].en
+    assert "/poem [开头 关键词…]" in help_text()
