@@ -35,7 +35,7 @@ from engine.poem.forms import DEFAULT_FORM
 @dataclass
 class ChatSettings:
     form: str = DEFAULT_FORM  # qijue | wujue | qilv | wulv
-    mode: str = "greedy"  # greedy | sample | beam; greedy reads best (docs/PERFORMANCE.md, the panel)
+    mode: str = "beam"  # greedy | sample | beam; beam-5 read best in both blind panels (docs/PERFORMANCE.md)
     beam_width: int = 5  # 1–16, beam mode
     temperature: float = 0.8  # (0, 2], sample mode
     model: str | None = None  # None = the engine's default model
