@@ -57,7 +57,7 @@ NEG_INF = float("-inf")
 # greedy draws among the GREEDY_TOP_K likeliest characters at GREEDY_TEMPERATURE, and beam search keeps
 # the `width` best of its BEAM_CANDIDATES·width best candidates after adding BEAM_NOISE · Gumbel noise
 # (a stochastic beam). The request's seed fixes the draw: the same request and seed give the same poem.
-GREEDY_TEMPERATURE = 0.3
+GREEDY_TEMPERATURE = 0.4
 GREEDY_TOP_K = 5
 BEAM_NOISE = 2.0  # scale of the Gumbel noise, in nats
 BEAM_CANDIDATES = 3  # candidates per beam that the noise chooses among
