@@ -187,8 +187,12 @@ class Store:
         return _subscription(row) if row is not None and row["active"] else None
 
     def _subscription_row(self, chat_id: int) -> dict | None:
+        return self._row("subscriptions", chat_id)
+
+    def _row(self, table: str, pk: int) -> dict | None:
+        """The row with primary key `pk`, or None."""
         try:
-            return self.db["subscriptions"].get(chat_id)
+            return self.db[table].get(pk)
         except sqlite_utils.db.NotFoundError:
             return None
 
@@ -260,10 +264,7 @@ class Store:
 
     @_serialised
     def poem(self, poem_id: int) -> dict | None:
-        try:
-            return self.db["poems"].get(poem_id)
-        except sqlite_utils.db.NotFoundError:
-            return None
+        return self._row("poems", poem_id)
 
     @_serialised
     def recent_poems(self, chat_id: int, limit: int = 10) -> list[dict]:
