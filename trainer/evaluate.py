@@ -41,11 +41,13 @@ def read_poem_lines(path) -> tuple[list[Poem], int]:
 def perplexity(model: PoemModel, vocab: Vocab, poems: list[Poem], pre_pad: bool = False,
                batch_size: int = 256) -> dict:
     """{'poems', 'chars', 'oov', 'nll', 'ppl'}; `pre_pad` feeds the classic recipe's padded context."""
-    rows = []
-    for p in poems:
-        ids = encode_poem(vocab, p)
-        rows.append([vocab.pad_id] * (CLASSIC_LEN - len(ids)) + ids if pre_pad else ids)
-    return perplexity_of_rows(model, vocab, rows, batch_size)
+    return perplexity_of_rows(model, vocab, encode_rows(vocab, poems, pre_pad), batch_size)
+
+
+def encode_rows(vocab: Vocab, poems: list[Poem], pre_pad: bool = False) -> list[list[int]]:
+    """Each poem as <form> text <eos>; `pre_pad`: left-padded to the classic recipe's length."""
+    rows = [encode_poem(vocab, p) for p in poems]
+    return [[vocab.pad_id] * (CLASSIC_LEN - len(ids)) + ids for ids in rows] if pre_pad else rows
 
 
 @torch.inference_mode()

@@ -37,8 +37,8 @@ from engine.model.checkpoint import save_checkpoint
 from engine.model.network import ModelConfig, PoemModel, pick_device
 from engine.poem.vocab import Vocab
 from trainer.corpus import Corpus, CorpusError, load_corpus, split
-from trainer.data import CLASSIC_LEN, Buckets, classic_tensor, encode_poem
-from trainer.evaluate import perplexity_of_rows
+from trainer.data import CLASSIC_LEN, Buckets, classic_tensor
+from trainer.evaluate import encode_rows, perplexity_of_rows
 from trainer.pack import load_pack
 
 
@@ -203,9 +203,7 @@ class Trainer:
         else:
             self.corpus_hash, self.num_train_poems = corpus.digest(), len(train_poems)
             self.train = Buckets.build(self.vocab, train_poems)
-            pre_pad = cfg.recipe == "classic"
-            val_rows = [[self.vocab.pad_id] * (CLASSIC_LEN - len(ids)) + ids if pre_pad else ids
-                        for ids in (encode_poem(self.vocab, p) for p in val_poems)]
+            val_rows = encode_rows(self.vocab, val_poems, pre_pad=cfg.recipe == "classic")
         rng = torch.Generator().manual_seed(0)
         pick = torch.randperm(len(val_rows), generator=rng)[: cfg.eval_poems].tolist()
         self.val_rows = [val_rows[i] for i in sorted(pick)]
