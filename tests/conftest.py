@@ -71,6 +71,52 @@ def write_corpus(root: Path, poems: list[str], per_file: int = 50) -> Path:
     return root
 
 
+# Line lengths (and the marks after them) of the synthetic 词 tunes; "\n" is not part of the data.
+CI_SHAPES = {
+    "浣溪沙": ((7, "，"), (7, "，"), (7, "。"), (7, "，"), (7, "，"), (7, "。")),
+    "如梦令": ((6, "，"), (6, "。"), (5, "，"), (6, "。"), (2, "，"), (2, "。"), (6, "。")),
+    "十六字令": ((1, "，"), (7, "。"), (3, "，"), (5, "。")),
+}
+
+
+def make_ci(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n synthetic 词 as (tune, text), cycling through CI_SHAPES."""
+    rng = random.Random(seed)
+    out = []
+    tunes = list(CI_SHAPES)
+    for i in range(n):
+        tune = tunes[i % len(tunes)]
+        text = "".join("".join(rng.choice(FIXTURE_CHARS) for _ in range(length)) + mark
+                       for length, mark in CI_SHAPES[tune])
+        out.append((tune, text))
+    return out
+
+
+def write_ci_corpus(root: Path, ci: list[tuple[str, str]], per_file: int = 50) -> Path:
+    """Write 词 as chinese-poetry's 宋词/ci.song.N.json files; returns root."""
+    d = root / "宋词"
+    d.mkdir(parents=True, exist_ok=True)
+    for k in range(0, len(ci), per_file):
+        records = [{"author": "佚名", "rhythmic": tune, "paragraphs": [text]} for tune, text in ci[k : k + per_file]]
+        (d / f"ci.song.{k * 20}.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_ci_corpus(tmp_path_factory) -> Path:
+    """Regular poems and 词 side by side, as in the real corpus."""
+    root = tmp_path_factory.mktemp("ci_corpus")
+    write_corpus(root, make_poems(100, seed=3))
+    return write_ci_corpus(root, make_ci(300, seed=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_ci_checkpoint(tiny_ci_corpus, tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny LSTM fine-tuned on the tiny 词: its vocabulary has tune tokens."""
+    return train_tiny(tiny_ci_corpus, tmp_path_factory.mktemp("ci"), "lstm", kind="ci", init_from=str(tiny_checkpoint),
+                      tune_tokens=2)
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"), make_poems(400, seed=1))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.poem.vocab import FORM_TOKENS, PUNCTUATION, SPECIALS, Vocab, form_token, is_han
+from engine.poem.vocab import CI_TOKEN, FORM_TOKENS, PUNCTUATION, SPECIALS, Vocab, form_token, is_han, tune_token
 
 HEAD = [*SPECIALS, *FORM_TOKENS, *PUNCTUATION]
 
@@ -68,9 +68,11 @@ def test_a_vocabulary_restored_from_its_tokens_is_the_same():
     (["月", *HEAD], "must start with"),
     (HEAD[:-1], "must start with"),
     ([*HEAD, "月", "月"], "duplicate"),
-    ([*HEAD, "a"], "non-Han"),
+    ([*HEAD, "a"], "neither Han"),
     ([*HEAD, "，"], "duplicate"),
-    ([*HEAD, "<bos>"], "non-Han"),
+    ([*HEAD, "<bos>"], "neither Han"),
+    ([*HEAD, "<ci>", "月"], "tune tokens come last"),
+    ([*HEAD, "月", "<ci:>"], "neither Han"),
 ])
 def test_a_malformed_token_list_is_rejected(tokens, problem):
     with pytest.raises(ValueError, match=problem):
@@ -81,3 +83,23 @@ def test_a_malformed_token_list_is_rejected(tokens, problem):
                                          ("□", False), ("😀", False), ("月光", False), ("", False)])
 def test_is_han_accepts_single_cjk_ideographs_only(ch, expected):
     assert is_han(ch) is expected
+
+
+def test_a_grown_vocabulary_keeps_every_token_and_puts_tune_tokens_after_the_han_characters():
+    shi = Vocab.build(["山月"])
+    ci = shi.grown(["阕", "月"], ["浣溪沙", "菩萨蛮"])
+    assert ci.tokens[: len(shi)] == shi.tokens
+    assert ci.tokens[len(shi):] == ["阕", CI_TOKEN, tune_token("浣溪沙"), tune_token("菩萨蛮")]
+    assert list(ci.han_ids()) == list(range(ci.first_han_id, ci.index["阕"] + 1))
+    assert ci.writes_ci and not shi.writes_ci
+    assert ci.tune_id("浣溪沙") == ci.index[tune_token("浣溪沙")]
+    assert ci.tune_id("六州") == ci.index[CI_TOKEN]  # a tune without its own token opens with <ci>
+    assert Vocab(ci.tokens).end_han_id == ci.end_han_id
+    # Growing again keeps the tune tokens last, new characters join the Han range.
+    again = ci.grown(["鹧"], ["鹧鸪天"])
+    assert again.tokens[again.end_han_id - 1] == "鹧" and again.tokens[-1] == tune_token("鹧鸪天")
+
+
+def test_decode_leaves_tune_tokens_out():
+    ci = Vocab.build(["月"]).grown([], ["浣溪沙"])
+    assert ci.decode([ci.tune_id("浣溪沙"), ci.index["月"], ci.period_id, ci.eos_id]) == "月。"

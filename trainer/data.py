@@ -2,7 +2,8 @@
 
 The four regular forms have fixed lengths (26, 34, 50 and 66 tokens with the form token and <eos>),
 so bucketing by form packs every batch exactly: nothing is padded, nothing padded is computed or
-counted in the loss. Each batch holds about `batch_tokens` tokens whatever its form.
+counted in the loss. Each batch holds about `batch_tokens` tokens whatever its form. A 词 is encoded as
+<ci:tune> text <eos> (`ci_poems`) and bucketed by its length, which packs it exactly too.
 
 The classic recipe (every poem pre-padded to 125 tokens, loss over all positions) is here too, for the
 benchmark and the quality baseline it is measured against.
@@ -14,14 +15,53 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.poem.vocab import Vocab
-from trainer.corpus import Poem
+from engine.poem.vocab import Vocab, is_han
+from trainer.corpus import Corpus, Poem
 
 CLASSIC_LEN = 125
+CI = "ci"  # Poem.form of a 词; its Poem.title is the tune
+# A 词's line marks as the model sees them: a sentence's end is 。, any other break is ，.
+CI_MARKS = {"。": "。", "？": "。", "！": "。", "，": "，", "、": "，", "；": "，", "：": "，"}
 
 
 def encode_poem(vocab: Vocab, poem: Poem) -> list[int]:
-    return [vocab.form_id(poem.form), *vocab.encode(poem.text), vocab.eos_id]
+    start = vocab.tune_id(poem.title) if poem.form == CI else vocab.form_id(poem.form)
+    return [start, *vocab.encode(poem.text), vocab.eos_id]
+
+
+def tune_name(rhythmic: str) -> str:
+    """A corpus record's tune, without the variant or title after it (念奴娇・赤壁怀古 → 念奴娇)."""
+    for cut in "・·（(":
+        rhythmic = rhythmic.split(cut)[0]
+    return rhythmic.strip()
+
+
+def ci_text(text: str) -> str | None:
+    """A 词's text with its marks as the model sees them (`CI_MARKS`), or None if it holds anything else."""
+    out = []
+    for ch in text:
+        if is_han(ch):
+            out.append(ch)
+        elif ch in CI_MARKS:
+            if out and out[-1] not in "，。":
+                out.append(CI_MARKS[ch])
+        elif not ch.isspace():
+            return None
+    if not out or out[-1] not in "，。":
+        return None
+    return "".join(out)
+
+
+def ci_poems(corpus: Corpus) -> list[Poem]:
+    """The corpus's 词 (records of the ci sources) as Poem(form="ci", title=tune, text=ci_text)."""
+    out = []
+    for p in corpus.poems:
+        if not p.source.startswith("ci") and p.source != "宋词三百首":
+            continue
+        text, tune = ci_text(p.text), tune_name(p.title)
+        if text and tune:
+            out.append(Poem(text=text, form=CI, source=p.source, author=p.author, title=tune))
+    return out
 
 
 @dataclass
@@ -35,7 +75,8 @@ class Buckets:
         by_form: dict[str, list[list[int]]] = {}
         for p in poems:
             if p.form != "other":
-                by_form.setdefault(p.form, []).append(encode_poem(vocab, p))
+                ids = encode_poem(vocab, p)
+                by_form.setdefault(f"{CI}:{len(ids)}" if p.form == CI else p.form, []).append(ids)
         return cls({form: torch.tensor(rows, dtype=torch.long) for form, rows in sorted(by_form.items())})
 
     @property

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -35,9 +36,10 @@ from safetensors.torch import load_file, save
 from engine.files import atomic_write_bytes
 from engine.model.checkpoint import save_checkpoint
 from engine.model.network import ModelConfig, PoemModel, pick_device
-from engine.poem.vocab import Vocab
+from engine.poem.forms import FORM_NAMES
+from engine.poem.vocab import Vocab, is_tune_token
 from trainer.corpus import Corpus, CorpusError, load_corpus, split
-from trainer.data import CLASSIC_LEN, Buckets, classic_tensor
+from trainer.data import CLASSIC_LEN, Buckets, ci_poems, classic_tensor
 from trainer.evaluate import encode_rows, perplexity_of_rows
 from trainer.pack import load_pack
 
@@ -77,12 +79,18 @@ class TrainConfig:
     device: str = "auto"
     half: bool = True  # store best.safetensors in fp16 (half the size; the engine computes in fp32)
     init_from: str = ""  # a checkpoint to fine-tune: its vocabulary and weights start the run (same cell and sizes)
+    kind: str = "shi"  # shi: the four regular forms | ci: the Song 词, each opened by its tune's token
+    tune_tokens: int = 80  # ci: the most common tunes get a token of their own (the rest share <ci>)
 
     def validate(self):
         if self.packed and self.recipe != "bucketed":
             raise ValueError("--packed trains the bucketed recipe only")
         if self.recipe not in ("bucketed", "classic"):
             raise ValueError(f"recipe must be bucketed or classic, got {self.recipe!r}")
+        if self.kind not in ("shi", "ci"):
+            raise ValueError(f"kind must be shi or ci, got {self.kind!r}")
+        if self.kind == "ci" and (self.packed or self.recipe != "bucketed"):
+            raise ValueError("--kind ci trains the bucketed recipe from --corpus (not --packed)")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.lr <= 0 or self.batch_tokens < 1 or self.batch_size < 1 or self.log_every < 1:
@@ -168,11 +176,13 @@ class Trainer:
 
         pack = load_pack(cfg.packed) if cfg.packed else None
         if pack is None:
-            corpus = corpus if corpus is not None else load_corpus(cfg.corpus)
-            train_poems, val_poems = split(corpus.regular(), cfg.val_percent)
+            corpus = corpus if corpus is not None else load_corpus(cfg.corpus, include_ci=cfg.kind == "ci")
+            poems = ci_poems(corpus) if cfg.kind == "ci" else corpus.regular()
+            train_poems, val_poems = split(poems, cfg.val_percent)
             # A clear line instead of an empty epoch or a NaN perplexity further down.
             if not train_poems:
-                raise CorpusError(f"{', '.join(cfg.corpus)}: no regular-form poem to train on")
+                raise CorpusError(f"{', '.join(cfg.corpus)}: no {'词' if cfg.kind == 'ci' else 'regular-form poem'} "
+                                  f"to train on")
             if not val_poems:
                 raise CorpusError(f"{', '.join(cfg.corpus)}: the validation split is empty "
                                   f"({len(train_poems)} poems; add poems or raise --val-percent)")
@@ -195,6 +205,8 @@ class Trainer:
                 raise ValueError(f"--init-from {cfg.init_from} has another vocabulary than {cfg.packed}")
             self.vocab = (init.vocab if init else pack.vocab if pack
                           else Vocab.build((p.text for p in train_poems), cfg.min_count, cfg.max_vocab))
+            if cfg.kind == "ci":
+                self.vocab = _ci_vocab(self.vocab, train_poems, cfg)
         if pack is not None:
             if saved is not None and pack.vocab.tokens != self.vocab.tokens:
                 raise ValueError(f"--resume: {cfg.packed} has another vocabulary than the run")
@@ -216,8 +228,10 @@ class Trainer:
                                         hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout)
         self.model = PoemModel(self.model_config).to(self.device)
         if init is not None:
-            self.model.load_state_dict(init.model.state_dict())
-            self.log(f"fine-tuning from {cfg.init_from} (version {init.version})")
+            _load_rows_by_token(self.model, self.vocab, init.model, init.vocab)
+            grown = len(self.vocab) - len(init.vocab)
+            self.log(f"fine-tuning from {cfg.init_from} (version {init.version})"
+                     + (f"; {grown} new tokens" if grown else ""))
         if cfg.optimizer == "adam":
             self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
@@ -468,6 +482,44 @@ class Trainer:
         if p["bad_evals"] >= self.cfg.patience:
             return "early_stopping"
         return None
+
+
+def _ci_vocab(vocab: Vocab, poems: list, cfg: TrainConfig) -> Vocab:
+    """`vocab` grown for 词: their characters seen `min_count` times, and tokens for the common tunes."""
+    chars = Counter(ch for p in poems for ch in p.text)
+    tunes = Counter(p.title for p in poems)
+    new = sorted((c for c, n in chars.items() if n >= cfg.min_count and c not in vocab), key=lambda c: (-chars[c], c))
+    common = [t for t, n in sorted(tunes.items(), key=lambda kv: (-kv[1], kv[0])) if n >= cfg.min_count]
+    return vocab.grown(new, common[: cfg.tune_tokens])
+
+
+@torch.no_grad()
+def _load_rows_by_token(model: PoemModel, vocab: Vocab, init: PoemModel, init_vocab: Vocab) -> None:
+    """`init`'s weights into `model`, whose vocabulary may hold more tokens: shared tokens keep their rows.
+    A new character starts from the mean embedding with a low output bias; a tune token starts from the
+    mean of the form tokens' embeddings (it plays their part)."""
+    state = {k: v.clone() for k, v in init.state_dict().items()}
+    if vocab.tokens == init_vocab.tokens:
+        model.load_state_dict(state)
+        return
+    own = model.state_dict()
+    old_ids = [init_vocab.index.get(t, -1) for t in vocab.tokens]
+    known = torch.tensor([i >= 0 for i in old_ids])
+    src = torch.tensor([max(i, 0) for i in old_ids])
+    forms = torch.tensor([init_vocab.form_id(f) for f in FORM_NAMES])
+    for key in ("embed.weight", "head.weight", "head.bias"):
+        old = state[key]
+        new = old[src].clone()
+        if key == "embed.weight":
+            new[~known] = old[init_vocab.first_han_id:].mean(dim=0)
+            tunes = torch.tensor([is_tune_token(t) and not known[i] for i, t in enumerate(vocab.tokens)])
+            new[tunes] = old[forms].mean(dim=0)
+        elif key == "head.weight":
+            new[~known] = 0
+        else:
+            new[~known] = old[init_vocab.first_han_id:].min()
+        state[key] = new.to(own[key].dtype)
+    model.load_state_dict(state)
 
 
 def plot_curves(history: Path, out: Path):

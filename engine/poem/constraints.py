@@ -421,7 +421,7 @@ class RowState:
                            f"(forced by the prompt)")
             self.lines.append(line)
         else:
-            if token < vocab.first_han_id:
+            if not vocab.first_han_id <= token < vocab.end_han_id:
                 raise ValueError(f"position {pos} needs a Han character, got {vocab.tokens[token]!r}")
             self.used.append(token)
             is_forced = pos in plan.forced_at

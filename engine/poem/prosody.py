@@ -41,11 +41,11 @@ class Prosody:
     @classmethod
     def build(cls, vocab: Vocab) -> Prosody:
         V = len(vocab)
-        infos = [char_info(t) if i >= vocab.first_han_id else None for i, t in enumerate(vocab.tokens)]
+        infos = [char_info(t) if vocab.first_han_id <= i < vocab.end_han_id else None for i, t in enumerate(vocab.tokens)]
         groups = sorted({g for info in infos if info for g in info.groups}, key=_group_order)
         gid = {g: k for k, g in enumerate(groups)}
         han = torch.zeros(V, dtype=torch.bool)
-        han[vocab.first_han_id:] = True
+        han[vocab.first_han_id:vocab.end_han_id] = True
         level = torch.tensor([bool(info and info.level) for info in infos], dtype=torch.bool)
         oblique = torch.tensor([bool(info and info.oblique) for info in infos], dtype=torch.bool)
         rhyme = torch.zeros(len(groups), V, dtype=torch.bool)  # (G, V)
@@ -55,7 +55,7 @@ class Prosody:
             for k in ids:
                 rhyme[k, i] = True
             token_groups.append(ids)
-        sources = Counter(info.source if info else "none" for info in infos[vocab.first_han_id:])
+        sources = Counter(info.source if info else "none" for info in infos[vocab.first_han_id:vocab.end_han_id])
         return cls(vocab_size=V, han=han, level=level, oblique=oblique, rhyme=rhyme, groups=groups,
                    tones=[info.tones if info else 0 for info in infos], token_groups=token_groups, sources=sources)
 

@@ -60,7 +60,7 @@ def find_formulas(model, vocab: Vocab) -> Formulas:
         return Formulas()
     starts = torch.tensor([(vocab.form_id(form), h) for form in FORM_NAMES for h in openings], device=device)
     allowed = torch.full((len(vocab),), float("-inf"), device=device)  # text only: no <eos>, <unk> or forms
-    allowed[vocab.first_han_id:] = 0.0
+    allowed[vocab.first_han_id:vocab.end_han_id] = 0.0
     allowed[[vocab.comma_id, vocab.period_id]] = 0.0
     was_training = model.training
     model.eval()
