@@ -9,6 +9,7 @@
     python -m trainer quality --checkpoint engine/checkpoints/gru.safetensors --corpus ../shared/corpus/chinese-poetry --n 20
     python -m trainer panel make --n 16 --out runs/panel --system gru=engine/checkpoints/gru.safetensors:sample
     python -m trainer bench [--seconds 30] [--cell lstm]
+    python -m trainer tunes derive --corpus ../shared/corpus/chinese-poetry --out engine/poem/tunes.json --top 40
     python -m trainer publish --store var/checkpoints --name lstm --checkpoint runs/lstm/best.safetensors --keep 5
     python -m trainer rollback --store var/checkpoints --name lstm [--version V]
     python -m trainer versions --store var/checkpoints --name lstm
@@ -79,7 +80,7 @@ def _module_command(module: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer import bench, download, pack, panel, quality, stats
+    from trainer import bench, download, pack, panel, quality, stats, tunes
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         (sub, "quality", quality, "quality report: form, rhyme, tone, repetition, copying, speed"),
         (sub, "panel", panel, "a blind panel: held-out poems shuffled with generated ones, and its scores"),
         (sub, "bench", bench, "training tokens/s: ours against the classic padded recipe (JSON)"),
+        (sub, "tunes", tunes, "词 tunes (词牌): derive their patterns from the Song ci, or print their table"),
     ):
         p = parent.add_parser(name, help=help_text)
         module.add_arguments(p)
