@@ -438,3 +438,36 @@ def test_tunes_table_lists_every_tune(capsys):
     rows = [row for row in out.splitlines() if row.startswith("| ") and not row.startswith(("| tune", "| ---"))]
     assert len(rows) == len(TUNES)
     assert any(row.startswith("| 浣溪沙 |") and "7,7,7 \\| 7,7,7" in row and "平12356" in row for row in rows)
+
+
+def test_docs_hold_the_current_table():
+    docs = TUNES_JSON.parents[2] / "docs" / "CI.md"
+    assert derivation.table(TUNES_JSON) in docs.read_text(encoding="utf-8")
+
+
+def test_tunes_check_gives_the_corpus_baseline(fixture_corpus, capsys):
+    root, out, _ = fixture_corpus
+    assert trainer_main(["tunes", "check", "--corpus", str(root), "--split", "train", "--tunes", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["测试甲"]["poems"] == 46
+    assert result["测试甲"]["structure_ok"] == pytest.approx(42 / 46, abs=1e-3)
+    assert result["测试甲"]["rhyme_ok"] == 1.0 and result["测试乙"]["rhyme_ok"] == 1.0
+    assert result["测试甲"]["tone_agreement"] == 1.0
+
+
+def test_tunes_check_counts_failed_rhymes(tmp_path, capsys):
+    tune, rng = TUNES["浣溪沙"], random.Random(5)
+    records = []
+    while len(records) < 4:
+        lines = _lines_for(tune, {0: rng.choice(LEVEL_RHYMES)})
+        if len(records) % 2:
+            lines[5] = lines[5][:-1] + "月"
+        record = _record("浣溪沙", lines, [line.mark for line in tune.lines], "train")
+        if record and rng.random() < 0.5:
+            records.append(record)
+    (tmp_path / "ci.song.0.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    assert trainer_main(["tunes", "check", "--corpus", str(tmp_path), "--split", "train"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    strong = sum(mark != "·" for line in tune.lines for mark in line.tones)  # 月 is 仄 at a strong 平 end
+    assert result["浣溪沙"] == {"poems": 4, "structure_ok": 1.0, "rhyme_ok": 0.5,
+                               "tone_agreement": round(1 - 0.5 / strong, 3)}

@@ -2,6 +2,7 @@
 
     python -m trainer tunes derive --corpus ../shared/corpus/chinese-poetry --out engine/poem/tunes.json --top 40
     python -m trainer tunes table [--tunes engine/poem/tunes.json]       (the Markdown table of docs/CI.md)
+    python -m trainer tunes check --corpus ../shared/corpus/chinese-poetry [--split val]   (check_ci on real ci)
 
 Only training-split poems (trainer.corpus.split_of(text) == "train") are read, so the held-out poems stay
 out. The rules and thresholds are the constants below; docs/CI.md explains them. The JSON holds patterns and
@@ -46,8 +47,8 @@ def ci_files(corpus: str | Path) -> list[Path]:
     return files
 
 
-def read_ci(files: Iterable[Path]) -> list[tuple[str, str]]:
-    """(raw tune name, normalised text) of every training-split ci, deduplicated by text."""
+def read_ci(files: Iterable[Path], split: str = "train") -> list[tuple[str, str]]:
+    """(raw tune name, normalised text) of every ci of `split` ("train" or "val"), deduplicated by text."""
     out, seen = [], set()
     for f in files:
         for record in read_records(f):
@@ -56,7 +57,7 @@ def read_ci(files: Iterable[Path]) -> list[tuple[str, str]]:
             if poem is None or not isinstance(name, str) or poem.text in seen:
                 continue
             seen.add(poem.text)
-            if split_of(poem.text) == "train":
+            if split_of(poem.text) == split:
                 out.append((to_simplified(name.strip()), poem.text))
     return out
 
@@ -300,6 +301,30 @@ def table(path: str | Path) -> str:
     return "\n".join(rows) + "\n"
 
 
+def corpus_check(records: Iterable[tuple[str, str]], tunes: dict) -> dict:
+    """How the corpus's own poems fare under check_ci, per tune: poems, the share with the tune's structure,
+    and among those the share whose rhymes pass and their mean tone agreement (a baseline for generated ci)."""
+    from engine.poem.tunes import check_ci
+
+    records = list(records)
+    mapping, _ = canonical_names(name for name, _ in records)
+    stats: dict[str, list] = {name: [0, 0, 0, 0.0] for name in tunes}
+    for raw, text in records:
+        tune = tunes.get(mapping.get(raw, ""))
+        if tune is None:
+            continue
+        row = stats[tune.name]
+        row[0] += 1
+        result = check_ci(tune, text)
+        if result.structure_ok:
+            row[1] += 1
+            row[2] += result.rhyme_ok
+            row[3] += result.tone_agreement
+    return {name: {"poems": n, "structure_ok": round(s / n, 3) if n else None,
+                   "rhyme_ok": round(r / s, 3) if s else None, "tone_agreement": round(t / s, 3) if s else None}
+            for name, (n, s, r, t) in stats.items()}
+
+
 # -- command line --------------------------------------------------------------------------------------------
 
 def add_arguments(p):
@@ -313,11 +338,22 @@ def add_arguments(p):
                    help=f"skip tunes whose main variant has fewer poems (default {MIN_MAIN})")
     t = sub.add_parser("table", help="the Markdown table of the tunes (docs/CI.md)")
     t.add_argument("--tunes", default="engine/poem/tunes.json")
+    c = sub.add_parser("check", help="check_ci on the corpus's own poems, per tune (JSON): a baseline")
+    c.add_argument("--corpus", required=True)
+    c.add_argument("--split", choices=("train", "val"), default="val", help="which split's poems (default val)")
+    c.add_argument("--tunes", default="engine/poem/tunes.json")
 
 
 def main(args) -> int:
     if args.tunes_command == "table":
         print(table(args.tunes), end="")
+        return 0
+    if args.tunes_command == "check":
+        from engine.poem.tunes import load_tunes
+
+        tunes, _ = load_tunes(args.tunes)
+        result = corpus_check(read_ci(ci_files(args.corpus), split=args.split), tunes)
+        print(json.dumps(result, ensure_ascii=False, indent=1))
         return 0
     if min(args.top, args.min_poems, args.min_main) < 1:
         raise ValueError("--top, --min-poems and --min-main must be at least 1")
