@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Protocol
 
 from engine.errors import RequestError
-from engine.poem.forms import DEFAULT_FORM, FORMS, LINE_BREAKS, parse_form
+from engine.poem.forms import DEFAULT_FORM, FORMS, LINE_BREAKS, Layout, parse_form
+from engine.poem.tunes import TUNES, parse_tune
 from engine.poem.vocab import is_han
 
 MODES = ("greedy", "sample", "beam")
+CI_NAMES = ("ci", "词", "詞")
 MAX_BEAM_WIDTH = 16
 MAX_PROMPT = 14
 MAX_KEYWORDS = 4
@@ -28,7 +30,8 @@ MAX_KEYWORD_LEN = 2  # a keyword stays inside one line, so it must be short enou
 @dataclass
 class PoemRequest:
     prompt: str = ""  # the poem's opening characters, 0–14 Han characters (traditional is converted)
-    form: str = DEFAULT_FORM  # wujue | qijue | wulv | qilv (aliases such as 七绝 accepted)
+    form: str = DEFAULT_FORM  # wujue | qijue | wulv | qilv (aliases such as 七绝 accepted) | ci (词, with `tune`)
+    tune: str | None = None  # the 词 tune (词牌) when form is ci, e.g. 浣溪沙; GET /v1/tunes lists them
     mode: str = "sample"  # greedy | sample | beam
     beam_width: int = 5  # 1–16, beam mode only
     temperature: float = 0.8  # (0, 2], sample mode
@@ -51,7 +54,7 @@ class PoemRequest:
         unknown = sorted(set(data) - known)
         if unknown:
             raise RequestError("unknown_field", unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
-        req = cls(**{k: v for k, v in data.items() if v is not None or k in ("acrostic", "model", "seed", "timeout")})
+        req = cls(**{k: v for k, v in data.items() if v is not None or k in ("acrostic", "tune", "model", "seed", "timeout")})
         req.validate()
         return req
 
@@ -65,10 +68,23 @@ class PoemRequest:
         if len(self.prompt) > MAX_PROMPT:
             raise RequestError("prompt_too_long", "prompt", f"prompt has {len(self.prompt)} characters; at most {MAX_PROMPT}")
         _check_text("form", self.form)
-        try:
-            self.form = parse_form(self.form).name
-        except ValueError as e:
-            raise RequestError("bad_form", "form", str(e)) from None
+        if self.form.strip().lower() in CI_NAMES:
+            self.form = "ci"
+            if self.tune is None:
+                raise RequestError("bad_tune", "tune", f"a 词 needs its tune, e.g. \"tune\": \"浣溪沙\" "
+                                                       f"({len(TUNES)} tunes: GET /v1/tunes)")
+            _check_text("tune", self.tune)
+            try:
+                self.tune = parse_tune(self.tune).name
+            except ValueError as e:
+                raise RequestError("bad_tune", "tune", str(e)) from None
+        else:
+            try:
+                self.form = parse_form(self.form).name
+            except ValueError as e:
+                raise RequestError("bad_form", "form", f"{e}, ci (词, with a tune)") from None
+            if self.tune is not None:
+                raise RequestError("bad_tune", "tune", f"tune is for form ci (词); a {self.form} has no tune")
         _check_text("mode", self.mode)
         if self.mode not in MODES:
             raise RequestError("bad_mode", "mode", f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -79,6 +95,9 @@ class PoemRequest:
         if self.acrostic is not None:
             _check_text("acrostic", self.acrostic)
             self.acrostic = _han_text("acrostic", self.acrostic)
+            if self.form == "ci":
+                raise RequestError("bad_acrostic", "acrostic", "an acrostic is for the regular forms; a 词 takes a "
+                                                               "prompt or keywords")
             n = FORMS[self.form].num_lines
             if len(self.acrostic) not in (4, 8):
                 raise RequestError("bad_acrostic", "acrostic", f"acrostic needs 4 or 8 characters (one per line), got {len(self.acrostic)}")
@@ -96,12 +115,17 @@ class PoemRequest:
             _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.timeout is not None:
             _check_float("timeout", self.timeout, 0.0, 3600.0, low_open=True)
-        form = FORMS[self.form]
-        if len(self.prompt) > form.num_chars:
-            raise RequestError("prompt_too_long", "prompt", f"prompt has {len(self.prompt)} characters; a {self.form} holds {form.num_chars}")
+        layout = self.layout()
+        if len(self.prompt) > layout.num_chars:
+            raise RequestError("prompt_too_long", "prompt", f"prompt has {len(self.prompt)} characters; a "
+                                                            f"{self.tune or self.form} holds {layout.num_chars}")
         if self.keywords:
-            _check_keyword_room(form, self.prompt, self.acrostic, self.keywords)
+            _check_keyword_room(layout, self.tune or self.form, self.prompt, self.acrostic, self.keywords)
         return self
+
+    def layout(self) -> Layout:
+        """Where the lines of the poem asked for lie (after `validate`)."""
+        return parse_tune(self.tune).layout if self.form == "ci" else FORMS[self.form].layout
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,10 +182,15 @@ def _keywords(value) -> list[str]:
     return out
 
 
-def keywords_to_place(keywords: list[str], prompt: str, acrostic: str | None, line_len: int) -> list[str]:
+def keywords_to_place(keywords: list[str], prompt: str, acrostic: str | None, layout: Layout) -> list[str]:
     """The keywords that still need a place, in request order. One already in the poem is left out: inside
     one line of the prompt, an acrostic head, or inside a longer keyword (or the same one given earlier)."""
-    chunks = [prompt[i:i + line_len] for i in range(0, len(prompt), line_len)]
+    chunks, rest = [], prompt
+    for n in layout.line_lengths:
+        if not rest:
+            break
+        chunks.append(rest[:n])
+        rest = rest[n:]
     out = []
     for i, word in enumerate(keywords):
         if any(word in chunk for chunk in chunks) or (acrostic and len(word) == 1 and word in acrostic):
@@ -184,17 +213,17 @@ def keywords_fit(free: set[int], lengths: list[int]) -> bool:
     return pairs <= room and len(free) - 2 * pairs >= len(lengths) - pairs
 
 
-def _check_keyword_room(form, prompt: str, acrostic: str | None, keywords: list[str]) -> None:
-    L = form.line_len
-    taken = {(k // L) * (L + 1) + k % L for k in range(len(prompt))} | {line * (L + 1) for line in range(len(acrostic or ""))}
-    free = {p for p in range(form.text_len) if p % (L + 1) != L} - taken
-    words = keywords_to_place(keywords, prompt, acrostic, L)
+def _check_keyword_room(layout: Layout, name: str, prompt: str, acrostic: str | None, keywords: list[str]) -> None:
+    han = layout.han_positions()
+    taken = set(han[:len(prompt)]) | {layout.starts[line] for line in range(len(acrostic or ""))}
+    free = set(han) - taken
+    words = keywords_to_place(keywords, prompt, acrostic, layout)
     if not keywords_fit(free, [len(w) for w in words]):
         by = "prompt" if prompt else "acrostic" if acrostic else "form"
         raise RequestError("bad_keywords", "keywords",
                            f"the keywords do not fit: they need {sum(map(len, words))} characters "
                            f"(a 2-character keyword inside one line) and the {by} leaves {len(free)} places "
-                           f"of this {form.name}")
+                           f"of this {name}")
 
 
 def _show(value) -> str:
@@ -224,7 +253,7 @@ def _check_float(name, value, low, high, low_open=False):
 
 @dataclass
 class PoemResult:
-    poem: str  # "line，line。line，line。"
+    poem: str  # "line，line。line，line。"; a 词 keeps its tune's marks and has "\n" at the stanza break
     lines: list[str]
     form: str
     mode: str
@@ -232,6 +261,7 @@ class PoemResult:
     elapsed_ms: float
     notes: list[str] = field(default_factory=list)  # soft rules that were relaxed, and why
     score: float | None = None  # the poem's total log-probability under the model
+    tune: str | None = None  # the 词 tune, when form is ci
 
     def to_dict(self) -> dict:
         return asdict(self)

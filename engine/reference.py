@@ -19,7 +19,7 @@ from engine.errors import RequestError
 from engine.model.checkpoint import DEFAULT_CHECKPOINT
 from engine.model.network import PoemModel
 from engine.poem.constraints import RowState, beam_children, build_plan
-from engine.poem.forms import DEFAULT_FORM, FORM_NAMES, format_poem
+from engine.poem.forms import DEFAULT_FORM, FORM_NAMES
 from engine.poem.prosody import Prosody, prosody_for
 from engine.poem.vocab import Vocab
 from engine.sampling.choice import (BEAM_CANDIDATES, NEG_INF, REPEAT_PENALTY, choose_beam, draw_params, logsumexp,
@@ -41,7 +41,7 @@ def generate_one(model: PoemModel, vocab: Vocab, prosody: Prosody, request: Poem
         row, score = _beam(model, plan, request)
     else:
         row, score = _single(model, plan, request)
-    return PoemResult(poem=format_poem(row.line_texts), lines=row.line_texts, form=plan.form.name,
+    return PoemResult(poem=plan.format_text(row.line_texts), lines=row.line_texts, form=plan.form_name, tune=plan.tune and plan.tune.name,
                       mode=request.mode, model=model_info or {}, elapsed_ms=(time.perf_counter() - start) * 1e3,
                       notes=list(row.notes), score=score)
 

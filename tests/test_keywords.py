@@ -127,6 +127,7 @@ def test_a_single_keyword_never_splits_the_only_room_a_later_pair_needs(tiny):
     # Three free places in a row, line 4 of a 五绝, characters 2–4: 花 then 落日. Under s = 仄 the 2nd character
     # needs 仄, so 花's best place alone would be the 3rd, leaving no two neighbours for 落日.
     from engine.poem.constraints import _place_keywords, _tone_requirements, mask_tables
+    from engine.poem.prosody import rhyme_book
 
     _, vocab, prosody = tiny
     form = FORMS["wujue"]
@@ -135,7 +136,8 @@ def test_a_single_keyword_never_splits_the_only_room_a_later_pair_needs(tiny):
     words = [[vocab.index["花"]], [vocab.index["落"], vocab.index["日"]]]
     eligible = mask_tables(prosody).eligible_groups(2)
     for req in (_tone_requirements(form, True), (_tone_requirements(form, True)[1],) * 2):  # s open, s = 仄
-        placed, _, _ = _place_keywords(form, prosody, words, forced_at, req, frozenset({10, 22}), eligible, 14)
+        placed, _, _ = _place_keywords(form.layout, prosody, rhyme_book(prosody, vocab, "pingshui"), words, forced_at,
+                                       req, {10: 0, 22: 0}, (eligible,), 14)
         assert sorted(placed) == [19, 20, 21], placed
 
 

@@ -47,9 +47,10 @@ import torch
 
 from engine.api import keywords_fit, keywords_to_place
 from engine.errors import RequestError
-from engine.poem.forms import FORMS, Form
-from engine.poem.prosody import Prosody
+from engine.poem.forms import FORMS, PERIOD, Form, Layout
+from engine.poem.prosody import Prosody, RhymeBook, rhyme_book
 from engine.poem.rhymes import LEVEL, OBLIQUE
+from engine.poem.tunes import Tune, format_ci, parse_tune
 from engine.poem.vocab import Vocab, to_simplified
 
 BOTH = LEVEL | OBLIQUE
@@ -65,10 +66,6 @@ _TONE_MASK = {0: MASK_HAN, LEVEL: MASK_LEVEL, OBLIQUE: MASK_OBLIQUE, BOTH: MASK_
 
 def _flip(tone: int) -> int:
     return OBLIQUE if tone == LEVEL else LEVEL
-
-
-def _where(form: Form, pos: int) -> str:
-    return f"line {pos // (form.line_len + 1) + 1}, character {pos % (form.line_len + 1) + 1}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,17 +85,17 @@ class MaskTables:
         self.prosody = prosody
         self.rows: list[torch.Tensor] = fixed  # each (V,) bool, on the CPU
         self.counts: list[int] = [int(r.sum()) for r in fixed]  # allowed tokens per row
-        self.rhyme_index: dict[frozenset[int], int] = {}
-        self.group_sizes = [int(n) for n in p.rhyme.sum(dim=1)]  # (G,) members per group
-        self.eligible: dict[int, frozenset[int]] = {}  # see eligible_groups
+        self.rhyme_index: dict[tuple[str, frozenset[int]], int] = {}
+        self.eligible: dict[tuple[str, int, int], frozenset[int]] = {}  # see eligible_groups
         self._device: dict[str, torch.Tensor] = {}  # device → (K, V) bias table
 
-    def rhyme_row(self, groups: frozenset[int]) -> int:
-        """The table row of "any character of these rhyme groups", registered on first use."""
-        index = self.rhyme_index.get(groups)
+    def rhyme_row(self, book: RhymeBook, groups: frozenset[int]) -> int:
+        """The table row of "any character of these groups of `book`", registered on first use."""
+        key = (book.name, groups)
+        index = self.rhyme_index.get(key)
         if index is None:
-            row = self.prosody.rhyme[sorted(groups)].any(dim=0) if groups else torch.zeros_like(self.prosody.han)
-            index = self.rhyme_index[groups] = len(self.rows)
+            row = book.matrix[sorted(groups)].any(dim=0) if groups else torch.zeros_like(self.prosody.han)
+            index = self.rhyme_index[key] = len(self.rows)
             self.rows.append(row)
             self.counts.append(int(row.sum()))
         return index
@@ -117,13 +114,17 @@ class MaskTables:
             table = self._device[key] = torch.zeros(rows.shape).masked_fill_(~rows, float("-inf")).to(device)
         return table
 
-    def eligible_groups(self, need: int) -> frozenset[int]:
-        """The rhyme groups with at least `need` members (a poem's rhyme positions: a smaller group would
-        run dry), or every non-empty one if none has that many. Kept per `need`: every request asks."""
-        eligible = self.eligible.get(need)
+    def eligible_groups(self, need: int, book: RhymeBook | None = None, tone: int = LEVEL) -> frozenset[int]:
+        """The groups of `book` (平水韵 by default) of this tone with at least `need` members (a poem's rhyme
+        positions: a smaller group would run dry), or every non-empty one if none has that many. Kept per
+        (book, need, tone): every request asks."""
+        book = book or rhyme_book(self.prosody, None, "pingshui")
+        key = (book.name, need, tone)
+        eligible = self.eligible.get(key)
         if eligible is None:
-            eligible = frozenset(g for g, n in enumerate(self.group_sizes) if n >= need)
-            eligible = self.eligible[need] = eligible or frozenset(g for g, n in enumerate(self.group_sizes) if n > 0)
+            sizes = [int(n) if t == tone else 0 for n, t in zip(book.matrix.sum(dim=1), book.tones)]
+            eligible = frozenset(g for g, n in enumerate(sizes) if n >= need)
+            eligible = self.eligible[key] = eligible or frozenset(g for g, n in enumerate(sizes) if n > 0)
         return eligible
 
 
@@ -140,19 +141,22 @@ def mask_tables(prosody: Prosody) -> MaskTables:
 
 @dataclass
 class PoemPlan:
-    form: Form
+    form: Form | None  # the regular form, or None for a 词
     vocab: Vocab
     prosody: Prosody
     prompt: str  # simplified, punctuation and spaces dropped
     acrostic: str | None  # simplified, one character per line
     rhyme: bool  # the rhyme rule is on (after relaxations at plan time)
     tone: bool  # the tone rule is on
-    start_token: int  # the <form> token, fed to the model before the first character
+    start_token: int  # the <form> (or <ci:tune>) token, fed to the model before the first character
     forced_at: dict[int, int]  # position in the text → token that must be there (prompt, acrostic, keywords)
     reserved: Counter  # forced Han token → times it is forced (counted against the three-times rule)
-    eligible_groups: frozenset[int]  # rhyme groups the first rhyme may open (large enough for the poem)
+    eligible_groups: tuple[frozenset[int], ...]  # per rhyme set: groups its first rhyme may open
     tone_req: tuple[tuple[int, ...], tuple[int, ...]]  # [s is 平, s is 仄][pos] → LEVEL | OBLIQUE | 0
-    rhyme_at: frozenset[int]  # positions that rhyme (even line ends), empty when rhyme is off
+    rhyme_at: dict[int, int]  # rhyming position → its rhyme set (诗: one set, the even line ends); empty when off
+    layout: Layout = None  # where the lines and marks are
+    book: RhymeBook = None  # the groups the rhymes are drawn from: 平水韵 for 诗, 词林正韵 for 词
+    tune: Tune | None = None  # the 词 tune, None for a regular form
     notes: list[str] = field(default_factory=list)  # soft rules relaxed by the request itself, and why
     tables: MaskTables | None = None
     formulas: object = None  # engine.sampling.formulas.Formulas of the model, or None: spans greedy and beam avoid
@@ -160,13 +164,24 @@ class PoemPlan:
     starts: int = BOTH  # the values s may take from the start: narrowed when a keyword's tone fits only one
 
     @property
+    def form_name(self) -> str:
+        """The contract name: a regular form's, or "ci"."""
+        return self.form.name if self.form else "ci"
+
+    @property
     def num_steps(self) -> int:
         """Tokens a row produces: the text, then <eos>."""
-        return self.form.text_len + 1
+        return self.layout.text_len + 1
 
     def new_row(self) -> RowState:
         """A row at the poem's start (the caller feeds `start_token` to the model first)."""
         return RowState.start(self)
+
+    def format_text(self, lines: list[str]) -> str:
+        """A finished row's text: the regular ，。 layout, or the tune's marks and stanza break."""
+        if self.tune is not None:
+            return format_ci(self.tune, lines)
+        return "".join(line + mark for line, mark in zip(lines, self.layout.marks))
 
 
 def _in_vocab(text: str, name: str, vocab: Vocab) -> str:
@@ -190,13 +205,13 @@ def _in_vocab(text: str, name: str, vocab: Vocab) -> str:
 @functools.cache  # a handful of (form, tone) pairs; every request asks
 def _tone_requirements(form: Form, tone: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Required tone per text position, for s = 平 and for s = 仄 (0 where nothing is required)."""
-    L = form.line_len
+    L, layout = form.line_len, form.layout
     reqs = []
     for s in (LEVEL, OBLIQUE):
         req = [0] * (form.text_len + 1)
         if tone:
             for line in range(form.num_lines):
-                base = line * (L + 1)
+                base = layout.starts[line]
                 second = s if SECOND_CHAR_SAME_AS_S[line] else _flip(s)
                 req[base + 1] = second
                 req[base + 3] = _flip(second)
@@ -207,39 +222,71 @@ def _tone_requirements(form: Form, tone: bool) -> tuple[tuple[int, ...], tuple[i
     return reqs[0], reqs[1]
 
 
+_TUNE_TONES = {"平": LEVEL, "仄": OBLIQUE}
+
+
+@functools.cache
+def _tune_tone_requirements(tune: Tune, tone: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A tune's strong tone positions: fixed by the tune, so the same whatever s is."""
+    req = [0] * (tune.text_len + 1)
+    if tone:
+        layout = tune.layout
+        for i, line in enumerate(tune.lines):
+            for col, mark in enumerate(line.tones):
+                req[layout.starts[i] + col] = _TUNE_TONES.get(mark, 0)
+    return tuple(req), tuple(req)
+
+
 def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPlan:
     """Validate `request` (a PoemRequest) against the model's vocabulary and make its plan.
 
     Raises RequestError: every error of `PoemRequest.validate()` (a non-Han or too long prompt, a bad
-    acrostic, …), and `unknown_character` for a Han character the model cannot write (after traditional
-    → simplified).
+    acrostic, …), `unknown_character` for a Han character the model cannot write (after traditional
+    → simplified), and `no_ci` for a 词 asked of a model that was not trained on 词.
     """
     request.validate()
-    form = FORMS[request.form]
-    L = form.line_len
+    tune = parse_tune(request.tune) if request.form == "ci" else None
+    if tune is not None and not vocab.writes_ci:
+        raise RequestError("no_ci", "form", "this model writes only the regular forms, not 词; ask a model trained "
+                                            "on 词 (GET /v1/models says which)")
+    form = None if tune else FORMS[request.form]
+    layout = tune.layout if tune else form.layout
     prompt = _in_vocab(request.prompt, "prompt", vocab)
     acrostic = _in_vocab(request.acrostic, "acrostic", vocab) if request.acrostic is not None else None
 
-    keywords = keywords_to_place([_in_vocab(k, "keywords", vocab) for k in request.keywords], prompt, acrostic, L)
+    keywords = keywords_to_place([_in_vocab(k, "keywords", vocab) for k in request.keywords], prompt, acrostic, layout)
 
     forced_at: dict[int, int] = {}
-    for k, ch in enumerate(prompt):
-        forced_at[(k // L) * (L + 1) + k % L] = vocab.index[ch]
+    for pos, ch in zip(layout.han_positions(), prompt):
+        forced_at[pos] = vocab.index[ch]
     for line, ch in enumerate(acrostic or ""):
-        forced_at[line * (L + 1)] = vocab.index[ch]
+        forced_at[layout.starts[line]] = vocab.index[ch]
 
     tables = mask_tables(prosody)
     rhyme = bool(request.rhyme)
-    eligible = tables.eligible_groups(form.num_lines // 2)
-    rhyme_off = rhyme and not eligible
+    if tune:
+        book = rhyme_book(prosody, vocab, "cilin")
+        sets = tuple(zip(tune.rhyme_tones, (len(tune.rhyme_lines(k)) for k in range(len(tune.rhyme_tones)))))
+        rhyme_at = {layout.starts[i] + line.length - 1: line.rhyme for i, line in enumerate(tune.lines)
+                    if line.rhyme is not None}
+        tone_req = _tune_tone_requirements(tune, request.tone)
+        start_token = vocab.tune_id(tune.name)
+    else:
+        book = rhyme_book(prosody, vocab, "pingshui")
+        sets = ((LEVEL, form.num_lines // 2),)
+        rhyme_at = {layout.starts[line] + form.line_len - 1: 0 for line in range(1, form.num_lines, 2)}
+        tone_req = _tone_requirements(form, request.tone)
+        start_token = vocab.form_id(form.name)
+    eligible = tuple(tables.eligible_groups(need, book, tone) for tone, need in sets)
+    rhyme_off = rhyme and not all(eligible)
     if rhyme_off:
         rhyme = False
-    rhyme_at = frozenset(line * (L + 1) + L - 1 for line in range(1, form.num_lines, 2)) if rhyme else frozenset()
-    tone_req = _tone_requirements(form, request.tone)
+    if not rhyme:
+        rhyme_at = {}
 
     starts = BOTH
     if keywords:
-        placed, starts, eligible = _place_keywords(form, prosody, [[vocab.index[ch] for ch in k] for k in keywords],
+        placed, starts, eligible = _place_keywords(layout, prosody, book, [[vocab.index[ch] for ch in k] for k in keywords],
                                                    forced_at, tone_req, rhyme_at, eligible, len(prompt))
         forced_at.update(placed)
     reserved = Counter(forced_at.values())
@@ -247,13 +294,13 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPl
     notes = [f"repetition: 「{vocab.tokens[token]}」 is forced {n} times by the {by}; the no-three-times rule is "
              f"relaxed for it" for token, n in sorted(reserved.items()) if n >= 3]
     if rhyme_off:
-        notes.append("rhyme: the model's vocabulary has no level-tone rhyme characters; rhyme is off")
+        notes.append("rhyme: the model's vocabulary has no rhyme characters for this form; rhyme is off")
 
     plan = PoemPlan(form=form, vocab=vocab, prosody=prosody, prompt=prompt, acrostic=acrostic, rhyme=rhyme,
-                    tone=bool(request.tone), start_token=vocab.form_id(form.name), forced_at=forced_at,
-                    reserved=reserved, eligible_groups=eligible, tone_req=tone_req,
-                    rhyme_at=rhyme_at, notes=notes, tables=tables, formulas=formulas, keywords=tuple(keywords),
-                    starts=starts)
+                    tone=bool(request.tone), start_token=start_token, forced_at=forced_at,
+                    reserved=reserved, eligible_groups=eligible, tone_req=tone_req, rhyme_at=rhyme_at,
+                    layout=layout, book=book, tune=tune, notes=notes, tables=tables, formulas=formulas,
+                    keywords=tuple(keywords), starts=starts)
     # Run the forced opening once so that what the prompt itself breaks is known (and said) up front.
     row = plan.new_row()
     while not row.done and row.forced() is not None:
@@ -262,57 +309,60 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPl
     return plan
 
 
-def _place_keywords(form: Form, prosody: Prosody, words: list[list[int]], forced_at: dict[int, int], tone_req,
-                    rhyme_at: frozenset[int], eligible: frozenset[int], prompt_len: int):
-    """Where each keyword goes: {position: token}, the values s may start with, and the rhyme groups the first
-    rhyme may open. Deterministic from the request, so every row of a batch (and the reference decoder)
-    decodes the same plan.
+def _place_keywords(layout: Layout, prosody: Prosody, book: RhymeBook, words: list[list[int]],
+                    forced_at: dict[int, int], tone_req, rhyme_at: dict[int, int],
+                    eligible: tuple[frozenset[int], ...], prompt_len: int):
+    """Where each keyword goes: {position: token}, the values s may start with, and per rhyme set the groups
+    its first rhyme may open. Deterministic from the request, so every row of a batch (and the reference
+    decoder) decodes the same plan.
 
     Each keyword, in request order, takes the free place that ranks first by: tone and rhyme misses (a
-    character whose tone the pattern does not allow there, or one at a rhyme position that is not a level
-    rhyme character of the groups still open), then rhyme positions last (they narrow the rhyme for the whole
+    character whose tone the pattern does not allow there, or one at a rhyme position that is not a rhyme
+    character of the groups still open), then rhyme positions last (they narrow the rhyme for the whole
     poem), then distance from its target line (keywords spread evenly over the lines after the prompt), then
     the earliest place. A place is only taken if the keywords after it still fit (`keywords_fit`), so a
     request that validation accepts always gets every keyword placed. With the tone rule on this is done for
     s = 平 and s = 仄 and the one with fewer misses kept; if its keywords fit only that s, s is fixed from
     the start, so the model's own choice of s cannot break them later. A miss is not an error: the character
     is forced anyway and the soft rule bends there with a note, as for a prompt."""
-    L = form.line_len
-    free0 = {p for p in range(form.text_len) if p % (L + 1) != L} - set(forced_at)
-    first = min(prompt_len // L, form.num_lines - 1)
-    span_lines = form.num_lines - first
+    free0 = set(layout.han_positions()) - set(forced_at)
+    han = layout.han_positions()
+    first = layout.line_of[han[prompt_len]] if prompt_len < len(han) else layout.num_lines - 1
+    span_lines = layout.num_lines - first
     targets = [first + int((i + 0.5) * span_lines / len(words)) for i in range(len(words))]
 
     def misses(req, placed: dict[int, int]) -> int:
         return sum(1 for p, t in placed.items() if req[p] and not req[p] & prosody.info(t)[0])
 
     best = None
-    for s_index in ((0, 1) if any(tone_req[0]) else (0,)):
+    for s_index in ((0, 1) if tone_req[0] != tone_req[1] else (0,)):
         req = tone_req[s_index]
-        groups = eligible
-        for p in sorted(rhyme_at & set(forced_at)):  # a prompt reaching a rhyme position narrows the groups
-            groups = groups & prosody.info(forced_at[p])[1] or groups
+        groups = list(eligible)
+        for p in sorted(set(rhyme_at) & set(forced_at)):  # a prompt reaching a rhyme position narrows the groups
+            k = rhyme_at[p]
+            groups[k] = groups[k] & book.token_groups[forced_at[p]] or groups[k]
         free, placed = set(free0), {}
         for i, word in enumerate(words):
             rest = [len(w) for w in words[i + 1:]]
             choices = []
             for p in sorted(free):
                 span = range(p, p + len(word))
-                if p % (L + 1) + len(word) > L or any(q not in free for q in span):
+                line = layout.line_of[p]
+                if layout.col_of[p] + len(word) > layout.line_lengths[line] or any(q not in free for q in span):
                     continue
                 if not keywords_fit(free - set(span), rest):
                     continue
-                miss, at_rhyme, open_groups = 0, 0, groups
+                miss, at_rhyme, open_groups = 0, 0, list(groups)
                 for q, t in zip(span, word):
-                    tones, its_groups = prosody.info(t)
-                    miss += bool(req[q] and not req[q] & tones)
+                    miss += bool(req[q] and not req[q] & prosody.info(t)[0])
                     if q in rhyme_at:
                         at_rhyme += 1
-                        if open_groups & its_groups:
-                            open_groups &= its_groups
+                        k = rhyme_at[q]
+                        if open_groups[k] & book.token_groups[t]:
+                            open_groups[k] = open_groups[k] & book.token_groups[t]
                         else:
                             miss += 1
-                choices.append(((miss, at_rhyme, abs(p // (L + 1) - targets[i]), p), span, open_groups))
+                choices.append(((miss, at_rhyme, abs(line - targets[i]), p), span, open_groups))
             if not choices:  # validation checks the room; a traditional word that simplifies apart could still miss
                 raise RequestError("bad_keywords", "keywords", "the keywords do not fit beside the prompt or acrostic")
             _, span, groups = min(choices, key=lambda c: c[0])
@@ -324,17 +374,20 @@ def _place_keywords(form: Form, prosody: Prosody, words: list[list[int]], forced
             best = (total, s_index, placed, groups)
     total, s_index, placed, groups = best
     starts = BOTH
-    if any(tone_req[0]):
+    if tone_req[0] != tone_req[1]:
         other = tone_req[1 - s_index]
         if misses(other, placed) + misses(other, forced_at) > total:
             starts = (LEVEL, OBLIQUE)[s_index]
-    if not (rhyme_at & set(placed)):
-        groups = eligible  # no keyword rhymes: the model still chooses the rhyme, as without keywords
-    return placed, starts, groups
+    # A set no keyword rhymes in keeps its eligible groups: the model still chooses that rhyme.
+    rhymed = {rhyme_at[p] for p in set(rhyme_at) & set(placed)}
+    return placed, starts, tuple(g if k in rhymed else eligible[k] for k, g in enumerate(groups))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # One row's progress through the poem.
+
+# A line this short may repeat the line before (叠句: 如梦令's 知否，知否); a longer one never repeats any.
+MAX_REFRAIN = 2
 
 
 class RowState:
@@ -351,7 +404,7 @@ class RowState:
     counts: dict[int, int]  # Han token → uses, forced ones reserved from the start
     banned: list[int]  # tokens used twice (their third use is not allowed)
     starts: int  # the values s may still take: LEVEL | OBLIQUE bits (BOTH until a character fixes it)
-    rhyme_groups: frozenset[int] | None  # groups every rhyme so far shares; None before the first rhyme
+    rhyme_groups: tuple[frozenset[int] | None, ...]  # per rhyme set: groups its rhymes so far share (None: none yet)
     lines: list[tuple[int, ...]]  # the finished lines
     notes: list[str]  # plan notes plus relaxations made on this row
     _forced: int | None  # the token the next position must hold, or None
@@ -364,7 +417,8 @@ class RowState:
         row.plan, row.pos, row.done, row.tokens, row.used = plan, 0, False, [], []
         row.counts = dict(plan.reserved)
         row.banned = [t for t, n in row.counts.items() if n >= 2]
-        row.starts, row.rhyme_groups, row.lines, row.notes = plan.starts, None, [], list(plan.notes)
+        row.starts, row.lines, row.notes = plan.starts, [], list(plan.notes)
+        row.rhyme_groups = (None,) * len(plan.eligible_groups)
         row._prepare()
         return row
 
@@ -383,7 +437,7 @@ class RowState:
     def formula_tokens(self) -> tuple[int, ...]:
         """Tokens that would complete one of the model's formulas here (the plan's `formulas`)."""
         formulas = self.plan.formulas
-        if formulas is None or self._forced is not None or self.pos % (self.plan.form.line_len + 1) < 3:
+        if formulas is None or self._forced is not None or self.plan.layout.col_of[self.pos] < 3:
             return ()
         return formulas.completions(tuple(self.tokens[-3:]))
 
@@ -402,21 +456,21 @@ class RowState:
 
     def advance(self, token: int) -> None:
         """Take `token` at the current position and prepare the next one."""
-        plan, vocab, form = self.plan, self.plan.vocab, self.plan.form
+        plan, vocab, layout = self.plan, self.plan.vocab, self.plan.layout
         if self.done:
             raise ValueError("advance() on a finished row")
         if self._forced is not None and token != self._forced:
             raise ValueError(f"position {self.pos} must hold {vocab.tokens[self._forced]!r}, got {vocab.tokens[token]!r}")
-        pos, L = self.pos, form.line_len
-        if pos == form.text_len:
+        pos = self.pos
+        if pos == layout.text_len:
             self.done = True
             self._forced, self.mask_index, self.step_banned = None, MASK_NONE, []
             return
-        col = pos % (L + 1)
         self.tokens.append(token)
-        if col == L:  # a line mark closed a line
-            line = tuple(self.tokens[-L - 1 : -1])
-            if line in self.lines:
+        if layout.is_mark(pos):  # a line mark closed a line
+            n = layout.line_lengths[layout.line_of[pos]]
+            line = tuple(self.tokens[-n - 1 : -1])
+            if line in self.lines and not (n <= MAX_REFRAIN and self.lines[-1] == line):
                 self._note(f"repetition: line {len(self.lines) + 1} repeats line {self.lines.index(line) + 1} "
                            f"(forced by the prompt)")
             self.lines.append(line)
@@ -429,7 +483,7 @@ class RowState:
                 n = self.counts[token] = self.counts.get(token, 0) + 1
                 if n == 2:
                     self.banned.append(token)
-            tones, groups = plan.prosody.info(token)
+            tones = plan.prosody.tones[token]
             ch = vocab.tokens[token]
             req_l, req_o = plan.tone_req[0][pos], plan.tone_req[1][pos]
             if req_l or req_o:
@@ -440,32 +494,33 @@ class RowState:
                 elif is_forced:  # a free token was masked to fit, or the rule was relaxed here already
                     want = TONE_NAMES[(req_l if self.starts & LEVEL else 0) | (req_o if self.starts & OBLIQUE else 0)]
                     have = TONE_NAMES.get(tones, "of unknown tone")
-                    self._note(f"tone: the forced 「{ch}」 at {_where(form, pos)} is {have} where the pattern "
+                    self._note(f"tone: the forced 「{ch}」 at {layout.where(pos)} is {have} where the pattern "
                                f"needs {want}; the tone rule is relaxed there")
-            if pos in plan.rhyme_at:
-                current = self.rhyme_groups if self.rhyme_groups is not None else frozenset(range(len(plan.prosody.groups)))
-                shared = current & groups
+            k = plan.rhyme_at.get(pos)
+            if k is not None:
+                current = self.rhyme_groups[k]
+                shared = (current if current is not None else plan.eligible_groups[k]) & plan.book.token_groups[token]
                 if shared:
-                    self.rhyme_groups = shared
+                    self.rhyme_groups = self.rhyme_groups[:k] + (shared,) + self.rhyme_groups[k + 1:]
                 elif is_forced:
-                    self._note(f"rhyme: the forced 「{ch}」 ending line {pos // (L + 1) + 1} is not a level-tone "
-                               f"rhyme character{' of the chosen group' if self.rhyme_groups else ''}; "
-                               f"the rhyme rule is relaxed for that line")
+                    self._note(f"rhyme: the forced 「{ch}」 ending line {layout.line_of[pos] + 1} is not a "
+                               f"{TONE_NAMES[plan.book.tones[min(plan.eligible_groups[k])]]} rhyme character"
+                               f"{' of the chosen group' if current else ''}; the rhyme rule is relaxed for that line")
         self.pos += 1
         self._prepare()
 
     def _prepare(self) -> None:
         """Work out the next position's forced token or mask row, relaxing rules rather than allowing nothing."""
-        plan, form, pos = self.plan, self.plan.form, self.pos
-        L = form.line_len
+        plan, layout, pos = self.plan, self.plan.layout, self.pos
         self.step_banned = []
         self.mask_index = MASK_NONE
-        if pos == form.text_len:
+        if pos == layout.text_len:
             self._forced = plan.vocab.eos_id
             return
-        col = pos % (L + 1)
-        if col == L:
-            self._forced = plan.vocab.comma_id if (pos // (L + 1)) % 2 == 0 else plan.vocab.period_id
+        line_no = layout.line_of[pos]
+        col, n = layout.col_of[pos], layout.line_lengths[line_no]
+        if col == n:
+            self._forced = plan.vocab.period_id if layout.marks[line_no] == PERIOD else plan.vocab.comma_id
             return
         self._forced = plan.forced_at.get(pos)
         if self._forced is not None:
@@ -481,31 +536,33 @@ class RowState:
             tone = req_l if starts == LEVEL else req_o
         index = _TONE_MASK[tone]
         banned = list(self.banned)
-        if pos in plan.rhyme_at:
-            index = tables.rhyme_row(self.rhyme_groups if self.rhyme_groups is not None else plan.eligible_groups)
+        k = plan.rhyme_at.get(pos)
+        if k is not None:
+            groups = self.rhyme_groups[k]
+            index = tables.rhyme_row(plan.book, groups if groups is not None else plan.eligible_groups[k])
             # No rhyme character twice (重韵): the earlier rhyme positions' characters are out here.
             banned += [self.tokens[p] for p in plan.rhyme_at if p < pos]
-        if col == L - 1:  # the line's last character must not complete a line written before
-            head = tuple(self.tokens[-(L - 1):]) if L > 1 else ()
-            banned += [line[-1] for line in self.lines if line[:-1] == head]
+        if col == n - 1 and n > MAX_REFRAIN:  # the line's last character must not complete a line written before
+            head = tuple(self.tokens[-(n - 1):])
+            banned += [line[-1] for line in self.lines if len(line) == n and line[:-1] == head]
 
         # Relax until something is allowed: tone, then rhyme, then repetition. At a rhyme position the rhyme
-        # row is already level-only, so rhyme goes first there (dropping tone alone would change nothing).
+        # row already carries the tone, so rhyme goes first there (dropping tone alone would change nothing).
         # tables.counts makes the usual case one comparison; the exact check runs only when bans could
         # empty the row.
-        rhymes = pos in plan.rhyme_at
+        rhymes = k is not None
         if not rhymes and tone and not self._feasible(index, banned):
-            self._note(f"tone: no character fits the tone pattern at {_where(form, pos)}; the tone rule is relaxed there")
+            self._note(f"tone: no character fits the tone pattern at {layout.where(pos)}; the tone rule is relaxed there")
             index = MASK_HAN
         if rhymes and not self._feasible(index, banned):
-            self._note(f"rhyme: no character of the rhyme group can end line {pos // (L + 1) + 1}; "
+            self._note(f"rhyme: no character of the rhyme group can end line {line_no + 1}; "
                        f"the rhyme rule is relaxed for that line")
             index = _TONE_MASK[tone]
             if tone and not self._feasible(index, banned):
-                self._note(f"tone: no character fits the tone pattern at {_where(form, pos)}; the tone rule is relaxed there")
+                self._note(f"tone: no character fits the tone pattern at {layout.where(pos)}; the tone rule is relaxed there")
                 index = MASK_HAN
         if not self._feasible(index, banned):
-            self._note(f"repetition: every character left at {_where(form, pos)} was used twice already; "
+            self._note(f"repetition: every character left at {layout.where(pos)} was used twice already; "
                        f"the repetition rule is relaxed there")
             banned = []
         self.mask_index, self.step_banned = index, banned

@@ -6,8 +6,9 @@ A poem is a list of lines; its text puts ， after odd lines and 。 after even 
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,67 @@ class Form:
     def text_len(self) -> int:
         """Characters in the poem's text, punctuation included."""
         return self.num_lines * (self.line_len + 1)
+
+    @property
+    def layout(self) -> Layout:
+        return _form_layout(self)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each line and mark of a poem's text lies: the positions decoding works in, for a regular form
+    and for a 词 tune alike. Position p of the text is line `line_of[p]`, column `col_of[p]`; the column
+    equal to the line's length is its mark.
+
+        Layout((5, 5), ("，", "。")).col_of   # (0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5)
+    """
+
+    line_lengths: tuple[int, ...]
+    marks: tuple[str, ...]  # the mark closing each line: ， or 。
+    starts: tuple[int, ...] = field(init=False)  # text position of each line's first character
+    line_of: tuple[int, ...] = field(init=False)
+    col_of: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self):
+        if len(self.line_lengths) != len(self.marks) or not self.line_lengths or min(self.line_lengths) < 1:
+            raise ValueError("a layout needs one mark per line and lines of at least one character")
+        starts, line_of, col_of, pos = [], [], [], 0
+        for i, n in enumerate(self.line_lengths):
+            starts.append(pos)
+            line_of += [i] * (n + 1)
+            col_of += range(n + 1)
+            pos += n + 1
+        object.__setattr__(self, "starts", tuple(starts))
+        object.__setattr__(self, "line_of", tuple(line_of))
+        object.__setattr__(self, "col_of", tuple(col_of))
+
+    @property
+    def num_lines(self) -> int:
+        return len(self.line_lengths)
+
+    @property
+    def text_len(self) -> int:
+        return len(self.col_of)
+
+    @property
+    def num_chars(self) -> int:
+        return sum(self.line_lengths)
+
+    def is_mark(self, pos: int) -> bool:
+        return self.col_of[pos] == self.line_lengths[self.line_of[pos]]
+
+    def han_positions(self) -> list[int]:
+        """Text positions of the characters, in order (a prompt fills them from the first)."""
+        return [p for p in range(self.text_len) if not self.is_mark(p)]
+
+    def where(self, pos: int) -> str:
+        return f"line {self.line_of[pos] + 1}, character {self.col_of[pos] + 1}"
+
+
+@functools.cache
+def _form_layout(form: Form) -> Layout:
+    return Layout((form.line_len,) * form.num_lines,
+                  tuple(COMMA if i % 2 == 0 else PERIOD for i in range(form.num_lines)))
 
 
 FORMS: dict[str, Form] = {

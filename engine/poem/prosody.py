@@ -9,7 +9,8 @@ and rhyme rules never place it.
     prosody.groups       # G names, e.g. "下平声七阳", "新韵·唐"
     prosody.info("月")   # CharInfo(level=False, oblique=True, groups=frozenset(), source="pingshui", …)
 
-Only level (平声) groups are rhyme groups here: regulated verse rhymes on 平 at the even line ends.
+Only level (平声) groups are rhyme groups here: regulated verse rhymes on 平 at the even line ends. A 词
+rhymes by 词林正韵 instead, on 平 or 仄 as its tune says: `rhyme_book(prosody, vocab, "cilin")`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.poem.rhymes import CharInfo, char_info
+from engine.poem.rhymes import LEVEL, CharInfo, char_info, cilin_groups, cilin_tone
 from engine.poem.vocab import Vocab
 
 
@@ -66,6 +67,44 @@ class Prosody:
     def info(self, token_id: int) -> tuple[int, frozenset[int]]:
         """(tone bits, rhyme group indices) of a token."""
         return self.tones[token_id], self.token_groups[token_id]
+
+
+@dataclass
+class RhymeBook:
+    """One rhyme scheme over a vocabulary: 平水韵's level groups for 诗 ("pingshui"), or 词林正韵's 平, 仄
+    and 入 groups for 词 ("cilin")."""
+
+    name: str
+    groups: list[str]  # G group names
+    tones: list[int]  # per group: LEVEL or OBLIQUE
+    matrix: torch.Tensor  # (G, V) bool: token v is in group g
+    token_groups: list[frozenset[int]]  # per token: its group indices
+
+
+def rhyme_book(prosody: Prosody, vocab: Vocab | None, name: str) -> RhymeBook:
+    """The vocabulary's rhyme book `name`, built once per Prosody (the 平水韵 one needs no `vocab`)."""
+    book = prosody.cache.get(("book", name))
+    if book is not None:
+        return book
+    if name == "pingshui":
+        book = RhymeBook(name, prosody.groups, [LEVEL] * len(prosody.groups), prosody.rhyme, prosody.token_groups)
+    elif name == "cilin":
+        per_token = [cilin_groups(t) if vocab.first_han_id <= i < vocab.end_han_id else frozenset()
+                     for i, t in enumerate(vocab.tokens)]
+        groups = sorted({g for gs in per_token for g in gs})
+        gid = {g: k for k, g in enumerate(groups)}
+        matrix = torch.zeros(len(groups), len(vocab), dtype=torch.bool)
+        token_groups = []
+        for i, gs in enumerate(per_token):
+            ids = frozenset(gid[g] for g in gs)
+            for k in ids:
+                matrix[k, i] = True
+            token_groups.append(ids)
+        book = RhymeBook(name, groups, [cilin_tone(g) for g in groups], matrix, token_groups)
+    else:
+        raise ValueError(f"unknown rhyme book {name!r}")
+    prosody.cache[("book", name)] = book
+    return book
 
 
 def _group_order(name: str) -> tuple[int, str]:

@@ -14,11 +14,13 @@ one 部 (西江月), the 平 line ends and the 仄 line ends are two sets.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.poem.forms import Layout
 from engine.poem.rhymes import LEVEL, OBLIQUE, char_info, cilin_groups, cilin_tone
 from engine.poem.vocab import is_han, to_simplified
 
@@ -66,6 +68,11 @@ class Tune:
             return (self.lines,)
         return (self.lines[:self.stanza_break], self.lines[self.stanza_break:])
 
+    @property
+    def layout(self) -> Layout:
+        """Where the lines and marks lie in the text, as decoding sees it (the stanza break is not a position)."""
+        return _tune_layout(self)
+
     def rhyme_lines(self, index: int) -> list[int]:
         """Line numbers of rhyme set `index`."""
         return [i for i, line in enumerate(self.lines) if line.rhyme == index]
@@ -81,6 +88,11 @@ class CiCheck:
     @property
     def ok(self) -> bool:
         return self.structure_ok and self.rhyme_ok
+
+
+@functools.cache
+def _tune_layout(tune: Tune) -> Layout:
+    return Layout(tune.line_lengths, tuple(line.mark for line in tune.lines))
 
 
 def _tune_from_json(name: str, d: dict) -> Tune:
@@ -180,3 +192,16 @@ def check_ci(tune: Tune, text: str) -> CiCheck:
     strong = sum(ch != FREE_MARK for line in tune.lines for ch in line.tones)
     tone_agreement = matched / strong if strong else 1.0
     return CiCheck(structure_ok=structure_ok, rhyme_ok=rhyme_ok, tone_agreement=tone_agreement, problems=problems)
+
+
+def tune_entry(tune: Tune) -> dict:
+    """A tune as GET /v1/tunes lists it: its stanzas of lines, each with length, mark, rhyme set and tones."""
+    return {
+        "name": tune.name,
+        "chars": tune.num_chars,
+        "stanzas": [[{"length": line.length, "mark": line.mark, "rhyme": line.rhyme, "tones": line.tones}
+                     for line in stanza] for stanza in tune.stanzas],
+        "rhyme_sets": ["平" if t == LEVEL else "仄" for t in tune.rhyme_tones],
+        "poems": tune.poems,
+        "agreement": tune.agreement,
+    }

@@ -63,6 +63,9 @@ class EngineClient:
     async def models(self) -> list[dict]:
         return (await self._call("GET", "/v1/models"))["models"]
 
+    async def tunes(self) -> list[dict]:
+        return (await self._call("GET", "/v1/tunes"))["tunes"]
+
     async def status(self) -> dict:
         return await self._call("GET", "/v1/status")
 

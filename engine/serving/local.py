@@ -195,6 +195,8 @@ class LocalEngine:
         if not self._accepting:
             raise EngineUnavailableError("the engine is not running")
         request.validate()
+        if request.form == "ci" and request.model is None:
+            request.model = self.registry.ci_name()  # NOTE: bound here, so a hot swap rebinds to the same model
         serving = self.registry.get(request.model)
         plan = serving.make_plan(request)  # RequestError for characters the model cannot write
         now = time.monotonic()

@@ -43,6 +43,7 @@ from engine.model.network import PoemModel, compile_step, pick_device
 from engine.poem.constraints import PoemPlan, build_plan
 from engine.poem.forms import FORMS
 from engine.poem.judge import check_poem
+from engine.poem.tunes import TUNES, check_ci
 from engine.poem.vocab import Vocab
 from engine.sampling.formulas import Formulas, formulas_for
 
@@ -87,6 +88,7 @@ class ServingModel:
             "version": self.version,
             "parameters": self.model.num_parameters(),
             "vocab_size": len(self.vocab),
+            "writes_ci": self.vocab.writes_ci,
             "trained_on": {"corpus_hash": self.meta.get("corpus_hash"), "poems": train.get("train_poems"),
                            "tokens": train.get("tokens_seen"), "created_at": self.meta.get("created_at")},
             "metrics": self.meta.get("metrics") or {},
@@ -124,6 +126,12 @@ def smoke_test(serving: ServingModel) -> None:
             raise ValidationError(f"smoke generation of {form.name} failed: {e.message}") from None
         if not check_poem(result.poem, form, serving.prosody).form_valid:
             raise ValidationError(f"smoke generation of {form.name} gave {result.poem!r}, not a {form.name}")
+    if serving.vocab.writes_ci and TUNES:
+        tune = next(iter(TUNES.values()))  # the most common tune
+        request = PoemRequest(form="ci", tune=tune.name, mode="greedy", seed=0).validate()
+        result = generate_one(serving.model, serving.vocab, serving.prosody, request)
+        if not check_ci(tune, result.poem).structure_ok:
+            raise ValidationError(f"smoke generation of {tune.name} gave {result.poem!r}, not a {tune.name}")
 
 
 def validate(serving: ServingModel, running: ServingModel | None, ppl_tolerance: float) -> None:
@@ -184,6 +192,15 @@ class ModelRegistry:
                 raise EngineUnavailableError(f"model {name!r} is not loaded")
             raise RequestError("unknown_model", "model", f"unknown model {name!r}; serving: {', '.join(self.loaded_names()) or 'none'}")
         return serving
+
+    def ci_name(self) -> str:
+        """The model a 词 goes to when the request names none: the first loaded one trained on 词."""
+        with self._lock:
+            name = next((n for n in self.names if n in self._serving and self._serving[n].vocab.writes_ci), None)
+        if name is None:
+            raise RequestError("no_ci", "form", f"no model serving here writes 词 (serving: "
+                                                f"{', '.join(self.loaded_names()) or 'none'}); add ci to ENGINE_MODELS")
+        return name
 
     def loaded_names(self) -> list[str]:
         with self._lock:

@@ -50,7 +50,6 @@ import torch
 from engine.api import PoemRequest, PoemResult
 from engine.model.network import kept_step_inputs
 from engine.poem.constraints import PoemPlan, RowState, beam_children
-from engine.poem.forms import format_poem
 from engine.sampling.choice import (BEAM_CANDIDATES, Bias, choose_beam, choose_sample, draw_params, logsumexp,
                                     make_generator, repeat_penalty_for, step_bias)
 from engine.serving.registry import ModelRegistry, ServingModel
@@ -340,7 +339,8 @@ class ModelBatch:
 
     def _result(self, group: RowGroup) -> PoemResult:
         row = group.rows[0]  # beams are sorted by score
-        return PoemResult(poem=format_poem(row.line_texts), lines=row.line_texts, form=group.plan.form.name,
+        return PoemResult(poem=group.plan.format_text(row.line_texts), lines=row.line_texts, form=group.plan.form_name,
+                          tune=group.plan.tune and group.plan.tune.name,
                           mode=group.request.mode, model={"name": self.serving.name, "version": self.serving.version},
                           elapsed_ms=(time.perf_counter() - group.started) * 1e3, notes=list(row.notes),
                           score=group.score)

@@ -33,6 +33,7 @@ from aiohttp import web
 from engine.api import PoemRequest
 from engine.errors import EngineUnavailableError, QueueFullError, RequestError
 from engine.poem.meter import check_body
+from engine.poem.tunes import TUNES, tune_entry
 from engine.serving.local import EngineSettings, LocalEngine
 from engine.serving.metrics import CONTENT_TYPE
 
@@ -150,6 +151,11 @@ async def check_meter(request: web.Request) -> web.Response:
     return web.json_response(report.to_dict(), dumps=dumps)
 
 
+async def list_tunes(request: web.Request) -> web.Response:
+    """GET /v1/tunes: every 词 tune a request may name, with its structure (engine.poem.tunes)."""
+    return web.json_response({"tunes": [tune_entry(t) for t in TUNES.values()]}, dumps=dumps)
+
+
 async def list_models(request: web.Request) -> web.Response:
     models = await request.app[ENGINE].models()
     return web.json_response({"models": models}, dumps=dumps)
@@ -224,6 +230,7 @@ def create_app(settings: ServiceSettings | None = None, engine: LocalEngine | No
     app.router.add_post("/v1/poems", create_poem)
     app.router.add_post("/v1/check", check_meter)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/tunes", list_tunes)
     app.router.add_get("/v1/status", get_status)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
