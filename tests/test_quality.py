@@ -114,3 +114,28 @@ def test_held_out_needs_a_corpus(tiny_checkpoint, capsys):
     quality.add_arguments(parser)
     assert quality.main(parser.parse_args(["--checkpoint", str(tiny_checkpoint), "--held-out", "5"])) == 2
     assert "--corpus" in capsys.readouterr().err
+
+
+def test_the_report_covers_ci_per_tune_with_variety_and_held_out_ci(tiny_ci_checkpoint, tiny_ci_corpus, capsys):
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(tiny_ci_checkpoint), "--corpus", str(tiny_ci_corpus), "--n", "0",
+                              "--ci", "2", "--tunes", "浣溪沙", "菩萨蛮", "--modes", "greedy", "beam",
+                              "--held-out", "10"])
+    assert quality.main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[: out.rindex("}") + 1])
+    rows = report["ci"]["tunes"]
+    assert [(r["tune"], r["mode"]) for r in rows] == [("浣溪沙", "greedy"), ("浣溪沙", "beam"),
+                                                      ("菩萨蛮", "greedy"), ("菩萨蛮", "beam")]
+    assert all(r["structure"] == 1.0 and r["poems"] == 2 for r in rows)
+    assert report["ci"]["variety"]["beam"]["poems"] == 4
+    assert report["held_out_ci"]["poems"] > 0 and "| 浣溪沙 | greedy | 2 | 100% |" in out and "held-out 词" in out
+
+
+@pytest.mark.parametrize("argv,problem", [(["--ci", "1", "--tunes", "无此调"], "unknown tune"), (["--ci", "1"], "trained on 词")])
+def test_a_ci_report_needs_known_tunes_and_a_ci_model(tiny_checkpoint, capsys, argv, problem):
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    assert quality.main(parser.parse_args(["--checkpoint", str(tiny_checkpoint), "--n", "0", *argv])) == 2
+    assert problem in capsys.readouterr().err

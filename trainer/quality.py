@@ -18,6 +18,11 @@ What a reader notices beyond form: whether the poems say the same things whateve
 
 and with `--held-out N --corpus DIR` the per-character perplexity on N poems of the corpus's held-out
 split (the same hash split training leaves out).
+
+For a model trained on 词, `--ci N` writes N 词 per tune × mode (every tune of engine.poem.tunes, or those
+named by `--tunes`) and reports per tune the share with the tune's exact structure, with its rhymes
+(engine.poem.tunes.check_ci, 词林正韵) and the agreement with its strong tones, then per mode the variety
+measures above over all of them. `--held-out` then measures held-out 词 as well.
 """
 
 from __future__ import annotations
@@ -190,6 +195,13 @@ def format_table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def format_ci_table(rows: list[dict]) -> str:
+    out = ["| tune | mode | n | structure | rhyme | tone |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    out += [f"| {r['tune']} | {r['mode']} | {r['poems']} | {r['structure']:.0%} | {r['rhyme']:.0%} | "
+            f"{r['tone_agreement']:.0%} |" for r in rows]
+    return "\n".join(out)
+
+
 def variety(poems: list[list[str]]) -> dict:
     """Cross-poem repetition of a set of poems (each a list of lines): see the module docstring."""
     line_poems: Counter = Counter()
@@ -223,6 +235,38 @@ def variety_report(model, vocab, prosody, form: str, modes: list[str], openings:
     return out
 
 
+def ci_report(model, vocab, prosody, tunes: list[str], modes: list[str], n: int, openings: str = OPENINGS,
+              beam_width: int = 5, seed: int = 0) -> dict:
+    """{"tunes": [{tune, mode, poems, structure, rhyme, tone_agreement, example}], "variety": {mode: variety}}."""
+    from engine.poem.tunes import TUNES, check_ci
+
+    openings = "".join(c for c in openings if c in vocab) or ""
+    rows, by_mode = [], {mode: [] for mode in modes}
+    for name in tunes:
+        tune = TUNES[name]
+        for mode in modes:
+            results = [generate_one(model, vocab, prosody,
+                                    PoemRequest(prompt=openings[i % len(openings)] if openings else "", form="ci",
+                                                tune=name, mode=mode, beam_width=beam_width, seed=seed + i))
+                       for i in range(n)]
+            checks = [check_ci(tune, r.poem) for r in results]
+            rows.append({"tune": name, "mode": mode, "poems": n,
+                         "structure": sum(c.structure_ok for c in checks) / max(1, n),
+                         "rhyme": sum(c.rhyme_ok for c in checks) / max(1, n),
+                         "tone_agreement": sum(c.tone_agreement for c in checks) / max(1, n),
+                         "example": results[0].poem if results else ""})
+            by_mode[mode] += [r.lines for r in results]
+    return {"tunes": rows, "variety": {mode: variety(poems) for mode, poems in by_mode.items()}}
+
+
+def held_out_ci(paths: list[str], n: int) -> list:
+    """The first `n` held-out 词 (trainer.data.ci_poems), in a fixed order."""
+    from trainer.data import ci_poems
+
+    _, val = split(ci_poems(load_corpus(paths, include_ci=True)))
+    return sorted(val, key=lambda p: hashlib.sha1(p.text.encode()).hexdigest())[:n]
+
+
 def held_out_poems(paths: list[str], n: int, forms=FORM_NAMES) -> list:
     """The first `n` held-out poems of the given forms, in a fixed order (the split training leaves out)."""
     _, val = split(load_corpus(paths).regular())
@@ -250,7 +294,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"formulas and distinct-2 (at most {len(VARIETY_OPENINGS)})")
     parser.add_argument("--variety-form", default="qijue", choices=FORM_NAMES)
     parser.add_argument("--held-out", type=int, default=0, metavar="N",
-                        help="also the perplexity on N held-out poems of --corpus")
+                        help="also the perplexity on N held-out poems of --corpus (and N held-out 词, with --ci)")
+    parser.add_argument("--ci", type=int, default=0, metavar="N", help="also N 词 per tune × mode (a model trained on 词)")
+    parser.add_argument("--tunes", nargs="*", default=None, help="the tunes for --ci (default: every tune)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -258,7 +304,11 @@ def main(args: argparse.Namespace) -> int:
     from engine.poem.prosody import prosody_for
 
     path = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
-    problem = ("--n, --variety and --held-out must not be negative" if min(args.n, args.variety, args.held_out) < 0
+    from engine.poem.tunes import TUNES
+
+    unknown = [t for t in args.tunes or () if t not in TUNES]
+    problem = ("--n, --variety, --held-out and --ci must not be negative" if min(args.n, args.variety, args.held_out, args.ci) < 0
+               else f"unknown tune {unknown[0]!r}" if unknown
                else "--held-out needs --corpus" if args.held_out and not args.corpus
                else f"--variety takes at most {len(VARIETY_OPENINGS)}" if args.variety > len(VARIETY_OPENINGS)
                else None)
@@ -279,8 +329,15 @@ def main(args: argparse.Namespace) -> int:
         if args.variety:
             report["variety"] = variety_report(ckpt.model, ckpt.vocab, prosody, args.variety_form, args.modes,
                                                VARIETY_OPENINGS[: args.variety], args.beam_width, args.seed)
+        if args.ci:
+            if not ckpt.vocab.writes_ci:
+                raise RequestError("no_ci", "form", f"{path} was not trained on 词")
+            report["ci"] = ci_report(ckpt.model, ckpt.vocab, prosody, args.tunes or list(TUNES), args.modes, args.ci,
+                                     args.openings, args.beam_width, args.seed)
         if args.held_out:
             report["held_out"] = perplexity(ckpt.model, ckpt.vocab, held_out_poems(args.corpus, args.held_out))
+            if args.ci:
+                report["held_out_ci"] = perplexity(ckpt.model, ckpt.vocab, held_out_ci(args.corpus, args.held_out))
     except (CheckpointError, CorpusError, RequestError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -290,6 +347,13 @@ def main(args: argparse.Namespace) -> int:
     for mode, v in report.get("variety", {}).items():
         print(f"variety {mode}: {v['poems']} openings, shared lines {v['shared_lines']:.0%}, "
               f"formula 4-grams {v['formula_4grams']:.0%}, distinct-2 {v['distinct_2']:.2f}")
+    if "ci" in report:
+        print(format_ci_table(report["ci"]["tunes"]))
+        for mode, v in report["ci"]["variety"].items():
+            print(f"词 variety {mode}: {v['poems']} 词, shared lines {v['shared_lines']:.0%}, "
+                  f"formula 4-grams {v['formula_4grams']:.0%}, distinct-2 {v['distinct_2']:.2f}")
     if "held_out" in report:
         print(f"held-out perplexity: {report['held_out']['ppl']:.1f} over {report['held_out']['poems']} poems")
+    if "held_out_ci" in report:
+        print(f"held-out 词 perplexity: {report['held_out_ci']['ppl']:.1f} over {report['held_out_ci']['poems']} 词")
     return 0
