@@ -291,3 +291,15 @@ def test_a_published_run_stores_its_gate_verdict_for_the_engine(v1, fake_decoder
     assert gate["candidate_ppl"] == record["metrics"]["candidate"]["ppl"]
     assert gate["serving_ppl"] == record["metrics"]["serving"]["ppl"]
     assert gate["serving_version"] == first["version"]
+
+
+def test_a_ci_model_retrains_on_the_ci_and_stays_a_ci_model(tmp_path, tiny_ci_corpus, tiny_ci_checkpoint, fake_decoder):
+    cfg = tiny_config(tmp_path, tiny_ci_corpus, names=("ci",), name="ci", max_steps=10)
+    store.publish(cfg.store, "ci", tiny_ci_checkpoint)
+    record = retrain(cfg, reason="test")
+    assert record["mode"] == "finetune" and record["outcome"] in ("published", "rejected"), record
+    run = next((Path(cfg.work) / "ci").iterdir())
+    candidate = load_checkpoint(run / "best.safetensors")
+    assert candidate.meta["train"]["kind"] == "ci" and candidate.vocab.writes_ci
+    # Its held-out poems were 词: the perplexity was measured on them, not on the regular poems beside them.
+    assert candidate.meta["train"]["train_poems"] < 300

@@ -62,6 +62,7 @@ from engine.poem.prosody import prosody_for
 from engine.poem.vocab import Vocab, is_han
 from engine.reference import generate_one
 from trainer.corpus import load_corpus, split
+from trainer.data import ci_poems
 from trainer.evaluate import perplexity
 from trainer.spool import records_path, trainer_dir
 
@@ -318,10 +319,12 @@ def _load_serving(cfg: RetrainConfig, record: dict) -> tuple[Path | None, Checkp
 def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     from trainer.train import TrainConfig, Trainer
 
-    corpus = load_corpus(cfg.corpus)
+    serving_path, serving = _load_serving(cfg, record)
+    # A model that writes 词 (the store name ci, or a serving vocabulary with tune tokens) retrains on 词.
+    writes_ci = cfg.name == "ci" or (serving is not None and serving.vocab.writes_ci)
+    corpus = load_corpus(cfg.corpus, include_ci=writes_ci)
     record["corpus_hash"] = corpus.digest()
     record["code_version"] = cfg.code_version or code_version()
-    serving_path, serving = _load_serving(cfg, record)
 
     last = next((r for r in reversed(read_run_records(cfg.store, cfg.name))
                  if r.get("kind") == "retrain" and r.get("outcome") in TRAINED), None)
@@ -337,7 +340,9 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     tc.corpus, tc.device = list(cfg.corpus), cfg.device
     tc.time_budget, tc.max_steps = cfg.time_budget, cfg.max_steps
     tc.epochs = max(tc.epochs, 1000)  # the budget decides, not epochs
-    train_poems, val_poems = split(corpus.regular(), tc.val_percent)
+    if writes_ci:
+        tc.kind = "ci"
+    train_poems, val_poems = split(ci_poems(corpus) if writes_ci else corpus.regular(), tc.val_percent)
     if not val_poems:
         raise ValueError("the corpus has no held-out poem to evaluate on")
     mode = "scratch"
