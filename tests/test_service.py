@@ -261,3 +261,25 @@ async def test_the_served_process_frees_the_rows_of_a_client_that_hangs_up(check
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_tunes_are_listed_and_a_ci_is_written_over_http(aiohttp_client, tmp_path, tiny_checkpoint, tiny_ci_checkpoint):
+    from engine.model import versions as store
+    from engine.poem.tunes import TUNES, check_ci
+
+    root = tmp_path / "checkpoints"
+    store.publish(root, "lstm", tiny_checkpoint)
+    store.publish(root, "ci", tiny_ci_checkpoint)
+    client = await aiohttp_client(create_app(ServiceSettings(engine=engine_settings(root, model_names=("lstm", "ci")))))
+    tunes = (await (await client.get("/v1/tunes")).json())["tunes"]
+    assert [t["name"] for t in tunes] == list(TUNES)
+    huanxisha = tunes[0]
+    assert huanxisha["name"] == "浣溪沙" and [len(s) for s in huanxisha["stanzas"]] == [3, 3]
+    assert huanxisha["chars"] == 42 and huanxisha["rhyme_sets"] == ["平"]
+    assert all(len(line["tones"]) == line["length"] for s in huanxisha["stanzas"] for line in s)
+    resp = await client.post("/v1/poems", json={"form": "词", "tune": "浣溪紗", "prompt": "月", "mode": "beam", "seed": 3})
+    body = await resp.json()
+    assert resp.status == 200 and body["form"] == "ci" and body["tune"] == "浣溪沙" and body["model"]["name"] == "ci"
+    assert check_ci(TUNES["浣溪沙"], body["poem"]).structure_ok and body["poem"].count("\n") == 1
+    error = await error_of(await client.post("/v1/poems", json={"form": "ci", "tune": "没有这个调"}), 400)
+    assert error["field"] == "tune" and error["code"] == "bad_tune"
