@@ -59,6 +59,37 @@ def test_training_on_the_pack_gives_a_checkpoint_with_its_vocabulary(packed, tmp
     assert ckpt.meta["corpus_hash"] == load_pack(packed).corpus_hash
 
 
+def test_a_pack_with_the_ci_trains_one_model_that_writes_shi_and_ci(tiny_ci_corpus, tmp_path):
+    from engine.api import PoemRequest
+    from engine.poem.forms import FORMS, classify
+    from engine.poem.prosody import prosody_for
+    from engine.poem.tunes import TUNES, check_ci
+    from engine.reference import generate_one
+    from trainer.train import Trainer, TrainConfig
+
+    out = tmp_path / "packed.safetensors"
+    pack_corpus([str(tiny_ci_corpus)], out, min_count=1, include_ci=True)
+    pack = load_pack(out)
+    assert pack.vocab.writes_ci and any(k.startswith("ci:") for k in pack.train.tensors)
+    assert {"qijue", "wujue"} <= set(pack.train.tensors)
+    cfg = TrainConfig(packed=str(out), out=str(tmp_path / "run"), cell="lstm", embed_dim=16, hidden_dim=32, num_layers=1,
+                      dropout=0.0, max_steps=10, eval_every=10, eval_poems=40, batch_tokens=512, threads=1, half=False)
+    Trainer(cfg, log=lambda m: None).run(progress_bar=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    prosody = prosody_for(ckpt.vocab)
+    ci = generate_one(ckpt.model, ckpt.vocab, prosody, PoemRequest(form="ci", tune="浣溪沙", seed=1).validate())
+    shi = generate_one(ckpt.model, ckpt.vocab, prosody, PoemRequest(form="wulv", seed=1).validate())
+    assert check_ci(TUNES["浣溪沙"], ci.poem).structure_ok and classify(shi.lines) is FORMS["wulv"]
+
+
+def test_a_pack_of_a_corpus_without_ci_refuses_include_ci(tiny_corpus, tmp_path):
+    from trainer.corpus import CorpusError
+
+    with pytest.raises(CorpusError):
+        pack_corpus([str(tiny_corpus)], tmp_path / "p.safetensors", min_count=1, include_ci=True)
+    assert not (tmp_path / "p.safetensors").exists()
+
+
 def test_an_int8_checkpoint_is_a_quarter_the_size_and_scores_almost_the_same(tiny_checkpoint, tiny_corpus, tmp_path):
     ckpt = load_checkpoint(tiny_checkpoint)
     small = tmp_path / "int8.safetensors"

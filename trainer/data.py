@@ -11,6 +11,7 @@ benchmark and the quality baseline it is measured against.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,16 @@ def ci_poems(corpus: Corpus) -> list[Poem]:
         if text and tune:
             out.append(Poem(text=text, form=CI, source=p.source, author=p.author, title=tune))
     return out
+
+
+def ci_vocab(vocab: Vocab, poems: list[Poem], min_count: int, tune_tokens: int) -> Vocab:
+    """`vocab` grown for 词: their characters seen `min_count` times, and tokens for the `tune_tokens` most
+    common tunes (the rest share <ci>)."""
+    chars = Counter(ch for p in poems for ch in p.text)
+    tunes = Counter(p.title for p in poems)
+    new = sorted((c for c, n in chars.items() if n >= min_count and c not in vocab), key=lambda c: (-chars[c], c))
+    common = [t for t, n in sorted(tunes.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count]
+    return vocab.grown(new, common[:tune_tokens])
 
 
 @dataclass

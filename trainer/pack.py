@@ -8,6 +8,9 @@ regular poem encoded as <form> text <eos>, as int16 tensors `train.<form>` and `
 split the usual one by hash, so the held-out poems stay out of training here too. The corpus's 214,000
 training poems take about 20 MB. `data/` is ignored by git: the file travels with the working tree to a
 GPU machine (`scripts/gpu_train.sh`) and is never committed.
+
+`--include-ci` packs the Song 词 too (`ci.<length>` tensors, each opened by its tune's token, as
+`train --kind ci` encodes them): a model trained on it writes both 诗 and 词.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from safetensors.torch import save
 from engine.files import atomic_write_bytes
 from engine.poem.vocab import Vocab
 from trainer.corpus import CorpusError, load_corpus, split
-from trainer.data import Buckets
+from trainer.data import Buckets, ci_poems, ci_vocab
 
 FORMAT = "yinshi-packed-corpus"
 
@@ -37,13 +40,20 @@ class PackedCorpus:
     corpus_hash: str
 
 
-def pack_corpus(paths: list[str], out: Path, val_percent: int = 5, min_count: int = 5, max_vocab: int = 6000) -> dict:
+def pack_corpus(paths: list[str], out: Path, val_percent: int = 5, min_count: int = 5, max_vocab: int = 6000,
+                include_ci: bool = False, tune_tokens: int = 80) -> dict:
     """Write the packed file; returns its metadata."""
-    corpus = load_corpus(paths)
+    corpus = load_corpus(paths, include_ci=include_ci)
     train, val = split(corpus.regular(), val_percent)
     if not train or not val:
         raise CorpusError(f"{', '.join(paths)}: the training or the validation split is empty")
     vocab = Vocab.build((p.text for p in train), min_count, max_vocab)
+    if include_ci:
+        ci_train, ci_val = split(ci_poems(corpus), val_percent)
+        if not ci_train:
+            raise CorpusError(f"{', '.join(paths)}: --include-ci, but the corpus holds no 词 (download them with --include-ci)")
+        vocab = ci_vocab(vocab, ci_train, min_count, tune_tokens)
+        train, val = train + ci_train, val + ci_val
     if len(vocab) >= 2**15:
         raise ValueError(f"a vocabulary of {len(vocab)} tokens does not fit int16")
     tensors = {f"{name}.{form}": t.to(torch.int16).contiguous()
@@ -82,10 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-percent", type=int, default=5)
     parser.add_argument("--min-count", type=int, default=5)
     parser.add_argument("--max-vocab", type=int, default=6000)
+    parser.add_argument("--include-ci", action="store_true", help="pack the Song 词 too (a model that writes both)")
 
 
 def main(args: argparse.Namespace) -> int:
-    meta = pack_corpus(args.corpus, Path(args.out), args.val_percent, args.min_count, args.max_vocab)
+    meta = pack_corpus(args.corpus, Path(args.out), args.val_percent, args.min_count, args.max_vocab, args.include_ci)
     size = Path(args.out).stat().st_size
     print(json.dumps({"out": args.out, "bytes": size, "vocab": len(meta["vocab"]), "train_poems": meta["train_poems"],
                       "val_poems": meta["val_poems"], "corpus_hash": meta["corpus_hash"]}))

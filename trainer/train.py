@@ -23,7 +23,6 @@ import json
 import math
 import os
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from engine.model.network import ModelConfig, PoemModel, pick_device
 from engine.poem.forms import FORM_NAMES
 from engine.poem.vocab import Vocab, is_tune_token
 from trainer.corpus import Corpus, CorpusError, load_corpus, split
-from trainer.data import CLASSIC_LEN, Buckets, ci_poems, classic_tensor
+from trainer.data import CLASSIC_LEN, Buckets, ci_poems, ci_vocab, classic_tensor
 from trainer.evaluate import encode_rows, perplexity_of_rows
 from trainer.pack import load_pack
 
@@ -206,7 +205,7 @@ class Trainer:
             self.vocab = (init.vocab if init else pack.vocab if pack
                           else Vocab.build((p.text for p in train_poems), cfg.min_count, cfg.max_vocab))
             if cfg.kind == "ci":
-                self.vocab = _ci_vocab(self.vocab, train_poems, cfg)
+                self.vocab = ci_vocab(self.vocab, train_poems, cfg.min_count, cfg.tune_tokens)
         if pack is not None:
             if saved is not None and pack.vocab.tokens != self.vocab.tokens:
                 raise ValueError(f"--resume: {cfg.packed} has another vocabulary than the run")
@@ -482,15 +481,6 @@ class Trainer:
         if p["bad_evals"] >= self.cfg.patience:
             return "early_stopping"
         return None
-
-
-def _ci_vocab(vocab: Vocab, poems: list, cfg: TrainConfig) -> Vocab:
-    """`vocab` grown for 词: their characters seen `min_count` times, and tokens for the common tunes."""
-    chars = Counter(ch for p in poems for ch in p.text)
-    tunes = Counter(p.title for p in poems)
-    new = sorted((c for c, n in chars.items() if n >= cfg.min_count and c not in vocab), key=lambda c: (-chars[c], c))
-    common = [t for t, n in sorted(tunes.items(), key=lambda kv: (-kv[1], kv[0])) if n >= cfg.min_count]
-    return vocab.grown(new, common[: cfg.tune_tokens])
 
 
 @torch.no_grad()
