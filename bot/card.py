@@ -264,7 +264,7 @@ def layout_card(text: str, title: str | None = None, model: str = "", version: s
     tier_count, tier_cols = len(tiers), max(len(t) for t in tiers)
     poem_h = tier_count * tier_h + (tier_count - 1) * tier_gap
     # A title longer than the poem's columns is set smaller (down to TITLE_MIN_SCALE) before the card grows.
-    title_h = sum(0.5 if item is None else 1 for item in title_items) * row
+    title_h = sum(1 if item else 0.5 for item in title_items) * row
     title_scale = max(TITLE_MIN_SCALE, min(1.0, poem_h / title_h)) if title_h else 1.0
     # The colophon needs room for the seal and a little small print beside the shortest poem.
     body_h = max(poem_h, math.ceil(title_h * title_scale), seal_h + 5 * small + row // 2)
@@ -284,6 +284,8 @@ def layout_card(text: str, title: str | None = None, model: str = "", version: s
     for item in title_items:
         if item is None:
             layout.dots.append((x, y + t_row / 4, max(3, t_cell * 0.07)))
+            y += t_row / 2
+        elif item == "":  # between words: a half-row gap
             y += t_row / 2
         else:
             layout.glyphs.append(Glyph(item, x, y + t_row / 2, t_cell, "title"))
@@ -329,19 +331,27 @@ def layout_card(text: str, title: str | None = None, model: str = "", version: s
 
 
 def _title_items(title: str) -> list[str | None]:
-    """The title's characters, None for a separator dot; spaces dropped; long titles end in …"""
+    """The title's characters, None for a separator dot and "" for a gap between words (a space); long
+    titles end in …"""
     items: list[str | None] = []
     for ch in title:
         if ch in TITLE_SEPARATORS:
+            while items and items[-1] == "":
+                items.pop()
             items.append(None)
-        elif not ch.isspace() and ch.isprintable():
+        elif ch.isspace():
+            if items and items[-1] not in (None, ""):
+                items.append("")
+        elif ch.isprintable():
             items.append(ch)
-    while items and items[0] is None:
+    while items and items[-1] in (None, ""):
+        items.pop()
+    while items and items[0] in (None, ""):
         items.pop(0)
-    if sum(i is not None for i in items) > MAX_TITLE:
+    if sum(bool(i) for i in items) > MAX_TITLE:
         kept, n = [], 0
         for item in items:
-            n += item is not None
+            n += bool(item)
             if n >= MAX_TITLE:
                 break
             kept.append(item)
