@@ -2,7 +2,7 @@
 
     store = Store.open("var/bot.db")          # WAL mode; migrates the schema to SCHEMA_VERSION
     store.update_chat_settings(42, mode="beam", beam_width=5)
-    store.chat_settings(42)                   # -> ChatSettings(form="qijue", mode="beam", …)
+    store.chat_settings(42)                   # -> ChatSettings(form="qijue", mode="beam", …, card=None)
     store.subscribe(42, "08:00", "wujue")
     store.claim_daily_post(42, "2026-05-01")  # True once per chat and date, however often it is asked
 
@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import json
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,7 @@ class ChatSettings:
     beam_width: int = 5  # 1–16, beam mode
     temperature: float = 0.8  # (0, 2], sample mode
     model: str | None = None  # None = the engine's default model
+    card: bool | None = None  # poems as pictures (/card on|off); None = the default: on in channels only
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Subscription:
     last_posted_date: str | None  # "YYYY-MM-DD" (TIMEZONE) of the last slot claimed
     paused_reason: str | None = None
     since: str | None = None  # UTC ISO time the current time was set; earlier slots are not owed
+    chat_type: str | None = None  # private | group | supergroup | channel, as of /daily (None: subscribed before v3)
 
 
 def _now() -> str:
@@ -76,15 +79,35 @@ def _migrate_2(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE subscriptions ADD COLUMN active INTEGER NOT NULL DEFAULT 1")
 
 
-MIGRATIONS = [_migrate_1, _migrate_2]
+def _migrate_3(db: sqlite_utils.Database) -> None:
+    """Cards and 🔁: the chat's /card setting; each poem's keywords, beam width and temperature, so 🔁 asks
+    again with the very same settings; the chat type a subscription was made in (daily posts to channels
+    go out as pictures)."""
+    db.execute("ALTER TABLE chats ADD COLUMN card INTEGER")
+    db.execute("ALTER TABLE poems ADD COLUMN keywords TEXT")
+    db.execute("ALTER TABLE poems ADD COLUMN beam_width INTEGER")
+    db.execute("ALTER TABLE poems ADD COLUMN temperature FLOAT")
+    db.execute("ALTER TABLE subscriptions ADD COLUMN chat_type TEXT")
+
+
+MIGRATIONS = [_migrate_1, _migrate_2, _migrate_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def migrate(db: sqlite_utils.Database) -> int:
-    """Bring the schema to SCHEMA_VERSION, one migration per transaction; returns the version found."""
+    """Bring the schema to SCHEMA_VERSION, one migration per transaction (a new file: all in one);
+    returns the version found."""
     found = db.execute("PRAGMA user_version").fetchone()[0]
     if found > SCHEMA_VERSION:
         raise RuntimeError(f"database schema v{found} is newer than this bot (v{SCHEMA_VERSION}); upgrade the bot")
+    if found == 0:
+        # A new file gets the whole schema in one transaction: all or nothing, and each schema page written
+        # to the WAL once rather than once per step (on a nearly full disk, what lets the bot start).
+        with db.atomic():
+            for migration in MIGRATIONS:
+                migration(db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return found
     for version in range(found, SCHEMA_VERSION):
         with db.atomic():  # the migration and its version bump commit together or not at all
             MIGRATIONS[version](db)
@@ -164,8 +187,10 @@ class Store:
         except sqlite_utils.db.NotFoundError:
             return ChatSettings()
         defaults = ChatSettings()
-        return ChatSettings(**{f.name: row[f.name] if row[f.name] is not None else getattr(defaults, f.name)
-                               for f in fields(ChatSettings)})
+        settings = ChatSettings(**{f.name: row[f.name] if row[f.name] is not None else getattr(defaults, f.name)
+                                   for f in fields(ChatSettings)})
+        settings.card = None if settings.card is None else bool(settings.card)  # stored as 0/1
+        return settings
 
     @_serialised
     def update_chat_settings(self, chat_id: int, **changes) -> ChatSettings:
@@ -202,14 +227,17 @@ class Store:
                                                                               order_by="chat_id")]
 
     @_serialised
-    def subscribe(self, chat_id: int, time: str, form: str | None, since: dt.datetime | None = None) -> Subscription:
+    def subscribe(self, chat_id: int, time: str, form: str | None, since: dt.datetime | None = None,
+                  chat_type: str | None = None) -> Subscription:
         """Subscribe (or change the time/form, and unpause) as of `since` (default now). Keeps
-        last_posted_date, also across /daily off, so moving today's time later does not post a second poem today."""
+        last_posted_date, also across /daily off, so moving today's time later does not post a second poem today.
+        `chat_type`: where /daily was sent (channels get their daily poem as a picture)."""
         with self._write():
             old = self._subscription_row(chat_id)
             self.db["subscriptions"].upsert({
                 "chat_id": chat_id, "time": time, "form": form, "paused": 0, "paused_reason": None, "active": 1,
                 "last_posted_date": old["last_posted_date"] if old else None,
+                "chat_type": chat_type or (old["chat_type"] if old else None),
                 "created_at": (since or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).isoformat(timespec="seconds"),
             }, pk="chat_id")
         return self.subscription(chat_id)
@@ -252,13 +280,17 @@ class Store:
 
     @_serialised
     def record_poem(self, chat_id: int, user_id: int | None, source: str, result, prompt: str = "",
-                    acrostic: str | None = None) -> int:
-        """Store a poem (a PoemResult) that is about to be sent; returns its id for the feedback buttons."""
+                    acrostic: str | None = None, keywords=(), beam_width: int | None = None,
+                    temperature: float | None = None) -> int:
+        """Store a poem (a PoemResult) that is about to be sent; returns its id for the buttons. With the
+        request's keywords, beam width and temperature, 🔁 can ask for another with the same settings."""
         with self._write():
             table = self.db["poems"].insert({
                 "chat_id": chat_id, "user_id": user_id, "source": source, "prompt": prompt, "acrostic": acrostic,
                 "form": result.form, "mode": result.mode, "model": (result.model or {}).get("name"),
                 "model_version": (result.model or {}).get("version"), "poem": result.poem, "created_at": _now(),
+                "keywords": json.dumps(list(keywords or []), ensure_ascii=False), "beam_width": beam_width,
+                "temperature": temperature,
             })
         return table.last_pk
 
@@ -304,7 +336,16 @@ class Store:
 def _subscription(row: dict) -> Subscription:
     return Subscription(chat_id=row["chat_id"], time=row["time"], form=row["form"], paused=bool(row["paused"]),
                         last_posted_date=row["last_posted_date"], paused_reason=row["paused_reason"],
-                        since=row["created_at"])
+                        since=row["created_at"], chat_type=row["chat_type"])
+
+
+def poem_keywords(row: dict) -> list[str]:
+    """A stored poem's keywords (none for poems stored before schema v3)."""
+    try:
+        words = json.loads(row.get("keywords") or "[]")
+    except ValueError:
+        return []
+    return [w for w in words if isinstance(w, str)] if isinstance(words, list) else []
 
 
 class AsyncStore:

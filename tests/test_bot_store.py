@@ -143,6 +143,54 @@ def test_poems_are_recorded_with_model_and_source(store):
     assert [p["id"] for p in store.recent_poems(5)] == [poem_id]
 
 
+def test_poems_keep_their_keywords_beam_width_and_temperature_for_another_like_them(store):
+    from bot.db import poem_keywords
+
+    row = store.poem(store.record_poem(5, 7, "command", a_result(), prompt="月", keywords=["舟", "秋"], beam_width=3,
+                                       temperature=0.9))
+    assert (poem_keywords(row), row["beam_width"], row["temperature"], row["prompt"]) == (["舟", "秋"], 3, 0.9, "月")
+    assert poem_keywords(store.poem(store.record_poem(5, 7, "command", a_result()))) == []
+
+
+def test_the_card_setting_is_unset_until_chosen_and_then_kept(tmp_path, store):
+    assert store.chat_settings(5).card is None  # the default: on in channels only (bot.commands.cards_on)
+    assert store.update_chat_settings(5, card=True).card is True
+    store.update_chat_settings(5, form="wulv")
+    assert store.chat_settings(5) == ChatSettings(form="wulv", card=True)
+    assert store.update_chat_settings(5, card=False).card is False
+
+
+def test_a_version_2_database_is_migrated_for_cards_and_buttons(tmp_path):
+    """A file from before /card and 🔁: its chats, poems and subscriptions keep working; the new columns
+    start empty (card None = the default, no keywords, no chat type)."""
+    import sqlite_utils
+
+    from bot.db import MIGRATIONS, poem_keywords
+
+    db = sqlite_utils.Database(tmp_path / "bot.db")
+    for migration in MIGRATIONS[:2]:
+        migration(db)
+    db.execute("PRAGMA user_version = 2")
+    db["chats"].insert({"chat_id": 7, "form": "wulv", "mode": "sample", "beam_width": 4, "temperature": 1.1})
+    db["poems"].insert({"id": 1, "chat_id": 7, "source": "command", "prompt": "月", "form": "wulv", "mode": "sample",
+                        "model": "lstm", "poem": "月山水花风，云春秋天人。江河日夜明，清白青长空。"})
+    db["subscriptions"].insert({"chat_id": 7, "time": "08:00", "paused": 0, "created_at": "2026-04-01T00:00:00+00:00"})
+    db.conn.commit()
+    db.close()
+    store = Store.open(tmp_path / "bot.db")
+    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.chat_settings(7) == ChatSettings(form="wulv", mode="sample", beam_width=4, temperature=1.1, card=None)
+    assert poem_keywords(store.poem(1)) == [] and store.poem(1)["beam_width"] is None
+    assert store.subscription(7).chat_type is None
+    store.update_chat_settings(7, card=True)
+    assert store.subscribe(7, "09:00", None, chat_type="channel").chat_type == "channel"
+    assert store.subscribe(7, "10:00", None).chat_type == "channel"  # kept when not given
+    store.close()
+    again = Store.open(tmp_path / "bot.db")
+    assert again.chat_settings(7).card is True and again.subscription(7).time == "10:00"
+    again.close()
+
+
 def test_feedback_one_vote_per_user_and_counts(store):
     poem_id = store.record_poem(5, 7, "command", a_result())
     store.record_feedback(poem_id, 1, 1)
