@@ -4,7 +4,9 @@ hand a message's text to `Commands.handle` and send back the `Reply` it returns.
     commands = Commands(engine, store, settings)
     reply = await commands.handle(Who(chat_id=42, user_id=42), "/poem 月")
     reply.text        # the poem and a footer, or a clear message saying what went wrong
-    reply.poem_id     # set when the reply is a stored poem (the transport adds 👍/👎 buttons)
+    reply.poem_id     # set when the reply is a stored poem (the transport adds 👍 👎 🔁 🖼 buttons)
+    reply.photo       # the poem card (PNG) when the chat has cards on; then `text` is its caption
+    tap = await commands.tap(who, "again:17")   # a button under poem 17: checked, rate-limited, then acted on
 
 Store calls are awaited through `store.aio`, which runs them on the store's worker thread: a database
 locked by another process holds up only the commands that wait for it, never the event loop, and a write
@@ -33,7 +35,8 @@ from typing import Any
 
 import aiohttp
 
-from bot.db import ChatSettings, Store
+from bot.card import CardError, card_title, render_card
+from bot.db import ChatSettings, Store, poem_keywords
 from bot.settings import Settings
 from engine.api import MAX_BEAM_WIDTH, PoemEngine, PoemRequest, PoemResult
 from engine.errors import EngineUnavailableError, QueueFullError, RequestError
@@ -62,6 +65,7 @@ class Command:
     en: str  # … and in English
     admin: bool = False  # ADMIN_IDS only
     manages: bool = False  # changes the chat's settings: in groups and channels, chat admins only
+    manages_with_args: bool = False  # … only when given arguments (`/daily` shows, `/daily 08:00` changes)
     example: str = ""  # shown in docs/BOT.md
 
 
@@ -82,11 +86,13 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             manages=True, example="/sample 1.2"),
     Command("beam", "N", "束搜索，宽度 1–16", "beam search, width 1–16", manages=True, example="/beam 5"),
     Command("model", "lstm|gru", "选择模型", "choose the model", manages=True, example="/model gru"),
+    Command("card", "on|off", "诗笺：诗以图片（竖排卡片）发送，开或关；不带参数查看", "poems as picture cards: on or off "
+            "(none: show)", manages_with_args=True, example="/card on"),
     Command("check", "诗句", "格律检查：每字平仄、韵部、出律之处", "prosody check: each character's tone, the rhyme, any faults",
             example="/check 白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"),
     Command("settings", "", "查看本聊天的设置", "show this chat's settings"),
     Command("daily", "HH:MM [诗体] | off", "每日一诗：订阅、取消或查看", "daily poem: subscribe, stop, or show",
-            example="/daily 08:00 五绝"),
+            manages_with_args=True, example="/daily 08:00 五绝"),
     Command("status", "", "（管理员）模型版本、队列、运行时间、统计", "(admins) model versions, queue, uptime, counts",
             admin=True),
     Command("reload", "", "（管理员）立即载入最新发布的模型", "(admins) load the newest published model now",
@@ -94,14 +100,35 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("retrain", "", "（管理员）请训练器重新训练并报告结果", "(admins) ask the trainer to retrain; reports the outcome",
             admin=True),
 )}
-POEM_COMMANDS = ("poem", "acrostic", "cangtou")  # the ones the per-user rate limit counts
+POEM_COMMANDS = ("poem", "acrostic", "cangtou")  # the ones the per-user rate limit counts (and 🔁 🖼 taps)
 FEEDBACK_PER_MINUTE = 20  # 👍/👎 taps per user
+SEED_LIMIT = 2**63  # the engine takes seeds in [0, 2**63)
+
+NOT_ON_RECORD = "这首诗已不在记录中。/ That poem is no longer on record."
+UNKNOWN_BUTTON = "无法识别的按钮。/ Unknown button."
+NOT_IN_CHANNELS = "频道里不能用这个按钮。/ Not available in channels."
+# Callback data of the buttons under a poem: fb:<id>:up|down (👍/👎), again:<id> (🔁), card:<id> (🖼).
+TAP_DATA = re.compile(r"(fb):([0-9]{1,19}):(up|down)|(again|card):([0-9]{1,19})")
 
 
 @dataclass
 class Reply:
-    text: str
-    poem_id: int | None = None  # a stored poem: the transport shows 👍/👎 buttons for it
+    text: str  # a photo's caption when `photo` is set
+    poem_id: int | None = None  # a stored poem: the transport shows its buttons (👍 👎, and 🔁 🖼 unless a channel)
+    photo: bytes | None = None  # the poem's card (PNG), for chats with /card on
+    actions: bool = True  # 🔁 and 🖼 under the poem; not in channels, where every subscriber could tap them
+
+
+@dataclass
+class Tap:
+    """What a tap on a poem's button gets. `answer` is shown to the tapper (answerCallbackQuery); a refused
+    tap (malformed data, another chat's poem, rate-limited) changes nothing and has nothing more to do."""
+
+    answer: str
+    refused: bool = False
+    counts: tuple[int, int] | None = None  # 👍/👎: the poem's new counts, for its buttons
+    poem_id: int | None = None  # the poem tapped, when it is one of this chat's
+    then: Callable[[], Awaitable[Reply]] | None = None  # 🔁/🖼: makes the message to send, after answering
 
 
 @dataclass
@@ -188,7 +215,8 @@ class Commands:
             "start": self.cmd_start, "help": self.cmd_help,
             "poem": self.cmd_poem, "acrostic": self.cmd_acrostic, "cangtou": self.cmd_acrostic,
             "form": self.cmd_form, "greedy": self.cmd_greedy, "sample": self.cmd_sample, "beam": self.cmd_beam,
-            "model": self.cmd_model, "check": self.cmd_check, "settings": self.cmd_settings, "daily": self.cmd_daily,
+            "model": self.cmd_model, "card": self.cmd_card, "check": self.cmd_check, "settings": self.cmd_settings,
+            "daily": self.cmd_daily,
             "status": self.cmd_status, "reload": self.cmd_reload, "retrain": self.cmd_retrain,
         }
 
@@ -213,15 +241,13 @@ class Commands:
             return Reply(f"未知命令 /{name}。发送 /help 查看全部命令。\nUnknown command /{name}; send /help for the list.")
         if command.admin and who.user_id not in self.admin_ids:
             return Reply(ADMINS_ONLY)
-        manages = command.manages or (name == "daily" and bool(args))
+        manages = command.manages or (command.manages_with_args and bool(args))
         if manages and not await who.can_manage():
             return Reply(CHAT_ADMINS_ONLY)
         if name in POEM_COMMANDS:
             wait = self.rate_limiter.acquire(who.rate_key)
             if wait > 0:
-                return Reply(f"请慢一点：{math.ceil(wait)} 秒后再来。\nToo many poems — try again in "
-                             f"{math.ceil(wait)} s (at most {self.rate_limiter.count} per "
-                             f"{self.rate_limiter.seconds:g} s).")
+                return Reply(self.too_many(wait))
         try:
             return await self.handlers[name](who, args)
         except sqlite3.OperationalError as e:
@@ -229,6 +255,10 @@ class Commands:
             # nothing changed; say so instead of failing the update.
             log.warning("store unavailable for /%s in chat %s: %s", name, who.chat_id, e)
             return Reply(STORE_BUSY)
+
+    def too_many(self, wait: float) -> str:
+        return (f"请慢一点：{math.ceil(wait)} 秒后再来。\nToo many poems — try again in {math.ceil(wait)} s (at most "
+                f"{self.rate_limiter.count} per {self.rate_limiter.seconds:g} s).")
 
     def describe_error(self, e: BaseException) -> str:
         """An exception for an admin's chat: the log filter does not see replies, so secrets go here too
@@ -238,22 +268,80 @@ class Commands:
             text = text.replace(secret, "***")
         return text[:1000]
 
-    async def feedback(self, who: Who, poem_id: int, value: int) -> tuple[str, tuple[int, int]]:
-        """A 👍 (1) or 👎 (-1) on a poem; returns the text for the tap's answer and the new counts."""
-        if who.user_id is None:
-            return "这首诗已不在记录中。/ That poem is no longer on record.", (0, 0)
-        # Callback data comes from the client and can be forged: the poem must be one sent to this chat
-        # (and an id SQLite cannot hold is no poem of ours).
+    # the buttons under a poem
+
+    async def tap(self, who: Who, data: str | None) -> Tap:
+        """A tap on a button under a poem, by its callback data. Callback data comes from the client and can
+        be forged: it must name one of this chat's own poems, in a form the bot makes; 🔁 and 🖼 cost a
+        token of the poem rate limit, 👍/👎 one of FEEDBACK_PER_MINUTE. Anything else is refused, changing
+        nothing."""
+        m = TAP_DATA.fullmatch(data or "")
+        if m is None:
+            return Tap(UNKNOWN_BUTTON, refused=True)
+        if m.group(1):
+            return await self.feedback(who, int(m.group(2)), 1 if m.group(3) == "up" else -1)
+        kind, poem = m.group(4), await self.own_poem(who, int(m.group(5)))
+        if poem is None:
+            return Tap(NOT_ON_RECORD, refused=True)
+        if who.chat_type == "channel":
+            return Tap(NOT_IN_CHANNELS, refused=True)
+        wait = self.rate_limiter.acquire(who.rate_key)
+        if wait > 0:
+            return Tap(self.too_many(wait).replace("\n", " / "), refused=True)
+        if kind == "again":
+            return Tap("再写一首… / Writing another…", then=lambda: self.again(who, poem), poem_id=poem["id"])
+        return Tap("正在画诗笺… / Drawing the card…", then=lambda: self.stored_card(poem), poem_id=poem["id"])
+
+    async def own_poem(self, who: Who, poem_id: int) -> dict | None:
+        """The stored poem `poem_id` if it was sent to this chat, else None (an id SQLite cannot hold is no
+        poem of ours)."""
         poem = await self.store.aio.poem(poem_id) if 0 < poem_id < 2**63 else None
-        if poem is None or poem["chat_id"] != who.chat_id:
-            return "这首诗已不在记录中。/ That poem is no longer on record.", (0, 0)
+        return poem if poem is not None and poem["chat_id"] == who.chat_id else None
+
+    async def feedback(self, who: Who, poem_id: int, value: int) -> Tap:
+        """A 👍 (1) or 👎 (-1) on one of this chat's poems; the answer and the new counts."""
+        if who.user_id is None or await self.own_poem(who, poem_id) is None:
+            return Tap(NOT_ON_RECORD, refused=True)
         wait = self.feedback_limiter.acquire(who.user_id)
         if wait > 0:
-            return (f"请慢一点。/ Too many taps — try again in {math.ceil(wait)} s.",
-                    await self.store.aio.feedback_counts(poem_id))
+            return Tap(f"请慢一点。/ Too many taps — try again in {math.ceil(wait)} s.", refused=True)
         await self.store.aio.record_feedback(poem_id, who.user_id, value)
-        return (("谢谢！/ Thanks!" if value > 0 else "收到，我会改进。/ Noted."),
-                await self.store.aio.feedback_counts(poem_id))
+        return Tap("谢谢！/ Thanks!" if value > 0 else "收到，我会改进。/ Noted.",
+                   counts=await self.store.aio.feedback_counts(poem_id), poem_id=poem_id)
+
+    async def again(self, who: Who, poem: dict) -> Reply:
+        """🔁: another poem with the stored poem's settings (form, decoding, model, opening, keywords,
+        acrostic) and a new seed; a seed that happens to write the same poem again is tried once more."""
+        settings = await self.poem_settings(poem)
+        keywords = poem_keywords(poem)
+        for _ in range(2):
+            try:
+                result = await self.generate(who.chat_id, prompt=poem["prompt"] or "", acrostic=poem["acrostic"],
+                                             form=poem["form"], keywords=keywords, settings=settings,
+                                             seed=self.rng.randrange(SEED_LIMIT))
+            except PoemUnavailable as e:
+                return Reply(e.reply)
+            if result.poem != poem["poem"]:
+                break
+        return await self.sent_poem(who.chat_id, who.chat_type, who.user_id, "again", result, settings,
+                                    prompt=poem["prompt"] or "", acrostic=poem["acrostic"], keywords=keywords)
+
+    async def poem_settings(self, poem: dict) -> ChatSettings:
+        """The settings a stored poem was written with; a poem stored before schema v3 has no beam width or
+        temperature, and takes the chat's."""
+        s = await self.store.aio.chat_settings(poem["chat_id"])
+        return ChatSettings(form=poem["form"], mode=poem["mode"], model=poem["model"],
+                            beam_width=poem["beam_width"] or s.beam_width,
+                            temperature=poem["temperature"] or s.temperature)
+
+    async def stored_card(self, poem: dict) -> Reply:
+        """🖼: the card of a stored poem, with its text as the caption."""
+        result = stored_result(poem)
+        text = format_reply(result, await self.poem_settings(poem))
+        png = await self.card_png(result, poem["prompt"] or "", poem_keywords(poem), poem["acrostic"])
+        if png is None:
+            return Reply("卡片画不出来，请稍后再试。\nCould not draw the card; please try again later.")
+        return Reply(text, photo=png)
 
     # poems
 
@@ -274,19 +362,50 @@ class Commands:
 
     async def poem_reply(self, who: Who, *, prompt: str = "", acrostic: str | None = None,
                          form: str | None = None, keywords: list[str] | None = None) -> Reply:
+        s = await self.store.aio.chat_settings(who.chat_id)
         try:
-            result = await self.generate(who.chat_id, prompt=prompt, acrostic=acrostic, form=form, keywords=keywords)
+            result = await self.generate(who.chat_id, prompt=prompt, acrostic=acrostic, form=form, keywords=keywords,
+                                         settings=s)
         except PoemUnavailable as e:
             return Reply(e.reply)
-        poem_id = await self.store.aio.record_poem(who.chat_id, who.user_id, "command", result, prompt, acrostic)
-        return Reply(format_reply(result, await self.store.aio.chat_settings(who.chat_id)), poem_id=poem_id)
+        return await self.sent_poem(who.chat_id, who.chat_type, who.user_id, "command", result, s, prompt=prompt,
+                                    acrostic=acrostic, keywords=keywords or [])
+
+    async def sent_poem(self, chat_id: int, chat_type: str | None, user_id: int | None, source: str,
+                        result: PoemResult, s: ChatSettings, *, prompt: str = "", acrostic: str | None = None,
+                        keywords=()) -> Reply:
+        """Record a poem about to be sent and make its message: the text, and the card when the chat has
+        cards on (`cards_on`); a card that cannot be drawn leaves the text alone."""
+        poem_id = await self.store.aio.record_poem(chat_id, user_id, source, result, prompt, acrostic,
+                                                   keywords=keywords, beam_width=s.beam_width,
+                                                   temperature=s.temperature)
+        png = None
+        if cards_on(await self.store.aio.chat_settings(chat_id), chat_type):
+            png = await self.card_png(result, prompt, keywords, acrostic)
+        return Reply(format_reply(result, s), poem_id=poem_id, photo=png, actions=chat_type != "channel")
+
+    async def card_png(self, result: PoemResult, prompt: str = "", keywords=(), acrostic: str | None = None
+                       ) -> bytes | None:
+        """The poem's card (PNG), drawn on a worker thread (a tenth of a second or so of CPU); None if it
+        cannot be drawn (logged)."""
+        form = FORMS[result.form].chinese if result.form in FORMS else result.form
+        model = result.model or {}
+        try:
+            card = await asyncio.to_thread(render_card, result.poem, card_title(form, prompt, keywords, acrostic),
+                                           model=model.get("name") or "", version=model.get("version") or "")
+        except (CardError, OSError) as e:
+            log.warning("no card for a %s poem: %s", result.form, e)
+            return None
+        if card.missing:
+            log.info("card drawn without a font for %s", "".join(card.missing))
+        return card.png
 
     async def generate(self, chat_id: int, *, prompt: str = "", acrostic: str | None = None,
                        form: str | None = None, seed: int | None = None,
-                       keywords: list[str] | None = None) -> PoemResult:
-        """One poem in the chat's settings; raises PoemUnavailable with a reply fit for the chat.
-        `seed`: the engine's draw (same request and seed, same poem); None lets the engine pick one."""
-        s = await self.store.aio.chat_settings(chat_id)
+                       keywords: list[str] | None = None, settings: ChatSettings | None = None) -> PoemResult:
+        """One poem in the chat's settings (or `settings`); raises PoemUnavailable with a reply fit for the
+        chat. `seed`: the engine's draw (same request and seed, same poem); None lets the engine pick one."""
+        s = settings or await self.store.aio.chat_settings(chat_id)
         request = PoemRequest(prompt=prompt, acrostic=acrostic, form=form or s.form, mode=s.mode,
                               beam_width=s.beam_width, temperature=s.temperature, model=s.model, seed=seed,
                               keywords=list(keywords or []))
@@ -360,6 +479,17 @@ class Commands:
         await self.store.aio.update_chat_settings(who.chat_id, model=name)
         return Reply(f"模型：{name}\nModel: {name}.")
 
+    async def cmd_card(self, who: Who, args: list[str]) -> Reply:
+        s = await self.store.aio.chat_settings(who.chat_id)
+        if not args:
+            return Reply(describe_cards(s, who.chat_type))
+        choice = {"on": True, "开": True, "off": False, "关": False}.get(args[0].lower()) if len(args) == 1 else None
+        if choice is None:
+            return Reply("用法：/card on 或 /card off（诗以图片发送，或以文字）\n"
+                         "Usage: /card on or /card off — poems as picture cards, or as text.")
+        s = await self.store.aio.update_chat_settings(who.chat_id, card=choice)
+        return Reply(describe_cards(s, who.chat_type))
+
     async def model_names(self) -> list[str]:
         """The engine's loaded models; the usual two when it cannot be asked right now."""
         try:
@@ -370,7 +500,7 @@ class Commands:
 
     async def cmd_settings(self, who: Who, args: list[str]) -> Reply:
         s = await self.store.aio.chat_settings(who.chat_id)
-        return Reply(f"{describe_settings(s)}\n{await self.describe_subscription(who.chat_id)}")
+        return Reply(f"{describe_settings(s, who.chat_type)}\n{await self.describe_subscription(who.chat_id)}")
 
     # daily posts
 
@@ -394,7 +524,7 @@ class Commands:
                 allowed = "、".join(f"{f.chinese} {f.name}" for f in FORMS.values())
                 return Reply(f"没有这种诗体：{_echo(args[1])}。可选：{allowed}\nUnknown form {_echo(args[1])!r}; allowed: {allowed}.")
         hhmm = f"{int(m.group(1)):02d}:{int(m.group(2)):02d}"  # int() also normalises full-width digits
-        await self.store.aio.subscribe(who.chat_id, hhmm, form, since=self.clock())
+        await self.store.aio.subscribe(who.chat_id, hhmm, form, since=self.clock(), chat_type=who.chat_type)
         await self._subscription_changed(who.chat_id)
         return Reply(await self.describe_subscription(who.chat_id))
 
@@ -491,13 +621,37 @@ def check_reply(text: str) -> str:
         return f"{CHECK_USAGE}\n({_echo(e.message, 200)})"
 
 
-def describe_settings(s: ChatSettings) -> str:
+def cards_on(s: ChatSettings, chat_type: str | None) -> bool:
+    """Poems go out as picture cards: the chat's /card setting, else on in channels only (a channel's daily
+    poem is a picture with its text as the caption)."""
+    return s.card if s.card is not None else chat_type == "channel"
+
+
+def describe_cards(s: ChatSettings, chat_type: str | None) -> str:
+    default = "" if s.card is not None else "（默认）"
+    default_en = "" if s.card is not None else " (the default here)"
+    if cards_on(s, chat_type):
+        return (f"诗笺：开{default}，诗以竖排图片发送，文字在图片说明中；/card off 关闭。\n"
+                f"Cards: on{default_en} — poems come as pictures, the text as caption; /card off for text.")
+    return (f"诗笺：关{default}，诗以文字发送；诗下的 🖼 按钮可单独作图；/card on 开启。\n"
+            f"Cards: off{default_en} — poems come as text (🖼 under a poem draws its card); /card on for pictures.")
+
+
+def describe_settings(s: ChatSettings, chat_type: str | None = None) -> str:
     form = FORMS[s.form]
     mode = {"greedy": "greedy", "sample": f"sample, temperature {s.temperature:g}",
             "beam": f"beam, width {s.beam_width}"}[s.mode]
     return (f"诗体 form: {form.chinese} {form.name}\n"
             f"解码 decoding: {mode}\n"
-            f"模型 model: {s.model or 'default'}")
+            f"模型 model: {s.model or 'default'}\n"
+            f"诗笺 cards: {'on' if cards_on(s, chat_type) else 'off'}")
+
+
+def stored_result(poem: dict) -> PoemResult:
+    """A stored poem as the PoemResult it was sent from (for its caption and card)."""
+    lines = [line for line in re.split(r"[，。？！；\n]", poem["poem"] or "") if line]
+    return PoemResult(poem=poem["poem"] or "", lines=lines, form=poem["form"], mode=poem["mode"],
+                      model={"name": poem["model"], "version": poem["model_version"]}, elapsed_ms=0.0)
 
 
 def format_reply(result: PoemResult, s: ChatSettings) -> str:

@@ -5,12 +5,15 @@
 
 Each input line is one message in a private chat (chat and user id CONSOLE_ID, a bot admin here, so
 /status and /reload work). Daily subscriptions are stored, but only `python -m bot run` posts them.
+With `/card on` a poem's card is written as a PNG to `cards/poem-<id>.png` beside the database
+(var/cards/ by default) and its path printed under the poem.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 from bot.commands import Commands, Who
 from bot.db import Store
@@ -29,8 +32,9 @@ async def read_lines(stream):
         yield line
 
 
-async def chat(commands: Commands, lines, out=sys.stdout, prompt: str = "") -> int:
-    """Answer each line of `lines` (an async iterable of str); returns how many messages were handled."""
+async def chat(commands: Commands, lines, out=sys.stdout, prompt: str = "", card_dir: Path = Path("var/cards")) -> int:
+    """Answer each line of `lines` (an async iterable of str); returns how many messages were handled. A
+    reply with a card writes it to `card_dir` and prints its path."""
     who = Who(chat_id=CONSOLE_ID, user_id=CONSOLE_ID, chat_type="private")
     handled = 0
     async for line in lines:
@@ -41,13 +45,25 @@ async def chat(commands: Commands, lines, out=sys.stdout, prompt: str = "") -> i
             break
         reply = await commands.handle(who, line)
         if reply is not None:
-            out.write(reply.text + ("\n[👍 /👎]" if reply.poem_id is not None else "") + "\n\n")
+            marks = "\n[👍 /👎]" if reply.poem_id is not None else ""
+            if reply.photo is not None:
+                marks = f"\n[🖼 {await write_card_file(card_dir, reply)}]" + marks
+            out.write(reply.text + marks + "\n\n")
             out.flush()
         handled += 1
         if prompt:
             out.write(prompt)
             out.flush()
     return handled
+
+
+async def write_card_file(card_dir: Path, reply) -> Path:
+    """The reply's card as card_dir/poem-<id>.png, written atomically; its path."""
+    from engine.files import atomic_write_bytes
+
+    path = Path(card_dir) / f"poem-{reply.poem_id}.png"
+    await asyncio.to_thread(atomic_write_bytes, path, reply.photo)
+    return path
 
 
 async def run_console(settings: Settings, engine=None, store=None, stdin=sys.stdin, out=sys.stdout,
@@ -62,7 +78,8 @@ async def run_console(settings: Settings, engine=None, store=None, stdin=sys.std
         out.flush()
     await start_engine(engine)
     try:
-        return await chat(commands, read_lines(stdin), out, prompt="> " if interactive else "")
+        return await chat(commands, read_lines(stdin), out, prompt="> " if interactive else "",
+                          card_dir=Path(settings.database_path).parent / "cards")
     finally:
         await close_engine(engine)
         await asyncio.to_thread(store.close)  # waits for a store call in flight

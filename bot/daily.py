@@ -36,14 +36,7 @@ import httpx
 from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
 from telegram.ext import ContextTypes, JobQueue
 
-from bot.commands import (
-    OPENINGS,
-    Commands,
-    PoemUnavailable,
-    Reply,
-    format_reply,
-    utc_now,
-)
+from bot.commands import OPENINGS, Commands, PoemUnavailable, Reply, utc_now
 from bot.db import Store, Subscription
 
 log = logging.getLogger(__name__)
@@ -100,8 +93,10 @@ class Daily:
         sub = await self.store.aio.subscription(chat_id)
         if sub is None or self.due_slot(sub, self.clock()) is None:
             return False
+        opening = self.commands.rng.choice(OPENINGS)
+        settings = await self.store.aio.chat_settings(chat_id)
         try:
-            result = await self.commands.generate(chat_id, prompt=self.commands.rng.choice(OPENINGS), form=sub.form)
+            result = await self.commands.generate(chat_id, prompt=opening, form=sub.form, settings=settings)
         except PoemUnavailable as e:
             log.warning("daily post for chat %s: no poem (%s); retrying in about %ss", chat_id,
                         e.reply.splitlines()[-1], RETRY_SECONDS)
@@ -115,8 +110,8 @@ class Daily:
         date, previous = slot.date().isoformat(), sub.last_posted_date
         if not await self.store.aio.claim_daily_post(chat_id, date):
             return False
-        poem_id = await self.store.aio.record_poem(chat_id, None, "daily", result)
-        reply = Reply(format_reply(result, await self.store.aio.chat_settings(chat_id)), poem_id=poem_id)
+        # The message: text, or (channels, and chats with /card on) the card with the text as its caption.
+        reply = await self.commands.sent_poem(chat_id, sub.chat_type, None, "daily", result, settings, prompt=opening)
         try:
             await self.send(chat_id, reply)
         except Forbidden as e:

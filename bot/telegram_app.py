@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import logging
 import random
-import re
 import uuid
 from urllib.parse import urlparse
 
@@ -24,6 +23,7 @@ from telegram import (
     InlineKeyboardMarkup,
     InlineQueryResultArticle,
     InputTextMessageContent,
+    Message,
     Update,
 )
 from telegram.error import BadRequest, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
@@ -40,6 +40,8 @@ from telegram.ext import (
 
 from bot.commands import (
     COMMANDS,
+    NOT_ON_RECORD,
+    SEED_LIMIT,
     Commands,
     PoemUnavailable,
     Reply,
@@ -55,12 +57,11 @@ from engine.api import PoemEngine
 
 log = logging.getLogger(__name__)
 
-FEEDBACK_RE = re.compile(r"^fb:(\d+):(up|down)$")
 # Commands arrive as messages in private chats and groups, and as channel posts in channels.
 # Edited messages are left out: editing "/poem 月" should not write a second poem.
 COMMAND_UPDATES = filters.UpdateType.MESSAGE | filters.UpdateType.CHANNEL_POST
 INLINE_CANDIDATES = 3  # poems offered per inline query, one rate-limit token each
-SEED_LIMIT = 2**63  # the engine takes seeds in [0, 2**63)
+CAPTION_LIMIT = 1024  # Telegram's limit for a photo's caption
 
 
 def redact(text: str, secrets: list[str]) -> str:
@@ -122,15 +123,36 @@ def configure_logging(settings: Settings, level: int | None = None) -> None:
 
 # helpers the handlers share
 
-def feedback_keyboard(poem_id: int, up: int = 0, down: int = 0) -> InlineKeyboardMarkup:
-    return InlineKeyboardMarkup([[
-        InlineKeyboardButton(f"👍 {up}" if up else "👍", callback_data=f"fb:{poem_id}:up"),
-        InlineKeyboardButton(f"👎 {down}" if down else "👎", callback_data=f"fb:{poem_id}:down"),
-    ]])
+def poem_keyboard(poem_id: int, up: int = 0, down: int = 0, *, actions: bool = True,
+                  card: bool = True) -> InlineKeyboardMarkup:
+    """The buttons under a poem: 👍 👎 (with their counts), then 🔁 another and 🖼 card. `actions` False (in
+    channels) leaves out 🔁 and 🖼; `card` False (the poem is a card already) leaves out 🖼."""
+    rows = [[InlineKeyboardButton(f"👍 {up}" if up else "👍", callback_data=f"fb:{poem_id}:up"),
+             InlineKeyboardButton(f"👎 {down}" if down else "👎", callback_data=f"fb:{poem_id}:down")]]
+    if actions:
+        rows.append([InlineKeyboardButton("🔁 再来一首", callback_data=f"again:{poem_id}")]
+                    + ([InlineKeyboardButton("🖼 诗笺", callback_data=f"card:{poem_id}")] if card else []))
+    return InlineKeyboardMarkup(rows)
 
 
 def markup_for(reply: Reply) -> InlineKeyboardMarkup | None:
-    return feedback_keyboard(reply.poem_id) if reply.poem_id is not None else None
+    if reply.poem_id is None:
+        return None
+    return poem_keyboard(reply.poem_id, actions=reply.actions, card=reply.photo is None)
+
+
+async def send_reply(bot, chat_id: int, reply: Reply, answering: Message | None = None) -> Message:
+    """Send a Reply: text, or its card as a photo with the text as caption (cards hold at most 400
+    characters, so the caption stays within Telegram's 1024). `answering`: the message it answers, replied
+    to as PTB's reply_* do (quoted in groups)."""
+    markup = markup_for(reply)
+    if reply.photo is None or len(reply.text) > CAPTION_LIMIT:
+        if answering is not None:
+            return await answering.reply_text(reply.text, reply_markup=markup)
+        return await bot.send_message(chat_id, reply.text, reply_markup=markup)
+    if answering is not None:
+        return await answering.reply_photo(reply.photo, caption=reply.text, reply_markup=markup, filename="poem.png")
+    return await bot.send_photo(chat_id, reply.photo, caption=reply.text, reply_markup=markup, filename="poem.png")
 
 
 def who_sent(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Who:
@@ -161,23 +183,35 @@ async def on_message(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None
     message = update.effective_message
     reply = await commands_of(context).handle(who_sent(update, context), message.text)
     if reply is not None:
-        await message.reply_text(reply.text, reply_markup=markup_for(reply))
+        await send_reply(context.bot, message.chat_id, reply, answering=message)
 
 
-async def on_feedback(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    """A 👍/👎 tap: store it, answer the tap, show the new counts."""
+async def on_tap(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A tap on a button under a poem (every callback query comes here, forged ones too): the shared code
+    checks the data and the poem and rate-limits; the tap is answered, then 👍/👎 show the new counts and
+    🔁/🖼 send their poem or card. A refused tap gets its answer and nothing else."""
     query = update.callback_query
-    match = FEEDBACK_RE.match(query.data or "")
-    if match is None:
-        await query.answer()
+    message = query.message  # None for a message sent through inline mode (no buttons of ours)
+    if message is None:
+        await query.answer(NOT_ON_RECORD)
         return
-    poem_id, value = int(match.group(1)), 1 if match.group(2) == "up" else -1
-    text, (up, down) = await commands_of(context).feedback(who_sent(update, context), poem_id, value)
-    await query.answer(text)
-    try:
-        await query.edit_message_reply_markup(feedback_keyboard(poem_id, up, down))
-    except BadRequest as e:  # "message is not modified" when a user repeats the same vote
-        log.debug("keeping the buttons: %s", e.message)
+    chat = message.chat
+    # The tapper, not the message's sender (the bot, or the channel), is who the rate limit counts.
+    who = Who(chat_id=chat.id, user_id=query.from_user.id, chat_type=chat.type)
+    tap = await commands_of(context).tap(who, query.data)
+    await query.answer(tap.answer)
+    if tap.refused:
+        return
+    if tap.counts is not None:
+        actions = chat.type != "channel"
+        keyboard = poem_keyboard(tap.poem_id, *tap.counts, actions=actions,
+                                 card=actions and not getattr(message, "photo", None))
+        try:
+            await query.edit_message_reply_markup(keyboard)
+        except BadRequest as e:  # "message is not modified" when a user repeats the same vote
+            log.debug("keeping the buttons: %s", e.message)
+    if tap.then is not None:
+        await send_reply(context.bot, chat.id, await tap.then())
 
 
 async def on_inline_query(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -274,7 +308,7 @@ def build_application(settings: Settings, engine: PoemEngine, store: Store, *, r
            .build())
 
     async def send(chat_id: int, reply: Reply) -> None:
-        await app.bot.send_message(chat_id, reply.text, reply_markup=markup_for(reply))
+        await send_reply(app.bot, chat_id, reply)
 
     commands = Commands(engine, store, settings, retrain=retrain, clock=clock)
     daily = Daily(store, commands, send, settings.timezone, dt.timedelta(minutes=settings.daily_grace_minutes),
@@ -286,7 +320,7 @@ def build_application(settings: Settings, engine: PoemEngine, store: Store, *, r
     app.add_handler(CommandHandler(names, on_message, filters=COMMAND_UPDATES))
     # Unknown commands in private chats get "see /help"; in groups they may be meant for another bot.
     app.add_handler(MessageHandler(filters.ChatType.PRIVATE & filters.UpdateType.MESSAGE & filters.TEXT, on_message))
-    app.add_handler(CallbackQueryHandler(on_feedback, pattern=FEEDBACK_RE))
+    app.add_handler(CallbackQueryHandler(on_tap))  # every button, so that a forged one is answered too
     app.add_handler(InlineQueryHandler(on_inline_query))
     app.add_error_handler(on_error)
     return app

@@ -4,12 +4,15 @@
     base = await api.start()                      # "http://127.0.0.1:PORT"; point TELEGRAM_BASE_URL at it
     api.message(42, "/poem 月")                    # queue an update, as if user 42 wrote it in a private chat
     [sent] = await api.wait_for_sent(1)           # the bot's sendMessage calls, params JSON-decoded
+    [photo] = await api.wait_for_photos(1)        # its sendPhoto calls; photo["photo"]["data"] is the uploaded file
     api.fail_next("sendMessage", 429, retry_after=1)   # inject faults: 429, 5xx, 403 …
     await api.stop()
 
 Speaks just enough of the API for the bot: getMe, getUpdates (long-poll, capped at `max_poll_wait` so
-tests stay fast), deleteWebhook, setWebhook, setMyCommands, sendMessage, editMessageReplyMarkup, answerCallbackQuery,
-answerInlineQuery, getChatMember. Every call is recorded in `calls`, failed ones included.
+tests stay fast), deleteWebhook, setWebhook, setMyCommands, sendMessage, sendPhoto (a multipart upload, as
+PTB sends bytes), editMessageReplyMarkup, answerCallbackQuery, answerInlineQuery, getChatMember. Every call
+is recorded in `calls`, failed ones included; an uploaded file's parameter is {"filename", "content_type",
+"data": bytes}.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class FakeBotApi:
         self.updates: list[dict] = []  # not yet confirmed by an offset
         self.calls: list[tuple[str, dict]] = []  # (method, params) of every call
         self.sent: list[dict] = []  # params of every sendMessage that succeeded
+        self.photos: list[dict] = []  # params of every sendPhoto that succeeded
         self.chats: dict[int, dict] = {}  # chat_id -> Chat object, learned from queued updates
         self.members: dict[tuple[int, int], str] = {}  # (chat_id, user_id) -> creator | administrator | member
         self.forbidden_chats: set[int] = set()  # sendMessage to these: 403 (the bot was removed)
@@ -84,9 +88,15 @@ class FakeBotApi:
         return self._queue({"channel_post" if chat_type == "channel" else "message": msg})
 
     def callback(self, chat_id: int, user_id: int, message: dict, data: str) -> dict:
-        """Queue a button tap on `message` (a sendMessage record from `sent`)."""
+        """Queue a button tap on `message` (a record from `sent` or `photos`), as `user_id` in `chat_id`."""
         msg = {"message_id": message["message_id"], "date": int(time.time()), "chat": self._chat(chat_id, None),
-               "text": message["text"], "from": BOT_USER}
+               "from": BOT_USER}
+        if "photo" in message:
+            msg.update(photo=[_photo_size(message["message_id"])], caption=message.get("caption") or "")
+        else:
+            msg["text"] = message["text"]
+        if "reply_markup" in message:
+            msg["reply_markup"] = message["reply_markup"]
         return self._queue({"callback_query": {"id": str(next(self._message_ids)), "chat_instance": "ci",
                                                "from": {"id": user_id, "is_bot": False, "first_name": "u"},
                                                "message": msg, "data": data}})
@@ -110,6 +120,11 @@ class FakeBotApi:
     async def wait_for_sent(self, count: int, timeout: float = 15.0, chat_id: int | None = None) -> list[dict]:
         """Wait until at least `count` messages were sent (to `chat_id`, if given); returns them."""
         return await self.wait_for(lambda: [m for m in self.sent if chat_id is None or m["chat_id"] == chat_id],
+                                   count, timeout)
+
+    async def wait_for_photos(self, count: int, timeout: float = 15.0, chat_id: int | None = None) -> list[dict]:
+        """Wait until at least `count` photos were sent (to `chat_id`, if given); returns them."""
+        return await self.wait_for(lambda: [m for m in self.photos if chat_id is None or m["chat_id"] == chat_id],
                                    count, timeout)
 
     async def wait_for_calls(self, method: str, count: int = 1, timeout: float = 15.0) -> list[dict]:
@@ -187,6 +202,21 @@ class FakeBotApi:
         self.sent.append({**params, "message_id": msg["message_id"]})
         return msg
 
+    async def _api_sendPhoto(self, params):
+        chat_id = params["chat_id"]
+        if chat_id in self.forbidden_chats:
+            return _error(403, "Forbidden: bot was kicked from the group chat")
+        photo = params.get("photo")
+        if not isinstance(photo, dict) or not photo.get("data"):
+            return _error(400, "Bad Request: there is no photo in the request")
+        msg = {"message_id": next(self._message_ids), "date": int(time.time()), "from": BOT_USER,
+               "chat": self.chats.get(chat_id, {"id": chat_id, "type": "private"})}
+        msg.update(photo=[_photo_size(msg["message_id"])], caption=params.get("caption") or "")
+        if "reply_markup" in params:
+            msg["reply_markup"] = params["reply_markup"]
+        self.photos.append({**params, "message_id": msg["message_id"]})
+        return msg
+
     async def _api_editMessageReplyMarkup(self, params):
         return {"message_id": params["message_id"], "date": int(time.time()), "from": BOT_USER,
                 "chat": self.chats.get(params["chat_id"], {"id": params["chat_id"], "type": "private"}),
@@ -225,13 +255,20 @@ class FakeBotApi:
         return update
 
 
+def _photo_size(message_id: int) -> dict:
+    return {"file_id": f"photo-{message_id}", "file_unique_id": f"u{message_id}", "width": 800, "height": 600}
+
+
 async def _params(request: web.Request) -> dict:
     if request.content_type == "application/json":
         return await request.json()
-    raw = dict(await request.post()) if request.body_exists else {}
+    raw = dict(await request.post()) if request.body_exists else {}  # urlencoded, or multipart with files
     raw.update(request.query)
     params = {}
     for key, value in raw.items():
+        if isinstance(value, web.FileField):
+            params[key] = {"filename": value.filename, "content_type": value.content_type, "data": value.file.read()}
+            continue
         if key in STRING_PARAMS or not isinstance(value, str):
             params[key] = value
             continue

@@ -252,6 +252,30 @@ async def test_poem_requests_are_rate_limited_per_user(tmp_path, store, scripted
     assert "beam" in (await commands.handle(private(1), "/beam 4")).text  # settings are not limited
 
 
+async def test_card_on_and_off_is_stored_and_poems_follow_it(commands, store):
+    assert "Cards: off (the default here)" in (await commands.handle(private(), "/card")).text
+    assert (await commands.handle(private(), "/poem 月")).photo is None
+    assert "Cards: on" in (await commands.handle(private(), "/card on")).text and store.chat_settings(42).card is True
+    reply = await commands.handle(private(), "/poem 月")
+    assert reply.photo[:8] == b"\x89PNG\r\n\x1a\n" and reply.text.startswith("月") and reply.poem_id is not None
+    assert "cards: on" in (await commands.handle(private(), "/settings")).text
+    assert "Cards: off" in (await commands.handle(private(), "/card 关")).text and store.chat_settings(42).card is False
+
+
+@pytest.mark.parametrize("text", ["/card yes", "/card on off", "/card 1", "/card onn"])
+async def test_bad_card_arguments_say_what_is_allowed_and_change_nothing(commands, store, text):
+    reply = await commands.handle(private(), text)
+    assert "Usage: /card on" in reply.text and store.chat_settings(42).card is None
+
+
+async def test_channels_get_cards_unless_they_say_off(commands, store):
+    channel = Who(chat_id=-1001, user_id=None, chat_type="channel")
+    reply = await commands.handle(channel, "/poem 月")
+    assert reply.photo is not None and not reply.actions  # no 🔁 🖼 for subscribers to tap
+    await commands.handle(channel, "/card off")
+    assert (await commands.handle(channel, "/poem 月")).photo is None
+
+
 def test_rate_limiter_window_slides():
     now = [0.0]
     limiter = RateLimiter(2, 10, clock=lambda: now[0])
@@ -265,13 +289,13 @@ async def test_feedback_is_stored_once_per_user(commands, store):
     reply = await commands.handle(group(1, False, chat_id=-100), "/poem 月")
     await commands.feedback(group(1, False, chat_id=-100), reply.poem_id, 1)  # two members of the same group
     await commands.feedback(group(2, False, chat_id=-100), reply.poem_id, 1)
-    _, counts = await commands.feedback(group(2, False, chat_id=-100), reply.poem_id, -1)
-    assert counts == (1, 1)
+    tap = await commands.feedback(group(2, False, chat_id=-100), reply.poem_id, -1)
+    assert tap.counts == (1, 1) and not tap.refused
 
 
 async def test_feedback_on_an_unknown_poem_is_answered_politely(commands):
-    text, counts = await commands.feedback(private(), 12345, 1)
-    assert "no longer" in text and counts == (0, 0)
+    tap = await commands.feedback(private(), 12345, 1)
+    assert "no longer" in tap.answer and tap.refused and tap.counts is None
 
 
 # fuzzing: any text, any arguments
@@ -316,15 +340,16 @@ def test_every_command_has_exactly_one_handler_and_every_handler_a_command(comma
 
 async def test_feedback_on_a_poem_of_another_chat_is_refused(commands, store):
     theirs = (await commands.handle(private(7), "/poem 月")).poem_id
-    text, counts = await commands.feedback(private(42), theirs, 1)  # forged callback data naming their poem
-    assert counts == (0, 0) and store.feedback_counts(theirs) == (0, 0)
+    tap = await commands.feedback(private(42), theirs, 1)  # forged callback data naming their poem
+    assert tap.refused and tap.counts is None and store.feedback_counts(theirs) == (0, 0)
     ours = (await commands.handle(private(42), "/poem 月")).poem_id
-    assert (await commands.feedback(private(42), ours, 1))[1] == (1, 0)
+    assert (await commands.feedback(private(42), ours, 1)).counts == (1, 0)
 
 
 async def test_feedback_taps_are_rate_limited_per_user(commands, store):
     poem_id = (await commands.handle(private(42), "/poem 月")).poem_id
     answers = [await commands.feedback(private(42), poem_id, 1 if i % 2 else -1) for i in range(100)]
-    limited = [text for text, _ in answers if "Too many" in text]
-    assert limited and len(limited) < 100
-    assert (await commands.feedback(private(43), poem_id, 1))[0] != limited[0]  # someone else is not limited
+    limited = [tap for tap in answers if "Too many" in tap.answer]
+    assert limited and len(limited) < 100 and all(tap.refused and tap.counts is None for tap in limited)
+    other = await commands.feedback(Who(chat_id=42, user_id=43), poem_id, 1)  # someone else in the chat
+    assert not other.refused and "Too many" not in other.answer

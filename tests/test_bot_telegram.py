@@ -43,8 +43,8 @@ async def test_poem_command_replies_with_a_valid_qijue_opening_with_the_prompt(s
     poem = poem_text(sent["text"])
     assert is_qijue(poem) and poem.startswith("月"), sent["text"]
     assert sent["chat_id"] == USER
-    buttons = [b["callback_data"] for b in sent["reply_markup"]["inline_keyboard"][0]]
-    assert buttons == ["fb:1:up", "fb:1:down"]
+    buttons = [[b["callback_data"] for b in row] for row in sent["reply_markup"]["inline_keyboard"]]
+    assert buttons == [["fb:1:up", "fb:1:down"], ["again:1", "card:1"]]  # 👍 👎, then 🔁 another and 🖼 card
     assert fake_api.calls_of("setMyCommands")  # the command menu was published
 
 
@@ -173,8 +173,9 @@ async def test_commands_work_as_channel_posts(settings, fake_api, scripted_engin
     async with running_bot(settings, scripted_engine, store):
         fake_api.message(CHANNEL, "/daily 09:00 七律", chat_type="channel")
         fake_api.message(CHANNEL, "/poem 春", chat_type="channel")
-        sent = await fake_api.wait_for_sent(2)
-    assert {m["chat_id"] for m in sent} == {CHANNEL}
+        [sent] = await fake_api.wait_for_sent(1)
+        [poem] = await fake_api.wait_for_photos(1)  # channels have cards on by default
+    assert sent["chat_id"] == poem["chat_id"] == CHANNEL and poem["caption"].startswith("春")
     assert store.subscription(CHANNEL).form == "qilv"
 
 

@@ -28,14 +28,14 @@ SOAK = os.environ.get("YINSHI_SOAK") == "1"
 FUZZ = dict(deadline=None, derandomize=not SOAK, suppress_health_check=list(HealthCheck))
 MAX_MESSAGE = 4096  # Telegram refuses longer messages, incoming and outgoing
 ADMIN, USER, CHAT_ADMIN = 999, 42, 7
-MANAGING = [name for name, c in COMMANDS.items() if c.manages] + ["daily"]
+MANAGING = [name for name, c in COMMANDS.items() if c.manages or c.manages_with_args]
 
 ANY_CHAR = st.characters(codec=None, exclude_categories=())  # every code point, surrogates included
 SPACES = st.sampled_from([" ", "  ", "\t", "\n", "\u3000", "\u00a0", "\u2028", "\u200b", "\x1c"])
 WORDS = (st.text(ANY_CHAR, max_size=12)
          | st.sampled_from(["5", "16", "17", "0", "-3", "1e1", "0.8", "2", "2.0000001", "nan", "inf", "١٦", "５",
                             "七绝", "qijue", "五言律诗", "QILV", "lstm", "GRU", "transformer", "08:00", "8:00",
-                            "23:59", "24:00", "０８：００", "off", "取消", "春夏秋冬", "月", "龘", "🌙", "\ud800"])
+                            "23:59", "24:00", "０８：００", "off", "取消", "on", "ON", "开", "春夏秋冬", "月", "龘", "🌙", "\ud800"])
          | st.text(ANY_CHAR, min_size=200, max_size=4000))
 
 
@@ -100,6 +100,9 @@ def expected_setting(name: str, args: list[str]) -> dict | None:
             return None
     if name == "model":
         return {"model": args[0].lower()} if len(args) == 1 and args[0].lower() in ("lstm", "gru") else None
+    if name == "card":
+        choice = {"on": True, "开": True, "off": False, "关": False}.get(args[0].lower()) if len(args) == 1 else None
+        return None if choice is None else {"card": choice}
     raise AssertionError(name)
 
 
@@ -143,7 +146,7 @@ async def _any_message_property(bot, text, sender):
         assert engine.reloads == reloads or who.user_id == ADMIN
         if who.user_id != ADMIN:
             assert reply.text == ADMINS_ONLY
-    manages = command.manages or (name == "daily" and bool(args))
+    manages = command.manages or (command.manages_with_args and bool(args))
     if manages and who.chat_type in ("group", "supergroup") and who.user_id != CHAT_ADMIN:
         assert reply.text == CHAT_ADMINS_ONLY and after == before
         return
@@ -185,8 +188,8 @@ async def test_soak_any_message(bot, text, sender):
 async def test_feedback_for_any_poem_id_is_answered_and_never_raises(bot, poem_id, value, user):
     commands, store, _ = bot
     who = Who(chat_id=USER, user_id=user)
-    text, counts = await commands.feedback(who, poem_id, value)
-    assert text and counts == (0, 0)  # no such poem (the store holds none yet)
+    tap = await commands.feedback(who, poem_id, value)
+    assert tap.answer and tap.refused and tap.counts is None  # no such poem (the store holds none yet)
     assert store.counts()["likes"] == store.counts()["dislikes"] == 0
 
 
