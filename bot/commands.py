@@ -388,11 +388,11 @@ class Commands:
                        ) -> bytes | None:
         """The poem's card (PNG), drawn on a worker thread (a tenth of a second or so of CPU); None if it
         cannot be drawn (logged)."""
-        form = FORMS[result.form].chinese if result.form in FORMS else result.form
+        title = poem_card_title(result.form, getattr(result, "tune", None), prompt, keywords, acrostic)
         model = result.model or {}
         try:
-            card = await asyncio.to_thread(render_card, result.poem, card_title(form, prompt, keywords, acrostic),
-                                           model=model.get("name") or "", version=model.get("version") or "")
+            card = await asyncio.to_thread(render_card, result.poem, title, model=model.get("name") or "",
+                                           version=model.get("version") or "")
         except (CardError, OSError) as e:
             log.warning("no card for a %s poem: %s", result.form, e)
             return None
@@ -647,11 +647,21 @@ def describe_settings(s: ChatSettings, chat_type: str | None = None) -> str:
             f"诗笺 cards: {'on' if cards_on(s, chat_type) else 'off'}")
 
 
+def poem_card_title(form: str, tune: str | None = None, prompt: str = "", keywords=(),
+                    acrostic: str | None = None) -> str:
+    """A poem card's title: "七绝 · 月", "七绝 · 月 舟 秋", "五绝 · 藏头 春夏秋冬"; a 词 is titled by its tune,
+    "词 · 水调歌头"."""
+    if form == "ci" or tune:
+        return card_title("词", tune or prompt)
+    return card_title(FORMS[form].chinese if form in FORMS else form, prompt, keywords, acrostic)
+
+
 def stored_result(poem: dict) -> PoemResult:
     """A stored poem as the PoemResult it was sent from (for its caption and card)."""
     lines = [line for line in re.split(r"[，。？！；\n]", poem["poem"] or "") if line]
     return PoemResult(poem=poem["poem"] or "", lines=lines, form=poem["form"], mode=poem["mode"],
-                      model={"name": poem["model"], "version": poem["model_version"]}, elapsed_ms=0.0)
+                      model={"name": poem["model"], "version": poem["model_version"]}, elapsed_ms=0.0,
+                      tune=poem.get("tune"))
 
 
 def format_reply(result: PoemResult, s: ChatSettings) -> str:

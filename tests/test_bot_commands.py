@@ -276,6 +276,24 @@ async def test_channels_get_cards_unless_they_say_off(commands, store):
     assert (await commands.handle(channel, "/poem 月")).photo is None
 
 
+def test_a_cards_title_names_the_form_and_the_opening_keywords_acrostic_or_tune():
+    from bot.commands import poem_card_title
+
+    assert poem_card_title("qijue", None, "月") == "七绝 · 月"
+    assert poem_card_title("wulv", None, "月", ["舟", "秋"]) == "五律 · 月 舟 秋"
+    assert poem_card_title("wujue", None, "", [], "春夏秋冬") == "五绝 · 藏头 春夏秋冬"
+    assert poem_card_title("ci", "水调歌头", "明月") == "词 · 水调歌头"
+
+
+async def test_a_ci_result_gets_a_card_though_ci_is_no_shi_form(commands):
+    from engine.api import PoemResult
+
+    text = "明月几时有？把酒问青天。不知天上宫阙，今夕是何年。\n转朱阁，低绮户，照无眠。不应有恨，何事长向别时圆？"
+    result = PoemResult(poem=text, lines=[], form="ci", mode="beam", model={"name": "lstm", "version": "v"},
+                        elapsed_ms=1.0, tune="水调歌头")
+    assert (await commands.card_png(result, "明月"))[:4] == b"\x89PNG"
+
+
 def test_rate_limiter_window_slides():
     now = [0.0]
     limiter = RateLimiter(2, 10, clock=lambda: now[0])
