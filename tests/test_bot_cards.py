@@ -112,7 +112,9 @@ async def test_the_again_button_writes_another_with_that_poems_settings_and_a_ne
         fake_api.callback(USER, USER, acrostic_poem, buttons(acrostic_poem)[2])
         sent = await fake_api.wait_for_sent(9)
         await all_updates_handled(app, fake_api)
-    first, again, acrostic, acrostic_again = (scripted_engine.requests[i] for i in (0, 2, 1, 3))
+    first, acrostic = scripted_engine.requests[:2]
+    agains = scripted_engine.requests[2:]  # a seed that rewrote the same poem is tried once more
+    again, acrostic_again = agains[0], agains[-1]
     for a, b in ((first, again), (acrostic, acrostic_again)):
         assert (b.prompt, b.keywords, b.acrostic, b.form, b.mode, b.temperature, b.model) == \
                (a.prompt, a.keywords, a.acrostic, a.form, a.mode, a.temperature, a.model)
@@ -179,6 +181,7 @@ async def test_again_and_card_taps_are_rate_limited_like_poem_commands(tmp_path,
         [poem] = await fake_api.wait_for_sent(1)
         fake_api.callback(USER, USER, poem, "again:1")  # token 2
         await fake_api.wait_for_sent(2)
+        asked = len(scripted_engine.requests)  # 2, or 3 if its first seed happened to write the same poem
         fake_api.callback(USER, USER, poem, "again:1")  # none left
         fake_api.callback(USER, USER, poem, "card:1")
         await fake_api.wait_for_calls("answerCallbackQuery", 3)
@@ -186,7 +189,7 @@ async def test_again_and_card_taps_are_rate_limited_like_poem_commands(tmp_path,
         fake_api.message(USER, "/poem 山")
         limited = (await fake_api.wait_for_sent(3))[2]
     assert ["Too many" in a for a in answers(fake_api)] == [False, True, True]
-    assert len(scripted_engine.requests) == 2 and not fake_api.photos and "Too many poems" in limited["text"]
+    assert len(scripted_engine.requests) == asked and not fake_api.photos and "Too many poems" in limited["text"]
 
 
 async def test_a_vote_updates_the_counts_and_keeps_the_other_buttons(settings, fake_api, scripted_engine, store):

@@ -294,6 +294,16 @@ async def test_a_ci_result_gets_a_card_though_ci_is_no_shi_form(commands):
     assert (await commands.card_png(result, "明月"))[:4] == b"\x89PNG"
 
 
+async def test_again_tries_a_second_seed_when_the_first_writes_the_same_poem(commands, scripted_engine, store):
+    poem_id = (await commands.handle(private(), "/poem 月")).poem_id
+    scripted_engine.ignore_seed = True  # every seed writes the same poem
+    tap = await commands.tap(private(), f"again:{poem_id}")
+    reply = await tap.then()
+    seeds = [r.seed for r in scripted_engine.requests[1:]]
+    assert len(seeds) == 2 and None not in seeds and seeds[0] != seeds[1]
+    assert reply.poem_id == poem_id + 1 and reply.text.startswith("月")  # still sent: the model is that sure
+
+
 def test_rate_limiter_window_slides():
     now = [0.0]
     limiter = RateLimiter(2, 10, clock=lambda: now[0])
