@@ -42,6 +42,7 @@ from engine.api import MAX_BEAM_WIDTH, PoemEngine, PoemRequest, PoemResult
 from engine.errors import EngineUnavailableError, QueueFullError, RequestError
 from engine.poem.forms import FORMS, parse_form
 from engine.poem.meter import check_meter, format_report
+from engine.poem.tunes import TUNES, parse_tune
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("poem", "[开头 关键词…]", "写一首诗，以第一个词开头，其余的词（至多 4 个，各 1–2 字）写进诗中；不给则随机开头",
             "a poem opening with the first word; further words are keywords (up to 4, 1–2 characters each) placed "
             "somewhere in it (random opening without)", example="/poem 月 舟 秋"),
+    Command("ci", "词牌 [开头 关键词…]", "按词牌填词，可给开头和关键词（词牌见 /tunes）",
+            "a 词 to a tune, with an optional opening and keywords (tunes: /tunes)", example="/ci 浣溪沙 月"),
+    Command("tunes", "", "可填的词牌及其句式", "the tunes /ci writes, with their shape"),
     Command("acrostic", "春夏秋冬", "藏头诗：每句首字，4 或 8 个字", "acrostic: one character per line, 4 or 8",
             example="/acrostic 春夏秋冬"),
     Command("cangtou", "春夏秋冬", "同 /acrostic", "same as /acrostic", example="/cangtou 春夏秋冬"),
@@ -91,8 +95,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("check", "诗句", "格律检查：每字平仄、韵部、出律之处", "prosody check: each character's tone, the rhyme, any faults",
             example="/check 白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"),
     Command("settings", "", "查看本聊天的设置", "show this chat's settings"),
-    Command("daily", "HH:MM [诗体] | off", "每日一诗：订阅、取消或查看", "daily poem: subscribe, stop, or show",
-            manages_with_args=True, example="/daily 08:00 五绝"),
+    Command("daily", "HH:MM [诗体|词牌] | off", "每日一诗（或一首词）：订阅、取消或查看",
+            "daily poem (or 词 to a tune): subscribe, stop, or show", manages_with_args=True,
+            example="/daily 08:00 浣溪沙"),
     Command("status", "", "（管理员）模型版本、队列、运行时间、统计", "(admins) model versions, queue, uptime, counts",
             admin=True),
     Command("reload", "", "（管理员）立即载入最新发布的模型", "(admins) load the newest published model now",
@@ -100,7 +105,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("retrain", "", "（管理员）请训练器重新训练并报告结果", "(admins) ask the trainer to retrain; reports the outcome",
             admin=True),
 )}
-POEM_COMMANDS = ("poem", "acrostic", "cangtou")  # the ones the per-user rate limit counts (and 🔁 🖼 taps)
+POEM_COMMANDS = ("poem", "ci", "acrostic", "cangtou")  # the ones the per-user rate limit counts (and 🔁 🖼 taps)
 FEEDBACK_PER_MINUTE = 20  # 👍/👎 taps per user
 SEED_LIMIT = 2**63  # the engine takes seeds in [0, 2**63)
 
@@ -213,7 +218,8 @@ class Commands:
         # Every command of COMMANDS and the method that answers it.
         self.handlers: dict[str, Callable[[Who, list[str]], Awaitable[Reply]]] = {
             "start": self.cmd_start, "help": self.cmd_help,
-            "poem": self.cmd_poem, "acrostic": self.cmd_acrostic, "cangtou": self.cmd_acrostic,
+            "poem": self.cmd_poem, "ci": self.cmd_ci, "tunes": self.cmd_tunes,
+            "acrostic": self.cmd_acrostic, "cangtou": self.cmd_acrostic,
             "form": self.cmd_form, "greedy": self.cmd_greedy, "sample": self.cmd_sample, "beam": self.cmd_beam,
             "model": self.cmd_model, "card": self.cmd_card, "check": self.cmd_check, "settings": self.cmd_settings,
             "daily": self.cmd_daily,
@@ -317,8 +323,8 @@ class Commands:
         for _ in range(2):
             try:
                 result = await self.generate(who.chat_id, prompt=poem["prompt"] or "", acrostic=poem["acrostic"],
-                                             form=poem["form"], keywords=keywords, settings=settings,
-                                             seed=self.rng.randrange(SEED_LIMIT))
+                                             form=poem["form"], tune=poem.get("tune"), keywords=keywords,
+                                             settings=settings, seed=self.rng.randrange(SEED_LIMIT))
             except PoemUnavailable as e:
                 return Reply(e.reply)
             if result.poem != poem["poem"]:
@@ -351,6 +357,21 @@ class Commands:
         prompt = args[0] if args else self.rng.choice(OPENINGS)
         return await self.poem_reply(who, prompt=prompt, keywords=args[1:])
 
+    async def cmd_ci(self, who: Who, args: list[str]) -> Reply:
+        # "/ci 浣溪沙 月 舟": the tune, then the opening and keywords as for /poem.
+        if not args:
+            return Reply(CI_USAGE)
+        try:
+            tune = parse_tune(args[0])
+        except ValueError:
+            return Reply(f"没有这个词牌：{_echo(args[0])}。发送 /tunes 查看可填的词牌。\n"
+                         f"Unknown tune {_echo(args[0])!r}; /tunes lists them.")
+        prompt = args[1] if len(args) > 1 else self.rng.choice(OPENINGS)
+        return await self.poem_reply(who, prompt=prompt, keywords=args[2:], form="ci", tune=tune.name)
+
+    async def cmd_tunes(self, who: Who, args: list[str]) -> Reply:
+        return Reply(tunes_text())
+
     async def cmd_acrostic(self, who: Who, args: list[str]) -> Reply:
         heads = "".join(args)
         # Keep the chat's line length; the number of characters picks 绝句 (4 lines) or 律诗 (8 lines). Any
@@ -361,11 +382,11 @@ class Commands:
         return await self.poem_reply(who, acrostic=heads, form=form)
 
     async def poem_reply(self, who: Who, *, prompt: str = "", acrostic: str | None = None,
-                         form: str | None = None, keywords: list[str] | None = None) -> Reply:
+                         form: str | None = None, keywords: list[str] | None = None, tune: str | None = None) -> Reply:
         s = await self.store.aio.chat_settings(who.chat_id)
         try:
             result = await self.generate(who.chat_id, prompt=prompt, acrostic=acrostic, form=form, keywords=keywords,
-                                         settings=s)
+                                         settings=s, tune=tune)
         except PoemUnavailable as e:
             return Reply(e.reply)
         return await self.sent_poem(who.chat_id, who.chat_type, who.user_id, "command", result, s, prompt=prompt,
@@ -402,13 +423,17 @@ class Commands:
 
     async def generate(self, chat_id: int, *, prompt: str = "", acrostic: str | None = None,
                        form: str | None = None, seed: int | None = None,
-                       keywords: list[str] | None = None, settings: ChatSettings | None = None) -> PoemResult:
+                       keywords: list[str] | None = None, settings: ChatSettings | None = None,
+                       tune: str | None = None) -> PoemResult:
         """One poem in the chat's settings (or `settings`); raises PoemUnavailable with a reply fit for the
-        chat. `seed`: the engine's draw (same request and seed, same poem); None lets the engine pick one."""
+        chat. `seed`: the engine's draw (same request and seed, same poem); None lets the engine pick one.
+        A 词 (`tune`) goes to the engine's model that writes 词, whatever the chat's /model."""
         s = settings or await self.store.aio.chat_settings(chat_id)
+        if tune:
+            form = "ci"
         request = PoemRequest(prompt=prompt, acrostic=acrostic, form=form or s.form, mode=s.mode,
-                              beam_width=s.beam_width, temperature=s.temperature, model=s.model, seed=seed,
-                              keywords=list(keywords or []))
+                              beam_width=s.beam_width, temperature=s.temperature,
+                              model=None if tune else s.model, seed=seed, keywords=list(keywords or []), tune=tune)
         try:
             return await self.engine.generate(request.validate())
         except RequestError as e:
@@ -516,15 +541,20 @@ class Commands:
         m = re.fullmatch(r"([01]?\d|2[0-3])[:：]([0-5]\d)", args[0])
         if not m or len(args) > 2:
             return Reply(usage)
-        form = None
+        form = tune = None
         if len(args) == 2:
             try:
                 form = parse_form(args[1]).name
             except ValueError:
-                allowed = "、".join(f"{f.chinese} {f.name}" for f in FORMS.values())
-                return Reply(f"没有这种诗体：{_echo(args[1])}。可选：{allowed}\nUnknown form {_echo(args[1])!r}; allowed: {allowed}.")
+                try:
+                    form, tune = "ci", parse_tune(args[1]).name
+                except ValueError:
+                    allowed = "、".join(f"{f.chinese} {f.name}" for f in FORMS.values())
+                    return Reply(f"没有这种诗体或词牌：{_echo(args[1])}。可选：{allowed}，或 /tunes 中的词牌\n"
+                                 f"Unknown form or tune {_echo(args[1])!r}; allowed: {allowed}, or a tune of /tunes.")
         hhmm = f"{int(m.group(1)):02d}:{int(m.group(2)):02d}"  # int() also normalises full-width digits
-        await self.store.aio.subscribe(who.chat_id, hhmm, form, since=self.clock(), chat_type=who.chat_type)
+        await self.store.aio.subscribe(who.chat_id, hhmm, form, since=self.clock(), chat_type=who.chat_type,
+                                       tune=tune)
         await self._subscription_changed(who.chat_id)
         return Reply(await self.describe_subscription(who.chat_id))
 
@@ -537,9 +567,9 @@ class Commands:
         tz = self.settings.timezone.key
         if sub is None:
             return "每日一诗：未订阅（/daily 08:00）\nDaily poem: off (/daily 08:00 to subscribe)."
-        form = FORMS[sub.form] if sub.form else None
-        what_zh = f"一首{form.chinese}" if form else "一首诗"
-        what_en = f"a {form.name}" if form else "a poem in this chat's form"
+        form = FORMS.get(sub.form) if sub.form else None
+        what_zh = f"一首{sub.tune}" if sub.tune else f"一首{form.chinese}" if form else "一首诗"
+        what_en = (f"a 词 to {sub.tune}" if sub.tune else f"a {form.name}" if form else "a poem in this chat's form")
         if sub.paused:
             return (f"每日一诗：已暂停（{sub.paused_reason or '无法发送'}）；发送 /daily {sub.time} 恢复。\n"
                     f"Daily poem: paused ({sub.paused_reason or 'could not send'}); /daily {sub.time} resumes it.")
@@ -601,6 +631,8 @@ def describe_request_error(e: RequestError) -> str:
         return f"{ACROSTIC_USAGE}\n({_echo(e.message, 200)})"
     if e.code == "prompt_too_long":
         return f"开头太长。\nThe opening is too long: {_echo(e.message, 200)}"
+    if e.code == "no_ci":
+        return "这里还没有会填词的模型。\nNo model here writes 词 yet (the operator adds ci to ENGINE_MODELS)."
     if e.code == "bad_character":
         return f"开头只能是汉字。\nThe opening must be Han characters: {_echo(e.message, 200)}"
     return f"无法作诗。\nCannot write that poem: {_echo(e.message, 200)}"
@@ -665,14 +697,30 @@ def stored_result(poem: dict) -> PoemResult:
 
 
 def format_reply(result: PoemResult, s: ChatSettings) -> str:
-    """One couplet a line, then a footer naming form, decoding and model."""
-    lines = result.lines
-    couplets = [f"{lines[i]}，{lines[i + 1]}。" for i in range(0, len(lines) - 1, 2)]
-    form = FORMS[result.form]
+    """One couplet a line (a 词: one sentence a line, a blank line between its stanzas), then a footer
+    naming form or tune, decoding and model."""
     mode = {"greedy": "greedy", "sample": f"sample t={s.temperature:g}", "beam": f"beam {s.beam_width}"}.get(
         result.mode, result.mode)
     model = (result.model or {}).get("name", "?")
-    return "\n".join(couplets) + f"\n\n— {form.chinese} · {mode} · {model}"
+    if result.form == "ci":
+        stanzas = [re.sub(r"(?<=。)(?=.)", "\n", stanza) for stanza in result.poem.split("\n")]
+        return "\n\n".join(stanzas) + f"\n\n— 词 · {result.tune} · {mode} · {model}"
+    lines = result.lines
+    couplets = [f"{lines[i]}，{lines[i + 1]}。" for i in range(0, len(lines) - 1, 2)]
+    return "\n".join(couplets) + f"\n\n— {FORMS[result.form].chinese} · {mode} · {model}"
+
+
+CI_USAGE = ("用法：/ci 词牌 [开头 关键词…]，如 /ci 浣溪沙 月；/tunes 查看词牌。\n"
+            "Usage: /ci <tune> [opening keywords…], e.g. /ci 浣溪沙 月; /tunes lists the tunes.")
+
+
+def tunes_text() -> str:
+    """/tunes: each tune with its characters and lines per stanza, most common first."""
+    items = [f"{t.name} {t.num_chars}字 {'+'.join(str(len(st)) for st in t.stanzas)}句" for t in TUNES.values()]
+    return (f"词牌（{len(items)} 个，按《全宋词》中的常见程度）：\n" + "、".join(items) +
+            "\n用 /ci 词牌 [开头] 填词，/daily 08:00 词牌 每日一首。\n"
+            f"Tunes ({len(items)}, most common first): characters and lines per stanza. /ci <tune> [opening] "
+            "writes one; /daily 08:00 <tune> posts one daily.")
 
 
 def help_text() -> str:

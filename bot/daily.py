@@ -96,7 +96,8 @@ class Daily:
         opening = self.commands.rng.choice(OPENINGS)
         settings = await self.store.aio.chat_settings(chat_id)
         try:
-            result = await self.commands.generate(chat_id, prompt=opening, form=sub.form, settings=settings)
+            result = await self.commands.generate(chat_id, prompt=opening, form=sub.form, tune=sub.tune,
+                                                  settings=settings)
         except PoemUnavailable as e:
             log.warning("daily post for chat %s: no poem (%s); retrying in about %ss", chat_id,
                         e.reply.splitlines()[-1], RETRY_SECONDS)

@@ -47,12 +47,13 @@ class ChatSettings:
 class Subscription:
     chat_id: int
     time: str  # "HH:MM" in the bot's TIMEZONE
-    form: str | None  # None = the chat's form at posting time
+    form: str | None  # None = the chat's form at posting time; "ci" with `tune`
     paused: bool  # set when Telegram says the bot left the chat (Forbidden)
     last_posted_date: str | None  # "YYYY-MM-DD" (TIMEZONE) of the last slot claimed
     paused_reason: str | None = None
     since: str | None = None  # UTC ISO time the current time was set; earlier slots are not owed
     chat_type: str | None = None  # private | group | supergroup | channel, as of /daily (None: subscribed before v3)
+    tune: str | None = None  # the 词 tune when form is ci (/daily 08:00 浣溪沙)
 
 
 def _now() -> str:
@@ -90,7 +91,13 @@ def _migrate_3(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE subscriptions ADD COLUMN chat_type TEXT")
 
 
-MIGRATIONS = [_migrate_1, _migrate_2, _migrate_3]
+def _migrate_4(db: sqlite_utils.Database) -> None:
+    """词: the tune of a poem (🔁 writes the same tune again) and of a daily subscription."""
+    db.execute("ALTER TABLE poems ADD COLUMN tune TEXT")
+    db.execute("ALTER TABLE subscriptions ADD COLUMN tune TEXT")
+
+
+MIGRATIONS = [_migrate_1, _migrate_2, _migrate_3, _migrate_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -228,14 +235,15 @@ class Store:
 
     @_serialised
     def subscribe(self, chat_id: int, time: str, form: str | None, since: dt.datetime | None = None,
-                  chat_type: str | None = None) -> Subscription:
+                  chat_type: str | None = None, tune: str | None = None) -> Subscription:
         """Subscribe (or change the time/form, and unpause) as of `since` (default now). Keeps
         last_posted_date, also across /daily off, so moving today's time later does not post a second poem today.
         `chat_type`: where /daily was sent (channels get their daily poem as a picture)."""
         with self._write():
             old = self._subscription_row(chat_id)
             self.db["subscriptions"].upsert({
-                "chat_id": chat_id, "time": time, "form": form, "paused": 0, "paused_reason": None, "active": 1,
+                "chat_id": chat_id, "time": time, "form": form, "tune": tune, "paused": 0, "paused_reason": None,
+                "active": 1,
                 "last_posted_date": old["last_posted_date"] if old else None,
                 "chat_type": chat_type or (old["chat_type"] if old else None),
                 "created_at": (since or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -290,7 +298,7 @@ class Store:
                 "form": result.form, "mode": result.mode, "model": (result.model or {}).get("name"),
                 "model_version": (result.model or {}).get("version"), "poem": result.poem, "created_at": _now(),
                 "keywords": json.dumps(list(keywords or []), ensure_ascii=False), "beam_width": beam_width,
-                "temperature": temperature,
+                "temperature": temperature, "tune": getattr(result, "tune", None),
             })
         return table.last_pk
 
@@ -336,7 +344,7 @@ class Store:
 def _subscription(row: dict) -> Subscription:
     return Subscription(chat_id=row["chat_id"], time=row["time"], form=row["form"], paused=bool(row["paused"]),
                         last_posted_date=row["last_posted_date"], paused_reason=row["paused_reason"],
-                        since=row["created_at"], chat_type=row["chat_type"])
+                        since=row["created_at"], chat_type=row["chat_type"], tune=row.get("tune"))
 
 
 def poem_keywords(row: dict) -> list[str]:
