@@ -68,11 +68,11 @@ def test_a_vocabulary_restored_from_its_tokens_is_the_same():
     (["月", *HEAD], "must start with"),
     (HEAD[:-1], "must start with"),
     ([*HEAD, "月", "月"], "duplicate"),
-    ([*HEAD, "a"], "neither Han"),
+    ([*HEAD, "a"], "non-Han"),
     ([*HEAD, "，"], "duplicate"),
-    ([*HEAD, "<bos>"], "neither Han"),
+    ([*HEAD, "<bos>"], "non-Han"),
     ([*HEAD, "<ci>", "月"], "tune tokens come last"),
-    ([*HEAD, "月", "<ci:>"], "neither Han"),
+    ([*HEAD, "月", "<ci:>"], "non-Han"),
 ])
 def test_a_malformed_token_list_is_rejected(tokens, problem):
     with pytest.raises(ValueError, match=problem):

@@ -76,8 +76,8 @@ class Vocab:
         bad = [t for t in tokens[len(head) : num_han] if not is_han(t)]
         bad += [t for t in tokens[num_han:] if not is_tune_token(t)]
         if bad:
-            raise ValueError(f"vocabulary holds tokens that are neither Han characters nor tune tokens "
-                             f"(tune tokens come last): {bad[:5]}")
+            raise ValueError(f"vocabulary holds non-Han characters, or tokens after its tune tokens (tune tokens "
+                             f"come last): {bad[:5]}")
         self.tokens = list(tokens)
         self.index = {t: i for i, t in enumerate(self.tokens)}
         self.pad_id, self.unk_id, self.eos_id = (self.index[t] for t in SPECIALS)
