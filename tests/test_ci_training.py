@@ -72,3 +72,11 @@ def test_a_ci_run_from_scratch_builds_its_vocabulary_from_the_ci(tiny_ci_corpus,
     path = train_tiny(tiny_ci_corpus, tmp_path, kind="ci", steps=10)
     vocab = load_checkpoint(path).vocab
     assert vocab.writes_ci and vocab.tune_id("浣溪沙") != vocab.index[CI_TOKEN]
+
+
+def test_a_corpus_without_ci_says_how_to_get_them(tiny_corpus, tmp_path):
+    from trainer.corpus import CorpusError
+    from trainer.train import Trainer
+
+    with pytest.raises(CorpusError, match="--include-ci"):
+        Trainer(TrainConfig(corpus=[str(tiny_corpus)], out=str(tmp_path), kind="ci", min_count=1, threads=1))

@@ -180,8 +180,9 @@ class Trainer:
             train_poems, val_poems = split(poems, cfg.val_percent)
             # A clear line instead of an empty epoch or a NaN perplexity further down.
             if not train_poems:
-                raise CorpusError(f"{', '.join(cfg.corpus)}: no {'词' if cfg.kind == 'ci' else 'regular-form poem'} "
-                                  f"to train on")
+                what = "词 (get them with: python -m trainer corpus download --include-ci)" if cfg.kind == "ci" \
+                    else "regular-form poem"
+                raise CorpusError(f"{', '.join(cfg.corpus)}: no {what} to train on")
             if not val_poems:
                 raise CorpusError(f"{', '.join(cfg.corpus)}: the validation split is empty "
                                   f"({len(train_poems)} poems; add poems or raise --val-percent)")
