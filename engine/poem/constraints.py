@@ -15,7 +15,7 @@ row (one per greedy/sample request, `beam_width` per beam request) carries a sma
         row.advance(token)
     row.text, row.lines, row.notes
 
-Rules (docs/DECODING.md has the long version):
+Rules (docs/DECODING.md has the long version); a 词 follows its tune instead (see "词" below):
 - layout: exactly the form's lines of Han characters, ， after odd lines, 。 after even ones, then <eos>;
 - prompt: opens the poem (it may run over line ends); acrostic: one character forced at each line start;
 - keywords: each forced at a place chosen when the plan is made (`_place_keywords`), where its tones fit;
@@ -28,6 +28,11 @@ Rules (docs/DECODING.md has the long version):
   open until a character with one reading fixes it;
 - repetition: no character three times in a poem (forced characters are reserved up front), no line twice,
   no rhyme character twice (重韵).
+
+词: the plan's `layout` (engine.poem.forms.Layout) holds the tune's line lengths and marks; the rhyme
+positions fall into the tune's rhyme sets, each with its own 词林正韵 groups of its tone (the plan's `book`);
+the tone requirements are the tune's strong positions, the same whatever s is; a line of one or two
+characters may repeat the line before it (叠句).
 
 Soft rules (tone, rhyme, repetition) bend instead of failing: a forced character that breaks one relaxes it
 at that position, and a row that would have no allowed token relaxes tone, then rhyme, then repetition.
