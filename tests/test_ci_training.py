@@ -22,9 +22,31 @@ def test_ci_text_keeps_han_characters_and_rewrites_the_marks(raw, expected):
     assert ci_text(raw) == expected
 
 
-@pytest.mark.parametrize("raw,expected", [("念奴娇・赤壁怀古", "念奴娇"), ("浣溪沙（春景）", "浣溪沙"), (" 鹧鸪天 ", "鹧鸪天")])
-def test_tune_name_drops_the_title_after_the_tune(raw, expected):
+@pytest.mark.parametrize("raw,expected", [("浣溪沙（春景）", "浣溪沙"), (" 鹧鸪天 ", "鹧鸪天")])
+def test_tune_name_drops_a_note_after_the_tune(raw, expected):
     assert tune_name(raw) == expected
+
+
+def test_ci_poems_name_each_tune_as_the_tune_table_does(tmp_path):
+    """"望江南・忆江南" is the tune 忆江南 under another name: trained under 忆江南's token, as served."""
+    from conftest import write_ci_corpus
+
+    from trainer.corpus import load_corpus
+    from trainer.data import ci_poems
+
+    text = "山水花风云春，月山水花风云。"
+    records = [("望江南・忆江南", text), ("忆江南", "春" + text), ("忆江南", "秋" + text), ("失调名", "夜" + text)]
+    corpus = load_corpus([str(write_ci_corpus(tmp_path, records))], include_ci=True)
+    assert sorted(p.title for p in ci_poems(corpus)) == ["", "忆江南", "忆江南", "忆江南"]
+
+
+def test_a_vocabulary_grown_for_ci_has_the_ci_token_even_without_tune_tokens(tiny_checkpoint):
+    from trainer.data import ci_vocab
+
+    shi = load_checkpoint(tiny_checkpoint).vocab
+    poems = [Poem(text="月。", form="ci", source="ci.song", title=t) for t in ("浣溪沙", "鹧鸪天")]
+    grown = ci_vocab(shi, poems, min_count=5, tune_tokens=80)  # no tune reaches min_count
+    assert grown.writes_ci and encode_poem(grown, poems[0])[0] == grown.index[CI_TOKEN]
 
 
 def test_a_ci_opens_with_its_tune_token_and_is_bucketed_by_length(tiny_ci_checkpoint):

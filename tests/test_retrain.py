@@ -303,3 +303,21 @@ def test_a_ci_model_retrains_on_the_ci_and_stays_a_ci_model(tmp_path, tiny_ci_co
     assert candidate.meta["train"]["kind"] == "ci" and candidate.vocab.writes_ci
     # Its held-out poems were 词: the perplexity was measured on them, not on the regular poems beside them.
     assert candidate.meta["train"]["train_poems"] < 300
+
+
+def test_a_model_that_writes_shi_and_ci_retrains_on_both(tmp_path, tiny_ci_corpus, fake_decoder):
+    from trainer.pack import pack_corpus
+    from trainer.train import Trainer, TrainConfig
+
+    pack = tmp_path / "packed.safetensors"
+    pack_corpus([str(tiny_ci_corpus)], pack, min_count=1, include_ci=True)
+    Trainer(TrainConfig(packed=str(pack), out=str(tmp_path / "both"), max_steps=5, eval_every=5, eval_poems=20,
+                        **{k: v for k, v in TINY.items() if k not in ("eval_every", "eval_poems")}),
+            log=lambda m: None).run(progress_bar=False)
+    cfg = tiny_config(tmp_path, tiny_ci_corpus, max_steps=10)
+    store.publish(cfg.store, "lstm", tmp_path / "both" / "best.safetensors")
+    record = retrain(cfg, reason="test")
+    assert record["mode"] == "finetune" and record["trains_on"] == "诗 and 词", record
+    candidate = load_checkpoint(next((Path(cfg.work) / "lstm").iterdir()) / "best.safetensors")
+    assert candidate.meta["train"]["kind"] == "all" and candidate.vocab.writes_ci
+    assert candidate.meta["train"]["train_poems"] > 300  # the 词 and the regular poems beside them

@@ -31,8 +31,8 @@ def encode_poem(vocab: Vocab, poem: Poem) -> list[int]:
 
 
 def tune_name(rhythmic: str) -> str:
-    """A corpus record's tune, without the variant or title after it (念奴娇・赤壁怀古 → 念奴娇)."""
-    for cut in "・·（(":
+    """A name without the note after it (浣溪沙（春景） → 浣溪沙); "alias・tune" is left to `ci_poems`."""
+    for cut in "（(":
         rhythmic = rhythmic.split(cut)[0]
     return rhythmic.strip()
 
@@ -54,14 +54,19 @@ def ci_text(text: str) -> str | None:
 
 
 def ci_poems(corpus: Corpus) -> list[Poem]:
-    """The corpus's 词 (records of the ci sources) as Poem(form="ci", title=tune, text=ci_text)."""
+    """The corpus's 词 (records of the ci sources) as Poem(form="ci", title=tune, text=ci_text). Tunes are
+    named as the tune table names them (trainer.tunes.canonical_names: 望江南・忆江南 is 忆江南); a poem whose
+    tune is lost (失调名) keeps an empty title and opens with <ci>."""
+    from trainer.tunes import canonical_names  # late: it imports this package's corpus reader
+
+    ci = [p for p in corpus.poems if p.source.startswith("ci") or p.source == "宋词三百首"]
+    names, _ = canonical_names(tune_name(p.title) for p in ci)
     out = []
-    for p in corpus.poems:
-        if not p.source.startswith("ci") and p.source != "宋词三百首":
-            continue
-        text, tune = ci_text(p.text), tune_name(p.title)
-        if text and tune:
-            out.append(Poem(text=text, form=CI, source=p.source, author=p.author, title=tune))
+    for p in ci:
+        text = ci_text(p.text)
+        if text:
+            out.append(Poem(text=text, form=CI, source=p.source, author=p.author,
+                            title=names.get(tune_name(p.title), "")))
     return out
 
 
@@ -69,10 +74,10 @@ def ci_vocab(vocab: Vocab, poems: list[Poem], min_count: int, tune_tokens: int) 
     """`vocab` grown for 词: their characters seen `min_count` times, and tokens for the `tune_tokens` most
     common tunes (the rest share <ci>)."""
     chars = Counter(ch for p in poems for ch in p.text)
-    tunes = Counter(p.title for p in poems)
+    tunes = Counter(p.title for p in poems if p.title)
     new = sorted((c for c, n in chars.items() if n >= min_count and c not in vocab), key=lambda c: (-chars[c], c))
     common = [t for t, n in sorted(tunes.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count]
-    return vocab.grown(new, common[:tune_tokens])
+    return vocab.grown(new, common[:tune_tokens], ci=True)
 
 
 @dataclass

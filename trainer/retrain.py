@@ -320,9 +320,12 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     from trainer.train import TrainConfig, Trainer
 
     serving_path, serving = _load_serving(cfg, record)
-    # A model that writes 词 (the store name ci, or a serving vocabulary with tune tokens) retrains on 词.
-    writes_ci = cfg.name == "ci" or (serving is not None and serving.vocab.writes_ci)
-    corpus = load_corpus(cfg.corpus, include_ci=writes_ci)
+    # What the model was trained on, it retrains on: the 词 model (store name ci, or trained --kind ci) on 词;
+    # a model that writes both (trained on a pack with its 词) on both, judged on both; the others on 诗.
+    trained_kind = ((serving.meta.get("train") or {}).get("kind") if serving is not None else None)
+    kind = ("ci" if cfg.name == "ci" or trained_kind == "ci"
+            else "all" if serving is not None and serving.vocab.writes_ci else "shi")
+    corpus = load_corpus(cfg.corpus, include_ci=kind != "shi")
     record["corpus_hash"] = corpus.digest()
     record["code_version"] = cfg.code_version or code_version()
 
@@ -340,9 +343,9 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     tc.corpus, tc.device = list(cfg.corpus), cfg.device
     tc.time_budget, tc.max_steps = cfg.time_budget, cfg.max_steps
     tc.epochs = max(tc.epochs, 1000)  # the budget decides, not epochs
-    if writes_ci:
-        tc.kind = "ci"
-    train_poems, val_poems = split(ci_poems(corpus) if writes_ci else corpus.regular(), tc.val_percent)
+    tc.kind = kind
+    poems = {"shi": corpus.regular, "ci": lambda: ci_poems(corpus), "all": lambda: corpus.regular() + ci_poems(corpus)}
+    train_poems, val_poems = split(poems[kind](), tc.val_percent)
     if not val_poems:
         raise ValueError("the corpus has no held-out poem to evaluate on")
     mode = "scratch"
@@ -357,6 +360,7 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
             mode = "finetune"
             tc.init_from, tc.lr = str(serving_path), cfg.finetune_lr
     record["mode"] = mode
+    record["trains_on"] = {"shi": "诗", "ci": "词", "all": "诗 and 词"}[kind]
 
     # One directory per (corpus, code, start point): a run killed mid-training resumes here next time.
     run_dir = Path(cfg.work) / cfg.name / f"{record['corpus_hash']}-{record['code_version']}-" \

@@ -78,7 +78,7 @@ class TrainConfig:
     device: str = "auto"
     half: bool = True  # store best.safetensors in fp16 (half the size; the engine computes in fp32)
     init_from: str = ""  # a checkpoint to fine-tune: its vocabulary and weights start the run (same cell and sizes)
-    kind: str = "shi"  # shi: the four regular forms | ci: the Song 词, each opened by its tune's token
+    kind: str = "shi"  # shi: the four regular forms | ci: the Song 词, each opened by its tune's token | all: both
     tune_tokens: int = 80  # ci: the most common tunes get a token of their own (the rest share <ci>)
 
     def validate(self):
@@ -86,10 +86,11 @@ class TrainConfig:
             raise ValueError("--packed trains the bucketed recipe only")
         if self.recipe not in ("bucketed", "classic"):
             raise ValueError(f"recipe must be bucketed or classic, got {self.recipe!r}")
-        if self.kind not in ("shi", "ci"):
-            raise ValueError(f"kind must be shi or ci, got {self.kind!r}")
-        if self.kind == "ci" and (self.packed or self.recipe != "bucketed"):
-            raise ValueError("--kind ci trains the bucketed recipe from --corpus (not --packed)")
+        if self.kind not in ("shi", "ci", "all"):
+            raise ValueError(f"kind must be shi, ci or all, got {self.kind!r}")
+        if self.kind != "shi" and (self.packed or self.recipe != "bucketed"):
+            raise ValueError(f"--kind {self.kind} trains the bucketed recipe from --corpus (not --packed, which "
+                             f"holds its 词 or not already)")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.lr <= 0 or self.batch_tokens < 1 or self.batch_size < 1 or self.log_every < 1:
@@ -175,12 +176,13 @@ class Trainer:
 
         pack = load_pack(cfg.packed) if cfg.packed else None
         if pack is None:
-            corpus = corpus if corpus is not None else load_corpus(cfg.corpus, include_ci=cfg.kind == "ci")
-            poems = ci_poems(corpus) if cfg.kind == "ci" else corpus.regular()
+            corpus = corpus if corpus is not None else load_corpus(cfg.corpus, include_ci=cfg.kind != "shi")
+            poems = {"shi": corpus.regular, "ci": lambda: ci_poems(corpus),
+                     "all": lambda: corpus.regular() + ci_poems(corpus)}[cfg.kind]()
             train_poems, val_poems = split(poems, cfg.val_percent)
             # A clear line instead of an empty epoch or a NaN perplexity further down.
             if not train_poems:
-                what = "词 (get them with: python -m trainer corpus download --include-ci)" if cfg.kind == "ci" \
+                what = "词 (get them with: python -m trainer corpus download --include-ci)" if cfg.kind != "shi" \
                     else "regular-form poem"
                 raise CorpusError(f"{', '.join(cfg.corpus)}: no {what} to train on")
             if not val_poems:
@@ -205,8 +207,9 @@ class Trainer:
                 raise ValueError(f"--init-from {cfg.init_from} has another vocabulary than {cfg.packed}")
             self.vocab = (init.vocab if init else pack.vocab if pack
                           else Vocab.build((p.text for p in train_poems), cfg.min_count, cfg.max_vocab))
-            if cfg.kind == "ci":
-                self.vocab = ci_vocab(self.vocab, train_poems, cfg.min_count, cfg.tune_tokens)
+            if cfg.kind != "shi":
+                self.vocab = ci_vocab(self.vocab, [p for p in train_poems if p.form == "ci"], cfg.min_count,
+                                      cfg.tune_tokens)
         if pack is not None:
             if saved is not None and pack.vocab.tokens != self.vocab.tokens:
                 raise ValueError(f"--resume: {cfg.packed} has another vocabulary than the run")
@@ -502,13 +505,13 @@ def _load_rows_by_token(model: PoemModel, vocab: Vocab, init: PoemModel, init_vo
         old = state[key]
         new = old[src].clone()
         if key == "embed.weight":
-            new[~known] = old[init_vocab.first_han_id:].mean(dim=0)
+            new[~known] = old[init_vocab.first_han_id:init_vocab.end_han_id].mean(dim=0)
             tunes = torch.tensor([is_tune_token(t) and not known[i] for i, t in enumerate(vocab.tokens)])
             new[tunes] = old[forms].mean(dim=0)
         elif key == "head.weight":
             new[~known] = 0
         else:
-            new[~known] = old[init_vocab.first_han_id:].min()
+            new[~known] = old[init_vocab.first_han_id:init_vocab.end_han_id].min()
         state[key] = new.to(own[key].dtype)
     model.load_state_dict(state)
 

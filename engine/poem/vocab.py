@@ -113,14 +113,15 @@ class Vocab:
         """The token that opens a 词 of this tune: its own, or the generic <ci>. KeyError if no 词 at all."""
         return self.index.get(tune_token(tune_name), self.index[CI_TOKEN])
 
-    def grown(self, chars: Iterable[str], tunes: Iterable[str] = ()) -> Vocab:
-        """This vocabulary plus new Han characters and tune tokens (the <ci> token comes with any tune);
-        existing tokens keep their text, so a model's rows can be copied over by token."""
+    def grown(self, chars: Iterable[str], tunes: Iterable[str] = (), ci: bool = False) -> Vocab:
+        """This vocabulary plus new Han characters and tune tokens (the <ci> token comes with any tune, or with
+        `ci`); existing tokens keep their text, so a model's rows can be copied over by token."""
         head_and_han = self.tokens[: self.end_han_id]
         known = set(self.tokens)
         new_chars = [c for c in dict.fromkeys(chars) if is_han(c) and c not in known]
         tune_tokens = list(self.tokens[self.end_han_id :])
-        wanted = [CI_TOKEN, *(tune_token(t) for t in tunes)] if tunes or tune_tokens else []
+        tunes = list(tunes)
+        wanted = [CI_TOKEN, *(tune_token(t) for t in tunes)] if ci or tunes or tune_tokens else []
         tune_tokens += [t for t in dict.fromkeys(wanted) if t not in known]
         return Vocab(head_and_han + new_chars + tune_tokens)
 
