@@ -515,6 +515,15 @@ class Commands:
         s = await self.store.aio.update_chat_settings(who.chat_id, card=choice)
         return Reply(describe_cards(s, who.chat_type))
 
+    async def writes_ci(self) -> bool:
+        """Whether a model the engine serves writes 词 (an engine that cannot be asked now: assume so, and
+        let the post say otherwise)."""
+        try:
+            return any(m.get("writes_ci") for m in await self.engine.models())
+        except Exception as e:  # noqa: BLE001 — any failure here just means "cannot tell"
+            log.warning("could not list models: %s: %s", type(e).__name__, e)
+            return True
+
     async def model_names(self) -> list[str]:
         """The engine's loaded models; the usual two when it cannot be asked right now."""
         try:
@@ -532,8 +541,8 @@ class Commands:
     async def cmd_daily(self, who: Who, args: list[str]) -> Reply:
         if not args:
             return Reply(await self.describe_subscription(who.chat_id))
-        usage = ("用法：/daily 08:00 [诗体]，/daily off 取消，/daily 查看\n"
-                 "Usage: /daily HH:MM [form] to subscribe, /daily off to stop, /daily to show.")
+        usage = ("用法：/daily 08:00 [诗体|词牌]，/daily off 取消，/daily 查看\n"
+                 "Usage: /daily HH:MM [form|tune] to subscribe, /daily off to stop, /daily to show.")
         if args[0].lower() in ("off", "stop", "关", "取消") and len(args) == 1:
             removed = await self.store.aio.unsubscribe(who.chat_id)
             await self._subscription_changed(who.chat_id)
@@ -548,6 +557,8 @@ class Commands:
             except ValueError:
                 try:
                     form, tune = "ci", parse_tune(args[1]).name
+                    if not await self.writes_ci():
+                        return Reply(NO_CI)
                 except ValueError:
                     allowed = "、".join(f"{f.chinese} {f.name}" for f in FORMS.values())
                     return Reply(f"没有这种诗体或词牌：{_echo(args[1])}。可选：{allowed}，或 /tunes 中的词牌\n"
@@ -632,7 +643,7 @@ def describe_request_error(e: RequestError) -> str:
     if e.code == "prompt_too_long":
         return f"开头太长。\nThe opening is too long: {_echo(e.message, 200)}"
     if e.code == "no_ci":
-        return "这里还没有会填词的模型。\nNo model here writes 词 yet (the operator adds ci to ENGINE_MODELS)."
+        return NO_CI
     if e.code == "bad_character":
         return f"开头只能是汉字。\nThe opening must be Han characters: {_echo(e.message, 200)}"
     return f"无法作诗。\nCannot write that poem: {_echo(e.message, 200)}"
@@ -710,6 +721,7 @@ def format_reply(result: PoemResult, s: ChatSettings) -> str:
     return "\n".join(couplets) + f"\n\n— {FORMS[result.form].chinese} · {mode} · {model}"
 
 
+NO_CI = "这里还没有会填词的模型。\nNo model here writes 词 yet (the operator adds ci to ENGINE_MODELS)."
 CI_USAGE = ("用法：/ci 词牌 [开头 关键词…]，如 /ci 浣溪沙 月；/tunes 查看词牌。\n"
             "Usage: /ci <tune> [opening keywords…], e.g. /ci 浣溪沙 月; /tunes lists the tunes.")
 

@@ -128,7 +128,8 @@ class PoemRequest:
         return parse_tune(self.tune).layout if self.form == "ci" else FORMS[self.form].layout
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # NOTE: no "tune" key for a regular form, so an engine from before 词 still accepts the request.
+        return {k: v for k, v in asdict(self).items() if not (k == "tune" and v is None)}
 
 
 def _check_type(name, value, kind):

@@ -133,3 +133,9 @@ async def test_the_console_writes_ci_and_lists_tunes(tmp_path, ci_engine):
 @pytest.fixture
 def settings_api(tmp_path, fake_api):
     return make_settings(tmp_path, telegram_base_url=fake_api.base_url)
+
+
+async def test_daily_with_a_tune_is_refused_where_no_model_writes_ci(tmp_path, local_engine, store, clock):
+    commands = Commands(local_engine, store, make_settings(tmp_path), clock=clock)
+    reply = await commands.handle(private(), "/daily 08:00 浣溪沙")
+    assert "No model here writes 词" in reply.text and store.subscription(USER) is None

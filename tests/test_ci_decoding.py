@@ -159,3 +159,54 @@ async def test_without_a_ci_model_a_ci_request_is_refused(tmp_path, tiny_checkpo
         with pytest.raises(RequestError) as e:
             await engine.generate(PoemRequest(form="ci", tune="浣溪沙"))
     assert e.value.code == "no_ci" and "ENGINE_MODELS" in e.value.message
+
+
+def walk(ci_model, tune: str, choose, rhyme: bool = True) -> list[str]:
+    """Write a 词 by hand: `choose(row, allowed)` picks each free token from what the row allows."""
+    from engine.poem.constraints import build_plan
+
+    _, vocab, prosody = ci_model
+    plan = build_plan(vocab, prosody, PoemRequest(form="ci", tune=tune, seed=0, rhyme=rhyme))
+    row = plan.new_row()
+    while not row.done:
+        token = row.forced()
+        if token is None:
+            allowed = sorted(set(plan.tables.allowed_ids(row.mask_index)) - set(row.step_banned))
+            token = choose(row, allowed)
+        row.advance(token)
+    return row.line_texts
+
+
+def test_a_refrain_may_repeat_the_line_before_although_it_rhymes(ci_model):
+    """如梦令's lines 5 and 6 (two characters, both rhyming): 知否，知否 is allowed, 重韵 notwithstanding."""
+    layout = TUNES["如梦令"].layout
+
+    def choose(row, allowed):
+        line, col = layout.line_of[row.pos], layout.col_of[row.pos]
+        if line == 5:
+            want = row.lines[4][col]
+            assert want in allowed, (col, row.plan.vocab.tokens[want])
+            return want
+        return allowed[len(row.tokens) * 7 % len(allowed)]
+
+    lines = walk(ci_model, "如梦令", choose)
+    assert lines[4] == lines[5] and check_ci(TUNES["如梦令"], "，".join(lines) + "。").structure_ok
+
+
+def test_a_short_line_never_repeats_an_earlier_line_other_than_the_one_before(ci_model):
+    """南乡子's lines 4 and 9 are two characters each: line 9 cannot end as line 4 did (rhyme off, so that
+    the ban on a rhyme character twice does not hide this one)."""
+    layout = TUNES["南乡子"].layout
+
+    def choose(row, allowed):
+        line, col = layout.line_of[row.pos], layout.col_of[row.pos]
+        if line == 8:
+            want = row.lines[3][col]
+            if col == 1:
+                assert want not in allowed
+                return allowed[0]
+            return want
+        return allowed[len(row.tokens) * 7 % len(allowed)]
+
+    lines = walk(ci_model, "南乡子", choose, rhyme=False)
+    assert lines[8] != lines[3] and lines[8][0] == lines[3][0]

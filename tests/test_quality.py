@@ -139,3 +139,12 @@ def test_a_ci_report_needs_known_tunes_and_a_ci_model(tiny_checkpoint, capsys, a
     quality.add_arguments(parser)
     assert quality.main(parser.parse_args(["--checkpoint", str(tiny_checkpoint), "--n", "0", *argv])) == 2
     assert problem in capsys.readouterr().err
+
+
+def test_the_ci_report_takes_traditional_tune_names(tiny_ci_checkpoint, capsys):
+    parser = argparse.ArgumentParser()
+    quality.add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(tiny_ci_checkpoint), "--n", "0", "--ci", "1", "--tunes", "浣溪紗",
+                              "--modes", "greedy"])
+    assert quality.main(args) == 0
+    assert "| 浣溪沙 | greedy | 1 |" in capsys.readouterr().out

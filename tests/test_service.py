@@ -283,3 +283,10 @@ async def test_tunes_are_listed_and_a_ci_is_written_over_http(aiohttp_client, tm
     assert check_ci(TUNES["浣溪沙"], body["poem"]).structure_ok and body["poem"].count("\n") == 1
     error = await error_of(await client.post("/v1/poems", json={"form": "ci", "tune": "没有这个调"}), 400)
     assert error["field"] == "tune" and error["code"] == "bad_tune"
+
+
+def test_a_regular_request_sends_no_tune_so_an_engine_from_before_ci_accepts_it():
+    from engine.api import PoemRequest
+
+    assert "tune" not in PoemRequest(prompt="月").validate().to_dict()
+    assert PoemRequest(form="ci", tune="浣溪沙").validate().to_dict()["tune"] == "浣溪沙"

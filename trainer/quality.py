@@ -306,7 +306,14 @@ def main(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
     from engine.poem.tunes import TUNES
 
-    unknown = [t for t in args.tunes or () if t not in TUNES]
+    from engine.poem.tunes import parse_tune
+
+    tunes, unknown = [], []
+    for name in args.tunes or ():
+        try:
+            tunes.append(parse_tune(name).name)
+        except ValueError:
+            unknown.append(name)
     problem = ("--n, --variety, --held-out and --ci must not be negative" if min(args.n, args.variety, args.held_out, args.ci) < 0
                else f"unknown tune {unknown[0]!r}" if unknown
                else "--held-out needs --corpus" if args.held_out and not args.corpus
@@ -332,7 +339,7 @@ def main(args: argparse.Namespace) -> int:
         if args.ci:
             if not ckpt.vocab.writes_ci:
                 raise RequestError("no_ci", "form", f"{path} was not trained on 词")
-            report["ci"] = ci_report(ckpt.model, ckpt.vocab, prosody, args.tunes or list(TUNES), args.modes, args.ci,
+            report["ci"] = ci_report(ckpt.model, ckpt.vocab, prosody, tunes or list(TUNES), args.modes, args.ci,
                                      args.openings, args.beam_width, args.seed)
         if args.held_out:
             report["held_out"] = perplexity(ckpt.model, ckpt.vocab, held_out_poems(args.corpus, args.held_out))

@@ -92,6 +92,7 @@ class MaskTables:
         self.counts: list[int] = [int(r.sum()) for r in fixed]  # allowed tokens per row
         self.rhyme_index: dict[tuple[str, frozenset[int]], int] = {}
         self.eligible: dict[tuple[str, int, int], frozenset[int]] = {}  # see eligible_groups
+        self.toned: dict[tuple[str, int], frozenset[int]] = {}  # see groups_of_tone
         self._device: dict[str, torch.Tensor] = {}  # device → (K, V) bias table
 
     def rhyme_row(self, book: RhymeBook, groups: frozenset[int]) -> int:
@@ -133,6 +134,15 @@ class MaskTables:
         return eligible
 
 
+    def groups_of_tone(self, book: RhymeBook, tone: int) -> frozenset[int]:
+        """Every group of `book` of this tone (what a forced first rhyme may open)."""
+        key = (book.name, tone)
+        groups = self.toned.get(key)
+        if groups is None:
+            groups = self.toned[key] = frozenset(g for g, t in enumerate(book.tones) if t == tone)
+        return groups
+
+
 def mask_tables(prosody: Prosody) -> MaskTables:
     tables = prosody.cache.get("mask_tables")
     if tables is None:
@@ -157,6 +167,7 @@ class PoemPlan:
     forced_at: dict[int, int]  # position in the text → token that must be there (prompt, acrostic, keywords)
     reserved: Counter  # forced Han token → times it is forced (counted against the three-times rule)
     eligible_groups: tuple[frozenset[int], ...]  # per rhyme set: groups its first rhyme may open
+    rhyme_tones: tuple[int, ...]  # per rhyme set: LEVEL or OBLIQUE (诗: one set, LEVEL)
     tone_req: tuple[tuple[int, ...], tuple[int, ...]]  # [s is 平, s is 仄][pos] → LEVEL | OBLIQUE | 0
     rhyme_at: dict[int, int]  # rhyming position → its rhyme set (诗: one set, the even line ends); empty when off
     layout: Layout = None  # where the lines and marks are
@@ -299,11 +310,13 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPl
     notes = [f"repetition: 「{vocab.tokens[token]}」 is forced {n} times by the {by}; the no-three-times rule is "
              f"relaxed for it" for token, n in sorted(reserved.items()) if n >= 3]
     if rhyme_off:
-        notes.append("rhyme: the model's vocabulary has no rhyme characters for this form; rhyme is off")
+        notes.append("rhyme: the model's vocabulary has no level-tone rhyme characters; rhyme is off" if form else
+                     "rhyme: the model's vocabulary lacks rhyme characters for this tune's rhymes; rhyme is off")
 
     plan = PoemPlan(form=form, vocab=vocab, prosody=prosody, prompt=prompt, acrostic=acrostic, rhyme=rhyme,
                     tone=bool(request.tone), start_token=start_token, forced_at=forced_at,
-                    reserved=reserved, eligible_groups=eligible, tone_req=tone_req, rhyme_at=rhyme_at,
+                    reserved=reserved, eligible_groups=eligible, rhyme_tones=tuple(t for t, _ in sets),
+                    tone_req=tone_req, rhyme_at=rhyme_at,
                     layout=layout, book=book, tune=tune, notes=notes, tables=tables, formulas=formulas,
                     keywords=tuple(keywords), starts=starts)
     # Run the forced opening once so that what the prompt itself breaks is known (and said) up front.
@@ -476,8 +489,9 @@ class RowState:
             n = layout.line_lengths[layout.line_of[pos]]
             line = tuple(self.tokens[-n - 1 : -1])
             if line in self.lines and not (n <= MAX_REFRAIN and self.lines[-1] == line):
+                forced = any(p in plan.forced_at for p in range(pos - n, pos))
                 self._note(f"repetition: line {len(self.lines) + 1} repeats line {self.lines.index(line) + 1} "
-                           f"(forced by the prompt)")
+                           f"({'forced by the prompt' if forced else 'the repetition rule was relaxed'})")
             self.lines.append(line)
         else:
             if not vocab.first_han_id <= token < vocab.end_han_id:
@@ -504,12 +518,15 @@ class RowState:
             k = plan.rhyme_at.get(pos)
             if k is not None:
                 current = self.rhyme_groups[k]
-                shared = (current if current is not None else plan.eligible_groups[k]) & plan.book.token_groups[token]
+                tone = plan.rhyme_tones[k]
+                # A free token was masked to the eligible groups; a forced one may open any group of the tone.
+                open_groups = current if current is not None else plan.tables.groups_of_tone(plan.book, tone)
+                shared = open_groups & plan.book.token_groups[token]
                 if shared:
                     self.rhyme_groups = self.rhyme_groups[:k] + (shared,) + self.rhyme_groups[k + 1:]
                 elif is_forced:
                     self._note(f"rhyme: the forced 「{ch}」 ending line {layout.line_of[pos] + 1} is not a "
-                               f"{TONE_NAMES[plan.book.tones[min(plan.eligible_groups[k])]]} rhyme character"
+                               f"{'level' if tone == LEVEL else 'oblique'}-tone rhyme character"
                                f"{' of the chosen group' if current else ''}; the rhyme rule is relaxed for that line")
         self.pos += 1
         self._prepare()
@@ -545,11 +562,16 @@ class RowState:
         if k is not None:
             groups = self.rhyme_groups[k]
             index = tables.rhyme_row(plan.book, groups if groups is not None else plan.eligible_groups[k])
-            # No rhyme character twice (重韵): the earlier rhyme positions' characters are out here.
-            banned += [self.tokens[p] for p in plan.rhyme_at if p < pos]
-        if col == n - 1 and n > MAX_REFRAIN:  # the line's last character must not complete a line written before
-            head = tuple(self.tokens[-(n - 1):])
-            banned += [line[-1] for line in self.lines if len(line) == n and line[:-1] == head]
+            # No rhyme character twice (重韵): the earlier rhyme positions' characters are out here, except in
+            # a short line repeating the one before (叠句, 如梦令's 知否，知否).
+            rhymed = [self.tokens[p] for p in plan.rhyme_at if p < pos]
+            if self._refrain(col, n):
+                rhymed = [t for t in rhymed if t != self.lines[-1][-1]]
+            banned += rhymed
+        if col == n - 1:  # the line's last character must not complete a line written before (a short
+            head = tuple(self.tokens[len(self.tokens) - col:])  # line may repeat the one just before)
+            earlier = self.lines[:-1] if n <= MAX_REFRAIN else self.lines
+            banned += [line[-1] for line in earlier if len(line) == n and line[:-1] == head]
 
         # Relax until something is allowed: tone, then rhyme, then repetition. At a rhyme position the rhyme
         # row already carries the tone, so rhyme goes first there (dropping tone alone would change nothing).
@@ -571,6 +593,11 @@ class RowState:
                        f"the repetition rule is relaxed there")
             banned = []
         self.mask_index, self.step_banned = index, banned
+
+    def _refrain(self, col: int, n: int) -> bool:
+        """The line being written (column `col` of `n`) is short and so far repeats the line before."""
+        return (n <= MAX_REFRAIN and bool(self.lines) and len(self.lines[-1]) == n
+                and tuple(self.tokens[len(self.tokens) - col:]) == self.lines[-1][:col])
 
     def _feasible(self, index: int, banned: list[int]) -> bool:
         tables = self.plan.tables
