@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # A random opening for /poem without one: common characters every model knows.
 OPENINGS = "春秋月花风雪山江云雨夜天"
 MODE_NAMES = {"greedy": "贪心 greedy", "sample": "采样 sample", "beam": "束搜索 beam"}
-DEFAULT_MODELS = ("lstm", "gru")
+DEFAULT_MODELS = ("lstm", "gru", "ci")
 
 BUSY = "诗人正忙，请稍后再试。\nBusy — please try again in a moment."
 ADMINS_ONLY = "此命令仅限机器人管理员。\nThis command is for the bot's admins only."

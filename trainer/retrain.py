@@ -79,7 +79,7 @@ class RetrainConfig:
     store: str = "var/checkpoints"  # CHECKPOINT_DIR: the checkpoint store the engine serves from
     corpus: list[str] = field(default_factory=lambda: ["data/chinese-poetry"])  # CORPUS_DIR
     # ENGINE_MODELS: what the engine serves, the default first; a scheduled run retrains each, in this order.
-    names: tuple[str, ...] = ("lstm", "gru")
+    names: tuple[str, ...] = ("lstm", "gru", "ci")
     name: str = ""  # the model one retrain() trains; "" = the first of `names` (the engine's default)
     work: str = "var/retrain"  # RETRAIN_WORK: run directories (resumable training state); not shared
     time_budget: float = 20.0  # RETRAIN_TIME_BUDGET: minutes of training per run

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class EngineSettings:
     checkpoint_dir: str | None = None  # the store (engine.model.versions layout); None = package defaults only
-    model_names: tuple[str, ...] = ("lstm", "gru")  # models to serve; the first is the default (the LSTM reads best)
+    # Models to serve; the first is the default (the LSTM reads best); 词 go to the first that writes them (ci).
+    model_names: tuple[str, ...] = ("lstm", "gru", "ci")
     device: str = "auto"  # auto | cpu | cuda
     max_num_rows: int = 256  # batch rows per step, summed over models (a beam request takes beam_width)
     max_queue: int = 1024  # waiting requests; one more gets QueueFullError at once
