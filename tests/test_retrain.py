@@ -321,3 +321,12 @@ def test_a_model_that_writes_shi_and_ci_retrains_on_both(tmp_path, tiny_ci_corpu
     candidate = load_checkpoint(next((Path(cfg.work) / "lstm").iterdir()) / "best.safetensors")
     assert candidate.meta["train"]["kind"] == "all" and candidate.vocab.writes_ci
     assert candidate.meta["train"]["train_poems"] > 300  # the 词 and the regular poems beside them
+
+
+def test_without_ci_in_the_corpus_the_ci_run_fails_saying_how_and_the_others_still_retrain(v1, fake_decoder):
+    root, _ = v1
+    cfg = tiny_config(root, root / "corpus", names=("lstm", "ci"), max_steps=5)
+    records = rt.retrain_all(cfg, force=True, reason="test")
+    assert [r["name"] for r in records] == ["lstm", "ci"]
+    assert records[0]["outcome"] in ("published", "rejected")
+    assert records[1]["outcome"] == "failed" and "--include-ci" in records[1]["why"]

@@ -206,7 +206,7 @@ def add_arguments(p):
     p.add_argument("--dest", required=True, help="directory to fill (the upstream layout is kept)")
     p.add_argument("--base-url", default=os.environ.get("CORPUS_BASE_URL", DEFAULT_BASE_URL),
                    help=f"raw file root of the repository (default {DEFAULT_BASE_URL})")
-    p.add_argument("--include-ci", action="store_true", help="also fetch 宋词 (ci), which training does not need")
+    p.add_argument("--include-ci", action="store_true", help="also fetch 宋词 (ci): the 词 model (ci) trains on them")
     p.add_argument("--only", action="append", metavar="GLOB",
                    help="fetch only the listed paths matching GLOB (repeatable), e.g. '全唐诗/poet.tang.*'")
     p.add_argument("--concurrency", type=int, default=8, help="files fetched at once (default 8)")

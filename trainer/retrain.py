@@ -61,7 +61,7 @@ from engine.poem.judge import check_poem
 from engine.poem.prosody import prosody_for
 from engine.poem.vocab import Vocab, is_han
 from engine.reference import generate_one
-from trainer.corpus import load_corpus, split
+from trainer.corpus import CorpusError, load_corpus, split
 from trainer.data import ci_poems
 from trainer.evaluate import perplexity
 from trainer.spool import records_path, trainer_dir
@@ -346,6 +346,9 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     tc.kind = kind
     poems = {"shi": corpus.regular, "ci": lambda: ci_poems(corpus), "all": lambda: corpus.regular() + ci_poems(corpus)}
     train_poems, val_poems = split(poems[kind](), tc.val_percent)
+    if kind != "shi" and not any(p.form == "ci" for p in train_poems):
+        raise CorpusError(f"{', '.join(cfg.corpus)} holds no 词 for the {cfg.name} model to retrain on: "
+                          f"python -m trainer corpus download --include-ci")
     if not val_poems:
         raise ValueError("the corpus has no held-out poem to evaluate on")
     mode = "scratch"
