@@ -99,6 +99,12 @@ class Daily:
             result = await self.commands.generate(chat_id, prompt=opening, form=sub.form, tune=sub.tune,
                                                   settings=settings)
         except PoemUnavailable as e:
+            if not e.busy:
+                # The request itself is refused (no model writes 词 any more, a tune the engine no longer
+                # knows): asking again every minute would not change that. Paused, with the reason, until
+                # someone sends /daily again.
+                await self.pause(chat_id, e.reply.splitlines()[-1])
+                return False
             log.warning("daily post for chat %s: no poem (%s); retrying in about %ss", chat_id,
                         e.reply.splitlines()[-1], RETRY_SECONDS)
             self.retry_later(chat_id)

@@ -139,3 +139,20 @@ async def test_daily_with_a_tune_is_refused_where_no_model_writes_ci(tmp_path, l
     commands = Commands(local_engine, store, make_settings(tmp_path), clock=clock)
     reply = await commands.handle(private(), "/daily 08:00 浣溪沙")
     assert "No model here writes 词" in reply.text and store.subscription(USER) is None
+
+
+async def test_a_daily_ci_the_engine_refuses_pauses_the_subscription_with_the_reason(tmp_path, local_engine, store, clock):
+    """The 词 model went away after /daily 08:00 浣溪沙: the post is paused, saying why, not retried all morning."""
+    sent = []
+
+    async def send(chat_id, reply):
+        sent.append(reply)
+
+    commands = Commands(local_engine, store, make_settings(tmp_path), clock=clock)
+    store.subscribe(CHANNEL, "08:00", "ci", since=clock(), chat_type="channel", tune="浣溪沙")
+    daily = Daily(store, commands, send, TZ, dt.timedelta(hours=2), clock=clock)
+    clock.set_local("08:00")
+    assert not await daily.post_if_due(CHANNEL)
+    sub = store.subscription(CHANNEL)
+    assert sent == [] and sub.paused and "writes 词" in sub.paused_reason
+    assert "/daily 08:00" in await commands.describe_subscription(CHANNEL)
