@@ -515,22 +515,23 @@ class Commands:
         s = await self.store.aio.update_chat_settings(who.chat_id, card=choice)
         return Reply(describe_cards(s, who.chat_type))
 
+    async def engine_models(self) -> list[dict] | None:
+        """The engine's loaded models (GET /v1/models entries), or None when it cannot be asked right now."""
+        try:
+            return await self.engine.models()
+        except Exception as e:  # noqa: BLE001 — any failure here just means "cannot tell"
+            log.warning("could not list models: %s: %s", type(e).__name__, e)
+            return None
+
     async def writes_ci(self) -> bool:
         """Whether a model the engine serves writes 词 (an engine that cannot be asked now: assume so, and
         let the post say otherwise)."""
-        try:
-            return any(m.get("writes_ci") for m in await self.engine.models())
-        except Exception as e:  # noqa: BLE001 — any failure here just means "cannot tell"
-            log.warning("could not list models: %s: %s", type(e).__name__, e)
-            return True
+        models = await self.engine_models()
+        return models is None or any(m.get("writes_ci") for m in models)
 
     async def model_names(self) -> list[str]:
-        """The engine's loaded models; the usual two when it cannot be asked right now."""
-        try:
-            return [m["name"] for m in await self.engine.models()] or list(DEFAULT_MODELS)
-        except Exception as e:  # noqa: BLE001 — any failure here just means "use the defaults"
-            log.warning("could not list models: %s: %s", type(e).__name__, e)
-            return list(DEFAULT_MODELS)
+        """The engine's loaded models; the usual ones when it cannot be asked right now."""
+        return [m["name"] for m in await self.engine_models() or ()] or list(DEFAULT_MODELS)
 
     async def cmd_settings(self, who: Who, args: list[str]) -> Reply:
         s = await self.store.aio.chat_settings(who.chat_id)

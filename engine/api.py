@@ -215,7 +215,7 @@ def keywords_fit(free: set[int], lengths: list[int]) -> bool:
 
 
 def _check_keyword_room(layout: Layout, name: str, prompt: str, acrostic: str | None, keywords: list[str]) -> None:
-    han = layout.han_positions()
+    han = layout.han_positions
     taken = set(han[:len(prompt)]) | {layout.starts[line] for line in range(len(acrostic or ""))}
     free = set(han) - taken
     words = keywords_to_place(keywords, prompt, acrostic, layout)

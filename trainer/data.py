@@ -70,6 +70,13 @@ def ci_poems(corpus: Corpus) -> list[Poem]:
     return out
 
 
+def poems_of_kind(corpus: Corpus, kind: str) -> list[Poem]:
+    """What a model of this kind trains on: shi, the regular poems; ci, the 词; all, both."""
+    if kind == "shi":
+        return corpus.regular()
+    return ci_poems(corpus) if kind == "ci" else corpus.regular() + ci_poems(corpus)
+
+
 def ci_vocab(vocab: Vocab, poems: list[Poem], min_count: int, tune_tokens: int) -> Vocab:
     """`vocab` grown for 词: their characters seen `min_count` times, and tokens for the `tune_tokens` most
     common tunes (the rest share <ci>)."""

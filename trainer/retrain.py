@@ -62,7 +62,7 @@ from engine.poem.prosody import prosody_for
 from engine.poem.vocab import Vocab, is_han
 from engine.reference import generate_one
 from trainer.corpus import CorpusError, load_corpus, split
-from trainer.data import ci_poems
+from trainer.data import poems_of_kind
 from trainer.evaluate import perplexity
 from trainer.spool import records_path, trainer_dir
 
@@ -344,8 +344,7 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     tc.time_budget, tc.max_steps = cfg.time_budget, cfg.max_steps
     tc.epochs = max(tc.epochs, 1000)  # the budget decides, not epochs
     tc.kind = kind
-    poems = {"shi": corpus.regular, "ci": lambda: ci_poems(corpus), "all": lambda: corpus.regular() + ci_poems(corpus)}
-    train_poems, val_poems = split(poems[kind](), tc.val_percent)
+    train_poems, val_poems = split(poems_of_kind(corpus, kind), tc.val_percent)
     if kind != "shi" and not any(p.form == "ci" for p in train_poems):
         raise CorpusError(f"{', '.join(cfg.corpus)} holds no 词 for the {cfg.name} model to retrain on: "
                           f"python -m trainer corpus download --include-ci")

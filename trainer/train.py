@@ -38,7 +38,7 @@ from engine.model.network import ModelConfig, PoemModel, pick_device
 from engine.poem.forms import FORM_NAMES
 from engine.poem.vocab import Vocab, is_tune_token
 from trainer.corpus import Corpus, CorpusError, load_corpus, split
-from trainer.data import CLASSIC_LEN, Buckets, ci_poems, ci_vocab, classic_tensor
+from trainer.data import CLASSIC_LEN, Buckets, ci_vocab, classic_tensor, poems_of_kind
 from trainer.evaluate import encode_rows, perplexity_of_rows
 from trainer.pack import load_pack
 
@@ -177,9 +177,7 @@ class Trainer:
         pack = load_pack(cfg.packed) if cfg.packed else None
         if pack is None:
             corpus = corpus if corpus is not None else load_corpus(cfg.corpus, include_ci=cfg.kind != "shi")
-            poems = {"shi": corpus.regular, "ci": lambda: ci_poems(corpus),
-                     "all": lambda: corpus.regular() + ci_poems(corpus)}[cfg.kind]()
-            train_poems, val_poems = split(poems, cfg.val_percent)
+            train_poems, val_poems = split(poems_of_kind(corpus, cfg.kind), cfg.val_percent)
             # A clear line instead of an empty epoch or a NaN perplexity further down.
             if not train_poems:
                 what = "词 (get them with: python -m trainer corpus download --include-ci)" if cfg.kind != "shi" \

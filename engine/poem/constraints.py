@@ -133,7 +133,6 @@ class MaskTables:
             eligible = self.eligible[key] = eligible or frozenset(g for g, n in enumerate(sizes) if n > 0)
         return eligible
 
-
     def groups_of_tone(self, book: RhymeBook, tone: int) -> frozenset[int]:
         """Every group of `book` of this tone (what a forced first rhyme may open)."""
         key = (book.name, tone)
@@ -170,8 +169,8 @@ class PoemPlan:
     rhyme_tones: tuple[int, ...]  # per rhyme set: LEVEL or OBLIQUE (诗: one set, LEVEL)
     tone_req: tuple[tuple[int, ...], tuple[int, ...]]  # [s is 平, s is 仄][pos] → LEVEL | OBLIQUE | 0
     rhyme_at: dict[int, int]  # rhyming position → its rhyme set (诗: one set, the even line ends); empty when off
-    layout: Layout = None  # where the lines and marks are
-    book: RhymeBook = None  # the groups the rhymes are drawn from: 平水韵 for 诗, 词林正韵 for 词
+    layout: Layout  # where the lines and marks are
+    book: RhymeBook  # the groups the rhymes are drawn from: 平水韵 for 诗, 词林正韵 for 词
     tune: Tune | None = None  # the 词 tune, None for a regular form
     notes: list[str] = field(default_factory=list)  # soft rules relaxed by the request itself, and why
     tables: MaskTables | None = None
@@ -273,7 +272,7 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPl
     keywords = keywords_to_place([_in_vocab(k, "keywords", vocab) for k in request.keywords], prompt, acrostic, layout)
 
     forced_at: dict[int, int] = {}
-    for pos, ch in zip(layout.han_positions(), prompt):
+    for pos, ch in zip(layout.han_positions, prompt):
         forced_at[pos] = vocab.index[ch]
     for line, ch in enumerate(acrostic or ""):
         forced_at[layout.starts[line]] = vocab.index[ch]
@@ -343,8 +342,8 @@ def _place_keywords(layout: Layout, prosody: Prosody, book: RhymeBook, words: li
     s = 平 and s = 仄 and the one with fewer misses kept; if its keywords fit only that s, s is fixed from
     the start, so the model's own choice of s cannot break them later. A miss is not an error: the character
     is forced anyway and the soft rule bends there with a note, as for a prompt."""
-    free0 = set(layout.han_positions()) - set(forced_at)
-    han = layout.han_positions()
+    han = layout.han_positions
+    free0 = set(han) - set(forced_at)
     first = layout.line_of[han[prompt_len]] if prompt_len < len(han) else layout.num_lines - 1
     span_lines = layout.num_lines - first
     targets = [first + int((i + 0.5) * span_lines / len(words)) for i in range(len(words))]

@@ -48,6 +48,7 @@ class Layout:
     starts: tuple[int, ...] = field(init=False)  # text position of each line's first character
     line_of: tuple[int, ...] = field(init=False)
     col_of: tuple[int, ...] = field(init=False)
+    han_positions: tuple[int, ...] = field(init=False)  # the characters' positions, in order (a prompt fills them)
 
     def __post_init__(self):
         if len(self.line_lengths) != len(self.marks) or not self.line_lengths or min(self.line_lengths) < 1:
@@ -61,6 +62,8 @@ class Layout:
         object.__setattr__(self, "starts", tuple(starts))
         object.__setattr__(self, "line_of", tuple(line_of))
         object.__setattr__(self, "col_of", tuple(col_of))
+        object.__setattr__(self, "han_positions", tuple(p for p, c in enumerate(col_of)
+                                                        if c != self.line_lengths[line_of[p]]))
 
     @property
     def num_lines(self) -> int:
@@ -76,10 +79,6 @@ class Layout:
 
     def is_mark(self, pos: int) -> bool:
         return self.col_of[pos] == self.line_lengths[self.line_of[pos]]
-
-    def han_positions(self) -> list[int]:
-        """Text positions of the characters, in order (a prompt fills them from the first)."""
-        return [p for p in range(self.text_len) if not self.is_mark(p)]
 
     def where(self, pos: int) -> str:
         return f"line {self.line_of[pos] + 1}, character {self.col_of[pos] + 1}"
