@@ -107,6 +107,8 @@ def test_dropout_is_active_in_training_and_off_in_eval():
     ({"num_layers": True}, "num_layers"),
     ({"dropout": 1.0}, "dropout"),
     ({"dropout": -0.1}, "dropout"),
+    ({"tie_embeddings": True, "embed_dim": 8, "hidden_dim": 12}, "tied embeddings need embed_dim == hidden_dim"),
+    ({"tie_embeddings": "yes"}, "tie_embeddings"),
 ])
 def test_a_bad_config_is_rejected_naming_the_field(overrides, problem):
     with pytest.raises(ValueError, match=problem):
@@ -120,6 +122,30 @@ def test_config_round_trips_through_a_dict_and_rejects_unknown_keys():
         ModelConfig.from_dict(cfg.to_dict() | {"attention": True})
     with pytest.raises(TypeError):
         ModelConfig.from_dict({"cell": "gru"})  # vocab_size missing
+
+
+def test_tied_embeddings_hold_one_matrix_for_input_and_output(tmp_path):
+    from engine.model.checkpoint import load_checkpoint, save_checkpoint
+    from engine.poem.vocab import Vocab
+
+    vocab = Vocab.build(["春风吹月白，夜雨落花红。"], 1, 100)
+    model = tiny("lstm", vocab_size=len(vocab), embed_dim=12, hidden_dim=12, tie_embeddings=True)
+    assert model.head.weight is model.embed.weight
+    assert "head.weight" not in model.state_dict()  # one copy on disk, one in the optimiser
+    untied = tiny("lstm", vocab_size=len(vocab), embed_dim=12, hidden_dim=12)
+    assert untied.num_parameters() - model.num_parameters() == len(vocab) * 12
+    # The shared matrix learns from both ends: a gradient through the output alone reaches the embedding.
+    logits, _ = model(torch.tensor([[1]]))
+    logits[0, 0, 5].backward()
+    assert model.embed.weight.grad[5].abs().sum() > 0
+    save_checkpoint(tmp_path / "tied.safetensors", model, vocab)
+    loaded = load_checkpoint(tmp_path / "tied.safetensors").model
+    assert loaded.head.weight is loaded.embed.weight
+    tokens = torch.tensor([[1, 2, 3]])
+    assert torch.equal(loaded(tokens)[0], model(tokens)[0])
+    step = compile_step(loaded)
+    rows, state = torch.zeros(16, dtype=torch.long), loaded.init_state(16)
+    assert torch.equal(step(rows, state)[0], loaded.step(rows, state)[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

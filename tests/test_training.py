@@ -181,6 +181,21 @@ def test_resume_refuses_a_different_model_shape(tiny_corpus, tmp_path):
         Trainer(cfg, resume=True, log=lambda m: None)
 
 
+def test_a_tied_model_trains_saves_and_resumes_with_one_shared_matrix(tiny_corpus, tmp_path):
+    tied = {"embed_dim": 32, "hidden_dim": 32, "tie_embeddings": True}
+    first = TrainConfig(corpus=[str(tiny_corpus)], out=str(tmp_path), **(TINY | tied | {"max_steps": 4, "eval_every": 4}))
+    Trainer(first, log=lambda m: None).run(progress_bar=False)
+    model = load_checkpoint(tmp_path / "best.safetensors").model
+    assert model.config.tie_embeddings and model.head.weight is model.embed.weight
+    cfg = TrainConfig(corpus=[str(tiny_corpus)], out=str(tmp_path), **(TINY | tied))
+    trainer = Trainer(cfg, resume=True, log=lambda m: None)  # the saved state loads into a tied model
+    assert trainer.progress["step"] == 4 and trainer.model.head.weight is trainer.model.embed.weight
+    assert torch.equal(trainer.model.embed.weight, model.embed.weight)
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        Trainer(TrainConfig(corpus=[str(tiny_corpus)], out=str(tmp_path), **(TINY | {"embed_dim": 32, "hidden_dim": 32})),
+                resume=True, log=lambda m: None)
+
+
 # -- trainer eval ----------------------------------------------------------------------------------------------
 def test_eval_prints_poems_chars_oov_nll_and_ppl(tiny_checkpoint, tmp_path, capsys):
     from trainer.__main__ import main

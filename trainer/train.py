@@ -38,7 +38,14 @@ from engine.model.network import ModelConfig, PoemModel, pick_device
 from engine.poem.forms import FORM_NAMES
 from engine.poem.vocab import Vocab, is_tune_token
 from trainer.corpus import Corpus, CorpusError, load_corpus, split
-from trainer.data import CLASSIC_LEN, Buckets, ci_vocab, classic_tensor, poems_of_kind
+from trainer.data import (
+    CLASSIC_LEN,
+    Buckets,
+    ci_vocab,
+    classic_tensor,
+    poems_of_kind,
+    reversed_row,
+)
 from trainer.evaluate import encode_rows, perplexity_of_rows
 from trainer.pack import load_pack
 
@@ -54,6 +61,7 @@ class TrainConfig:
     hidden_dim: int = 384
     num_layers: int = 2
     dropout: float = 0.1
+    tie_embeddings: bool = False  # the output layer shares the embedding's weight (embed_dim must equal hidden_dim)
     optimizer: str = "adam"  # adam | sgd
     lr: float = 3e-3
     min_lr_ratio: float = 0.05  # cosine decays to lr * this
@@ -80,6 +88,7 @@ class TrainConfig:
     init_from: str = ""  # a checkpoint to fine-tune: its vocabulary and weights start the run (same cell and sizes)
     kind: str = "shi"  # shi: the four regular forms | ci: the Song 词, each opened by its tune's token | all: both
     tune_tokens: int = 80  # ci: the most common tunes get a token of their own (the rest share <ci>)
+    reverse: bool = False  # train on each text read right to left: a scorer for reranking, never a writer
 
     def validate(self):
         if self.packed and self.recipe != "bucketed":
@@ -91,12 +100,14 @@ class TrainConfig:
         if self.kind != "shi" and (self.packed or self.recipe != "bucketed"):
             raise ValueError(f"--kind {self.kind} trains the bucketed recipe from --corpus (not --packed, which "
                              f"holds its 词 or not already)")
+        if self.reverse and self.recipe != "bucketed":
+            raise ValueError("--reverse trains the bucketed recipe only")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.lr <= 0 or self.batch_tokens < 1 or self.batch_size < 1 or self.log_every < 1:
             raise ValueError("lr, batch_tokens, batch_size and log_every must be positive")
         ModelConfig(vocab_size=1, cell=self.cell, embed_dim=self.embed_dim, hidden_dim=self.hidden_dim,
-                    num_layers=self.num_layers, dropout=self.dropout)
+                    num_layers=self.num_layers, dropout=self.dropout, tie_embeddings=self.tie_embeddings)
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -190,9 +201,9 @@ class Trainer:
         if saved is not None:
             self.progress = saved
             saved_cfg = self.progress["config"]
-            for key in ("cell", "embed_dim", "hidden_dim", "num_layers", "recipe"):
-                if saved_cfg[key] != getattr(cfg, key):
-                    raise ValueError(f"--resume: {key} is {getattr(cfg, key)!r} but the run used {saved_cfg[key]!r}")
+            for key in ("cell", "embed_dim", "hidden_dim", "num_layers", "tie_embeddings", "recipe", "reverse"):
+                if saved_cfg.get(key, False) != getattr(cfg, key):
+                    raise ValueError(f"--resume: {key} is {getattr(cfg, key)!r} but the run used {saved_cfg.get(key, False)!r}")
             self.vocab = Vocab(self.progress["vocab"])
             init = None  # the saved state already holds the fine-tuned weights
         else:
@@ -217,6 +228,9 @@ class Trainer:
             self.corpus_hash, self.num_train_poems = corpus.digest(), len(train_poems)
             self.train = Buckets.build(self.vocab, train_poems)
             val_rows = encode_rows(self.vocab, val_poems, pre_pad=cfg.recipe == "classic")
+        if cfg.reverse:
+            self.train = self.train.reversed()
+            val_rows = [reversed_row(r) for r in val_rows]
         rng = torch.Generator().manual_seed(0)
         pick = torch.randperm(len(val_rows), generator=rng)[: cfg.eval_poems].tolist()
         self.val_rows = [val_rows[i] for i in sorted(pick)]
@@ -226,7 +240,8 @@ class Trainer:
             self.train = self.train.to(self.device)
 
         self.model_config = ModelConfig(vocab_size=len(self.vocab), cell=cfg.cell, embed_dim=cfg.embed_dim,
-                                        hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout)
+                                        hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout,
+                                        tie_embeddings=cfg.tie_embeddings)
         self.model = PoemModel(self.model_config).to(self.device)
         if init is not None:
             _load_rows_by_token(self.model, self.vocab, init.model, init.vocab)
@@ -270,7 +285,7 @@ class Trainer:
         from engine.model.checkpoint import load_checkpoint
 
         init = load_checkpoint(cfg.init_from)
-        for key in ("cell", "embed_dim", "hidden_dim", "num_layers"):
+        for key in ("cell", "embed_dim", "hidden_dim", "num_layers", "tie_embeddings"):
             if getattr(init.model.config, key) != getattr(cfg, key):
                 raise ValueError(f"--init-from: {key} is {getattr(cfg, key)!r} but {cfg.init_from} has "
                                  f"{getattr(init.model.config, key)!r}")
@@ -306,6 +321,7 @@ class Trainer:
 
     def save_best(self, metrics: dict):
         meta = {
+            "direction": "rtl" if self.cfg.reverse else "ltr",
             "corpus_hash": self.corpus_hash,
             "metrics": metrics,
             "train": {k: v for k, v in asdict(self.cfg).items() if k not in ("out",)}
@@ -500,6 +516,8 @@ def _load_rows_by_token(model: PoemModel, vocab: Vocab, init: PoemModel, init_vo
     src = torch.tensor([max(i, 0) for i in old_ids])
     forms = torch.tensor([init_vocab.form_id(f) for f in FORM_NAMES])
     for key in ("embed.weight", "head.weight", "head.bias"):
+        if key not in state:  # tied embeddings: the head's weight is embed.weight
+            continue
         old = state[key]
         new = old[src].clone()
         if key == "embed.weight":

@@ -28,6 +28,7 @@ class ModelConfig:
     hidden_dim: int = 384
     num_layers: int = 2
     dropout: float = 0.1  # between recurrent layers and before the output layer, in training only
+    tie_embeddings: bool = False  # the output layer's weight is the embedding (needs embed_dim == hidden_dim)
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -38,6 +39,10 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if self.tie_embeddings and self.embed_dim != self.hidden_dim:
+            raise ValueError(f"tied embeddings need embed_dim == hidden_dim, got {self.embed_dim} and {self.hidden_dim}")
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
@@ -65,11 +70,32 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class TiedHead(nn.Module):
+    """The output layer of a model with tied embeddings: logits = out · embedding weightᵀ + bias. The weight
+    is the embedding's own (not a second parameter), so the state dict holds it once, as embed.weight."""
+
+    def __init__(self, embed: nn.Embedding):
+        super().__init__()
+        object.__setattr__(self, "_embed", embed)  # a reference, not a submodule: no second copy in state_dict
+        self.bias = nn.Parameter(torch.zeros(embed.num_embeddings))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self._embed.weight, self.bias)
+
+
 class PoemModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
+        if config.tie_embeddings:
+            # N(0, 1) rows would start the shared output layer with logits of a standard deviation near
+            # sqrt(hidden_dim); rows of norm about 1 start it near uniform, as an untied Linear starts.
+            nn.init.normal_(self.embed.weight, std=config.embed_dim ** -0.5)
         self.rnn = CELLS[config.cell](
             config.embed_dim,
             config.hidden_dim,
@@ -78,7 +104,7 @@ class PoemModel(nn.Module):
             batch_first=True,
         )
         self.drop = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.hidden_dim, config.vocab_size)
+        self.head = TiedHead(self.embed) if config.tie_embeddings else nn.Linear(config.hidden_dim, config.vocab_size)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
