@@ -87,6 +87,21 @@ async def test_a_503_is_retried_with_backoff_until_it_succeeds(aiohttp_server):
     assert result.poem == POEM["poem"] and len(calls) == 3
 
 
+async def test_a_proxys_502_is_retried_and_then_reported_as_unavailable(aiohttp_server):
+    bad_gateway = (502, {}, {})
+    app, calls = scripted_app([bad_gateway, (200, POEM, {})])
+    server = await aiohttp_server(app)
+    async with EngineClient(str(server.make_url("/")), retries=2, backoff=0.01) as client:
+        assert (await client.generate(PoemRequest(mode="greedy"))).poem == POEM["poem"]
+    assert len(calls) == 2
+    app, calls = scripted_app([bad_gateway])
+    server = await aiohttp_server(app)
+    async with EngineClient(str(server.make_url("/")), retries=2, backoff=0.01) as client:
+        with pytest.raises(EngineUnavailableError, match="502"):
+            await client.generate(PoemRequest())
+    assert len(calls) == 3
+
+
 async def test_a_queue_that_stays_full_raises_queue_full_after_the_retries(aiohttp_server):
     app, calls = scripted_app([BUSY])
     server = await aiohttp_server(app)

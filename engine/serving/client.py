@@ -6,7 +6,8 @@
 Errors map back to the in-process ones: a 400 becomes RequestError (same code, field and message); a 503
 is retried with backoff (honouring Retry-After) and, once the retries run out, becomes QueueFullError
 (queue full) or EngineUnavailableError (no model, or the service cannot be reached); a 504 is
-TimeoutError. Connection errors are retried too: a poem request is safe to repeat.
+TimeoutError. Connection errors and a proxy's 502 (no replica answered: one may be restarting) are
+retried too: a poem request is safe to repeat.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class EngineClient:
         # sock_connect, not connect: aiohttp's `connect` also counts the wait for a pooled connection, so past
         # 100 callers at once (the pool's limit) requests failed as 'connection timeout' instead of queueing.
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 5.0))
-        self.retries = retries  # extra attempts after the first, on 503 and connection errors
+        self.retries = retries  # extra attempts after the first, on 502, 503 and connection errors
         self.backoff, self.max_backoff = backoff, max_backoff  # first delay, doubling, capped
         self._session = session
         self._own_session = session is None
@@ -109,6 +110,8 @@ class EngineClient:
                         retry_after = _seconds(resp.headers.get("Retry-After"))
                         last = (QueueFullError(retry_after or 1.0) if code == "queue_full"
                                 else EngineUnavailableError(f"{self.base_url}: {message}"))
+                    elif resp.status == 502:  # a proxy in front found no replica answering: it may be restarting
+                        last = EngineUnavailableError(f"{self.base_url}{path}: HTTP 502: {message}")
                     elif resp.status == 504:
                         raise TimeoutError(message)
                     elif resp.status in (401, 403):
