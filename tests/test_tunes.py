@@ -298,6 +298,7 @@ def test_shipped_well_known_tunes():
     x = TUNES["西江月"]
     assert x.stanza_break == 4 and x.rhyme_tones == (LEVEL, OBLIQUE)  # 平 and 仄 of one 部: two sets
     assert [line.rhyme for line in x.lines] == [None, 0, 0, 1, None, 0, 0, 1]
+    assert x.same_bu == ((0, 1),)  # its 平 and 仄 rhymes: one 部
     assert TUNES["如梦令"].stanza_break == len(TUNES["如梦令"].lines)
     assert TUNES["水调歌头"].stanza_break == 9 and TUNES["满江红"].stanza_break == 11
 
@@ -317,8 +318,8 @@ def test_shipped_json_holds_no_long_han_text():
     names = set(data["tunes"]) | set(data["aliases"])
     assert all(len(name) <= 8 for name in names)
     for tune in data["tunes"].values():
-        assert set(tune) == {"poems", "main", "agreement", "variants", "stanza_break", "rhyme_tones",
-                             "tone_agreement", "lines"}
+        assert set(tune) - {"same_bu"} == {"poems", "main", "agreement", "variants", "stanza_break", "rhyme_tones",
+                                           "tone_agreement", "lines"}
 
 
 # -- parse_tune, format_ci, check_ci -------------------------------------------------------------------------
@@ -342,7 +343,8 @@ def _lines_for(tune, rhyme_groups=None):
     rng = random.Random(7)
     rhyme_groups = rhyme_groups or {}
     for index, tone in enumerate(tune.rhyme_tones):
-        rhyme_groups.setdefault(index, "第一部平" if tone == LEVEL else "第十八部入")
+        linked = any(index in group for group in tune.same_bu)  # 西江月: 平 and 仄 of one 部
+        rhyme_groups.setdefault(index, "第一部平" if tone == LEVEL else "第一部仄" if linked else "第十八部入")
     lines = []
     for line in tune.lines:
         chars = []
@@ -368,6 +370,13 @@ def test_format_and_check_round_trip(name):
     result = check_ci(tune, text)
     assert result.structure_ok and result.rhyme_ok and result.ok, result.problems
     assert result.tone_agreement == 1.0 and result.problems == []
+
+
+def test_check_ci_wants_the_linked_rhyme_sets_in_one_bu():
+    tune = TUNES["西江月"]
+    apart = check_ci(tune, format_ci(tune, _lines_for(tune, {0: "第一部平", 1: "第十八部入"})))
+    assert not apart.rhyme_ok and apart.problems == ["rhyme sets 1 and 2 should rhyme in one 词林正韵 部"]
+    assert check_ci(tune, format_ci(tune, _lines_for(tune, {0: "第二部平", 1: "第二部仄"}))).rhyme_ok
 
 
 def test_format_ci_marks_and_newline():

@@ -199,14 +199,16 @@ def derive_tune(name: str, texts: list[str]) -> dict | None:
     marks = [min(c.items(), key=lambda kv: (-kv[1], kv[0] != "。"))[0] for c in mark_counts]
     sets, rhyme_share = _rhyme_sets(poems, n)
     # A set whose line ends are of both tones (西江月: 平 and 仄 of one 部) becomes a 平 set and a 仄 set.
-    split_sets: list[tuple[list[int], int]] = []
-    for members in sets:
+    # The two keep a link: their rhymes come from one 部 (`same_bu`).
+    split_sets: list[tuple[list[int], int, int]] = []  # (lines, tone, the set it came from)
+    for origin, members in enumerate(sets):
         by_tone: dict[int, list[int]] = defaultdict(list)
         for j in members:
             by_tone[_end_tone(poems, j)].append(j)
-        split_sets.extend((js, tone) for tone, js in by_tone.items())
+        split_sets.extend((js, tone, origin) for tone, js in by_tone.items())
     split_sets.sort(key=lambda s: s[0][0])
-    rhyme_of = {j: index for index, (js, _) in enumerate(split_sets) for j in js}
+    rhyme_of = {j: index for index, (js, _, _) in enumerate(split_sets) for j in js}
+    same_bu = [[i for i, s in enumerate(split_sets) if s[2] == origin] for origin in range(len(sets))]
     lines, strong_shares = [], []
     for j, length in enumerate(main):
         tones, shares = [], []
@@ -230,7 +232,8 @@ def derive_tune(name: str, texts: list[str]) -> dict | None:
     return {
         "poems": len(parsed), "main": count, "agreement": round(count / len(parsed), 3), "variants": len(sequences),
         "stanza_break": brk,
-        "rhyme_tones": [LEVEL_MARK if tone == LEVEL else OBLIQUE_MARK for _, tone in split_sets],
+        "rhyme_tones": [LEVEL_MARK if tone == LEVEL else OBLIQUE_MARK for _, tone, _ in split_sets],
+        **({"same_bu": linked} if (linked := [g for g in same_bu if len(g) > 1]) else {}),
         "tone_agreement": round(sum(strong_shares) / len(strong_shares), 3) if strong_shares else 0.0,
         "lines": lines,
     }

@@ -177,6 +177,9 @@ class PoemPlan:
     formulas: object = None  # engine.sampling.formulas.Formulas of the model, or None: spans greedy and beam avoid
     keywords: tuple[str, ...] = ()  # simplified, as placed (those the prompt or acrostic already holds left out)
     starts: int = BOTH  # the values s may take from the start: narrowed when a keyword's tone fits only one
+    # Rhyme set → the sets that must rhyme in its 部 (西江月's 平 and 仄 sets); the first of them to rhyme
+    # decides the 部 for the others.
+    linked: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def form_name(self) -> str:
@@ -293,6 +296,15 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPl
         tone_req = _tone_requirements(form, request.tone)
         start_token = vocab.form_id(form.name)
     eligible = tuple(tables.eligible_groups(need, book, tone) for tone, need in sets)
+    linked: dict[int, tuple[int, ...]] = {}
+    for group in (tune.same_bu if tune else ()):
+        # Only 部 where every set of the group can rhyme are open, so whichever set rhymes first, the
+        # others still find groups of their tone there.
+        common = set.intersection(*({book.bu(g) for g in eligible[k]} for k in group))
+        if common:
+            eligible = tuple(frozenset(g for g in e if book.bu(g) in common) if k in group else e
+                             for k, e in enumerate(eligible))
+            linked.update({k: tuple(m for m in group if m != k) for k in group})
     rhyme_off = rhyme and not all(eligible)
     if rhyme_off:
         rhyme = False
@@ -317,7 +329,7 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPl
                     reserved=reserved, eligible_groups=eligible, rhyme_tones=tuple(t for t, _ in sets),
                     tone_req=tone_req, rhyme_at=rhyme_at,
                     layout=layout, book=book, tune=tune, notes=notes, tables=tables, formulas=formulas,
-                    keywords=tuple(keywords), starts=starts)
+                    keywords=tuple(keywords), starts=starts, linked=linked if rhyme else {})
     # Run the forced opening once so that what the prompt itself breaks is known (and said) up front.
     row = plan.new_row()
     while not row.done and row.forced() is not None:
@@ -523,12 +535,25 @@ class RowState:
                 shared = open_groups & plan.book.token_groups[token]
                 if shared:
                     self.rhyme_groups = self.rhyme_groups[:k] + (shared,) + self.rhyme_groups[k + 1:]
+                    self._link_rhymes(k, shared)
                 elif is_forced:
                     self._note(f"rhyme: the forced 「{ch}」 ending line {layout.line_of[pos] + 1} is not a "
                                f"{'level' if tone == LEVEL else 'oblique'}-tone rhyme character"
                                f"{' of the chosen group' if current else ''}; the rhyme rule is relaxed for that line")
         self.pos += 1
         self._prepare()
+
+    def _link_rhymes(self, k: int, shared: frozenset[int]) -> None:
+        """Each rhyme of a linked set narrows the sets linked to it to the 部 its groups still allow (a
+        character of two groups, 涯 in 支 and 佳, leaves two 部 open until a later rhyme decides)."""
+        plan = self.plan
+        bus = {plan.book.bu(g) for g in shared}
+        for m in plan.linked.get(k, ()):
+            current = self.rhyme_groups[m]
+            groups = frozenset(g for g in (current if current is not None else plan.eligible_groups[m])
+                               if plan.book.bu(g) in bus)
+            if groups:  # empty only after a forced rhyme outside the open 部: then m keeps its own
+                self.rhyme_groups = self.rhyme_groups[:m] + (groups,) + self.rhyme_groups[m + 1:]
 
     def _prepare(self) -> None:
         """Work out the next position's forced token or mask row, relaxing rules rather than allowing nothing."""

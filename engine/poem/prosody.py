@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.poem.rhymes import LEVEL, CharInfo, char_info, cilin_groups, cilin_tone
+from engine.poem.rhymes import LEVEL, CharInfo, char_info, cilin_bu, cilin_groups, cilin_tone
 from engine.poem.vocab import Vocab
 
 
@@ -79,6 +79,10 @@ class RhymeBook:
     tones: list[int]  # per group: LEVEL or OBLIQUE
     matrix: torch.Tensor  # (G, V) bool: token v is in group g
     token_groups: list[frozenset[int]]  # per token: its group indices
+
+    def bu(self, group: int) -> str:
+        """The 部 of a 词林正韵 group (rhymes.cilin_bu); a 平水韵 group is its own."""
+        return cilin_bu(self.groups[group]) if self.name == "cilin" else self.groups[group]
 
 
 def rhyme_book(prosody: Prosody, vocab: Vocab | None, name: str) -> RhymeBook:

@@ -210,6 +210,12 @@ def cilin_tone(group_name: str) -> int:
     return LEVEL if group_name[-1] == "平" else OBLIQUE
 
 
+def cilin_bu(group_name: str) -> str:
+    """The 部 of a 词林正韵 group ("第一部平" and "第一部仄" → "第一部"): a tune may rhyme 平 and 仄 of one 部."""
+    cilin_tone(group_name)  # the same check of the name
+    return group_name[:-1]
+
+
 @functools.cache
 def _cilin_by_pingshui() -> dict[str, tuple[str, dict[int, tuple[str, ...]] | None, tuple[int, ...]]]:
     """平水韵 short group name ("一东") → (词林 tone, split finals or None, 部 it may go to)."""

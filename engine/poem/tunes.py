@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.poem.forms import Layout
-from engine.poem.rhymes import LEVEL, OBLIQUE, char_info, cilin_groups, cilin_tone
+from engine.poem.rhymes import LEVEL, OBLIQUE, char_info, cilin_bu, cilin_groups, cilin_tone
 from engine.poem.vocab import is_han, to_simplified
 
 TUNES_JSON = Path(__file__).with_name("tunes.json")
@@ -48,6 +48,8 @@ class Tune:
     poems: int  # poems of this tune in the corpus's training split
     agreement: float  # share of them with exactly this line-length sequence (the main variant)
     tone_agreement: float  # mean agreement of the strong tone positions
+    # Rhyme sets whose rhymes come from one 词林正韵 部 (西江月: its 平 set and its 仄 set, (0, 1)).
+    same_bu: tuple[tuple[int, ...], ...] = ()
 
     @property
     def line_lengths(self) -> tuple[int, ...]:
@@ -100,7 +102,8 @@ def _tune_from_json(name: str, d: dict) -> Tune:
                   for line in d["lines"])
     return Tune(name=name, lines=lines, stanza_break=d["stanza_break"],
                 rhyme_tones=tuple(LEVEL if t == LEVEL_MARK else OBLIQUE for t in d["rhyme_tones"]),
-                poems=d["poems"], agreement=d["agreement"], tone_agreement=d["tone_agreement"])
+                poems=d["poems"], agreement=d["agreement"], tone_agreement=d["tone_agreement"],
+                same_bu=tuple(tuple(group) for group in d.get("same_bu", ())))
 
 
 def load_tunes(path: str | Path = TUNES_JSON) -> tuple[dict[str, Tune], dict[str, str]]:
@@ -154,8 +157,8 @@ def _tone_matches(ch: str, mark: str) -> bool:
 
 def check_ci(tune: Tune, text: str) -> CiCheck:
     """Does `text` follow `tune`? Structure (line lengths), rhyme (each rhyme set's line ends share a 词林正韵
-    group of the set's tone) and the share of strong tone positions followed (a character with both
-    readings matches either; one with no known tone matches neither)."""
+    group of the set's tone, and the sets of `same_bu` one 部) and the share of strong tone positions followed
+    (a character with both readings matches either; one with no known tone matches neither)."""
     lines = split_ci(text)
     problems: list[str] = []
     want = tune.line_lengths
@@ -171,6 +174,7 @@ def check_ci(tune: Tune, text: str) -> CiCheck:
     if bad_chars:
         problems.append(f"not Han characters: {''.join(bad_chars)}")
     rhyme_ok = len(got) == len(want)
+    shared_by_set: dict[int, set[str]] = {}
     if rhyme_ok:
         for index, tone in enumerate(tune.rhyme_tones):
             members = [i for i in tune.rhyme_lines(index) if lines[i]]
@@ -183,6 +187,13 @@ def check_ci(tune: Tune, text: str) -> CiCheck:
                 tone_name = "平" if tone == LEVEL else "仄"
                 problems.append(f"rhyme set {index + 1} ({tone_name}, lines "
                                 f"{', '.join(str(i + 1) for i in members)}): {ends} share no 词林正韵 {tone_name} group")
+                rhyme_ok = False
+            shared_by_set[index] = shared or set()
+        for group in tune.same_bu:
+            bus = [{cilin_bu(g) for g in shared_by_set[k]} for k in group]
+            if all(bus) and not set.intersection(*bus):
+                sets = " and ".join(str(k + 1) for k in group)
+                problems.append(f"rhyme sets {sets} should rhyme in one 词林正韵 部")
                 rhyme_ok = False
     matched = 0
     for line, spec in zip(lines, tune.lines):
