@@ -22,20 +22,9 @@ from engine.poem.constraints import RowState, beam_children, build_plan
 from engine.poem.forms import DEFAULT_FORM, FORM_NAMES
 from engine.poem.prosody import Prosody, prosody_for
 from engine.poem.vocab import Vocab
-from engine.sampling.choice import (
-    BEAM_CANDIDATES,
-    NEG_INF,
-    REPEAT_PENALTY,
-    choose_beam,
-    draw_params,
-    logsumexp,
-    make_generator,
-    repeat_penalty_for,
-    sample,
-    step_bias,
-)
+from engine.sampling.choice import (BEAM_CANDIDATES, NEG_INF, REPEAT_PENALTY, choose_beam, draw_params, logsumexp,
+                                    make_generator, repeat_penalty_for, sample, step_bias)
 from engine.sampling.formulas import formulas_for
-from engine.sampling.rerank import backward_logprobs, best_candidate
 
 
 def _device_of(model: PoemModel) -> torch.device:
@@ -44,19 +33,12 @@ def _device_of(model: PoemModel) -> torch.device:
 
 @torch.no_grad()
 def generate_one(model: PoemModel, vocab: Vocab, prosody: Prosody, request: PoemRequest, *,
-                 model_info: dict | None = None, backward: PoemModel | None = None) -> PoemResult:
-    """Write one poem for `request` (validated here; RequestError on bad input), one step at a time.
-    `backward`: a right-to-left model of the same vocabulary that reranks beam search's final beams
-    (engine.sampling.rerank)."""
+                 model_info: dict | None = None) -> PoemResult:
+    """Write one poem for `request` (validated here; RequestError on bad input), one step at a time."""
     start = time.perf_counter()
     plan = build_plan(vocab, prosody, request, formulas_for(model, vocab))
     if request.mode == "beam":
-        rows, totals = _beam(model, plan, request)
-        best = 0  # beams are sorted by score
-        if backward is not None:
-            best = best_candidate(totals, backward_logprobs(backward, plan.start_token, vocab.eos_id,
-                                                            [r.tokens for r in rows]))
-        row, score = rows[best], totals[best]
+        row, score = _beam(model, plan, request)
     else:
         row, score = _single(model, plan, request)
     return PoemResult(poem=plan.format_text(row.line_texts), lines=row.line_texts, form=plan.form_name, tune=plan.tune and plan.tune.name,
@@ -83,8 +65,7 @@ def _single(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, flo
     return row, total
 
 
-def _beam(model: PoemModel, plan, request: PoemRequest) -> tuple[list[RowState], list[float]]:
-    """Every final beam, best first, with its model log-prob."""
+def _beam(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, float]:
     device = _device_of(model)
     width = request.beam_width
     generator = make_generator(request.seed)
@@ -105,7 +86,7 @@ def _beam(model: PoemModel, plan, request: PoemRequest) -> tuple[list[RowState],
         totals = totals[step.parents] + (logits[step.parents, step.tokens] - lse[step.parents])
         scores, tokens = step.scores, step.tokens
     assert all(r.done for r in rows), "every beam of a fixed-length form ends on the same step"
-    return rows, totals.tolist()
+    return rows[0], float(totals[0])  # beams are sorted by score
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,11 +30,6 @@ def encode_poem(vocab: Vocab, poem: Poem) -> list[int]:
     return [start, *vocab.encode(poem.text), vocab.eos_id]
 
 
-def reversed_row(ids: list[int]) -> list[int]:
-    """<form> text <eos> with the text read right to left (a right-to-left model's row)."""
-    return [ids[0], *ids[-2:0:-1], ids[-1]]
-
-
 def tune_name(rhythmic: str) -> str:
     """A name without the note after it (浣溪沙（春景） → 浣溪沙); "alias・tune" is left to `ci_poems`."""
     for cut in "（(":
@@ -130,12 +125,6 @@ class Buckets:
     def get(self, form: str, rows: torch.Tensor) -> torch.Tensor:
         t = self.tensors[form]
         return t[rows.to(t.device)]
-
-    def reversed(self) -> Buckets:
-        """The same poems with each text read right to left (`reversed_row`); every row of a bucket has
-        one length, so one flip of the middle columns does it."""
-        return Buckets({form: torch.cat([t[:, :1], t[:, 1:-1].flip(1), t[:, -1:]], dim=1)
-                        for form, t in self.tensors.items()})
 
     def to(self, device) -> Buckets:
         """The same poems on `device` (a GPU then gathers its batches without a copy from the host)."""

@@ -39,17 +39,13 @@ Answer with JSON only: [{"id": 1, "通顺": 4, "连贯": 3, "意义": 3, "诗意
 """
 
 
-def parse_system(text: str) -> tuple[str, str, str, int, str]:
-    """"name=checkpoint:mode[-width][+backward]" → (name, checkpoint, mode, beam width, backward checkpoint
-    or ""); e.g. "rerank=lstm.safetensors:beam-10+lstm-rtl.safetensors"."""
+def parse_system(text: str) -> tuple[str, str, str]:
+    """"name=checkpoint:mode" → (name, checkpoint, mode)."""
     name, _, rest = text.partition("=")
-    rest, _, backward = rest.partition("+")
     path, _, mode = rest.rpartition(":")
-    mode, _, width = mode.partition("-")
-    if (not name or not path or mode not in ("greedy", "sample", "beam") or (width and not width.isdigit())
-            or (mode != "beam" and (width or backward))):
-        raise ValueError(f"--system {text!r}: expected NAME=CHECKPOINT:greedy|sample|beam[-WIDTH][+BACKWARD]")
-    return name, path, mode, int(width or 5), backward
+    if not name or not path or mode not in ("greedy", "sample", "beam"):
+        raise ValueError(f"--system {text!r}: expected NAME=CHECKPOINT:greedy|sample|beam")
+    return name, path, mode
 
 
 def make(corpus: list[str], systems: list[str], n: int, out: Path, seed: int = 0) -> dict:
@@ -63,13 +59,12 @@ def make(corpus: list[str], systems: list[str], n: int, out: Path, seed: int = 0
             humans.append(pick)
             seen.add(pick.text[0])
     entries = [{"source": "human", "form": p.form, "opening": p.text[0], "poem": p.text} for p in humans]
-    for name, path, mode, width, backward in parsed:
+    for name, path, mode in parsed:
         ckpt = load_checkpoint(path)
         prosody = prosody_for(ckpt.vocab)
-        rtl = load_checkpoint(backward).model if backward else None
         for i, p in enumerate(humans):
-            request = PoemRequest(prompt=p.text[0], form=p.form, mode=mode, beam_width=width, seed=seed * 1000 + i)
-            result = generate_one(ckpt.model, ckpt.vocab, prosody, request, backward=rtl)
+            request = PoemRequest(prompt=p.text[0], form=p.form, mode=mode, seed=seed * 1000 + i)
+            result = generate_one(ckpt.model, ckpt.vocab, prosody, request)
             entries.append({"source": name, "form": p.form, "opening": p.text[0], "poem": result.poem})
     rng.shuffle(entries)
     for i, e in enumerate(entries, 1):
@@ -105,9 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="panel_command", required=True)
     p = sub.add_parser("make", help="write poems.txt (for the reader) and key.json")
     p.add_argument("--corpus", nargs="+", default=["../shared/corpus/chinese-poetry"])
-    p.add_argument("--system", action="append", required=True, metavar="NAME=CHECKPOINT:MODE[-WIDTH][+BACKWARD]",
-                   help="a system to judge: its checkpoint, greedy | sample | beam (beam-10: width 10), and for "
-                        "beam a right-to-left checkpoint that reranks the final beams")
+    p.add_argument("--system", action="append", required=True, metavar="NAME=CHECKPOINT:MODE")
     p.add_argument("--n", type=int, default=16, help="held-out poems (and poems per system)")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)

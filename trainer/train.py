@@ -38,14 +38,7 @@ from engine.model.network import ModelConfig, PoemModel, pick_device
 from engine.poem.forms import FORM_NAMES
 from engine.poem.vocab import Vocab, is_tune_token
 from trainer.corpus import Corpus, CorpusError, load_corpus, split
-from trainer.data import (
-    CLASSIC_LEN,
-    Buckets,
-    ci_vocab,
-    classic_tensor,
-    poems_of_kind,
-    reversed_row,
-)
+from trainer.data import CLASSIC_LEN, Buckets, ci_vocab, classic_tensor, poems_of_kind
 from trainer.evaluate import encode_rows, perplexity_of_rows
 from trainer.pack import load_pack
 
@@ -88,7 +81,6 @@ class TrainConfig:
     init_from: str = ""  # a checkpoint to fine-tune: its vocabulary and weights start the run (same cell and sizes)
     kind: str = "shi"  # shi: the four regular forms | ci: the Song 词, each opened by its tune's token | all: both
     tune_tokens: int = 80  # ci: the most common tunes get a token of their own (the rest share <ci>)
-    reverse: bool = False  # train on each text read right to left: a scorer for reranking, never a writer
 
     def validate(self):
         if self.packed and self.recipe != "bucketed":
@@ -100,8 +92,6 @@ class TrainConfig:
         if self.kind != "shi" and (self.packed or self.recipe != "bucketed"):
             raise ValueError(f"--kind {self.kind} trains the bucketed recipe from --corpus (not --packed, which "
                              f"holds its 词 or not already)")
-        if self.reverse and self.recipe != "bucketed":
-            raise ValueError("--reverse trains the bucketed recipe only")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.lr <= 0 or self.batch_tokens < 1 or self.batch_size < 1 or self.log_every < 1:
@@ -201,9 +191,10 @@ class Trainer:
         if saved is not None:
             self.progress = saved
             saved_cfg = self.progress["config"]
-            for key in ("cell", "embed_dim", "hidden_dim", "num_layers", "tie_embeddings", "recipe", "reverse"):
-                if saved_cfg.get(key, False) != getattr(cfg, key):
-                    raise ValueError(f"--resume: {key} is {getattr(cfg, key)!r} but the run used {saved_cfg.get(key, False)!r}")
+            for key in ("cell", "embed_dim", "hidden_dim", "num_layers", "tie_embeddings", "recipe"):
+                used = saved_cfg.get(key, False)  # a run from before tie_embeddings existed: untied
+                if used != getattr(cfg, key):
+                    raise ValueError(f"--resume: {key} is {getattr(cfg, key)!r} but the run used {used!r}")
             self.vocab = Vocab(self.progress["vocab"])
             init = None  # the saved state already holds the fine-tuned weights
         else:
@@ -228,9 +219,6 @@ class Trainer:
             self.corpus_hash, self.num_train_poems = corpus.digest(), len(train_poems)
             self.train = Buckets.build(self.vocab, train_poems)
             val_rows = encode_rows(self.vocab, val_poems, pre_pad=cfg.recipe == "classic")
-        if cfg.reverse:
-            self.train = self.train.reversed()
-            val_rows = [reversed_row(r) for r in val_rows]
         rng = torch.Generator().manual_seed(0)
         pick = torch.randperm(len(val_rows), generator=rng)[: cfg.eval_poems].tolist()
         self.val_rows = [val_rows[i] for i in sorted(pick)]
@@ -321,7 +309,6 @@ class Trainer:
 
     def save_best(self, metrics: dict):
         meta = {
-            "direction": "rtl" if self.cfg.reverse else "ltr",
             "corpus_hash": self.corpus_hash,
             "metrics": metrics,
             "train": {k: v for k, v in asdict(self.cfg).items() if k not in ("out",)}

@@ -55,12 +55,11 @@ class EngineSettings:
     watch_interval: float = 10.0  # seconds between looks at CHECKPOINT_DIR for a new CURRENT; 0 = off
     ppl_tolerance: float = 0.05  # a new version may have val_ppl up to 5% worse than the serving one
     threads: int = 0  # torch threads for the step loop (0: leave torch's default)
-    rerank: bool = True  # rerank beam search's final beams by each model's `<name>-rtl` companion, if any
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> EngineSettings:
         """Settings from CHECKPOINT_DIR, DEVICE and ENGINE_{MODELS,MAX_ROWS,MAX_QUEUE,THREADS,TIMEOUT,WATCH_INTERVAL,
-        ADMIT_SHARE,RERANK}."""
+        ADMIT_SHARE}."""
         env = os.environ if env is None else env
         values: dict = {}
         if env.get("CHECKPOINT_DIR"):
@@ -69,10 +68,6 @@ class EngineSettings:
             values["device"] = env["DEVICE"]
         if env.get("ENGINE_MODELS"):
             values["model_names"] = tuple(n.strip() for n in env["ENGINE_MODELS"].split(",") if n.strip())
-        if env.get("ENGINE_RERANK"):
-            if env["ENGINE_RERANK"] not in ("on", "off"):
-                raise ValueError(f"ENGINE_RERANK must be on or off, got {env['ENGINE_RERANK']!r}")
-            values["rerank"] = env["ENGINE_RERANK"] == "on"
         for key, name, kind in (("ENGINE_MAX_ROWS", "max_num_rows", int), ("ENGINE_MAX_QUEUE", "max_queue", int),
                                 ("ENGINE_THREADS", "threads", int),
                                 ("ENGINE_TIMEOUT", "request_timeout", float),
@@ -107,8 +102,7 @@ class LocalEngine:
         self.settings = (settings or EngineSettings()).validate()
         self.metrics = metrics or EngineMetrics()
         s = self.settings
-        self.registry = ModelRegistry(s.checkpoint_dir, s.model_names, s.device, s.ppl_tolerance, metrics=self.metrics,
-                                      rerank=s.rerank)
+        self.registry = ModelRegistry(s.checkpoint_dir, s.model_names, s.device, s.ppl_tolerance, metrics=self.metrics)
         self.scheduler = Scheduler(max_num_rows=s.max_num_rows, max_queue=s.max_queue, admit_share=s.admit_share)
         self.runner = ModelRunner(self.registry, min_batch_rows=s.min_batch_rows)
         self._cv = threading.Condition()  # guards the scheduler; wakes the step loop

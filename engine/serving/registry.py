@@ -50,7 +50,6 @@ from engine.sampling.formulas import Formulas, formulas_for
 log = logging.getLogger(__name__)
 
 MIN_HAN_CHARS = 64  # fewer and the rhyme/tone constraints may have no candidates at some position
-RTL_SUFFIX = "-rtl"  # `<name>-rtl` beside `<name>`: the right-to-left model that reranks its beams
 
 
 class ValidationError(Exception):
@@ -70,10 +69,6 @@ class ServingModel:
     step: Callable  # model.step as one TorchScript call (engine.model.network.compile_step): what the runner steps
     formulas: Formulas = field(default_factory=Formulas)  # the spans greedy and beam rows avoid
     loaded_at: float = field(default_factory=time.time)  # wall-clock seconds
-    # Its right-to-left companion (`<name>-rtl`, same vocabulary), which reranks beam search's final beams
-    # (engine.sampling.rerank); None: beams are not reranked.
-    backward: PoemModel | None = None
-    backward_version: str | None = None
 
     @property
     def val_ppl(self) -> float | None:
@@ -99,23 +94,7 @@ class ServingModel:
             "metrics": self.meta.get("metrics") or {},
             "source": "package" if _inside(self.path, PACKAGE_CHECKPOINTS) else "store",
             "device": str(self.device),
-            "reranker": {"name": backward_name(self.name), "version": self.backward_version} if self.backward else None,
         }
-
-
-def backward_name(name: str) -> str:
-    """The store name of a model's right-to-left companion: lstm → lstm-rtl."""
-    return f"{name}{RTL_SUFFIX}"
-
-
-def load_backward(path: Path, serving: ServingModel) -> None:
-    """Attach the right-to-left checkpoint at `path` to `serving`; ValidationError if it cannot rerank it."""
-    ckpt = load_checkpoint(path, device=serving.device)
-    if ckpt.meta.get("direction") != "rtl":
-        raise ValidationError(f"{path} is not a right-to-left model (train it with --reverse)")
-    if ckpt.vocab.tokens != serving.vocab.tokens:
-        raise ValidationError(f"{path} has another vocabulary than {serving.name} {serving.version}")
-    serving.backward, serving.backward_version = ckpt.model, ckpt.version
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -157,9 +136,6 @@ def smoke_test(serving: ServingModel) -> None:
 
 def validate(serving: ServingModel, running: ServingModel | None, ppl_tolerance: float) -> None:
     """Everything a new version must pass before it serves (beyond what load_checkpoint checks)."""
-    if serving.meta.get("direction") == "rtl":
-        raise ValidationError("a right-to-left model reranks the beams of the model it is named after "
-                              "(lstm-rtl beside lstm); it does not write poems")
     for pname, p in serving.model.named_parameters():
         if not torch.isfinite(p).all():
             raise ValidationError(f"parameter {pname} is not finite")
@@ -182,18 +158,16 @@ def validate(serving: ServingModel, running: ServingModel | None, ppl_tolerance:
 class ModelRegistry:
     def __init__(self, checkpoint_dir: str | Path | None, names: tuple[str, ...] = ("lstm", "gru", "ci"),
                  device: str | torch.device = "cpu", ppl_tolerance: float = 0.05,
-                 package_dir: Path = PACKAGE_CHECKPOINTS, metrics=None, rerank: bool = True):
+                 package_dir: Path = PACKAGE_CHECKPOINTS, metrics=None):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.names = tuple(store.check_name(n) for n in names)
         self.device = pick_device(device) if isinstance(device, str) else device
         self.ppl_tolerance = ppl_tolerance
         self.package_dir = Path(package_dir)
         self.metrics = metrics
-        self.rerank = rerank  # attach each model's `<name>-rtl` companion when there is one
         self._serving: dict[str, ServingModel] = {}  # name → the version new requests get
         self._pending: dict[str, ServingModel] = {}  # validated, swapped in at the next step boundary
         self._refused: dict[str, tuple[str, str]] = {}  # name → (version, reason) last refused
-        self._refused_backward: dict[str, str] = {}  # name → its companion's version last refused
         self._lock = threading.Lock()  # guards the three dicts; held only for dict updates
         self._reload_lock = threading.Lock()  # one load/validate at a time
         self.num_swaps = 0
@@ -275,28 +249,6 @@ class ModelRegistry:
                 return path
         return None
 
-    def _shipped(self, serving: ServingModel) -> bool:
-        return _inside(serving.path, self.package_dir)
-
-    def _attach_backward(self, serving: ServingModel) -> None:
-        """Give `serving` its right-to-left companion, if any, from where the model itself came: the store's
-        CURRENT of `<name>-rtl` for a published model, the shipped `<name>-rtl.safetensors` for a shipped one
-        (a pair is trained together on one vocabulary). One that cannot rerank it is logged and left out:
-        the model serves, its beams unreranked."""
-        if not self.rerank:
-            return
-        name = backward_name(serving.name)
-        path = None
-        try:
-            path = self._package_path(name) if self._shipped(serving) else self._store_path(name)
-            if path is not None:
-                load_backward(path, serving)
-                log.info("model %s: beams reranked by %s version %s", serving.name, name, serving.backward_version)
-        except (CheckpointError, ValidationError, OSError) as e:
-            with self._lock:
-                self._refused_backward[serving.name] = path.stem if path else "?"
-            log.warning("model %s: no reranking by %s: %s", serving.name, name, e)
-
     def load_initial(self) -> None:
         """Load every name from the store (else the package default). A name that fails stays unloaded."""
         for name in self.names:
@@ -315,7 +267,6 @@ class ModelRegistry:
                 except (CheckpointError, ValidationError) as e:
                     self._refuse(name, path.stem, str(e))
                     continue
-                self._attach_backward(serving)
                 with self._lock:
                     self._serving[name] = serving
                 self._set_info(None, serving)
@@ -335,24 +286,15 @@ class ModelRegistry:
                 version = store.current_version(self.checkpoint_dir, name)
             except (store.StoreError, OSError):
                 continue
+            if version is None:
+                continue
             with self._lock:
                 serving, pending = self._serving.get(name), self._pending.get(name)
                 refused = self._refused.get(name, (None, None))[0]
             known = {getattr(serving, "version", None), getattr(pending, "version", None), refused}
-            if (version is not None and version not in known) or (serving and self._backward_stale(serving)):
+            if version not in known:
                 out.append(name)
         return out
-
-    def _backward_stale(self, serving: ServingModel) -> bool:
-        """Whether the store names a companion version for `serving` that it has not tried yet."""
-        if not self.rerank or self.checkpoint_dir is None or self._shipped(serving):
-            return False
-        try:
-            version = store.current_version(self.checkpoint_dir, backward_name(serving.name))
-        except (store.StoreError, OSError):
-            return False
-        return version is not None and version not in (serving.backward_version,
-                                                       self._refused_backward.get(serving.name))
 
     def reload(self, name: str | None = None, force: bool = False) -> dict:
         """Load, validate and stage the store's CURRENT of `name` (None: every name). Blocking: call it off
@@ -374,13 +316,9 @@ class ModelRegistry:
         except ValidationError as e:
             return self._refuse(name, "?", str(e))
         if path is None:
-            if running is not None and self._backward_stale(running):
-                self._attach_backward(running)
             return {"status": "unchanged", "version": getattr(running, "version", None),
                     "reason": "nothing published in the store"}
         if running is not None and path.stem == running.version and not force:
-            if self._backward_stale(running):
-                self._attach_backward(running)  # a new companion alone: the serving version stays
             return {"status": "unchanged", "version": running.version}
         try:
             candidate = build_serving(name, path, self.device)
@@ -393,7 +331,6 @@ class ModelRegistry:
             validate(candidate, None if trusted else running, self.ppl_tolerance)
         except (CheckpointError, ValidationError, OSError) as e:
             return self._refuse(name, path.stem, str(e))
-        self._attach_backward(candidate)
         with self._lock:
             self._pending[name] = candidate
             self._refused.pop(name, None)

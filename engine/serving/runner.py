@@ -50,18 +50,8 @@ import torch
 from engine.api import PoemRequest, PoemResult
 from engine.model.network import kept_step_inputs
 from engine.poem.constraints import PoemPlan, RowState, beam_children
-from engine.sampling.choice import (
-    BEAM_CANDIDATES,
-    Bias,
-    choose_beam,
-    choose_sample,
-    draw_params,
-    logsumexp,
-    make_generator,
-    repeat_penalty_for,
-    step_bias,
-)
-from engine.sampling.rerank import backward_logprobs, best_candidate
+from engine.sampling.choice import (BEAM_CANDIDATES, Bias, choose_beam, choose_sample, draw_params, logsumexp,
+                                    make_generator, repeat_penalty_for, step_bias)
 from engine.serving.registry import ModelRegistry, ServingModel
 from engine.serving.scheduler import EngineRequest, RunnerOutput, SchedulerOutput
 
@@ -348,15 +338,7 @@ class ModelBatch:
         return self.owed_index[2]
 
     def _result(self, group: RowGroup) -> PoemResult:
-        best = 0  # beams are sorted by score
-        backward = self.serving.backward
-        if group.is_beam and group.num_rows > 1 and backward is not None:
-            # NOTE: scored per request (its own width-row batch), so the pick is the same alone or in a crowd.
-            forward = self.totals[group.offset : group.offset + group.num_rows].tolist()
-            best = best_candidate(forward, backward_logprobs(backward, group.plan.start_token,
-                                                             self.serving.vocab.eos_id, [r.tokens for r in group.rows]))
-            group.score = forward[best]
-        row = group.rows[best]
+        row = group.rows[0]  # beams are sorted by score
         return PoemResult(poem=group.plan.format_text(row.line_texts), lines=row.line_texts, form=group.plan.form_name,
                           tune=group.plan.tune and group.plan.tune.name,
                           mode=group.request.mode, model={"name": self.serving.name, "version": self.serving.version},
