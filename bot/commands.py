@@ -38,7 +38,13 @@ import aiohttp
 from bot.card import CardError, card_title, render_card
 from bot.db import ChatSettings, Store, poem_keywords
 from bot.settings import Settings
-from engine.api import MAX_BEAM_WIDTH, PoemEngine, PoemRequest, PoemResult
+from engine.api import (
+    DEFAULT_MODELS,
+    MAX_BEAM_WIDTH,
+    PoemEngine,
+    PoemRequest,
+    PoemResult,
+)
 from engine.errors import EngineUnavailableError, QueueFullError, RequestError
 from engine.poem.forms import FORMS, parse_form
 from engine.poem.meter import check_meter, format_report
@@ -49,7 +55,6 @@ log = logging.getLogger(__name__)
 # A random opening for /poem without one: common characters every model knows.
 OPENINGS = "春秋月花风雪山江云雨夜天"
 MODE_NAMES = {"greedy": "贪心 greedy", "sample": "采样 sample", "beam": "束搜索 beam"}
-DEFAULT_MODELS = ("lstm", "gru", "ci")
 
 BUSY = "诗人正忙，请稍后再试。\nBusy — please try again in a moment."
 ADMINS_ONLY = "此命令仅限机器人管理员。\nThis command is for the bot's admins only."

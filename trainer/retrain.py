@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from engine.api import PoemRequest
+from engine.api import DEFAULT_MODELS, PoemRequest
 from engine.model import versions as ckpt_store
 from engine.model.checkpoint import (
     PACKAGE_CHECKPOINTS,
@@ -79,7 +79,7 @@ class RetrainConfig:
     store: str = "var/checkpoints"  # CHECKPOINT_DIR: the checkpoint store the engine serves from
     corpus: list[str] = field(default_factory=lambda: ["data/chinese-poetry"])  # CORPUS_DIR
     # ENGINE_MODELS: what the engine serves, the default first; a scheduled run retrains each, in this order.
-    names: tuple[str, ...] = ("lstm", "gru", "ci")
+    names: tuple[str, ...] = DEFAULT_MODELS
     name: str = ""  # the model one retrain() trains; "" = the first of `names` (the engine's default)
     work: str = "var/retrain"  # RETRAIN_WORK: run directories (resumable training state); not shared
     time_budget: float = 20.0  # RETRAIN_TIME_BUDGET: minutes of training per run

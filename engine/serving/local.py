@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.api import PoemRequest, PoemResult
+from engine.api import DEFAULT_MODELS, PoemRequest, PoemResult
 from engine.errors import EngineUnavailableError, QueueFullError
 from engine.sampling import kernels
 from engine.serving.metrics import EngineMetrics
@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class EngineSettings:
     checkpoint_dir: str | None = None  # the store (engine.model.versions layout); None = package defaults only
-    # Models to serve; the first is the default (the LSTM reads best); 词 go to the first that writes them (ci).
-    model_names: tuple[str, ...] = ("lstm", "gru", "ci")
+    # Models to serve, the first the default; 词 go to the first that writes them.
+    model_names: tuple[str, ...] = DEFAULT_MODELS
     device: str = "auto"  # auto | cpu | cuda
     max_num_rows: int = 256  # batch rows per step, summed over models (a beam request takes beam_width)
     max_queue: int = 1024  # waiting requests; one more gets QueueFullError at once

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from engine.api import PoemRequest
+from engine.api import DEFAULT_MODELS, PoemRequest
 from engine.errors import EngineUnavailableError, RequestError
 from engine.model import versions as store
 from engine.model.checkpoint import (
@@ -156,7 +156,7 @@ def validate(serving: ServingModel, running: ServingModel | None, ppl_tolerance:
 
 
 class ModelRegistry:
-    def __init__(self, checkpoint_dir: str | Path | None, names: tuple[str, ...] = ("lstm", "gru", "ci"),
+    def __init__(self, checkpoint_dir: str | Path | None, names: tuple[str, ...] = DEFAULT_MODELS,
                  device: str | torch.device = "cpu", ppl_tolerance: float = 0.05,
                  package_dir: Path = PACKAGE_CHECKPOINTS, metrics=None):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
