@@ -89,6 +89,50 @@ def test_a_rhyme_of_two_bu_leaves_both_open_to_the_linked_set_until_a_later_rhym
     assert bus(0) == bus(1) == {"第十部"}
 
 
+@pytest.mark.parametrize("prompt", ["", "山水花风云春秋天人江明台", "山水花风云春秋天人江河何"])
+def test_any_walk_through_the_masks_keeps_xijiangyue_in_one_bu_or_says_why_not(prompt):
+    # Every token a row's mask allows, at random: 台 is in 三部 and 五部 (and 五部 has no 仄 rhymes here);
+    # 何, forced at a rhyme, opens 九部, where nothing 仄 can follow.
+    import random
+
+    from conftest import FIXTURE_CHARS
+    from engine.poem.constraints import build_plan, mask_tables
+    from engine.poem.vocab import Vocab
+
+    vocab = Vocab.build([FIXTURE_CHARS]).grown([], tunes=["西江月"], ci=True)
+    prosody = prosody_for(vocab)
+    tables = mask_tables(prosody)
+    plan = build_plan(vocab, prosody, PoemRequest(form="ci", tune="西江月", prompt=prompt, mode="greedy").validate())
+    for seed in range(200 if prompt else 3000):
+        row, rng = plan.new_row(), random.Random(seed)
+        while not row.done:
+            token = row.forced()
+            if token is None:
+                token = rng.choice(sorted(set(tables.allowed_ids(row.mask_index)) - set(row.step_banned)))
+            row.advance(token)
+        check = check_ci(TUNES["西江月"], plan.format_text(row.line_texts))
+        noted = any("rhyme" in n for n in row.notes)
+        assert check.rhyme_ok or noted, (seed, row.line_texts, check.problems)
+        bus = [{plan.book.bu(g) for g in row.rhyme_groups[k]} for k in (0, 1)]
+        assert bus[0] & bus[1] or noted, (seed, row.line_texts, bus)
+
+
+def test_a_free_rhyme_of_two_groups_keeps_only_the_group_whose_bu_the_link_allows():
+    from conftest import FIXTURE_CHARS
+    from engine.poem.constraints import build_plan
+    from engine.poem.vocab import Vocab
+
+    vocab = Vocab.build([FIXTURE_CHARS]).grown([], tunes=["西江月"], ci=True)
+    plan = build_plan(vocab, prosody_for(vocab), PoemRequest(form="ci", tune="西江月", mode="greedy").validate())
+    five = {g for g, name in enumerate(plan.book.groups) if name == "第五部平"}
+    assert five and not five & plan.eligible_groups[0]  # 五部 has no 仄 rhymes in this vocabulary: closed
+    row = plan.new_row()
+    for ch in "山水花风云春，秋天人江明台":  # 台: 三部 and 五部; a free choice, as the mask allows it
+        row.advance(vocab.index[ch] if ch != "，" else vocab.comma_id)
+    assert row.rhyme_groups[0] <= plan.eligible_groups[0]
+    assert {plan.book.bu(g) for g in row.rhyme_groups[1]} == {"第三部"}
+
+
 def test_the_tiny_model_keeps_every_rule_without_relaxing_any(ci_model):
     """On the fixture's characters nothing needs to bend for the common tunes that rhyme on 平 (its few 入声
     characters run out in a long 仄 tune such as 满江红, and that tune then relaxes with a note)."""

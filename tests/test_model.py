@@ -118,6 +118,10 @@ def test_a_bad_config_is_rejected_naming_the_field(overrides, problem):
 def test_config_round_trips_through_a_dict_and_rejects_unknown_keys():
     cfg = ModelConfig(vocab_size=10, cell="gru", hidden_dim=7)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    # An untied model's dict has no tie_embeddings key: engines from before the option read its checkpoints.
+    assert "tie_embeddings" not in cfg.to_dict()
+    tied = ModelConfig(vocab_size=10, embed_dim=7, hidden_dim=7, tie_embeddings=True)
+    assert ModelConfig.from_dict(tied.to_dict()) == tied
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict(cfg.to_dict() | {"attention": True})
     with pytest.raises(TypeError):

@@ -54,7 +54,10 @@ class ModelConfig:
         return cls(**data)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.tie_embeddings:  # an untied model's checkpoint stays readable by engines older than the option
+            del d["tie_embeddings"]
+        return d
 
     @property
     def state_dim(self) -> int:

@@ -255,6 +255,10 @@ def _tune_tone_requirements(tune: Tune, tone: bool) -> tuple[tuple[int, ...], tu
     return tuple(req), tuple(req)
 
 
+def _set_names(group) -> str:
+    return " and ".join(str(k + 1) for k in sorted(group))
+
+
 def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPlan:
     """Validate `request` (a PoemRequest) against the model's vocabulary and make its plan.
 
@@ -297,6 +301,7 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPl
         start_token = vocab.form_id(form.name)
     eligible = tuple(tables.eligible_groups(need, book, tone) for tone, need in sets)
     linked: dict[int, tuple[int, ...]] = {}
+    unlinked = []  # groups of sets the vocabulary cannot rhyme in one 部
     for group in (tune.same_bu if tune else ()):
         # Only 部 where every set of the group can rhyme are open, so whichever set rhymes first, the
         # others still find groups of their tone there.
@@ -305,6 +310,8 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPl
             eligible = tuple(frozenset(g for g in e if book.bu(g) in common) if k in group else e
                              for k, e in enumerate(eligible))
             linked.update({k: tuple(m for m in group if m != k) for k in group})
+        else:
+            unlinked.append(group)
     rhyme_off = rhyme and not all(eligible)
     if rhyme_off:
         rhyme = False
@@ -320,6 +327,9 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPl
     by = " and ".join(name for name, there in (("prompt", prompt), ("acrostic", acrostic), ("keywords", keywords)) if there)
     notes = [f"repetition: 「{vocab.tokens[token]}」 is forced {n} times by the {by}; the no-three-times rule is "
              f"relaxed for it" for token, n in sorted(reserved.items()) if n >= 3]
+    if rhyme and unlinked:
+        notes.extend(f"rhyme: the model's vocabulary has no 部 in which rhyme sets {_set_names(group)} can all "
+                     f"rhyme; they rhyme apart" for group in unlinked)
     if rhyme_off:
         notes.append("rhyme: the model's vocabulary has no level-tone rhyme characters; rhyme is off" if form else
                      "rhyme: the model's vocabulary lacks rhyme characters for this tune's rhymes; rhyme is off")
@@ -533,6 +543,8 @@ class RowState:
                 # A free token was masked to the eligible groups; a forced one may open any group of the tone.
                 open_groups = current if current is not None else plan.tables.groups_of_tone(plan.book, tone)
                 shared = open_groups & plan.book.token_groups[token]
+                if k in plan.linked:  # a character of two groups keeps only those whose 部 the link allows
+                    shared = shared & plan.eligible_groups[k] or shared
                 if shared:
                     self.rhyme_groups = self.rhyme_groups[:k] + (shared,) + self.rhyme_groups[k + 1:]
                     self._link_rhymes(k, shared)
@@ -552,8 +564,11 @@ class RowState:
             current = self.rhyme_groups[m]
             groups = frozenset(g for g in (current if current is not None else plan.eligible_groups[m])
                                if plan.book.bu(g) in bus)
-            if groups:  # empty only after a forced rhyme outside the open 部: then m keeps its own
+            if groups:
                 self.rhyme_groups = self.rhyme_groups[:m] + (groups,) + self.rhyme_groups[m + 1:]
+            else:  # a forced rhyme outside the 部 the sets share: m keeps its own
+                self._note(f"rhyme: rhyme sets {_set_names((k, m))} cannot share a 部 after the forced "
+                           f"character ending line {plan.layout.line_of[self.pos] + 1}; they rhyme apart")
 
     def _prepare(self) -> None:
         """Work out the next position's forced token or mask row, relaxing rules rather than allowing nothing."""
