@@ -289,3 +289,43 @@ def test_the_bias_of_256_rows_at_once_equals_the_bias_of_each_row_alone(big_voca
     assert together.shape == (256, len(big_vocab))
     for k, row in enumerate(rows):
         assert torch.equal(together[k], allowed_masks([row])[0]), f"row {k} differs when batched"
+
+
+def test_rhyme_rows_registered_from_many_threads_at_once_each_get_their_own_row():
+    # Plans are made on the event loop's thread while the engine's thread prepares rows: both register
+    # rhyme rows. A tiny switch interval makes the threads interleave inside the registration.
+    import itertools
+    import sys
+    import threading
+
+    from conftest import FIXTURE_CHARS
+    from engine.poem.constraints import MaskTables
+    from engine.poem.prosody import prosody_for, rhyme_book
+    from engine.poem.vocab import Vocab
+
+    vocab = Vocab.build([FIXTURE_CHARS]).grown([], tunes=["西江月"], ci=True)
+    prosody = prosody_for(vocab)
+    book = rhyme_book(prosody, vocab, "cilin")
+    keys = [frozenset(c) for c in itertools.combinations(range(len(book.groups)), 2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(5):
+            tables = MaskTables(prosody)
+            barrier = threading.Barrier(8)
+
+            def register(i, tables=tables, barrier=barrier):
+                barrier.wait()
+                for k in keys[i::8] + keys:
+                    tables.rhyme_row(book, k)
+
+            threads = [threading.Thread(target=register, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(tables.rows) == 5 + len(keys)  # the five fixed rows, then one per group set
+            for k in keys:
+                assert torch.equal(tables.rows[tables.rhyme_row(book, k)], book.matrix[sorted(k)].any(dim=0))
+    finally:
+        sys.setswitchinterval(interval)

@@ -45,6 +45,7 @@ Masks are built from precomputed tables: each row only picks a table index in Py
 from __future__ import annotations
 
 import functools
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -94,6 +95,9 @@ class MaskTables:
         self.eligible: dict[tuple[str, int, int], frozenset[int]] = {}  # see eligible_groups
         self.toned: dict[tuple[str, int], frozenset[int]] = {}  # see groups_of_tone
         self._device: dict[str, torch.Tensor] = {}  # device → (K, V) bias table
+        # NOTE: plans are made on the event loop's thread and rows prepared on the engine's; a new rhyme row
+        # is registered under this lock, or two threads could take the same index for different rows.
+        self._lock = threading.Lock()
 
     def rhyme_row(self, book: RhymeBook, groups: frozenset[int]) -> int:
         """The table row of "any character of these groups of `book`", registered on first use."""
@@ -101,9 +105,12 @@ class MaskTables:
         index = self.rhyme_index.get(key)
         if index is None:
             row = book.matrix[sorted(groups)].any(dim=0) if groups else torch.zeros_like(self.prosody.han)
-            index = self.rhyme_index[key] = len(self.rows)
-            self.rows.append(row)
-            self.counts.append(int(row.sum()))
+            with self._lock:
+                index = self.rhyme_index.get(key)
+                if index is None:
+                    self.rows.append(row)
+                    self.counts.append(int(row.sum()))
+                    index = self.rhyme_index[key] = len(self.rows) - 1  # published once its row is there
         return index
 
     def allowed_ids(self, index: int) -> list[int]:
