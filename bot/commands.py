@@ -498,11 +498,15 @@ class Commands:
         return Reply(f"解码：束搜索，宽度 {width}。\nDecoding: beam search, width {width}.")
 
     async def cmd_model(self, who: Who, args: list[str]) -> Reply:
-        names = await self.model_names()
+        models = await self.engine_models()
+        names = [m["name"] for m in models or () if m.get("writes_shi", True)] or list(DEFAULT_MODELS)
         usage = f"用法：/model {'|'.join(names)}\nUsage: /model {'|'.join(names)}."
         if len(args) != 1:
             return Reply(usage)
         name = args[0].lower()
+        if any(m["name"] == name and not m.get("writes_shi", True) for m in models or ()):
+            return Reply(f"{name} 只填词：请用 /ci 词牌。写诗可选：{', '.join(names)}\n"
+                         f"{name} writes 词 only: use /ci TUNE. For 诗 choose: {', '.join(names)}.")
         if name not in names:
             return Reply(f"没有这个模型：{_echo(args[0])}。可选：{', '.join(names)}\nUnknown model {_echo(args[0])!r}; "
                          f"loaded: {', '.join(names)}.")
@@ -533,10 +537,6 @@ class Commands:
         let the post say otherwise)."""
         models = await self.engine_models()
         return models is None or any(m.get("writes_ci") for m in models)
-
-    async def model_names(self) -> list[str]:
-        """The engine's loaded models; the usual ones when it cannot be asked right now."""
-        return [m["name"] for m in await self.engine_models() or ()] or list(DEFAULT_MODELS)
 
     async def cmd_settings(self, who: Who, args: list[str]) -> Reply:
         s = await self.store.aio.chat_settings(who.chat_id)

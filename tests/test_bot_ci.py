@@ -73,6 +73,15 @@ async def test_ci_follows_the_chats_decoding_but_not_its_model(tmp_path, ci_engi
     assert reply.text.endswith("— 词 · 鹧鸪天 · sample t=0.9 · ci")
 
 
+async def test_model_offers_only_the_models_that_write_shi_and_points_a_ci_model_to_ci(tmp_path, ci_engine, store):
+    commands = Commands(ci_engine, store, make_settings(tmp_path))
+    assert "/model lstm." in (await commands.handle(private(), "/model")).text  # ci is not offered
+    reply = await commands.handle(private(), "/model ci")
+    assert "ci writes 词 only: use /ci TUNE" in reply.text
+    assert (await store.aio.chat_settings(USER)).model is None  # nothing changed
+    assert {m["name"]: m["writes_shi"] for m in await ci_engine.models()} == {"lstm": True, "ci": False}
+
+
 async def test_without_a_ci_model_ci_says_so(tmp_path, local_engine, store):
     commands = Commands(local_engine, store, make_settings(tmp_path))
     reply = await commands.handle(private(), "/ci 浣溪沙 月")

@@ -89,6 +89,7 @@ class ServingModel:
             "parameters": self.model.num_parameters(),
             "vocab_size": len(self.vocab),
             "writes_ci": self.vocab.writes_ci,
+            "writes_shi": train.get("kind", "shi") != "ci",  # a model trained on 词 alone writes 诗 poorly
             "trained_on": {"corpus_hash": self.meta.get("corpus_hash"), "poems": train.get("train_poems"),
                            "tokens": train.get("tokens_seen"), "created_at": self.meta.get("created_at")},
             "metrics": self.meta.get("metrics") or {},
