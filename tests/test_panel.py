@@ -31,6 +31,20 @@ def test_the_panel_pairs_each_held_out_poem_with_one_poem_per_system(made, tiny_
         assert all(e["poem"].startswith(e["opening"]) for e in mine)
 
 
+def test_another_seed_draws_other_held_out_poems(tiny_corpus, tiny_checkpoint, tmp_path):
+    from trainer.quality import held_out_poems
+
+    def poets(seed):
+        panel.make([str(tiny_corpus)], [f"a={tiny_checkpoint}:greedy"], 4, tmp_path / str(seed), seed=seed)
+        key = json.loads((tmp_path / str(seed) / "key.json").read_text())
+        return {e["poem"] for e in key if e["source"] == "human"}
+
+    held_out = {p.text for p in held_out_poems([str(tiny_corpus)], 1000)}
+    first, second = poets(0), poets(1)
+    assert first <= held_out and second <= held_out and first != second
+    assert poets(1) == second  # the same seed, the same panel
+
+
 def test_the_reader_sees_the_poems_numbered_and_nothing_of_who_wrote_them(made):
     out, _ = made
     text = (out / "poems.txt").read_text()

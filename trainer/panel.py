@@ -8,7 +8,7 @@ character, for a reader to score without knowing which is which.
     python -m trainer panel score --out runs/panel
 
 Poets' poems come from the held-out split (never trained on), one per opening character, spread over
-the four forms; each system writes one poem per held-out poem with that poem's form and first character.
+the four forms (`--seed` other than 0 draws other ones); each system writes one poem per held-out poem with that poem's form and first character.
 `key.json` says who wrote what; `score` prints per source the mean of the four scores and the share taken
 for human. The dimensions are those of the Jiuge/PQED evaluations: 通顺 fluency, 连贯 coherence, 意义
 meaningfulness, 诗意 poeticness, each 1–5.
@@ -51,7 +51,11 @@ def parse_system(text: str) -> tuple[str, str, str]:
 def make(corpus: list[str], systems: list[str], n: int, out: Path, seed: int = 0) -> dict:
     parsed = [parse_system(s) for s in systems]
     rng = random.Random(seed)
-    pool = held_out_poems(corpus, 20 * n)
+    # Seed 0: the first held-out poems in their fixed order; another seed draws others, so each panel
+    # can meet new poets' poems and new openings.
+    pool = held_out_poems(corpus, 20 * n if seed == 0 else 400 * n)
+    if seed:
+        random.Random(seed).shuffle(pool)
     humans, seen = [], set()
     for form in FORM_NAMES * n:  # the forms in turn, one poem per new opening character
         pick = next((p for p in pool if p.form == form and p.text[0] not in seen), None)
