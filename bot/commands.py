@@ -498,13 +498,14 @@ class Commands:
         return Reply(f"解码：束搜索，宽度 {width}。\nDecoding: beam search, width {width}.")
 
     async def cmd_model(self, who: Who, args: list[str]) -> Reply:
-        models = await self.engine_models()
-        names = [m["name"] for m in models or () if m.get("writes_shi", True)] or list(DEFAULT_MODELS)
+        models = await self.engine_models() or ()
+        ci_only = {m["name"] for m in models if not m.get("writes_shi", True)}
+        names = [m["name"] for m in models if m["name"] not in ci_only] or list(DEFAULT_MODELS)
         usage = f"用法：/model {'|'.join(names)}\nUsage: /model {'|'.join(names)}."
         if len(args) != 1:
             return Reply(usage)
         name = args[0].lower()
-        if any(m["name"] == name and not m.get("writes_shi", True) for m in models or ()):
+        if name in ci_only:
             return Reply(f"{name} 只填词：请用 /ci 词牌。写诗可选：{', '.join(names)}\n"
                          f"{name} writes 词 only: use /ci TUNE. For 诗 choose: {', '.join(names)}.")
         if name not in names:

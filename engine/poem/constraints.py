@@ -184,8 +184,8 @@ class PoemPlan:
     formulas: object = None  # engine.sampling.formulas.Formulas of the model, or None: spans greedy and beam avoid
     keywords: tuple[str, ...] = ()  # simplified, as placed (those the prompt or acrostic already holds left out)
     starts: int = BOTH  # the values s may take from the start: narrowed when a keyword's tone fits only one
-    # Rhyme set → the sets that must rhyme in its 部 (西江月's 平 and 仄 sets); the first of them to rhyme
-    # decides the 部 for the others.
+    # Rhyme set → the sets that must rhyme in its 部 (西江月's 平 and 仄 sets); each rhyme of one narrows
+    # the others to the 部 still open (RowState._link_rhymes).
     linked: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property

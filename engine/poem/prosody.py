@@ -79,10 +79,13 @@ class RhymeBook:
     tones: list[int]  # per group: LEVEL or OBLIQUE
     matrix: torch.Tensor  # (G, V) bool: token v is in group g
     token_groups: list[frozenset[int]]  # per token: its group indices
+    bus: list[str] = field(init=False)  # per group: its 部 (rhymes.cilin_bu); a 平水韵 group is its own
+
+    def __post_init__(self):
+        self.bus = [cilin_bu(g) if self.name == "cilin" else g for g in self.groups]
 
     def bu(self, group: int) -> str:
-        """The 部 of a 词林正韵 group (rhymes.cilin_bu); a 平水韵 group is its own."""
-        return cilin_bu(self.groups[group]) if self.name == "cilin" else self.groups[group]
+        return self.bus[group]
 
 
 def rhyme_book(prosody: Prosody, vocab: Vocab | None, name: str) -> RhymeBook:
