@@ -29,7 +29,7 @@ from engine.errors import EngineUnavailableError, QueueFullError
 from engine.sampling import kernels
 from engine.serving.metrics import EngineMetrics
 from engine.serving.registry import ModelRegistry
-from engine.serving.runner import ModelRunner
+from engine.serving.runner import ROW_STATES, ModelRunner
 from engine.serving.scheduler import (
     EngineRequest,
     RequestStatus,
@@ -55,17 +55,20 @@ class EngineSettings:
     watch_interval: float = 10.0  # seconds between looks at CHECKPOINT_DIR for a new CURRENT; 0 = off
     ppl_tolerance: float = 0.05  # a new version may have val_ppl up to 5% worse than the serving one
     threads: int = 0  # torch threads for the step loop (0: leave torch's default)
+    row_state: str = "auto"  # where the rows' decoding state lives: auto | host | device (engine.serving.runner.ROW_STATES)
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> EngineSettings:
         """Settings from CHECKPOINT_DIR, DEVICE and ENGINE_{MODELS,MAX_ROWS,MAX_QUEUE,THREADS,TIMEOUT,WATCH_INTERVAL,
-        ADMIT_SHARE}."""
+        ADMIT_SHARE,ROW_STATE}."""
         env = os.environ if env is None else env
         values: dict = {}
         if env.get("CHECKPOINT_DIR"):
             values["checkpoint_dir"] = env["CHECKPOINT_DIR"]
         if env.get("DEVICE"):
             values["device"] = env["DEVICE"]
+        if env.get("ENGINE_ROW_STATE"):
+            values["row_state"] = env["ENGINE_ROW_STATE"]
         if env.get("ENGINE_MODELS"):
             values["model_names"] = tuple(n.strip() for n in env["ENGINE_MODELS"].split(",") if n.strip())
         for key, name, kind in (("ENGINE_MAX_ROWS", "max_num_rows", int), ("ENGINE_MAX_QUEUE", "max_queue", int),
@@ -84,6 +87,8 @@ class EngineSettings:
     def validate(self) -> EngineSettings:
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.row_state not in ROW_STATES:
+            raise ValueError(f"row_state (ENGINE_ROW_STATE) must be one of {', '.join(ROW_STATES)}, got {self.row_state!r}")
         if not self.model_names:
             raise ValueError("model_names is empty")
         if self.max_num_rows < 16:
@@ -104,7 +109,7 @@ class LocalEngine:
         s = self.settings
         self.registry = ModelRegistry(s.checkpoint_dir, s.model_names, s.device, s.ppl_tolerance, metrics=self.metrics)
         self.scheduler = Scheduler(max_num_rows=s.max_num_rows, max_queue=s.max_queue, admit_share=s.admit_share)
-        self.runner = ModelRunner(self.registry, min_batch_rows=s.min_batch_rows)
+        self.runner = ModelRunner(self.registry, min_batch_rows=s.min_batch_rows, row_state=s.row_state)
         self._cv = threading.Condition()  # guards the scheduler; wakes the step loop
         self._futures: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
         self._thread: threading.Thread | None = None

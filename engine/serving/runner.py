@@ -77,7 +77,7 @@ class RowGroup:
     req_id: str
     request: PoemRequest
     plan: PoemPlan
-    rows: list[RowState]  # one per batch row, in batch order
+    rows: list[RowState]  # one per batch row, in batch order (a DeviceBatch keeps them as tensors: empty)
     generator: torch.Generator  # the request's own, seeded from `seed`: its draws (greedy, sample) or noise (beam)
     penalty: float  # repetition penalty of its mode
     segment: tuple[RowKind, int]  # where its rows sit in the batch: (kind, beam width; 1 unless beam)
@@ -88,10 +88,10 @@ class RowGroup:
     ends: int = 0  # the batch's step count once it has chosen <eos>
     score: float = 0.0  # model log-prob of row 0, set when it ends
     started: float = field(default_factory=time.perf_counter)
+    num_rows: int = 0  # its rows in the batch: len(rows) unless they live on the device
 
-    @property
-    def num_rows(self) -> int:
-        return len(self.rows)
+    def __post_init__(self):
+        self.num_rows = self.num_rows or len(self.rows)
 
     @property
     def is_beam(self) -> bool:
@@ -205,7 +205,10 @@ class ModelBatch:
             g.offset, offset = offset, offset + g.num_rows
         if keep == list(range(self.num_rows)):
             return
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._select(torch.tensor(keep, dtype=torch.long, device=self.device))
+
+    def _select(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (R',) of the batch tensors, in that order."""
         self.tokens, self.totals, self.beam_scores = self.tokens[index], self.totals[index], self.beam_scores[index]
         self.state = self.state.index_select(1, index)  # (L, R', S)
         if self.owed is not None:
@@ -351,12 +354,25 @@ def _catch_up(batches: list[ModelBatch]) -> list[StepInputs]:
         return [batch.catch_up() for batch in batches]
 
 
+# Where the rows' decoding state lives: "host" (a RowState per row, in Python), "device" (DeviceRows: tensors
+# on the model's device), or "auto": device on a GPU, host on a CPU (where the C kernels and the overlap of
+# the Python with the model step win). A model whose vocabulary writes 词 always keeps host rows.
+ROW_STATES = ("auto", "host", "device")
+
+
+def uses_device_rows(row_state: str, serving: ServingModel) -> bool:
+    if serving.vocab.writes_ci:
+        return False
+    return row_state == "device" or (row_state == "auto" and serving.device.type == "cuda")
+
+
 class ModelRunner:
     """All model batches; executes the scheduler's decisions one step at a time."""
 
-    def __init__(self, registry: ModelRegistry, min_batch_rows: int = MIN_BATCH_ROWS):
+    def __init__(self, registry: ModelRegistry, min_batch_rows: int = MIN_BATCH_ROWS, row_state: str = "auto"):
         self.registry = registry
         self.min_batch_rows = min_batch_rows
+        self.row_state = row_state  # ROW_STATES: where the rows' decoding state lives
         self.batches: dict[int, ModelBatch] = {}  # id(ServingModel) → its batch
         self.req_batch: dict[str, ModelBatch] = {}  # req_id → the batch holding its rows
         self._pool: ThreadPoolExecutor | None = None  # the catch-up thread, started with the first step
@@ -375,6 +391,13 @@ class ModelRunner:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+    def _new_batch(self, serving: ServingModel) -> ModelBatch:
+        if uses_device_rows(self.row_state, serving):
+            from engine.serving.device_batch import DeviceBatch
+
+            return DeviceBatch(serving)
+        return ModelBatch(serving)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -400,7 +423,7 @@ class ModelRunner:
                 continue
             batch = self.batches.get(id(serving))
             if batch is None:
-                batch = self.batches[id(serving)] = ModelBatch(serving)
+                batch = self.batches[id(serving)] = self._new_batch(serving)
             batch.add(req, plan)
             self.req_batch[req.req_id] = batch
         # Run: every batch's model step, here; meanwhile the rows catch up on the other thread. The inputs

@@ -1,0 +1,362 @@
+"""RowState's rules for a whole batch of rows, as tensors on the model's device.
+
+A `RowState` (engine.poem.constraints) advances in Python, one row and one token at a time. On a GPU that
+host work, not the model, bounds the step. `DeviceRows` holds the same state for every row of a batch as
+tensors (position, character counts, tone and rhyme state, the text so far). It turns that state into the
+step's bias, and the chosen tokens back into state, with a fixed number of tensor operations however many
+rows there are. The host reads a row only when its poem ends:
+
+    rows = DeviceRows.new(tables, [(plan, num_rows, penalty, generator, draw), ...])  # rows of joining requests
+    bias = rows.bias()              # (R, V): what step_bias gives the same rows, as a dense tensor
+    ... choose the tokens ...
+    rows = rows.take(parents)       # beams continue their parents (dynamic state only)
+    rows.advance(tokens)
+    rows.result(i, plan)            # a finished row's lines and notes, on the host
+
+Regular forms only: one rhyme set of 平水韵. A 词 tune keeps the host RowState (its rhyme sets, links and
+refrains). The rules and relaxations are RowState's, so a request writes the same poem either way
+(tests/test_device_rows.py compares them). Notes are not worded on the device. A row on which a rule bent
+carries a flag, and the host replays that row's finished text through a RowState to word them.
+
+The random numbers a request draws are drawn when it joins, from its own generator and in the order the
+host path draws them one step at a time (a CPU generator's `rand(n)` is n single draws in a row). A row
+then finds this step's numbers by its position, and no step waits on the host.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from engine.api import MAX_BEAM_WIDTH
+from engine.poem.constraints import (
+    BOTH,
+    MASK_HAN,
+    MASK_LEVEL,
+    MASK_OBLIQUE,
+    MASK_TONED,
+    PoemPlan,
+    mask_tables,
+)
+from engine.poem.forms import FORMS, PERIOD, Layout
+from engine.poem.rhymes import LEVEL, OBLIQUE
+
+NEG_INF = float("-inf")
+TMAX = max(f.text_len for f in FORMS.values()) + 1  # positions of the longest form, <eos> included
+LMAX = max(f.num_lines for f in FORMS.values())  # lines of the longest form
+NMAX = max(f.line_len for f in FORMS.values())  # characters in the longest line
+SPAN = 4  # a formula's length (engine.sampling.formulas)
+BEAM_DRAWS = 3 * MAX_BEAM_WIDTH  # uniform numbers a beam request draws per step, at most (BEAM_CANDIDATES · width)
+
+
+@dataclass
+class DeviceTables:
+    """One vocabulary's constraint tables on one device (cached in the prosody's cache)."""
+
+    fixed: torch.Tensor  # (5, V) bool: MaskTables' fixed rows (none, Han, 平, 仄, toned)
+    tone_row: torch.Tensor  # (4,) long: the fixed row for a required tone 0, 平, 仄, 平 or 仄
+    tones: torch.Tensor  # (V,) long: LEVEL | OBLIQUE bits per token
+    groups: torch.Tensor  # (G, V) float: 平水韵 group g holds token v (float: "any of these groups" is a matmul)
+    token_groups: torch.Tensor  # (V, G) bool
+    open_groups: torch.Tensor  # (G,) bool: the groups a first rhyme may open (every level group)
+    vocab_ids: torch.Tensor  # (V,) long: 0 … V-1
+
+
+def device_tables(prosody, device) -> DeviceTables:
+    key = ("device_rows", str(device))
+    tables = prosody.cache.get(key)
+    if tables is None:
+        masks = mask_tables(prosody)
+        from engine.poem.prosody import rhyme_book
+
+        book = rhyme_book(prosody, None, "pingshui")
+        opened = masks.groups_of_tone(book, LEVEL)
+        tone_row = torch.tensor([MASK_HAN, MASK_LEVEL, MASK_OBLIQUE, MASK_TONED])
+        tables = prosody.cache[key] = DeviceTables(
+            fixed=torch.stack(masks.rows[:5]).to(device), tone_row=tone_row.to(device),
+            tones=torch.tensor(prosody.tones, dtype=torch.long, device=device),
+            groups=book.matrix.float().to(device), token_groups=book.matrix.T.contiguous().to(device),
+            open_groups=torch.tensor([g in opened for g in range(len(book.groups))], device=device),
+            vocab_ids=torch.arange(prosody.vocab_size, device=device))
+    return tables
+
+
+@dataclass
+class FormulaTable:
+    """A model's formulas (engine.sampling.formulas) as sorted keys of their first three tokens."""
+
+    keys: torch.Tensor  # (F,) long: t0·V² + t1·V + t2, ascending
+    completions: torch.Tensor  # (F, C) long: the tokens completing each key, -1 where none
+
+    @classmethod
+    def of(cls, formulas, vocab_size: int, device) -> FormulaTable | None:
+        next_of = getattr(formulas, "next_of", None)
+        if not next_of:
+            return None
+        V = vocab_size
+        items = sorted(((a * V + b) * V + c, comps) for (a, b, c), comps in next_of.items())
+        width = max(len(comps) for _, comps in items)
+        completions = [list(comps) + [-1] * (width - len(comps)) for _, comps in items]
+        return cls(torch.tensor([k for k, _ in items], device=device), torch.tensor(completions, device=device))
+
+
+@functools.cache
+def _layout_rows(layout: Layout, comma_id: int, period_id: int, eos_id: int) -> dict[str, list]:
+    """A form's per-position tables, padded to TMAX positions (LMAX × NMAX for the lines)."""
+    marks = [-1] * TMAX
+    for line, n in enumerate(layout.line_lengths):
+        marks[layout.starts[line] + n] = period_id if layout.marks[line] == PERIOD else comma_id
+    marks[layout.text_len] = eos_id
+    pad = TMAX - layout.text_len
+    col = list(layout.col_of) + [0] * pad
+    line_of = list(layout.line_of) + [0] * pad
+    n = layout.line_lengths[0]  # a regular form's lines are all of one length
+    line_pos = [[layout.starts[i] + c if i < layout.num_lines and c < n else 0 for c in range(NMAX)]
+                for i in range(LMAX)]
+    return {"marks": marks, "col": col, "line_of": line_of, "line_pos": line_pos, "line_len": n,
+            "han": [p in set(layout.han_positions) for p in range(TMAX)]}
+
+
+@dataclass
+class DeviceRows:
+    """R rows' decoding state; every tensor's first dimension is the row. See the module docstring."""
+
+    tables: DeviceTables
+    formulas: FormulaTable | None
+    # The plan, per row (the same for every row of a request):
+    forced: torch.Tensor  # (R, TMAX) long: the token position p must hold (marks, <eos>, prompt…), -1 if free
+    plan_forced: torch.Tensor  # (R, TMAX) bool: p holds a prompt, acrostic or keyword character
+    han: torch.Tensor  # (R, TMAX) bool: p holds a Han character
+    tone_l: torch.Tensor  # (R, TMAX) long: the tone p needs when s is 平 (0: none)
+    tone_o: torch.Tensor  # (R, TMAX) long: … when s is 仄
+    rhyme_pos: torch.Tensor  # (R, TMAX) bool: p ends a rhyming line (and the rhyme rule is on)
+    col: torch.Tensor  # (R, TMAX) long: p's column in its line
+    line_of: torch.Tensor  # (R, TMAX) long
+    line_pos: torch.Tensor  # (R, LMAX · NMAX) long: the text position of line i's character c
+    line_len: torch.Tensor  # (R,) long
+    eligible: torch.Tensor  # (R, G) bool: the groups a free first rhyme may open
+    penalty: torch.Tensor  # (R,) float: nats per earlier use of a character (and the formulas'), 0 for sample rows
+    temperature: torch.Tensor  # (R,) float: greedy and sample rows' draw (engine.sampling.choice.draw_params)
+    top_k: torch.Tensor  # (R,) long
+    top_p: torch.Tensor  # (R,) float
+    draws: torch.Tensor  # (R, TMAX) float: a greedy or sample row's uniform number at each free position
+    beam_draws: torch.Tensor  # (R, TMAX, BEAM_DRAWS) float: a beam request's numbers at each step (0 elsewhere)
+    # Where the row is (what `take` moves with a beam's parent):
+    pos: torch.Tensor  # (R,) long: the next position
+    starts: torch.Tensor  # (R,) long: the values s may still take (LEVEL | OBLIQUE bits)
+    rhymed: torch.Tensor  # (R,) bool: a rhyme has been taken
+    groups: torch.Tensor  # (R, G) bool: the groups the rhymes so far share
+    counts: torch.Tensor  # (R, V) uint8: uses counted against the three-times rule (forced ones reserved)
+    uses: torch.Tensor  # (R, V) float: every use of a character so far (the repetition penalty)
+    rhymed_tokens: torch.Tensor  # (R, V + 1) bool: characters at earlier rhyme positions (the last column: none)
+    history: torch.Tensor  # (R, TMAX) long: the text so far, then <eos>
+    flags: torch.Tensor  # (R,) bool: a rule bent on this row: the host words its notes by replaying it
+
+    DYNAMIC = ("pos", "starts", "rhymed", "groups", "counts", "uses", "rhymed_tokens", "history", "flags")
+
+    @property
+    def num_rows(self) -> int:
+        return self.pos.shape[0]
+
+    @classmethod
+    def empty(cls, tables: DeviceTables, formulas: FormulaTable | None) -> DeviceRows:
+        return cls.new(tables, formulas, [])
+
+    @classmethod
+    def new(cls, tables: DeviceTables, formulas: FormulaTable | None, requests: list) -> DeviceRows:
+        """Rows at the start of their poems: `requests` is [(plan, rows, penalty, (temperature, top_k, top_p),
+        generator, beam_draws)], beam_draws being BEAM_CANDIDATES · width for a beam request and 0 otherwise."""
+        device = tables.vocab_ids.device
+        V, G = tables.vocab_ids.shape[0], tables.groups.shape[0]
+        per_row: dict[str, list] = {name: [] for name in ("forced", "plan_forced", "han", "tone_l", "tone_o", "rhyme_pos",
+                                                          "col", "line_of", "line_pos", "line_len", "eligible",
+                                                          "penalty", "temperature", "top_k", "top_p", "starts")}
+        draws, beam_draws, counts = [], [], []
+        for plan, k, penalty, (temperature, top_k, top_p), generator, per_step in requests:
+            if plan.tune is not None:
+                raise ValueError("device rows hold regular forms only; a 词 keeps the host RowState")
+            vocab, layout = plan.vocab, plan.layout
+            lay = _layout_rows(layout, vocab.comma_id, vocab.period_id, vocab.eos_id)
+            forced = list(lay["marks"])
+            for p, t in plan.forced_at.items():
+                forced[p] = t
+            pad = [0] * (TMAX - len(plan.tone_req[0]))
+            row = {"forced": forced, "plan_forced": [p in plan.forced_at for p in range(TMAX)], "han": lay["han"],
+                   "tone_l": list(plan.tone_req[0]) + pad, "tone_o": list(plan.tone_req[1]) + pad,
+                   "rhyme_pos": [p in plan.rhyme_at for p in range(TMAX)], "col": lay["col"],
+                   "line_of": lay["line_of"], "line_pos": [p for line in lay["line_pos"] for p in line],
+                   "line_len": lay["line_len"], "eligible": [g in plan.eligible_groups[0] for g in range(G)],
+                   "penalty": penalty, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                   "starts": plan.starts}
+            for name, value in row.items():
+                per_row[name].extend([value] * k)
+            # The request's numbers, in the order the host path draws them (see the module docstring).
+            draw = torch.zeros(TMAX)
+            beam = torch.zeros(TMAX, BEAM_DRAWS)
+            if per_step:
+                beam[:plan.num_steps, :per_step] = torch.rand(plan.num_steps * per_step, generator=generator).view(-1, per_step)
+            else:
+                free = [p for p in layout.han_positions if p not in plan.forced_at]
+                draw[free] = torch.rand(len(free), generator=generator)
+            reserved = torch.zeros(V, dtype=torch.uint8)
+            for t, n in plan.reserved.items():
+                reserved[t] = n
+            draws.extend([draw] * k)
+            beam_draws.extend([beam] * k)
+            counts.extend([reserved] * k)
+        R = len(draws)
+        dtypes = {"plan_forced": torch.bool, "han": torch.bool, "rhyme_pos": torch.bool, "eligible": torch.bool,
+                  "penalty": torch.float32, "temperature": torch.float32, "top_p": torch.float32}
+
+        def tensor(name, shape):
+            values = per_row[name]
+            return torch.tensor(values, dtype=dtypes.get(name, torch.long)).view(*shape).to(device) if R else \
+                torch.zeros(shape, dtype=dtypes.get(name, torch.long), device=device)
+
+        stack = lambda xs, *shape, dtype=torch.float32: (torch.stack(xs) if R else torch.zeros(0, *shape, dtype=dtype)).to(device)
+        return cls(tables, formulas,
+                   forced=tensor("forced", (R, TMAX)), plan_forced=tensor("plan_forced", (R, TMAX)),
+                   han=tensor("han", (R, TMAX)), tone_l=tensor("tone_l", (R, TMAX)), tone_o=tensor("tone_o", (R, TMAX)),
+                   rhyme_pos=tensor("rhyme_pos", (R, TMAX)), col=tensor("col", (R, TMAX)),
+                   line_of=tensor("line_of", (R, TMAX)), line_pos=tensor("line_pos", (R, LMAX * NMAX)),
+                   line_len=tensor("line_len", (R,)), eligible=tensor("eligible", (R, G)),
+                   penalty=tensor("penalty", (R,)), temperature=tensor("temperature", (R,)),
+                   top_k=tensor("top_k", (R,)), top_p=tensor("top_p", (R,)),
+                   draws=stack(draws, TMAX), beam_draws=stack(beam_draws, TMAX, BEAM_DRAWS),
+                   pos=torch.zeros(R, dtype=torch.long, device=device), starts=tensor("starts", (R,)),
+                   rhymed=torch.zeros(R, dtype=torch.bool, device=device),
+                   groups=torch.zeros(R, G, dtype=torch.bool, device=device),
+                   counts=stack(counts, V, dtype=torch.uint8), uses=torch.zeros(R, V, device=device),
+                   rhymed_tokens=torch.zeros(R, V + 1, dtype=torch.bool, device=device),
+                   history=torch.zeros(R, TMAX, dtype=torch.long, device=device),
+                   flags=torch.zeros(R, dtype=torch.bool, device=device))
+
+    def _tensors(self) -> list[str]:
+        return [f.name for f in fields(self) if f.name not in ("tables", "formulas")]
+
+    def cat(self, other: DeviceRows) -> DeviceRows:
+        """These rows, then `other`'s."""
+        if not other.num_rows:
+            return self
+        return replace(self, **{name: torch.cat([getattr(self, name), getattr(other, name)]) for name in self._tensors()})
+
+    def select(self, index: torch.Tensor) -> DeviceRows:
+        """Rows `index` (R',) of these, every field (the batch dropped or reordered rows)."""
+        return replace(self, **{name: getattr(self, name)[index] for name in self._tensors()})
+
+    def take(self, parents: torch.Tensor) -> DeviceRows:
+        """Each row continues row `parents[r]`'s state (a beam's parent). The plan's fields stay: parents are
+        rows of the same request."""
+        return replace(self, **{name: getattr(self, name)[parents] for name in self.DYNAMIC})
+
+    def _at(self, table: torch.Tensor) -> torch.Tensor:
+        """Each row's entry of a (R, TMAX) table at its position."""
+        return table.gather(1, self.pos[:, None].clamp(max=TMAX - 1))[:, 0]
+
+    def bias(self) -> torch.Tensor:
+        """(R, V) float: 0 where a row may go next and -inf where not, minus its repetition and formula
+        penalties: the values `step_bias` gives these rows. Sets `flags` where a rule is relaxed."""
+        t = self.tables
+        R, V = self.num_rows, t.vocab_ids.shape[0]
+        forced = self._at(self.forced)
+        free = forced < 0
+        # Tone: the union of what each still-possible s asks for here (nothing, if either asks nothing).
+        req_l, req_o = self._at(self.tone_l), self._at(self.tone_o)
+        tone = torch.where(self.starts == BOTH, torch.where((req_l > 0) & (req_o > 0), req_l | req_o, 0),
+                           torch.where(self.starts == LEVEL, req_l, req_o))
+        tone_rows = t.fixed[t.tone_row[tone]]  # (R, V)
+        at_rhyme = self._at(self.rhyme_pos)
+        groups = torch.where(self.rhymed[:, None], self.groups, self.eligible)
+        rhyme_rows = (groups.float() @ t.groups) > 0  # (R, V): any character of the open groups
+        base = torch.where(at_rhyme[:, None], rhyme_rows, tone_rows)
+        banned = (self.counts >= 2) | (at_rhyme[:, None] & self.rhymed_tokens[:, :V]) | self._line_bans()
+        # Relax until something is allowed: tone, then rhyme (and then tone there), then repetition.
+        ok = (base & ~banned).any(dim=1)
+        toned = tone > 0
+        relax_tone = free & ~at_rhyme & toned & ~ok
+        relax_rhyme = free & at_rhyme & ~ok
+        base = torch.where(relax_tone[:, None], t.fixed[MASK_HAN], torch.where(relax_rhyme[:, None], tone_rows, base))
+        ok = (base & ~banned).any(dim=1)
+        base = torch.where((relax_rhyme & toned & ~ok)[:, None], t.fixed[MASK_HAN], base)
+        relax_repeat = free & ~(base & ~banned).any(dim=1)
+        self.flags |= relax_tone | relax_rhyme | relax_repeat
+        allowed = torch.where(free[:, None], base & ~(banned & ~relax_repeat[:, None]), t.vocab_ids == forced[:, None])
+        bias = torch.zeros(R, V, device=allowed.device).masked_fill_(~allowed, NEG_INF)
+        bias.addcmul_(self.penalty[:, None], self.uses, value=-1.0)  # -n·penalty: whole numbers, exact
+        if self.formulas is not None:
+            self._formula_penalty(bias, free)
+        return bias
+
+    def _line_bans(self) -> torch.Tensor:
+        """(R, V) bool: at a line's last character, those that would complete a line written before."""
+        R, V = self.num_rows, self.tables.vocab_ids.shape[0]
+        lines = self.history.gather(1, self.line_pos).view(R, LMAX, NMAX)
+        line = self._at(self.line_of)
+        current = lines.gather(1, line[:, None, None].expand(R, 1, NMAX))  # (R, 1, NMAX)
+        head = torch.arange(NMAX, device=lines.device)[None] < (self.line_len - 1)[:, None]  # (R, NMAX)
+        same = ((lines == current) | ~head[:, None, :]).all(dim=2)  # (R, LMAX): the head matches line i's
+        earlier = torch.arange(LMAX, device=lines.device)[None] < line[:, None]
+        last_col = self._at(self.col) == self.line_len - 1
+        hit = same & earlier & last_col[:, None]
+        last = lines.gather(2, (self.line_len - 1)[:, None, None].expand(R, LMAX, 1))[:, :, 0]  # (R, LMAX)
+        out = torch.zeros(R, V + 1, dtype=torch.bool, device=lines.device)
+        return out.scatter_(1, torch.where(hit, last, V), True)[:, :V]
+
+    def _formula_penalty(self, bias: torch.Tensor, free: torch.Tensor) -> None:
+        """FORMULA_PENALTY nats off each token that would complete one of the model's formulas here."""
+        from engine.sampling.choice import FORMULA_PENALTY
+
+        f, V = self.formulas, bias.shape[1]
+        last3 = self.history.gather(1, (self.pos[:, None] - torch.arange(SPAN - 1, 0, -1, device=bias.device)).clamp(min=0))
+        key = (last3[:, 0] * V + last3[:, 1]) * V + last3[:, 2]
+        at = torch.searchsorted(f.keys, key).clamp(max=f.keys.shape[0] - 1)
+        hit = free & (self.penalty > 0) & (self._at(self.col) >= SPAN - 1) & (f.keys[at] == key)
+        completions = f.completions[at]  # (R, C)
+        penalty = torch.where(hit[:, None] & (completions >= 0), -FORMULA_PENALTY, 0.0)
+        bias.scatter_add_(1, completions.clamp(min=0), penalty)
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Each row takes tokens[r] (R,) long at its position: the state RowState.advance keeps, for all rows."""
+        t = self.tables
+        V = t.vocab_ids.shape[0]
+        pos = self.pos[:, None].clamp(max=TMAX - 1)
+        self.history.scatter_(1, pos, tokens[:, None])
+        han = self._at(self.han)
+        by_plan = self._at(self.plan_forced)
+        self.uses.scatter_add_(1, tokens[:, None], han.float()[:, None])
+        self.counts.scatter_add_(1, tokens[:, None], (han & ~by_plan).to(torch.uint8)[:, None])
+        # Tone: the s values this character keeps possible; a forced one that keeps none bends the rule.
+        tones = t.tones[tokens]
+        req_l, req_o = self._at(self.tone_l), self._at(self.tone_o)
+        fits = torch.where(((self.starts & LEVEL) > 0) & ((req_l & tones) > 0), LEVEL, 0) | \
+            torch.where(((self.starts & OBLIQUE) > 0) & ((req_o & tones) > 0), OBLIQUE, 0)
+        asks = han & ((req_l > 0) | (req_o > 0))
+        self.starts = torch.where(asks & (fits > 0), fits, self.starts)
+        self.flags |= asks & (fits == 0) & by_plan
+        # Rhyme: the groups this rhyme shares with those open so far.
+        at_rhyme = han & self._at(self.rhyme_pos)
+        opened = torch.where(self.rhymed[:, None], self.groups, t.open_groups[None])
+        shared = opened & t.token_groups[tokens]
+        any_shared = shared.any(dim=1)
+        takes = at_rhyme & any_shared
+        self.groups = torch.where(takes[:, None], shared, self.groups)
+        self.rhymed = self.rhymed | takes
+        self.flags |= at_rhyme & ~any_shared & by_plan
+        self.rhymed_tokens.scatter_(1, torch.where(at_rhyme, tokens, V)[:, None], True)
+        self.pos = self.pos + 1
+
+    @staticmethod
+    def result(plan: PoemPlan, tokens: list[int], flagged: bool) -> tuple[list[str], list[str]]:
+        """A finished row's lines and notes from its text (`tokens`, <eos> excluded). A flagged row, or one
+        that repeats a line, is replayed through a RowState, which words the notes as the host path does."""
+        layout, vocab = plan.layout, plan.vocab
+        lines = [tuple(tokens[s:s + n]) for s, n in zip(layout.starts, layout.line_lengths)]
+        if flagged or len(set(lines)) < len(lines):
+            row = plan.new_row()
+            for token in (*tokens, vocab.eos_id):
+                row.advance(token)
+            return row.line_texts, row.notes
+        return ["".join(vocab.tokens[t] for t in line) for line in lines], list(plan.notes)
+

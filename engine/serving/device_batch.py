@@ -1,0 +1,149 @@
+"""A model batch whose rows' decoding state lives on the model's device (ENGINE_ROW_STATE=device; auto on a GPU).
+
+`ModelBatch` (engine/serving/runner.py) keeps a RowState per row in Python and brings every step's tokens to
+the host to advance them. `DeviceBatch` keeps the same state as `DeviceRows` tensors beside the recurrent
+state, so a step is a fixed number of tensor operations however many rows there are:
+
+    model step on the batch                 (the runner, as for ModelBatch)
+    bias from the rows' state               catch_up: DeviceRows.bias, while the model step runs
+    choose per segment                      the same choose_sample / choose_beam as ModelBatch
+    beams take their parents' state, every row advances by its token      DeviceRows.take, advance
+    the host reads only the rows of the poems that end this step
+
+Poems are the ones ModelBatch writes for the same requests and seeds (tests/test_device_rows.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.api import PoemResult
+from engine.poem.constraints import PoemPlan
+from engine.poem.device_rows import DeviceRows, FormulaTable, device_tables
+from engine.sampling.choice import (
+    BEAM_CANDIDATES,
+    Bias,
+    choose_beam,
+    choose_sample,
+    draw_params,
+    logsumexp,
+    repeat_penalty_for,
+)
+from engine.serving.registry import ServingModel
+from engine.serving.runner import ModelBatch, RowGroup, RowKind
+from engine.serving.scheduler import EngineRequest
+
+
+class DeviceStep:
+    """What a DeviceBatch's choice needs, made while the model step runs."""
+
+    def __init__(self, bias: torch.Tensor, nb: int, beam_segments: list[tuple[int, int, int]]):
+        self.bias = bias  # (R, V) DeviceRows.bias
+        self.nb = nb  # rows [0, nb) are greedy and sample rows; the rest are beam rows
+        self.beam_segments = beam_segments  # (beam width, first row, end row) per run of one width
+
+
+class DeviceBatch(ModelBatch):
+    """The rows of one ServingModel version and their decoding state, all resident on its device."""
+
+    def __init__(self, serving: ServingModel):
+        super().__init__(serving)
+        self.tables = device_tables(serving.prosody, self.device)
+        self.formulas = FormulaTable.of(serving.formulas, len(serving.vocab), self.device)
+        self.rows = DeviceRows.empty(self.tables, self.formulas)
+
+    def add(self, req: EngineRequest, plan: PoemPlan) -> None:
+        if plan.tune is not None:
+            raise ValueError("a DeviceBatch writes the regular forms; a 词 needs a ModelBatch")
+        request = req.request
+        k = req.num_rows
+        beam = request.mode == "beam"
+        last = self.joining[-1] if self.joining else None
+        offset = last.offset + last.num_rows if last else self.num_rows
+        from engine.sampling.choice import make_generator
+
+        kind = RowKind.BEAM if beam else RowKind.SAMPLE if request.mode == "sample" else RowKind.GREEDY
+        group = RowGroup(req.req_id, request, plan, [], make_generator(request.seed),
+                         penalty=repeat_penalty_for(request.mode), segment=(kind, k if beam else 1),
+                         offset=offset, last_offset=offset, joined=self.num_steps,
+                         ends=self.num_steps + plan.num_steps, num_rows=k)
+        self.groups.append(group)
+        self.joining.append(group)
+        self.ending.setdefault(group.ends, []).append(group)
+        self.arranged = False
+
+    def _append_joining(self) -> None:
+        joining = self.joining
+        super()._append_joining()
+        new = [(g.plan, g.num_rows, g.penalty, draw_params(g.request) if not g.is_beam else (1.0, 0, 1.0),
+                g.generator, BEAM_CANDIDATES * g.num_rows if g.is_beam else 0) for g in joining]
+        self.rows = self.rows.cat(DeviceRows.new(self.tables, self.formulas, new))
+
+    def _select(self, index: torch.Tensor) -> None:
+        super()._select(index)
+        self.rows = self.rows.select(index)
+
+    def catch_up(self) -> DeviceStep:
+        """This step's bias from the rows' state (nothing to catch up: the state advanced on the device)."""
+        segments: list[tuple[int, int, int]] = []
+        nb = self.num_rows
+        for group in self.groups:
+            group.last_offset = group.offset
+            if group.is_beam:
+                nb = min(nb, group.offset)
+                width = group.num_rows
+                if segments and segments[-1][0] == width:
+                    segments[-1] = (width, segments[-1][1], group.offset + width)
+                else:
+                    segments.append((width, group.offset, group.offset + width))
+        return DeviceStep(self.rows.bias() if self.num_rows else None, nb, segments)
+
+    def choose(self, logits: torch.Tensor, state: torch.Tensor, inputs: DeviceStep) -> dict[str, PoemResult]:
+        device, R, nb = self.device, self.num_rows, inputs.nb
+        logits = logits[:R].float()
+        bias, rows = inputs.bias, self.rows
+        next_tokens = torch.empty(R, dtype=torch.long, device=device)
+        lse = torch.empty(R, device=device)
+        parents = torch.arange(R, device=device)
+        if nb:
+            draw = rows.draws[:nb].gather(1, rows.pos[:nb, None])[:, 0]
+            next_tokens[:nb] = choose_sample(logits[:nb], Bias.of_dense(bias[:nb]), torch.arange(nb, device=device),
+                                             rows.temperature[:nb], rows.top_k[:nb], rows.top_p[:nb], draw).to(device)
+            lse[:nb] = logsumexp(logits[:nb]).to(device)
+        for width, a, b in inputs.beam_segments:
+            first = torch.arange(a, b, width, device=device)  # each request's first row: its numbers this step
+            uniform = rows.beam_draws[first, rows.pos[first], :BEAM_CANDIDATES * width]
+            step, beam_lse = choose_beam(logits[a:b], Bias.of_dense(bias[a:b]), self.beam_scores[a:b], width, uniform)
+            lse[a:b] = beam_lse.to(device)
+            next_tokens[a:b] = step.tokens.to(device)
+            parents[a:b] = step.parents.to(device) + a
+            self.beam_scores[a:b] = step.scores.to(device)
+        if inputs.beam_segments:
+            state, self.totals = state.index_select(1, parents), self.totals[parents]
+            rows = self.rows = rows.take(parents)
+        self.totals = self.totals + (logits[parents, next_tokens] - lse[parents])
+        self.state = state[:, :R]
+        rows.advance(next_tokens)
+        self.tokens = next_tokens
+        self.num_steps += 1
+        ending = [g for g in self.ending.pop(self.num_steps, ()) if g.ends == self.num_steps]
+        if not ending:
+            return {}
+        self.arranged = False
+        index = torch.tensor([g.offset for g in ending], device=device)
+        texts = rows.history[index].tolist()  # the one transfer to the host: the finished poems
+        flags, scores = rows.flags[index].tolist(), self.totals[index].tolist()
+        results = {}
+        for group, text, flagged, score in zip(ending, texts, flags, scores):
+            group.score = score
+            results[group.req_id] = self._device_result(group, text[:group.plan.layout.text_len], flagged)
+        return results
+
+    def _device_result(self, group: RowGroup, tokens: list[int], flagged: bool) -> PoemResult:
+        import time
+
+        plan = group.plan
+        lines, notes = DeviceRows.result(plan, tokens, flagged)
+        return PoemResult(poem=plan.format_text(lines), lines=lines, form=plan.form_name, tune=None,
+                          mode=group.request.mode, model={"name": self.serving.name, "version": self.serving.version},
+                          elapsed_ms=(time.perf_counter() - group.started) * 1e3, notes=notes, score=group.score)

@@ -1,0 +1,191 @@
+"""Rows whose decoding state lives in tensors (DeviceRows, DeviceBatch) follow RowState's rules exactly.
+
+Run on the CPU here; tests/test_cuda.py runs the same comparison on a GPU. The tiny fixture vocabulary runs
+out of rhymes and tones often, so the relaxations (and the notes the host replays) are exercised too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+
+import pytest
+import torch
+from conftest import FIXTURE_CHARS
+from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
+
+from engine.api import PoemRequest
+from engine.poem.constraints import RowState, build_plan
+from engine.poem.device_rows import DeviceRows, FormulaTable, device_tables
+from engine.poem.forms import FORMS
+from engine.poem.prosody import prosody_for
+from engine.poem.vocab import Vocab
+from engine.sampling.choice import repeat_penalty_for, step_bias
+from engine.sampling.formulas import Formulas
+from engine.serving.local import EngineSettings, LocalEngine
+from engine.serving.registry import build_serving
+from engine.serving.runner import uses_device_rows
+
+MODES = ("greedy", "sample", "beam")
+
+
+def varied_requests(n: int) -> list[PoemRequest]:
+    """Seeded requests over every mode, form and rule switch, with prompts, acrostics and keywords."""
+    combos = itertools.cycle(itertools.product(MODES, FORMS, (1, 3, 5, 16)))
+    out = []
+    for i in range(n):
+        mode, form, width = next(combos)
+        acrostic = "春江花月夜山水风"[: FORMS[form].num_lines] if i % 7 == 3 else None
+        keywords = ["明月"] if i % 7 == 5 else ["山", "水"] if i % 11 == 6 else []
+        # Prompts that break the tone pattern, repeat a character or end a line off the rhyme: notes.
+        prompt = "" if acrostic or i % 3 else ("月", "月山", "不见不见不见不", "白日登山望千万里")[i % 4]
+        out.append(PoemRequest(prompt=prompt, form=form, mode=mode, beam_width=width, acrostic=acrostic,
+                               keywords=keywords, seed=2000 + i, model="gru" if i % 5 == 4 else None,
+                               rhyme=i % 4 != 1, tone=i % 6 != 2).validate())
+    return out
+
+
+async def serve(root, requests, row_state: str):
+    async with LocalEngine(engine_settings(root, max_num_rows=96, max_queue=128, row_state=row_state)) as engine:
+        together = await asyncio.gather(*(engine.generate(r) for r in requests))
+        kinds = {type(b).__name__ for b in engine.runner.batches.values()}
+    return together, kinds
+
+
+async def test_device_rows_write_the_poems_and_notes_host_rows_write(checkpoint_store):
+    requests = varied_requests(72)
+    host, host_kinds = await serve(checkpoint_store, requests, "host")
+    device, device_kinds = await serve(checkpoint_store, requests, "device")
+    assert host_kinds <= {"ModelBatch"} and device_kinds <= {"DeviceBatch"}
+    notes = 0
+    for request, a, b in zip(requests, host, device):
+        assert (a.poem, a.lines, a.notes, a.model) == (b.poem, b.lines, b.notes, b.model), request
+        assert b.score == pytest.approx(a.score, rel=1e-4, abs=1e-3)  # float sums in another order
+        notes += len(a.notes) > 0
+    assert notes >= 10  # the relaxations were exercised, not just the easy path
+
+
+def random_walk(plans, penalties, tables, formulas, seed: int, favoured: list[int]):
+    """Advance RowStates and DeviceRows side by side with random allowed tokens; yield both biases each step.
+    The walk often copies the line before (so a line's last character can be banned for completing it) and
+    often takes a `favoured` token (so formulas get completed)."""
+    rng = random.Random(seed)
+    rows = [plan.new_row() for plan in plans]
+    gen = torch.Generator().manual_seed(seed)
+    device = DeviceRows.new(tables, formulas, [(plan, 1, p, (1.0, 0, 1.0), gen, 0) for plan, p in zip(plans, penalties)])
+    for _ in range(plans[0].num_steps):
+        host_bias = step_bias(rows, penalties, "cpu").dense()
+        device_bias = device.bias()
+        yield rows, host_bias, device_bias, device
+        tokens = []
+        for i, (r, b) in enumerate(zip(rows, host_bias)):
+            allowed = set(torch.isfinite(b).nonzero().flatten().tolist())
+            layout = r.plan.layout
+            col = layout.col_of[min(r.pos, layout.text_len - 1)]
+            copies = random.Random(seed * 1000 + i * 10 + len(r.lines)).random() < 0.5  # this line copies the last
+            above = [r.lines[-1][col]] if r.lines and col < len(r.lines[-1]) and copies else []
+            # Spending the open rhyme groups' characters early makes the later rhymes run dry: relaxations.
+            groups = r.rhyme_groups[0] if r.rhyme_groups and r.rhyme_groups[0] else r.plan.eligible_groups[0]
+            rhymes = r.plan.book.matrix[sorted(groups)].any(dim=0).nonzero().flatten().tolist() if groups else []
+            liked = [t for t in (favoured if rng.random() < 0.5 else rhymes) if t in allowed]
+            tokens.append(next(iter(allowed & set(above)), None) or (rng.choice(liked) if liked else rng.choice(sorted(allowed))))
+            r.advance(tokens[-1])
+        device.advance(torch.tensor(tokens))
+
+
+def completes_a_line(row) -> bool:
+    """The row is at a line's last character, and the line so far repeats the head of an earlier line."""
+    layout, pos = row.plan.layout, row.pos
+    if row.forced() is not None or pos >= layout.text_len:
+        return False
+    col, n = layout.col_of[pos], layout.line_lengths[layout.line_of[pos]]
+    head = tuple(row.tokens[len(row.tokens) - col:])
+    return col == n - 1 and any(line[:-1] == head for line in row.lines)
+
+
+# The fixture's 180 characters, and 16 with which every rule runs dry: rhymes, tones, then characters.
+VOCABS = {"fixture": FIXTURE_CHARS, "sixteen": "床前明月光疑是地上霜举头望低思故乡"}
+
+
+@pytest.mark.parametrize("chars", list(VOCABS))
+@pytest.mark.parametrize("form", list(FORMS))
+def test_the_step_bias_matches_row_for_row_along_random_poems(form, chars):
+    vocab = Vocab.build([VOCABS[chars]])
+    prosody = prosody_for(vocab)
+    # Formulas over the vocabulary's own characters, so that the formula penalty takes part too.
+    han = [vocab.tokens[i] for i in vocab.han_ids()]
+    formulas = Formulas.of_texts(["".join(c) for c in itertools.permutations(han[:6], 4)][:200], vocab)
+    n = FORMS[form].line_len
+    # Two whole lines of prompt end the first rhyming line on 月, which rhymes in no level group; an echo
+    # prompt repeats line 1 but for its last character, which is then banned there.
+    forced_rhyme = "月" * n * 2
+    echo = "".join(han[:n]) + "".join(han[:n - 1])
+    requests = [PoemRequest(form=form, seed=i, prompt=("月", "", forced_rhyme, echo)[i % 4], tone=i % 4 != 1,
+                            rhyme=i % 5 != 2, keywords=["明月"] if i % 6 == 1 else []).validate() for i in range(18)]
+    plans = [build_plan(vocab, prosody, r, formulas) for r in requests]
+    penalties = [repeat_penalty_for("sample" if i % 3 == 2 else "greedy") for i in range(len(plans))]
+    tables = device_tables(prosody, torch.device("cpu"))
+    table = FormulaTable.of(formulas, len(vocab), "cpu")
+    favoured = [vocab.index[ch] for ch in han[:6]]
+    seen = {"formula": 0, "line ban": 0, "bent": 0}
+    for seed in range(8):
+        if seed >= 3 and all(seen.values()):
+            break
+        for rows, host_bias, device_bias, device in random_walk(plans, penalties, tables, table, seed, favoured):
+            assert torch.equal(host_bias, device_bias)
+            seen["formula"] += sum(bool(r.formula_tokens()) for r, p in zip(rows, penalties) if p)
+            seen["line ban"] += sum(map(completes_a_line, rows))
+            # A row is flagged once a rule bent on it, which grows its notes beyond the plan's. (The plan may
+            # have worded a bend already, forced tones for one: a flag then only costs a replay.)
+            bent = [any(not n.startswith("repetition: line") for n in r.notes[len(r.plan.notes):]) for r in rows]
+            flags = device.flags.tolist()
+            assert all(f for f, b in zip(flags, bent) if b)
+            assert all(f == b for f, b, r in zip(flags, bent, rows) if not r.plan.notes)
+            seen["bent"] += sum(bent)
+    assert all(seen.values()), seen  # every rule took part
+
+
+def test_every_relaxation_is_met_on_the_way(monkeypatch):
+    """The walks above bend every soft rule (so the comparison covers each relaxation's branch)."""
+    relaxed = set()
+    original = RowState._note
+
+    def note(row, message):
+        relaxed.add(message.split(" ")[0] + (" after rhyme" if "tone" in message and relaxed_rhyme(row) else ""))
+        original(row, message)
+
+    def relaxed_rhyme(row):
+        return any(n.startswith("rhyme: no character") for n in row.notes)
+
+    monkeypatch.setattr(RowState, "_note", note)
+    for form in FORMS:
+        test_the_step_bias_matches_row_for_row_along_random_poems(form, "sixteen")
+    assert {"tone:", "rhyme:", "repetition:", "tone: after rhyme"} <= relaxed, relaxed
+
+
+def test_a_beam_row_continues_its_parents_state(tiny_checkpoint):
+    serving = build_serving("lstm", tiny_checkpoint, torch.device("cpu"))
+    plan = build_plan(serving.vocab, serving.prosody, PoemRequest(form="wujue", prompt="月").validate())
+    tables = device_tables(serving.prosody, torch.device("cpu"))
+    rows = DeviceRows.new(tables, None, [(plan, 2, 1.0, (1.0, 0, 1.0), torch.Generator(), 6)])
+    first = torch.tensor([serving.vocab.index["月"]] * 2)
+    rows.advance(first)
+    a, b = (int(torch.isfinite(rows.bias()[0]).nonzero()[k]) for k in (0, 1))
+    rows.advance(torch.tensor([a, b]))
+    swapped = rows.take(torch.tensor([1, 1]))
+    assert swapped.history[:, :2].tolist() == [[first[0].item(), b]] * 2
+    assert torch.equal(swapped.uses[0], rows.uses[1]) and torch.equal(swapped.counts[0], rows.counts[1])
+    assert torch.equal(swapped.forced, rows.forced)  # the plan's fields stay
+
+
+def test_row_state_is_a_checked_setting_and_a_ci_model_keeps_host_rows(tiny_checkpoint, tiny_ci_checkpoint):
+    assert EngineSettings(row_state="device").validate().row_state == "device"
+    assert EngineSettings.from_env({"ENGINE_ROW_STATE": "host"}).row_state == "host"
+    with pytest.raises(ValueError, match="ENGINE_ROW_STATE"):
+        EngineSettings.from_env({"ENGINE_ROW_STATE": "gpu"})
+    cpu = torch.device("cpu")
+    shi, ci = build_serving("lstm", tiny_checkpoint, cpu), build_serving("ci", tiny_ci_checkpoint, cpu)
+    assert uses_device_rows("device", shi) and not uses_device_rows("auto", shi)  # auto: device rows on a GPU only
+    # A vocabulary that writes 词 keeps host rows: DeviceRows hold the regular forms only.
+    assert not uses_device_rows("device", ci)
