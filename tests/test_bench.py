@@ -64,3 +64,13 @@ def test_bench_step_times_the_eager_and_the_traced_step_alone_and_beside_python(
     assert [(r["step"], r["beside"]) for r in report] == [
         (step, beside) for step in ("eager", "traced", "traced, kept inputs") for beside in ("nothing", "python")]
     assert all(r["rows"] == 16 and r["ms"] > 0 for r in report)
+
+
+def test_bench_passes_the_row_state_to_the_engine_and_the_server(tiny_checkpoint):
+    cmd = [sys.executable, "-m", "engine", "bench", "--checkpoint", str(tiny_checkpoint), "--concurrency", "2",
+           "--requests", "2", "--modes", "sample", "--form", "wujue", "--threads", "1", "--variants", "engine", "http",
+           "--row-state", "device"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["row_state"] == {"engine": {"lstm": "device"}, "http": {"lstm": "device"}}

@@ -4,6 +4,7 @@
     python -m engine bench --concurrency 1 16 --modes greedy --requests 32 --checkpoint runs/lstm/best.safetensors
     python -m engine bench --choice --threads 1                # the choice alone: C kernels vs torch primitives
     python -m engine bench --step --threads 1                  # the model step, eager and traced, beside Python
+    python -m engine bench --row-state device                  # rows' decoding state as device tensors (DeviceRows)
 
 Variants, each with `concurrency` closed-loop clients (a client sends its next request when the last one
 returns) writing `--form` poems (qijue):
@@ -139,7 +140,7 @@ async def run(args) -> dict:
         store.publish(root, "lstm", checkpoint)
         settings = EngineSettings(checkpoint_dir=str(root), model_names=("lstm",), device=args.device,
                                   max_num_rows=args.max_rows, max_queue=max(args.concurrency) * 2 + 16,
-                                  watch_interval=0.0)
+                                  watch_interval=0.0, row_state=args.row_state)
         engine = LocalEngine(settings)
         await engine.start()
         server = None
@@ -176,13 +177,18 @@ async def run(args) -> dict:
                         r["runs_poems_per_s"] = [round(x[r["variant"]]["poems_per_s"], 2) for x in rounds]
                         results.append(r)
                         print(format_row(r), file=sys.stderr, flush=True)
+            # The row state each engine really used (auto resolves by device).
+            row_state = {"engine": (await engine.status())["row_state"]}
+            if server is not None:
+                row_state["http"] = (await client.status())["row_state"]
         finally:
             if server is not None:
                 await client.close()
                 server.terminate()
                 await server.wait()
             await engine.close()
-    return {"device": str(device), "torch_threads": torch.get_num_threads(), "checkpoint": str(checkpoint),
+    return {"device": str(device), "row_state": row_state, "torch_threads": torch.get_num_threads(),
+            "checkpoint": str(checkpoint),
             "model": {"cell": serving.model.config.cell, "parameters": serving.model.num_parameters(),
                       "version": serving.version},
             "form": form.name, "beam_width": args.beam_width, "results": results, "ratios": ratios(results)}
@@ -202,7 +208,7 @@ async def start_server(root: Path, args, settings) -> tuple[asyncio.subprocess.P
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "ENGINE_MODELS": "lstm", "ENGINE_WATCH_INTERVAL": "0",
+    env = {**os.environ, "ENGINE_MODELS": "lstm", "ENGINE_WATCH_INTERVAL": "0", "ENGINE_ROW_STATE": args.row_state,
            "ENGINE_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     log = tempfile.TemporaryFile()
     server = await asyncio.create_subprocess_exec(
@@ -378,6 +384,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rows", type=int, default=256, help="engine batch rows per step")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--row-state", default="auto", choices=["auto", "host", "device"],
+                        help="where the engine keeps the rows' decoding state (ENGINE_ROW_STATE)")
     parser.add_argument("--choice", action="store_true",
                         help="only time the choice after a model step: the C kernels against the torch primitives")
     parser.add_argument("--step", action="store_true",

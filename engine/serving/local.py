@@ -29,7 +29,7 @@ from engine.errors import EngineUnavailableError, QueueFullError
 from engine.sampling import kernels
 from engine.serving.metrics import EngineMetrics
 from engine.serving.registry import ModelRegistry
-from engine.serving.runner import ROW_STATES, ModelRunner
+from engine.serving.runner import ROW_STATES, ModelRunner, uses_device_rows
 from engine.serving.scheduler import (
     EngineRequest,
     RequestStatus,
@@ -254,6 +254,9 @@ class LocalEngine:
             "running_rows": rows,
             "max_num_rows": self.settings.max_num_rows,
             "models": {s.name: s.version for s in self.registry.all_serving()},
+            # Where each model's rows keep their decoding state: host (RowState) or device (DeviceRows).
+            "row_state": {s.name: "device" if uses_device_rows(self.settings.row_state, s) else "host"
+                          for s in self.registry.all_serving()},
             "default_model": self.registry.default_name,
             "refused_versions": self.registry.refused(),
             "requests": dict(self.counts),
