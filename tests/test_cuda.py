@@ -26,8 +26,8 @@ def requests() -> list[PoemRequest]:
             for i, ((mode, form, prompt), model) in enumerate(zip(combos, itertools.cycle(("lstm", "gru"))))]
 
 
-async def serve(batch: list[PoemRequest]):
-    settings = EngineSettings(model_names=("lstm", "gru"), device="cuda", watch_interval=0.0)
+async def serve(batch: list[PoemRequest], row_state: str = "auto"):
+    settings = EngineSettings(model_names=("lstm", "gru"), device="cuda", watch_interval=0.0, row_state=row_state)
     async with LocalEngine(settings) as engine:
         together = await asyncio.gather(*(engine.generate(r) for r in batch))
         again = await asyncio.gather(*(engine.generate(r) for r in batch))
@@ -48,6 +48,14 @@ def test_the_engine_serves_every_mode_and_form_from_models_resident_on_cuda():
     # The same batch again: the same poems (cuBLAS kernels are chosen by shape, and the shapes repeat).
     assert [r.poem for r in again] == [r.poem for r in together]
     assert status["requests"]["completed"] == 2 * len(batch) and status["running_rows"] == 0
+    assert status["row_state"] == {"lstm": "device", "gru": "device"}  # auto: device rows on a GPU
+
+
+def test_device_rows_and_host_rows_write_the_same_poems_on_cuda():
+    batch = requests()
+    device, *_ = asyncio.run(serve(batch, "device"))
+    host, *_ = asyncio.run(serve(batch, "host"))
+    assert [(r.poem, r.notes) for r in device] == [(r.poem, r.notes) for r in host]
 
 
 def test_the_sampler_draws_only_from_the_nucleus_on_cuda():
@@ -57,9 +65,10 @@ def test_the_sampler_draws_only_from_the_nucleus_on_cuda():
     probs = torch.softmax(logits.double(), dim=-1)
     ordered, _ = probs.sort(descending=True)
     kept = probs >= ordered[int((ordered.cumsum(0) < 0.9).sum())]
-    from engine.sampling.choice import sample_batch
+    from engine.sampling.choice import sample_batch, sample_sorted
 
     n = 2000
-    draws = sample_batch(logits.expand(n, -1), torch.ones(n), torch.zeros(n, dtype=torch.long),
-                         torch.full((n,), 0.9), torch.rand(n, generator=gen))
-    assert draws.device.type == "cuda" and kept[draws].all()
+    args = (torch.ones(n), torch.zeros(n, dtype=torch.long), torch.full((n,), 0.9), torch.rand(n, generator=gen))
+    for sampler in (sample_batch, sample_sorted):
+        draws = sampler(logits.expand(n, -1), *args)
+        assert draws.device.type == "cuda" and kept[draws].all()

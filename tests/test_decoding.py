@@ -17,7 +17,7 @@ from engine.model.checkpoint import load_checkpoint
 from engine.poem.constraints import build_plan
 from engine.reference import generate_one
 from engine.sampling.choice import (Bias, beam_search_step, choose_beam, choose_greedy, choose_sample, greedy, logsumexp,
-                                    make_generator, sample_batch, step_bias, top_k)
+                                    make_generator, sample_batch, sample_sorted, step_bias, top_k)
 from engine.sampling import kernels
 from engine.poem.forms import FORM_NAMES, FORMS
 from engine.poem.prosody import prosody_for
@@ -143,7 +143,7 @@ def kernel_sample_batch(logits, temperature, top_k, top_p, uniform):
                           temperature.float().clamp_min(choice.MIN_TEMPERATURE), top_k, top_p, uniform)
 
 
-SAMPLERS = {"torch": sample_batch, "kernel": kernel_sample_batch}
+SAMPLERS = {"torch": sample_batch, "kernel": kernel_sample_batch, "sorted": sample_sorted}
 
 
 def draw(sampler, logits_row, temperature, top_k, top_p, generator) -> int:
@@ -224,6 +224,21 @@ def test_sampling_keeps_exactly_the_nucleus_and_the_top_k(sampler):
         assert kept[draws].all(), (scale, top_p, top_k, V)
         if int(kept.sum()) <= 20:
             assert set(draws.tolist()) == set(kept.nonzero().flatten().tolist())
+
+
+def test_the_sorting_sampler_draws_what_the_histogram_sampler_draws():
+    # The GPU's sampler (no data-dependent shapes) against sample_batch on the same rows and uniforms: the
+    # same rule, the running mass summed in another order, so only a boundary within rounding may differ.
+    gen = torch.Generator().manual_seed(3)
+    N, V = 512, 3000
+    x = torch.randn(N, V, generator=gen) * torch.rand(N, 1, generator=gen) * 6
+    x[torch.rand(N, V, generator=gen) < torch.rand(N, 1, generator=gen)] = float("-inf")
+    x[torch.arange(N), torch.randint(V, (N,), generator=gen)] = 1.0  # every row keeps a token
+    args = (torch.rand(N, generator=gen) * 1.5 + 0.05,
+            torch.where(torch.rand(N, generator=gen) < 0.5, torch.randint(1, 20, (N,), generator=gen), 0),
+            torch.rand(N, generator=gen) * 0.99 + 0.01, torch.rand(N, generator=gen))
+    same = (sample_sorted(x, *args) == sample_batch(x, *args)).float().mean()
+    assert same >= 0.99
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

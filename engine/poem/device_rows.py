@@ -6,12 +6,12 @@ tensors (position, character counts, tone and rhyme state, the text so far). It 
 step's bias, and the chosen tokens back into state, with a fixed number of tensor operations however many
 rows there are. The host reads a row only when its poem ends:
 
-    rows = DeviceRows.new(tables, [(plan, num_rows, penalty, generator, draw), ...])  # rows of joining requests
+    rows = DeviceRows.new(tables, formulas, [(plan, num_rows, penalty, draw_params, generator, beam_draws), ...])
     bias = rows.bias()              # (R, V): what step_bias gives the same rows, as a dense tensor
     ... choose the tokens ...
     rows = rows.take(parents)       # beams continue their parents (dynamic state only)
     rows.advance(tokens)
-    rows.result(i, plan)            # a finished row's lines and notes, on the host
+    DeviceRows.result(plan, tokens, flagged)  # a finished row's lines and notes, on the host
 
 Regular forms only: one rhyme set of 平水韵. A 词 tune keeps the host RowState (its rhyme sets, links and
 refrains). The rules and relaxations are RowState's, so a request writes the same poem either way
@@ -169,7 +169,9 @@ class DeviceRows:
         """Rows at the start of their poems: `requests` is [(plan, rows, penalty, (temperature, top_k, top_p),
         generator, beam_draws)], beam_draws being BEAM_CANDIDATES · width for a beam request and 0 otherwise."""
         device = tables.vocab_ids.device
+        # The plan's fields are built on the host and moved in one go (see _moved); the zeros start on the device.
         V, G = tables.vocab_ids.shape[0], tables.groups.shape[0]
+
         per_row: dict[str, list] = {name: [] for name in ("forced", "plan_forced", "han", "tone_l", "tone_o", "rhyme_pos",
                                                           "col", "line_of", "line_pos", "line_len", "eligible",
                                                           "penalty", "temperature", "top_k", "top_p", "starts")}
@@ -212,11 +214,11 @@ class DeviceRows:
 
         def tensor(name, shape):
             values = per_row[name]
-            return torch.tensor(values, dtype=dtypes.get(name, torch.long)).view(*shape).to(device) if R else \
-                torch.zeros(shape, dtype=dtypes.get(name, torch.long), device=device)
+            return torch.tensor(values, dtype=dtypes.get(name, torch.long)).view(*shape) if R else \
+                torch.zeros(shape, dtype=dtypes.get(name, torch.long))
 
-        stack = lambda xs, *shape, dtype=torch.float32: (torch.stack(xs) if R else torch.zeros(0, *shape, dtype=dtype)).to(device)
-        return cls(tables, formulas,
+        stack = lambda xs, *shape, dtype=torch.float32: (torch.stack(xs) if R else torch.zeros(0, *shape, dtype=dtype))
+        rows = cls(tables, formulas,
                    forced=tensor("forced", (R, TMAX)), plan_forced=tensor("plan_forced", (R, TMAX)),
                    han=tensor("han", (R, TMAX)), tone_l=tensor("tone_l", (R, TMAX)), tone_o=tensor("tone_o", (R, TMAX)),
                    rhyme_pos=tensor("rhyme_pos", (R, TMAX)), col=tensor("col", (R, TMAX)),
@@ -232,6 +234,13 @@ class DeviceRows:
                    rhymed_tokens=torch.zeros(R, V + 1, dtype=torch.bool, device=device),
                    history=torch.zeros(R, TMAX, dtype=torch.long, device=device),
                    flags=torch.zeros(R, dtype=torch.bool, device=device))
+        return rows if device.type == "cpu" else rows._moved(device)
+
+    def _moved(self, device: torch.device) -> DeviceRows:
+        """These rows (built on the host) on `device`. NOTE: copies from pinned memory do not wait for the
+        device, where a plain copy from the host waits for every step queued before it."""
+        moved = {name: getattr(self, name) for name in self._tensors() if getattr(self, name).device != device}
+        return replace(self, **{name: t.pin_memory().to(device, non_blocking=True) for name, t in moved.items()})
 
     def _tensors(self) -> list[str]:
         return [f.name for f in fields(self) if f.name not in ("tables", "formulas")]

@@ -123,7 +123,8 @@ class Bias:
     def of_dense(cls, dense: torch.Tensor) -> Bias:
         """A dense bias (N, V) as a Bias: every row its own table row, nothing replaced."""
         n = dense.shape[0]
-        return cls(dense.float().contiguous(), torch.arange(n), torch.zeros(n + 1, dtype=torch.long),
+        # The index lives beside the rows: on a GPU, dense() then needs no copy from the host.
+        return cls(dense.float().contiguous(), torch.arange(n, device=dense.device), torch.zeros(n + 1, dtype=torch.long),
                    torch.zeros(0, dtype=torch.long), torch.zeros(0))
 
     def __len__(self) -> int:
@@ -293,6 +294,32 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     return idx.squeeze(1)
 
 
+def sample_sorted(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  uniform: torch.Tensor) -> torch.Tensor:
+    """`sample_batch`'s rule and arguments, by sorting every row in full. Every shape is fixed, so nothing
+    waits for the device to say how many tokens a bucket holds: the GPU's way (a GPU sorts rows quickly,
+    while on a CPU the full sort costs more than sample_batch's histogram). The kept set and the draw are
+    sample_batch's; only the running mass is summed in another order, so a row whose nucleus boundary falls
+    within a float's rounding of top_p can keep one token more or fewer."""
+    V = logits.shape[1]
+    t = temperature.to(logits.device, torch.float32).clamp_min(MIN_TEMPERATURE)
+    x = logits.float() / t[:, None]  # (N, V)
+    k, p, u = top_k.to(x.device), top_p.to(x.device, torch.float32), uniform.to(x.device, torch.float32)
+    best = x.amax(dim=-1, keepdim=True)
+    share = (x - best).clamp_(min=MIN_LOG_SHARE).exp_()  # (N, V), the best token 1 (see sample_batch)
+    values, order = x.sort(dim=-1, descending=True, stable=True)
+    run = share.gather(1, order).cumsum_(dim=-1)  # (N, V) best-first running mass
+    at = (run < (p * run[:, -1])[:, None]).sum(dim=-1).clamp_(max=V - 1)  # the first token reaching top_p
+    floor = torch.maximum(values.gather(1, at[:, None]), best + MIN_LOG_SHARE)  # (N, 1) least kept value
+    kth = values.gather(1, (k.clamp(1, V) - 1)[:, None])
+    floor = torch.where(k[:, None] > 0, torch.maximum(floor, kth), floor)
+    cdf = torch.where(x >= floor, share, 0.0).cumsum_(dim=-1)
+    total = cdf[:, -1:]
+    idx = torch.searchsorted(cdf, (u[:, None] * total).contiguous(), right=True)
+    idx = torch.where(idx < V, idx, torch.searchsorted(cdf, total.contiguous(), right=False))
+    return idx.squeeze(1)
+
+
 def make_generator(seed: int | None) -> torch.Generator:
     """A CPU generator for one request: seeded, or from fresh entropy when seed is None."""
     g = torch.Generator()
@@ -326,10 +353,9 @@ def _beam_step(top: torch.Tensor, flat: torch.Tensor, V: int, width: int) -> Bea
     """BeamStep from each request's best `width` candidates: values and flat indices (G, width), best first."""
     base = torch.arange(top.shape[0], device=top.device)[:, None] * width  # (G, 1): each request's first row
     parents, tokens = flat // V + base, flat % V
-    dead = top == float("-inf")
-    if bool(dead.any()):
-        parents = torch.where(dead, parents[:, :1], parents)
-        tokens = torch.where(dead, tokens[:, :1], tokens)
+    dead = top == float("-inf")  # NOTE: no `if dead.any()`: asking would wait for a GPU
+    parents = torch.where(dead, parents[:, :1], parents)
+    tokens = torch.where(dead, tokens[:, :1], tokens)
     return BeamStep(parents=parents.flatten(), tokens=tokens.flatten(), scores=top.flatten())
 
 
@@ -360,7 +386,8 @@ def choose_sample(logits: torch.Tensor, bias: Bias, rows: torch.Tensor, temperat
     temperature = temperature.float().clamp_min(MIN_TEMPERATURE)
     if kernels.usable(logits, bias.table):
         return kernels.sample(logits, bias, rows.cpu(), temperature.cpu(), top_k.cpu(), top_p.cpu(), uniform.cpu())
-    return sample_batch(bias.dense()[rows] + logits[rows].float(), temperature, top_k, top_p, uniform)
+    draw = sample_batch if logits.device.type == "cpu" else sample_sorted
+    return draw(bias.dense()[rows] + logits[rows].float(), temperature, top_k, top_p, uniform)
 
 
 def sample(logits_row: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator,
