@@ -355,6 +355,11 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPl
     return plan
 
 
+# Where a line of this length pauses (the column after each pause): 五言 2|3, 七言 2|2|3, 四言 2|2, 六言 2|2|2.
+# A keyword that straddles a pause reads as two broken words, so a place that keeps it whole ranks first.
+CAESURAS = {4: (2,), 5: (2,), 6: (2, 4), 7: (2, 4)}
+
+
 def _place_keywords(layout: Layout, prosody: Prosody, book: RhymeBook, words: list[list[int]],
                     forced_at: dict[int, int], tone_req, rhyme_at: dict[int, int],
                     eligible: tuple[frozenset[int], ...], prompt_len: int):
@@ -364,7 +369,8 @@ def _place_keywords(layout: Layout, prosody: Prosody, book: RhymeBook, words: li
 
     Each keyword, in request order, takes the free place that ranks first by: tone and rhyme misses (a
     character whose tone the pattern does not allow there, or one at a rhyme position that is not a rhyme
-    character of the groups still open), then rhyme positions last (they narrow the rhyme for the whole
+    character of the groups still open), then places that keep it whole within the line's pauses
+    (CAESURAS), then rhyme positions last (they narrow the rhyme for the whole
     poem), then distance from its target line (keywords spread evenly over the lines after the prompt), then
     the earliest place. A place is only taken if the keywords after it still fit (`keywords_fit`), so a
     request that validation accepts always gets every keyword placed. With the tone rule on this is done for
@@ -408,7 +414,9 @@ def _place_keywords(layout: Layout, prosody: Prosody, book: RhymeBook, words: li
                             open_groups[k] = open_groups[k] & book.token_groups[t]
                         else:
                             miss += 1
-                choices.append(((miss, at_rhyme, abs(line - targets[i]), p), span, open_groups))
+                col = layout.col_of[p]
+                splits = sum(col < b < col + len(word) for b in CAESURAS.get(layout.line_lengths[line], ()))
+                choices.append(((miss, splits, at_rhyme, abs(line - targets[i]), p), span, open_groups))
             if not choices:  # validation checks the room; a traditional word that simplifies apart could still miss
                 raise RequestError("bad_keywords", "keywords", "the keywords do not fit beside the prompt or acrostic")
             _, span, groups = min(choices, key=lambda c: c[0])
