@@ -2,8 +2,9 @@
 # The GPU checks, in one run on a CUDA machine whose Python already has torch, aiohttp, prometheus-client and
 # safetensors (the rest of the engine's needs come as wheels in .whl/, when there is no package index):
 #   bash scripts/gpu_check.sh OUT_DIR
-# Runs the CUDA tests, then the engine benchmark on cuda with the rows' decoding state on the device (the
-# default there) and on the host, side by side: JSON to OUT_DIR/bench_cuda_{device,host}.json, tables to .log.
+# Runs the CUDA tests; where a step's time goes (scripts/gpu_profile.py) to OUT_DIR/profile_cuda.log; then the
+# engine benchmark on cuda with the rows' decoding state on the device (ENGINE_ROW_STATE=device) and on the
+# host, side by side: JSON to OUT_DIR/bench_cuda_{device,host}.json, tables to .log.
 set -uo pipefail
 out=${1:-${OUT:-.}}
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -14,6 +15,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_cuda.py 2>&1 | tee "$out/tests_cuda.log" | tail -5
+python3 scripts/gpu_profile.py device >"$out/profile_cuda.log" 2>&1
 for rows in device host; do
     python3 -m engine bench --device cuda --row-state $rows --concurrency 64 256 --requests 256 \
         --variants engine http ceiling >"$out/bench_cuda_$rows.json" 2> >(tee "$out/bench_cuda_$rows.log" >&2)

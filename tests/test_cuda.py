@@ -26,7 +26,7 @@ def requests() -> list[PoemRequest]:
             for i, ((mode, form, prompt), model) in enumerate(zip(combos, itertools.cycle(("lstm", "gru"))))]
 
 
-async def serve(batch: list[PoemRequest], row_state: str = "auto"):
+async def serve(batch: list[PoemRequest], row_state: str = "host"):
     settings = EngineSettings(model_names=("lstm", "gru"), device="cuda", watch_interval=0.0, row_state=row_state)
     async with LocalEngine(settings) as engine:
         together = await asyncio.gather(*(engine.generate(r) for r in batch))
@@ -48,7 +48,7 @@ def test_the_engine_serves_every_mode_and_form_from_models_resident_on_cuda():
     # The same batch again: the same poems (cuBLAS kernels are chosen by shape, and the shapes repeat).
     assert [r.poem for r in again] == [r.poem for r in together]
     assert status["requests"]["completed"] == 2 * len(batch) and status["running_rows"] == 0
-    assert status["row_state"] == {"lstm": "device", "gru": "device"}  # auto: device rows on a GPU
+    assert status["row_state"] == {"lstm": "host", "gru": "host"}  # the default, on a GPU too
 
 
 def test_device_rows_and_host_rows_write_the_same_poems_on_cuda():

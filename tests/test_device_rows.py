@@ -21,6 +21,7 @@ from engine.poem.device_rows import DeviceRows, FormulaTable, device_tables
 from engine.poem.forms import FORMS
 from engine.poem.prosody import prosody_for
 from engine.poem.vocab import Vocab
+from engine.sampling import kernels
 from engine.sampling.choice import repeat_penalty_for, step_bias
 from engine.sampling.formulas import Formulas
 from engine.serving.local import EngineSettings, LocalEngine
@@ -53,7 +54,11 @@ async def serve(root, requests, row_state: str):
     return together, kinds
 
 
-async def test_device_rows_write_the_poems_and_notes_host_rows_write(checkpoint_store):
+@pytest.mark.parametrize("choice", ["c-kernels", "torch"])
+async def test_device_rows_write_the_poems_and_notes_host_rows_write(checkpoint_store, monkeypatch, choice):
+    # "torch" is the choice a GPU makes (dense bias, sample_sorted is a GPU's only, the rest the same ops).
+    if choice == "torch":
+        monkeypatch.setattr(kernels, "AVAILABLE", False)
     requests = varied_requests(72)
     host, host_kinds = await serve(checkpoint_store, requests, "host")
     device, device_kinds = await serve(checkpoint_store, requests, "device")
@@ -183,9 +188,9 @@ def test_row_state_is_a_checked_setting_and_a_ci_model_keeps_host_rows(tiny_chec
     assert EngineSettings(row_state="device").validate().row_state == "device"
     assert EngineSettings.from_env({"ENGINE_ROW_STATE": "host"}).row_state == "host"
     with pytest.raises(ValueError, match="ENGINE_ROW_STATE"):
-        EngineSettings.from_env({"ENGINE_ROW_STATE": "gpu"})
+        EngineSettings.from_env({"ENGINE_ROW_STATE": "auto"})
     cpu = torch.device("cpu")
     shi, ci = build_serving("lstm", tiny_checkpoint, cpu), build_serving("ci", tiny_ci_checkpoint, cpu)
-    assert uses_device_rows("device", shi) and not uses_device_rows("auto", shi)  # auto: device rows on a GPU only
+    assert uses_device_rows("device", shi) and not uses_device_rows("host", shi)
     # A vocabulary that writes 词 keeps host rows: DeviceRows hold the regular forms only.
     assert not uses_device_rows("device", ci)

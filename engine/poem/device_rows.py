@@ -42,13 +42,14 @@ from engine.poem.constraints import (
 )
 from engine.poem.forms import FORMS, PERIOD, Layout
 from engine.poem.rhymes import LEVEL, OBLIQUE
+from engine.sampling.choice import BEAM_CANDIDATES, FORMULA_PENALTY
 
 NEG_INF = float("-inf")
 TMAX = max(f.text_len for f in FORMS.values()) + 1  # positions of the longest form, <eos> included
 LMAX = max(f.num_lines for f in FORMS.values())  # lines of the longest form
 NMAX = max(f.line_len for f in FORMS.values())  # characters in the longest line
 SPAN = 4  # a formula's length (engine.sampling.formulas)
-BEAM_DRAWS = 3 * MAX_BEAM_WIDTH  # uniform numbers a beam request draws per step, at most (BEAM_CANDIDATES · width)
+BEAM_DRAWS = BEAM_CANDIDATES * MAX_BEAM_WIDTH  # uniform numbers a beam request draws per step, at most
 
 
 @dataclass
@@ -315,8 +316,6 @@ class DeviceRows:
 
     def _formula_penalty(self, bias: torch.Tensor, free: torch.Tensor) -> None:
         """FORMULA_PENALTY nats off each token that would complete one of the model's formulas here."""
-        from engine.sampling.choice import FORMULA_PENALTY
-
         f, V = self.formulas, bias.shape[1]
         last3 = self.history.gather(1, (self.pos[:, None] - torch.arange(SPAN - 1, 0, -1, device=bias.device)).clamp(min=0))
         key = (last3[:, 0] * V + last3[:, 1]) * V + last3[:, 2]

@@ -177,7 +177,7 @@ async def run(args) -> dict:
                         r["runs_poems_per_s"] = [round(x[r["variant"]]["poems_per_s"], 2) for x in rounds]
                         results.append(r)
                         print(format_row(r), file=sys.stderr, flush=True)
-            # The row state each engine really used (auto resolves by device).
+            # The row state each engine really used (a model that writes 词 keeps host rows).
             row_state = {"engine": (await engine.status())["row_state"]}
             if server is not None:
                 row_state["http"] = (await client.status())["row_state"]
@@ -384,7 +384,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rows", type=int, default=256, help="engine batch rows per step")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--row-state", default="auto", choices=["auto", "host", "device"],
+    parser.add_argument("--row-state", default="host", choices=["host", "device"],
                         help="where the engine keeps the rows' decoding state (ENGINE_ROW_STATE)")
     parser.add_argument("--choice", action="store_true",
                         help="only time the choice after a model step: the C kernels against the torch primitives")

@@ -30,7 +30,7 @@ from engine.sampling.choice import (
     repeat_penalty_for,
 )
 from engine.serving.registry import ServingModel
-from engine.serving.runner import ModelBatch, RowGroup, RowKind
+from engine.serving.runner import ModelBatch, RowGroup, RowKind, to_device
 from engine.serving.scheduler import EngineRequest
 
 
@@ -130,13 +130,15 @@ class DeviceBatch(ModelBatch):
         if not ending:
             return {}
         self.arranged = False
-        index = torch.tensor([g.offset for g in ending], device=device)
-        texts = rows.history[index].tolist()  # the one transfer to the host: the finished poems
-        flags, scores = rows.flags[index].tolist(), self.totals[index].tolist()
+        index = to_device([g.offset for g in ending], torch.long, device)
+        # The one transfer to the host: the finished rows' text, flag and score (token ids are exact in float64).
+        ended = torch.cat([rows.history[index].double(), rows.flags[index, None].double(),
+                           self.totals[index, None].double()], dim=1).tolist()
         results = {}
-        for group, text, flagged, score in zip(ending, texts, flags, scores):
-            group.score = score
-            results[group.req_id] = self._device_result(group, text[:group.plan.layout.text_len], flagged)
+        for group, row in zip(ending, ended):
+            group.score = row[-1]
+            tokens = [int(t) for t in row[:group.plan.layout.text_len]]
+            results[group.req_id] = self._device_result(group, tokens, bool(row[-2]))
         return results
 
     def _device_result(self, group: RowGroup, tokens: list[int], flagged: bool) -> PoemResult:

@@ -55,7 +55,7 @@ class EngineSettings:
     watch_interval: float = 10.0  # seconds between looks at CHECKPOINT_DIR for a new CURRENT; 0 = off
     ppl_tolerance: float = 0.05  # a new version may have val_ppl up to 5% worse than the serving one
     threads: int = 0  # torch threads for the step loop (0: leave torch's default)
-    row_state: str = "auto"  # where the rows' decoding state lives: auto | host | device (engine.serving.runner.ROW_STATES)
+    row_state: str = "host"  # where the rows' decoding state lives: host | device (engine.serving.runner.ROW_STATES)
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> EngineSettings:

@@ -67,6 +67,14 @@ class RowKind(enum.IntEnum):
 
 
 MIN_BATCH_ROWS = 16  # see the module docstring: batch invariance
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`. NOTE: on a GPU through pinned memory, which does not wait for
+    the steps queued before it (a copy from ordinary memory does)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
 _arrivals = count()  # tie-break for the segment order: first come, first placed
 
 
@@ -174,10 +182,10 @@ class ModelBatch:
         starts = [g.plan.start_token for g in joining for _ in range(g.num_rows)]
         # beam: one live beam at the start; the others fill from its candidates
         scores = [0.0 if i == 0 else NEG_INF for g in joining for i in range(g.num_rows)]
-        self.tokens = torch.cat([self.tokens, torch.tensor(starts, dtype=torch.long, device=self.device)])
+        self.tokens = torch.cat([self.tokens, to_device(starts, torch.long, self.device)])
         self.state = torch.cat([self.state, self.serving.model.init_state(k, self.device)], dim=1)
         self.totals = torch.cat([self.totals, torch.zeros(k, device=self.device)])
-        self.beam_scores = torch.cat([self.beam_scores, torch.tensor(scores, device=self.device)])
+        self.beam_scores = torch.cat([self.beam_scores, to_device(scores, torch.float32, self.device)])
         if self.owed is not None:
             logits, owes = self.owed
             self.owed = logits, torch.cat([owes, owes.new_full((k,), -1)])
@@ -205,7 +213,7 @@ class ModelBatch:
             g.offset, offset = offset, offset + g.num_rows
         if keep == list(range(self.num_rows)):
             return
-        self._select(torch.tensor(keep, dtype=torch.long, device=self.device))
+        self._select(to_device(keep, torch.long, self.device))
 
     def _select(self, index: torch.Tensor) -> None:
         """Keep rows `index` (R',) of the batch tensors, in that order."""
@@ -354,22 +362,21 @@ def _catch_up(batches: list[ModelBatch]) -> list[StepInputs]:
         return [batch.catch_up() for batch in batches]
 
 
-# Where the rows' decoding state lives: "host" (a RowState per row, in Python), "device" (DeviceRows: tensors
-# on the model's device), or "auto": device on a GPU, host on a CPU (where the C kernels and the overlap of
-# the Python with the model step win). A model whose vocabulary writes 词 always keeps host rows.
-ROW_STATES = ("auto", "host", "device")
+# Where the rows' decoding state lives: "host" (a RowState per row, in Python) or "device" (DeviceRows:
+# tensors on the model's device). NOTE: host is the default on a GPU too: measured on an H200, both are
+# bound by kernel launches (docs/PERFORMANCE.md); device rows are what a CUDA graph of the step can capture.
+# A model whose vocabulary writes 词 always keeps host rows.
+ROW_STATES = ("host", "device")
 
 
 def uses_device_rows(row_state: str, serving: ServingModel) -> bool:
-    if serving.vocab.writes_ci:
-        return False
-    return row_state == "device" or (row_state == "auto" and serving.device.type == "cuda")
+    return row_state == "device" and not serving.vocab.writes_ci
 
 
 class ModelRunner:
     """All model batches; executes the scheduler's decisions one step at a time."""
 
-    def __init__(self, registry: ModelRegistry, min_batch_rows: int = MIN_BATCH_ROWS, row_state: str = "auto"):
+    def __init__(self, registry: ModelRegistry, min_batch_rows: int = MIN_BATCH_ROWS, row_state: str = "host"):
         self.registry = registry
         self.min_batch_rows = min_batch_rows
         self.row_state = row_state  # ROW_STATES: where the rows' decoding state lives
