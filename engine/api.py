@@ -21,7 +21,7 @@ from engine.poem.vocab import is_han
 
 MODES = ("greedy", "sample", "beam")
 # The models served when ENGINE_MODELS is not set, the default first: the LSTM reads best, ci writes 词.
-DEFAULT_MODELS = ("lstm", "gru", "ci")
+DEFAULT_MODELS = ("lstm-large", "lstm", "gru", "ci")
 CI_NAMES = ("ci", "词", "詞")
 MAX_BEAM_WIDTH = 16
 MAX_PROMPT = 14

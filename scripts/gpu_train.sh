@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Trains a model to ship, on a fresh CUDA machine that has only this repository: the corpus travels
-# preprocessed in data/packed.safetensors (ignored by git; make it here first with
-#   python -m trainer corpus pack --corpus ../shared/corpus/chinese-poetry --out data/packed.safetensors
-# and carry data/packed.safetensors). cuDNN's LSTM/GRU kernels, bf16 autocast, wall-clock budget.
+# preprocessed in data/packed.safetensors.xz (ignored by git; make it here first with
+#   python -m trainer corpus pack --corpus ../shared/corpus/chinese-poetry --val-poems 2000 --xz \
+#       --out data/packed.safetensors.xz
+# and carry that file: the tree and what it carries share 64 MiB). cuDNN's LSTM/GRU kernels, bf16 autocast,
+# wall-clock budget.
 #   bash scripts/gpu_train.sh OUT_DIR
 # OUT_DIR receives NAME.safetensors.partNNN (float16, at most 16 MiB each) with their .sha256, the
 # training log and history.jsonl. Here: python -m trainer join OUT_DIR/NAME.safetensors.part000 --out …
@@ -10,7 +12,8 @@
 set -euo pipefail
 out=${1:-${OUT:-.}}
 mkdir -p "$out"
-: "${PACK:=data/packed.safetensors}" "${NAME:=lstm}" "${DEVICE:=cuda}" "${CELL:=lstm}" "${EMBED:=256}"
+[[ -f data/packed.safetensors.xz ]] && default_pack=data/packed.safetensors.xz || default_pack=data/packed.safetensors
+: "${PACK:=$default_pack}" "${NAME:=lstm}" "${DEVICE:=cuda}" "${CELL:=lstm}" "${EMBED:=256}"
 : "${HIDDEN:=1024}" "${LAYERS:=2}" "${DROPOUT:=0.3}" "${LR:=2e-3}" "${BATCH_TOKENS:=65536}" "${MINUTES:=5.5}"
 : "${EVAL_EVERY:=250}" "${MAX_STEPS:=0}" "${PART_MIB:=16}" "${RUN_DIR:=/tmp/yinshi-gpu-run}"
 [[ -f $PACK ]] || { echo "error: no $PACK: run python -m trainer corpus pack, and carry the file" >&2; exit 2; }

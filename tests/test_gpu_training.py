@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from trainer.corpus import load_corpus, split
+from trainer.corpus import CorpusError, load_corpus, split
 from trainer.data import Buckets
 from trainer.evaluate import perplexity
 from trainer.export import export, join
@@ -38,6 +38,21 @@ def test_the_pack_holds_the_training_split_encoded_and_keeps_the_held_out_poems_
         assert torch.equal(pack.val.tensors[form], t)
     train_rows = {tuple(r) for t in pack.train.tensors.values() for r in t.tolist()}
     assert not train_rows & {tuple(r) for t in pack.val.tensors.values() for r in t.tolist()}
+
+
+def test_a_compressed_pack_with_fewer_held_out_poems_reads_back_the_same_training_split(tiny_corpus, packed, tmp_path):
+    out = tmp_path / "packed.safetensors.xz"
+    pack_corpus([str(tiny_corpus)], out, min_count=1, val_poems=7, xz=True)
+    plain, small = load_pack(packed), load_pack(out)
+    assert out.stat().st_size < packed.stat().st_size / 2
+    assert small.vocab.tokens == plain.vocab.tokens and small.corpus_hash == plain.corpus_hash
+    assert all(torch.equal(small.train.tensors[k], t) for k, t in plain.train.tensors.items())
+    val_rows = lambda pack: {tuple(r) for t in pack.val.tensors.values() for r in t.tolist()}  # noqa: E731
+    assert len(val_rows(small)) == 7 and val_rows(small) <= val_rows(plain)
+    broken = tmp_path / "broken.safetensors.xz"
+    broken.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
+    with pytest.raises(CorpusError, match="not a packed corpus"):
+        load_pack(broken)
 
 
 def test_a_file_that_is_not_a_pack_is_refused_by_name(tmp_path, tiny_checkpoint):

@@ -11,18 +11,26 @@ GPU machine (`scripts/gpu_train.sh`) and is never committed.
 
 `--include-ci` packs the Song 词 too (`ci.<length>` tensors, each opened by its tune's token, as
 `train --kind ci` encodes them): a model trained on it writes both 诗 and 词.
+
+The repository and what it carries must fit the GPU machine's 64 MiB together, and the shipped checkpoints
+take most of it. `--val-poems N` keeps only the first N held-out poems (a run validates on a few thousand;
+the held-out split itself is unchanged), and `--xz` compresses the file (about half), which `load_pack`
+reads back by its magic bytes:
+
+    python -m trainer corpus pack --val-poems 2000 --xz --out data/packed.safetensors.xz     # about 10 MB
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import lzma
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from engine.files import atomic_write_bytes
 from engine.poem.vocab import Vocab
@@ -30,6 +38,7 @@ from trainer.corpus import CorpusError, load_corpus, split
 from trainer.data import Buckets, ci_poems, ci_vocab
 
 FORMAT = "yinshi-packed-corpus"
+XZ_MAGIC = b"\xfd7zXZ\x00"
 
 
 @dataclass
@@ -41,8 +50,11 @@ class PackedCorpus:
 
 
 def pack_corpus(paths: list[str], out: Path, val_percent: int = 5, min_count: int = 5, max_vocab: int = 6000,
-                include_ci: bool = False, tune_tokens: int = 80) -> dict:
-    """Write the packed file; returns its metadata."""
+                include_ci: bool = False, tune_tokens: int = 80, val_poems: int = 0, xz: bool = False) -> dict:
+    """Write the packed file; returns its metadata. `val_poems` > 0 keeps only the first that many held-out
+    poems; `xz` compresses the file."""
+    if val_poems < 0:
+        raise ValueError(f"val_poems must not be negative, got {val_poems}")
     corpus = load_corpus(paths, include_ci=include_ci)
     train, val = split(corpus.regular(), val_percent)
     if not train or not val:
@@ -54,6 +66,8 @@ def pack_corpus(paths: list[str], out: Path, val_percent: int = 5, min_count: in
             raise CorpusError(f"{', '.join(paths)}: --include-ci, but the corpus holds no 词 (download them with --include-ci)")
         vocab = ci_vocab(vocab, ci_train, min_count, tune_tokens)
         train, val = train + ci_train, val + ci_val
+    if val_poems:
+        val = val[:val_poems]
     if len(vocab) >= 2**15:
         raise ValueError(f"a vocabulary of {len(vocab)} tokens does not fit int16")
     tensors = {f"{name}.{form}": t.to(torch.int16).contiguous()
@@ -61,17 +75,29 @@ def pack_corpus(paths: list[str], out: Path, val_percent: int = 5, min_count: in
                for form, t in Buckets.build(vocab, poems).tensors.items()}
     meta = {"format": FORMAT, "vocab": vocab.tokens, "corpus_hash": corpus.digest(), "val_percent": val_percent,
             "train_poems": len(train), "val_poems": len(val)}
-    atomic_write_bytes(Path(out), save(tensors, metadata={"yinshi": json.dumps(meta, ensure_ascii=False)}))
+    data = save(tensors, metadata={"yinshi": json.dumps(meta, ensure_ascii=False)})
+    atomic_write_bytes(Path(out), lzma.compress(data, preset=9) if xz else data)
     return meta
+
+
+def _read_pack(path) -> tuple[dict, dict]:
+    """(metadata, tensors) of a packed file, plain or xz-compressed."""
+    with open(path, "rb") as f:
+        compressed = f.read(len(XZ_MAGIC)) == XZ_MAGIC
+    if not compressed:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("yinshi", "{}")), {k: f.get_tensor(k) for k in f.keys()}
+    data = lzma.decompress(Path(path).read_bytes())
+    size = int.from_bytes(data[:8], "little")  # safetensors: an 8-byte header length, then the JSON header
+    header = json.loads(data[8:8 + size])
+    return json.loads((header.get("__metadata__") or {}).get("yinshi", "{}")), load(data)
 
 
 def load_pack(path) -> PackedCorpus:
     """Read a packed file; CorpusError naming it when it is not one."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("yinshi", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+        meta, tensors = _read_pack(path)
+    except (SafetensorError, OSError, ValueError, lzma.LZMAError) as e:
         raise CorpusError(f"{path}: not a packed corpus ({e})") from None
     if meta.get("format") != FORMAT:
         raise CorpusError(f"{path}: not a packed corpus (no {FORMAT} metadata)")
@@ -93,10 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-count", type=int, default=5)
     parser.add_argument("--max-vocab", type=int, default=6000)
     parser.add_argument("--include-ci", action="store_true", help="pack the Song 词 too (a model that writes both)")
+    parser.add_argument("--val-poems", type=int, default=0, help="keep only the first N held-out poems (0: all)")
+    parser.add_argument("--xz", action="store_true", help="compress the file (load_pack reads it back as it is)")
 
 
 def main(args: argparse.Namespace) -> int:
-    meta = pack_corpus(args.corpus, Path(args.out), args.val_percent, args.min_count, args.max_vocab, args.include_ci)
+    meta = pack_corpus(args.corpus, Path(args.out), args.val_percent, args.min_count, args.max_vocab, args.include_ci,
+                       val_poems=args.val_poems, xz=args.xz)
     size = Path(args.out).stat().st_size
     print(json.dumps({"out": args.out, "bytes": size, "vocab": len(meta["vocab"]), "train_poems": meta["train_poems"],
                       "val_poems": meta["val_poems"], "corpus_hash": meta["corpus_hash"]}))
