@@ -17,6 +17,7 @@ python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_devic
 python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_cuda.py 2>&1 | tee "$out/tests_cuda.log" | tail -5
 python3 scripts/gpu_profile.py device >"$out/profile_cuda.log" 2>&1
 for rows in device host; do
-    python3 -m engine bench --device cuda --row-state $rows --concurrency 64 256 --requests 256 \
+    python3 -m engine bench --device cuda --checkpoint engine/checkpoints/lstm-large.safetensors --row-state $rows \
+        --concurrency 64 256 --requests 256 \
         --variants engine http ceiling >"$out/bench_cuda_$rows.json" 2> >(tee "$out/bench_cuda_$rows.log" >&2)
 done

@@ -3,8 +3,12 @@ then torch.profiler's table (the CUDA runtime calls and the GPU's own kernel tim
 
     python3 scripts/gpu_profile.py device|host      # ENGINE_ROW_STATE; run by scripts/gpu_check.sh
 """
-import asyncio, sys, time
+import asyncio
+import sys
+import time
+
 import torch
+
 from engine.api import PoemRequest
 from engine.serving.local import EngineSettings, LocalEngine
 

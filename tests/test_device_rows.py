@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import FIXTURE_CHARS
 from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
+from test_engine_local import mixed_requests
 
 from engine.api import PoemRequest
 from engine.poem.constraints import RowState, build_plan
@@ -28,22 +30,16 @@ from engine.serving.local import EngineSettings, LocalEngine
 from engine.serving.registry import build_serving
 from engine.serving.runner import uses_device_rows
 
-MODES = ("greedy", "sample", "beam")
-
 
 def varied_requests(n: int) -> list[PoemRequest]:
-    """Seeded requests over every mode, form and rule switch, with prompts, acrostics and keywords."""
-    combos = itertools.cycle(itertools.product(MODES, FORMS, (1, 3, 5, 16)))
+    """test_engine_local's mixed requests (every mode, form, beam width and rule switch, acrostics, both
+    models), with keywords and with prompts that bend the rules, so that notes are written."""
     out = []
-    for i in range(n):
-        mode, form, width = next(combos)
-        acrostic = "春江花月夜山水风"[: FORMS[form].num_lines] if i % 7 == 3 else None
+    for i, request in enumerate(mixed_requests(n)):
         keywords = ["明月"] if i % 7 == 5 else ["山", "水"] if i % 11 == 6 else []
         # Prompts that break the tone pattern, repeat a character or end a line off the rhyme: notes.
-        prompt = "" if acrostic or i % 3 else ("月", "月山", "不见不见不见不", "白日登山望千万里")[i % 4]
-        out.append(PoemRequest(prompt=prompt, form=form, mode=mode, beam_width=width, acrostic=acrostic,
-                               keywords=keywords, seed=2000 + i, model="gru" if i % 5 == 4 else None,
-                               rhyme=i % 4 != 1, tone=i % 6 != 2).validate())
+        prompt = ("月", "月山", "不见不见不见不", "白日登山望千万里")[i % 4] if request.prompt else ""
+        out.append(replace(request, prompt=prompt, keywords=keywords, seed=2000 + i).validate())
     return out
 
 

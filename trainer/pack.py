@@ -86,7 +86,7 @@ def _read_pack(path) -> tuple[dict, dict]:
         compressed = f.read(len(XZ_MAGIC)) == XZ_MAGIC
     if not compressed:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("yinshi", "{}")), {k: f.get_tensor(k) for k in f.keys()}
+            return json.loads((f.metadata() or {}).get("yinshi", "{}")), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     data = lzma.decompress(Path(path).read_bytes())
     size = int.from_bytes(data[:8], "little")  # safetensors: an 8-byte header length, then the JSON header
     header = json.loads(data[8:8 + size])
