@@ -94,7 +94,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("sample", "[温度]", "随机采样，温度 0–2（默认 0.8）", "sampling, temperature in (0, 2] (default 0.8)",
             manages=True, example="/sample 1.2"),
     Command("beam", "N", "束搜索，宽度 1–16", "beam search, width 1–16", manages=True, example="/beam 5"),
-    Command("model", "lstm|gru", "选择模型", "choose the model", manages=True, example="/model gru"),
+    Command("model", "lstm-large|lstm|gru", "选择模型", "choose the model", manages=True, example="/model gru"),
     Command("card", "on|off", "诗笺：诗以图片（竖排卡片）发送，开或关；不带参数查看", "poems as picture cards: on or off "
             "(none: show)", manages_with_args=True, example="/card on"),
     Command("check", "诗句", "格律检查：每字平仄、韵部、出律之处", "prosody check: each character's tone, the rhyme, any faults",
