@@ -114,8 +114,9 @@ async def wait_for(predicate, timeout: float = 10.0):
         await asyncio.sleep(0.002)
 
 
-async def test_a_cancelled_request_frees_its_rows_for_the_next_one(checkpoint_store):
-    async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=16)) as engine:
+@pytest.mark.parametrize("row_state", ["host", "device"])
+async def test_a_cancelled_request_frees_its_rows_for_the_next_one(checkpoint_store, row_state):
+    async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=16, row_state=row_state)) as engine:
         wide = asyncio.ensure_future(engine.generate(PoemRequest(form="qilv", mode="beam", beam_width=16)))
         await wait_for(lambda: _rows(engine, 16))
         waiting = asyncio.ensure_future(engine.generate(PoemRequest(form="wujue", mode="greedy")))

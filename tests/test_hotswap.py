@@ -33,8 +33,9 @@ def publish_raw(root: Path, name: str, version: str, data: bytes) -> None:
     store.set_current(root, name, version)
 
 
-async def test_a_swap_under_a_stream_of_requests_drops_none(checkpoint_store, tiny_checkpoint, tmp_path):
-    async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=32)) as engine:
+@pytest.mark.parametrize("row_state", ["host", "device"])
+async def test_a_swap_under_a_stream_of_requests_drops_none(checkpoint_store, tiny_checkpoint, tmp_path, row_state):
+    async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=32, row_state=row_state)) as engine:
         old = (await engine.models())[0]["version"]
         modes = ["greedy", "sample", "beam"]
         stream = [asyncio.ensure_future(engine.generate(PoemRequest(form="qilv", mode=modes[i % 3], seed=i,
