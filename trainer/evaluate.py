@@ -55,7 +55,7 @@ def perplexity_of_rows(model: PoemModel, vocab: Vocab, rows: list[list[int]], ba
     """`perplexity` of poems already encoded as <form> text <eos> (each may be pre-padded)."""
     was_training = model.training
     model.eval()
-    device = model.head.weight.device
+    device = model.device
     by_len: dict[int, list[list[int]]] = {}
     for ids in rows:
         by_len.setdefault(len(ids), []).append(ids)

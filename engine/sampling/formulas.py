@@ -54,7 +54,7 @@ class Formulas:
 @torch.inference_mode()
 def find_formulas(model, vocab: Vocab) -> Formulas:
     """The model's formulas, by greedy decoding without masks from NUM_OPENINGS openings of every form."""
-    device = model.head.weight.device
+    device = model.device
     openings = list(vocab.han_ids())[:NUM_OPENINGS]
     if not openings:
         return Formulas()

@@ -131,7 +131,7 @@ async def run(args) -> dict:
 
     checkpoint = resolve_checkpoint(args)
     device = pick_device(args.device)
-    serving = build_serving("lstm", checkpoint, device)
+    serving = build_serving("lstm", checkpoint, device, args.quantize)
     form = FORMS[args.form]
     steps_per_poem = form.text_len + 1
     results = []
@@ -140,7 +140,7 @@ async def run(args) -> dict:
         store.publish(root, "lstm", checkpoint)
         settings = EngineSettings(checkpoint_dir=str(root), model_names=("lstm",), device=args.device,
                                   max_num_rows=args.max_rows, max_queue=max(args.concurrency) * 2 + 16,
-                                  watch_interval=0.0, row_state=args.row_state)
+                                  watch_interval=0.0, row_state=args.row_state, quantize=args.quantize)
         engine = LocalEngine(settings)
         await engine.start()
         server = None
@@ -187,7 +187,7 @@ async def run(args) -> dict:
                 server.terminate()
                 await server.wait()
             await engine.close()
-    return {"device": str(device), "row_state": row_state, "torch_threads": torch.get_num_threads(),
+    return {"device": str(device), "quantize": args.quantize, "row_state": row_state, "torch_threads": torch.get_num_threads(),
             "checkpoint": str(checkpoint),
             "model": {"cell": serving.model.config.cell, "parameters": serving.model.num_parameters(),
                       "version": serving.version},
@@ -209,6 +209,7 @@ async def start_server(root: Path, args, settings) -> tuple[asyncio.subprocess.P
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "ENGINE_MODELS": "lstm", "ENGINE_WATCH_INTERVAL": "0", "ENGINE_ROW_STATE": args.row_state,
+           "ENGINE_QUANTIZE": args.quantize,
            "ENGINE_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     log = tempfile.TemporaryFile()
     server = await asyncio.create_subprocess_exec(
@@ -384,6 +385,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rows", type=int, default=256, help="engine batch rows per step")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"],
+                        help="run the model as int8 on a CPU (ENGINE_QUANTIZE), every variant alike")
     parser.add_argument("--row-state", default="host", choices=["host", "device"],
                         help="where the engine keeps the rows' decoding state (ENGINE_ROW_STATE)")
     parser.add_argument("--choice", action="store_true",

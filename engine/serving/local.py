@@ -56,11 +56,12 @@ class EngineSettings:
     ppl_tolerance: float = 0.05  # a new version may have val_ppl up to 5% worse than the serving one
     threads: int = 0  # torch threads for the step loop (0: leave torch's default)
     row_state: str = "host"  # where the rows' decoding state lives: host | device (engine.serving.runner.ROW_STATES)
+    quantize: str = "none"  # none | int8: run the models as int8 on a CPU (engine.model.network.quantize_int8)
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> EngineSettings:
         """Settings from CHECKPOINT_DIR, DEVICE and ENGINE_{MODELS,MAX_ROWS,MAX_QUEUE,THREADS,TIMEOUT,WATCH_INTERVAL,
-        ADMIT_SHARE,ROW_STATE}."""
+        ADMIT_SHARE,ROW_STATE,QUANTIZE}."""
         env = os.environ if env is None else env
         values: dict = {}
         if env.get("CHECKPOINT_DIR"):
@@ -69,6 +70,8 @@ class EngineSettings:
             values["device"] = env["DEVICE"]
         if env.get("ENGINE_ROW_STATE"):
             values["row_state"] = env["ENGINE_ROW_STATE"]
+        if env.get("ENGINE_QUANTIZE"):
+            values["quantize"] = env["ENGINE_QUANTIZE"]
         if env.get("ENGINE_MODELS"):
             values["model_names"] = tuple(n.strip() for n in env["ENGINE_MODELS"].split(",") if n.strip())
         for key, name, kind in (("ENGINE_MAX_ROWS", "max_num_rows", int), ("ENGINE_MAX_QUEUE", "max_queue", int),
@@ -89,6 +92,10 @@ class EngineSettings:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.row_state not in ROW_STATES:
             raise ValueError(f"row_state (ENGINE_ROW_STATE) must be one of {', '.join(ROW_STATES)}, got {self.row_state!r}")
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"quantize (ENGINE_QUANTIZE) must be none or int8, got {self.quantize!r}")
+        if self.quantize == "int8" and str(self.device).startswith("cuda"):
+            raise ValueError("ENGINE_QUANTIZE=int8 is for a CPU engine, and DEVICE is cuda")
         if not self.model_names:
             raise ValueError("model_names is empty")
         if self.max_num_rows < 16:
@@ -107,7 +114,8 @@ class LocalEngine:
         self.settings = (settings or EngineSettings()).validate()
         self.metrics = metrics or EngineMetrics()
         s = self.settings
-        self.registry = ModelRegistry(s.checkpoint_dir, s.model_names, s.device, s.ppl_tolerance, metrics=self.metrics)
+        self.registry = ModelRegistry(s.checkpoint_dir, s.model_names, s.device, s.ppl_tolerance, metrics=self.metrics,
+                                      quantize=s.quantize)
         self.scheduler = Scheduler(max_num_rows=s.max_num_rows, max_queue=s.max_queue, admit_share=s.admit_share)
         self.runner = ModelRunner(self.registry, min_batch_rows=s.min_batch_rows, row_state=s.row_state)
         self._cv = threading.Condition()  # guards the scheduler; wakes the step loop

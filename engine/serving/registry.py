@@ -39,7 +39,7 @@ from engine.model.checkpoint import (
     CheckpointError,
     load_checkpoint,
 )
-from engine.model.network import PoemModel, compile_step, pick_device
+from engine.model.network import PoemModel, compile_step, pick_device, quantize_int8
 from engine.poem.constraints import PoemPlan, build_plan
 from engine.poem.forms import FORMS
 from engine.poem.judge import check_poem
@@ -68,6 +68,7 @@ class ServingModel:
     device: torch.device
     step: Callable  # model.step as one TorchScript call (engine.model.network.compile_step): what the runner steps
     formulas: Formulas = field(default_factory=Formulas)  # the spans greedy and beam rows avoid
+    quantized: bool = False  # runs as int8 (ENGINE_QUANTIZE=int8, on a CPU)
     loaded_at: float = field(default_factory=time.time)  # wall-clock seconds
 
     @property
@@ -95,6 +96,7 @@ class ServingModel:
             "metrics": self.meta.get("metrics") or {},
             "source": "package" if _inside(self.path, PACKAGE_CHECKPOINTS) else "store",
             "device": str(self.device),
+            "quantized": "int8" if self.quantized else None,
         }
 
 
@@ -105,14 +107,17 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def build_serving(name: str, path: Path, device: torch.device) -> ServingModel:
-    """Load a checkpoint and its prosody tables; CheckpointError when the file is unusable."""
+def build_serving(name: str, path: Path, device: torch.device, quantize: str = "none") -> ServingModel:
+    """Load a checkpoint and its prosody tables; CheckpointError when the file is unusable. `quantize`
+    "int8" runs it as int8 on a CPU (engine.model.network.quantize_int8; ignored on a GPU)."""
     from engine.poem.prosody import prosody_for  # late: the prosody tables are large
 
     ckpt = load_checkpoint(path, device=device)
-    return ServingModel(name=name, version=ckpt.version, path=Path(path), model=ckpt.model, vocab=ckpt.vocab,
+    model = quantize_int8(ckpt.model) if quantize == "int8" and device.type == "cpu" else ckpt.model
+    return ServingModel(name=name, version=ckpt.version, path=Path(path), model=model, vocab=ckpt.vocab,
                         meta=ckpt.meta, prosody=prosody_for(ckpt.vocab), device=device,
-                        step=compile_step(ckpt.model), formulas=formulas_for(ckpt.model, ckpt.vocab))
+                        step=compile_step(model), formulas=formulas_for(model, ckpt.vocab),
+                        quantized=model is not ckpt.model)
 
 
 def smoke_test(serving: ServingModel) -> None:
@@ -159,11 +164,12 @@ def validate(serving: ServingModel, running: ServingModel | None, ppl_tolerance:
 class ModelRegistry:
     def __init__(self, checkpoint_dir: str | Path | None, names: tuple[str, ...] = DEFAULT_MODELS,
                  device: str | torch.device = "cpu", ppl_tolerance: float = 0.05,
-                 package_dir: Path = PACKAGE_CHECKPOINTS, metrics=None):
+                 package_dir: Path = PACKAGE_CHECKPOINTS, metrics=None, quantize: str = "none"):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.names = tuple(store.check_name(n) for n in names)
         self.device = pick_device(device) if isinstance(device, str) else device
         self.ppl_tolerance = ppl_tolerance
+        self.quantize = quantize  # "int8": every version runs as int8 on a CPU (build_serving)
         self.package_dir = Path(package_dir)
         self.metrics = metrics
         self._serving: dict[str, ServingModel] = {}  # name → the version new requests get
@@ -263,7 +269,7 @@ class ModelRegistry:
                 candidates.append(p)
             for path in candidates:
                 try:
-                    serving = build_serving(name, path, self.device)
+                    serving = build_serving(name, path, self.device, self.quantize)
                     validate(serving, None, self.ppl_tolerance)
                 except (CheckpointError, ValidationError) as e:
                     self._refuse(name, path.stem, str(e))
@@ -322,7 +328,7 @@ class ModelRegistry:
         if running is not None and path.stem == running.version and not force:
             return {"status": "unchanged", "version": running.version}
         try:
-            candidate = build_serving(name, path, self.device)
+            candidate = build_serving(name, path, self.device, self.quantize)
             if running is not None and candidate.version == running.version and not force:
                 return {"status": "unchanged", "version": running.version}
             # One perplexity gate: the trainer's verdict when it published this version, else the metadata
