@@ -20,7 +20,7 @@ from engine.poem.tunes import TUNES, parse_tune
 from engine.poem.vocab import is_han
 
 MODES = ("greedy", "sample", "beam")
-# The models served when ENGINE_MODELS is not set, the default first: the LSTM reads best, ci writes 词.
+# The models served when ENGINE_MODELS is not set, the default first: lstm-large reads best, ci writes 词.
 DEFAULT_MODELS = ("lstm-large", "lstm", "gru", "ci")
 CI_NAMES = ("ci", "词", "詞")
 MAX_BEAM_WIDTH = 16

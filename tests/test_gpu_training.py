@@ -3,7 +3,9 @@ scripts/gpu_train.sh itself, run here on the CPU at toy size (on a GPU machine i
 
 from __future__ import annotations
 
+import lzma
 import os
+import struct
 import subprocess
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from trainer.corpus import CorpusError, load_corpus, split
 from trainer.data import Buckets
 from trainer.evaluate import perplexity
 from trainer.export import export, join
-from trainer.pack import load_pack, pack_corpus
+from trainer.pack import _sample, load_pack, pack_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +51,16 @@ def test_a_compressed_pack_with_fewer_held_out_poems_reads_back_the_same_trainin
     assert all(torch.equal(small.train.tensors[k], t) for k, t in plain.train.tensors.items())
     val_rows = lambda pack: {tuple(r) for t in pack.val.tensors.values() for r in t.tolist()}  # noqa: E731
     assert len(val_rows(small)) == 7 and val_rows(small) <= val_rows(plain)
+    # Drawn over the whole held-out split, not its first poems (the corpus lists Song before Tang), the same
+    # every time, in corpus order.
+    kept = _sample(list(range(1000)), 50)
+    assert kept == sorted(kept) == _sample(list(range(1000)), 50) and kept[-1] > 900 and kept[0] < 100
+    assert _sample(list(range(10)), 0) == list(range(10))
+    for header in (b"[1,2]", b'{"__metadata__": [1]}'):  # xz, but no safetensors header inside
+        odd = tmp_path / "odd.safetensors.xz"
+        odd.write_bytes(lzma.compress(struct.pack("<Q", len(header)) + header))
+        with pytest.raises(CorpusError, match="not a packed corpus"):
+            load_pack(odd)
     broken = tmp_path / "broken.safetensors.xz"
     broken.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
     with pytest.raises(CorpusError, match="not a packed corpus"):

@@ -13,9 +13,9 @@ GPU machine (`scripts/gpu_train.sh`) and is never committed.
 `train --kind ci` encodes them): a model trained on it writes both 诗 and 词.
 
 The repository and what it carries must fit the GPU machine's 64 MiB together, and the shipped checkpoints
-take most of it. `--val-poems N` keeps only the first N held-out poems (a run validates on a few thousand;
-the held-out split itself is unchanged), and `--xz` compresses the file (about half), which `load_pack`
-reads back by its magic bytes:
+take most of it. `--val-poems N` keeps N held-out poems of each kind, drawn evenly (a run validates on a few
+thousand; the held-out split itself is unchanged), and `--xz` compresses the file (about half), which
+`load_pack` reads back by its magic bytes:
 
     python -m trainer corpus pack --val-poems 2000 --xz --out data/packed.safetensors.xz     # about 10 MB
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,8 @@ class PackedCorpus:
 
 def pack_corpus(paths: list[str], out: Path, val_percent: int = 5, min_count: int = 5, max_vocab: int = 6000,
                 include_ci: bool = False, tune_tokens: int = 80, val_poems: int = 0, xz: bool = False) -> dict:
-    """Write the packed file; returns its metadata. `val_poems` > 0 keeps only the first that many held-out
-    poems; `xz` compresses the file."""
+    """Write the packed file; returns its metadata. `val_poems` > 0 keeps that many held-out poems of each
+    kind (诗, and 词 with `include_ci`), drawn evenly; `xz` compresses the file."""
     if val_poems < 0:
         raise ValueError(f"val_poems must not be negative, got {val_poems}")
     corpus = load_corpus(paths, include_ci=include_ci)
@@ -60,14 +61,13 @@ def pack_corpus(paths: list[str], out: Path, val_percent: int = 5, min_count: in
     if not train or not val:
         raise CorpusError(f"{', '.join(paths)}: the training or the validation split is empty")
     vocab = Vocab.build((p.text for p in train), min_count, max_vocab)
+    val = _sample(val, val_poems)
     if include_ci:
         ci_train, ci_val = split(ci_poems(corpus), val_percent)
         if not ci_train:
             raise CorpusError(f"{', '.join(paths)}: --include-ci, but the corpus holds no 词 (download them with --include-ci)")
         vocab = ci_vocab(vocab, ci_train, min_count, tune_tokens)
-        train, val = train + ci_train, val + ci_val
-    if val_poems:
-        val = val[:val_poems]
+        train, val = train + ci_train, val + _sample(ci_val, val_poems)
     if len(vocab) >= 2**15:
         raise ValueError(f"a vocabulary of {len(vocab)} tokens does not fit int16")
     tensors = {f"{name}.{form}": t.to(torch.int16).contiguous()
@@ -78,6 +78,15 @@ def pack_corpus(paths: list[str], out: Path, val_percent: int = 5, min_count: in
     data = save(tensors, metadata={"yinshi": json.dumps(meta, ensure_ascii=False)})
     atomic_write_bytes(Path(out), lzma.compress(data, preset=9) if xz else data)
     return meta
+
+
+def _sample(poems: list, n: int) -> list:
+    """n of the poems drawn evenly (a fixed seed), in their order; all of them when n is 0. The corpus lists
+    Song before Tang, so its first n held-out poems would all be Song."""
+    if not n or n >= len(poems):
+        return poems
+    keep = sorted(random.Random(0).sample(range(len(poems)), n))
+    return [poems[i] for i in keep]
 
 
 def _read_pack(path) -> tuple[dict, dict]:
@@ -97,7 +106,7 @@ def load_pack(path) -> PackedCorpus:
     """Read a packed file; CorpusError naming it when it is not one."""
     try:
         meta, tensors = _read_pack(path)
-    except (SafetensorError, OSError, ValueError, lzma.LZMAError) as e:
+    except (SafetensorError, OSError, ValueError, lzma.LZMAError, AttributeError, TypeError, KeyError) as e:
         raise CorpusError(f"{path}: not a packed corpus ({e})") from None
     if meta.get("format") != FORMAT:
         raise CorpusError(f"{path}: not a packed corpus (no {FORMAT} metadata)")

@@ -356,8 +356,8 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
         fresh = Vocab.build(texts, tc.min_count, tc.max_vocab)
         cov = {"serving": round(vocab_coverage(texts, serving.vocab), 6), "fresh": round(vocab_coverage(texts, fresh), 6)}
         record["vocab_coverage"] = cov
-        for key in ("cell", "embed_dim", "hidden_dim", "num_layers", "tie_embeddings"):
-            setattr(tc, key, getattr(serving.model.config, key))  # same sizes either way: one model line
+        for key in ("cell", "embed_dim", "hidden_dim", "num_layers", "tie_embeddings", "dropout"):
+            setattr(tc, key, getattr(serving.model.config, key))  # same shape and dropout either way: one model line
         if cov["serving"] >= cov["fresh"] - cfg.vocab_tolerance:
             mode = "finetune"
             tc.init_from, tc.lr = str(serving_path), cfg.finetune_lr

@@ -29,7 +29,7 @@ FORMAT = "yinshi-checkpoint"
 FORMAT_VERSION = 1
 META_KEY = "yinshi"
 PACKAGE_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"  # shipped; served from an empty store
-DEFAULT_CHECKPOINT = PACKAGE_CHECKPOINTS / "lstm.safetensors"  # the default model of `generate` and the reports
+DEFAULT_CHECKPOINT = PACKAGE_CHECKPOINTS / "lstm-large.safetensors"  # the default model of `generate`, the reports, bench
 
 
 class CheckpointError(Exception):

@@ -210,7 +210,8 @@ def quantize_int8(model: PoemModel) -> PoemModel:
     types = {nn.Linear} | ({CELLS[model.config.cell]} if model.config.cell in ("lstm", "gru") else set())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
-        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), types, dtype=torch.qint8)
+        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), types, dtype=torch.qint8,
+                                                           inplace=True)
     quantized.float_parameters = model.num_parameters()
     return quantized
 

@@ -187,7 +187,7 @@ async def run(args) -> dict:
                 server.terminate()
                 await server.wait()
             await engine.close()
-    return {"device": str(device), "quantize": args.quantize, "row_state": row_state, "torch_threads": torch.get_num_threads(),
+    return {"device": str(device), "quantize": args.quantize if device.type == "cpu" else "none", "row_state": row_state, "torch_threads": torch.get_num_threads(),
             "checkpoint": str(checkpoint),
             "model": {"cell": serving.model.config.cell, "parameters": serving.model.num_parameters(),
                       "version": serving.version},
@@ -364,16 +364,16 @@ def resolve_checkpoint(args) -> Path:
         path = store.current_path(Path(args.checkpoints), "lstm")
         if path is not None:
             return path
-    from engine.model.checkpoint import PACKAGE_CHECKPOINTS
+    from engine.model.checkpoint import DEFAULT_CHECKPOINT
 
-    path = PACKAGE_CHECKPOINTS / "lstm.safetensors"
+    path = DEFAULT_CHECKPOINT
     if not path.is_file():
         raise SystemExit(f"no checkpoint: pass --checkpoint PATH or --checkpoints DIR (no {path})")
     return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default=None, help="a .safetensors checkpoint (default: the shipped lstm)")
+    parser.add_argument("--checkpoint", default=None, help="a .safetensors checkpoint (default: the shipped default model)")
     parser.add_argument("--checkpoints", default=None, help="a store: benchmark its CURRENT lstm")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--modes", nargs="+", default=list(MODE_CHOICES), choices=MODE_CHOICES)
@@ -411,8 +411,13 @@ def main(args) -> int:
         from engine.model.checkpoint import load_checkpoint
         from engine.model.network import pick_device
 
-        model = load_checkpoint(resolve_checkpoint(args), device=pick_device(args.device)).model
-        report = {"torch_threads": torch.get_num_threads(), "step": bench_step(model)}
+        from engine.model.network import quantize_int8
+
+        device = pick_device(args.device)
+        model = load_checkpoint(resolve_checkpoint(args), device=device).model
+        if args.quantize == "int8" and device.type == "cpu":
+            model = quantize_int8(model)
+        report = {"torch_threads": torch.get_num_threads(), "quantize": args.quantize, "step": bench_step(model)}
         for r in report["step"]:
             print(f"{r['step']:>19} step, {r['rows']} rows, beside {r['beside']:>7}: {r['ms']:8.2f} ms", file=sys.stderr)
         print(json.dumps(report, indent=2))

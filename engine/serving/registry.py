@@ -117,7 +117,7 @@ def build_serving(name: str, path: Path, device: torch.device, quantize: str = "
     return ServingModel(name=name, version=ckpt.version, path=Path(path), model=model, vocab=ckpt.vocab,
                         meta=ckpt.meta, prosody=prosody_for(ckpt.vocab), device=device,
                         step=compile_step(model), formulas=formulas_for(model, ckpt.vocab),
-                        quantized=model is not ckpt.model)
+                        quantized=any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()))
 
 
 def smoke_test(serving: ServingModel) -> None:
@@ -170,6 +170,8 @@ class ModelRegistry:
         self.device = pick_device(device) if isinstance(device, str) else device
         self.ppl_tolerance = ppl_tolerance
         self.quantize = quantize  # "int8": every version runs as int8 on a CPU (build_serving)
+        if quantize == "int8" and self.device.type != "cpu":
+            log.warning("ENGINE_QUANTIZE=int8 is for a CPU engine; on %s the models run in float", self.device)
         self.package_dir = Path(package_dir)
         self.metrics = metrics
         self._serving: dict[str, ServingModel] = {}  # name → the version new requests get
