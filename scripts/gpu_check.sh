@@ -3,21 +3,29 @@
 # safetensors (the rest of the engine's needs come as wheels in .whl/, when there is no package index):
 #   bash scripts/gpu_check.sh OUT_DIR
 # Runs the CUDA tests; where a step's time goes (scripts/gpu_profile.py) to OUT_DIR/profile_cuda.log; then the
-# engine benchmark on cuda with the rows' decoding state on the device (ENGINE_ROW_STATE=device) and on the
-# host, side by side: JSON to OUT_DIR/bench_cuda_{device,host}.json, tables to .log.
+# engine benchmark with the rows' decoding state on the device (ENGINE_ROW_STATE=device) and on the host,
+# side by side: JSON to OUT_DIR/bench_cuda_{device,host}.json, tables to .log. Every knob is an environment
+# variable (below); tests run it on the CPU at toy size (DEVICE=cpu SKIP_TESTS=1).
 set -uo pipefail
 out=${1:-${OUT:-.}}
+: "${DEVICE:=cuda}" "${CHECKPOINT:=engine/checkpoints/lstm-large.safetensors}" "${CONCURRENCY:=64 256}"
+: "${REQUESTS:=256}" "${PROFILE_REQUESTS:=256}" "${SKIP_TESTS:=0}"
+mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
-python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_cuda.py 2>&1 | tee "$out/tests_cuda.log" | tail -5
-python3 scripts/gpu_profile.py device >"$out/profile_cuda.log" 2>&1
+if [[ $DEVICE == cuda* ]]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+fi
+if [[ $SKIP_TESTS != 1 ]]; then
+    python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_cuda.py 2>&1 | tee "$out/tests_cuda.log" | tail -5
+fi
+DEVICE=$DEVICE CHECKPOINT=$CHECKPOINT N=$PROFILE_REQUESTS python3 scripts/gpu_profile.py device >"$out/profile_cuda.log" 2>&1
 for rows in device host; do
-    python3 -m engine bench --device cuda --checkpoint engine/checkpoints/lstm-large.safetensors --row-state $rows \
-        --concurrency 64 256 --requests 256 \
-        --variants engine http ceiling >"$out/bench_cuda_$rows.json" 2> >(tee "$out/bench_cuda_$rows.log" >&2)
+    # shellcheck disable=SC2086  # CONCURRENCY is a list
+    python3 -m engine bench --device "$DEVICE" --checkpoint "$CHECKPOINT" --row-state $rows --concurrency $CONCURRENCY \
+        --requests "$REQUESTS" --variants engine http ceiling >"$out/bench_cuda_$rows.json" 2> >(tee "$out/bench_cuda_$rows.log" >&2)
 done

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from engine.serving.bench import bench_choice, bench_step, percentile, ratios
 
@@ -74,3 +76,19 @@ def test_bench_passes_the_row_state_to_the_engine_and_the_server(tiny_checkpoint
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["row_state"] == {"engine": {"lstm": "device"}, "http": {"lstm": "device"}}
+
+
+def test_the_gpu_check_script_runs_end_to_end_at_toy_size_on_the_cpu(tiny_checkpoint, tmp_path):
+    # scripts/gpu_check.sh is what a lent GPU runs; here every part of it but the CUDA tests, on the CPU.
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, DEVICE="cpu", CHECKPOINT=str(tiny_checkpoint), CONCURRENCY="2", REQUESTS="2",
+               PROFILE_REQUESTS="4", SKIP_TESTS="1")
+    out = tmp_path / "OUT"
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", str(out)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "ms a step" in (out / "profile_cuda.log").read_text()
+    for rows in ("device", "host"):
+        report = json.loads((out / f"bench_cuda_{rows}.json").read_text())
+        assert report["row_state"] == {"engine": {"lstm": rows}, "http": {"lstm": rows}}
+        assert {r["variant"] for r in report["results"]} == {"engine", "http", "ceiling"}
