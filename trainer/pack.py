@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from engine.files import atomic_write_bytes
@@ -91,12 +91,9 @@ def _sample(poems: list, n: int) -> list:
 
 def _read_pack(path) -> tuple[dict, dict]:
     """(metadata, tensors) of a packed file, plain or xz-compressed."""
-    with open(path, "rb") as f:
-        compressed = f.read(len(XZ_MAGIC)) == XZ_MAGIC
-    if not compressed:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("yinshi", "{}")), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    data = lzma.decompress(Path(path).read_bytes())
+    data = Path(path).read_bytes()
+    if data.startswith(XZ_MAGIC):
+        data = lzma.decompress(data)
     size = int.from_bytes(data[:8], "little")  # safetensors: an 8-byte header length, then the JSON header
     header = json.loads(data[8:8 + size])
     return json.loads((header.get("__metadata__") or {}).get("yinshi", "{}")), load(data)

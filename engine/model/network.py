@@ -8,6 +8,7 @@ step as one TorchScript call, for the engine's step loop.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -205,8 +206,6 @@ def quantize_int8(model: PoemModel) -> PoemModel:
     and in a batch, as on a GPU. A tied output layer stays float (it is the embedding)."""
     if model.device.type != "cpu":
         raise ValueError("int8 quantization is for a CPU engine")
-    import copy
-
     types = {nn.Linear} | ({CELLS[model.config.cell]} if model.config.cell in ("lstm", "gru") else set())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
@@ -214,4 +213,3 @@ def quantize_int8(model: PoemModel) -> PoemModel:
                                                            inplace=True)
     quantized.float_parameters = model.num_parameters()
     return quantized
-

@@ -41,6 +41,7 @@ from engine.poem.constraints import (
     mask_tables,
 )
 from engine.poem.forms import FORMS, PERIOD, Layout
+from engine.poem.prosody import rhyme_book
 from engine.poem.rhymes import LEVEL, OBLIQUE
 from engine.sampling.choice import BEAM_CANDIDATES, FORMULA_PENALTY
 
@@ -70,8 +71,6 @@ def device_tables(prosody, device) -> DeviceTables:
     tables = prosody.cache.get(key)
     if tables is None:
         masks = mask_tables(prosody)
-        from engine.poem.prosody import rhyme_book
-
         book = rhyme_book(prosody, None, "pingshui")
         opened = masks.groups_of_tone(book, LEVEL)
         tone_row = torch.tensor([MASK_HAN, MASK_LEVEL, MASK_OBLIQUE, MASK_TONED])

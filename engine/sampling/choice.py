@@ -285,7 +285,13 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
         kth = x.topk(int(k.clamp(max=V).max()), dim=-1).values  # (N, K)
         kth = kth.gather(1, (k.clamp(1, V) - 1)[:, None])  # (N, 1)
         floor = torch.where(k[:, None] > 0, torch.maximum(floor, kth), floor)
+    return _draw_kept(x, share, floor, u)
 
+
+def _draw_kept(x: torch.Tensor, share: torch.Tensor, floor: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The draw at each row's uniform u (N,) among its kept tokens (x ≥ floor (N, 1)), walked in vocabulary
+    order by their shares (N, V): (N,) long."""
+    V = x.shape[1]
     cdf = torch.where(x >= floor, share, 0.0).cumsum_(dim=-1)  # (N, V) over the kept tokens
     total = cdf[:, -1:]  # (N, 1)
     idx = torch.searchsorted(cdf, (u[:, None] * total).contiguous(), right=True)  # first index past the target
@@ -313,11 +319,7 @@ def sample_sorted(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     floor = torch.maximum(values.gather(1, at[:, None]), best + MIN_LOG_SHARE)  # (N, 1) least kept value
     kth = values.gather(1, (k.clamp(1, V) - 1)[:, None])
     floor = torch.where(k[:, None] > 0, torch.maximum(floor, kth), floor)
-    cdf = torch.where(x >= floor, share, 0.0).cumsum_(dim=-1)
-    total = cdf[:, -1:]
-    idx = torch.searchsorted(cdf, (u[:, None] * total).contiguous(), right=True)
-    idx = torch.where(idx < V, idx, torch.searchsorted(cdf, total.contiguous(), right=False))
-    return idx.squeeze(1)
+    return _draw_kept(x, share, floor, u)
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -187,8 +187,8 @@ async def run(args) -> dict:
                 server.terminate()
                 await server.wait()
             await engine.close()
-    return {"device": str(device), "quantize": args.quantize if device.type == "cpu" else "none", "row_state": row_state, "torch_threads": torch.get_num_threads(),
-            "checkpoint": str(checkpoint),
+    return {"device": str(device), "quantize": args.quantize if device.type == "cpu" else "none", "row_state": row_state,
+            "torch_threads": torch.get_num_threads(), "checkpoint": str(checkpoint),
             "model": {"cell": serving.model.config.cell, "parameters": serving.model.num_parameters(),
                       "version": serving.version},
             "form": form.name, "beam_width": args.beam_width, "results": results, "ratios": ratios(results)}
@@ -409,9 +409,7 @@ def main(args) -> int:
         return 0
     if args.step:
         from engine.model.checkpoint import load_checkpoint
-        from engine.model.network import pick_device
-
-        from engine.model.network import quantize_int8
+        from engine.model.network import pick_device, quantize_int8
 
         device = pick_device(args.device)
         model = load_checkpoint(resolve_checkpoint(args), device=device).model

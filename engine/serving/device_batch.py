@@ -1,4 +1,4 @@
-"""A model batch whose rows' decoding state lives on the model's device (ENGINE_ROW_STATE=device; auto on a GPU).
+"""A model batch whose rows' decoding state lives on the model's device (ENGINE_ROW_STATE=device).
 
 `ModelBatch` (engine/serving/runner.py) keeps a RowState per row in Python and brings every step's tokens to
 the host to advance them. `DeviceBatch` keeps the same state as `DeviceRows` tensors beside the recurrent
@@ -27,11 +27,9 @@ from engine.sampling.choice import (
     choose_sample,
     draw_params,
     logsumexp,
-    repeat_penalty_for,
 )
 from engine.serving.registry import ServingModel
-from engine.serving.runner import ModelBatch, RowGroup, RowKind, to_device
-from engine.serving.scheduler import EngineRequest
+from engine.serving.runner import ModelBatch, to_device
 
 
 class DeviceStep:
@@ -52,25 +50,11 @@ class DeviceBatch(ModelBatch):
         self.formulas = FormulaTable.of(serving.formulas, len(serving.vocab), self.device)
         self.rows = DeviceRows.empty(self.tables, self.formulas)
 
-    def add(self, req: EngineRequest, plan: PoemPlan) -> None:
+    def _new_rows(self, plan: PoemPlan, k: int) -> list:
+        """None on the host: `_append_joining` makes the rows as DeviceRows."""
         if plan.tune is not None:
             raise ValueError("a DeviceBatch writes the regular forms; a 词 needs a ModelBatch")
-        request = req.request
-        k = req.num_rows
-        beam = request.mode == "beam"
-        last = self.joining[-1] if self.joining else None
-        offset = last.offset + last.num_rows if last else self.num_rows
-        from engine.sampling.choice import make_generator
-
-        kind = RowKind.BEAM if beam else RowKind.SAMPLE if request.mode == "sample" else RowKind.GREEDY
-        group = RowGroup(req.req_id, request, plan, [], make_generator(request.seed),
-                         penalty=repeat_penalty_for(request.mode), segment=(kind, k if beam else 1),
-                         offset=offset, last_offset=offset, joined=self.num_steps,
-                         ends=self.num_steps + plan.num_steps, num_rows=k)
-        self.groups.append(group)
-        self.joining.append(group)
-        self.ending.setdefault(group.ends, []).append(group)
-        self.arranged = False
+        return []
 
     def _append_joining(self) -> None:
         joining = self.joining
@@ -138,14 +122,5 @@ class DeviceBatch(ModelBatch):
         for group, row in zip(ending, ended):
             group.score = row[-1]
             tokens = [int(t) for t in row[:group.plan.layout.text_len]]
-            results[group.req_id] = self._device_result(group, tokens, bool(row[-2]))
+            results[group.req_id] = self._result(group, *DeviceRows.result(group.plan, tokens, bool(row[-2])))
         return results
-
-    def _device_result(self, group: RowGroup, tokens: list[int], flagged: bool) -> PoemResult:
-        import time
-
-        plan = group.plan
-        lines, notes = DeviceRows.result(plan, tokens, flagged)
-        return PoemResult(poem=plan.format_text(lines), lines=lines, form=plan.form_name, tune=None,
-                          mode=group.request.mode, model={"name": self.serving.name, "version": self.serving.version},
-                          elapsed_ms=(time.perf_counter() - group.started) * 1e3, notes=notes, score=group.score)

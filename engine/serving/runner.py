@@ -75,6 +75,8 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
 _arrivals = count()  # tie-break for the segment order: first come, first placed
 
 
@@ -96,10 +98,7 @@ class RowGroup:
     ends: int = 0  # the batch's step count once it has chosen <eos>
     score: float = 0.0  # model log-prob of row 0, set when it ends
     started: float = field(default_factory=time.perf_counter)
-    num_rows: int = 0  # its rows in the batch: len(rows) unless they live on the device
-
-    def __post_init__(self):
-        self.num_rows = self.num_rows or len(self.rows)
+    num_rows: int = 1  # its rows in the batch (len(rows) when they live on the host)
 
     @property
     def is_beam(self) -> bool:
@@ -164,15 +163,19 @@ class ModelBatch:
         beam = request.mode == "beam"
         last = self.joining[-1] if self.joining else None
         offset = last.offset + last.num_rows if last else self.num_rows
-        group = RowGroup(req.req_id, request, plan, [plan.new_row() for _ in range(k)],
-                         make_generator(request.seed),
+        group = RowGroup(req.req_id, request, plan, self._new_rows(plan, k), make_generator(request.seed),
                          penalty=repeat_penalty_for(request.mode),
                          segment=(RowKind.BEAM, k) if beam else (RowKind.SAMPLE if request.mode == "sample" else RowKind.GREEDY, 1),
-                         offset=offset, last_offset=offset, joined=self.num_steps, ends=self.num_steps + plan.num_steps)
+                         offset=offset, last_offset=offset, joined=self.num_steps, ends=self.num_steps + plan.num_steps,
+                         num_rows=k)
         self.groups.append(group)
         self.joining.append(group)
         self.ending.setdefault(group.ends, []).append(group)
         self.arranged = False
+
+    def _new_rows(self, plan: PoemPlan, k: int) -> list[RowState]:
+        """A joining request's k rows at the start of its poem."""
+        return [plan.new_row() for _ in range(k)]
 
     def _append_joining(self) -> None:
         """The rows of the requests that joined since the last step, at the end of the batch, in one go (a
@@ -340,7 +343,7 @@ class ModelBatch:
             group.catch_up(*self.last)
             assert all(r.done for r in group.rows), "every row of a fixed-length form ends on the same step"
             group.score = score
-        return {group.req_id: self._result(group) for group in ending}
+        return {group.req_id: self._result(group, group.rows[0].line_texts, group.rows[0].notes) for group in ending}
 
     def _owed_index(self, nb: int, R: int) -> torch.Tensor:
         """`owed`'s row index when rows [0, nb) of R owe: 0…nb-1, then -1 for the beam rows."""
@@ -348,12 +351,12 @@ class ModelBatch:
             self.owed_index = nb, R, torch.cat([torch.arange(nb), torch.full((R - nb,), -1)]).to(self.device)
         return self.owed_index[2]
 
-    def _result(self, group: RowGroup) -> PoemResult:
-        row = group.rows[0]  # beams are sorted by score
-        return PoemResult(poem=group.plan.format_text(row.line_texts), lines=row.line_texts, form=group.plan.form_name,
+    def _result(self, group: RowGroup, lines: list[str], notes: list[str]) -> PoemResult:
+        """A finished group's poem from its first row's lines and notes (beams are sorted by score)."""
+        return PoemResult(poem=group.plan.format_text(lines), lines=lines, form=group.plan.form_name,
                           tune=group.plan.tune and group.plan.tune.name,
                           mode=group.request.mode, model={"name": self.serving.name, "version": self.serving.version},
-                          elapsed_ms=(time.perf_counter() - group.started) * 1e3, notes=list(row.notes),
+                          elapsed_ms=(time.perf_counter() - group.started) * 1e3, notes=list(notes),
                           score=group.score)
 
 
