@@ -33,10 +33,12 @@ def _device_of(model: PoemModel) -> torch.device:
 
 @torch.no_grad()
 def generate_one(model: PoemModel, vocab: Vocab, prosody: Prosody, request: PoemRequest, *,
-                 model_info: dict | None = None) -> PoemResult:
-    """Write one poem for `request` (validated here; RequestError on bad input), one step at a time."""
+                 model_info: dict | None = None, known_lines=None) -> PoemResult:
+    """Write one poem for `request` (validated here; RequestError on bad input), one step at a time.
+    `known_lines` (engine.poem.known_lines.KnownLines): corpus lines no line may complete."""
     start = time.perf_counter()
-    plan = build_plan(vocab, prosody, request, formulas_for(model, vocab))
+    known = known_lines.for_vocab(vocab) if known_lines is not None else None
+    plan = build_plan(vocab, prosody, request, formulas_for(model, vocab), known)
     if request.mode == "beam":
         row, score = _beam(model, plan, request)
     else:
@@ -107,6 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--checkpoint", default=None, help=f"a .safetensors checkpoint (default {DEFAULT_CHECKPOINT})")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--known-lines", default=None, metavar="PATH",
+                        help="a known-lines table (python -m trainer corpus lines): do not complete its lines")
     parser.add_argument("--json", action="store_true", help="print the PoemResult as JSON")
 
 
@@ -133,9 +137,17 @@ def main(args: argparse.Namespace) -> int:
         ckpt = load_checkpoint(path, device=args.device)
     except CheckpointError as e:
         return fail(str(e))
+    known = None
+    if args.known_lines:
+        from engine.poem.known_lines import KnownLines
+
+        try:
+            known = KnownLines.load(args.known_lines)
+        except ValueError as e:
+            return fail(str(e))
     try:
         result = generate_one(ckpt.model, ckpt.vocab, prosody_for(ckpt.vocab), request,
-                              model_info={"name": path.stem, "version": ckpt.version})
+                              model_info={"name": path.stem, "version": ckpt.version}, known_lines=known)
     except RequestError as e:
         return fail(f"{e.field}: {e.message}" if e.field else e.message)
     if args.json:

@@ -67,6 +67,9 @@ def test_the_retrain_job_is_set_to_run_once_at_a_time_coalesced_with_a_grace_tim
     assert (job.max_instances, job.coalesce, job.misfire_grace_time) == (1, True, 3600)
     assert str(job.trigger.timezone) == "Asia/Shanghai"
     assert "hour='3'" in str(job.trigger) and "minute='15'" in str(job.trigger)
+    # The known-lines table is brought up to date once, at start, on the retrain worker.
+    table = scheduler.get_job("known-lines")
+    assert table.executor == "default" and str(table.trigger).startswith("date")
 
 
 @pytest.mark.parametrize("cron, zone, message", [("every night", "Asia/Shanghai", "RETRAIN_CRON"),

@@ -7,6 +7,7 @@ out of rhymes and tones often, so the relaxations (and the notes the host replay
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import random
 from dataclasses import replace
@@ -19,8 +20,9 @@ from test_engine_local import mixed_requests
 
 from engine.api import PoemRequest
 from engine.poem.constraints import RowState, build_plan
-from engine.poem.device_rows import DeviceRows, FormulaTable, device_tables
+from engine.poem.device_rows import DeviceRows, FormulaTable, KnownTable, device_tables
 from engine.poem.forms import FORMS
+from engine.poem.known_lines import KNOWN_LINES_FILE, KnownLines, known_lines_from
 from engine.poem.prosody import prosody_for
 from engine.poem.vocab import Vocab
 from engine.sampling import kernels
@@ -56,9 +58,13 @@ async def test_device_rows_write_the_poems_and_notes_host_rows_write(checkpoint_
     if choice == "torch":
         monkeypatch.setattr(kernels, "AVAILABLE", False)
     requests = varied_requests(72)
+    # The store's known lines are the lines these requests write without them, so the ban bites often.
+    before, _ = await serve(checkpoint_store, requests, "host")
+    known_lines_from(line for r in before for line in r.lines).save(checkpoint_store / KNOWN_LINES_FILE)
     host, host_kinds = await serve(checkpoint_store, requests, "host")
     device, device_kinds = await serve(checkpoint_store, requests, "device")
     assert host_kinds <= {"ModelBatch"} and device_kinds <= {"DeviceBatch"}
+    assert sum(a.poem != b.poem for a, b in zip(before, host)) >= 20
     notes = 0
     for request, a, b in zip(requests, host, device):
         assert (a.poem, a.lines, a.notes, a.model) == (b.poem, b.lines, b.notes, b.model), request
@@ -67,14 +73,15 @@ async def test_device_rows_write_the_poems_and_notes_host_rows_write(checkpoint_
     assert notes >= 10  # the relaxations were exercised, not just the easy path
 
 
-def random_walk(plans, penalties, tables, formulas, seed: int, favoured: list[int]):
+def random_walk(plans, penalties, tables, formulas, known, seed: int, favoured: list[int]):
     """Advance RowStates and DeviceRows side by side with random allowed tokens; yield both biases each step.
     The walk often copies the line before (so a line's last character can be banned for completing it) and
     often takes a `favoured` token (so formulas get completed)."""
     rng = random.Random(seed)
     rows = [plan.new_row() for plan in plans]
     gen = torch.Generator().manual_seed(seed)
-    device = DeviceRows.new(tables, formulas, [(plan, 1, p, (1.0, 0, 1.0), gen, 0) for plan, p in zip(plans, penalties)])
+    device = DeviceRows.new(tables, formulas, known,
+                            [(plan, 1, p, (1.0, 0, 1.0), gen, 0) for plan, p in zip(plans, penalties)])
     for _ in range(plans[0].num_steps):
         host_bias = step_bias(rows, penalties, "cpu").dense()
         device_bias = device.bias()
@@ -93,6 +100,29 @@ def random_walk(plans, penalties, tables, formulas, seed: int, favoured: list[in
             tokens.append(next(iter(allowed & set(above)), None) or (rng.choice(liked) if liked else rng.choice(sorted(allowed))))
             r.advance(tokens[-1])
         device.advance(torch.tensor(tokens))
+
+
+def quotes_a_known_line(row) -> bool:
+    """The row is at a free last character of a line where some token would complete a known line."""
+    layout, pos, known = row.plan.layout, row.pos, row.plan.known_lines
+    if known is None or row.forced() is not None or pos >= layout.text_len:
+        return False
+    col, n = layout.col_of[pos], layout.line_lengths[layout.line_of[pos]]
+    return col == n - 1 and bool(known.completions(row.tokens[len(row.tokens) - col:]))
+
+
+@functools.cache
+def walk_known_lines(han: tuple[str, ...]) -> KnownLines:
+    """Known lines the walks below run into: every head of the favoured characters (and the echo prompt's
+    head) ending on many characters, so that a line's end is often banned and, with sixteen characters,
+    sometimes every character is."""
+    lasts = han[:16]
+    lines = []
+    for n, favoured in ((5, han[:6]), (7, han[:3])):
+        for head in itertools.product(favoured, repeat=n - 1):
+            lines += ["".join(head) + last for last in lasts]
+        lines += ["".join(han[:n - 1]) + last for last in lasts]  # the echo prompt's second line
+    return known_lines_from(lines)
 
 
 def completes_a_line(row) -> bool:
@@ -124,19 +154,23 @@ def test_the_step_bias_matches_row_for_row_along_random_poems(form, chars):
     echo = "".join(han[:n]) + "".join(han[:n - 1])
     requests = [PoemRequest(form=form, seed=i, prompt=("月", "", forced_rhyme, echo)[i % 4], tone=i % 4 != 1,
                             rhyme=i % 5 != 2, keywords=["明月"] if i % 6 == 1 else []).validate() for i in range(18)]
-    plans = [build_plan(vocab, prosody, r, formulas) for r in requests]
+    known = walk_known_lines(tuple(han)).for_vocab(vocab)
+    # Most plans ban known lines; every fifth does not (a row of the batch without the table).
+    plans = [build_plan(vocab, prosody, r, formulas, known if i % 5 != 4 else None) for i, r in enumerate(requests)]
     penalties = [repeat_penalty_for("sample" if i % 3 == 2 else "greedy") for i in range(len(plans))]
     tables = device_tables(prosody, torch.device("cpu"))
     table = FormulaTable.of(formulas, len(vocab), "cpu")
     favoured = [vocab.index[ch] for ch in han[:6]]
-    seen = {"formula": 0, "line ban": 0, "bent": 0}
+    seen = {"formula": 0, "line ban": 0, "known line": 0, "bent": 0}
     for seed in range(8):
         if seed >= 3 and all(seen.values()):
             break
-        for rows, host_bias, device_bias, device in random_walk(plans, penalties, tables, table, seed, favoured):
+        for rows, host_bias, device_bias, device in random_walk(plans, penalties, tables, table,
+                                                                KnownTable.of(known, "cpu"), seed, favoured):
             assert torch.equal(host_bias, device_bias)
             seen["formula"] += sum(bool(r.formula_tokens()) for r, p in zip(rows, penalties) if p)
             seen["line ban"] += sum(map(completes_a_line, rows))
+            seen["known line"] += sum(map(quotes_a_known_line, rows))
             # A row is flagged once a rule bent on it, which grows its notes beyond the plan's. (The plan may
             # have worded a bend already, forced tones for one: a flag then only costs a replay.)
             bent = [any(not n.startswith("repetition: line") for n in r.notes[len(r.plan.notes):]) for r in rows]
@@ -169,7 +203,7 @@ def test_a_beam_row_continues_its_parents_state(tiny_checkpoint):
     serving = build_serving("lstm", tiny_checkpoint, torch.device("cpu"))
     plan = build_plan(serving.vocab, serving.prosody, PoemRequest(form="wujue", prompt="月").validate())
     tables = device_tables(serving.prosody, torch.device("cpu"))
-    rows = DeviceRows.new(tables, None, [(plan, 2, 1.0, (1.0, 0, 1.0), torch.Generator(), 6)])
+    rows = DeviceRows.new(tables, None, None, [(plan, 2, 1.0, (1.0, 0, 1.0), torch.Generator(), 6)])
     first = torch.tensor([serving.vocab.index["月"]] * 2)
     rows.advance(first)
     a, b = (int(torch.isfinite(rows.bias()[0]).nonzero()[k]) for k in (0, 1))

@@ -11,9 +11,11 @@ from conftest import make_poems, write_corpus
 
 from engine.model import versions as store
 from engine.model.checkpoint import load_checkpoint
+from engine.poem.known_lines import KNOWN_LINES_FILE, KnownLines
 from engine.poem.forms import FORMS, format_poem
 from trainer import retrain as rt
 from trainer import spool
+from trainer.corpus import load_corpus
 from trainer.retrain import RetrainConfig, read_run_records, retrain
 
 TINY = dict(embed_dim=16, hidden_dim=32, num_layers=1, dropout=0.0, eval_every=30, eval_poems=40,
@@ -328,5 +330,7 @@ def test_without_ci_in_the_corpus_the_ci_run_fails_saying_how_and_the_others_sti
     cfg = tiny_config(root, root / "corpus", names=("lstm", "ci"), max_steps=5)
     records = rt.retrain_all(cfg, force=True, reason="test")
     assert [r["name"] for r in records] == ["lstm", "ci"]
+    # The run brought the store's known-lines table up to date with the corpus first.
+    assert KnownLines.load(root / "store" / KNOWN_LINES_FILE).meta["corpus_hash"] == load_corpus([root / "corpus"], include_ci=True).digest()
     assert records[0]["outcome"] in ("published", "rejected")
     assert records[1]["outcome"] == "failed" and "--include-ci" in records[1]["why"]

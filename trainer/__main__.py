@@ -80,7 +80,7 @@ def _module_command(module: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer import bench, download, pack, panel, quality, stats, tunes
+    from trainer import bench, download, known_lines, pack, panel, quality, stats, tunes
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         (corpus_sub, "download", download, "fetch the chinese-poetry files (resumable, validated)"),
         (corpus_sub, "stats", stats, "poems per form and source, characters, coverage, frequencies"),
         (corpus_sub, "pack", pack, "the training set preprocessed into one small file (for a GPU machine)"),
+        (corpus_sub, "lines", known_lines, "the corpus's lines as the table of lines poems must not quote"),
         (sub, "quality", quality, "quality report: form, rhyme, tone, repetition, copying, speed"),
         (sub, "panel", panel, "a blind panel: held-out poems shuffled with generated ones, and its scores"),
         (sub, "bench", bench, "training tokens/s: ours against the classic padded recipe (JSON)"),

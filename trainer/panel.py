@@ -27,6 +27,7 @@ from engine.files import atomic_write_bytes
 from engine.model.checkpoint import load_checkpoint
 from engine.poem.forms import FORM_NAMES
 from engine.poem.prosody import prosody_for
+from engine.poem.known_lines import KnownLines
 from engine.reference import generate_one
 from trainer.quality import held_out_poems
 
@@ -48,8 +49,10 @@ def parse_system(text: str) -> tuple[str, str, str]:
     return name, path, mode
 
 
-def make(corpus: list[str], systems: list[str], n: int, out: Path, seed: int = 0) -> dict:
+def make(corpus: list[str], systems: list[str], n: int, out: Path, seed: int = 0, known_lines: str | None = None) -> dict:
+    """Write the panel; `known_lines`: a table the systems decode with, as an engine serving it does."""
     parsed = [parse_system(s) for s in systems]
+    known = KnownLines.load(known_lines) if known_lines else None
     rng = random.Random(seed)
     # Seed 0: the first held-out poems in their fixed order; another seed draws others, so each panel
     # can meet new poets' poems and new openings.
@@ -68,7 +71,7 @@ def make(corpus: list[str], systems: list[str], n: int, out: Path, seed: int = 0
         prosody = prosody_for(ckpt.vocab)
         for i, p in enumerate(humans):
             request = PoemRequest(prompt=p.text[0], form=p.form, mode=mode, seed=seed * 1000 + i)
-            result = generate_one(ckpt.model, ckpt.vocab, prosody, request)
+            result = generate_one(ckpt.model, ckpt.vocab, prosody, request, known_lines=known)
             entries.append({"source": name, "form": p.form, "opening": p.text[0], "poem": result.poem})
     rng.shuffle(entries)
     for i, e in enumerate(entries, 1):
@@ -108,6 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=16, help="held-out poems (and poems per system)")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--known-lines", default=None, metavar="PATH",
+                   help="decode with this known-lines table, as the engine does (python -m trainer corpus lines)")
     p = sub.add_parser("score", help="means per source from the reader's scores.json")
     p.add_argument("--out", required=True)
 
@@ -115,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         if args.panel_command == "make":
-            report = make(args.corpus, args.system, args.n, Path(args.out), args.seed)
+            report = make(args.corpus, args.system, args.n, Path(args.out), args.seed, args.known_lines)
         else:
             report = score(Path(args.out))
     except (ValueError, OSError) as e:

@@ -43,6 +43,7 @@ from engine.errors import RequestError
 from engine.model.checkpoint import DEFAULT_CHECKPOINT
 from engine.poem.forms import FORM_NAMES, FORMS, Form
 from engine.poem.judge import check_poem
+from engine.poem.known_lines import KnownLines
 from engine.reference import generate_one
 from engine.sampling.choice import NEG_INF, make_generator, sample
 from trainer.corpus import CorpusError, load_corpus, split
@@ -160,7 +161,8 @@ def summarise(cell: Cell, texts: list[str], form: Form, prosody, seconds: float,
 
 
 def evaluate(model, vocab, prosody, forms: list[str], modes: list[str], n: int, openings: str = OPENINGS,
-             beam_width: int = 5, seed: int = 0, corpus_lines: set[str] | None = None, tone: bool = True) -> list[Cell]:
+             beam_width: int = 5, seed: int = 0, corpus_lines: set[str] | None = None, tone: bool = True,
+             known_lines=None) -> list[Cell]:
     openings = "".join(c for c in openings if c in vocab) or ""
     cells = []
     for form_name in forms:
@@ -170,7 +172,8 @@ def evaluate(model, vocab, prosody, forms: list[str], modes: list[str], n: int, 
             start = time.perf_counter()
             texts = [generate_one(model, vocab, prosody,
                                   PoemRequest(prompt=p, form=form_name, mode=mode, beam_width=beam_width,
-                                              seed=seed + i, tone=tone)).poem for i, p in enumerate(prompts)]
+                                              seed=seed + i, tone=tone), known_lines=known_lines).poem
+                     for i, p in enumerate(prompts)]
             cells.append(summarise(Cell(form_name, mode, "constrained"), texts, form, prosody,
                                    time.perf_counter() - start, corpus_lines))
             start = time.perf_counter()
@@ -222,10 +225,10 @@ def variety(poems: list[list[str]]) -> dict:
 
 
 def variety_report(model, vocab, prosody, form: str, modes: list[str], openings: str, beam_width: int = 5,
-                   seed: int = 0, generate=None) -> dict:
+                   seed: int = 0, generate=None, known_lines=None) -> dict:
     """{mode: variety(...)} over one poem per opening character (those the vocabulary holds).
     `generate(request) -> PoemResult` decodes; the reference decoder by default."""
-    generate = generate or (lambda request: generate_one(model, vocab, prosody, request))
+    generate = generate or (lambda request: generate_one(model, vocab, prosody, request, known_lines=known_lines))
     openings = [c for c in dict.fromkeys(openings) if c in vocab]
     out = {}
     for mode in modes:
@@ -236,7 +239,7 @@ def variety_report(model, vocab, prosody, form: str, modes: list[str], openings:
 
 
 def ci_report(model, vocab, prosody, tunes: list[str], modes: list[str], n: int, openings: str = OPENINGS,
-              beam_width: int = 5, seed: int = 0) -> dict:
+              beam_width: int = 5, seed: int = 0, known_lines=None) -> dict:
     """{"tunes": [{tune, mode, poems, structure, rhyme, tone_agreement, example}], "variety": {mode: variety}}."""
     from engine.poem.tunes import TUNES, check_ci
 
@@ -247,7 +250,8 @@ def ci_report(model, vocab, prosody, tunes: list[str], modes: list[str], n: int,
         for mode in modes:
             results = [generate_one(model, vocab, prosody,
                                     PoemRequest(prompt=openings[i % len(openings)] if openings else "", form="ci",
-                                                tune=name, mode=mode, beam_width=beam_width, seed=seed + i))
+                                                tune=name, mode=mode, beam_width=beam_width, seed=seed + i),
+                                    known_lines=known_lines)
                        for i in range(n)]
             checks = [check_ci(tune, r.poem) for r in results]
             rows.append({"tune": name, "mode": mode, "poems": n,
@@ -281,6 +285,8 @@ def corpus_line_set(paths: list[str]) -> set[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, help=f"default {DEFAULT_CHECKPOINT}")
     parser.add_argument("--corpus", nargs="*", default=None, help="corpus dir(s) for the copied-lines share")
+    parser.add_argument("--known-lines", default=None, metavar="PATH",
+                        help="decode as an engine with this known-lines table does (python -m trainer corpus lines)")
     parser.add_argument("--n", "--poems-per-cell", dest="n", type=int, default=20, help="poems per form × mode")
     parser.add_argument("--forms", nargs="*", default=list(FORM_NAMES), choices=FORM_NAMES)
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
@@ -327,20 +333,29 @@ def main(args: argparse.Namespace) -> int:
         ckpt = load_checkpoint(path, device=args.device)
         prosody = prosody_for(ckpt.vocab)
         report["version"] = ckpt.version
+        known = None
+        if args.known_lines:
+            try:
+                known = KnownLines.load(args.known_lines)
+            except ValueError as e:
+                raise OSError(str(e)) from None
+            report["known_lines"] = len(known)
         cells = []
         if args.n:
             corpus_lines = corpus_line_set(args.corpus) if args.corpus else None
             cells = evaluate(ckpt.model, ckpt.vocab, prosody, args.forms, args.modes, args.n,
-                             args.openings, args.beam_width, args.seed, corpus_lines, tone=not args.no_tone)
+                             args.openings, args.beam_width, args.seed, corpus_lines, tone=not args.no_tone,
+                             known_lines=known)
             report["cells"] = [asdict(c) for c in cells]
         if args.variety:
             report["variety"] = variety_report(ckpt.model, ckpt.vocab, prosody, args.variety_form, args.modes,
-                                               VARIETY_OPENINGS[: args.variety], args.beam_width, args.seed)
+                                               VARIETY_OPENINGS[: args.variety], args.beam_width, args.seed,
+                                               known_lines=known)
         if args.ci:
             if not ckpt.vocab.writes_ci:
                 raise RequestError("no_ci", "form", f"{path} was not trained on 词")
             report["ci"] = ci_report(ckpt.model, ckpt.vocab, prosody, tunes or list(TUNES), args.modes, args.ci,
-                                     args.openings, args.beam_width, args.seed)
+                                     args.openings, args.beam_width, args.seed, known_lines=known)
         if args.held_out:
             report["held_out"] = perplexity(ckpt.model, ckpt.vocab, held_out_poems(args.corpus, args.held_out))
             if args.ci:

@@ -268,7 +268,11 @@ def _run_lock(store, wait: float = 0.0):
 
 
 def retrain_all(cfg: RetrainConfig, force: bool = False, reason: str = "manual", wait: float = 0.0) -> list[dict]:
-    """Retrain every model in `cfg.names`, one after the other, the default first; returns their records."""
+    """Bring the store's known-lines table up to date with the corpus, then retrain every model in
+    `cfg.names`, one after the other, the default first; returns their records."""
+    from trainer.known_lines import refresh_or_warn
+
+    refresh_or_warn(cfg.corpus, Path(cfg.store))
     return [retrain(replace(cfg, name=name), force=force, reason=reason, wait=wait) for name in cfg.names]
 
 

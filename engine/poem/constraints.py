@@ -182,6 +182,7 @@ class PoemPlan:
     notes: list[str] = field(default_factory=list)  # soft rules relaxed by the request itself, and why
     tables: MaskTables | None = None
     formulas: object = None  # engine.sampling.formulas.Formulas of the model, or None: spans greedy and beam avoid
+    known_lines: object = None  # engine.poem.known_lines.VocabLines, or None: corpus lines no line may complete
     keywords: tuple[str, ...] = ()  # simplified, as placed (those the prompt or acrostic already holds left out)
     starts: int = BOTH  # the values s may take from the start: narrowed when a keyword's tone fits only one
     # Rhyme set → the sets that must rhyme in its 部 (西江月's 平 and 仄 sets); each rhyme of one narrows
@@ -266,7 +267,7 @@ def _set_names(group) -> str:
     return " and ".join(str(k + 1) for k in sorted(group))
 
 
-def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPlan:
+def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lines=None) -> PoemPlan:
     """Validate `request` (a PoemRequest) against the model's vocabulary and make its plan.
 
     Raises RequestError: every error of `PoemRequest.validate()` (a non-Han or too long prompt, a bad
@@ -346,7 +347,7 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None) -> PoemPl
                     reserved=reserved, eligible_groups=eligible, rhyme_tones=tuple(t for t, _ in sets),
                     tone_req=tone_req, rhyme_at=rhyme_at,
                     layout=layout, book=book, tune=tune, notes=notes, tables=tables, formulas=formulas,
-                    keywords=tuple(keywords), starts=starts, linked=linked if rhyme else {})
+                    known_lines=known_lines, keywords=tuple(keywords), starts=starts, linked=linked if rhyme else {})
     # Run the forced opening once so that what the prompt itself breaks is known (and said) up front.
     row = plan.new_row()
     while not row.done and row.forced() is not None:
@@ -626,6 +627,8 @@ class RowState:
             head = tuple(self.tokens[len(self.tokens) - col:])  # line may repeat the one just before)
             earlier = self.lines[:-1] if n <= MAX_REFRAIN else self.lines
             banned += [line[-1] for line in earlier if len(line) == n and line[:-1] == head]
+            if plan.known_lines is not None:  # nor quote a line of the corpus
+                banned += plan.known_lines.completions(head)
 
         # Relax until something is allowed: tone, then rhyme, then repetition. At a rhyme position the rhyme
         # row already carries the tone, so rhyme goes first there (dropping tone alone would change nothing).

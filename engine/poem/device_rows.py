@@ -6,7 +6,7 @@ tensors (position, character counts, tone and rhyme state, the text so far). It 
 step's bias, and the chosen tokens back into state, with a fixed number of tensor operations however many
 rows there are. The host reads a row only when its poem ends:
 
-    rows = DeviceRows.new(tables, formulas, [(plan, num_rows, penalty, draw_params, generator, beam_draws), ...])
+    rows = DeviceRows.new(tables, formulas, known, [(plan, num_rows, penalty, draw_params, generator, beam_draws), ...])
     bias = rows.bias()              # (R, V): what step_bias gives the same rows, as a dense tensor
     ... choose the tokens ...
     rows = rows.take(parents)       # beams continue their parents (dynamic state only)
@@ -41,6 +41,7 @@ from engine.poem.constraints import (
     mask_tables,
 )
 from engine.poem.forms import FORMS, PERIOD, Layout
+from engine.poem.known_lines import MIN_LEN, key_of_codes
 from engine.poem.prosody import rhyme_book
 from engine.poem.rhymes import LEVEL, OBLIQUE
 from engine.sampling.choice import BEAM_CANDIDATES, FORMULA_PENALTY
@@ -102,6 +103,23 @@ class FormulaTable:
         return cls(torch.tensor([k for k, _ in items], device=device), torch.tensor(completions, device=device))
 
 
+@dataclass
+class KnownTable:
+    """A model's known lines (engine.poem.known_lines.VocabLines) on its device."""
+
+    keys: torch.Tensor  # (N,) long, ascending
+    last_tokens: torch.Tensor  # (N,) long: the token ending each line, -1 where the vocabulary lacks it
+    codes: torch.Tensor  # (V,) long: each token's code point (-1 for marks and special tokens)
+    width: int  # the most lines sharing one key
+
+    @classmethod
+    def of(cls, known, device) -> KnownTable | None:
+        if known is None or not len(known.keys):
+            return None
+        keys, last_tokens, codes = known.tensors
+        return cls(keys.to(device), last_tokens.to(device), codes.to(device), known.width)
+
+
 @functools.cache
 def _layout_rows(layout: Layout, comma_id: int, period_id: int, eos_id: int) -> dict[str, list]:
     """A form's per-position tables, padded to TMAX positions (LMAX × NMAX for the lines)."""
@@ -125,6 +143,7 @@ class DeviceRows:
 
     tables: DeviceTables
     formulas: FormulaTable | None
+    known: KnownTable | None  # the corpus lines no line may complete (rows whose plan has known_lines)
     # The plan, per row (the same for every row of a request):
     forced: torch.Tensor  # (R, TMAX) long: the token position p must hold (marks, <eos>, prompt…), -1 if free
     plan_forced: torch.Tensor  # (R, TMAX) bool: p holds a prompt, acrostic or keyword character
@@ -136,6 +155,7 @@ class DeviceRows:
     line_of: torch.Tensor  # (R, TMAX) long
     line_pos: torch.Tensor  # (R, LMAX · NMAX) long: the text position of line i's character c
     line_len: torch.Tensor  # (R,) long
+    quotes_banned: torch.Tensor  # (R,) bool: the plan has known_lines
     eligible: torch.Tensor  # (R, G) bool: the groups a free first rhyme may open
     penalty: torch.Tensor  # (R,) float: nats per earlier use of a character (and the formulas'), 0 for sample rows
     temperature: torch.Tensor  # (R,) float: greedy and sample rows' draw (engine.sampling.choice.draw_params)
@@ -161,11 +181,12 @@ class DeviceRows:
         return self.pos.shape[0]
 
     @classmethod
-    def empty(cls, tables: DeviceTables, formulas: FormulaTable | None) -> DeviceRows:
-        return cls.new(tables, formulas, [])
+    def empty(cls, tables: DeviceTables, formulas: FormulaTable | None, known: KnownTable | None = None) -> DeviceRows:
+        return cls.new(tables, formulas, known, [])
 
     @classmethod
-    def new(cls, tables: DeviceTables, formulas: FormulaTable | None, requests: list) -> DeviceRows:
+    def new(cls, tables: DeviceTables, formulas: FormulaTable | None, known: KnownTable | None,
+            requests: list) -> DeviceRows:
         """Rows at the start of their poems: `requests` is [(plan, rows, penalty, (temperature, top_k, top_p),
         generator, beam_draws)], beam_draws being BEAM_CANDIDATES · width for a beam request and 0 otherwise."""
         device = tables.vocab_ids.device
@@ -173,7 +194,7 @@ class DeviceRows:
         V, G = tables.vocab_ids.shape[0], tables.groups.shape[0]
 
         per_row: dict[str, list] = {name: [] for name in ("forced", "plan_forced", "han", "tone_l", "tone_o", "rhyme_pos",
-                                                          "col", "line_of", "line_pos", "line_len", "eligible",
+                                                          "col", "line_of", "line_pos", "line_len", "quotes_banned", "eligible",
                                                           "penalty", "temperature", "top_k", "top_p", "starts")}
         draws, beam_draws, counts = [], [], []
         for plan, k, penalty, (temperature, top_k, top_p), generator, per_step in requests:
@@ -189,7 +210,7 @@ class DeviceRows:
                    "tone_l": list(plan.tone_req[0]) + pad, "tone_o": list(plan.tone_req[1]) + pad,
                    "rhyme_pos": [p in plan.rhyme_at for p in range(TMAX)], "col": lay["col"],
                    "line_of": lay["line_of"], "line_pos": [p for line in lay["line_pos"] for p in line],
-                   "line_len": lay["line_len"], "eligible": [g in plan.eligible_groups[0] for g in range(G)],
+                   "line_len": lay["line_len"], "quotes_banned": plan.known_lines is not None, "eligible": [g in plan.eligible_groups[0] for g in range(G)],
                    "penalty": penalty, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                    "starts": plan.starts}
             for name, value in row.items():
@@ -209,7 +230,7 @@ class DeviceRows:
             beam_draws.extend([beam] * k)
             counts.extend([reserved] * k)
         R = len(draws)
-        dtypes = {"plan_forced": torch.bool, "han": torch.bool, "rhyme_pos": torch.bool, "eligible": torch.bool,
+        dtypes = {"plan_forced": torch.bool, "han": torch.bool, "quotes_banned": torch.bool, "rhyme_pos": torch.bool, "eligible": torch.bool,
                   "penalty": torch.float32, "temperature": torch.float32, "top_p": torch.float32}
 
         def tensor(name, shape):
@@ -218,12 +239,12 @@ class DeviceRows:
                 torch.zeros(shape, dtype=dtypes.get(name, torch.long))
 
         stack = lambda xs, *shape, dtype=torch.float32: (torch.stack(xs) if R else torch.zeros(0, *shape, dtype=dtype))
-        rows = cls(tables, formulas,
+        rows = cls(tables, formulas, known,
                    forced=tensor("forced", (R, TMAX)), plan_forced=tensor("plan_forced", (R, TMAX)),
                    han=tensor("han", (R, TMAX)), tone_l=tensor("tone_l", (R, TMAX)), tone_o=tensor("tone_o", (R, TMAX)),
                    rhyme_pos=tensor("rhyme_pos", (R, TMAX)), col=tensor("col", (R, TMAX)),
                    line_of=tensor("line_of", (R, TMAX)), line_pos=tensor("line_pos", (R, LMAX * NMAX)),
-                   line_len=tensor("line_len", (R,)), eligible=tensor("eligible", (R, G)),
+                   line_len=tensor("line_len", (R,)), quotes_banned=tensor("quotes_banned", (R,)), eligible=tensor("eligible", (R, G)),
                    penalty=tensor("penalty", (R,)), temperature=tensor("temperature", (R,)),
                    top_k=tensor("top_k", (R,)), top_p=tensor("top_p", (R,)),
                    draws=stack(draws, TMAX), beam_draws=stack(beam_draws, TMAX, BEAM_DRAWS),
@@ -243,7 +264,7 @@ class DeviceRows:
         return replace(self, **{name: t.pin_memory().to(device, non_blocking=True) for name, t in moved.items()})
 
     def _tensors(self) -> list[str]:
-        return [f.name for f in fields(self) if f.name not in ("tables", "formulas")]
+        return [f.name for f in fields(self) if f.name not in ("tables", "formulas", "known")]
 
     def cat(self, other: DeviceRows) -> DeviceRows:
         """These rows, then `other`'s."""
@@ -299,7 +320,8 @@ class DeviceRows:
         return bias
 
     def _line_bans(self) -> torch.Tensor:
-        """(R, V) bool: at a line's last character, those that would complete a line written before."""
+        """(R, V) bool: at a line's last character, those that would complete a line written before or a
+        known line of the corpus."""
         R, V = self.num_rows, self.tables.vocab_ids.shape[0]
         lines = self.history.gather(1, self.line_pos).view(R, LMAX, NMAX)
         line = self._at(self.line_of)
@@ -311,7 +333,18 @@ class DeviceRows:
         hit = same & earlier & last_col[:, None]
         last = lines.gather(2, (self.line_len - 1)[:, None, None].expand(R, LMAX, 1))[:, :, 0]  # (R, LMAX)
         out = torch.zeros(R, V + 1, dtype=torch.bool, device=lines.device)
-        return out.scatter_(1, torch.where(hit, last, V), True)[:, :V]
+        out.scatter_(1, torch.where(hit, last, V), True)
+        if self.known is not None:
+            k = self.known
+            head_len = self.line_len - 1
+            key = key_of_codes(self.line_len, k.codes[current[:, 0]], head_len)  # (R,)
+            at = torch.searchsorted(k.keys, key)[:, None] + torch.arange(k.width, device=key.device)  # (R, W)
+            at = at.clamp(max=k.keys.shape[0] - 1)
+            tokens = k.last_tokens[at]
+            on = last_col & self.quotes_banned & (self.line_len >= MIN_LEN)
+            known = on[:, None] & (k.keys[at] == key[:, None]) & (tokens >= 0)
+            out.scatter_(1, torch.where(known, tokens, V), True)
+        return out[:, :V]
 
     def _formula_penalty(self, bias: torch.Tensor, free: torch.Tensor) -> None:
         """FORMULA_PENALTY nats off each token that would complete one of the model's formulas here."""

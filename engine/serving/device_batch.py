@@ -19,7 +19,7 @@ import torch
 
 from engine.api import PoemResult
 from engine.poem.constraints import PoemPlan
-from engine.poem.device_rows import DeviceRows, FormulaTable, device_tables
+from engine.poem.device_rows import DeviceRows, FormulaTable, KnownTable, device_tables
 from engine.sampling.choice import (
     BEAM_CANDIDATES,
     Bias,
@@ -48,7 +48,8 @@ class DeviceBatch(ModelBatch):
         super().__init__(serving)
         self.tables = device_tables(serving.prosody, self.device)
         self.formulas = FormulaTable.of(serving.formulas, len(serving.vocab), self.device)
-        self.rows = DeviceRows.empty(self.tables, self.formulas)
+        self.known = KnownTable.of(serving.known_lines, self.device)
+        self.rows = DeviceRows.empty(self.tables, self.formulas, self.known)
 
     def _new_rows(self, plan: PoemPlan, k: int) -> list:
         """None on the host: `_append_joining` makes the rows as DeviceRows."""
@@ -61,7 +62,7 @@ class DeviceBatch(ModelBatch):
         super()._append_joining()
         new = [(g.plan, g.num_rows, g.penalty, draw_params(g.request) if not g.is_beam else (1.0, 0, 1.0),
                 g.generator, BEAM_CANDIDATES * g.num_rows if g.is_beam else 0) for g in joining]
-        self.rows = self.rows.cat(DeviceRows.new(self.tables, self.formulas, new))
+        self.rows = self.rows.cat(DeviceRows.new(self.tables, self.formulas, self.known, new))
 
     def _select(self, index: torch.Tensor) -> None:
         super()._select(index)

@@ -267,6 +267,9 @@ class LocalEngine:
                           for s in self.registry.all_serving()},
             "default_model": self.registry.default_name,
             "refused_versions": self.registry.refused(),
+            # Corpus lines no poem may complete (0: the store has no table; see docs/ENGINE.md).
+            "known_lines": len(self.registry.known_lines) if self.registry.known_lines is not None else 0,
+            "known_lines_error": self.registry.known_lines_error,
             "requests": dict(self.counts),
             "steps": self.num_steps,
             "tokens": self.num_tokens,
@@ -308,7 +311,10 @@ class LocalEngine:
                 for name in names:
                     log.info("model %s: a new version is published; loading it", name)
                     await asyncio.to_thread(self.registry.reload, name)
-                if names:
+                if self.registry.known_lines_changed():
+                    log.info("the store's known-lines table changed; loading it")
+                    await asyncio.to_thread(self.registry.reload)
+                if names or self.registry.has_pending():
                     await self._wait_for_swap()
             except asyncio.CancelledError:
                 raise

@@ -17,6 +17,11 @@ choice) is held to neither. Then it is staged
 and swapped in at the next step boundary. Rows already running hold a reference to the ServingModel
 they started on and finish on it; new requests get the new one. A refused version keeps the old one
 serving, is logged with its reason, counted in metrics, and not retried until CURRENT changes again.
+
+The store's known-lines table (CHECKPOINT_DIR/known_lines.safetensors, engine.poem.known_lines, written by
+the trainer from the corpus) is loaded with the models and looked at on every reload: when it changes,
+each model is staged again with the new table, as a new ServingModel, so that rows in flight finish
+with the table they started with. A table that cannot be read is logged and the previous one kept.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +48,7 @@ from engine.model.network import PoemModel, compile_step, pick_device, quantize_
 from engine.poem.constraints import PoemPlan, build_plan
 from engine.poem.forms import FORMS
 from engine.poem.judge import check_poem
+from engine.poem.known_lines import KNOWN_LINES_FILE, KnownLines, VocabLines
 from engine.poem.tunes import TUNES, check_ci
 from engine.poem.vocab import Vocab
 from engine.sampling.formulas import Formulas, formulas_for
@@ -68,6 +74,7 @@ class ServingModel:
     device: torch.device
     step: Callable  # model.step as one TorchScript call (engine.model.network.compile_step): what the runner steps
     formulas: Formulas = field(default_factory=Formulas)  # the spans greedy and beam rows avoid
+    known_lines: VocabLines | None = None  # the corpus lines no line may complete (the store's table)
     quantized: bool = False  # runs as int8 (ENGINE_QUANTIZE=int8, on a CPU)
     loaded_at: float = field(default_factory=time.time)  # wall-clock seconds
 
@@ -78,7 +85,7 @@ class ServingModel:
 
     def make_plan(self, request: PoemRequest) -> PoemPlan:
         """The request's decoding plan for this model's vocabulary (RequestError for characters it lacks)."""
-        return build_plan(self.vocab, self.prosody, request, self.formulas)
+        return build_plan(self.vocab, self.prosody, request, self.formulas, self.known_lines)
 
     def info(self) -> dict:
         """The GET /v1/models entry."""
@@ -97,6 +104,7 @@ class ServingModel:
             "source": "package" if _inside(self.path, PACKAGE_CHECKPOINTS) else "store",
             "device": str(self.device),
             "quantized": "int8" if self.quantized else None,
+            "known_lines": len(self.known_lines.table) if self.known_lines is not None else 0,
         }
 
 
@@ -107,9 +115,11 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def build_serving(name: str, path: Path, device: torch.device, quantize: str = "none") -> ServingModel:
+def build_serving(name: str, path: Path, device: torch.device, quantize: str = "none",
+                  known_lines: KnownLines | None = None) -> ServingModel:
     """Load a checkpoint and its prosody tables; CheckpointError when the file is unusable. `quantize`
-    "int8" runs it as int8 on a CPU (engine.model.network.quantize_int8; ignored on a GPU)."""
+    "int8" runs it as int8 on a CPU (engine.model.network.quantize_int8; ignored on a GPU). `known_lines`:
+    the corpus lines its poems must not complete."""
     from engine.poem.prosody import prosody_for  # late: the prosody tables are large
 
     ckpt = load_checkpoint(path, device=device)
@@ -117,6 +127,7 @@ def build_serving(name: str, path: Path, device: torch.device, quantize: str = "
     return ServingModel(name=name, version=ckpt.version, path=Path(path), model=model, vocab=ckpt.vocab,
                         meta=ckpt.meta, prosody=prosody_for(ckpt.vocab), device=device,
                         step=compile_step(model), formulas=formulas_for(model, ckpt.vocab),
+                        known_lines=known_lines.for_vocab(ckpt.vocab) if known_lines is not None else None,
                         quantized=any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()))
 
 
@@ -181,6 +192,9 @@ class ModelRegistry:
         self._reload_lock = threading.Lock()  # one load/validate at a time
         self.num_swaps = 0
         self.num_failed_validations = 0
+        self.known_lines: KnownLines | None = None  # the store's table, None when it has none
+        self._known_stamp: tuple | None = None  # (mtime_ns, size, inode) of the file last looked at
+        self.known_lines_error: str | None = None  # why the file last looked at was not loaded
 
     # -- reading ---------------------------------------------------------------------------------------
     @property
@@ -258,8 +272,60 @@ class ModelRegistry:
                 return path
         return None
 
+    # -- the known-lines table -----------------------------------------------------------------------
+    def _known_path(self) -> Path | None:
+        return self.checkpoint_dir / KNOWN_LINES_FILE if self.checkpoint_dir else None
+
+    def _known_file_stamp(self) -> tuple | None:
+        path = self._known_path()
+        try:
+            st = path.stat() if path else None
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
+
+    def known_lines_changed(self) -> bool:
+        """Whether the store's table file is not the one last looked at (written, replaced or removed)."""
+        return self._known_file_stamp() != self._known_stamp
+
+    def _refresh_known_lines(self) -> bool:
+        """Load the store's table if its file changed; True when the table serving should change."""
+        stamp = self._known_file_stamp()
+        if stamp == self._known_stamp:
+            return False
+        self._known_stamp = stamp
+        if stamp is None:
+            self.known_lines_error = None
+            if self.known_lines is None:
+                return False
+            log.warning("known lines: %s is gone; poems may quote corpus lines again", self._known_path())
+            self.known_lines = None
+            return True
+        try:
+            table = KnownLines.load(self._known_path())
+        except ValueError as e:
+            self.known_lines_error = str(e)
+            log.error("known lines: %s; keeping the previous table", e)
+            return False
+        self.known_lines, self.known_lines_error = table, None
+        log.info("known lines: %d corpus lines from %s", len(table), self._known_path())
+        return True
+
+    def _restage_known_lines(self, report: dict) -> None:
+        """Stage every model again with the current table (a model already staged gets it too)."""
+        table = self.known_lines
+        with self._lock:
+            for name in self.names:
+                base = self._pending.get(name) or self._serving.get(name)
+                if base is None:
+                    continue
+                self._pending[name] = replace(base, known_lines=table.for_vocab(base.vocab) if table else None)
+                if name in report:
+                    report[name]["known_lines"] = len(table) if table else 0
+
     def load_initial(self) -> None:
         """Load every name from the store (else the package default). A name that fails stays unloaded."""
+        self._refresh_known_lines()
         for name in self.names:
             candidates = []
             try:
@@ -271,7 +337,7 @@ class ModelRegistry:
                 candidates.append(p)
             for path in candidates:
                 try:
-                    serving = build_serving(name, path, self.device, self.quantize)
+                    serving = build_serving(name, path, self.device, self.quantize, self.known_lines)
                     validate(serving, None, self.ppl_tolerance)
                 except (CheckpointError, ValidationError) as e:
                     self._refuse(name, path.stem, str(e))
@@ -313,8 +379,11 @@ class ModelRegistry:
         names = [name] if name else list(self.names)
         report = {}
         with self._reload_lock:
+            table_changed = self._refresh_known_lines()
             for n in names:
                 report[n] = self._reload_one(n, force)
+            if table_changed:
+                self._restage_known_lines(report)
         return report
 
     def _reload_one(self, name: str, force: bool) -> dict:
@@ -330,7 +399,7 @@ class ModelRegistry:
         if running is not None and path.stem == running.version and not force:
             return {"status": "unchanged", "version": running.version}
         try:
-            candidate = build_serving(name, path, self.device, self.quantize)
+            candidate = build_serving(name, path, self.device, self.quantize, self.known_lines)
             if running is not None and candidate.version == running.version and not force:
                 return {"status": "unchanged", "version": running.version}
             # One perplexity gate: the trainer's verdict when it published this version, else the metadata

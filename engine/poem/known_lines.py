@@ -1,0 +1,148 @@
+"""Lines a poem must not quote: the corpus's, so that a model which has read 白日依山尽 many times writes a
+line of its own there instead of the poet's.
+
+    table = known_lines_from(lines)                  # the trainer, from the corpus (trainer.corpus lines)
+    table.save(store / KNOWN_LINES_FILE)             # safetensors, atomic; the engine loads it from the store
+    table = KnownLines.load(path)
+    known = table.for_vocab(vocab)                   # one model's token ids, cached per vocabulary
+    known.completions(head_tokens)                   # tokens that would end a known line after this head
+
+A row at a line's last character may not take a token that completes a known line (RowState._prepare;
+engine.poem.device_rows does the same on a device). A prompt, acrostic or keyword that forces a line's
+last character is still written: the user asked for it.
+
+The table holds no text: per line of MIN_LEN or more characters, a key hashed from its length and head
+(every character but the last) and the last character's code point, sorted by key. The key is two
+polynomial hashes modulo primes below 2³¹, so every product fits in int64 and torch computes the same
+keys from a row's tokens (`key_of_codes`).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.files import atomic_write_bytes
+
+KNOWN_LINES_FILE = "known_lines.safetensors"  # in CHECKPOINT_DIR, beside the models' folders
+MIN_LEN = 5  # shorter lines (词's 三字句) are too common to ban
+MODULI = (2147483647, 2147483629)  # primes below 2³¹
+BASES = (1000003, 1315423911 % 2147483629)
+FORMAT = "yinshi-known-lines-1"
+
+
+def key_of(length: int, head: Iterable[int]) -> int:
+    """The key of a line of `length` characters whose head has these code points (or token codes)."""
+    h1 = h2 = length
+    for c in head:
+        h1 = (h1 * BASES[0] + c) % MODULI[0]
+        h2 = (h2 * BASES[1] + c) % MODULI[1]
+    return (h1 << 31) | h2
+
+
+def key_of_codes(length: torch.Tensor, codes: torch.Tensor, head_len: torch.Tensor) -> torch.Tensor:
+    """key_of per row, in torch: `length` (R,), `codes` (R, W) the line's code points from its first column,
+    `head_len` (R,) how many of them form the head (the rest are ignored)."""
+    h1, h2 = length.clone(), length.clone()
+    for c in range(codes.shape[1]):
+        take = c < head_len
+        h1 = torch.where(take, (h1 * BASES[0] + codes[:, c]) % MODULI[0], h1)
+        h2 = torch.where(take, (h2 * BASES[1] + codes[:, c]) % MODULI[1], h2)
+    return h1 * (1 << 31) + h2
+
+
+@dataclass(eq=False)
+class KnownLines:
+    keys: np.ndarray  # (N,) int64, ascending
+    lasts: np.ndarray  # (N,) int32: the code point ending each line
+    meta: dict = field(default_factory=dict)  # corpus_hash, lines
+    _vocabs: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def for_vocab(self, vocab) -> VocabLines:
+        """The table in one vocabulary's token ids (once per Vocab object)."""
+        found = self._vocabs.get(vocab)
+        if found is None:
+            found = self._vocabs[vocab] = VocabLines(self, vocab)
+        return found
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.numpy import save
+
+        meta = {"format": FORMAT, **{k: str(v) for k, v in self.meta.items()}}
+        atomic_write_bytes(Path(path), save({"keys": self.keys, "lasts": self.lasts}, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> KnownLines:
+        """The table at `path`; ValueError when it is not one (a bad or foreign file changes nothing)."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{path} is not a known-lines table ({FORMAT})")
+                keys, lasts = f.get_tensor("keys"), f.get_tensor("lasts")
+        except (OSError, KeyError, SafetensorError) as e:
+            raise ValueError(f"{path}: cannot read the known-lines table: {e}") from None
+        if keys.dtype != np.int64 or lasts.dtype != np.int32 or keys.shape != lasts.shape or keys.ndim != 1:
+            raise ValueError(f"{path}: keys and lasts must be int64 and int32 of one length")
+        if len(keys) > 1 and not (keys[1:] >= keys[:-1]).all():
+            raise ValueError(f"{path}: keys are not sorted")
+        return cls(keys, lasts, {k: v for k, v in meta.items() if k != "format"})
+
+
+def known_lines_from(lines: Iterable[str], **meta) -> KnownLines:
+    """The table of these lines (those of MIN_LEN characters or more; duplicates once)."""
+    pairs = {(key_of(len(line), map(ord, line[:-1])), ord(line[-1])) for line in lines if len(line) >= MIN_LEN}
+    ordered = sorted(pairs)
+    keys = np.fromiter((k for k, _ in ordered), dtype=np.int64, count=len(ordered))
+    lasts = np.fromiter((c for _, c in ordered), dtype=np.int32, count=len(ordered))
+    return KnownLines(keys, lasts, {"lines": len(ordered), **meta})
+
+
+class VocabLines:
+    """A KnownLines table for one vocabulary: the last characters as its token ids (-1: not in it)."""
+
+    def __init__(self, table: KnownLines, vocab):
+        self.table = table
+        self.keys = table.keys
+        codes = np.array([ord(t) if len(t) == 1 else -1 for t in vocab.tokens], dtype=np.int64)
+        self.codes = codes  # token id → code point (-1 for marks and special tokens)
+        top = max(int(codes.max(initial=0)), int(table.lasts.max(initial=0))) + 1
+        lookup = np.full(top, -1, dtype=np.int32)
+        lookup[codes[codes >= 0]] = np.nonzero(codes >= 0)[0]
+        self.last_tokens = lookup[table.lasts] if len(table.lasts) else np.zeros(0, np.int32)
+        # The most lines sharing one key: how far a lookup on a device reads past its first match.
+        if len(self.keys):
+            _, counts = np.unique(self.keys, return_counts=True)
+            self.width = int(counts.max())
+        else:
+            self.width = 0
+
+    def completions(self, head: Iterable[int]) -> list[int]:
+        """Token ids that would complete a known line whose head is these token ids."""
+        head = list(head)
+        if len(head) + 1 < MIN_LEN or not len(self.keys):
+            return []
+        codes = self.codes[head]
+        if (codes < 0).any():
+            return []
+        key = key_of(len(head) + 1, codes.tolist())
+        lo = int(np.searchsorted(self.keys, key, side="left"))
+        hi = int(np.searchsorted(self.keys, key, side="right"))
+        return [int(t) for t in self.last_tokens[lo:hi] if t >= 0]
+
+    @functools.cached_property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, last tokens, token codes) as CPU tensors, for engine.poem.device_rows to move."""
+        return (torch.from_numpy(self.keys), torch.from_numpy(self.last_tokens.astype(np.int64)),
+                torch.from_numpy(self.codes))

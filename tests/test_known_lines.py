@@ -1,0 +1,174 @@
+"""Known lines: the corpus lines a poem must not quote, from the trainer's table to the engine's ban."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_poems, write_corpus
+from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
+
+from engine.api import PoemRequest
+from engine.model.checkpoint import load_checkpoint
+from engine.poem.known_lines import (
+    KNOWN_LINES_FILE,
+    MIN_LEN,
+    KnownLines,
+    key_of,
+    key_of_codes,
+    known_lines_from,
+)
+from engine.poem.prosody import prosody_for
+from engine.reference import generate_one
+from engine.serving.local import LocalEngine
+from trainer.__main__ import main as trainer_main
+from trainer.corpus import load_corpus
+
+
+def test_torch_computes_the_keys_python_computes():
+    rng = random.Random(0)
+    lengths, rows = [], []
+    for _ in range(200):
+        n = rng.choice((5, 7))
+        lengths.append(n)
+        rows.append([rng.randrange(0x4E00, 0x2FFFF) for _ in range(7)])
+    keys = key_of_codes(torch.tensor(lengths), torch.tensor(rows), torch.tensor(lengths) - 1)
+    assert keys.tolist() == [key_of(n, row[:n - 1]) for n, row in zip(lengths, rows)]
+    assert len(set(keys.tolist())) == 200  # no collision among these
+
+
+def test_a_table_round_trips_and_finds_the_lines_a_head_would_complete(tmp_path):
+    table = known_lines_from(["白日依山尽", "白日依山尽", "白日依山远", "春风不度玉门关", "知否", "黄河"],
+                             corpus_hash="abc")
+    assert len(table) == 3  # duplicates once, lines under MIN_LEN characters left out
+    path = tmp_path / KNOWN_LINES_FILE
+    table.save(path)
+    loaded = KnownLines.load(path)
+    assert np.array_equal(loaded.keys, table.keys) and np.array_equal(loaded.lasts, table.lasts)
+    assert loaded.meta["corpus_hash"] == "abc"
+
+    class Chars:  # the two things for_vocab reads from a vocabulary
+        tokens = ("<pad>", "，", *"白日依山尽远春风不度玉门关")
+
+    known = loaded.for_vocab(Chars)
+    ids = {t: i for i, t in enumerate(Chars.tokens)}
+    assert sorted(Chars.tokens[t] for t in known.completions([ids[c] for c in "白日依山"])) == ["尽", "远"]
+    assert [Chars.tokens[t] for t in known.completions([ids[c] for c in "春风不度玉门"])] == ["关"]
+    assert known.completions([ids[c] for c in "春风不度"]) == []  # a 5-character line with that head is not known
+    assert known.completions([ids[c] for c in "白日"]) == []  # shorter than MIN_LEN
+    assert known.width == 2
+    assert loaded.for_vocab(Chars) is known  # once per vocabulary
+
+
+def test_a_file_that_is_not_a_table_is_refused_with_a_reason(tmp_path, tiny_checkpoint):
+    with pytest.raises(ValueError, match="cannot read"):
+        KnownLines.load(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="not a known-lines table"):
+        KnownLines.load(tiny_checkpoint)
+    (tmp_path / "junk").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="cannot read"):
+        KnownLines.load(tmp_path / "junk")
+    table = known_lines_from(["白日依山尽", "春风不度玉门关"])
+    table.keys = table.keys[::-1].copy()
+    table.save(tmp_path / "unsorted")
+    with pytest.raises(ValueError, match="not sorted"):
+        KnownLines.load(tmp_path / "unsorted")
+
+
+def free_lines(result, prompt: str) -> list[str]:
+    """The lines of a result whose last character the prompt did not force."""
+    return [line for i, line in enumerate(result.lines) if len(prompt) < sum(len(x) for x in result.lines[:i + 1])]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam", "sample"])
+def test_no_line_completes_a_known_line_unless_the_prompt_forces_it(tiny_checkpoint, mode):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    prosody = prosody_for(ckpt.vocab)
+    requests = [PoemRequest(prompt=p, form=f, mode=mode, seed=i).validate()
+                for i, (p, f) in enumerate((p, f) for p in ("", "山", "月") for f in ("wujue", "qijue", "wulv"))]
+    before = [generate_one(ckpt.model, ckpt.vocab, prosody, r) for r in requests]
+    table = known_lines_from(line for r in before for line in r.lines)
+    after = [generate_one(ckpt.model, ckpt.vocab, prosody, r, known_lines=table) for r in requests]
+    lines = {line for r in before for line in r.lines}
+    for request, result in zip(requests, after):
+        assert not lines & set(free_lines(result, request.prompt)), result.poem
+        assert all(len(line) == len(result.lines[0]) for line in result.lines)
+    # Asked for, a known line is still written: the prompt forces the whole first line.
+    first = before[0].lines[0]  # a 五绝's
+    asked = generate_one(ckpt.model, ckpt.vocab, prosody, PoemRequest(prompt=first, form="wujue", mode=mode,
+                                                                      seed=1).validate(), known_lines=table)
+    assert asked.lines[0] == first
+
+
+async def test_the_engine_bans_the_stores_table_and_follows_its_changes(checkpoint_store, tmp_path):
+    requests = [PoemRequest(prompt=p, form=f, mode=m, seed=i).validate()
+                for i, (p, f, m) in enumerate((p, f, m) for p in ("", "山") for f in ("wujue", "qilv")
+                                              for m in ("greedy", "beam"))]
+    async with LocalEngine(engine_settings(checkpoint_store, watch_interval=0.05)) as engine:
+        status = await engine.status()
+        assert (status["known_lines"], status["known_lines_error"]) == (0, None)
+        before = await asyncio.gather(*(engine.generate(r) for r in requests))
+        table = known_lines_from(line for r in before for line in r.lines)
+        table.save(checkpoint_store / KNOWN_LINES_FILE)
+        for _ in range(400):  # the watcher loads it within a few intervals
+            if (await engine.status())["known_lines"]:
+                break
+            await asyncio.sleep(0.05)
+        assert (await engine.status())["known_lines"] == len(table)
+        assert all(m["known_lines"] == len(table) for m in await engine.models())
+        after = await asyncio.gather(*(engine.generate(r) for r in requests))
+        lines = {line for r in before for line in r.lines}
+        for request, result in zip(requests, after):
+            assert not lines & set(free_lines(result, request.prompt)), result.poem
+
+        # A damaged table changes nothing: the previous one keeps serving, and status says why.
+        (checkpoint_store / KNOWN_LINES_FILE).write_bytes(b"not a table")
+        await engine.reload()
+        status = await engine.status()
+        assert status["known_lines"] == len(table) and "cannot read" in status["known_lines_error"]
+        again = await asyncio.gather(*(engine.generate(r) for r in requests))
+        assert [r.poem for r in again] == [r.poem for r in after]
+
+        # Removed, it is gone: poems are as they were without it.
+        (checkpoint_store / KNOWN_LINES_FILE).unlink()
+        await engine.reload()
+        assert (await engine.status())["known_lines"] == 0
+        plain = await asyncio.gather(*(engine.generate(r) for r in requests))
+        assert [r.poem for r in plain] == [r.poem for r in before]
+
+
+async def test_requests_in_flight_when_the_table_changes_all_finish(checkpoint_store):
+    requests = [PoemRequest(prompt="山", form="qilv", mode=("greedy", "beam", "sample")[i % 3], seed=i).validate()
+                for i in range(24)]
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        tasks = [asyncio.create_task(engine.generate(r)) for r in requests]
+        await asyncio.sleep(0)
+        known_lines_from(["山中何处不风流"] * 3).save(checkpoint_store / KNOWN_LINES_FILE)
+        await engine.reload()
+        results = await asyncio.gather(*tasks)
+        assert len(results) == 24 and all(len(r.lines) == 8 for r in results)
+        assert (await engine.status())["requests"]["completed"] == 24
+
+
+def test_the_corpus_lines_command_writes_the_table_once_per_corpus(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus", make_poems(40, seed=3))
+    store = tmp_path / "store"
+    assert trainer_main(["corpus", "lines", "--corpus", str(corpus), "--store", str(store)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    lines = {line for poem in load_corpus([corpus]).poems for line in poem.lines if len(line) >= MIN_LEN}
+    assert first["written"] and first["lines"] == len(lines)
+    table = KnownLines.load(store / KNOWN_LINES_FILE)
+    assert table.meta["corpus_hash"] == load_corpus([corpus]).digest()
+    assert trainer_main(["corpus", "lines", "--corpus", str(corpus), "--store", str(store)]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] is False  # the same corpus: nothing to do
+    assert trainer_main(["corpus", "lines", "--corpus", str(corpus), "--store", str(store), "--force"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] is True
+    # No corpus: a clear error, and the table already there stays.
+    before = (store / KNOWN_LINES_FILE).read_bytes()
+    assert trainer_main(["corpus", "lines", "--corpus", str(tmp_path / "nothing"), "--store", str(store)]) == 2
+    assert "error" in capsys.readouterr().err
+    assert (store / KNOWN_LINES_FILE).read_bytes() == before
