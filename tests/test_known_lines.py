@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 
 import numpy as np
 import pytest
-import torch
 from conftest import make_poems, write_corpus
 from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
 
@@ -18,8 +16,6 @@ from engine.poem.known_lines import (
     KNOWN_LINES_FILE,
     MIN_LEN,
     KnownLines,
-    key_of,
-    key_of_codes,
     known_lines_from,
 )
 from engine.poem.prosody import prosody_for
@@ -27,18 +23,6 @@ from engine.reference import generate_one
 from engine.serving.local import LocalEngine
 from trainer.__main__ import main as trainer_main
 from trainer.corpus import load_corpus
-
-
-def test_torch_computes_the_keys_python_computes():
-    rng = random.Random(0)
-    lengths, rows = [], []
-    for _ in range(200):
-        n = rng.choice((5, 7))
-        lengths.append(n)
-        rows.append([rng.randrange(0x4E00, 0x2FFFF) for _ in range(7)])
-    keys = key_of_codes(torch.tensor(lengths), torch.tensor(rows), torch.tensor(lengths) - 1)
-    assert keys.tolist() == [key_of(n, row[:n - 1]) for n, row in zip(lengths, rows)]
-    assert len(set(keys.tolist())) == 200  # no collision among these
 
 
 def test_a_table_round_trips_and_finds_the_lines_a_head_would_complete(tmp_path):

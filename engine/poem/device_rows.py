@@ -41,7 +41,7 @@ from engine.poem.constraints import (
     mask_tables,
 )
 from engine.poem.forms import FORMS, PERIOD, Layout
-from engine.poem.known_lines import MIN_LEN, key_of_codes
+from engine.poem.known_lines import BASES, MIN_LEN, MODULI
 from engine.poem.prosody import rhyme_book
 from engine.poem.rhymes import LEVEL, OBLIQUE
 from engine.sampling.choice import BEAM_CANDIDATES, FORMULA_PENALTY
@@ -111,13 +111,16 @@ class KnownTable:
     last_tokens: torch.Tensor  # (N,) long: the token ending each line, -1 where the vocabulary lacks it
     codes: torch.Tensor  # (V,) long: each token's code point (-1 for marks and special tokens)
     width: int  # the most lines sharing one key
+    bases: torch.Tensor  # (2,) long: key_of's two hashes, side by side
+    moduli: torch.Tensor  # (2,) long
 
     @classmethod
     def of(cls, known, device) -> KnownTable | None:
         if known is None or not len(known.keys):
             return None
         keys, last_tokens, codes = known.tensors
-        return cls(keys.to(device), last_tokens.to(device), codes.to(device), known.width)
+        return cls(keys.to(device), last_tokens.to(device), codes.to(device), known.width,
+                   torch.tensor(BASES, device=device), torch.tensor(MODULI, device=device))
 
 
 @functools.cache
@@ -172,9 +175,12 @@ class DeviceRows:
     uses: torch.Tensor  # (R, V) float: every use of a character so far (the repetition penalty)
     rhymed_tokens: torch.Tensor  # (R, V + 1) bool: characters at earlier rhyme positions (the last column: none)
     history: torch.Tensor  # (R, TMAX) long: the text so far, then <eos>
+    # The current line's known-lines key so far (engine.poem.known_lines.key_of: both hashes), folded in as
+    # each character is taken, so that a line's last character finds its head's key ready.
+    head_hash: torch.Tensor  # (R, 2) long
     flags: torch.Tensor  # (R,) bool: a rule bent on this row: the host words its notes by replaying it
 
-    DYNAMIC = ("pos", "starts", "rhymed", "groups", "counts", "uses", "rhymed_tokens", "history", "flags")
+    DYNAMIC = ("pos", "starts", "rhymed", "groups", "counts", "uses", "rhymed_tokens", "history", "head_hash", "flags")
 
     @property
     def num_rows(self) -> int:
@@ -254,6 +260,7 @@ class DeviceRows:
                    counts=stack(counts, V, dtype=torch.uint8), uses=torch.zeros(R, V, device=device),
                    rhymed_tokens=torch.zeros(R, V + 1, dtype=torch.bool, device=device),
                    history=torch.zeros(R, TMAX, dtype=torch.long, device=device),
+                   head_hash=torch.zeros(R, 2, dtype=torch.long, device=device),
                    flags=torch.zeros(R, dtype=torch.bool, device=device))
         return rows if device.type == "cpu" else rows._moved(device)
 
@@ -336,8 +343,7 @@ class DeviceRows:
         out.scatter_(1, torch.where(hit, last, V), True)
         if self.known is not None:
             k = self.known
-            head_len = self.line_len - 1
-            key = key_of_codes(self.line_len, k.codes[current[:, 0]], head_len)  # (R,)
+            key = self.head_hash[:, 0] * (1 << 31) + self.head_hash[:, 1]  # (R,)
             at = torch.searchsorted(k.keys, key)[:, None] + torch.arange(k.width, device=key.device)  # (R, W)
             at = at.clamp(max=k.keys.shape[0] - 1)
             tokens = k.last_tokens[at]
@@ -385,6 +391,10 @@ class DeviceRows:
         self.rhymed = self.rhymed | takes
         self.flags |= at_rhyme & ~any_shared & by_plan
         self.rhymed_tokens.scatter_(1, torch.where(at_rhyme, tokens, V)[:, None], True)
+        if self.known is not None:  # a line's first character starts its key from the line's length
+            start = torch.where((self._at(self.col) == 0)[:, None], self.line_len[:, None], self.head_hash)
+            folded = (start * self.known.bases + self.known.codes[tokens][:, None]) % self.known.moduli
+            self.head_hash = torch.where(han[:, None], folded, self.head_hash)
         self.pos = self.pos + 1
 
     @staticmethod

@@ -13,8 +13,8 @@ last character is still written: the user asked for it.
 
 The table holds no text: per line of MIN_LEN or more characters, a key hashed from its length and head
 (every character but the last) and the last character's code point, sorted by key. The key is two
-polynomial hashes modulo primes below 2³¹, so every product fits in int64 and torch computes the same
-keys from a row's tokens (`key_of_codes`).
+polynomial hashes modulo primes below 2³¹, so every product fits in int64 and DeviceRows folds the same
+hashes in torch, a character at a time.
 """
 
 from __future__ import annotations
@@ -44,17 +44,6 @@ def key_of(length: int, head: Iterable[int]) -> int:
         h1 = (h1 * BASES[0] + c) % MODULI[0]
         h2 = (h2 * BASES[1] + c) % MODULI[1]
     return (h1 << 31) | h2
-
-
-def key_of_codes(length: torch.Tensor, codes: torch.Tensor, head_len: torch.Tensor) -> torch.Tensor:
-    """key_of per row, in torch: `length` (R,), `codes` (R, W) the line's code points from its first column,
-    `head_len` (R,) how many of them form the head (the rest are ignored)."""
-    h1, h2 = length.clone(), length.clone()
-    for c in range(codes.shape[1]):
-        take = c < head_len
-        h1 = torch.where(take, (h1 * BASES[0] + codes[:, c]) % MODULI[0], h1)
-        h2 = torch.where(take, (h2 * BASES[1] + codes[:, c]) % MODULI[1], h2)
-    return h1 * (1 << 31) + h2
 
 
 @dataclass(eq=False)
