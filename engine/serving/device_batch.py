@@ -29,7 +29,7 @@ from engine.sampling.choice import (
     logsumexp,
 )
 from engine.serving.registry import ServingModel
-from engine.serving.runner import ModelBatch, to_device
+from engine.serving.runner import ModelBatch, beam_segments, to_device
 
 
 class DeviceStep:
@@ -70,17 +70,10 @@ class DeviceBatch(ModelBatch):
 
     def catch_up(self) -> DeviceStep:
         """This step's bias from the rows' state (nothing to catch up: the state advanced on the device)."""
-        segments: list[tuple[int, int, int]] = []
-        nb = self.num_rows
         for group in self.groups:
             group.last_offset = group.offset
-            if group.is_beam:
-                nb = min(nb, group.offset)
-                width = group.num_rows
-                if segments and segments[-1][0] == width:
-                    segments[-1] = (width, segments[-1][1], group.offset + width)
-                else:
-                    segments.append((width, group.offset, group.offset + width))
+        segments = beam_segments(self.groups)
+        nb = segments[0][1] if segments else self.num_rows  # rows [nb, R) are beam rows
         return DeviceStep(self.rows.bias() if self.num_rows else None, nb, segments)
 
     def choose(self, logits: torch.Tensor, state: torch.Tensor, inputs: DeviceStep) -> dict[str, PoemResult]:

@@ -115,6 +115,20 @@ class RowGroup:
             row.advance(token)
 
 
+def beam_segments(groups: list[RowGroup]) -> list[tuple[int, int, int]]:
+    """(beam width, first row, end row) per run of beam groups of one width: `arrange` puts the beam groups
+    after the others, by width, so each width is one run and the choice reshapes it as (G, width, V)."""
+    segments: list[tuple[int, int, int]] = []
+    for group in groups:
+        if group.is_beam:
+            width = group.num_rows
+            if segments and segments[-1][0] == width:
+                segments[-1] = (width, segments[-1][1], group.offset + width)
+            else:
+                segments.append((width, group.offset, group.offset + width))
+    return segments
+
+
 @dataclass
 class StepInputs:
     """What the choice needs from the rows, gathered while the model step runs."""
@@ -250,8 +264,8 @@ class ModelBatch:
     def catch_up(self) -> StepInputs:
         """Apply the last step's tokens and gather what this step's choice needs."""
         self._pay_lse()
-        rows, penalties, sample_rows, sample_cfg, forced_rows, forced_tokens, beam_segments = [], [], [], [], [], [], []
-        beam_uniform: list[list[torch.Tensor]] = []
+        rows, penalties, sample_rows, sample_cfg, forced_rows, forced_tokens = [], [], [], [], [], []
+        uniforms: list[torch.Tensor] = []  # each beam group's noise this step, in batch order
         last, self.last = self.last, None
         for group in self.groups:
             if last is not None and group.joined < self.num_steps:  # it took part in the last step
@@ -260,16 +274,9 @@ class ModelBatch:
             offset, k = group.offset, group.num_rows
             rows.extend(group.rows)
             penalties.extend([group.penalty] * k)
-            kind, beam_width = group.segment
-            if kind == RowKind.BEAM:
+            if group.is_beam:
                 # Every step, as the reference decoder draws: the noise is the request's alone.
-                uniform = torch.rand(BEAM_CANDIDATES * beam_width, generator=group.generator)
-                if beam_segments and beam_segments[-1][0] == beam_width:
-                    beam_segments[-1] = (beam_width, beam_segments[-1][1], offset + k)
-                    beam_uniform[-1].append(uniform)
-                else:
-                    beam_segments.append((beam_width, offset, offset + k))
-                    beam_uniform.append([uniform])
+                uniforms.append(torch.rand(BEAM_CANDIDATES * k, generator=group.generator))
                 continue
             forced = group.rows[0].forced()
             if forced is not None:  # punctuation, <eos>, prompt characters: no draw, still a model step
@@ -280,10 +287,16 @@ class ModelBatch:
                 # One uniform per free step from the request's own generator: independent of the batch.
                 sample_cfg.append((*draw_params(group.request), float(torch.rand((), generator=group.generator))))
         bias = step_bias(rows, penalties, self.device) if rows else None
+        segments = beam_segments(self.groups)
+        beam_uniform, taken = [], 0
+        for width, a, b in segments:  # each segment's groups' noise, stacked (G, BEAM_CANDIDATES · width)
+            n = (b - a) // width
+            beam_uniform.append(torch.stack(uniforms[taken:taken + n]))
+            taken += n
         tensor = lambda values, dtype=None: torch.tensor(values, dtype=dtype, device=self.device) if values else None  # noqa: E731
         cfg = tuple(torch.tensor(c) for c in zip(*sample_cfg))  # on the CPU: the sampler's arguments
         return StepInputs(bias, tensor(sample_rows), cfg, tensor(forced_rows), tensor(forced_tokens),
-                          beam_segments, [torch.stack(u) for u in beam_uniform])
+                          segments, beam_uniform)
 
     def _pay_lse(self) -> None:
         """Subtract the last step's log-sum-exp from the totals of the rows that chose without one."""
