@@ -321,7 +321,7 @@ class DeviceRows:
         self.flags |= relax_tone | relax_rhyme | relax_repeat
         allowed = torch.where(free[:, None], base & ~(banned & ~relax_repeat[:, None]), t.vocab_ids == forced[:, None])
         bias = torch.zeros(R, V, device=allowed.device).masked_fill_(~allowed, NEG_INF)
-        bias.addcmul_(self.penalty[:, None], self.uses, value=-1.0)  # -n·penalty: whole numbers, exact
+        bias.addcmul_(self.penalty[:, None], self.uses, value=-1.0)  # -n·penalty: multiples of a half, exact
         if self.formulas is not None:
             self._formula_penalty(bias, free)
         return bias

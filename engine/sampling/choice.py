@@ -47,7 +47,9 @@ import torch
 from engine.poem.constraints import RowState
 from engine.sampling import kernels
 
-REPEAT_PENALTY = 1.0  # nats per earlier use of a character, greedy and beam modes
+# Nats per earlier use of a character, greedy and beam modes. 1.5, not 1.0: at 1.0 lstm-large repeated a
+# character in 97 % of its beam-5 七律 (at 1.5: 74 %, the poets: 67 %), and blind panels read 1.5 better.
+REPEAT_PENALTY = 1.5
 FORMULA_PENALTY = 3.0  # nats for completing one of the model's formulas (engine.sampling.formulas), same modes
 NEG_INF = float("-inf")
 
