@@ -20,7 +20,8 @@ from engine.poem.known_lines import (
 )
 from engine.poem.prosody import prosody_for
 from engine.reference import generate_one
-from engine.serving.local import LocalEngine
+from engine.serving.local import EngineSettings, LocalEngine
+from engine.serving.registry import ModelRegistry
 from trainer.__main__ import main as trainer_main
 from trainer.corpus import load_corpus
 
@@ -156,3 +157,62 @@ def test_the_corpus_lines_command_writes_the_table_once_per_corpus(tmp_path, cap
     assert trainer_main(["corpus", "lines", "--corpus", str(tmp_path / "nothing"), "--store", str(store)]) == 2
     assert "error" in capsys.readouterr().err
     assert (store / KNOWN_LINES_FILE).read_bytes() == before
+
+
+def test_a_table_keyed_another_way_is_refused(tmp_path):
+    from safetensors.numpy import save
+
+    table = known_lines_from(["白日依山尽"])
+    path = tmp_path / KNOWN_LINES_FILE
+    path.write_bytes(save({"keys": table.keys, "lasts": table.lasts},
+                          metadata={"format": "yinshi-known-lines-1", "hash": "min4-other"}))
+    with pytest.raises(ValueError, match="keyed another way"):
+        KnownLines.load(path)
+
+
+def test_a_failed_reload_still_hands_the_new_table_to_the_models(checkpoint_store, monkeypatch):
+    registry = ModelRegistry(checkpoint_store, ("lstm", "gru"), "cpu")
+    registry.load_initial()
+    known_lines_from(["山中何处不风流"]).save(checkpoint_store / KNOWN_LINES_FILE)
+
+    def broken(name, force):
+        raise RuntimeError("a reload that fails unexpectedly")
+
+    monkeypatch.setattr(registry, "_reload_one", broken)
+    with pytest.raises(RuntimeError):
+        registry.reload()
+    registry.apply_pending()
+    assert not registry.known_lines_changed()
+    assert all(registry.get(n).known_lines is not None for n in ("lstm", "gru"))
+
+
+def test_a_new_table_reloads_no_model_so_a_refused_version_stays_refused(checkpoint_store):
+    registry = ModelRegistry(checkpoint_store, ("lstm", "gru"), "cpu")
+    registry.load_initial()
+    (checkpoint_store / "gru" / "CURRENT").write_text("20990101T000000000Z\n")  # a version that is not there
+    registry.reload("gru")
+    failed = registry.num_failed_validations
+    assert failed == 1 and "gru" in registry.refused()
+    known_lines_from(["山中何处不风流"]).save(checkpoint_store / KNOWN_LINES_FILE)
+    assert registry.reload_known_lines()
+    registry.apply_pending()
+    assert registry.num_failed_validations == failed
+    assert registry.get("gru").known_lines is not None and registry.get("lstm").known_lines is not None
+    assert not registry.reload_known_lines()  # nothing changed since
+
+
+async def test_engine_known_lines_off_reads_no_table(checkpoint_store):
+    assert EngineSettings.from_env({"ENGINE_KNOWN_LINES": "off"}).known_lines is False
+    assert EngineSettings.from_env({"ENGINE_KNOWN_LINES": "on"}).known_lines is True
+    with pytest.raises(ValueError, match="ENGINE_KNOWN_LINES must be on or off"):
+        EngineSettings.from_env({"ENGINE_KNOWN_LINES": "yes"})
+    request = PoemRequest(form="wujue", mode="greedy", seed=3).validate()
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        plain = await engine.generate(request)
+    known_lines_from(plain.lines).save(checkpoint_store / KNOWN_LINES_FILE)
+    async with LocalEngine(engine_settings(checkpoint_store, known_lines=False)) as engine:
+        assert (await engine.status())["known_lines"] == 0
+        assert (await engine.generate(request)).poem == plain.poem
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        assert (await engine.status())["known_lines"] == len(plain.lines)
+        assert (await engine.generate(request)).poem != plain.poem

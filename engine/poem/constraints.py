@@ -627,8 +627,13 @@ class RowState:
             head = tuple(self.tokens[len(self.tokens) - col:])  # line may repeat the one just before)
             earlier = self.lines[:-1] if n <= MAX_REFRAIN else self.lines
             banned += [line[-1] for line in earlier if len(line) == n and line[:-1] == head]
-            if plan.known_lines is not None:  # nor quote a line of the corpus
-                banned += plan.known_lines.completions(head)
+            # Nor quote a line of the corpus: the softest rule, so it bends first, before tone or rhyme would.
+            quoted = plan.known_lines.completions(head) if plan.known_lines is not None else []
+            if quoted and not self._feasible(index, banned + quoted):
+                self._note(f"quotation: every character left at {layout.where(pos)} would end a line of the "
+                           f"corpus; the known-lines rule is relaxed there")
+            else:
+                banned += quoted
 
         # Relax until something is allowed: tone, then rhyme, then repetition. At a rhyme position the rhyme
         # row already carries the tone, so rhyme goes first there (dropping tone alone would change nothing).

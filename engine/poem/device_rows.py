@@ -108,7 +108,7 @@ class KnownTable:
     """A model's known lines (engine.poem.known_lines.VocabLines) on its device."""
 
     keys: torch.Tensor  # (N,) long, ascending
-    last_tokens: torch.Tensor  # (N,) long: the token ending each line, -1 where the vocabulary lacks it
+    last_tokens: torch.Tensor  # (N,) int32: the token ending each line, -1 where the vocabulary lacks it
     codes: torch.Tensor  # (V,) long: each token's code point (-1 for marks and special tokens)
     width: int  # the most lines sharing one key
     bases: torch.Tensor  # (2,) long: key_of's two hashes, side by side
@@ -116,11 +116,16 @@ class KnownTable:
 
     @classmethod
     def of(cls, known, device) -> KnownTable | None:
+        """The table on `device`, copied there once per VocabLines (tens of MB: not once per batch)."""
         if known is None or not len(known.keys):
             return None
-        keys, last_tokens, codes = known.tensors
-        return cls(keys.to(device), last_tokens.to(device), codes.to(device), known.width,
-                   torch.tensor(BASES, device=device), torch.tensor(MODULI, device=device))
+        table = known.on_device.get(str(device))
+        if table is None:
+            keys, last_tokens, codes = known.tensors
+            table = known.on_device[str(device)] = cls(
+                keys.to(device), last_tokens.to(device), codes.to(device), known.width,
+                torch.tensor(BASES, device=device), torch.tensor(MODULI, device=device))
+        return table
 
 
 @functools.cache
@@ -308,7 +313,13 @@ class DeviceRows:
         groups = torch.where(self.rhymed[:, None], self.groups, self.eligible)
         rhyme_rows = (groups.float() @ t.groups) > 0  # (R, V): any character of the open groups
         base = torch.where(at_rhyme[:, None], rhyme_rows, tone_rows)
-        banned = (self.counts >= 2) | (at_rhyme[:, None] & self.rhymed_tokens[:, :V]) | self._line_bans()
+        last_col = self._at(self.col) == self.line_len - 1
+        banned = (self.counts >= 2) | (at_rhyme[:, None] & self.rhymed_tokens[:, :V]) | self._line_bans(last_col)
+        if self.known is not None:  # the softest rule: dropped where it alone would leave nothing
+            quoted = self._known_bans(last_col)
+            relax_quote = free & quoted.any(dim=1) & ~(base & ~(banned | quoted)).any(dim=1)
+            self.flags |= relax_quote
+            banned = banned | (quoted & ~relax_quote[:, None])
         # Relax until something is allowed: tone, then rhyme (and then tone there), then repetition.
         ok = (base & ~banned).any(dim=1)
         toned = tone > 0
@@ -326,9 +337,8 @@ class DeviceRows:
             self._formula_penalty(bias, free)
         return bias
 
-    def _line_bans(self) -> torch.Tensor:
-        """(R, V) bool: at a line's last character, those that would complete a line written before or a
-        known line of the corpus."""
+    def _line_bans(self, last_col: torch.Tensor) -> torch.Tensor:
+        """(R, V) bool: at a line's last character (`last_col`), those that would complete a line written before."""
         R, V = self.num_rows, self.tables.vocab_ids.shape[0]
         lines = self.history.gather(1, self.line_pos).view(R, LMAX, NMAX)
         line = self._at(self.line_of)
@@ -336,21 +346,23 @@ class DeviceRows:
         head = torch.arange(NMAX, device=lines.device)[None] < (self.line_len - 1)[:, None]  # (R, NMAX)
         same = ((lines == current) | ~head[:, None, :]).all(dim=2)  # (R, LMAX): the head matches line i's
         earlier = torch.arange(LMAX, device=lines.device)[None] < line[:, None]
-        last_col = self._at(self.col) == self.line_len - 1
         hit = same & earlier & last_col[:, None]
         last = lines.gather(2, (self.line_len - 1)[:, None, None].expand(R, LMAX, 1))[:, :, 0]  # (R, LMAX)
         out = torch.zeros(R, V + 1, dtype=torch.bool, device=lines.device)
-        out.scatter_(1, torch.where(hit, last, V), True)
-        if self.known is not None:
-            k = self.known
-            key = self.head_hash[:, 0] * (1 << 31) + self.head_hash[:, 1]  # (R,)
-            at = torch.searchsorted(k.keys, key)[:, None] + torch.arange(k.width, device=key.device)  # (R, W)
-            at = at.clamp(max=k.keys.shape[0] - 1)
-            tokens = k.last_tokens[at]
-            on = last_col & self.quotes_banned & (self.line_len >= MIN_LEN)
-            known = on[:, None] & (k.keys[at] == key[:, None]) & (tokens >= 0)
-            out.scatter_(1, torch.where(known, tokens, V), True)
-        return out[:, :V]
+        return out.scatter_(1, torch.where(hit, last, V), True)[:, :V]
+
+    def _known_bans(self, last_col: torch.Tensor) -> torch.Tensor:
+        """(R, V) bool: at a line's last character (`last_col`), those that would end a known line of the
+        corpus after the head written so far (its key folded in `head_hash`)."""
+        k, R, V = self.known, self.num_rows, self.tables.vocab_ids.shape[0]
+        key = self.head_hash[:, 0] * (1 << 31) + self.head_hash[:, 1]  # (R,)
+        at = torch.searchsorted(k.keys, key)[:, None] + torch.arange(k.width, device=key.device)  # (R, W)
+        at = at.clamp(max=k.keys.shape[0] - 1)
+        tokens = k.last_tokens[at].long()
+        on = last_col & self.quotes_banned & (self.line_len >= MIN_LEN)
+        known = on[:, None] & (k.keys[at] == key[:, None]) & (tokens >= 0)  # -1: a character the model lacks
+        out = torch.zeros(R, V + 1, dtype=torch.bool, device=key.device)
+        return out.scatter_(1, torch.where(known, tokens, V), True)[:, :V]
 
     def _formula_penalty(self, bias: torch.Tensor, free: torch.Tensor) -> None:
         """FORMULA_PENALTY nats off each token that would complete one of the model's formulas here."""

@@ -19,7 +19,6 @@ hashes in torch, a character at a time.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ MIN_LEN = 5  # shorter lines (词's 三字句) are too common to ban
 MODULI = (2147483647, 2147483629)  # primes below 2³¹
 BASES = (1000003, 1315423911 % 2147483629)
 FORMAT = "yinshi-known-lines-1"
+HASH = f"min{MIN_LEN}-bases{BASES[0]},{BASES[1]}-moduli{MODULI[0]},{MODULI[1]}"  # a table keyed otherwise is refused
 
 
 def key_of(length: int, head: Iterable[int]) -> int:
@@ -66,7 +66,7 @@ class KnownLines:
     def save(self, path: str | Path) -> None:
         from safetensors.numpy import save
 
-        meta = {"format": FORMAT, **{k: str(v) for k, v in self.meta.items()}}
+        meta = {"format": FORMAT, "hash": HASH, **{k: str(v) for k, v in self.meta.items() if k not in ("format", "hash")}}
         atomic_write_bytes(Path(path), save({"keys": self.keys, "lasts": self.lasts}, metadata=meta))
 
     @classmethod
@@ -79,6 +79,9 @@ class KnownLines:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT:
                     raise ValueError(f"{path} is not a known-lines table ({FORMAT})")
+                if meta.get("hash") != HASH:
+                    raise ValueError(f"{path} was keyed another way ({meta.get('hash')}, not {HASH}); write it "
+                                     f"again: python -m trainer corpus lines --force")
                 keys, lasts = f.get_tensor("keys"), f.get_tensor("lasts")
         except (OSError, KeyError, SafetensorError) as e:
             raise ValueError(f"{path}: cannot read the known-lines table: {e}") from None
@@ -86,7 +89,7 @@ class KnownLines:
             raise ValueError(f"{path}: keys and lasts must be int64 and int32 of one length")
         if len(keys) > 1 and not (keys[1:] >= keys[:-1]).all():
             raise ValueError(f"{path}: keys are not sorted")
-        return cls(keys, lasts, {k: v for k, v in meta.items() if k != "format"})
+        return cls(keys, lasts, {k: v for k, v in meta.items() if k not in ("format", "hash")})
 
 
 def known_lines_from(lines: Iterable[str], **meta) -> KnownLines:
@@ -104,6 +107,7 @@ class VocabLines:
     def __init__(self, table: KnownLines, vocab):
         self.table = table
         self.keys = table.keys
+        self.on_device: dict = {}  # device → engine.poem.device_rows.KnownTable, made once per device
         codes = np.array([ord(t) if len(t) == 1 else -1 for t in vocab.tokens], dtype=np.int64)
         self.codes = codes  # token id → code point (-1 for marks and special tokens)
         top = max(int(codes.max(initial=0)), int(table.lasts.max(initial=0))) + 1
@@ -130,8 +134,8 @@ class VocabLines:
         hi = int(np.searchsorted(self.keys, key, side="right"))
         return [int(t) for t in self.last_tokens[lo:hi] if t >= 0]
 
-    @functools.cached_property
+    @property
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys, last tokens, token codes) as CPU tensors, for engine.poem.device_rows to move."""
-        return (torch.from_numpy(self.keys), torch.from_numpy(self.last_tokens.astype(np.int64)),
-                torch.from_numpy(self.codes))
+        """(keys int64, last tokens int32, token codes int64) as CPU tensors sharing this table's memory,
+        for engine.poem.device_rows to move."""
+        return torch.from_numpy(self.keys), torch.from_numpy(self.last_tokens), torch.from_numpy(self.codes)

@@ -57,11 +57,12 @@ class EngineSettings:
     threads: int = 0  # torch threads for the step loop (0: leave torch's default)
     row_state: str = "host"  # where the rows' decoding state lives: host | device (engine.serving.runner.ROW_STATES)
     quantize: str = "none"  # none | int8: run the models as int8 on a CPU (engine.model.network.quantize_int8)
+    known_lines: bool = True  # ban completing the store's known lines (engine.poem.known_lines); False: quotes allowed
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> EngineSettings:
         """Settings from CHECKPOINT_DIR, DEVICE and ENGINE_{MODELS,MAX_ROWS,MAX_QUEUE,THREADS,TIMEOUT,WATCH_INTERVAL,
-        ADMIT_SHARE,ROW_STATE,QUANTIZE}."""
+        ADMIT_SHARE,ROW_STATE,QUANTIZE,KNOWN_LINES}."""
         env = os.environ if env is None else env
         values: dict = {}
         if env.get("CHECKPOINT_DIR"):
@@ -72,6 +73,10 @@ class EngineSettings:
             values["row_state"] = env["ENGINE_ROW_STATE"]
         if env.get("ENGINE_QUANTIZE"):
             values["quantize"] = env["ENGINE_QUANTIZE"]
+        if env.get("ENGINE_KNOWN_LINES"):
+            if env["ENGINE_KNOWN_LINES"] not in ("on", "off"):
+                raise ValueError(f"ENGINE_KNOWN_LINES must be on or off, got {env['ENGINE_KNOWN_LINES']!r}")
+            values["known_lines"] = env["ENGINE_KNOWN_LINES"] == "on"
         if env.get("ENGINE_MODELS"):
             values["model_names"] = tuple(n.strip() for n in env["ENGINE_MODELS"].split(",") if n.strip())
         for key, name, kind in (("ENGINE_MAX_ROWS", "max_num_rows", int), ("ENGINE_MAX_QUEUE", "max_queue", int),
@@ -92,6 +97,8 @@ class EngineSettings:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.row_state not in ROW_STATES:
             raise ValueError(f"row_state (ENGINE_ROW_STATE) must be one of {', '.join(ROW_STATES)}, got {self.row_state!r}")
+        if not isinstance(self.known_lines, bool):
+            raise ValueError(f"known_lines (ENGINE_KNOWN_LINES) must be true or false, got {self.known_lines!r}")
         if self.quantize not in ("none", "int8"):
             raise ValueError(f"quantize (ENGINE_QUANTIZE) must be none or int8, got {self.quantize!r}")
         if self.quantize == "int8" and str(self.device).startswith("cuda"):
@@ -115,7 +122,7 @@ class LocalEngine:
         self.metrics = metrics or EngineMetrics()
         s = self.settings
         self.registry = ModelRegistry(s.checkpoint_dir, s.model_names, s.device, s.ppl_tolerance, metrics=self.metrics,
-                                      quantize=s.quantize)
+                                      quantize=s.quantize, known_lines=s.known_lines)
         self.scheduler = Scheduler(max_num_rows=s.max_num_rows, max_queue=s.max_queue, admit_share=s.admit_share)
         self.runner = ModelRunner(self.registry, min_batch_rows=s.min_batch_rows, row_state=s.row_state)
         self._cv = threading.Condition()  # guards the scheduler; wakes the step loop
@@ -313,7 +320,7 @@ class LocalEngine:
                     await asyncio.to_thread(self.registry.reload, name)
                 if self.registry.known_lines_changed():
                     log.info("the store's known-lines table changed; loading it")
-                    await asyncio.to_thread(self.registry.reload)
+                    await asyncio.to_thread(self.registry.reload_known_lines)
                 if names or self.registry.has_pending():
                     await self._wait_for_swap()
             except asyncio.CancelledError:

@@ -175,7 +175,8 @@ def validate(serving: ServingModel, running: ServingModel | None, ppl_tolerance:
 class ModelRegistry:
     def __init__(self, checkpoint_dir: str | Path | None, names: tuple[str, ...] = DEFAULT_MODELS,
                  device: str | torch.device = "cpu", ppl_tolerance: float = 0.05,
-                 package_dir: Path = PACKAGE_CHECKPOINTS, metrics=None, quantize: str = "none"):
+                 package_dir: Path = PACKAGE_CHECKPOINTS, metrics=None, quantize: str = "none",
+                 known_lines: bool = True):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.names = tuple(store.check_name(n) for n in names)
         self.device = pick_device(device) if isinstance(device, str) else device
@@ -192,6 +193,7 @@ class ModelRegistry:
         self._reload_lock = threading.Lock()  # one load/validate at a time
         self.num_swaps = 0
         self.num_failed_validations = 0
+        self.use_known_lines = known_lines  # False: the store's table is not read (ENGINE_KNOWN_LINES=off)
         self.known_lines: KnownLines | None = None  # the store's table, None when it has none
         self._known_stamp: tuple | None = None  # (mtime_ns, size, inode) of the file last looked at
         self.known_lines_error: str | None = None  # why the file last looked at was not loaded
@@ -274,7 +276,7 @@ class ModelRegistry:
 
     # -- the known-lines table -----------------------------------------------------------------------
     def _known_path(self) -> Path | None:
-        return self.checkpoint_dir / KNOWN_LINES_FILE if self.checkpoint_dir else None
+        return self.checkpoint_dir / KNOWN_LINES_FILE if self.checkpoint_dir and self.use_known_lines else None
 
     def _known_file_stamp(self) -> tuple | None:
         path = self._known_path()
@@ -380,11 +382,22 @@ class ModelRegistry:
         report = {}
         with self._reload_lock:
             table_changed = self._refresh_known_lines()
-            for n in names:
-                report[n] = self._reload_one(n, force)
-            if table_changed:
-                self._restage_known_lines(report)
+            try:
+                for n in names:
+                    report[n] = self._reload_one(n, force)
+            finally:  # a table already taken in reaches the models even if a reload failed
+                if table_changed:
+                    self._restage_known_lines(report)
         return report
+
+    def reload_known_lines(self) -> bool:
+        """Take in the store's table if its file changed, and stage every model with it (no model is
+        reloaded: a refused version stays refused). True when the table changed."""
+        with self._reload_lock:
+            changed = self._refresh_known_lines()
+            if changed:
+                self._restage_known_lines({})
+        return changed
 
     def _reload_one(self, name: str, force: bool) -> dict:
         with self._lock:
@@ -442,8 +455,10 @@ class ModelRegistry:
             self._set_info(old[name], serving)
             if self.metrics is not None:
                 self.metrics.swaps.labels(name).inc()
-            log.info("model %s: now serving %s (was %s)", name, serving.version,
-                     getattr(old[name], "version", None))
+            if old[name] is not None and old[name].version == serving.version:
+                log.info("model %s: serving %s with the new known-lines table", name, serving.version)
+            else:
+                log.info("model %s: now serving %s (was %s)", name, serving.version, getattr(old[name], "version", None))
         return list(staged.values())
 
     def _set_info(self, old: ServingModel | None, new: ServingModel) -> None:
