@@ -23,7 +23,7 @@ from engine.poem.forms import DEFAULT_FORM, FORM_NAMES
 from engine.poem.prosody import Prosody, prosody_for
 from engine.poem.vocab import Vocab
 from engine.sampling.choice import (BEAM_CANDIDATES, NEG_INF, REPEAT_PENALTY, choose_beam, draw_params, logsumexp,
-                                    make_generator, repeat_penalty_for, sample, step_bias)
+                                    make_generator, sample, step_bias)
 from engine.sampling.formulas import formulas_for
 
 
@@ -52,7 +52,7 @@ def _single(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, flo
     device = _device_of(model)
     generator = make_generator(request.seed)
     temperature, top_k, top_p = draw_params(request)
-    penalty = repeat_penalty_for(request.mode)
+    penalty = REPEAT_PENALTY
     row, state = plan.new_row(), model.init_state(1, device)
     token, total = plan.start_token, 0.0
     while not row.done:

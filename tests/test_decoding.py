@@ -442,8 +442,19 @@ def test_step_bias_is_the_dense_recipe_bit_for_bit(tiny):
     assert torch.equal(got.dense(), want)
 
 
-def test_sampling_mode_has_no_repetition_penalty():
-    assert choice.repeat_penalty_for("sample") == 0.0 and choice.repeat_penalty_for("beam") > 0
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam"])
+def test_every_mode_pays_the_repetition_penalty(tiny_checkpoint, mode):
+    """A batch's rows of every mode pay REPEAT_PENALTY per earlier use (sampled poems too: they repeated
+    characters far more often than poets do)."""
+    from engine.serving.registry import build_serving
+    from engine.serving.runner import ModelBatch
+    from engine.serving.scheduler import EngineRequest
+
+    serving = build_serving("lstm", tiny_checkpoint, torch.device("cpu"))
+    request = PoemRequest(form="wujue", mode=mode, prompt="山").validate()
+    batch = ModelBatch(serving)
+    batch.add(EngineRequest("r", request, request.beam_width if mode == "beam" else 1, 0.0), serving.make_plan(request))
+    assert batch.groups[0].penalty == choice.REPEAT_PENALTY > 0
 
 
 # --- CLI --------------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ class DeviceRows:
     line_len: torch.Tensor  # (R,) long
     quotes_banned: torch.Tensor  # (R,) bool: the plan has known_lines
     eligible: torch.Tensor  # (R, G) bool: the groups a free first rhyme may open
-    penalty: torch.Tensor  # (R,) float: nats per earlier use of a character (and the formulas'), 0 for sample rows
+    penalty: torch.Tensor  # (R,) float: nats per earlier use of a character (and the formulas' where > 0)
     temperature: torch.Tensor  # (R,) float: greedy and sample rows' draw (engine.sampling.choice.draw_params)
     top_k: torch.Tensor  # (R,) long
     top_p: torch.Tensor  # (R,) float

@@ -3,7 +3,7 @@
 The choice works on tensors and is shared with the batched engine (engine/serving/runner.py), so that a request
 decodes to the same poem in either. After each model step:
 
-    bias = step_bias(rows, [repeat_penalty_for(mode) per row], device)  # Bias: (N, V) as shared mask rows plus
+    bias = step_bias(rows, REPEAT_PENALTY, device)        # Bias: (N, V) as shared mask rows plus
                                                           # edits; -inf where a row may not go, minus its
                                                           # repetition penalty (no logits needed)
     choose_greedy(logits, bias)                           # (N,) the first best token per row
@@ -27,12 +27,12 @@ Reproducibility: a sampling request draws one uniform number per step from its o
 what else shares the batch. Greedy and beam search are deterministic.
 
 Repetition: the constraints *block* a character's third use and a repeated line (a hard rule, every
-mode). Greedy and beam search also pay a *penalty* of REPEAT_PENALTY nats per earlier use of a character,
-because the most likely continuation of a character RNN is very often a character it just wrote: without
-it both modes spend each character's two allowed uses ("春风春风") and beams collapse onto one another.
-Sampling gets no penalty: its randomness already spreads the choices, and the penalty would bend the
-distribution the temperature and top-p were chosen for. The same penalty in greedy and beam keeps beam
-width 1 identical to greedy.
+mode). Every mode also pays a *penalty* of REPEAT_PENALTY nats per earlier use of a character, because
+the most likely continuation of a character RNN is very often a character it just wrote: without it
+greedy and beam search spend each character's two allowed uses ("春风春风") and beams collapse onto one
+another, and sampled poems repeat characters far more often than poets do (blind panels read sampling
+better with the penalty: docs/PERFORMANCE.md). The same penalty in greedy and beam keeps beam width 1
+identical to greedy.
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ import torch
 from engine.poem.constraints import RowState
 from engine.sampling import kernels
 
-# Nats per earlier use of a character, greedy and beam modes. 1.5, not 1.0: at 1.0 lstm-large repeated a
-# character in 97 % of its beam-5 七律 (at 1.5: 74 %, the poets: 67 %), and blind panels read 1.5 better.
+# Nats per earlier use of a character, every mode. 1.5, not 1.0: at 1.0 lstm-large repeated a character in
+# 97 % of its beam-5 七律 (at 1.5: 74 %, the poets: 67 %), and blind panels read 1.5 better.
 REPEAT_PENALTY = 1.5
-FORMULA_PENALTY = 3.0  # nats for completing one of the model's formulas (engine.sampling.formulas), same modes
+FORMULA_PENALTY = 3.0  # nats for completing one of the model's formulas (engine.sampling.formulas), every mode
 NEG_INF = float("-inf")
 
 
@@ -63,11 +63,6 @@ GREEDY_TEMPERATURE = 0.4
 GREEDY_TOP_K = 5
 BEAM_NOISE = 2.0  # scale of the Gumbel noise, in nats
 BEAM_CANDIDATES = 3  # candidates per beam that the noise chooses among
-
-
-def repeat_penalty_for(mode: str) -> float:
-    """The repetition penalty a mode uses (see the module docstring for why sampling has none)."""
-    return 0.0 if mode == "sample" else REPEAT_PENALTY
 
 
 def draw_params(request) -> tuple[float, int, float]:

@@ -9,7 +9,7 @@ and keeps the spans that turn up from FORMULA_SHARE of the openings or more:
     formulas.completions(last_three_tokens)      # tokens that would complete a formula
 
 Greedy and beam rows then pay FORMULA_PENALTY nats for a token that completes one (engine.sampling.choice),
-so they write the model's next-best phrase instead; sampling, already varied, pays nothing. The search is
+so they write the model's next-best phrase instead; sampled rows pay it too, with the repetition penalty. The search is
 deterministic for given weights, so the same request still gives the same poem.
 """
 

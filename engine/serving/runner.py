@@ -50,8 +50,8 @@ import torch
 from engine.api import PoemRequest, PoemResult
 from engine.model.network import kept_step_inputs
 from engine.poem.constraints import PoemPlan, RowState, beam_children
-from engine.sampling.choice import (BEAM_CANDIDATES, Bias, choose_beam, choose_sample, draw_params, logsumexp,
-                                    make_generator, repeat_penalty_for, step_bias)
+from engine.sampling.choice import (BEAM_CANDIDATES, REPEAT_PENALTY, Bias, choose_beam, choose_sample, draw_params,
+                                    logsumexp, make_generator, step_bias)
 from engine.serving.registry import ModelRegistry, ServingModel
 from engine.serving.scheduler import EngineRequest, RunnerOutput, SchedulerOutput
 
@@ -178,7 +178,7 @@ class ModelBatch:
         last = self.joining[-1] if self.joining else None
         offset = last.offset + last.num_rows if last else self.num_rows
         group = RowGroup(req.req_id, request, plan, self._new_rows(plan, k), make_generator(request.seed),
-                         penalty=repeat_penalty_for(request.mode),
+                         penalty=REPEAT_PENALTY,
                          segment=(RowKind.BEAM, k) if beam else (RowKind.SAMPLE if request.mode == "sample" else RowKind.GREEDY, 1),
                          offset=offset, last_offset=offset, joined=self.num_steps, ends=self.num_steps + plan.num_steps,
                          num_rows=k)
