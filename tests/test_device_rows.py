@@ -158,7 +158,8 @@ def test_the_step_bias_matches_row_for_row_along_random_poems(form, chars):
     known = walk_known_lines(tuple(han)).for_vocab(vocab)
     # Most plans ban known lines; every fifth does not (a row of the batch without the table).
     plans = [build_plan(vocab, prosody, r, formulas, known if i % 5 != 4 else None) for i, r in enumerate(requests)]
-    penalties = [0.0 if i % 3 == 2 else REPEAT_PENALTY for i in range(len(plans))]  # rows that pay nothing too
+    # Every mode pays REPEAT_PENALTY; a row's penalty is still a parameter, and 0 keeps its gating tested.
+    penalties = [0.0 if i % 3 == 2 else REPEAT_PENALTY for i in range(len(plans))]
     tables = device_tables(prosody, torch.device("cpu"))
     table = FormulaTable.of(formulas, len(vocab), "cpu")
     favoured = [vocab.index[ch] for ch in han[:6]]

@@ -54,6 +54,26 @@ async def test_mixed_concurrent_requests_all_complete_and_match_their_solo_runs(
     assert status["choice"] == "c-kernels"  # the C kernels were built and chose every token here
 
 
+@pytest.mark.parametrize("row_state", ["host", "device"])
+async def test_the_engine_writes_the_reference_decoders_poem_for_every_request(checkpoint_store, row_state):
+    """Batched, a request gets the poem `generate_one` writes for it alone: the same plan, penalties, draws
+    and choice in every mode (the reference is what `python -m engine generate` and the benchmarks run)."""
+    from engine.model.checkpoint import load_checkpoint
+    from engine.model.versions import current_path
+    from engine.poem.prosody import prosody_for
+    from engine.reference import generate_one
+
+    requests = mixed_requests(24)
+    async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=64, row_state=row_state)) as engine:
+        served = await asyncio.gather(*(engine.generate(r) for r in requests))
+    models = {name: load_checkpoint(current_path(checkpoint_store, name)) for name in ("lstm", "gru")}
+    for request, got in zip(requests, served):
+        ckpt = models[request.model or "lstm"]
+        want = generate_one(ckpt.model, ckpt.vocab, prosody_for(ckpt.vocab), request)
+        assert (got.poem, got.notes) == (want.poem, want.notes), request
+        assert got.score == pytest.approx(want.score, rel=1e-4, abs=1e-3)  # float sums in another order
+
+
 async def test_without_the_c_kernels_the_torch_path_serves_every_mode_the_same_way(checkpoint_store, monkeypatch):
     # An install without a C compiler, or a GPU, chooses with torch operations: same rules, same batch
     # invariance. (On a CPU with the kernels built, CI runs this path only here.)

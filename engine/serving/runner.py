@@ -89,7 +89,7 @@ class RowGroup:
     plan: PoemPlan
     rows: list[RowState]  # one per batch row, in batch order (a DeviceBatch keeps them as tensors: empty)
     generator: torch.Generator  # the request's own, seeded from `seed`: its draws (greedy, sample) or noise (beam)
-    penalty: float  # repetition penalty of its mode
+    penalty: float  # nats per earlier use of a character (REPEAT_PENALTY; 0 would pay none, formulas neither)
     segment: tuple[RowKind, int]  # where its rows sit in the batch: (kind, beam width; 1 unless beam)
     arrival: int = field(default_factory=lambda: next(_arrivals))
     offset: int = 0  # its first row in the batch tensors
