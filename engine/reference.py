@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--form", default=DEFAULT_FORM, help=f"{' | '.join(FORM_NAMES)} (or 七绝 …)")
     parser.add_argument("--mode", default="sample", choices=MODES)
     parser.add_argument("--beam-width", type=int, default=5, help=f"1–{MAX_BEAM_WIDTH}, beam mode")
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--acrostic", default=None, help="one character per line (藏头诗)")

@@ -93,7 +93,7 @@ async def test_bad_acrostic_explains_four_or_eight(commands, scripted_engine, te
 
 @pytest.mark.parametrize("text, setting", [
     ("/form 五律", {"form": "wulv"}), ("/form wujue", {"form": "wujue"}), ("/form 七言律诗", {"form": "qilv"}),
-    ("/greedy", {"mode": "greedy"}), ("/sample", {"mode": "sample", "temperature": 0.8}),
+    ("/greedy", {"mode": "greedy"}), ("/sample", {"mode": "sample", "temperature": 0.6}),
     ("/sample 1.5", {"mode": "sample", "temperature": 1.5}), ("/beam 5", {"mode": "beam", "beam_width": 5}),
     ("/beam 16", {"mode": "beam", "beam_width": 16}), ("/model gru", {"model": "gru"}),
 ])
