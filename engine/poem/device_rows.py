@@ -313,7 +313,8 @@ class DeviceRows:
         groups = torch.where(self.rhymed[:, None], self.groups, self.eligible)
         rhyme_rows = (groups.float() @ t.groups) > 0  # (R, V): any character of the open groups
         base = torch.where(at_rhyme[:, None], rhyme_rows, tone_rows)
-        last_col = self._at(self.col) == self.line_len - 1
+        col = self._at(self.col)
+        last_col = col == self.line_len - 1
         banned = (self.counts >= 2) | (at_rhyme[:, None] & self.rhymed_tokens[:, :V]) | self._line_bans(last_col)
         if self.known is not None:  # the softest rule: dropped where it alone would leave nothing
             quoted = self._known_bans(last_col)
@@ -334,7 +335,7 @@ class DeviceRows:
         bias = torch.zeros(R, V, device=allowed.device).masked_fill_(~allowed, NEG_INF)
         bias.addcmul_(self.penalty[:, None], self.uses, value=-1.0)  # -n·penalty: multiples of a half, exact
         if self.formulas is not None:
-            self._formula_penalty(bias, free)
+            self._formula_penalty(bias, free, col)
         return bias
 
     def _line_bans(self, last_col: torch.Tensor) -> torch.Tensor:
@@ -364,13 +365,14 @@ class DeviceRows:
         out = torch.zeros(R, V + 1, dtype=torch.bool, device=key.device)
         return out.scatter_(1, torch.where(known, tokens, V), True)[:, :V]
 
-    def _formula_penalty(self, bias: torch.Tensor, free: torch.Tensor) -> None:
-        """FORMULA_PENALTY nats off each token that would complete one of the model's formulas here."""
+    def _formula_penalty(self, bias: torch.Tensor, free: torch.Tensor, col: torch.Tensor) -> None:
+        """FORMULA_PENALTY nats off each token that would complete one of the model's formulas here (`col`:
+        each row's column in its line)."""
         f, V = self.formulas, bias.shape[1]
         last3 = self.history.gather(1, (self.pos[:, None] - torch.arange(SPAN - 1, 0, -1, device=bias.device)).clamp(min=0))
         key = (last3[:, 0] * V + last3[:, 1]) * V + last3[:, 2]
         at = torch.searchsorted(f.keys, key).clamp(max=f.keys.shape[0] - 1)
-        hit = free & (self.penalty > 0) & (self._at(self.col) >= SPAN - 1) & (f.keys[at] == key)
+        hit = free & (self.penalty > 0) & (col >= SPAN - 1) & (f.keys[at] == key)
         completions = f.completions[at]  # (R, C)
         penalty = torch.where(hit[:, None] & (completions >= 0), -FORMULA_PENALTY, 0.0)
         bias.scatter_add_(1, completions.clamp(min=0), penalty)
