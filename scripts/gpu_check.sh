@@ -2,14 +2,16 @@
 # The GPU checks, in one run on a CUDA machine whose Python already has torch, aiohttp, prometheus-client and
 # safetensors (the rest of the engine's needs come as wheels in .whl/, when there is no package index):
 #   bash scripts/gpu_check.sh OUT_DIR
-# Runs the CUDA tests; where a step's time goes (scripts/gpu_profile.py) to OUT_DIR/profile_cuda.log; then the
-# engine benchmark with the rows' decoding state on the device (ENGINE_ROW_STATE=device) and on the host,
+# Runs the CUDA tests; where a step's time goes (scripts/gpu_profile.py) to OUT_DIR/profile_cuda.log; the device
+# rows' step eager against torch.compile (scripts/rows_compile.py) to OUT_DIR/rows_compile.log; then the engine
+# benchmark with the rows' decoding state on the device (ENGINE_ROW_STATE=device) and on the host,
 # side by side: JSON to OUT_DIR/bench_cuda_{device,host}.json, tables to .log. Every knob is an environment
 # variable (below); tests run it on the CPU at toy size (DEVICE=cpu SKIP_TESTS=1).
 set -uo pipefail
 out=${1:-${OUT:-.}}
 : "${DEVICE:=cuda}" "${CHECKPOINT:=engine/checkpoints/lstm-large.safetensors}" "${CONCURRENCY:=64 256}"
 : "${REQUESTS:=256}" "${PROFILE_REQUESTS:=256}" "${SKIP_TESTS:=0}"
+: "${COMPILE_ROWS:=64 256}" "${COMPILE_BACKEND:=inductor}"
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -24,6 +26,8 @@ if [[ $SKIP_TESTS != 1 ]]; then
     python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_cuda.py 2>&1 | tee "$out/tests_cuda.log" | tail -5
 fi
 DEVICE=$DEVICE CHECKPOINT=$CHECKPOINT N=$PROFILE_REQUESTS python3 scripts/gpu_profile.py device >"$out/profile_cuda.log" 2>&1
+DEVICE=$DEVICE CHECKPOINT=$CHECKPOINT ROWS=$COMPILE_ROWS BACKEND=$COMPILE_BACKEND python3 scripts/rows_compile.py \
+    >"$out/rows_compile.log" 2>&1
 for rows in device host; do
     # shellcheck disable=SC2086  # CONCURRENCY is a list
     python3 -m engine bench --device "$DEVICE" --checkpoint "$CHECKPOINT" --row-state $rows --concurrency $CONCURRENCY \
