@@ -216,3 +216,79 @@ async def test_engine_known_lines_off_reads_no_table(checkpoint_store):
     async with LocalEngine(engine_settings(checkpoint_store)) as engine:
         assert (await engine.status())["known_lines"] == len(plain.lines)
         assert (await engine.generate(request)).poem != plain.poem
+
+
+def write_raw_table(path, keys, lasts):
+    """A file with the table's format and hash but any contents (what a damaged or hostile store may hold)."""
+    from safetensors.numpy import save
+
+    from engine.poem.known_lines import FORMAT, HASH
+
+    path.write_bytes(save({"keys": np.asarray(keys, np.int64), "lasts": np.asarray(lasts, np.int32)},
+                          metadata={"format": FORMAT, "hash": HASH}))
+
+
+@pytest.mark.parametrize("keys, lasts, reason", [
+    ([1, 2], [ord("山"), 2 ** 28], "code point"),  # would size a lookup of 2²⁸ entries
+    ([1, 2], [ord("山"), -1], "code point"),
+    ([7] * 300, [ord("山")] * 300, "300 lines share one key"),  # a device lookup would read 300 wide
+])
+def test_a_table_whose_values_would_be_costly_or_wrong_is_refused(tmp_path, keys, lasts, reason):
+    write_raw_table(tmp_path / "t", keys, lasts)
+    with pytest.raises(ValueError, match=reason):
+        KnownLines.load(tmp_path / "t")
+
+
+def test_a_fifo_at_the_tables_path_is_refused_without_blocking(tmp_path):
+    # A blocking open of a FIFO would hold the interpreter (and with it the engine's step loop) forever.
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / KNOWN_LINES_FILE
+    os.mkfifo(fifo)
+    code = "import sys; from engine.poem.known_lines import KnownLines\ntry: KnownLines.load(sys.argv[1])\n" \
+           "except ValueError as e: print(e)"
+    done = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60,
+                          check=True)
+    assert "not a regular file" in done.stdout
+
+
+def test_the_registry_keeps_its_table_when_the_file_turns_bad_or_unreadable(checkpoint_store):
+    registry = ModelRegistry(checkpoint_store, ("lstm",), "cpu")
+    path = checkpoint_store / KNOWN_LINES_FILE
+    known_lines_from(["山中何处不风流", "白日依山尽"]).save(path)
+    registry.load_initial()
+    good = registry.known_lines
+    assert len(good) == 2 and registry.known_lines_error is None
+
+    write_raw_table(path, [1, 2], [ord("山"), 2 ** 28])
+    assert not registry.reload_known_lines()
+    assert registry.known_lines is good and "code point" in registry.known_lines_error
+    assert registry.get("lstm").info()["known_lines"] == 2
+
+    path.unlink()
+    path.symlink_to(path.name)  # a loop: stat fails with ELOOP, which is not "the file is gone"
+    assert not registry.reload_known_lines()
+    assert registry.known_lines is good and "symbolic links" in registry.known_lines_error
+
+    path.unlink()  # gone now: the ban goes with it
+    assert registry.reload_known_lines()
+    assert registry.known_lines is None and registry.known_lines_error is None
+
+
+def test_a_replaced_table_is_freed_without_waiting_for_the_cycle_collector(tiny_checkpoint):
+    import gc
+    import weakref
+
+    vocab = load_checkpoint(tiny_checkpoint).vocab
+    table = known_lines_from(["白日依山尽"])
+    per_vocab = table.for_vocab(vocab)
+    assert per_vocab.num_lines == 1
+    gone = weakref.ref(table)
+    gc.disable()
+    try:
+        del table, per_vocab
+        assert gone() is None
+    finally:
+        gc.enable()

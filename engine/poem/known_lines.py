@@ -19,6 +19,9 @@ hashes in torch, a character at a time.
 
 from __future__ import annotations
 
+import json
+import os
+import stat
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,6 +38,9 @@ MODULI = (2147483647, 2147483629)  # primes below 2³¹
 BASES = (1000003, 1315423911 % 2147483629)
 FORMAT = "yinshi-known-lines-1"
 HASH = f"min{MIN_LEN}-bases{BASES[0]},{BASES[1]}-moduli{MODULI[0]},{MODULI[1]}"  # a table keyed otherwise is refused
+MAX_FILE_BYTES = 1 << 30  # the whole corpus's table is some 32 MB
+MAX_RUN = 256  # lines sharing one key (the corpus has at most 27): how far a lookup on a device reads
+MAX_CODE_POINT = 0x10FFFF
 
 
 def key_of(length: int, head: Iterable[int]) -> int:
@@ -52,6 +58,17 @@ class KnownLines:
     lasts: np.ndarray  # (N,) int32: the code point ending each line
     meta: dict = field(default_factory=dict)  # corpus_hash, lines
     _vocabs: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
+    width: int = field(init=False, default=0)  # the most lines sharing one key
+
+    def __post_init__(self):
+        # NOTE: a table is read from the store, so its values are checked before anything is sized by them.
+        if len(self.lasts) and not ((self.lasts >= 0) & (self.lasts <= MAX_CODE_POINT)).all():
+            raise ValueError("a last character is not a Unicode code point")
+        if len(self.keys):
+            starts = np.flatnonzero(np.diff(self.keys)) + 1
+            self.width = int(np.diff(np.concatenate(([0], starts, [len(self.keys)]))).max())
+            if self.width > MAX_RUN:
+                raise ValueError(f"{self.width} lines share one key (at most {MAX_RUN})")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -72,24 +89,46 @@ class KnownLines:
     @classmethod
     def load(cls, path: str | Path) -> KnownLines:
         """The table at `path`; ValueError when it is not one (a bad or foreign file changes nothing)."""
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
+        from safetensors.numpy import load as load_tensors
 
         try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != FORMAT:
-                    raise ValueError(f"{path} is not a known-lines table ({FORMAT})")
-                if meta.get("hash") != HASH:
-                    raise ValueError(f"{path} was keyed another way ({meta.get('hash')}, not {HASH}); write it "
-                                     f"again: python -m trainer corpus lines --force")
-                keys, lasts = f.get_tensor("keys"), f.get_tensor("lasts")
-        except (OSError, KeyError, SafetensorError) as e:
+            data = _read_regular_file(Path(path), MAX_FILE_BYTES)
+            size = int.from_bytes(data[:8], "little")
+            if len(data) < 8 or 8 + size > len(data):
+                raise ValueError(f"{path}: cannot read the known-lines table: no safetensors header")
+            meta = json.loads(data[8:8 + size]).get("__metadata__") or {}
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a known-lines table ({FORMAT})")
+            if meta.get("hash") != HASH:
+                raise ValueError(f"{path} was keyed another way ({meta.get('hash')}, not {HASH}); write it "
+                                 f"again: python -m trainer corpus lines --force")
+            tensors = load_tensors(data)
+            keys, lasts = tensors["keys"], tensors["lasts"]
+        except (OSError, KeyError, SafetensorError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
             raise ValueError(f"{path}: cannot read the known-lines table: {e}") from None
         if keys.dtype != np.int64 or lasts.dtype != np.int32 or keys.shape != lasts.shape or keys.ndim != 1:
             raise ValueError(f"{path}: keys and lasts must be int64 and int32 of one length")
         if len(keys) > 1 and not (keys[1:] >= keys[:-1]).all():
             raise ValueError(f"{path}: keys are not sorted")
-        return cls(keys, lasts, {k: v for k, v in meta.items() if k not in ("format", "hash")})
+        try:
+            return cls(keys, lasts, {k: v for k, v in meta.items() if k not in ("format", "hash")})
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file at `path` (ValueError for anything else or over `limit` bytes).
+    NOTE: opened without blocking and checked on the open descriptor, so a FIFO put there cannot stall
+    the reader (and the whole process with it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{path} has {st.st_size} bytes (at most {limit})")
+        return f.read(limit + 1)
 
 
 def known_lines_from(lines: Iterable[str], **meta) -> KnownLines:
@@ -105,21 +144,16 @@ class VocabLines:
     """A KnownLines table for one vocabulary: the last characters as its token ids (-1: not in it)."""
 
     def __init__(self, table: KnownLines, vocab):
-        self.table = table
+        self.num_lines = len(table)  # NOTE: not the table itself, which holds this: no cycle keeps an old one
         self.keys = table.keys
+        self.width = table.width  # how far a lookup on a device reads past its first match
         self.on_device: dict = {}  # device → engine.poem.device_rows.KnownTable, made once per device
         codes = np.array([ord(t) if len(t) == 1 else -1 for t in vocab.tokens], dtype=np.int64)
-        self.codes = codes  # token id → code point (-1 for marks and special tokens)
+        self.codes = codes  # token id → code point (-1 for special tokens such as <eos>)
         top = max(int(codes.max(initial=0)), int(table.lasts.max(initial=0))) + 1
         lookup = np.full(top, -1, dtype=np.int32)
         lookup[codes[codes >= 0]] = np.nonzero(codes >= 0)[0]
         self.last_tokens = lookup[table.lasts] if len(table.lasts) else np.zeros(0, np.int32)
-        # The most lines sharing one key: how far a lookup on a device reads past its first match.
-        if len(self.keys):
-            _, counts = np.unique(self.keys, return_counts=True)
-            self.width = int(counts.max())
-        else:
-            self.width = 0
 
     def completions(self, head: Iterable[int]) -> list[int]:
         """Token ids that would complete a known line whose head is these token ids."""

@@ -104,7 +104,7 @@ class ServingModel:
             "source": "package" if _inside(self.path, PACKAGE_CHECKPOINTS) else "store",
             "device": str(self.device),
             "quantized": "int8" if self.quantized else None,
-            "known_lines": len(self.known_lines.table) if self.known_lines is not None else 0,
+            "known_lines": self.known_lines.num_lines if self.known_lines is not None else 0,
         }
 
 
@@ -282,8 +282,10 @@ class ModelRegistry:
         path = self._known_path()
         try:
             st = path.stat() if path else None
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as e:  # there, but not readable now (permissions, a stale mount): not "gone"
+            return ("unreadable", e.errno, e.strerror)
         return (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
 
     def known_lines_changed(self) -> bool:
@@ -303,6 +305,10 @@ class ModelRegistry:
             log.warning("known lines: %s is gone; poems may quote corpus lines again", self._known_path())
             self.known_lines = None
             return True
+        if stamp[0] == "unreadable":
+            self.known_lines_error = f"{self._known_path()}: {stamp[2]}"
+            log.error("known lines: %s; keeping the previous table", self.known_lines_error)
+            return False
         try:
             table = KnownLines.load(self._known_path())
         except ValueError as e:
@@ -316,6 +322,11 @@ class ModelRegistry:
     def _restage_known_lines(self, report: dict) -> None:
         """Stage every model again with the current table (a model already staged gets it too)."""
         table = self.known_lines
+        if table is not None:  # NOTE: made before taking the lock for long: the step loop needs it (tens of ms)
+            with self._lock:
+                vocabs = [s.vocab for s in (*self._pending.values(), *self._serving.values())]
+            for vocab in vocabs:
+                table.for_vocab(vocab)
         with self._lock:
             for name in self.names:
                 base = self._pending.get(name) or self._serving.get(name)
