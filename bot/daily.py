@@ -11,7 +11,7 @@ slot — one conditional UPDATE that sets last_posted_date and succeeds for one 
 then (5) sends. Claiming before sending gives "never twice": a crash between claim and send loses that
 day's poem instead of repeating it; claiming after sending would repeat it (at-least-once). Writing the
 poem before claiming means an engine failure costs no claim: the job retries a minute later within the
-grace window. A send that Telegram surely refused (RetryAfter after the limiter's retries) releases the
+grace window; so does a failure to record the poem after the claim (the claim is released). A send that Telegram surely refused (RetryAfter after the limiter's retries) releases the
 claim, as does a connection that was never made (nothing left); a read timeout might have been
 delivered, so the claim stays.
 
@@ -118,7 +118,15 @@ class Daily:
         if not await self.store.aio.claim_daily_post(chat_id, date):
             return False
         # The message: text, or (channels, and chats with /card on) the card with the text as its caption.
-        reply = await self.commands.sent_poem(chat_id, sub.chat_type, None, "daily", result, settings, prompt=opening)
+        try:
+            reply = await self.commands.sent_poem(chat_id, sub.chat_type, None, "daily", result, settings,
+                                                  prompt=opening)
+        except Exception:
+            # Nothing was sent (the poem's record or card failed, e.g. a locked database): the claim goes back.
+            log.exception("daily post for chat %s: the poem could not be recorded; retrying", chat_id)
+            await self.store.aio.release_daily_post(chat_id, date, previous)
+            self.retry_later(chat_id)
+            return False
         try:
             await self.send(chat_id, reply)
         except Forbidden as e:
@@ -183,6 +191,8 @@ class Daily:
             data=self,
             # A job that fires late (loop busy, clock jump) still runs, and post_if_due decides.
             job_kwargs={"misfire_grace_time": int(self.grace.total_seconds()) or 1, "coalesce": True})
+        if self.due_slot(sub, self.clock()) is not None:
+            self.retry_later(chat_id)  # a post still owed (its retry went with the old job): soon, not tomorrow
 
     def remove_job(self, chat_id: int) -> None:
         if self.job_queue is None:

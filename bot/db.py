@@ -238,15 +238,19 @@ class Store:
                   chat_type: str | None = None, tune: str | None = None) -> Subscription:
         """Subscribe (or change the time/form, and unpause) as of `since` (default now). Keeps
         last_posted_date, also across /daily off, so moving today's time later does not post a second poem today.
-        `chat_type`: where /daily was sent (channels get their daily poem as a picture)."""
+        An active subscription whose time stays keeps its start too, so changing only the form does not drop
+        a post still owed (a slot being retried). `chat_type`: where /daily was sent (channels get their daily
+        poem as a picture)."""
         with self._write():
             old = self._subscription_row(chat_id)
+            same = old is not None and old["active"] and not old["paused"] and old["time"] == time
             self.db["subscriptions"].upsert({
                 "chat_id": chat_id, "time": time, "form": form, "tune": tune, "paused": 0, "paused_reason": None,
                 "active": 1,
                 "last_posted_date": old["last_posted_date"] if old else None,
                 "chat_type": chat_type or (old["chat_type"] if old else None),
-                "created_at": (since or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).isoformat(timespec="seconds"),
+                "created_at": old["created_at"] if same else
+                (since or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).isoformat(timespec="seconds"),
             }, pk="chat_id")
         return self.subscription(chat_id)
 

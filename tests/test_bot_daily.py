@@ -324,3 +324,64 @@ async def test_retries_after_an_engine_error_are_jittered(daily, clock, scripted
         assert not await daily.post_if_due(chat)
     assert len(jobs.delays) == 20 and len(set(jobs.delays)) > 10
     assert all(30 <= d <= 90 for d in jobs.delays), jobs.delays
+
+
+# -- a failure after the claim, and /daily while a post is owed -----------------------------------------------------
+
+async def test_a_poem_that_cannot_be_recorded_releases_the_claim_and_a_retry_posts(daily, clock, outbox, monkeypatch):
+    import sqlite3
+
+    record = daily.store.record_poem
+    calls = []
+
+    def locked_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(daily.store, "record_poem", locked_once)
+    clock.set_local("08:00")
+    assert not await daily.post_if_due(CHAT)
+    assert outbox.sent == [] and daily.store.subscription(CHAT).last_posted_date is None
+    clock.set_local("08:01")
+    assert await daily.post_if_due(CHAT)
+    assert len(outbox.sent) == 1
+
+
+class FakeJobQueue(RecordingJobQueue):
+    """What Daily.set_job calls: daily jobs by name, and run_once delays."""
+
+    def __init__(self):
+        super().__init__()
+        self.daily: list[str] = []
+
+    def run_daily(self, callback, time, name=None, **kwargs):
+        self.daily.append(name)
+
+    def get_jobs_by_name(self, name):
+        return []
+
+
+async def test_changing_only_the_form_keeps_a_post_still_owed(daily, clock, outbox, scripted_engine):
+    from bot.commands import Who
+
+    who = Who(chat_id=CHAT, user_id=None, chat_type="channel")
+    daily.job_queue = jobs = FakeJobQueue()
+    daily.commands.on_subscription_change = daily.set_job
+    clock.set_local("08:00")
+    scripted_engine.error = QueueFullError(1.0)
+    assert not await daily.post_if_due(CHAT)  # owed, a retry pending
+    scripted_engine.error = None
+    clock.set_local("08:01")
+    since = daily.store.subscription(CHAT).since
+    jobs.delays.clear()  # the /daily below removes the pending retry with the old job
+    await daily.commands.handle(who, "/daily 08:00 qijue")
+    assert daily.store.subscription(CHAT).since == since
+    assert jobs.delays, "the owed post is retried soon, not left to tomorrow's job"
+    clock.set_local("08:02")
+    assert await daily.post_if_due(CHAT)
+    assert len(outbox.sent) == 1
+    # A new time starts the subscription afresh: nothing owed from before it.
+    await daily.commands.handle(who, "/daily 07:30")
+    assert daily.store.subscription(CHAT).since > since

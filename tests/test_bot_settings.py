@@ -47,6 +47,12 @@ def test_bad_values_are_all_reported_with_what_is_allowed():
         assert key in text
 
 
+@pytest.mark.parametrize("zone", ["Asia", "America", "../etc/passwd"])
+def test_a_time_zone_that_is_a_folder_is_a_settings_error(zone):
+    with pytest.raises(SettingsError, match="TIMEZONE"):
+        Settings.from_env({"TIMEZONE": zone}, env_file=None)
+
+
 WEBHOOK_SECRET = "webhook_secret_0123456789abcdef_XYZ"  # 34 characters
 
 
