@@ -40,6 +40,7 @@ from bot.db import ChatSettings, Store, poem_keywords
 from bot.settings import Settings
 from engine.api import (
     DEFAULT_MODELS,
+    DEFAULT_TEMPERATURE,
     MAX_BEAM_WIDTH,
     PoemEngine,
     PoemRequest,
@@ -91,7 +92,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             manages=True, example="/form 五律"),
     Command("greedy", "", "贪心解码：每次取最可能的几个字之一", "greedy decoding: among the likeliest few characters",
             manages=True),
-    Command("sample", "[温度]", "随机采样，温度 0–2（默认 0.6）", "sampling, temperature in (0, 2] (default 0.6)",
+    Command("sample", "[温度]", f"随机采样，温度 0–2（默认 {DEFAULT_TEMPERATURE}）",
+            f"sampling, temperature in (0, 2] (default {DEFAULT_TEMPERATURE})",
             manages=True, example="/sample 1.2"),
     Command("beam", "N", "束搜索，宽度 1–16", "beam search, width 1–16", manages=True, example="/beam 5"),
     Command("model", "lstm-large|lstm|gru", "选择模型", "choose the model", manages=True, example="/model gru"),
@@ -475,7 +477,7 @@ class Commands:
                      "Decoding: greedy (each character among the likeliest few, so poems still differ).")
 
     async def cmd_sample(self, who: Who, args: list[str]) -> Reply:
-        usage = "用法：/sample 或 /sample 0.6（温度，大于 0 且不超过 2）\nUsage: /sample [temperature], temperature in (0, 2]."
+        usage = f"用法：/sample 或 /sample {DEFAULT_TEMPERATURE}（温度，大于 0 且不超过 2）\nUsage: /sample [temperature], temperature in (0, 2]."
         if len(args) > 1:
             return Reply(usage)
         temperature = (await self.store.aio.chat_settings(who.chat_id)).temperature

@@ -11,9 +11,9 @@ slot — one conditional UPDATE that sets last_posted_date and succeeds for one 
 then (5) sends. Claiming before sending gives "never twice": a crash between claim and send loses that
 day's poem instead of repeating it; claiming after sending would repeat it (at-least-once). Writing the
 poem before claiming means an engine failure costs no claim: the job retries a minute later within the
-grace window; so does a failure to record the poem after the claim (the claim is released). A send that Telegram surely refused (RetryAfter after the limiter's retries) releases the
-claim, as does a connection that was never made (nothing left); a read timeout might have been
-delivered, so the claim stays.
+grace window; so does a failure to record the poem after the claim (the claim is released). A send that
+Telegram surely refused (RetryAfter after the limiter's retries) releases the claim, as does a connection
+that was never made (nothing left); a read timeout might have been delivered, so the claim stays.
 
 Store calls are awaited through `store.aio` (the store's worker thread), so a database locked by another
 process holds up only the post that waits for it; a claim that cannot get the lock within the busy timeout

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from engine.api import DEFAULT_TEMPERATURE
 from engine.poem.forms import DEFAULT_FORM
 
 
@@ -38,7 +39,7 @@ class ChatSettings:
     form: str = DEFAULT_FORM  # qijue | wujue | qilv | wulv
     mode: str = "beam"  # greedy | sample | beam; beam-5 read best in both blind panels (docs/PERFORMANCE.md)
     beam_width: int = 5  # 1–16, beam mode
-    temperature: float = 0.6  # (0, 2], sample mode (engine.api.PoemRequest's default)
+    temperature: float = DEFAULT_TEMPERATURE  # (0, 2], sample mode
     model: str | None = None  # None = the engine's default model
     card: bool | None = None  # poems as pictures (/card on|off); None = the default: on in channels only
 

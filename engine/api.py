@@ -24,6 +24,7 @@ MODES = ("greedy", "sample", "beam")
 DEFAULT_MODELS = ("lstm-large", "lstm", "gru", "ci")
 CI_NAMES = ("ci", "词", "詞")
 MAX_BEAM_WIDTH = 16
+DEFAULT_TEMPERATURE = 0.6  # sample mode; read better than 0.8 in two blind panels (docs/PERFORMANCE.md)
 MAX_PROMPT = 14
 MAX_KEYWORDS = 4
 MAX_KEYWORD_LEN = 2  # a keyword stays inside one line, so it must be short enough to fit wherever it goes
@@ -36,7 +37,7 @@ class PoemRequest:
     tune: str | None = None  # the 词 tune (词牌) when form is ci, e.g. 浣溪沙; GET /v1/tunes lists them
     mode: str = "sample"  # greedy | sample | beam
     beam_width: int = 5  # 1–16, beam mode only
-    temperature: float = 0.6  # (0, 2], sample mode; 0.6 read better than 0.8 in two blind panels (PERFORMANCE.md)
+    temperature: float = DEFAULT_TEMPERATURE  # (0, 2], sample mode
     top_p: float = 0.9  # (0, 1], sample mode
     top_k: int = 0  # 0 = off, sample mode
     acrostic: str | None = None  # one character per line (4 or 8), excludes prompt

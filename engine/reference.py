@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from engine.api import MAX_BEAM_WIDTH, MODES, PoemRequest, PoemResult
+from engine.api import DEFAULT_TEMPERATURE, MAX_BEAM_WIDTH, MODES, PoemRequest, PoemResult
 from engine.errors import RequestError
 from engine.model.checkpoint import DEFAULT_CHECKPOINT
 from engine.model.network import PoemModel
@@ -52,7 +52,6 @@ def _single(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, flo
     device = _device_of(model)
     generator = make_generator(request.seed)
     temperature, top_k, top_p = draw_params(request)
-    penalty = REPEAT_PENALTY
     row, state = plan.new_row(), model.init_state(1, device)
     token, total = plan.start_token, 0.0
     while not row.done:
@@ -60,7 +59,7 @@ def _single(model: PoemModel, plan, request: PoemRequest) -> tuple[RowState, flo
         lse = logsumexp(logits)  # (1,)
         token = row.forced()
         if token is None:
-            bias = step_bias([row], penalty, device)  # one row
+            bias = step_bias([row], REPEAT_PENALTY, device)  # one row
             token = sample(logits[0], temperature, top_k, top_p, generator, bias)
         total += float(logits[0, token] - lse[0])
         row.advance(token)
@@ -100,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--form", default=DEFAULT_FORM, help=f"{' | '.join(FORM_NAMES)} (or 七绝 …)")
     parser.add_argument("--mode", default="sample", choices=MODES)
     parser.add_argument("--beam-width", type=int, default=5, help=f"1–{MAX_BEAM_WIDTH}, beam mode")
-    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--acrostic", default=None, help="one character per line (藏头诗)")
