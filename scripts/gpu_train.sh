@@ -9,6 +9,8 @@
 # OUT_DIR receives NAME.safetensors.partNNN (float16, at most 16 MiB each) with their .sha256, the
 # training log and history.jsonl. Here: python -m trainer join OUT_DIR/NAME.safetensors.part000 --out …
 # Every knob has an environment variable (below); tests run this script on the CPU at toy size.
+# MINUTES is wall time for the whole training run, evaluations and saves included (`--deadline`): the run
+# ends inside it with its cosine finished, and the export after it takes seconds.
 # PATIENCE is high on purpose: the learning rate follows a cosine over MINUTES, and a run stopped at its
 # first plateau (lstm-large: after 181 s of 300, at patience 6) never trains at the low rates where a
 # cosine schedule gains most. The best checkpoint by validation is what is exported either way.
@@ -25,7 +27,7 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda:", torch.cuda.
 rm -rf "$RUN_DIR"
 python3 -m trainer train --packed "$PACK" --out "$RUN_DIR" --device "$DEVICE" --cell "$CELL" --embed-dim "$EMBED" \
     --hidden-dim "$HIDDEN" --num-layers "$LAYERS" --dropout "$DROPOUT" --lr "$LR" --batch-tokens "$BATCH_TOKENS" \
-    --weight-decay "$WEIGHT_DECAY" --time-budget "$MINUTES" --max-steps "$MAX_STEPS" --epochs 1000 --eval-every "$EVAL_EVERY" --patience "$PATIENCE" \
+    --weight-decay "$WEIGHT_DECAY" --deadline "$MINUTES" --max-steps "$MAX_STEPS" --epochs 1000 --eval-every "$EVAL_EVERY" --patience "$PATIENCE" \
     --warmup-steps 50 --save-every 1e9 --no-progress 2>&1 | tee "$out/train.log"
 python3 -m trainer export --checkpoint "$RUN_DIR/best.safetensors" --out "$out" --name "$NAME" --part-mib "$PART_MIB"
 cp "$RUN_DIR/history.jsonl" "$out/history.jsonl"

@@ -86,6 +86,50 @@ def test_training_on_the_pack_gives_a_checkpoint_with_its_vocabulary(packed, tmp
     assert ckpt.meta["corpus_hash"] == load_pack(packed).corpus_hash
 
 
+def test_the_deadline_counts_evaluations_and_ends_the_cosine_inside_it(packed, tmp_path):
+    """A lent GPU machine gives minutes: the run must stop inside them, evaluations included (a 5-minute
+    training budget once took 7: the 124 evaluations were not counted), with its learning rate at the floor."""
+    from trainer.train import Trainer, TrainConfig
+
+    cfg = TrainConfig(packed=str(packed), out=str(tmp_path / "run"), cell="gru", embed_dim=16, hidden_dim=32,
+                      num_layers=1, dropout=0.0, deadline=1.0, epochs=1000, eval_every=1, eval_poems=40,
+                      batch_tokens=512, warmup_steps=0, lr=1e-2, min_lr_ratio=0.05, patience=1000, threads=1,
+                      half=False)
+    trainer = Trainer(cfg, log=lambda m: None)
+    now = [0.0]
+    trainer.wall = lambda: now[0]
+    evaluate = trainer._evaluate_and_keep_here
+
+    def slow_evaluation(history):  # each evaluation takes 30 s of the deadline's clock, the steps none
+        now[0] += 30.0
+        return evaluate(history)
+
+    trainer._evaluate_and_keep_here = slow_evaluation
+    result = trainer.run(progress_bar=False)
+    assert result["stop_reason"] == "deadline" and result["step"] == 3
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+
+
+def test_short_epochs_are_evaluated_every_eval_every_steps_and_at_the_last_epoch_end(packed, tmp_path):
+    import json
+
+    from trainer.train import Trainer, TrainConfig
+
+    cfg = TrainConfig(packed=str(packed), out=str(tmp_path / "run"), cell="gru", embed_dim=16, hidden_dim=32,
+                      num_layers=1, dropout=0.0, epochs=6, eval_every=10, eval_poems=40, batch_tokens=4096,
+                      warmup_steps=0, patience=1000, threads=1, half=False)
+    trainer = Trainer(cfg, log=lambda m: None)
+    per_epoch = len(trainer._epoch_shares(0))
+    assert per_epoch < cfg.eval_every  # the tiny pack's epochs are short, as a GPU's are
+    result = trainer.run(progress_bar=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    evaluated = [r["step"] for r in rows if "val_ppl" in r]
+    total = result["step"]
+    assert total == 6 * per_epoch and result["stop_reason"] == "epochs"
+    assert evaluated == [s for s in range(10, total + 1, 10)] + ([total] if total % 10 else [])
+    assert (tmp_path / "run" / "best.safetensors").is_file()
+
+
 def test_a_pack_with_the_ci_trains_one_model_that_writes_shi_and_ci(tiny_ci_corpus, tmp_path):
     from engine.api import PoemRequest
     from engine.poem.forms import FORMS, classify

@@ -65,9 +65,10 @@ class TrainConfig:
     batch_size: int = 128
     epochs: int = 10
     time_budget: float = 0.0  # minutes of training: CPU time on a CPU, wall time on a GPU; eval not counted (0: off)
+    deadline: float = 0.0  # minutes of wall time for this process's run, evaluations included (0: off)
     max_steps: int = 0  # 0: no limit
     log_every: int = 20  # steps between train-loss rows in history.jsonl
-    eval_every: int = 500  # steps; also at every epoch end
+    eval_every: int = 500  # steps; also at the last epoch's end, and at every epoch end when epochs are longer
     eval_poems: int = 2000  # validation poems per evaluation (a fixed subset, for speed)
     patience: int = 4  # evaluations without improvement before stopping
     save_every: float = 120.0  # seconds between resumable saves
@@ -265,6 +266,7 @@ class Trainer:
         # The time budget counts this process's CPU time on a CPU, so runs compared at the same budget
         # got the same compute however busy the machine was; on a GPU it counts wall time.
         self.clock = time.process_time if self.device.type == "cpu" else time.monotonic
+        self.wall = time.monotonic  # the deadline's clock (a test may replace it)
         self.use_amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
 
@@ -395,6 +397,9 @@ class Trainer:
 
         cfg, p = self.cfg, self.progress
         budget_s = cfg.time_budget * 60
+        # NOTE: the deadline is for a machine lent for minutes: unlike the time budget it counts evaluations
+        # and saves, so the cosine reaches its floor and the run stops inside the lease.
+        deadline_s, started = cfg.deadline * 60, self.wall()
         history = self.dir / "history.jsonl"
         last_save = time.monotonic()
         stop_reason = None
@@ -408,6 +413,7 @@ class Trainer:
                 t0 = self.clock()
                 progress = max(p["step"] / cfg.max_steps if cfg.max_steps else 0.0,
                                p["train_seconds"] / budget_s if budget_s else 0.0,
+                               (self.wall() - started) / deadline_s if deadline_s else 0.0,
                                (p["epoch"] + p["batch_in_epoch"] / len(batches)) / cfg.epochs)
                 batch, global_tokens = batches[p["batch_in_epoch"]]
                 # Linear scaling: N times the batch, N times the learning rate (warm-up included).
@@ -430,6 +436,8 @@ class Trainer:
                     stop_reason = "max_steps"
                 elif budget_s and p["train_seconds"] >= budget_s:
                     stop_reason = "time_budget"
+                elif deadline_s and self.wall() - started >= deadline_s:
+                    stop_reason = "deadline"
                 if p["step"] % cfg.eval_every == 0 or stop_reason:
                     stop_reason = self._evaluate_and_keep(history) or stop_reason
                 if stop_reason:
@@ -442,7 +450,10 @@ class Trainer:
                 break
             p["epoch"] += 1
             p["batch_in_epoch"] = 0
-            stop_reason = self._evaluate_and_keep(history)
+            # NOTE: a short epoch (a GPU's 65,536-token batches make 157 steps of one) is no reason to
+            # evaluate: eval_every decides, and the last epoch's end still keeps the best checkpoint.
+            if len(batches) > cfg.eval_every or p["epoch"] >= cfg.epochs:
+                stop_reason = self._evaluate_and_keep(history)
             if stop_reason:
                 break
         p["done"] = True
