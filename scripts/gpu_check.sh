@@ -11,7 +11,8 @@ set -uo pipefail
 out=${1:-${OUT:-.}}
 : "${DEVICE:=cuda}" "${CHECKPOINT:=engine/checkpoints/lstm-large.safetensors}" "${CONCURRENCY:=64 256}"
 : "${REQUESTS:=256}" "${PROFILE_REQUESTS:=256}" "${SKIP_TESTS:=0}"
-: "${COMPILE_ROWS:=64 256}" "${COMPILE_BACKEND:=inductor}"
+: "${COMPILE_ROWS:=64 256}" "${COMPILE_BACKEND:=inductor}" "${COMPILE_MODES:=default reduce-overhead}" "${COMPILE_TIMEOUT:=150}"
+: "${BENCH_VARIANTS:=engine http ceiling}"
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -26,10 +27,10 @@ if [[ $SKIP_TESTS != 1 ]]; then
     python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_cuda.py 2>&1 | tee "$out/tests_cuda.log" | tail -5
 fi
 DEVICE=$DEVICE CHECKPOINT=$CHECKPOINT N=$PROFILE_REQUESTS python3 scripts/gpu_profile.py device >"$out/profile_cuda.log" 2>&1
-DEVICE=$DEVICE CHECKPOINT=$CHECKPOINT ROWS=$COMPILE_ROWS BACKEND=$COMPILE_BACKEND python3 scripts/rows_compile.py \
+DEVICE=$DEVICE CHECKPOINT=$CHECKPOINT ROWS=$COMPILE_ROWS BACKEND=$COMPILE_BACKEND MODES=$COMPILE_MODES timeout "$COMPILE_TIMEOUT" python3 scripts/rows_compile.py \
     >"$out/rows_compile.log" 2>&1
 for rows in device host; do
     # shellcheck disable=SC2086  # CONCURRENCY is a list
     python3 -m engine bench --device "$DEVICE" --checkpoint "$CHECKPOINT" --row-state $rows --concurrency $CONCURRENCY \
-        --requests "$REQUESTS" --variants engine http ceiling >"$out/bench_cuda_$rows.json" 2> >(tee "$out/bench_cuda_$rows.log" >&2)
+        --requests "$REQUESTS" --variants $BENCH_VARIANTS >"$out/bench_cuda_$rows.json" 2> >(tee "$out/bench_cuda_$rows.log" >&2)
 done

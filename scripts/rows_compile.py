@@ -3,6 +3,7 @@ ROWS rows of real plans (CHECKPOINT's vocabulary, the four forms, sampling): mil
 launches a step on a GPU, and whether both write the same tokens.
 
     python3 scripts/rows_compile.py                         # run by scripts/gpu_check.sh (DEVICE=cuda)
+    MODES="default reduce-overhead" python3 scripts/rows_compile.py   # and with inductor's CUDA graphs
     DEVICE=cpu ROWS=8 BACKEND=aot_eager python3 scripts/rows_compile.py   # the plumbing, quickly (the tests)
 
 NOTE: on the 2-core CPU inductor's code for these two functions was slower than eager (the gathers inside
@@ -28,6 +29,7 @@ checkpoint = Path(os.environ.get("CHECKPOINT") or DEFAULT_CHECKPOINT)
 sizes = [int(n) for n in os.environ.get("ROWS", "64 256").split()]
 backend = os.environ.get("BACKEND", "inductor")
 steps = int(os.environ.get("STEPS", "20"))
+modes = os.environ.get("MODES", "default").split()  # torch.compile modes, e.g. "default reduce-overhead"
 
 vocab = Vocab(read_meta(checkpoint)["vocab"])
 prosody = prosody_for(vocab)
@@ -71,22 +73,26 @@ def launches(n: int, bias, advance) -> int | None:
 
 def main() -> int:
     eager = (DeviceRows.bias, DeviceRows.advance)
-    try:
-        compiled = (torch.compile(DeviceRows.bias, backend=backend, dynamic=True),
-                    torch.compile(DeviceRows.advance, backend=backend, dynamic=True))
-        start = time.perf_counter()
+    print(f"{'mode':>16} {'rows':>5} {'eager ms':>9} {'compiled ms':>12} {'launches eager':>15} {'compiled':>9} same")
+    for mode in modes:
+        torch._dynamo.reset()
+        try:
+            # NOTE: reduce-overhead also replays CUDA graphs, one per shape: static shapes, as the engine's
+            # batch-size buckets would be.
+            compiled = (torch.compile(DeviceRows.bias, backend=backend, mode=mode, dynamic=mode == "default"),
+                        torch.compile(DeviceRows.advance, backend=backend, mode=mode, dynamic=mode == "default"))
+            start = time.perf_counter()
+            for n in sizes:
+                walk(n, *compiled)
+            print(f"compiled ({backend}, {mode}) in {time.perf_counter() - start:.1f} s for {sizes} rows")
+        except Exception as e:  # noqa: BLE001  NOTE: a GPU image without a working Triton says so and the check goes on
+            print(f"torch.compile ({backend}, {mode}) failed: {type(e).__name__}: {e}")
+            continue
         for n in sizes:
-            walk(n, *compiled)
-        print(f"compiled ({backend}) in {time.perf_counter() - start:.1f} s for {sizes} rows")
-    except Exception as e:  # noqa: BLE001  NOTE: a GPU image without a working Triton says so and the check goes on
-        print(f"torch.compile ({backend}) failed: {type(e).__name__}: {e}")
-        return 0
-    print(f"{'rows':>5} {'eager ms':>9} {'compiled ms':>12} {'launches eager':>15} {'compiled':>9} same")
-    for n in sizes:
-        walk(n, *eager)  # warm
-        (te, oe), (tc, oc) = walk(n, *eager), walk(n, *compiled)
-        print(f"{n:>5} {te * 1e3:>9.2f} {tc * 1e3:>12.2f} {launches(n, *eager)!s:>15} {launches(n, *compiled)!s:>9} "
-              f"{torch.equal(oe, oc)}")
+            walk(n, *eager)  # warm
+            (te, oe), (tc, oc) = walk(n, *eager), walk(n, *compiled)
+            print(f"{mode:>16} {n:>5} {te * 1e3:>9.2f} {tc * 1e3:>12.2f} {launches(n, *eager)!s:>15} "
+                  f"{launches(n, *compiled)!s:>9} {torch.equal(oe, oc)}", flush=True)
     return 0
 
 

@@ -83,7 +83,7 @@ def test_the_gpu_check_script_runs_end_to_end_at_toy_size_on_the_cpu(tiny_checkp
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, DEVICE="cpu", CHECKPOINT=str(tiny_checkpoint), CONCURRENCY="2", REQUESTS="2",
                PROFILE_REQUESTS="4", SKIP_TESTS="1",
-               COMPILE_ROWS="4", COMPILE_BACKEND="aot_eager")
+               COMPILE_ROWS="4", COMPILE_BACKEND="aot_eager", COMPILE_MODES="default")
     out = tmp_path / "OUT"
     done = subprocess.run(["bash", "scripts/gpu_check.sh", str(out)], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -386,7 +386,9 @@ class DeviceRows:
         han = self._at(self.han)
         by_plan = self._at(self.plan_forced)
         self.uses.scatter_add_(1, tokens[:, None], han.float()[:, None])
-        self.counts.scatter_add_(1, tokens[:, None], (han & ~by_plan).to(torch.uint8)[:, None])
+        # NOTE: one column per row, so a gather and a scatter add without atomics (Triton has none for uint8).
+        column = tokens[:, None]
+        self.counts.scatter_(1, column, self.counts.gather(1, column) + (han & ~by_plan).to(torch.uint8)[:, None])
         # Tone: the s values this character keeps possible; a forced one that keeps none bends the rule.
         tones = t.tones[tokens]
         req_l, req_o = self._at(self.tone_l), self._at(self.tone_o)
