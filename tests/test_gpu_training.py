@@ -18,6 +18,7 @@ from trainer.data import Buckets
 from trainer.evaluate import perplexity
 from trainer.export import export, join
 from trainer.pack import _sample, load_pack, pack_corpus
+from engine.poem.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +66,41 @@ def test_a_compressed_pack_with_fewer_held_out_poems_reads_back_the_same_trainin
     broken.write_bytes(out.read_bytes()[: out.stat().st_size // 2])
     with pytest.raises(CorpusError, match="not a packed corpus"):
         load_pack(broken)
+
+
+def test_irregular_poems_give_stanzas_of_four_even_lines_at_couplet_starts():
+    from trainer.corpus import Poem
+    from trainer.data import stanza_poems
+
+    vocab = Vocab.build(["春风山月水云花鸟天地人家江湖日夜"])
+    six = Poem("春风山月水，云花鸟天地。人家江湖日，夜春风山月。水云花鸟天，地人家江湖。", "other", "poet.tang")
+    ragged = Poem("春风山月水云花，鸟天地人家。江湖日夜春风山，月水云花鸟天地。人家江湖日夜春，风山月水云花鸟。"
+                  "天地人家江湖日，夜春风山月水云。", "other", "poet.tang")
+    odd = Poem("春风山月水，云花鸟天地。人家江湖日，夜春风山月。", "other", "ci.song.0")  # a 词 source: never
+    unknown = Poem("春风山月水，云花鸟天地。人家江湖日，夜春风山雪。", "other", "poet.tang")  # 雪: not in vocab
+    regular = Poem("春风山月水，云花鸟天地。人家江湖日，夜春风山月。", "wujue", "poet.tang")  # already trained on
+    out = stanza_poems([six, ragged, odd, unknown, regular], vocab)
+    assert [(p.form, p.text) for p in out] == [
+        ("wujue", "春风山月水，云花鸟天地。人家江湖日，夜春风山月。"),
+        # the ragged poem's first couplet is uneven: its stanza starts at the second couplet
+        ("qijue", "江湖日夜春风山，月水云花鸟天地。人家江湖日夜春，风山月水云花鸟。"),
+    ]
+    assert stanza_poems([six], vocab, avoid_lines={"夜春风山月"}) == []
+
+
+def test_a_pack_with_stanzas_trains_on_more_and_keeps_the_held_out_poems(tiny_corpus, packed, tmp_path):
+    from conftest import make_poems, write_corpus
+
+    lines = [p for text in make_poems(60, seed=9) for p in text.replace("。", "，").split("，") if len(p) == 7]
+    irregular = ["".join(line + "，。"[j % 2] for j, line in enumerate(lines[k:k + 6])) for k in range(0, 60, 6)]
+    # tiny_corpus's poems, and six-line poems: irregular, one stanza each
+    corpus = write_corpus(tmp_path / "corpus", make_poems(400, seed=1) + irregular)
+    out = tmp_path / "packed.safetensors"
+    meta = pack_corpus([str(corpus)], out, min_count=1, include_stanzas=True)
+    plain, more = load_pack(packed), load_pack(out)
+    assert meta["stanzas"] > 0 and more.vocab.tokens == plain.vocab.tokens
+    assert more.train.num_poems == plain.train.num_poems + meta["stanzas"]
+    assert all(torch.equal(more.val.tensors[k], t) for k, t in plain.val.tensors.items())
 
 
 def test_a_file_that_is_not_a_pack_is_refused_by_name(tmp_path, tiny_checkpoint):

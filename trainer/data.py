@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.poem.vocab import Vocab, is_han
+from engine.poem.forms import split_lines
 from trainer.corpus import Corpus, Poem
 
 CLASSIC_LEN = 125
@@ -53,13 +54,18 @@ def ci_text(text: str) -> str | None:
     return "".join(out)
 
 
+def is_ci_source(source: str) -> bool:
+    """A record of the 词 sources (Poem.source)."""
+    return source.startswith("ci") or source == "宋词三百首"
+
+
 def ci_poems(corpus: Corpus) -> list[Poem]:
     """The corpus's 词 (records of the ci sources) as Poem(form="ci", title=tune, text=ci_text). Tunes are
     named as the tune table names them (trainer.tunes.canonical_names: 望江南・忆江南 is 忆江南); a poem whose
     tune is lost (失调名) keeps an empty title and opens with <ci>."""
     from trainer.tunes import canonical_names  # late: it imports this package's corpus reader
 
-    ci = [p for p in corpus.poems if p.source.startswith("ci") or p.source == "宋词三百首"]
+    ci = [p for p in corpus.poems if is_ci_source(p.source)]
     names, _ = canonical_names(tune_name(p.title) for p in ci)
     out = []
     for p in ci:
@@ -67,6 +73,37 @@ def ci_poems(corpus: Corpus) -> list[Poem]:
         if text:
             out.append(Poem(text=text, form=CI, source=p.source, author=p.author,
                             title=names.get(tune_name(p.title), "")))
+    return out
+
+
+STANZA_FORMS = {5: "wujue", 7: "qijue"}  # a stanza's line length → the form token it trains under
+
+
+def stanza_poems(poems: list[Poem], vocab: Vocab, avoid_lines: set[str] = frozenset()) -> list[Poem]:
+    """The irregular 诗 (form "other") cut into stanzas a regular form's model can learn from: each run of four
+    lines of five or seven characters, starting at a couplet, taken as a 五绝 or 七绝 (never overlapping).
+
+    NOTE: the corpus holds 74,000 irregular poems (8 M characters) beside 226,000 regular ones (10 M), and a
+    2 × 1024 LSTM overfits the regular ones after some 40 passes. Their stanzas are not 绝句 in tone or rhyme;
+    the engine's masks enforce those when it writes one. A stanza with a character outside `vocab`, or with a
+    line in `avoid_lines` (the held-out poems' lines), is left out."""
+    out = []
+    for p in poems:
+        if p.form != "other" or is_ci_source(p.source):
+            continue
+        lines = split_lines(p.text)
+        i = 0
+        while i + 4 <= len(lines):
+            window = lines[i:i + 4]
+            n = len(window[0])
+            if (n in STANZA_FORMS and all(len(line) == n for line in window)
+                    and all(ch in vocab for line in window for ch in line)
+                    and not any(line in avoid_lines for line in window)):
+                out.append(Poem(text=f"{window[0]}，{window[1]}。{window[2]}，{window[3]}。", form=STANZA_FORMS[n],
+                                source=p.source, author=p.author, title=p.title))
+                i += 4
+            else:
+                i += 2
     return out
 
 

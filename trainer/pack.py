@@ -36,7 +36,7 @@ from safetensors.torch import load, save
 from engine.files import atomic_write_bytes
 from engine.poem.vocab import Vocab
 from trainer.corpus import CorpusError, load_corpus, split
-from trainer.data import Buckets, ci_poems, ci_vocab
+from trainer.data import Buckets, ci_poems, ci_vocab, stanza_poems
 
 FORMAT = "yinshi-packed-corpus"
 XZ_MAGIC = b"\xfd7zXZ\x00"
@@ -51,9 +51,11 @@ class PackedCorpus:
 
 
 def pack_corpus(paths: list[str], out: Path, val_percent: int = 5, min_count: int = 5, max_vocab: int = 6000,
-                include_ci: bool = False, tune_tokens: int = 80, val_poems: int = 0, xz: bool = False) -> dict:
+                include_ci: bool = False, tune_tokens: int = 80, val_poems: int = 0, xz: bool = False,
+                include_stanzas: bool = False) -> dict:
     """Write the packed file; returns its metadata. `val_poems` > 0 keeps that many held-out poems of each
-    kind (诗, and 词 with `include_ci`), drawn evenly; `xz` compresses the file."""
+    kind (诗, and 词 with `include_ci`), drawn evenly; `xz` compresses the file. `include_stanzas` adds the
+    training split's irregular poems cut into 绝句-shaped stanzas (trainer.data.stanza_poems) to training."""
     if val_poems < 0:
         raise ValueError(f"val_poems must not be negative, got {val_poems}")
     corpus = load_corpus(paths, include_ci=include_ci)
@@ -61,6 +63,12 @@ def pack_corpus(paths: list[str], out: Path, val_percent: int = 5, min_count: in
     if not train or not val:
         raise CorpusError(f"{', '.join(paths)}: the training or the validation split is empty")
     vocab = Vocab.build((p.text for p in train), min_count, max_vocab)
+    stanzas = []
+    if include_stanzas:
+        irregular_train, irregular_val = split([p for p in corpus.poems if p.form == "other"], val_percent)
+        held_out_lines = {line for p in val + irregular_val for line in p.lines}
+        stanzas = stanza_poems(irregular_train, vocab, held_out_lines)
+        train = train + stanzas
     val = _sample(val, val_poems)
     if include_ci:
         ci_train, ci_val = split(ci_poems(corpus), val_percent)
@@ -74,7 +82,7 @@ def pack_corpus(paths: list[str], out: Path, val_percent: int = 5, min_count: in
                for name, poems in (("train", train), ("val", val))
                for form, t in Buckets.build(vocab, poems).tensors.items()}
     meta = {"format": FORMAT, "vocab": vocab.tokens, "corpus_hash": corpus.digest(), "val_percent": val_percent,
-            "train_poems": len(train), "val_poems": len(val)}
+            "train_poems": len(train), "val_poems": len(val), "stanzas": len(stanzas)}
     data = save(tensors, metadata={"yinshi": json.dumps(meta, ensure_ascii=False)})
     atomic_write_bytes(Path(out), lzma.compress(data, preset=9) if xz else data)
     return meta
@@ -125,14 +133,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-count", type=int, default=5)
     parser.add_argument("--max-vocab", type=int, default=6000)
     parser.add_argument("--include-ci", action="store_true", help="pack the Song 词 too (a model that writes both)")
+    parser.add_argument("--include-stanzas", action="store_true",
+                        help="train on the irregular poems' 绝句-shaped stanzas too (trainer.data.stanza_poems)")
     parser.add_argument("--val-poems", type=int, default=0, help="keep only the first N held-out poems (0: all)")
     parser.add_argument("--xz", action="store_true", help="compress the file (load_pack reads it back as it is)")
 
 
 def main(args: argparse.Namespace) -> int:
     meta = pack_corpus(args.corpus, Path(args.out), args.val_percent, args.min_count, args.max_vocab, args.include_ci,
-                       val_poems=args.val_poems, xz=args.xz)
+                       val_poems=args.val_poems, xz=args.xz, include_stanzas=args.include_stanzas)
     size = Path(args.out).stat().st_size
     print(json.dumps({"out": args.out, "bytes": size, "vocab": len(meta["vocab"]), "train_poems": meta["train_poems"],
-                      "val_poems": meta["val_poems"], "corpus_hash": meta["corpus_hash"]}))
+                      "val_poems": meta["val_poems"], "stanzas": meta["stanzas"],
+                      "corpus_hash": meta["corpus_hash"]}))
     return 0
