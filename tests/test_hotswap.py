@@ -126,6 +126,29 @@ async def test_a_refused_version_is_not_retried_until_current_changes(checkpoint
         assert (await engine.status())["failed_validations"] == 1
 
 
+@pytest.mark.parametrize("case", ["outside", "bad name"])
+async def test_a_current_refused_before_loading_is_not_retried_until_it_changes(checkpoint_store, tiny_checkpoint,
+                                                                               tmp_path, case):
+    """A CURRENT the store's own checks refuse (a version file linked outside the store, a CURRENT that names
+    no valid version) was recorded as version "?", so every watch poll offered and refused it again."""
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        if case == "outside":
+            outside = new_version(tiny_checkpoint, tmp_path / "elsewhere" / "evil.safetensors")
+            os.symlink(outside, store.version_path(checkpoint_store, "lstm", "29990101T000000000Z"))
+            store.set_current(checkpoint_store, "lstm", "29990101T000000000Z")
+        else:
+            (checkpoint_store / "lstm" / "CURRENT").write_text("../../etc/passwd\n")
+        assert engine.registry.newer_names() == ["lstm"]
+        assert (await engine.reload("lstm"))["lstm"]["status"] == "refused"
+        for _ in range(3):  # the watcher's polls
+            assert engine.registry.newer_names() == []
+        assert (await engine.status())["failed_validations"] == 1
+        new = store.publish(checkpoint_store, "lstm", new_version(tiny_checkpoint, tmp_path / "v2.safetensors"))
+        assert engine.registry.newer_names() == ["lstm"]  # a new CURRENT is looked at again
+        assert (await engine.reload("lstm"))["lstm"]["status"] == "swapped"
+        assert (await engine.generate(PoemRequest(mode="greedy"))).model["version"] == new
+
+
 @pytest.mark.parametrize("name", ["../etc", "LSTM", ""])
 async def test_reload_of_a_model_that_is_not_configured_is_a_request_error(checkpoint_store, name):
     from engine.errors import RequestError

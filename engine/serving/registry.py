@@ -259,6 +259,13 @@ class ModelRegistry:
             raise ValidationError(f"{path} resolves outside the checkpoint directory {self.checkpoint_dir}")
         return path, rolled_back
 
+    def _current_text(self, name: str) -> str:
+        """What CURRENT names, valid or not: a refusal recorded under it holds until CURRENT changes."""
+        try:
+            return store.current_version(self.checkpoint_dir, name) or "?"
+        except (store.StoreError, OSError):
+            return "?"
+
     def _gated(self, candidate: ServingModel) -> bool:
         """Whether the trainer's gate passed these very weights (a verdict for other weights proves nothing)."""
         try:
@@ -345,7 +352,7 @@ class ModelRegistry:
                 if (p := self._store_path(name)) is not None:
                     candidates.append(p)
             except ValidationError as e:
-                self._refuse(name, "?", str(e))
+                self._refuse(name, self._current_text(name), str(e))
             if (p := self._package_path(name)) is not None:
                 candidates.append(p)
             for path in candidates:
@@ -416,7 +423,7 @@ class ModelRegistry:
         try:
             path, rolled_back = self._store_state(name)
         except ValidationError as e:
-            return self._refuse(name, "?", str(e))
+            return self._refuse(name, self._current_text(name), str(e))
         if path is None:
             return {"status": "unchanged", "version": getattr(running, "version", None),
                     "reason": "nothing published in the store"}
