@@ -215,6 +215,17 @@ def test_the_command_line_publishes_rolls_back_and_lists_versions(root, ckpts, c
     assert [r["kind"] for r in records] == ["publish", "publish", "rollback"]
 
 
+@pytest.mark.parametrize("command", ["rollback", "versions", "publish"])
+def test_every_store_command_refuses_a_bad_model_name_with_one_error_line(root, ckpts, capsys, command):
+    from trainer.__main__ import main
+
+    extra = ["--checkpoint", str(ckpts[0])] if command == "publish" else []
+    assert main([command, "--store", str(root), "--name", "../x", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (root / "lstm").exists() and not (root.parent / "x").exists()
+
+
 def test_a_publish_expecting_a_current_that_moved_is_superseded_and_changes_nothing(root, ckpts):
     # A retrain fine-tuned from v0; meanwhile an operator published v1 by hand. The retrain's publish must
     # not overwrite the operator's choice (last writer wins was the bug).

@@ -63,8 +63,8 @@ def publish_main(args) -> int:
 
 
 def rollback_main(args) -> int:
-    before = store.current_version(args.store, args.name)
     try:
+        before = store.current_version(args.store, args.name)
         version = store.rollback(args.store, args.name, args.version)
     except store.StoreError as e:
         print(f"error: {e}", file=sys.stderr)
