@@ -244,6 +244,16 @@ def test_export_splits_into_small_parts_and_join_restores_the_checkpoint(tiny_ch
         assert torch.equal(x, y), name
 
 
+@pytest.mark.parametrize("part_mib", [0.00001, 0, -1])
+def test_export_refuses_parts_join_could_not_read_back_and_keeps_the_old_ones(tiny_checkpoint, tmp_path, part_mib):
+    """Over 1,000 parts the names grow a digit that join's partNNN never matches: refused before writing."""
+    export(tiny_checkpoint, tmp_path / "out", "lstm", part_mib=0.02)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(ValueError, match="part-mib"):
+        export(tiny_checkpoint, tmp_path / "out", "lstm", part_mib=part_mib)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
 @pytest.mark.parametrize("damage", ["flip", "missing"])
 def test_join_refuses_damaged_or_missing_parts_and_writes_nothing(tiny_checkpoint, tmp_path, damage):
     export(tiny_checkpoint, tmp_path / "out", "lstm", part_mib=0.02)

@@ -24,7 +24,12 @@ from engine.model.checkpoint import CheckpointError, load_checkpoint, save_check
 MIB = 1 << 20
 
 
+MAX_PARTS = 1000  # part000 … part999: what `join` reads back
+
+
 def export(checkpoint: Path, out: Path, name: str, int8: bool = False, part_mib: float = 16) -> dict:
+    if not part_mib > 0:
+        raise ValueError(f"--part-mib must be positive, got {part_mib}")
     ckpt = load_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -34,9 +39,12 @@ def export(checkpoint: Path, out: Path, name: str, int8: bool = False, part_mib:
         save_checkpoint(whole, ckpt.model, ckpt.vocab, meta, half=ckpt.meta.get("dtype") == "float16" and not int8,
                         int8=int8)
         data = whole.read_bytes()
+    size = max(1, int(part_mib * MIB))
+    if len(data) > MAX_PARTS * size:
+        raise ValueError(f"{len(data)} bytes in parts of {part_mib:g} MiB would make more than {MAX_PARTS} parts, "
+                         f"more than join reads: raise --part-mib")
     for old in out.glob(f"{name}.safetensors.part*"):
         old.unlink()
-    size = max(1, int(part_mib * MIB))
     parts = []
     for i in range(0, len(data), size):
         part = out / f"{name}.safetensors.part{i // size:03d}"
