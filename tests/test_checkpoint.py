@@ -229,6 +229,22 @@ def integer_tensor(path):
     _rewrite(path, tensors, meta)
 
 
+def config_far_larger_than_its_weights(path):
+    """A 25 KB file whose header asks for hidden_dim 2^22: building that model first raised a RuntimeError
+    (or took gigabytes) instead of a CheckpointError."""
+    tensors, meta = _tensors_and_meta(path)
+    meta["config"] = dict(meta["config"], hidden_dim=1 << 22)
+    _rewrite(path, tensors, meta)
+
+
+def int8_scales_per_column(path):
+    ckpt = load_checkpoint(path)
+    save_checkpoint(path, ckpt.model, ckpt.vocab, int8=True)
+    tensors, meta = _tensors_and_meta(path)
+    tensors["head.weight.scale"] = torch.ones(tensors["head.weight"].shape[1])  # one per column, not per row
+    _rewrite(path, tensors, meta)
+
+
 def pickle_renamed(path):
     tensors, _ = _tensors_and_meta(path)
     torch.save(tensors, path)  # a torch pickle under the .safetensors name
@@ -248,7 +264,7 @@ CORRUPTIONS = [truncated, empty, random_bytes, flipped_weight_byte, nan_weights,
                metadata_not_json, metadata_not_an_object, wrong_format, future_format_version, lacks_weights_digest,
                lacks_config, other_form_tokens, vocab_config_mismatch, unknown_config_key, bad_config_value,
                vocab_with_latin, wrong_tensor_shapes, missing_tensor, extra_tensor, integer_tensor, pickle_renamed,
-               directory, deleted]
+               directory, deleted, config_far_larger_than_its_weights, int8_scales_per_column]
 
 EXPECTED_PROBLEM = {
     flipped_weight_byte: "SHA-256", nan_weights: "NaN", vocab_character_swapped: "metadata does not match", infinite_weights: "NaN", metadata_missing: "metadata",
@@ -257,6 +273,7 @@ EXPECTED_PROBLEM = {
     vocab_config_mismatch: "vocabulary has", unknown_config_key: "unknown model config keys",
     bad_config_value: "cell", vocab_with_latin: "non-Han", wrong_tensor_shapes: "wrong shape",
     missing_tensor: "missing", extra_tensor: "extra", pickle_renamed: "safetensors", deleted: "no such file",
+    config_far_larger_than_its_weights: "wrong shape", int8_scales_per_column: "one float per row",
 }
 
 
