@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -213,6 +214,27 @@ def test_the_command_line_publishes_rolls_back_and_lists_versions(root, ckpts, c
     assert "no published version" in capsys.readouterr().err
     records = [json.loads(line) for line in (root / ".trainer" / "runs.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["publish", "publish", "rollback"]
+
+
+def test_a_checkpoint_replaced_while_it_is_published_is_refused_and_changes_nothing(root, ckpts, monkeypatch):
+    """The version is read from the header before the copy: a trainer saving a new best in between put
+    other weights under the old version's name, and the engine reloaded that file on every poll."""
+    v0 = store.publish(root, "lstm", ckpts[0])
+    source = ckpts[1].parent / "best.safetensors"
+    shutil.copy(ckpts[1], source)
+    read_meta = store.read_meta
+
+    def read_then_the_trainer_saves(path):
+        meta = read_meta(path)
+        if Path(path) == source:
+            shutil.copy(ckpts[2], source)  # atomically, as save_checkpoint does: a whole other checkpoint
+        return meta
+
+    monkeypatch.setattr(store, "read_meta", read_then_the_trainer_saves)
+    with pytest.raises(store.StoreError, match="changed while being copied"):
+        store.publish(root, "lstm", source)
+    assert store.current_version(root, "lstm") == v0 and store.versions(root, "lstm") == [v0]
+    assert not list((root / "lstm" / "versions").glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("command", ["rollback", "versions", "publish"])

@@ -177,9 +177,14 @@ def _publish(store: Path, name: str, checkpoint: Path, keep: int, expect, gate: 
                     dst.flush()
                     os.fsync(dst.fileno())
                 try:
-                    load_checkpoint(tmp)
+                    copied = load_checkpoint(tmp)
                 except CheckpointError as e:
                     raise StoreError(f"refusing to publish {checkpoint}: {e.problem}") from None
+                # NOTE: the version was read before the copy; a trainer saving a new best.safetensors in
+                # between would put other weights under this version's name.
+                if (copied.version, copied.meta["weights_sha256"]) != (version, meta["weights_sha256"]):
+                    raise StoreError(f"refusing to publish {checkpoint}: it changed while being copied (now "
+                                     f"version {copied.version}, was {version}); publish it again")
                 os.replace(tmp, target)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
