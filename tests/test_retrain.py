@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import time
 import shutil
 from pathlib import Path
 
@@ -334,3 +337,87 @@ def test_without_ci_in_the_corpus_the_ci_run_fails_saying_how_and_the_others_sti
     assert KnownLines.load(root / "store" / KNOWN_LINES_FILE).meta["corpus_hash"] == load_corpus([root / "corpus"], include_ci=True).digest()
     assert records[0]["outcome"] in ("published", "rejected")
     assert records[1]["outcome"] == "failed" and "--include-ci" in records[1]["why"]
+
+
+def _sleeping_torchrun(monkeypatch):
+    """torchrun replaced by a process that only sleeps: what matters here is its lifetime, not training."""
+    import trainer.retrain as retrain
+
+    monkeypatch.setattr(retrain, "torchrun_command", lambda tc, nproc, port: ["sleep", "60"])
+    return retrain
+
+
+def _wait_for(condition, what: str, seconds: float = 20.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_stopping_the_daemon_stops_the_torchrun_of_the_run_in_progress(tmp_path, monkeypatch):
+    import threading
+
+    from trainer.train import TrainConfig
+
+    retrain = _sleeping_torchrun(monkeypatch)
+    outcome = {}
+
+    def run():
+        with retrain._run_lock(tmp_path / "store"):
+            try:
+                retrain._train_distributed(TrainConfig(out=str(tmp_path / "run")), 2)
+            except RuntimeError as e:
+                outcome["error"] = str(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    _wait_for(lambda: retrain._training, "torchrun never started")
+    (proc,) = retrain._training
+    retrain.stop_training()  # what the daemon calls on its way out
+    worker.join(timeout=20)
+    assert not worker.is_alive() and proc.poll() is not None and "exited with status" in outcome["error"]
+    with retrain._run_lock(tmp_path / "store") as locked:
+        assert locked
+
+
+def test_a_torchrun_orphaned_by_a_killed_trainer_keeps_the_run_lock_until_it_ends(tmp_path):
+    """The trainer killed outright (SIGKILL, an OOM kill): its torchrun lives on, and a new run must not
+    start beside it in the same run directory."""
+    import signal
+    import subprocess
+    import sys
+
+    from trainer.retrain import _run_lock
+
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+import trainer.retrain as retrain
+from trainer.train import TrainConfig
+retrain.torchrun_command = lambda tc, nproc, port: ["sleep", "60"]
+with retrain._run_lock({str(tmp_path / "store")!r}):
+    retrain._train_distributed(TrainConfig(out={str(tmp_path / "run")!r}), 2)
+"""
+    trainer = subprocess.Popen([sys.executable, "-c", script])
+    children = []
+
+    def torchrun_started():
+        children[:] = subprocess.run(["pgrep", "-P", str(trainer.pid)], capture_output=True, text=True).stdout.split()
+        return children
+
+    try:
+        _wait_for(torchrun_started, "torchrun never started")
+        trainer.kill()
+        trainer.wait()
+        orphan = int(children[0])
+        assert os.path.exists(f"/proc/{orphan}")
+        with _run_lock(tmp_path / "store") as locked:
+            assert not locked  # busy: the orphan holds the lock
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pid), signal.SIGKILL)
+    _wait_for(lambda: not os.path.exists(f"/proc/{orphan}") or open(f"/proc/{orphan}/stat").read().split()[2] == "Z",
+              "the orphan did not end")
+    with _run_lock(tmp_path / "store") as locked:
+        assert locked

@@ -21,7 +21,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from trainer.known_lines import refresh_or_warn
-from trainer.retrain import RetrainConfig, retrain_all
+from trainer.retrain import RetrainConfig, retrain_all, stop_training
 from trainer.spool import (
     DaemonRunning,
     acquire_daemon_lock,
@@ -132,6 +132,7 @@ def run_daemon(cfg: RetrainConfig, cron: str, timezone: str) -> int:
         pass
     log.info("stopping; a run cut off now resumes from its run directory next time")
     scheduler.shutdown(wait=False)
+    stop_training()
     lock.close()
     logging.shutdown()
     # A retrain thread may still be training; it holds no state that a kill would break (the run

@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -176,6 +177,26 @@ def torchrun_command(tc, nproc: int, port: int) -> list[str]:
             "--master-port", str(port), "-m", "trainer", "train", *args, "--resume", "--no-progress"]
 
 
+# NOTE: torchrun runs in a session of its own (a group signal reaches it and its workers, nothing else), and it
+# inherits the run lock's descriptor: a trainer killed outright leaves an orphan that still holds the lock, so
+# no run starts beside it in the same run directory. `stop_training` ends it when the daemon stops.
+_training: set[subprocess.Popen] = set()
+_lock_fds: list[int] = []  # the run lock's descriptor while this process holds it
+
+
+def stop_training(grace: float = 10.0) -> None:
+    """Stop the torchrun processes of the run in progress, if any (TERM, then KILL after `grace` seconds)."""
+    for proc in list(_training):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
 def _train_distributed(tc, nproc: int) -> dict:
     """Train `tc` in `nproc` processes under torchrun; returns the progress rank 0 saved."""
     from trainer.train import read_progress
@@ -190,12 +211,21 @@ def _train_distributed(tc, nproc: int) -> dict:
     cmd = torchrun_command(tc, nproc, port)
     log.info("training in %d processes: %s", nproc, " ".join(cmd))
     # The workers' log lines go to this log as they come; the last ones explain a failure in the record.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, pass_fds=tuple(_lock_fds))
+    _training.add(proc)
     tail: list[str] = []
-    for line in proc.stderr:
-        log.info("train: %s", line.rstrip())
-        tail = (tail + [line.strip()])[-50:]  # torchrun's own report follows the worker's error line
-    if proc.wait() != 0:
+    try:
+        for line in proc.stderr:
+            log.info("train: %s", line.rstrip())
+            tail = (tail + [line.strip()])[-50:]  # torchrun's own report follows the worker's error line
+        proc.wait()
+    except BaseException:  # Ctrl-C no longer reaches torchrun's own session: stop it here
+        stop_training()
+        raise
+    finally:
+        _training.discard(proc)
+    if proc.returncode != 0:
         errors = [t for t in tail if t.startswith("error:")] or tail
         raise RuntimeError(f"torchrun training exited with status {proc.returncode}: {' | '.join(errors[-2:])}")
     progress = read_progress(Path(tc.out))
@@ -261,9 +291,11 @@ def _run_lock(store, wait: float = 0.0):
                     yield False
                     return
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        _lock_fds.append(f.fileno())
         try:
             yield True
         finally:
+            _lock_fds.remove(f.fileno())
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
