@@ -210,6 +210,31 @@ def test_settings_come_from_the_environment():
         EngineSettings.from_env({"ENGINE_MAX_ROWS": "lots"})
 
 
+@pytest.mark.parametrize("key, value", [("ENGINE_THREADS", "-1"), ("ENGINE_TIMEOUT", "nan"), ("ENGINE_TIMEOUT", "-1"),
+                                        ("ENGINE_TIMEOUT", "inf"), ("ENGINE_WATCH_INTERVAL", "nan")])
+def test_settings_that_would_stop_the_step_loop_or_every_deadline_are_refused(key, value):
+    """ENGINE_THREADS=-1 killed the step loop at its first line (requests then hung with /readyz 200), and
+    ENGINE_TIMEOUT=nan served requests without any deadline (no comparison with nan is ever true)."""
+    with pytest.raises(ValueError, match=key):
+        EngineSettings.from_env({key: value})
+
+
+async def test_a_step_loop_that_dies_fails_every_waiting_request_and_readiness(checkpoint_store, monkeypatch):
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        assert engine.ready
+        await engine.generate(PoemRequest(mode="greedy"))
+
+        def broken(now):  # a bug outside the runner's own error handling
+            raise RuntimeError("scheduler bug")
+
+        monkeypatch.setattr(engine.scheduler, "schedule", broken)
+        with pytest.raises(EngineUnavailableError, match="step loop stopped"):
+            await asyncio.wait_for(engine.generate(PoemRequest(mode="greedy")), timeout=20)
+        assert not engine.ready
+        with pytest.raises(EngineUnavailableError):
+            await engine.generate(PoemRequest(mode="greedy"))
+
+
 async def test_the_step_reads_kept_ordinary_tensors_that_c_plus_plus_also_holds(checkpoint_store, monkeypatch):
     # The traced step must not be the last C++ holder of a Python-wrapped input (it would take the GIL back
     # mid-step to hand the object to Python): its inputs are buffers kept across steps, ordinary tensors,

@@ -233,3 +233,16 @@ def test_the_estimate_uses_the_measured_step_time_and_the_work_ahead():
     assert sched.estimate_seconds(req) == pytest.approx(1.5)
     with pytest.raises(QueueFullError):
         sched.add_request(req)
+
+
+def test_a_timeout_shorter_than_the_request_alone_takes_is_a_timeout_not_a_busy_engine():
+    """An idle engine answered "busy, retry in 1 s" to a request it could never admit (beam-16 with a 0.01 s
+    timeout): the client retried for nothing. Now it expires at once, as it would once admitted (a 504)."""
+    sched = Scheduler(max_num_rows=32, max_queue=1000)
+    sched.observe_step(0.05, 32)
+    req = EngineRequest("a", PoemRequest(mode="beam", beam_width=16), num_rows=16, arrival_time=0.0, deadline=0.01,
+                        num_steps=10)
+    with pytest.raises(TimeoutError, match="too short"):
+        sched.add_request(req)
+    assert sched.num_waiting == 0
+    sched.add_request(EngineRequest("b", PoemRequest(), num_rows=1, arrival_time=0.0, deadline=10.0, num_steps=10))

@@ -290,3 +290,10 @@ def test_a_regular_request_sends_no_tune_so_an_engine_from_before_ci_accepts_it(
 
     assert "tune" not in PoemRequest(prompt="月").validate().to_dict()
     assert PoemRequest(form="ci", tune="浣溪沙").validate().to_dict()["tune"] == "浣溪沙"
+
+
+async def test_a_timeout_shorter_than_the_request_can_ever_take_is_a_504_not_a_retryable_503(client):
+    assert (await client.post("/v1/poems", json={"mode": "greedy"})).status == 200  # a step measured
+    resp = await client.post("/v1/poems", json={"form": "qilv", "mode": "beam", "beam_width": 16, "timeout": 1e-6})
+    error = await error_of(resp, 504)
+    assert error["code"] == "timeout" and "too short" in error["message"] and "Retry-After" not in resp.headers

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -111,6 +112,14 @@ class EngineSettings:
             raise ValueError("max_queue must be at least 1")
         if not 0 <= self.admit_share <= 1:
             raise ValueError(f"admit_share (ENGINE_ADMIT_SHARE) must be between 0 and 1, got {self.admit_share}")
+        if not (isinstance(self.threads, int) and self.threads >= 0):
+            raise ValueError(f"threads (ENGINE_THREADS) must be 0 (torch's default) or more, got {self.threads!r}")
+        if not (math.isfinite(self.request_timeout) and self.request_timeout > 0):
+            raise ValueError(f"request_timeout (ENGINE_TIMEOUT) must be a positive number of seconds, got "
+                             f"{self.request_timeout!r}")
+        if not (math.isfinite(self.watch_interval) and self.watch_interval >= 0):
+            raise ValueError(f"watch_interval (ENGINE_WATCH_INTERVAL) must be 0 (off) or more seconds, got "
+                             f"{self.watch_interval!r}")
         return self
 
 
@@ -174,7 +183,7 @@ class LocalEngine:
         if self._thread is None:
             return
         deadline = time.monotonic() + drain_timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self._thread.is_alive():  # a dead loop drains nothing
             with self._cv:
                 if not self.scheduler.has_work():
                     break
@@ -203,7 +212,8 @@ class LocalEngine:
     @property
     def ready(self) -> bool:
         """Started, accepting, and at least one model loaded."""
-        return self._accepting and self._thread is not None and bool(self.registry.loaded_names())
+        return (self._accepting and self._thread is not None and self._thread.is_alive()
+                and bool(self.registry.loaded_names()))
 
     def loaded_names(self) -> list[str]:
         return self.registry.loaded_names()
@@ -229,12 +239,18 @@ class LocalEngine:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._cv:
+            if not self._accepting:
+                raise EngineUnavailableError("the engine is not running")
             try:
                 self.scheduler.add_request(req)
             except QueueFullError:
                 self.counts["rejected"] += 1
                 self.metrics.rejections.inc()
                 self.metrics.requests.labels("rejected").inc()
+                raise
+            except TimeoutError:  # a timeout shorter than the request alone takes: it expires at once
+                self.counts["expired"] += 1
+                self.metrics.requests.labels("expired").inc()
                 raise
             self._futures[req.req_id] = (future, loop)
             self._cv.notify()
@@ -349,6 +365,20 @@ class LocalEngine:
             pass
 
     def _step_loop(self) -> None:
+        """The step thread. Should it ever die, nothing else would expire or answer requests: stop admitting and
+        fail every waiting caller at once instead of leaving them hanging."""
+        try:
+            self._run_steps()
+        except BaseException as e:
+            log.exception("the engine's step loop stopped; failing every request, /readyz now 503")
+            with self._cv:  # generate() registers its future under the same lock, after checking _accepting
+                self._accepting = False
+                waiting = list(self._futures)
+            error = EngineUnavailableError(f"the engine's step loop stopped ({type(e).__name__}: {e})")
+            for req_id in waiting:
+                self._resolve(req_id, error)
+
+    def _run_steps(self) -> None:
         """The one thread that runs steps: schedule → run → hand out results, until stopped and idle."""
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)

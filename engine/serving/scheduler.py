@@ -111,6 +111,11 @@ class Scheduler:
         estimate = self.estimate_seconds(req)
         if estimate is not None and req.deadline is not None and self.admit_share > 0:
             budget = (req.deadline - req.arrival_time) * self.admit_share
+            alone = self.estimate_seconds(req, alone=True)
+            if alone > budget:
+                # NOTE: not QueueFullError: no backlog to wait out, so a retry could never be admitted.
+                raise TimeoutError(f"a timeout of {req.deadline - req.arrival_time:g}s is too short: this request "
+                                   f"takes about {alone:.2g}s on an idle engine")
             if estimate > budget:
                 # The backlog drains as fast as time passes: in about (estimate - budget) s it would fit.
                 raise QueueFullError(max(self.retry_after, min(60.0, math.ceil(estimate - budget))))
@@ -130,11 +135,12 @@ class Scheduler:
             self.step_seconds += 0.2 * (seconds - self.step_seconds)
             self.step_rows += 0.2 * (rows - self.step_rows)
 
-    def estimate_seconds(self, req: EngineRequest) -> float | None:
-        """When `req`, added now, would finish: None without a measured step or a step count."""
+    def estimate_seconds(self, req: EngineRequest, alone: bool = False) -> float | None:
+        """When `req`, added now, would finish (`alone`: on an idle engine): None without a measured step or a
+        step count."""
         if self.step_seconds is None or req.num_steps <= 0:
             return None
-        rows = self.num_running_rows + self._waiting_rows + req.num_rows
+        rows = req.num_rows if alone else self.num_running_rows + self._waiting_rows + req.num_rows
         batch = min(self.max_num_rows, rows)
         # A fuller batch than the measured ones takes proportionally longer (an overestimate: part of a
         # step's time does not grow with rows); a smaller one is not counted as faster.
