@@ -51,6 +51,12 @@ async def test_models_status_and_reload_go_through(service_url):
     assert report["lstm"]["status"] == "unchanged"
 
 
+async def test_reload_of_an_empty_name_is_refused_as_in_process_not_taken_for_every_model(service_url):
+    async with EngineClient(service_url, token=TOKEN) as client:
+        with pytest.raises(RequestError):
+            await client.reload("")
+
+
 async def test_reload_without_the_token_is_refused(service_url):
     async with EngineClient(service_url) as client:
         with pytest.raises(PermissionError):

@@ -71,7 +71,7 @@ class EngineClient:
         return await self._call("GET", "/v1/status")
 
     async def reload(self, name: str | None = None) -> dict:
-        body = {"model": name} if name else {}
+        body = {"model": name} if name is not None else {}  # "" is refused as LocalEngine refuses it, not "all"
         return (await self._call("POST", "/v1/admin/reload", json_body=body, auth=True))["models"]
 
     async def ready(self) -> bool:

@@ -5,6 +5,7 @@
     POST /v1/poems           {"prompt": "月", "form": "qijue", "mode": "beam"} → {"poem": …}
     POST /v1/check           {"poem": "白日依山尽，…"} → its meter: form, style, tones, rhyme, faults
     GET  /v1/models          the serving models and versions
+    GET  /v1/tunes           the 词 tunes the engine writes
     GET  /v1/status          queue depth, running rows, versions, uptime, counts
     GET  /healthz            the process is alive
     GET  /readyz             200 when a model is loaded and the step loop runs, else 503
