@@ -99,8 +99,10 @@ async def test_the_engine_bans_the_stores_table_and_follows_its_changes(checkpoi
         before = await asyncio.gather(*(engine.generate(r) for r in requests))
         table = known_lines_from(line for r in before for line in r.lines)
         table.save(checkpoint_store / KNOWN_LINES_FILE)
-        for _ in range(400):  # the watcher loads it within a few intervals
-            if (await engine.status())["known_lines"]:
+        # The watcher loads it within a few intervals; status counts it at once, the models once the step loop
+        # swaps their staged versions in (on a busy machine, a moment later).
+        for _ in range(400):
+            if all(m["known_lines"] for m in await engine.models()):
                 break
             await asyncio.sleep(0.05)
         assert (await engine.status())["known_lines"] == len(table)
