@@ -215,3 +215,70 @@ def test_a_scheduled_run_retrains_every_served_model_the_default_first(cfg):
     assert store.model_names(cfg.store) == ["gru", "lstm"]
     assert load_checkpoint(store.current_path(cfg.store, "gru")).model.config.cell == "gru"
     assert load_checkpoint(store.current_path(cfg.store, "lstm")).model.config.cell == "lstm"
+
+
+def _junk(queue: Path, kind: str) -> Path:
+    """A file in a spool folder that is not a request: what a crash, a typo or another user could leave."""
+    import os
+
+    path = queue / f"{kind}.json"
+    if kind == "list":
+        path.write_text("[]")
+    elif kind == "fifo":
+        os.mkfifo(path)  # reading it would block the daemon's poller for good
+    elif kind == "link":
+        (queue.parent / "elsewhere.json").write_text(json.dumps({"id": "0" * 32}))
+        path.symlink_to(queue.parent / "elsewhere.json")
+    elif kind == "huge":
+        path.write_text(json.dumps({"id": "x" * 200_000}))
+    elif kind == "latin1":
+        path.write_bytes('{"id": "é"}'.encode("latin-1"))
+    elif kind == "deep":
+        path.write_text("[" * 100_000)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["list", "fifo", "link", "huge", "latin1", "deep"])
+def test_a_junk_file_in_the_spool_is_set_aside_and_the_requests_behind_it_still_run(cfg, kind):
+    """A `[]` raised on every poll before the newer requests were reached, and a FIFO blocked the poller."""
+    import os
+
+    lock = spool.acquire_daemon_lock(cfg.store)
+    try:
+        queue = spool.trainer_dir(cfg.store) / "requests"
+        queue.mkdir(parents=True, exist_ok=True)
+        junk = _junk(queue, kind)
+        os.utime(junk, (0, 0), follow_symlinks=False)  # the oldest: looked at first
+        request_id = spool.request_retrain(cfg.store)
+        taken = []
+        for _ in range(2):  # two polls: the junk does not come back
+            taken += spool.take_requests(cfg.store, submit=lambda request: None)
+    finally:
+        lock.close()
+    assert [r["id"] for r in taken] == [request_id]
+    assert not junk.exists() and not junk.is_symlink() and junk.with_suffix(".rejected").exists()
+    assert spool.retrain_status(cfg.store, request_id)["state"] == "accepted"
+
+
+@pytest.mark.parametrize("kind", ["list", "fifo", "link", "huge", "latin1", "deep"])
+def test_a_junk_results_file_reads_as_unknown_and_does_not_stop_the_daemon_starting(cfg, kind):
+    results = spool.trainer_dir(cfg.store) / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    junk = _junk(results, kind)
+    request_id = "a" * 32
+    junk.rename(results / f"{request_id}.json")
+    assert spool.retrain_status(cfg.store, request_id) == {"state": "unknown"}
+    assert spool.fail_interrupted(cfg.store) == 0  # what the daemon runs first: it used to raise here
+    assert spool.retrain_status(cfg.store, request_id) == {"state": "unknown"}
+
+
+def test_a_requested_run_that_raises_is_reported_done_and_failed_not_running_for_hours(cfg, monkeypatch):
+    def broken(*args, **kwargs):
+        raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+
+    monkeypatch.setattr(daemon, "retrain_all", broken)
+    request = {"id": "b" * 32, "name": None, "force": False, "requested_by": "tg:1"}
+    records = daemon.serve_request(cfg, request)
+    status = spool.retrain_status(cfg.store, request["id"])
+    assert status["state"] == "done" and status["record"]["outcome"] == "failed"
+    assert "UnicodeEncodeError" in status["record"]["why"] and records == status["records"]

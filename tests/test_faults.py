@@ -134,7 +134,8 @@ def test_a_corpus_file_flipped_truncated_or_replaced_by_junk_gives_only_corpus_e
     b"[" * 100_000,  # json: RecursionError
     json.dumps([{"paragraphs": ["\ud800月山水花，风云春秋天。"]}]).encode(),  # OpenCC: UnicodeEncodeError
     json.dumps([{"paragraphs": ["月山水花风，云春秋天人。"], "author": "\udc00"}]).encode(),
-], ids=["long-integer", "deep-nesting", "surrogate-in-text", "surrogate-in-author"])
+    json.dumps([{"paragraphs": ["月山水花风，云春秋天人。"], "rhythmic": "浣溪沙\ud800"}]).encode(),
+], ids=["long-integer", "deep-nesting", "surrogate-in-text", "surrogate-in-author", "surrogate-in-tune"])
 def test_a_corpus_file_with_pathological_json_gives_a_corpus_error(one_file_corpus, content):
     root, file, _ = one_file_corpus
     assert _corpus_outcome(root, file, content) in ("refused", "loaded")

@@ -121,7 +121,7 @@ def normalise(record) -> tuple[Poem | None, str]:
     if not isinstance(paragraphs, list) or not all(isinstance(p, str) for p in paragraphs):
         return None, "no paragraphs list"
     raw = "".join(paragraphs)
-    if _SURROGATE.search(raw + str(record.get("author", "")) + str(record.get("title", ""))):
+    if _SURROGATE.search(raw + "".join(str(record.get(k, "")) for k in ("author", "title", "rhythmic"))):
         return None, "invalid text (lone surrogate)"  # OpenCC cannot encode it
     raw = _BRACKETED.sub("", raw)
     raw = _NOISE.sub("", raw)

@@ -42,8 +42,12 @@ def serve_request(cfg: RetrainConfig, request: dict) -> list[dict]:
     """Run one requested retrain (its model, or every served one) and store the outcome where retrain_status finds it."""
     write_result(cfg.store, request["id"], {"state": "running", "request": request})
     run_cfg = replace(cfg, names=(request["name"],)) if request.get("name") else cfg
-    records = retrain_all(run_cfg, force=request.get("force", False),
-                          reason=f"requested by {request['requested_by'] or 'bot'}", wait=24 * 3600)
+    try:
+        records = retrain_all(run_cfg, force=request.get("force", False),
+                              reason=f"requested by {request['requested_by'] or 'bot'}", wait=24 * 3600)
+    except Exception as e:  # a bug: the bot must still hear that the run ended, not wait hours on "running"
+        log.exception("requested retrain failed")
+        records = [{"outcome": "failed", "why": f"{type(e).__name__}: {e}"}]
     # "record": the default model's, for readers of one record; "records": one per model, in order.
     write_result(cfg.store, request["id"], {"state": "done", "request": request, "record": records[0],
                                             "records": records})

@@ -53,6 +53,9 @@ def refresh_or_warn(paths: list[str], store: Path) -> bool:
         log.warning("known lines: not written (%s); poems may quote corpus lines until the corpus is there "
                     "(python -m trainer corpus download)", e)
         return False
+    except Exception:  # a bug must not stop the retrain that follows it
+        log.exception("known lines: not written")
+        return False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,16 +19,21 @@ trains even when nothing changed), which does exactly that and answers with the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import fcntl
 import json
+import logging
 import os
 import re
+import stat
 import time
 import uuid
 from pathlib import Path
 
 from engine.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "var/checkpoints"  # CHECKPOINT_DIR's default
 REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -114,10 +119,11 @@ def retrain_status(store, request_id: str) -> dict:
         return {"state": "unknown"}
     result = _spool(store, "results") / f"{request_id}.json"
     try:
-        return json.loads(result.read_text())
+        status = _read_spool_file(result)
+        return status if isinstance(status.get("state"), str) else {"state": "unknown"}
     except FileNotFoundError:
         pass
-    except json.JSONDecodeError:
+    except (OSError, ValueError):
         return {"state": "unknown"}
     if (_spool(store, "requests") / f"{request_id}.json").exists():
         return {"state": "queued"}
@@ -153,6 +159,42 @@ async def bot_retrain_force() -> str:
     return await bot_retrain(force=True)
 
 
+MAX_SPOOL_BYTES = 64 * 1024  # a request or a result is a few hundred bytes
+
+
+def _read_spool_file(path: Path) -> dict:
+    """A spool file's JSON object. FileNotFoundError when it is gone; ValueError for anything else that is not
+    one: not a regular file (a FIFO would block the daemon, a link may point anywhere), too large, not UTF-8
+    JSON, or not an object."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # ELOOP: a symbolic link
+        raise ValueError(f"{path.name}: cannot open ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path.name}: not a regular file")
+        data = f.read(MAX_SPOOL_BYTES + 1)
+    if len(data) > MAX_SPOOL_BYTES:
+        raise ValueError(f"{path.name}: over {MAX_SPOOL_BYTES} bytes")
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path.name}: not JSON ({str(e)[:80]})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name}: not a JSON object")
+    return value
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def write_result(store, request_id: str, status: dict) -> None:
     atomic_write_bytes(_spool(store, "results") / f"{request_id}.json",
                        json.dumps(status, ensure_ascii=False, default=str).encode())
@@ -162,11 +204,18 @@ def take_requests(store, submit) -> list[dict]:
     """Hand every queued request to `submit` (oldest first) and mark it accepted; returns them."""
     taken = []
     queue = _spool(store, "requests")
-    for path in sorted(queue.glob("*.json"), key=lambda p: p.stat().st_mtime) if queue.is_dir() else []:
+    for path in sorted(queue.glob("*.json"), key=_mtime) if queue.is_dir() else []:
+        # NOTE: requests are written whole (atomic rename), so a file that does not read is junk, not half
+        # written: it is set aside, or it would stop every later request behind it on every poll.
         try:
-            request = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # still being written, or junk: looked at again next poll
+            request = _read_spool_file(path)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:
+            log.warning("retrain spool: setting aside %s (%s)", path, e)
+            with contextlib.suppress(OSError):
+                path.rename(path.with_suffix(".rejected"))
+            continue
         if not REQUEST_ID_RE.match(str(request.get("id", ""))) or path.stem != request["id"]:
             path.unlink(missing_ok=True)
             continue
@@ -185,15 +234,17 @@ def fail_interrupted(store) -> int:
     count = 0
     for path in results.glob("*.json") if results.is_dir() else []:
         try:
-            status = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            status = _read_spool_file(path)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
             path.unlink(missing_ok=True)
             continue
         if status.get("state") in ("accepted", "running"):
             status.update(state="done", record={"outcome": "failed", "why": "the trainer daemon stopped before the run ended"})
             write_result(store, path.stem, status)
             count += 1
-        elif time.time() - path.stat().st_mtime > RESULTS_KEPT_DAYS * 86400:
+        elif time.time() - _mtime(path) > RESULTS_KEPT_DAYS * 86400:
             path.unlink(missing_ok=True)
     return count
 
