@@ -50,9 +50,14 @@ class Upstream:
                 return web.Response(body=json.dumps([{"paragraphs": [rel]}]).encode(), content_type="application/json")
             if not path.is_file():
                 return web.Response(status=404, text="no")
+            stat = path.stat()
+            etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'  # what web.FileResponse sends
+            if request.headers.get("If-Range") not in (None, etag):
+                # Changed since the part began: the whole file (FileResponse reads If-Range as a date only).
+                return web.Response(body=path.read_bytes(), content_type="application/json", headers={"ETag": etag})
             if fault == "drop":
                 data = path.read_bytes()
-                resp = web.StreamResponse()
+                resp = web.StreamResponse(headers={"ETag": etag})
                 if self.gzip:
                     resp.enable_compression(web.ContentCoding.gzip)
                 resp.content_length = len(data)
@@ -62,7 +67,7 @@ class Upstream:
                 request.transport.close()
                 return resp
             if self.gzip and "Range" not in request.headers:
-                resp = web.Response(body=path.read_bytes(), content_type="application/json")
+                resp = web.Response(body=path.read_bytes(), content_type="application/json", headers={"ETag": etag})
                 resp.enable_compression(web.ContentCoding.gzip)
                 return resp
             return web.FileResponse(path)  # honours Range, as GitHub's raw server does
@@ -95,7 +100,7 @@ async def fetch(upstream, dest, files=FILES, **kw) -> DownloadResult:
 
 
 def leftovers(dest: Path) -> list[str]:
-    return sorted(p.name for p in dest.rglob("*") if p.name.endswith(".part") or ".tmp" in p.name)
+    return sorted(p.name for p in dest.rglob("*") if ".part" in p.name or ".tmp" in p.name)
 
 
 def test_the_file_list_is_the_upstream_layout():
@@ -196,7 +201,7 @@ async def test_a_dropped_connection_is_continued_with_a_range_request(upstream, 
     upstream.faults[rel] = ["drop"]
     first = await fetch(upstream, dest)  # no retries: the half stays as a .part
     assert rel in first.failed and "connection lost" in first.failed[rel]
-    assert leftovers(dest) == [".poet.tang.3000.json.part"]
+    assert leftovers(dest) == [".poet.tang.3000.json.part", ".poet.tang.3000.json.part.validator"]
     assert not (dest / rel).exists()
     upstream.requests.clear()
     second = await fetch(upstream, dest)
@@ -234,6 +239,54 @@ async def test_a_gzip_download_is_stored_decoded_and_resumed_in_identity_bytes(u
     second = await fetch(upstream, dest, files=[rel])
     assert second.ok and upstream.requests == [(rel, f"bytes={have}-")] and upstream.encodings == ["identity"]
     assert (dest / rel).read_bytes() == (upstream_root / rel).read_bytes()
+
+
+async def test_a_file_changed_upstream_since_its_part_began_is_fetched_whole_not_spliced(upstream, upstream_root,
+                                                                                          tmp_path):
+    """A resume sent Range alone: with upstream changed since, the kept file was the old first half plus the
+    new second half, a file that never existed upstream."""
+    dest = tmp_path / "dest"
+    rel = "全唐诗/poet.tang.3000.json"
+    upstream.faults[rel] = ["drop"]
+    assert rel in (await fetch(upstream, dest, files=[rel])).failed
+    records = [{"paragraphs": [t]} for t in make_poems(50, seed=99)]
+    (upstream_root / rel).write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    second = await fetch(upstream, dest, files=[rel])
+    assert second.ok and (dest / rel).read_bytes() == (upstream_root / rel).read_bytes()
+    assert leftovers(dest) == []
+
+
+async def test_a_part_without_a_validator_is_started_again_not_resumed(upstream, upstream_root, tmp_path):
+    dest = tmp_path / "dest"
+    rel = "全唐诗/poet.tang.0.json"
+    (dest / "全唐诗").mkdir(parents=True)
+    data = (upstream_root / rel).read_bytes()
+    (dest / "全唐诗" / ".poet.tang.0.json.part").write_bytes(data[:100])  # from a server that sent no ETag
+    result = await fetch(upstream, dest, files=[rel])
+    assert result.ok and upstream.requests == [(rel, None)] and (dest / rel).read_bytes() == data
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b"[" * 5000, "RecursionError"),
+    (b"[" + b"1" * 5000 + b"]", "ValueError"),
+    ('[{"paragraphs": ["月"]}]'.encode("utf-16"), "not UTF-8"),
+    (b"\xef\xbb\xbf[]", "invalid JSON"),
+], ids=["deep-nesting", "long-number", "utf-16", "bom"])
+async def test_a_file_the_corpus_reader_would_refuse_is_one_error_and_the_run_goes_on(upstream, tmp_path, body,
+                                                                                      problem):
+    """Deep nesting crashed the whole run with a traceback, and UTF-16 or a BOM was kept as a good file."""
+    dest = tmp_path / "dest"
+    upstream.faults["全唐诗/poet.tang.0.json"] = [body]
+    result = await fetch(upstream, dest)
+    assert list(result.failed) == ["全唐诗/poet.tang.0.json"] and problem in result.failed["全唐诗/poet.tang.0.json"]
+    assert len(result.downloaded) == len(FILES) - 1 and leftovers(dest) == []
+    (dest / "全唐诗/poet.tang.0.json").write_bytes(body)  # the same junk under the real name is not "complete"
+    assert "全唐诗/poet.tang.0.json" in (await fetch(upstream, dest)).downloaded
+
+
+async def test_negative_retries_are_refused(upstream, tmp_path):
+    with pytest.raises(ValueError, match="retries"):
+        await fetch(upstream, tmp_path / "dest", retries=-1)
 
 
 async def test_a_stale_part_longer_than_the_file_is_restarted(upstream, upstream_root, tmp_path):

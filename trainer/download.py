@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from engine.files import fsync_dir
+from engine.files import atomic_write_bytes, fsync_dir
 
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/master"
 CHUNK = 1 << 16
@@ -67,12 +67,14 @@ class DownloadResult:
 
 def check_json(data: bytes, what: str) -> None:
     """Raise DownloadError unless `data` is a JSON array (every chinese-poetry file is one)."""
-    try:
-        value = json.loads(data)
+    try:  # strictly UTF-8, as the corpus reader reads it (json.loads(bytes) would also take UTF-16 or a BOM)
+        value = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise DownloadError(f"{what}: not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DownloadError(f"{what}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # a 5,000-digit number, nesting deeper than Python's stack
+        raise DownloadError(f"{what}: unreadable JSON ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(value, list):
         raise DownloadError(f"{what}: expected a JSON array, got {type(value).__name__}")
 
@@ -88,6 +90,16 @@ def is_complete(path: Path) -> bool:
 
 def _part_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.part")
+
+
+def _validator_path(part: Path) -> Path:
+    """Beside a part: the ETag (or Last-Modified) of the response it began with, for If-Range on resume."""
+    return part.with_name(part.name + ".validator")
+
+
+def _drop_part(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _validator_path(part).unlink(missing_ok=True)
 
 
 def _finish(part: Path, target: Path) -> None:
@@ -106,26 +118,40 @@ async def _fetch_once(session: aiohttp.ClientSession, url: str, rel: str, target
     """One attempt: (re)start or continue `target`'s part file; returns the bytes received."""
     part = _part_path(target)
     have = part.stat().st_size if part.exists() else 0
+    validator = _validator_path(part).read_text().strip() if have and _validator_path(part).exists() else ""
+    if have and not validator:
+        # NOTE: without a validator nothing says upstream still holds the file the part began: appending
+        # its rest to our start could splice two versions together. Start over.
+        _drop_part(part)
+        have = 0
     # The part holds the file's own bytes (aiohttp undoes gzip), so a resume asks for the rest of the
-    # identity encoding: byte offsets into a gzip stream would not line up with it.
-    headers = {"Range": f"bytes={have}-", "Accept-Encoding": "identity"} if have else {}
+    # identity encoding: byte offsets into a gzip stream would not line up with it. If-Range: the rest only
+    # if the file is still the one the part began, else the whole file (a 200).
+    headers = {"Range": f"bytes={have}-", "If-Range": validator, "Accept-Encoding": "identity"} if have else {}
     received = 0
     async with session.get(url, headers=headers) as resp:
         if resp.status == 416 and have:
             # The part is as long as the file or longer: a stale part. Start over next try.
-            part.unlink(missing_ok=True)
+            _drop_part(part)
             raise _Transient("HTTP 416 on resume; restarting the file")
         if resp.status >= 500 or resp.status == 429:
             raise _Transient(f"HTTP {resp.status} {resp.reason}")
         if resp.status not in (200, 206):
             raise DownloadError(f"{rel}: HTTP {resp.status} {resp.reason} ({url})")
         if resp.status == 206 and not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-            part.unlink(missing_ok=True)  # not the range we asked for: appending would corrupt the file
+            _drop_part(part)  # not the range we asked for: appending would corrupt the file
             raise _Transient(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}; restarting the file")
         mode = "ab" if resp.status == 206 else "wb"  # a 200 is the whole file: the server ignored Range
         resumed_from = have if resp.status == 206 else 0
         expected = resp.content_length
         target.parent.mkdir(parents=True, exist_ok=True)
+        if resp.status == 200:  # a new start: remember what it is a start of (a weak ETag cannot be If-Range)
+            etag = resp.headers.get("ETag", "")
+            new_validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified", "")
+            if new_validator:
+                atomic_write_bytes(_validator_path(part), new_validator.encode())
+            else:
+                _validator_path(part).unlink(missing_ok=True)
         try:
             with part.open(mode) as f:
                 async for chunk in resp.content.iter_chunked(CHUNK):
@@ -141,9 +167,10 @@ async def _fetch_once(session: aiohttp.ClientSession, url: str, rel: str, target
     try:
         check_json(part.read_bytes(), rel)
     except DownloadError:
-        part.unlink(missing_ok=True)  # a resumed part may be the bad half; the next run starts clean
+        _drop_part(part)  # a resumed part may be the bad half; the next run starts clean
         raise
     _finish(part, target)
+    _validator_path(part).unlink(missing_ok=True)
     return received
 
 
@@ -171,6 +198,8 @@ async def download(dest, files: Iterable[str] | None = None, base_url: str = DEF
                    concurrency: int = 8, retries: int = 3, retry_delay: float = 1.0, timeout: float = 120.0,
                    log: Callable[[str], None] = lambda m: None) -> DownloadResult:
     """Fetch `files` (default: `file_list()`) under `dest`; failures are collected, not raised."""
+    if retries < 0:
+        raise ValueError(f"retries must be 0 or more, got {retries}")
     dest = Path(dest)
     files = list(files) if files is not None else file_list()
     result = DownloadResult()
