@@ -282,3 +282,22 @@ def test_a_requested_run_that_raises_is_reported_done_and_failed_not_running_for
     status = spool.retrain_status(cfg.store, request["id"])
     assert status["state"] == "done" and status["record"]["outcome"] == "failed"
     assert "UnicodeEncodeError" in status["record"]["why"] and records == status["records"]
+
+
+def test_a_daemon_starting_while_the_bot_probes_the_lock_still_starts(cfg):
+    """`daemon_running` takes the lock for an instant; a daemon starting in that instant refused to start."""
+    import fcntl
+    import threading
+
+    path = spool.trainer_dir(cfg.store) / "daemon.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = open(path, "a")
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the probe holds it as the daemon starts
+    release = threading.Timer(0.3, probe.close)
+    release.start()
+    try:
+        lock = spool.acquire_daemon_lock(cfg.store)
+    finally:
+        release.join()
+    assert spool.daemon_running(cfg.store)
+    lock.close()

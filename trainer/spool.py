@@ -67,9 +67,16 @@ def acquire_daemon_lock(store):
     path = _lock_path(store)
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    # NOTE: tried for a moment: the bot's `daemon_running` holds the lock for an instant when it probes.
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
