@@ -11,8 +11,8 @@ from conftest import DECODING_OPTIONS as OPTIONS
 
 from engine.api import PoemRequest
 from engine.errors import RequestError
-from engine.poem.constraints import build_plan
-from engine.poem.forms import FORM_NAMES, FORMS
+from engine.poem.constraints import RHYME_BASE, build_plan
+from engine.poem.forms import FORM_NAMES, FORMS, split_lines
 from engine.poem.judge import check_poem
 from engine.poem.prosody import prosody_for
 from engine.poem.rhymes import pingshui_table
@@ -324,8 +324,39 @@ def test_rhyme_rows_registered_from_many_threads_at_once_each_get_their_own_row(
                 t.start()
             for t in threads:
                 t.join()
-            assert len(tables.rows) == 5 + len(keys)  # the five fixed rows, then one per group set
+            assert len(tables.rows) == RHYME_BASE + len(keys)  # the fixed rows, then one per group set
             for k in keys:
                 assert torch.equal(tables.rows[tables.rhyme_row(book, k)], book.matrix[sorted(k)].any(dim=0))
     finally:
         sys.setswitchinterval(interval)
+
+
+def test_an_unrhymed_line_end_takes_no_character_commonly_read_level_while_another_is_left(vocab):
+    """空 (kōng) and 乡 (xiāng) have a rare 仄 reading in 平水韵; at the end of a line that does not rhyme a
+    reader hears them 平, so the line ends on a character that sounds 仄 whenever one is allowed."""
+    from engine.poem.constraints import MASK_OBLIQUE, MASK_OBLIQUE_END
+
+    heard = {t for t in ("空", "乡", "中", "思", "间") if t in vocab and plan_for(vocab).prosody.heard_level[vocab.index[t]]}
+    assert heard == {"空", "乡", "中", "思"} & set(vocab.tokens)  # 间 is not in the fixture vocabulary
+    ends_seen = set()
+    for form in FORM_NAMES:
+        plan = plan_for(vocab, form=form)
+        for seed in range(20):
+            row = walk(plan, seed)
+            odd_ends = [line[-1] for i, line in enumerate(split_lines(row.text)) if i % 2 == 0]
+            assert not set(odd_ends) & heard, row.text
+            ends_seen.update(odd_ends)
+    assert len(ends_seen) > 5  # the walks did reach many line ends
+    # Only heard-level characters are 仄 at all: the plain 仄 row serves (the tone rule is not dropped there).
+    plan = plan_for(tiny_vocab("空乡东风山阳香"), form="wujue")
+    assert {split_lines(walk(plan, seed).text)[0][-1] for seed in range(10)} <= {"空", "乡"}
+    assert MASK_OBLIQUE_END != MASK_OBLIQUE
+
+
+def test_heard_level_is_both_tones_with_a_common_level_reading():
+    from engine.poem.rhymes import heard_level
+
+    assert all(heard_level(c) for c in "空乡间中深")
+    assert not any(heard_level(c) for c in "看过望")  # both tones, commonly read 仄: 看 kàn
+    assert not any(heard_level(c) for c in "急月日")  # 仄 only (入声), whatever Mandarin reads today
+    assert not any(heard_level(c) for c in "东山")  # 平 only

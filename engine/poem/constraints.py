@@ -65,8 +65,8 @@ TONE_NAMES = {LEVEL: "平", OBLIQUE: "仄", BOTH: "平 or 仄"}
 SECOND_CHAR_SAME_AS_S = (True, False, False, True, True, False, False, True)
 
 # Fixed rows of the mask table; rhyme-group sets get rows from RHYME_BASE on, registered as they appear.
-MASK_NONE, MASK_HAN, MASK_LEVEL, MASK_OBLIQUE, MASK_TONED = 0, 1, 2, 3, 4
-RHYME_BASE = 5
+MASK_NONE, MASK_HAN, MASK_LEVEL, MASK_OBLIQUE, MASK_TONED, MASK_OBLIQUE_END = 0, 1, 2, 3, 4, 5
+RHYME_BASE = 6
 _TONE_MASK = {0: MASK_HAN, LEVEL: MASK_LEVEL, OBLIQUE: MASK_OBLIQUE, BOTH: MASK_TONED}
 
 
@@ -79,7 +79,8 @@ def _flip(tone: int) -> int:
 
 
 class MaskTables:
-    """Rows of allowed tokens: fixed ones (none, Han, 平, 仄, toned) and one per rhyme-group set in use.
+    """Rows of allowed tokens: fixed ones (none, Han, 平, 仄, toned, 仄 at an unrhymed line end) and one per
+    rhyme-group set in use.
 
     Index assignment is plain Python on the CPU; `bias_on(device)` is the table as 0/-inf scores on a device.
     """
@@ -87,7 +88,8 @@ class MaskTables:
     def __init__(self, prosody: Prosody):
         p = prosody
         none = torch.zeros_like(p.han)
-        fixed = [none, p.han, p.han & p.level, p.han & p.oblique, p.han & (p.level | p.oblique)]
+        fixed = [none, p.han, p.han & p.level, p.han & p.oblique, p.han & (p.level | p.oblique),
+                 p.han & p.oblique & ~p.heard_level]
         self.prosody = prosody
         self.rows: list[torch.Tensor] = fixed  # each (V,) bool, on the CPU
         self.counts: list[int] = [int(r.sum()) for r in fixed]  # allowed tokens per row
@@ -635,6 +637,10 @@ class RowState:
             else:
                 banned += quoted
 
+        if k is None and col == n - 1 and index == MASK_OBLIQUE:
+            # An unrhymed line's end is heard most: a character read 平 today (空, 乡) does not sound 仄 there.
+            # A preference, not a rule: without such a character the plain 仄 row serves, and no note.
+            index = MASK_OBLIQUE_END if self._feasible(MASK_OBLIQUE_END, banned) else MASK_OBLIQUE
         # Relax until something is allowed: tone, then rhyme, then repetition. At a rhyme position the rhyme
         # row already carries the tone, so rhyme goes first there (dropping tone alone would change nothing).
         # tables.counts makes the usual case one comparison; the exact check runs only when bans could

@@ -37,6 +37,8 @@ from engine.poem.constraints import (
     MASK_LEVEL,
     MASK_OBLIQUE,
     MASK_TONED,
+    MASK_OBLIQUE_END,
+    RHYME_BASE,
     PoemPlan,
     mask_tables,
 )
@@ -58,7 +60,7 @@ BEAM_DRAWS = BEAM_CANDIDATES * MAX_BEAM_WIDTH  # uniform numbers a beam request 
 class DeviceTables:
     """One vocabulary's constraint tables on one device (cached in the prosody's cache)."""
 
-    fixed: torch.Tensor  # (5, V) bool: MaskTables' fixed rows (none, Han, 平, 仄, toned)
+    fixed: torch.Tensor  # (RHYME_BASE, V) bool: MaskTables' fixed rows (none, Han, 平, 仄, toned, 仄 line end)
     tone_row: torch.Tensor  # (4,) long: the fixed row for a required tone 0, 平, 仄, 平 or 仄
     tones: torch.Tensor  # (V,) long: LEVEL | OBLIQUE bits per token
     groups: torch.Tensor  # (G, V) float: 平水韵 group g holds token v (float: "any of these groups" is a matmul)
@@ -76,7 +78,7 @@ def device_tables(prosody, device) -> DeviceTables:
         opened = masks.groups_of_tone(book, LEVEL)
         tone_row = torch.tensor([MASK_HAN, MASK_LEVEL, MASK_OBLIQUE, MASK_TONED])
         tables = prosody.cache[key] = DeviceTables(
-            fixed=torch.stack(masks.rows[:5]).to(device), tone_row=tone_row.to(device),
+            fixed=torch.stack(masks.rows[:RHYME_BASE]).to(device), tone_row=tone_row.to(device),
             tones=torch.tensor(prosody.tones, dtype=torch.long, device=device),
             groups=book.matrix.float().to(device), token_groups=book.matrix.T.contiguous().to(device),
             open_groups=torch.tensor([g in opened for g in range(len(book.groups))], device=device),
@@ -321,6 +323,10 @@ class DeviceRows:
             relax_quote = free & quoted.any(dim=1) & ~(base & ~(banned | quoted)).any(dim=1)
             self.flags |= relax_quote
             banned = banned | (quoted & ~relax_quote[:, None])
+        # An unrhymed line's end prefers what sounds 仄 today, where any such character is left (RowState's rule).
+        end = ~at_rhyme & last_col & (tone == OBLIQUE)
+        end = end & (t.fixed[MASK_OBLIQUE_END] & ~banned).any(dim=1)
+        base = torch.where(end[:, None], t.fixed[MASK_OBLIQUE_END], base)
         # Relax until something is allowed: tone, then rhyme (and then tone there), then repetition.
         ok = (base & ~banned).any(dim=1)
         toned = tone > 0

@@ -5,6 +5,7 @@ and rhyme rules never place it.
     prosody = prosody_for(vocab)        # cached per vocabulary
     prosody.level        # (V,) bool: can be read 平
     prosody.oblique      # (V,) bool: can be read 仄 (a character with both readings has both set)
+    prosody.heard_level  # (V,) bool: both, but commonly read 平 (空, 乡): kept from unrhymed line ends
     prosody.rhyme        # (G, V) bool: member of level rhyme group g (the groups poems rhyme in)
     prosody.groups       # G names, e.g. "下平声七阳", "新韵·唐"
     prosody.info("月")   # CharInfo(level=False, oblique=True, groups=frozenset(), source="pingshui", …)
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.poem.rhymes import LEVEL, CharInfo, char_info, cilin_bu, cilin_groups, cilin_tone
+from engine.poem.rhymes import LEVEL, CharInfo, char_info, cilin_bu, cilin_groups, cilin_tone, heard_level
 from engine.poem.vocab import Vocab
 
 
@@ -32,6 +33,7 @@ class Prosody:
     han: torch.Tensor  # (V,) bool: a Han character (the only tokens a line may hold)
     level: torch.Tensor  # (V,) bool: has a 平 reading
     oblique: torch.Tensor  # (V,) bool: has a 仄 reading
+    heard_level: torch.Tensor  # (V,) bool: has both, and its common reading is 平 (engine.poem.rhymes.heard_level)
     rhyme: torch.Tensor  # (G, V) bool: in level rhyme group g
     groups: list[str]  # G group names
     tones: list[int]  # per token: LEVEL | OBLIQUE bits, for the Python side of the constraints
@@ -49,6 +51,8 @@ class Prosody:
         han[vocab.first_han_id:vocab.end_han_id] = True
         level = torch.tensor([bool(info and info.level) for info in infos], dtype=torch.bool)
         oblique = torch.tensor([bool(info and info.oblique) for info in infos], dtype=torch.bool)
+        heard = torch.tensor([bool(info and info.level and info.oblique and heard_level(t))
+                              for info, t in zip(infos, vocab.tokens)], dtype=torch.bool)
         rhyme = torch.zeros(len(groups), V, dtype=torch.bool)  # (G, V)
         token_groups = []
         for i, info in enumerate(infos):
@@ -57,7 +61,7 @@ class Prosody:
                 rhyme[k, i] = True
             token_groups.append(ids)
         sources = Counter(info.source if info else "none" for info in infos[vocab.first_han_id:vocab.end_han_id])
-        return cls(vocab_size=V, han=han, level=level, oblique=oblique, rhyme=rhyme, groups=groups,
+        return cls(vocab_size=V, han=han, level=level, oblique=oblique, heard_level=heard, rhyme=rhyme, groups=groups,
                    tones=[info.tones if info else 0 for info in infos], token_groups=token_groups, sources=sources)
 
     def char(self, ch: str) -> CharInfo | None:

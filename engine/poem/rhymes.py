@@ -132,6 +132,20 @@ def char_info(ch: str) -> CharInfo | None:
     return pingshui_table().get(ch) or (xinyun_info(ch) if is_han(ch) else None)
 
 
+@functools.cache
+def heard_level(ch: str) -> bool:
+    """A character of both tones whose common reading is level (空 kōng, 乡 xiāng, 间 jiān: pypinyin's first
+    reading, tone 1 or 2). Where a line ends without rhyming, a reader hears 平 there, whatever 平水韵's rarer
+    仄 reading (空 kòng) allows."""
+    info = char_info(ch)
+    if not (info and info.level and info.oblique):
+        return False
+    from pypinyin import Style, pinyin
+
+    first = pinyin(ch, style=Style.TONE3, neutral_tone_with_five=True, errors="ignore")
+    return bool(first and first[0] and first[0][0][-1:] in ("1", "2"))
+
+
 
 
 # ---------------------------------------------------------------------------------------------------------
