@@ -26,6 +26,7 @@ Variables (all optional except TELEGRAM_BOT_TOKEN for `python -m bot run`):
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -84,16 +85,16 @@ class Settings:
                     problems.append(f"{key}: {e}")
 
         parse("TELEGRAM_BOT_TOKEN", "telegram_bot_token", _token)
-        parse("TELEGRAM_BASE_URL", "telegram_base_url", _url)
+        parse("TELEGRAM_BASE_URL", "telegram_base_url", _private_url)
         parse("ADMIN_IDS", "admin_ids", _id_set)
-        parse("ENGINE_URL", "engine_url", _url)
+        parse("ENGINE_URL", "engine_url", _private_url)
         parse("ENGINE_TOKEN", "engine_token", str)
         parse("CHECKPOINT_DIR", "checkpoint_dir", Path)
         parse("DEVICE", "device", _device)
         parse("DATABASE_PATH", "database_path", Path)
         parse("TIMEZONE", "timezone", _zone)
         parse("WEBHOOK_URL", "webhook_url", _https_url)
-        parse("WEBHOOK_LISTEN", "webhook_listen", str)
+        parse("WEBHOOK_LISTEN", "webhook_listen", _listen_address)
         parse("WEBHOOK_PORT", "webhook_port", lambda v: _int_in(v, 1, 65535))
         parse("WEBHOOK_SECRET", "webhook_secret", _secret)
         # ≥ 1: the job fires just after HH:MM:00, so a zero window would let no post through at all.
@@ -162,6 +163,8 @@ def read_env_file(path: str | Path) -> dict[str, str]:
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
+        else:  # as bash reads it (deploy/start.sh sources the same file): ` #` starts a comment
+            value = re.split(r"\s#", value, maxsplit=1)[0].rstrip()
         values[key.strip()] = value
     return values
 
@@ -177,6 +180,35 @@ def _url(value: str) -> str:
     if not re.match(r"^https?://[^\s/]+", value):
         raise ValueError(f"must be an http(s) URL, got {value!r}")
     return value.rstrip("/")
+
+
+def _private_url(value: str) -> str:
+    """An http(s) URL; plain http only to a private host, or a token would cross the internet in clear."""
+    value = _url(value)
+    if value.startswith("http://"):
+        host = re.match(r"^http://(\[[^\]]*\]|[^:/]+)", value).group(1).strip("[]")
+        if not _is_private_host(host):
+            raise ValueError(f"plain http would send the token in clear over the internet: use https, or http "
+                             f"only to this machine or a private network (127.0.0.1, 10.x, a compose service "
+                             f"name such as haproxy), got {value!r}")
+    return value
+
+
+def _is_private_host(host: str) -> bool:
+    """Loopback, a private or link-local address, or a name without a dot (a compose service, localhost)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return "." not in host
+    return address.is_loopback or address.is_private or address.is_link_local
+
+
+def _listen_address(value: str) -> str:
+    """An IP address to bind the webhook server to (127.0.0.1 behind a TLS proxy)."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"must be an IP address such as 127.0.0.1, got {value!r}") from None
 
 
 def _https_url(value: str) -> str:

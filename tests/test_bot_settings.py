@@ -111,6 +111,38 @@ def test_env_file_is_read_and_the_environment_wins(tmp_path):
     assert s.telegram_bot_token == TOKEN and s.timezone.key == "UTC" and s.admin_ids == {6}
 
 
+def test_a_comment_after_a_value_in_env_is_dropped_as_bash_drops_it(tmp_path):
+    """deploy/start.sh sources .env with bash; the bot read `x.db   # the bot's db` as the file name."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("DATABASE_PATH=var/bot.db   # the bot's database\nENGINE_TOKEN='a # b'\n")
+    s = Settings.from_env({}, env_file=env_file)
+    assert str(s.database_path) == "var/bot.db" and s.engine_token == "a # b"
+    with pytest.raises(SettingsError, match="LOG_LEVEL"):  # `DEBUG#not…` is one word to bash too
+        Settings.from_env({"LOG_LEVEL": "DEBUG#not a comment"}, env_file=None)
+
+
+@pytest.mark.parametrize("key", ["TELEGRAM_BASE_URL", "ENGINE_URL"])
+@pytest.mark.parametrize("url, ok", [("http://api.telegram.org", False), ("http://8.8.8.8:8080", False),
+                                     ("https://api.telegram.org", True), ("http://127.0.0.1:8081", True),
+                                     ("http://[::1]:8081", True), ("http://localhost:8081", True),
+                                     ("http://10.0.0.5:8080", True), ("http://haproxy:8080", True)])
+def test_plain_http_that_would_cross_the_internet_is_refused(key, url, ok):
+    """The bot token rides in every Bot API URL and ENGINE_TOKEN in a header: never in clear over the internet."""
+    if ok:
+        Settings.from_env({key: url}, env_file=None)
+    else:
+        with pytest.raises(SettingsError, match=f"{key}: plain http"):
+            Settings.from_env({key: url}, env_file=None)
+
+
+@pytest.mark.parametrize("value", ["not an address", "127.0.0.1 # loopback", "localhost"])
+def test_a_webhook_listen_value_that_is_not_an_ip_address_is_refused(value):
+    """Accepted, it failed only after setWebhook had registered the webhook, naming no variable."""
+    with pytest.raises(SettingsError, match="WEBHOOK_LISTEN"):
+        Settings.from_env({"WEBHOOK_LISTEN": value}, env_file=None)
+    assert Settings.from_env({"WEBHOOK_LISTEN": "::1"}, env_file=None).webhook_listen == "::1"
+
+
 def test_retrain_hook_is_loaded_from_module_colon_function():
     s = Settings.from_env({"RETRAIN_HOOK": "bot.commands:help_text"}, env_file=None)
     assert s.load_retrain_hook()().startswith("吟诗")
