@@ -288,6 +288,13 @@ class Commands:
         be forged: it must name one of this chat's own poems, in a form the bot makes; 🔁 and 🖼 cost a
         token of the poem rate limit, 👍/👎 one of FEEDBACK_PER_MINUTE. Anything else is refused, changing
         nothing."""
+        try:
+            return await self._tap(who, data)
+        except sqlite3.OperationalError as e:  # a locked database: the tap is answered, nothing posted
+            log.warning("button tap in chat %s: the database is busy (%s)", who.chat_id, e)
+            return Tap(STORE_BUSY.replace("\n", " / "), refused=True)
+
+    async def _tap(self, who: Who, data: str | None) -> Tap:
         m = TAP_DATA.fullmatch(data or "")
         if m is None:
             return Tap(UNKNOWN_BUTTON, refused=True)

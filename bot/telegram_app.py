@@ -53,13 +53,15 @@ from bot.daily import Daily
 from bot.db import Store
 from bot.engines import close_engine, start_engine
 from bot.settings import Settings
-from engine.api import PoemEngine
+from engine.api import PoemEngine, PoemRequest
+from engine.errors import RequestError
 
 log = logging.getLogger(__name__)
 
 # Commands arrive as messages in private chats and groups, and as channel posts in channels.
 # Edited messages are left out: editing "/poem 月" should not write a second poem.
-COMMAND_UPDATES = filters.UpdateType.MESSAGE | filters.UpdateType.CHANNEL_POST
+# NOTE: not a channel post's automatic copy in its linked discussion group: the channel's own post is answered.
+COMMAND_UPDATES = (filters.UpdateType.MESSAGE | filters.UpdateType.CHANNEL_POST) & ~filters.IS_AUTOMATIC_FORWARD
 INLINE_CANDIDATES = 3  # poems offered per inline query, one rate-limit token each
 CAPTION_LIMIT = 1024  # Telegram's limit for a photo's caption
 
@@ -141,18 +143,27 @@ def markup_for(reply: Reply) -> InlineKeyboardMarkup | None:
     return poem_keyboard(reply.poem_id, actions=reply.actions, card=reply.photo is None)
 
 
-async def send_reply(bot, chat_id: int, reply: Reply, answering: Message | None = None) -> Message:
+async def send_reply(bot, chat_id: int, reply: Reply, answering: Message | None = None,
+                     thread_id: int | None = None) -> Message:
     """Send a Reply: text, or its card as a photo with the text as caption (cards hold at most 400
     characters, so the caption stays within Telegram's 1024). `answering`: the message it answers, replied
-    to as PTB's reply_* do (quoted in groups)."""
+    to as PTB's reply_* do (quoted in groups; still sent if that message was deleted meanwhile).
+    `thread_id`: the forum topic to send to, when not answering a message."""
     markup = markup_for(reply)
     if reply.photo is None or len(reply.text) > CAPTION_LIMIT:
         if answering is not None:
-            return await answering.reply_text(reply.text, reply_markup=markup)
-        return await bot.send_message(chat_id, reply.text, reply_markup=markup)
+            return await answering.reply_text(reply.text, reply_markup=markup, allow_sending_without_reply=True)
+        return await bot.send_message(chat_id, reply.text, reply_markup=markup, message_thread_id=thread_id)
     if answering is not None:
-        return await answering.reply_photo(reply.photo, caption=reply.text, reply_markup=markup, filename="poem.png")
-    return await bot.send_photo(chat_id, reply.photo, caption=reply.text, reply_markup=markup, filename="poem.png")
+        return await answering.reply_photo(reply.photo, caption=reply.text, reply_markup=markup, filename="poem.png",
+                                           allow_sending_without_reply=True)
+    return await bot.send_photo(chat_id, reply.photo, caption=reply.text, reply_markup=markup, filename="poem.png",
+                                message_thread_id=thread_id)
+
+
+def topic_of(message) -> int | None:
+    """The forum topic a message is in (None outside forum topics: the General topic takes no thread id)."""
+    return message.message_thread_id if getattr(message, "is_topic_message", False) else None
 
 
 def who_sent(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Who:
@@ -211,7 +222,7 @@ async def on_tap(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         except BadRequest as e:  # "message is not modified" when a user repeats the same vote
             log.debug("keeping the buttons: %s", e.message)
     if tap.then is not None:
-        await send_reply(context.bot, chat.id, await tap.then())
+        await send_reply(context.bot, chat.id, await tap.then(), thread_id=topic_of(message))
 
 
 async def on_inline_query(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -224,6 +235,11 @@ async def on_inline_query(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
     query = update.inline_query
     prompt = "".join(query.query.split())
     commands = commands_of(context)
+    try:  # Telegram sends a query per keystroke: one that can never be a poem costs no tokens
+        PoemRequest(prompt=prompt).validate()
+    except RequestError:
+        await query.answer([], cache_time=5)
+        return
     granted = 0
     while prompt and granted < INLINE_CANDIDATES and commands.rate_limiter.acquire(query.from_user.id) == 0:
         granted += 1
@@ -257,8 +273,12 @@ async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
     if isinstance(context.error, Forbidden) or not isinstance(update, Update) or update.effective_chat is None:
         return
     try:
+        if update.callback_query is not None:  # a tap: answer the tapper, never post into the chat (a channel)
+            await update.callback_query.answer("出错了，请稍后再试。 / Something went wrong; please try again.")
+            return
         await context.bot.send_message(update.effective_chat.id,
-                                       "出错了，请稍后再试。\nSomething went wrong on our side; please try again.")
+                                       "出错了，请稍后再试。\nSomething went wrong on our side; please try again.",
+                                       message_thread_id=topic_of(update.effective_message))
     except TelegramError:
         pass  # the chat is unreachable; the log has the story
 

@@ -518,3 +518,111 @@ def test_two_redacting_filters_on_one_handler_both_redact_a_traceback():
     finally:
         logger.removeHandler(handler)
     assert TOKEN not in stream.getvalue() and other not in stream.getvalue() and "RuntimeError" in stream.getvalue()
+
+
+# -- from a review of the Telegram app: each test failed on the code before its fix ----------------------------
+
+async def test_a_poem_still_arrives_when_the_command_was_deleted_meanwhile(tmp_path, scripted_engine, store):
+    """A group's anti-spam bot deletes commands: the reply quoting the deleted /poem was refused (400), so the
+    group got "Something went wrong" instead of its poem."""
+    from fake_bot_api import FakeBotApi, _error
+
+    class DeletingBotApi(FakeBotApi):
+        """Telegram's rule: a reply to a message that is gone is refused unless allow_sending_without_reply."""
+
+        def __init__(self):
+            super().__init__()
+            self.deleted: set[int] = set()
+
+        async def _api_sendMessage(self, params):
+            reply = params.get("reply_parameters") or {}
+            if reply.get("message_id") in self.deleted and not reply.get("allow_sending_without_reply"):
+                return _error(400, "Bad Request: message to be replied not found")
+            return await super()._api_sendMessage(params)
+
+    api = DeletingBotApi()
+    await api.start()
+    try:
+        settings = make_settings(tmp_path, telegram_base_url=api.base_url)
+        async with running_bot(settings, scripted_engine, store):
+            update = api.message(GROUP, "/poem 月", user_id=7, chat_type="supergroup")
+            api.deleted.add(update["message"]["message_id"])
+            [sent] = await api.wait_for_sent(1)
+    finally:
+        await api.stop()
+    assert sent["text"].startswith("月") and "Something went wrong" not in sent["text"]
+
+
+async def test_a_tap_while_the_database_is_locked_is_answered_and_posts_nothing(tmp_path, fake_api, scripted_engine):
+    """👍 under a channel post while another process held the database: the error handler posted "Something
+    went wrong" into the channel for every subscriber to see, and the tap was never answered."""
+    import sqlite3
+
+    settings = make_settings(tmp_path, telegram_base_url=fake_api.base_url)
+    store = Store.open(settings.database_path, busy_timeout=0.3)
+    try:
+        async with running_bot(settings, scripted_engine, store) as app:
+            fake_api.message(CHANNEL, "/card off", chat_type="channel")
+            fake_api.message(CHANNEL, "/poem 月", chat_type="channel")
+            sent = await fake_api.wait_for_sent(2)
+            poem = next(m for m in sent if m.get("reply_markup"))
+            other = sqlite3.connect(settings.database_path, timeout=0)
+            other.execute("BEGIN EXCLUSIVE")  # a backup, the CLI: another writer holds the lock
+            try:
+                fake_api.callback(CHANNEL, 5, poem, poem["reply_markup"]["inline_keyboard"][0][0]["callback_data"])
+                [answer] = await fake_api.wait_for_calls("answerCallbackQuery", 1)
+            finally:
+                other.rollback()
+                other.close()
+            await all_updates_handled(app, fake_api)
+    finally:
+        store.close()
+    assert "busy" in answer["text"] and len(fake_api.sent) == 2
+
+
+async def test_another_poem_tapped_in_a_forum_topic_goes_to_that_topic(tmp_path, fake_api, scripted_engine, store):
+    import time as _time
+
+    settings = make_settings(tmp_path, telegram_base_url=fake_api.base_url)
+    async with running_bot(settings, scripted_engine, store):
+        update = fake_api.message(GROUP, "/poem 月", user_id=7, chat_type="supergroup")
+        update["message"].update(message_thread_id=77, is_topic_message=True)
+        [poem] = await fake_api.wait_for_sent(1)
+        tapped = {"message_id": poem["message_id"], "date": int(_time.time()), "chat": fake_api.chats[GROUP],
+                  "from": {"id": 123456789, "is_bot": True, "first_name": "b"}, "text": poem["text"],
+                  "message_thread_id": 77, "is_topic_message": True, "reply_markup": poem["reply_markup"]}
+        again = next(b["callback_data"] for row in poem["reply_markup"]["inline_keyboard"] for b in row
+                     if b["callback_data"].startswith("again:"))
+        fake_api._queue({"callback_query": {"id": "9", "chat_instance": "ci", "data": again,
+                                            "from": {"id": 7, "is_bot": False, "first_name": "u"}, "message": tapped}})
+        sent = await fake_api.wait_for_sent(2)
+    assert [m.get("message_thread_id") for m in sent] == [77, 77]
+
+
+async def test_a_channel_post_copied_into_its_discussion_group_is_not_answered_again(tmp_path, fake_api,
+                                                                                     scripted_engine, store):
+    """Telegram copies each channel post into the linked group (is_automatic_forward): the bot answered the copy
+    too, a second poem there, and for /daily a refusal under the channel's own post."""
+    settings = make_settings(tmp_path, telegram_base_url=fake_api.base_url)
+    channel = {"id": CHANNEL, "type": "channel", "title": "c"}
+    async with running_bot(settings, scripted_engine, store) as app:
+        for text in ("/poem 月", "/daily 08:00"):
+            fake_api.message(CHANNEL, text, chat_type="channel")
+            copy = fake_api.message(GROUP, text, user_id=777000, chat_type="supergroup", sender_chat=channel)
+            copy["message"]["is_automatic_forward"] = True
+        await all_updates_handled(app, fake_api)
+    assert not [m for m in fake_api.sent + fake_api.photos if m["chat_id"] == GROUP]
+    assert len(scripted_engine.requests) == 1
+
+
+async def test_typing_an_inline_query_that_can_be_no_poem_costs_no_poems(tmp_path, fake_api, scripted_engine, store):
+    """Each keystroke's query took up to three rate-limit tokens before its text was checked: typing "hi"
+    spent a user's whole RATE_LIMIT and their next /poem was refused."""
+    settings = make_settings(tmp_path, telegram_base_url=fake_api.base_url, rate_limit_count=6)
+    async with running_bot(settings, scripted_engine, store):
+        fake_api.inline_query(USER, "h")
+        fake_api.inline_query(USER, "hi")
+        answers = await fake_api.wait_for_calls("answerInlineQuery", 2)
+        fake_api.message(USER, "/poem 月")
+        [sent] = await fake_api.wait_for_sent(1)
+    assert all(not a["results"] for a in answers) and sent["text"].startswith("月")
