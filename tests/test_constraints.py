@@ -15,6 +15,7 @@ from engine.poem.constraints import RHYME_BASE, build_plan
 from engine.poem.forms import FORM_NAMES, FORMS, split_lines
 from engine.poem.judge import check_poem
 from engine.poem.prosody import prosody_for
+from engine.poem.rhymes import char_info
 from engine.poem.rhymes import pingshui_table
 from engine.poem.vocab import FORM_TOKENS, PUNCTUATION, SPECIALS, Vocab, is_han
 from engine.sampling.choice import step_bias
@@ -343,12 +344,15 @@ def test_an_unrhymed_line_end_takes_no_character_commonly_read_level_while_anoth
         plan = plan_for(vocab, form=form)
         for seed in range(20):
             row = walk(plan, seed)
-            odd_ends = [line[-1] for i, line in enumerate(split_lines(row.text)) if i % 2 == 0]
+            lines = split_lines(row.text)
+            odd_ends = [line[-1] for i, line in enumerate(lines) if i % 2 == 0 and i > 0]
             assert not set(odd_ends) & heard, row.text
+            if lines[0][-1] in heard:  # line 1 may end 平 only as the poem's first rhyme (首句入韵)
+                assert char_info(lines[0][-1]).groups & char_info(lines[1][-1]).groups, row.text
             ends_seen.update(odd_ends)
     assert len(ends_seen) > 5  # the walks did reach many line ends
     # Only heard-level characters are 仄 at all: the plain 仄 row serves (the tone rule is not dropped there).
-    plan = plan_for(tiny_vocab("空乡东风山阳香"), form="wujue")
+    plan = plan_for(tiny_vocab("空乡东风山阳香"), form="wujue", rhyme=False)
     assert {split_lines(walk(plan, seed).text)[0][-1] for seed in range(10)} <= {"空", "乡"}
     assert MASK_OBLIQUE_END != MASK_OBLIQUE
 
@@ -360,3 +364,31 @@ def test_heard_level_is_both_tones_with_a_common_level_reading():
     assert not any(heard_level(c) for c in "看过望")  # both tones, commonly read 仄: 看 kàn
     assert not any(heard_level(c) for c in "急月日")  # 仄 only (入声), whatever Mandarin reads today
     assert not any(heard_level(c) for c in "东山")  # 平 only
+
+
+def test_line_one_may_rhyme_and_then_opens_the_rhyme_that_the_even_lines_keep(vocab):
+    """首句入韵, the norm of 七言: line 1 ends 仄, or in a 平 character of a group with room for one rhyme
+    more; when it rhymes, its group is the poem's, and its character is not rhymed again."""
+    rhymed_first = 0
+    for form in FORM_NAMES:
+        plan = plan_for(vocab, form=form)
+        assert plan.first_rhyme == FORMS[form].line_len - 1 and plan.first_rhyme_groups
+        for seed in range(30):
+            row = walk(plan, seed)
+            lines = split_lines(row.text)
+            check = check_poem(row.text, form, plan.prosody)
+            assert check.rhyme and check.tone_agreement == 1.0 or row.notes, row.text
+            first = char_info(lines[0][-1])
+            if first and first.level and first.groups & char_info(lines[1][-1]).groups:
+                rhymed_first += 1
+                assert lines[0][-1] not in [line[-1] for line in lines[1::2]], row.text  # no 重韵
+    assert rhymed_first > 5
+    assert plan_for(vocab, form="qijue", rhyme=False).first_rhyme is None
+    assert plan_for(vocab, form="qijue", tone=False).first_rhyme is None
+
+
+def test_the_judge_takes_a_first_line_that_rhymes_as_fitting_the_tone_pattern():
+    chusai = "秦时明月汉时关，万里长征人未还。但使龙城飞将在，不教胡马度阴山。"  # 首句入韵 (关 还 山)
+    assert check_poem(chusai, "qijue").tone_agreement == 1.0
+    off = "秦时明月汉时天，万里长征人未还。但使龙城飞将在，不教胡马度阴山。"  # 天 is 平 but not in 删
+    assert check_poem(off, "qijue").tone_agreement < 1.0

@@ -24,8 +24,10 @@ Rules (docs/DECODING.md has the long version); a 词 follows its tune instead (s
   rhyme narrows them);
 - tone: s = tone of line 1's 2nd character; line i's 2nd character follows 对/粘
   (s, ¬s, ¬s, s, s, ¬s, ¬s, s), the 4th is opposite the 2nd, the 6th (7-character lines) equals the 2nd,
-  odd lines end 仄 (首句不入韵), even lines end 平. A character with both readings fits either, so s stays
-  open until a character with one reading fixes it;
+  odd lines end 仄, even lines end 平, and line 1 may end in the rhyme instead (首句入韵: a 平 character of
+  a group with room for one rhyme more, which then opens the rhyme). A character with both readings fits
+  either tone, so s stays open until a character with one reading fixes it; at an unrhymed line end one
+  commonly read 平 (空, 乡) is avoided while another is left;
 - repetition: no character three times in a poem (forced characters are reserved up front), no line twice,
   no rhyme character twice (重韵).
 
@@ -115,6 +117,21 @@ class MaskTables:
                     index = self.rhyme_index[key] = len(self.rows) - 1  # published once its row is there
         return index
 
+    def first_rhyme_row(self, book: RhymeBook, groups: frozenset[int]) -> int:
+        """The row for line 1's end where it may rhyme: what sounds 仄 (MASK_OBLIQUE_END), or a 平 character of
+        these groups; registered on first use."""
+        key = ("first:" + book.name, groups)
+        index = self.rhyme_index.get(key)
+        if index is None:
+            row = self.rows[self.rhyme_row(book, groups)] | self.rows[MASK_OBLIQUE_END]
+            with self._lock:
+                index = self.rhyme_index.get(key)
+                if index is None:
+                    self.rows.append(row)
+                    self.counts.append(int(row.sum()))
+                    index = self.rhyme_index[key] = len(self.rows) - 1
+        return index
+
     def allowed_ids(self, index: int) -> list[int]:
         return self.rows[index].nonzero().flatten().tolist()
 
@@ -190,6 +207,11 @@ class PoemPlan:
     # Rhyme set → the sets that must rhyme in its 部 (西江月's 平 and 仄 sets); each rhyme of one narrows
     # the others to the 部 still open (RowState._link_rhymes).
     linked: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # Line 1's last position when it may rhyme (首句入韵, with rhyme and tone on), else None: there a 仄
+    # character, or a 平 one of the eligible groups, which is then the poem's first rhyme.
+    first_rhyme: int | None = None
+    # The groups line 1 may rhyme in: eligible ones with a character to spare for the extra rhyme.
+    first_rhyme_groups: frozenset[int] = frozenset()
 
     @property
     def form_name(self) -> str:
@@ -346,6 +368,8 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lin
 
     plan = PoemPlan(form=form, vocab=vocab, prosody=prosody, prompt=prompt, acrostic=acrostic, rhyme=rhyme,
                     tone=bool(request.tone), start_token=start_token, forced_at=forced_at,
+                    first_rhyme=layout.starts[0] + form.line_len - 1 if form and rhyme and request.tone else None,
+                    first_rhyme_groups=_roomy_groups(book, eligible[0], sets[0][1]) if form and rhyme else frozenset(),
                     reserved=reserved, eligible_groups=eligible, rhyme_tones=tuple(t for t, _ in sets),
                     tone_req=tone_req, rhyme_at=rhyme_at,
                     layout=layout, book=book, tune=tune, notes=notes, tables=tables, formulas=formulas,
@@ -356,6 +380,12 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lin
         row.advance(row.forced())
     plan.notes = list(row.notes)
     return plan
+
+
+def _roomy_groups(book: RhymeBook, groups: frozenset[int], need: int) -> frozenset[int]:
+    """Those of `groups` with more than `need` characters: room for one rhyme more (line 1's)."""
+    sizes = book.matrix.sum(dim=1)
+    return frozenset(g for g in groups if int(sizes[g]) > need)
 
 
 # Where a line of this length pauses (the column after each pause): 五言 2|3, 七言 2|2|3, 四言 2|2, 六言 2|2|2.
@@ -544,12 +574,15 @@ class RowState:
             tones = plan.prosody.tones[token]
             ch = vocab.tokens[token]
             req_l, req_o = plan.tone_req[0][pos], plan.tone_req[1][pos]
+            first_rhyme = pos == plan.first_rhyme and bool(plan.first_rhyme_groups & plan.book.token_groups[token])
+            if first_rhyme:  # line 1 rhymes: its character opens the rhyme, as line 2's would
+                self.rhyme_groups = (plan.first_rhyme_groups & plan.book.token_groups[token],) + self.rhyme_groups[1:]
             if req_l or req_o:
                 starts = (LEVEL if self.starts & LEVEL and req_l & tones else 0) | \
                          (OBLIQUE if self.starts & OBLIQUE and req_o & tones else 0)
                 if starts:
                     self.starts = starts
-                elif is_forced:  # a free token was masked to fit, or the rule was relaxed here already
+                elif is_forced and not first_rhyme:  # a free token was masked to fit, or the rule was relaxed here
                     want = TONE_NAMES[(req_l if self.starts & LEVEL else 0) | (req_o if self.starts & OBLIQUE else 0)]
                     have = TONE_NAMES.get(tones, "of unknown tone")
                     self._note(f"tone: the forced 「{ch}」 at {layout.where(pos)} is {have} where the pattern "
@@ -622,6 +655,8 @@ class RowState:
             # No rhyme character twice (重韵): the earlier rhyme positions' characters are out here, except in
             # a short line repeating the one before (叠句, 如梦令's 知否，知否).
             rhymed = [self.tokens[p] for p in plan.rhyme_at if p < pos]
+            if plan.first_rhyme is not None and self._line_one_rhymes():
+                rhymed.append(self.tokens[plan.first_rhyme])
             if self._refrain(col, n):
                 rhymed = [t for t in rhymed if t != self.lines[-1][-1]]
             banned += rhymed
@@ -637,7 +672,9 @@ class RowState:
             else:
                 banned += quoted
 
-        if k is None and col == n - 1 and index == MASK_OBLIQUE:
+        if pos == plan.first_rhyme:  # 首句入韵 or not: the model chooses
+            index = tables.first_rhyme_row(plan.book, plan.first_rhyme_groups)
+        elif k is None and col == n - 1 and index == MASK_OBLIQUE:
             # An unrhymed line's end is heard most: a character read 平 today (空, 乡) does not sound 仄 there.
             # A preference, not a rule: without such a character the plain 仄 row serves, and no note.
             index = MASK_OBLIQUE_END if self._feasible(MASK_OBLIQUE_END, banned) else MASK_OBLIQUE
@@ -661,6 +698,11 @@ class RowState:
                        f"the repetition rule is relaxed there")
             banned = []
         self.mask_index, self.step_banned = index, banned
+
+    def _line_one_rhymes(self) -> bool:
+        """Line 1 (written) ends in a 平 character of the eligible groups: the poem's first rhyme."""
+        plan = self.plan
+        return bool(plan.first_rhyme_groups & plan.book.token_groups[self.tokens[plan.first_rhyme]])
 
     def _refrain(self, col: int, n: int) -> bool:
         """The line being written (column `col` of `n`) is short and so far repeats the line before."""

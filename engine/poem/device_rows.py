@@ -161,6 +161,8 @@ class DeviceRows:
     tone_l: torch.Tensor  # (R, TMAX) long: the tone p needs when s is 平 (0: none)
     tone_o: torch.Tensor  # (R, TMAX) long: … when s is 仄
     rhyme_pos: torch.Tensor  # (R, TMAX) bool: p ends a rhyming line (and the rhyme rule is on)
+    first_rhyme: torch.Tensor  # (R, TMAX) bool: p ends line 1, which may rhyme (PoemPlan.first_rhyme)
+    first_groups: torch.Tensor  # (R, G) bool: the groups it may rhyme in (PoemPlan.first_rhyme_groups)
     col: torch.Tensor  # (R, TMAX) long: p's column in its line
     line_of: torch.Tensor  # (R, TMAX) long
     line_pos: torch.Tensor  # (R, LMAX · NMAX) long: the text position of line i's character c
@@ -207,6 +209,7 @@ class DeviceRows:
         V, G = tables.vocab_ids.shape[0], tables.groups.shape[0]
 
         per_row: dict[str, list] = {name: [] for name in ("forced", "plan_forced", "han", "tone_l", "tone_o", "rhyme_pos",
+                                                          "first_rhyme", "first_groups",
                                                           "col", "line_of", "line_pos", "line_len", "quotes_banned", "eligible",
                                                           "penalty", "temperature", "top_k", "top_p", "starts")}
         draws, beam_draws, counts = [], [], []
@@ -222,6 +225,8 @@ class DeviceRows:
             row = {"forced": forced, "plan_forced": [p in plan.forced_at for p in range(TMAX)], "han": lay["han"],
                    "tone_l": list(plan.tone_req[0]) + pad, "tone_o": list(plan.tone_req[1]) + pad,
                    "rhyme_pos": [p in plan.rhyme_at for p in range(TMAX)], "col": lay["col"],
+                   "first_rhyme": [p == plan.first_rhyme for p in range(TMAX)],
+                   "first_groups": [g in plan.first_rhyme_groups for g in range(G)],
                    "line_of": lay["line_of"], "line_pos": [p for line in lay["line_pos"] for p in line],
                    "line_len": lay["line_len"], "quotes_banned": plan.known_lines is not None, "eligible": [g in plan.eligible_groups[0] for g in range(G)],
                    "penalty": penalty, "temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -243,7 +248,8 @@ class DeviceRows:
             beam_draws.extend([beam] * k)
             counts.extend([reserved] * k)
         R = len(draws)
-        dtypes = {"plan_forced": torch.bool, "han": torch.bool, "quotes_banned": torch.bool, "rhyme_pos": torch.bool, "eligible": torch.bool,
+        dtypes = {"plan_forced": torch.bool, "han": torch.bool, "quotes_banned": torch.bool, "rhyme_pos": torch.bool,
+                  "first_rhyme": torch.bool, "first_groups": torch.bool, "eligible": torch.bool,
                   "penalty": torch.float32, "temperature": torch.float32, "top_p": torch.float32}
 
         def tensor(name, shape):
@@ -255,7 +261,9 @@ class DeviceRows:
         rows = cls(tables, formulas, known,
                    forced=tensor("forced", (R, TMAX)), plan_forced=tensor("plan_forced", (R, TMAX)),
                    han=tensor("han", (R, TMAX)), tone_l=tensor("tone_l", (R, TMAX)), tone_o=tensor("tone_o", (R, TMAX)),
-                   rhyme_pos=tensor("rhyme_pos", (R, TMAX)), col=tensor("col", (R, TMAX)),
+                   rhyme_pos=tensor("rhyme_pos", (R, TMAX)), first_rhyme=tensor("first_rhyme", (R, TMAX)),
+                   first_groups=tensor("first_groups", (R, G)),
+                   col=tensor("col", (R, TMAX)),
                    line_of=tensor("line_of", (R, TMAX)), line_pos=tensor("line_pos", (R, LMAX * NMAX)),
                    line_len=tensor("line_len", (R,)), quotes_banned=tensor("quotes_banned", (R,)), eligible=tensor("eligible", (R, G)),
                    penalty=tensor("penalty", (R,)), temperature=tensor("temperature", (R,)),
@@ -323,10 +331,14 @@ class DeviceRows:
             relax_quote = free & quoted.any(dim=1) & ~(base & ~(banned | quoted)).any(dim=1)
             self.flags |= relax_quote
             banned = banned | (quoted & ~relax_quote[:, None])
-        # An unrhymed line's end prefers what sounds 仄 today, where any such character is left (RowState's rule).
-        end = ~at_rhyme & last_col & (tone == OBLIQUE)
+        # An unrhymed line's end prefers what sounds 仄 today, where any such character is left (RowState's rule);
+        # line 1's end may instead rhyme (首句入韵): 仄 as sounded, or a 平 character of the eligible groups.
+        at_first = self._at(self.first_rhyme)
+        end = ~at_rhyme & ~at_first & last_col & (tone == OBLIQUE)
         end = end & (t.fixed[MASK_OBLIQUE_END] & ~banned).any(dim=1)
         base = torch.where(end[:, None], t.fixed[MASK_OBLIQUE_END], base)
+        first_rows = (self.first_groups.float() @ t.groups) > 0
+        base = torch.where(at_first[:, None], t.fixed[MASK_OBLIQUE_END] | first_rows, base)
         # Relax until something is allowed: tone, then rhyme (and then tone there), then repetition.
         ok = (base & ~banned).any(dim=1)
         toned = tone > 0
@@ -403,16 +415,19 @@ class DeviceRows:
         asks = han & ((req_l > 0) | (req_o > 0))
         self.starts = torch.where(asks & (fits > 0), fits, self.starts)
         self.flags |= asks & (fits == 0) & by_plan
-        # Rhyme: the groups this rhyme shares with those open so far.
+        # Rhyme: the groups this rhyme shares with those open so far. At line 1's end (首句入韵) a character
+        # of the eligible groups is the first rhyme; any other is its 仄 ending.
         at_rhyme = han & self._at(self.rhyme_pos)
         opened = torch.where(self.rhymed[:, None], self.groups, t.open_groups[None])
         shared = opened & t.token_groups[tokens]
         any_shared = shared.any(dim=1)
         takes = at_rhyme & any_shared
-        self.groups = torch.where(takes[:, None], shared, self.groups)
-        self.rhymed = self.rhymed | takes
+        first_shared = self.first_groups & t.token_groups[tokens]
+        first = han & self._at(self.first_rhyme) & first_shared.any(dim=1)
+        self.groups = torch.where(takes[:, None], shared, torch.where(first[:, None], first_shared, self.groups))
+        self.rhymed = self.rhymed | takes | first
         self.flags |= at_rhyme & ~any_shared & by_plan
-        self.rhymed_tokens.scatter_(1, torch.where(at_rhyme, tokens, V)[:, None], True)
+        self.rhymed_tokens.scatter_(1, torch.where(at_rhyme | first, tokens, V)[:, None], True)
         if self.known is not None:  # a line's first character starts its key from the line's length
             start = torch.where((self._at(self.col) == 0)[:, None], self.line_len[:, None], self.head_hash)
             folded = (start * self.known.bases + self.known.codes[tokens][:, None]) % self.known.moduli

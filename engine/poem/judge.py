@@ -23,7 +23,7 @@ class PoemCheck:
     form_valid: bool  # exactly the form's lines of Han characters, ， and 。 alternating
     lines: list[str]  # the lines found (whatever the layout)
     rhyme: bool  # form valid, and the even lines end in level characters sharing one rhyme group
-    tone_agreement: float  # share of tone positions (2nd/4th/6th characters, line ends) that fit, best s
+    tone_agreement: float  # share of tone positions (2nd/4th/6th characters, line ends; line 1 may rhyme) that fit, best s
     tone_positions: int  # positions checked (0 when the form is invalid)
     repeated_chars: list[str]  # characters used three times or more
     repeated_line: bool  # some line appears twice
@@ -61,6 +61,10 @@ def check_poem(text: str, form: Form | str, prosody: Prosody | None = None) -> P
         shared = groups if shared is None else shared & groups
     rhyme = bool(shared)
 
+    def _rhymes(ch: str) -> bool:  # line 1 may end in the rhyme instead of 仄 (首句入韵)
+        first = info(ch)
+        return bool(shared and first and first.level and first.groups & shared)
+
     best, total = 0, 0
     for s in (LEVEL, OBLIQUE):
         hits = total = 0
@@ -70,6 +74,6 @@ def check_poem(text: str, form: Form | str, prosody: Prosody | None = None) -> P
             wants.append((L - 1, OBLIQUE if i % 2 == 0 else LEVEL))
             for col, tone in wants:
                 total += 1
-                hits += bool(_tones(line[col], prosody) & tone)
+                hits += bool(_tones(line[col], prosody) & tone) or (i == 0 and col == L - 1 and _rhymes(line[col]))
         best = max(best, hits)
     return PoemCheck(True, lines, rhyme, best / total, total, repeated_chars, repeated_line)
