@@ -267,7 +267,7 @@ def _tone_requirements(form: Form, tone: bool) -> tuple[tuple[int, ...], tuple[i
                 req[base + 3] = _flip(second)
                 if L == 7:
                     req[base + 5] = second
-                req[base + L - 1] = OBLIQUE if line % 2 == 0 else LEVEL  # 首句不入韵
+                req[base + L - 1] = OBLIQUE if line % 2 == 0 else LEVEL  # line 1 may rhyme instead: first_rhyme
         reqs.append(tuple(req))
     return reqs[0], reqs[1]
 
