@@ -392,3 +392,31 @@ def test_the_judge_takes_a_first_line_that_rhymes_as_fitting_the_tone_pattern():
     assert check_poem(chusai, "qijue").tone_agreement == 1.0
     off = "秦时明月汉时天，万里长征人未还。但使龙城飞将在，不教胡马度阴山。"  # 天 is 平 but not in 删
     assert check_poem(off, "qijue").tone_agreement < 1.0
+
+
+def test_line_one_falls_back_to_the_plain_oblique_row_when_it_cannot_rhyme_or_sound_oblique():
+    """No group with room for line 1 to rhyme, and only characters commonly read level among the 仄 ones: the
+    tone rule was dropped at line 1's end (any character, with a note) instead of taking the plain 仄 row."""
+    vocab = Vocab.build(["空中深思乡帆龙闻临行轻衣相离山花风云春秋天人"])
+    prosody = prosody_for(vocab)
+    for form in ("wulv", "qilv"):
+        plan = plan_for(vocab, form=form)
+        assert not plan.first_rhyme_groups
+        for seed in range(5):
+            row = walk(plan, seed)
+            assert prosody.oblique[vocab.index[split_lines(row.text)[0][-1]]], row.text
+            assert not any(n.startswith("tone:") and "line 1," in n for n in row.notes), row.notes
+
+
+@pytest.mark.parametrize("form, prompt", [("wujue", "春山一片云秋水共长天"), ("qijue", "独坐高楼望远空万家灯火照山花"),
+                                          ("wulv", "明月照江东白云满山花")])
+def test_a_prompt_over_line_two_decides_whether_line_one_can_rhyme(vocab, form, prompt):
+    """The prompt forces line 1's end (云, 空, 东: 平) and line 2's (天, 花: another group). Line 1 opened the
+    rhyme, line 2 then broke it, and the poem did not rhyme. Line 1 rhymes only in a group line 2's forced
+    character belongs to; else its 平 is a bent tone, and the poem rhymes with line 2."""
+    chars = set(prompt) | set(vocab.tokens[vocab.first_han_id:vocab.end_han_id])
+    v = Vocab.build(["".join(sorted(chars))])
+    plan = plan_for(v, form=form, prompt=prompt)
+    for seed in range(5):
+        row = walk(plan, seed)
+        assert check_poem(row.text, form, plan.prosody).rhyme, (row.text, row.notes)

@@ -369,7 +369,8 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lin
     plan = PoemPlan(form=form, vocab=vocab, prosody=prosody, prompt=prompt, acrostic=acrostic, rhyme=rhyme,
                     tone=bool(request.tone), start_token=start_token, forced_at=forced_at,
                     first_rhyme=layout.starts[0] + form.line_len - 1 if form and rhyme and request.tone else None,
-                    first_rhyme_groups=_roomy_groups(book, eligible[0], sets[0][1]) if form and rhyme else frozenset(),
+                    first_rhyme_groups=_first_rhyme_groups(book, eligible[0], sets[0][1], rhyme_at, forced_at)
+                    if form and rhyme else frozenset(),
                     reserved=reserved, eligible_groups=eligible, rhyme_tones=tuple(t for t, _ in sets),
                     tone_req=tone_req, rhyme_at=rhyme_at,
                     layout=layout, book=book, tune=tune, notes=notes, tables=tables, formulas=formulas,
@@ -382,10 +383,15 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lin
     return plan
 
 
-def _roomy_groups(book: RhymeBook, groups: frozenset[int], need: int) -> frozenset[int]:
-    """Those of `groups` with more than `need` characters: room for one rhyme more (line 1's)."""
+def _first_rhyme_groups(book: RhymeBook, groups: frozenset[int], need: int, rhyme_at: dict[int, int],
+                        forced_at: dict[int, int]) -> frozenset[int]:
+    """The groups line 1 may rhyme in: those of `groups` with more than `need` characters (room for one rhyme
+    more), and that every character forced at a rhyme position (a prompt over line 2) belongs to."""
     sizes = book.matrix.sum(dim=1)
-    return frozenset(g for g in groups if int(sizes[g]) > need)
+    out = frozenset(g for g in groups if int(sizes[g]) > need)
+    for p in set(rhyme_at) & set(forced_at):
+        out &= book.token_groups[forced_at[p]]
+    return out
 
 
 # Where a line of this length pauses (the column after each pause): 五言 2|3, 七言 2|2|3, 四言 2|2, 六言 2|2|2.
@@ -574,7 +580,10 @@ class RowState:
             tones = plan.prosody.tones[token]
             ch = vocab.tokens[token]
             req_l, req_o = plan.tone_req[0][pos], plan.tone_req[1][pos]
-            first_rhyme = pos == plan.first_rhyme and bool(plan.first_rhyme_groups & plan.book.token_groups[token])
+            # NOTE: only the model's own choice opens the rhyme at line 1: a prompt's character there keeps
+            # the rhyme open for the lines it was not written for (a 平 one is a bent tone, as it always was).
+            first_rhyme = (pos == plan.first_rhyme and not is_forced
+                           and bool(plan.first_rhyme_groups & plan.book.token_groups[token]))
             if first_rhyme:  # line 1 rhymes: its character opens the rhyme, as line 2's would
                 self.rhyme_groups = (plan.first_rhyme_groups & plan.book.token_groups[token],) + self.rhyme_groups[1:]
             if req_l or req_o:
@@ -655,8 +664,10 @@ class RowState:
             # No rhyme character twice (重韵): the earlier rhyme positions' characters are out here, except in
             # a short line repeating the one before (叠句, 如梦令's 知否，知否).
             rhymed = [self.tokens[p] for p in plan.rhyme_at if p < pos]
-            if plan.first_rhyme is not None and self._line_one_rhymes():
-                rhymed.append(self.tokens[plan.first_rhyme])
+            first = plan.first_rhyme
+            if (first is not None and first not in plan.forced_at
+                    and plan.first_rhyme_groups & plan.book.token_groups[self.tokens[first]]):
+                rhymed.append(self.tokens[first])  # line 1 opened the rhyme: its character is not rhymed again
             if self._refrain(col, n):
                 rhymed = [t for t in rhymed if t != self.lines[-1][-1]]
             banned += rhymed
@@ -672,8 +683,9 @@ class RowState:
             else:
                 banned += quoted
 
-        if pos == plan.first_rhyme:  # 首句入韵 or not: the model chooses
-            index = tables.first_rhyme_row(plan.book, plan.first_rhyme_groups)
+        if pos == plan.first_rhyme:  # 首句入韵 or not: the model chooses (the plain 仄 row if nothing is left)
+            first = tables.first_rhyme_row(plan.book, plan.first_rhyme_groups)
+            index = first if self._feasible(first, banned) else index
         elif k is None and col == n - 1 and index == MASK_OBLIQUE:
             # An unrhymed line's end is heard most: a character read 平 today (空, 乡) does not sound 仄 there.
             # A preference, not a rule: without such a character the plain 仄 row serves, and no note.
@@ -698,11 +710,6 @@ class RowState:
                        f"the repetition rule is relaxed there")
             banned = []
         self.mask_index, self.step_banned = index, banned
-
-    def _line_one_rhymes(self) -> bool:
-        """Line 1 (written) ends in a 平 character of the eligible groups: the poem's first rhyme."""
-        plan = self.plan
-        return bool(plan.first_rhyme_groups & plan.book.token_groups[self.tokens[plan.first_rhyme]])
 
     def _refrain(self, col: int, n: int) -> bool:
         """The line being written (column `col` of `n`) is short and so far repeats the line before."""

@@ -81,7 +81,8 @@ def device_tables(prosody, device) -> DeviceTables:
             fixed=torch.stack(masks.rows[:RHYME_BASE]).to(device), tone_row=tone_row.to(device),
             tones=torch.tensor(prosody.tones, dtype=torch.long, device=device),
             groups=book.matrix.float().to(device), token_groups=book.matrix.T.contiguous().to(device),
-            open_groups=torch.tensor([g in opened for g in range(len(book.groups))], device=device),
+            # NOTE: dtype given: with no level groups at all the list is empty, and an empty tensor is float.
+            open_groups=torch.tensor([g in opened for g in range(len(book.groups))], dtype=torch.bool, device=device),
             vocab_ids=torch.arange(prosody.vocab_size, device=device))
     return tables
 
@@ -337,8 +338,10 @@ class DeviceRows:
         end = ~at_rhyme & ~at_first & last_col & (tone == OBLIQUE)
         end = end & (t.fixed[MASK_OBLIQUE_END] & ~banned).any(dim=1)
         base = torch.where(end[:, None], t.fixed[MASK_OBLIQUE_END], base)
-        first_rows = (self.first_groups.float() @ t.groups) > 0
-        base = torch.where(at_first[:, None], t.fixed[MASK_OBLIQUE_END] | first_rows, base)
+        # … where anything is left there; else the plain 仄 row stays, as at any unrhymed line end.
+        first_rows = t.fixed[MASK_OBLIQUE_END] | ((self.first_groups.float() @ t.groups) > 0)
+        at_first = at_first & (first_rows & ~banned).any(dim=1)
+        base = torch.where(at_first[:, None], first_rows, base)
         # Relax until something is allowed: tone, then rhyme (and then tone there), then repetition.
         ok = (base & ~banned).any(dim=1)
         toned = tone > 0
@@ -423,7 +426,7 @@ class DeviceRows:
         any_shared = shared.any(dim=1)
         takes = at_rhyme & any_shared
         first_shared = self.first_groups & t.token_groups[tokens]
-        first = han & self._at(self.first_rhyme) & first_shared.any(dim=1)
+        first = han & ~by_plan & self._at(self.first_rhyme) & first_shared.any(dim=1)
         self.groups = torch.where(takes[:, None], shared, torch.where(first[:, None], first_shared, self.groups))
         self.rhymed = self.rhymed | takes | first
         self.flags |= at_rhyme & ~any_shared & by_plan
