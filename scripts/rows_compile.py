@@ -13,41 +13,26 @@ bound by some 250 launches.
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
+from rows_probe import (  # scripts/ is on sys.path
+    device,
+    noise_for,
+    rows_of,
+    sizes,
+    steps,
+)
 
-from engine.api import PoemRequest
-from engine.model.checkpoint import DEFAULT_CHECKPOINT, read_meta
-from engine.poem.constraints import build_plan
-from engine.poem.device_rows import DeviceRows, device_tables
-from engine.poem.prosody import prosody_for
-from engine.poem.vocab import Vocab
+from engine.poem.device_rows import DeviceRows
 
-device = torch.device(os.environ.get("DEVICE", "cuda"))
-checkpoint = Path(os.environ.get("CHECKPOINT") or DEFAULT_CHECKPOINT)
-sizes = [int(n) for n in os.environ.get("ROWS", "64 256").split()]
 backend = os.environ.get("BACKEND", "inductor")
-steps = int(os.environ.get("STEPS", "20"))
 modes = os.environ.get("MODES", "default").split()  # torch.compile modes, e.g. "default reduce-overhead"
-
-vocab = Vocab(read_meta(checkpoint)["vocab"])
-prosody = prosody_for(vocab)
-tables = device_tables(prosody, device)
-forms = ("qijue", "wujue", "qilv", "wulv")
-
-
-def rows_of(n: int) -> DeviceRows:
-    plans = [build_plan(vocab, prosody, PoemRequest(prompt="月春山江花风云雨夜秋"[i % 10], form=forms[i % 4],
-                                                    mode="sample").validate()) for i in range(n)]
-    gen = torch.Generator().manual_seed(0)
-    return DeviceRows.new(tables, None, None, [(p, 1, 1.5, (0.6, 0, 1.0), gen, 0) for p in plans])
 
 
 def walk(n: int, bias, advance) -> tuple[float, torch.Tensor]:
     """`steps` steps of n rows, each taking the allowed token with the largest fixed noise: seconds a step, tokens."""
     rows = rows_of(n)
-    noise = torch.rand(steps, n, len(vocab), generator=torch.Generator().manual_seed(1)).to(device)
+    noise = noise_for(n, steps)
     taken = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()

@@ -11,36 +11,19 @@ same step with the same copies must write the same tokens (checked here on any d
 changes its rows as requests join and leave, which a real capture has to meet with fixed-size buckets; this
 probe keeps one batch and measures only what the launches cost.
 """
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
+from rows_probe import (  # scripts/ is on sys.path
+    device,
+    noise_for,
+    rows_of,
+    sizes,
+    steps,
+)
 
-from engine.api import PoemRequest
-from engine.model.checkpoint import DEFAULT_CHECKPOINT, read_meta
-from engine.poem.constraints import build_plan
-from engine.poem.device_rows import DeviceRows, device_tables
-from engine.poem.prosody import prosody_for
-from engine.poem.vocab import Vocab
-
-device = torch.device(os.environ.get("DEVICE", "cuda"))
-checkpoint = Path(os.environ.get("CHECKPOINT") or DEFAULT_CHECKPOINT)
-sizes = [int(n) for n in os.environ.get("ROWS", "64 256").split()]
-steps = int(os.environ.get("STEPS", "20"))
-
-vocab = Vocab(read_meta(checkpoint)["vocab"])
-prosody = prosody_for(vocab)
-tables = device_tables(prosody, device)
-forms = ("qijue", "wujue", "qilv", "wulv")
-
-
-def rows_of(n: int) -> DeviceRows:
-    plans = [build_plan(vocab, prosody, PoemRequest(prompt="月春山江花风云雨夜秋"[i % 10], form=forms[i % 4],
-                                                    mode="sample").validate()) for i in range(n)]
-    gen = torch.Generator().manual_seed(0)
-    return DeviceRows.new(tables, None, None, [(p, 1, 1.5, (0.6, 0, 1.0), gen, 0) for p in plans])
+from engine.poem.device_rows import DeviceRows
 
 
 def stepper(rows: DeviceRows, noise: torch.Tensor, index: torch.Tensor, out: torch.Tensor):
@@ -64,7 +47,7 @@ def stepper(rows: DeviceRows, noise: torch.Tensor, index: torch.Tensor, out: tor
 def walk(n: int, graphed: bool) -> tuple[float, torch.Tensor]:
     """`steps` steps of n rows, eager or replaying a captured graph: seconds a step, the tokens taken."""
     rows = rows_of(n)
-    noise = torch.rand(steps + 4, n, len(vocab), generator=torch.Generator().manual_seed(1)).to(device)
+    noise = noise_for(n, steps + 4)
     index = torch.zeros(1, dtype=torch.long, device=device)
     out = torch.zeros(n, dtype=torch.long, device=device)
     step = stepper(rows, noise, index, out)
@@ -113,7 +96,7 @@ def main() -> int:
                 print(f"{n:>5} {te * 1e3:>9.2f}  capture failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
         else:  # no capture on a CPU: the in-place step, eagerly, against the plain one
-            rows, noise = rows_of(n), torch.rand(steps + 4, n, len(vocab), generator=torch.Generator().manual_seed(1))
+            rows, noise = rows_of(n), noise_for(n, steps + 4)
             plain = []
             for s in range(steps):
                 tokens = (rows.bias() + noise[s]).argmax(dim=1)
