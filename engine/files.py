@@ -4,6 +4,7 @@ power cut. Checkpoints, the version store, training state and the corpus downloa
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -33,3 +34,19 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_regular_file(path: Path, limit: int, follow_links: bool = True) -> bytes:
+    """The bytes of the regular file at `path`: ValueError for anything else (a FIFO, a directory) or over
+    `limit` bytes; OSError from opening it (FileNotFoundError; ELOOP for a link when not `follow_links`).
+    NOTE: opened without blocking and checked on the open descriptor, so a FIFO put there cannot stall the
+    reader (and the whole process with it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else os.O_NOFOLLOW))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = f.read(limit + 1)
+    if max(st.st_size, len(data)) > limit:
+        raise ValueError(f"{path} has {max(st.st_size, len(data))} bytes (at most {limit})")
+    return data

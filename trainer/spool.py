@@ -26,12 +26,11 @@ import json
 import logging
 import os
 import re
-import stat
 import time
 import uuid
 from pathlib import Path
 
-from engine.files import atomic_write_bytes
+from engine.files import atomic_write_bytes, read_regular_file
 
 log = logging.getLogger(__name__)
 
@@ -170,22 +169,10 @@ MAX_SPOOL_BYTES = 64 * 1024  # a request or a result is a few hundred bytes
 
 
 def _read_spool_file(path: Path) -> dict:
-    """A spool file's JSON object. FileNotFoundError when it is gone; ValueError for anything else that is not
-    one: not a regular file (a FIFO would block the daemon, a link may point anywhere), too large, not UTF-8
+    """A spool file's JSON object. FileNotFoundError when it is gone; another OSError or ValueError for anything
+    else: not a regular file (a FIFO would block the daemon, a link may point anywhere), too large, not UTF-8
     JSON, or not an object."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise
-    except OSError as e:  # ELOOP: a symbolic link
-        raise ValueError(f"{path.name}: cannot open ({e.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{path.name}: not a regular file")
-        data = f.read(MAX_SPOOL_BYTES + 1)
-    if len(data) > MAX_SPOOL_BYTES:
-        raise ValueError(f"{path.name}: over {MAX_SPOOL_BYTES} bytes")
+    data = read_regular_file(path, MAX_SPOOL_BYTES, follow_links=False)
     try:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -20,8 +20,6 @@ hashes in torch, a character at a time.
 from __future__ import annotations
 
 import json
-import os
-import stat
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.files import atomic_write_bytes
+from engine.files import atomic_write_bytes, read_regular_file
 
 KNOWN_LINES_FILE = "known_lines.safetensors"  # in CHECKPOINT_DIR, beside the models' folders
 MIN_LEN = 5  # shorter lines (词's 三字句) are too common to ban
@@ -93,7 +91,7 @@ class KnownLines:
         from safetensors.numpy import load as load_tensors
 
         try:
-            data = _read_regular_file(Path(path), MAX_FILE_BYTES)
+            data = read_regular_file(Path(path), MAX_FILE_BYTES)
             size = int.from_bytes(data[:8], "little")
             if len(data) < 8 or 8 + size > len(data):
                 raise ValueError(f"{path}: cannot read the known-lines table: no safetensors header")
@@ -115,20 +113,6 @@ class KnownLines:
             return cls(keys, lasts, {k: v for k, v in meta.items() if k not in ("format", "hash")})
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-
-
-def _read_regular_file(path: Path, limit: int) -> bytes:
-    """The bytes of the regular file at `path` (ValueError for anything else or over `limit` bytes).
-    NOTE: opened without blocking and checked on the open descriptor, so a FIFO put there cannot stall
-    the reader (and the whole process with it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        if st.st_size > limit:
-            raise ValueError(f"{path} has {st.st_size} bytes (at most {limit})")
-        return f.read(limit + 1)
 
 
 def known_lines_from(lines: Iterable[str], **meta) -> KnownLines:
