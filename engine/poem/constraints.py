@@ -105,31 +105,26 @@ class MaskTables:
 
     def rhyme_row(self, book: RhymeBook, groups: frozenset[int]) -> int:
         """The table row of "any character of these groups of `book`", registered on first use."""
-        key = (book.name, groups)
+        return self._registered((book.name, groups), lambda: book.matrix[sorted(groups)].any(dim=0) if groups
+                                else torch.zeros_like(self.prosody.han))
+
+    def first_rhyme_row(self, book: RhymeBook, groups: frozenset[int]) -> int:
+        """The row for line 1's end where it may rhyme: what sounds 仄 (MASK_OBLIQUE_END), or a 平 character of
+        these groups; registered on first use."""
+        return self._registered(("first:" + book.name, groups),
+                                lambda: self.rows[self.rhyme_row(book, groups)] | self.rows[MASK_OBLIQUE_END])
+
+    def _registered(self, key: tuple, make) -> int:
+        """The index of the row under `key`, made by `make()` and appended on first use."""
         index = self.rhyme_index.get(key)
         if index is None:
-            row = book.matrix[sorted(groups)].any(dim=0) if groups else torch.zeros_like(self.prosody.han)
+            row = make()
             with self._lock:
                 index = self.rhyme_index.get(key)
                 if index is None:
                     self.rows.append(row)
                     self.counts.append(int(row.sum()))
                     index = self.rhyme_index[key] = len(self.rows) - 1  # published once its row is there
-        return index
-
-    def first_rhyme_row(self, book: RhymeBook, groups: frozenset[int]) -> int:
-        """The row for line 1's end where it may rhyme: what sounds 仄 (MASK_OBLIQUE_END), or a 平 character of
-        these groups; registered on first use."""
-        key = ("first:" + book.name, groups)
-        index = self.rhyme_index.get(key)
-        if index is None:
-            row = self.rows[self.rhyme_row(book, groups)] | self.rows[MASK_OBLIQUE_END]
-            with self._lock:
-                index = self.rhyme_index.get(key)
-                if index is None:
-                    self.rows.append(row)
-                    self.counts.append(int(row.sum()))
-                    index = self.rhyme_index[key] = len(self.rows) - 1
         return index
 
     def allowed_ids(self, index: int) -> list[int]:
@@ -366,11 +361,11 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lin
         notes.append("rhyme: the model's vocabulary has no level-tone rhyme characters; rhyme is off" if form else
                      "rhyme: the model's vocabulary lacks rhyme characters for this tune's rhymes; rhyme is off")
 
+    first_rhyme = layout.starts[0] + form.line_len - 1 if form and rhyme and request.tone else None
     plan = PoemPlan(form=form, vocab=vocab, prosody=prosody, prompt=prompt, acrostic=acrostic, rhyme=rhyme,
-                    tone=bool(request.tone), start_token=start_token, forced_at=forced_at,
-                    first_rhyme=layout.starts[0] + form.line_len - 1 if form and rhyme and request.tone else None,
-                    first_rhyme_groups=_first_rhyme_groups(book, eligible[0], sets[0][1], rhyme_at, forced_at)
-                    if form and rhyme else frozenset(),
+                    tone=bool(request.tone), start_token=start_token, forced_at=forced_at, first_rhyme=first_rhyme,
+                    first_rhyme_groups=_first_rhyme_groups(book, eligible[0], sets[0][1], first_rhyme, rhyme_at,
+                                                           forced_at),
                     reserved=reserved, eligible_groups=eligible, rhyme_tones=tuple(t for t, _ in sets),
                     tone_req=tone_req, rhyme_at=rhyme_at,
                     layout=layout, book=book, tune=tune, notes=notes, tables=tables, formulas=formulas,
@@ -383,10 +378,14 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lin
     return plan
 
 
-def _first_rhyme_groups(book: RhymeBook, groups: frozenset[int], need: int, rhyme_at: dict[int, int],
-                        forced_at: dict[int, int]) -> frozenset[int]:
-    """The groups line 1 may rhyme in: those of `groups` with more than `need` characters (room for one rhyme
-    more), and that every character forced at a rhyme position (a prompt over line 2) belongs to."""
+def _first_rhyme_groups(book: RhymeBook, groups: frozenset[int], need: int, first: int | None,
+                        rhyme_at: dict[int, int], forced_at: dict[int, int]) -> frozenset[int]:
+    """The groups line 1 (its end at `first`) may rhyme in: those of `groups` with more than `need` characters
+    (room for one rhyme more), and that every character forced at a rhyme position belongs to. None where the
+    line may not rhyme, or where its end is forced: only the model's own choice opens the rhyme there, and a
+    prompt's 平 character is a bent tone, so the rhyme stays open for the lines the prompt did not write."""
+    if first is None or first in forced_at:
+        return frozenset()
     sizes = book.matrix.sum(dim=1)
     out = frozenset(g for g in groups if int(sizes[g]) > need)
     for p in set(rhyme_at) & set(forced_at):
@@ -580,10 +579,7 @@ class RowState:
             tones = plan.prosody.tones[token]
             ch = vocab.tokens[token]
             req_l, req_o = plan.tone_req[0][pos], plan.tone_req[1][pos]
-            # NOTE: only the model's own choice opens the rhyme at line 1: a prompt's character there keeps
-            # the rhyme open for the lines it was not written for (a 平 one is a bent tone, as it always was).
-            first_rhyme = (pos == plan.first_rhyme and not is_forced
-                           and bool(plan.first_rhyme_groups & plan.book.token_groups[token]))
+            first_rhyme = pos == plan.first_rhyme and bool(plan.first_rhyme_groups & plan.book.token_groups[token])
             if first_rhyme:  # line 1 rhymes: its character opens the rhyme, as line 2's would
                 self.rhyme_groups = (plan.first_rhyme_groups & plan.book.token_groups[token],) + self.rhyme_groups[1:]
             if req_l or req_o:
@@ -591,7 +587,7 @@ class RowState:
                          (OBLIQUE if self.starts & OBLIQUE and req_o & tones else 0)
                 if starts:
                     self.starts = starts
-                elif is_forced and not first_rhyme:  # a free token was masked to fit, or the rule was relaxed here
+                elif is_forced:  # a free token was masked to fit, or the rule was relaxed here already
                     want = TONE_NAMES[(req_l if self.starts & LEVEL else 0) | (req_o if self.starts & OBLIQUE else 0)]
                     have = TONE_NAMES.get(tones, "of unknown tone")
                     self._note(f"tone: the forced 「{ch}」 at {layout.where(pos)} is {have} where the pattern "
@@ -665,8 +661,7 @@ class RowState:
             # a short line repeating the one before (叠句, 如梦令's 知否，知否).
             rhymed = [self.tokens[p] for p in plan.rhyme_at if p < pos]
             first = plan.first_rhyme
-            if (first is not None and first not in plan.forced_at
-                    and plan.first_rhyme_groups & plan.book.token_groups[self.tokens[first]]):
+            if first is not None and plan.first_rhyme_groups & plan.book.token_groups[self.tokens[first]]:
                 rhymed.append(self.tokens[first])  # line 1 opened the rhyme: its character is not rhymed again
             if self._refrain(col, n):
                 rhymed = [t for t in rhymed if t != self.lines[-1][-1]]

@@ -320,8 +320,10 @@ class DeviceRows:
         tone = torch.where(self.starts == BOTH, torch.where((req_l > 0) & (req_o > 0), req_l | req_o, 0),
                            torch.where(self.starts == LEVEL, req_l, req_o))
         tone_rows = t.fixed[t.tone_row[tone]]  # (R, V)
-        at_rhyme = self._at(self.rhyme_pos)
-        groups = torch.where(self.rhymed[:, None], self.groups, self.eligible)
+        at_rhyme, at_first = self._at(self.rhyme_pos), self._at(self.first_rhyme)
+        # The groups open here: at line 1's end (nothing rhymed yet) those it may rhyme in.
+        groups = torch.where(at_first[:, None], self.first_groups,
+                             torch.where(self.rhymed[:, None], self.groups, self.eligible))
         rhyme_rows = (groups.float() @ t.groups) > 0  # (R, V): any character of the open groups
         base = torch.where(at_rhyme[:, None], rhyme_rows, tone_rows)
         col = self._at(self.col)
@@ -334,12 +336,11 @@ class DeviceRows:
             banned = banned | (quoted & ~relax_quote[:, None])
         # An unrhymed line's end prefers what sounds 仄 today, where any such character is left (RowState's rule);
         # line 1's end may instead rhyme (首句入韵): 仄 as sounded, or a 平 character of the eligible groups.
-        at_first = self._at(self.first_rhyme)
         end = ~at_rhyme & ~at_first & last_col & (tone == OBLIQUE)
         end = end & (t.fixed[MASK_OBLIQUE_END] & ~banned).any(dim=1)
         base = torch.where(end[:, None], t.fixed[MASK_OBLIQUE_END], base)
         # … where anything is left there; else the plain 仄 row stays, as at any unrhymed line end.
-        first_rows = t.fixed[MASK_OBLIQUE_END] | ((self.first_groups.float() @ t.groups) > 0)
+        first_rows = t.fixed[MASK_OBLIQUE_END] | rhyme_rows
         at_first = at_first & (first_rows & ~banned).any(dim=1)
         base = torch.where(at_first[:, None], first_rows, base)
         # Relax until something is allowed: tone, then rhyme (and then tone there), then repetition.
@@ -426,7 +427,7 @@ class DeviceRows:
         any_shared = shared.any(dim=1)
         takes = at_rhyme & any_shared
         first_shared = self.first_groups & t.token_groups[tokens]
-        first = han & ~by_plan & self._at(self.first_rhyme) & first_shared.any(dim=1)
+        first = han & self._at(self.first_rhyme) & first_shared.any(dim=1)
         self.groups = torch.where(takes[:, None], shared, torch.where(first[:, None], first_shared, self.groups))
         self.rhymed = self.rhymed | takes | first
         self.flags |= at_rhyme & ~any_shared & by_plan

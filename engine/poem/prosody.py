@@ -51,8 +51,8 @@ class Prosody:
         han[vocab.first_han_id:vocab.end_han_id] = True
         level = torch.tensor([bool(info and info.level) for info in infos], dtype=torch.bool)
         oblique = torch.tensor([bool(info and info.oblique) for info in infos], dtype=torch.bool)
-        heard = torch.tensor([bool(info and info.level and info.oblique and heard_level(t))
-                              for info, t in zip(infos, vocab.tokens)], dtype=torch.bool)
+        heard = torch.tensor([info is not None and heard_level(t) for info, t in zip(infos, vocab.tokens)],
+                             dtype=torch.bool)
         rhyme = torch.zeros(len(groups), V, dtype=torch.bool)  # (G, V)
         token_groups = []
         for i, info in enumerate(infos):
