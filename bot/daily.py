@@ -1,7 +1,7 @@
 """Daily poems: one post per subscribed chat per day at its HH:MM in TIMEZONE, on PTB's job queue.
 
     daily = Daily(store, commands, send, timezone, grace=timedelta(hours=2), job_queue=app.job_queue)
-    await daily.add_all_jobs()  # one run_daily job per chat, named "daily:<chat_id>"
+    await daily.add_all_jobs()  # one job per chat at its next slot, named "daily:<chat_id>"
     await daily.catch_up()     # on start: a slot missed within the grace window is posted now
 
 Once only, across restarts. Every post goes through `post_if_due`, which (1) finds the chat's latest slot
@@ -18,6 +18,10 @@ that was never made (nothing left); a read timeout might have been delivered, so
 Store calls are awaited through `store.aio` (the store's worker thread), so a database locked by another
 process holds up only the post that waits for it; a claim that cannot get the lock within the busy timeout
 raises, changes nothing, and the post is not sent.
+
+Each chat's job is armed for its next slot only (`next_slot`) and arms the one after when it runs. Slots are
+compared as instants: a time a spring-forward change skips (02:30) falls an hour later on the clock (03:30),
+and a time a fall-back change repeats is its first occurrence.
 
 A chat that removed the bot (Forbidden, or "chat not found") gets its subscription paused and its job
 removed; `/daily HH:MM` there resumes it.
@@ -55,14 +59,27 @@ def job_name(chat_id: int) -> str:
     return f"daily:{chat_id}"
 
 
+def slot_on(day: dt.date, hhmm: str, tz: ZoneInfo) -> dt.datetime:
+    """HH:MM of `day` in `tz`. A time a spring-forward change skips reads with the offset before the change
+    (fold 0), so it falls that much later on the clock; a time a fall-back change repeats is the first."""
+    hour, minute = (int(x) for x in hhmm.split(":"))
+    return dt.datetime.combine(day, dt.time(hour, minute), tzinfo=tz)
+
+
 def latest_slot(hhmm: str, now: dt.datetime, tz: ZoneInfo) -> dt.datetime:
     """The most recent HH:MM in `tz` at or before `now` (today's, or yesterday's if today's is ahead)."""
-    hour, minute = (int(x) for x in hhmm.split(":"))
-    local = now.astimezone(tz)
-    slot = dt.datetime.combine(local.date(), dt.time(hour, minute), tzinfo=tz)
-    if slot > local:
-        slot = dt.datetime.combine(local.date() - dt.timedelta(days=1), dt.time(hour, minute), tzinfo=tz)
-    return slot
+    # NOTE: compared with `now` in UTC: two datetimes of one tzinfo compare by their wall clocks, which a
+    # skipped hour sets apart from their instants.
+    now, day = now.astimezone(dt.timezone.utc), now.astimezone(tz).date()
+    slot = slot_on(day, hhmm, tz)
+    return slot if slot <= now else slot_on(day - dt.timedelta(days=1), hhmm, tz)
+
+
+def next_slot(hhmm: str, now: dt.datetime, tz: ZoneInfo) -> dt.datetime:
+    """The first HH:MM in `tz` after `now` (today's, or tomorrow's once today's has come)."""
+    now, day = now.astimezone(dt.timezone.utc), now.astimezone(tz).date()
+    slot = slot_on(day, hhmm, tz)
+    return slot if slot > now else slot_on(day + dt.timedelta(days=1), hhmm, tz)
 
 
 class Daily:
@@ -177,7 +194,7 @@ class Daily:
         return len(subs)
 
     async def set_job(self, chat_id: int) -> None:
-        """(Re)set the chat's daily job from its stored subscription; removes the old job first."""
+        """(Re)set the chat's job for its next slot from its stored subscription; removes the old job first."""
         if self.job_queue is None:
             return
         sub = await self.store.aio.subscription(chat_id)
@@ -185,12 +202,13 @@ class Daily:
         self.remove_job(chat_id)
         if sub is None or sub.paused:
             return
-        hour, minute = (int(x) for x in sub.time.split(":"))
-        self.job_queue.run_daily(
-            daily_job, dt.time(hour, minute, tzinfo=self.timezone), name=job_name(chat_id), chat_id=chat_id,
-            data=self,
-            # A job that fires late (loop busy, clock jump) still runs, and post_if_due decides.
-            job_kwargs={"misfire_grace_time": int(self.grace.total_seconds()) or 1, "coalesce": True})
+        # NOTE: one slot at a time, at an instant computed here, not run_daily: APScheduler's cron trigger
+        # skips the day after a spring-forward change for times soon after midnight (apscheduler#606).
+        # No misfire limit: a job that fires late (loop busy, clock jump) still runs, and post_if_due decides;
+        # a job dropped as missed would arm no next one.
+        # The job queue keeps real time, whatever `self.clock` says.
+        self.job_queue.run_once(daily_job, next_slot(sub.time, utc_now(), self.timezone), name=job_name(chat_id),
+                                chat_id=chat_id, data=self, job_kwargs={"misfire_grace_time": None})
         if self.due_slot(sub, self.clock()) is not None:
             self.retry_later(chat_id)  # a post still owed (its retry went with the old job): soon, not tomorrow
 
@@ -208,5 +226,10 @@ class Daily:
 
 
 async def daily_job(context: ContextTypes.DEFAULT_TYPE) -> None:
-    """The job queue's callback: post this chat's poem if it is due."""
-    await context.job.data.post_if_due(context.job.chat_id)
+    """The job queue's callback: post this chat's poem if it is due, then arm the chat's next slot (and a
+    retry while this one is still owed)."""
+    daily, chat_id = context.job.data, context.job.chat_id
+    try:
+        await daily.post_if_due(chat_id)
+    finally:
+        await daily.set_job(chat_id)

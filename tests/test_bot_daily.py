@@ -350,14 +350,17 @@ async def test_a_poem_that_cannot_be_recorded_releases_the_claim_and_a_retry_pos
 
 
 class FakeJobQueue(RecordingJobQueue):
-    """What Daily.set_job calls: daily jobs by name, and run_once delays."""
+    """What Daily.set_job calls: jobs at a slot's instant by name, and retries' run_once delays."""
 
     def __init__(self):
         super().__init__()
-        self.daily: list[str] = []
+        self.slots: list[tuple[str, dt.datetime]] = []
 
-    def run_daily(self, callback, time, name=None, **kwargs):
-        self.daily.append(name)
+    def run_once(self, callback, when, name=None, **kwargs):
+        if isinstance(when, dt.datetime):
+            self.slots.append((name, when))
+        else:
+            super().run_once(callback, when, name=name, **kwargs)
 
     def get_jobs_by_name(self, name):
         return []
@@ -385,3 +388,100 @@ async def test_changing_only_the_form_keeps_a_post_still_owed(daily, clock, outb
     # A new time starts the subscription afresh: nothing owed from before it.
     await daily.commands.handle(who, "/daily 07:30")
     assert daily.store.subscription(CHAT).since > since
+
+
+# -- daylight saving time ------------------------------------------------------------------------------------------
+
+DST_ZONES = ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "America/Santiago"]
+
+
+@pytest.mark.parametrize("zone", DST_ZONES)
+def test_slots_agree_with_the_clock_across_dst_changes(zone):
+    from zoneinfo import ZoneInfo
+
+    from bot.daily import next_slot
+
+    tz, utc = ZoneInfo(zone), dt.timezone.utc
+    for hhmm in ("00:00", "00:30", "01:59", "02:00", "02:30", "03:00", "23:59"):
+        now = dt.datetime(2026, 1, 1, tzinfo=utc)
+        while now < dt.datetime(2027, 1, 1, tzinfo=utc):
+            latest, upcoming = latest_slot(hhmm, now, tz), next_slot(hhmm, now, tz)
+            assert latest <= now < upcoming, (hhmm, now, latest, upcoming)
+            # One slot a local day, on consecutive days: nothing between the two.
+            assert (upcoming.date() - latest.date()).days == 1, (hhmm, now, latest, upcoming)
+            assert latest_slot(hhmm, upcoming, tz) == upcoming
+            now += dt.timedelta(minutes=17)
+
+
+class CalendarJobQueue:
+    """A job queue that runs on the test's clock: run_daily fires as APScheduler's cron trigger does (what PTB's
+    JobQueue.run_daily schedules), run_once at its instant or delay. `run_until` fires jobs in time order."""
+
+    class Job:
+        def __init__(self, queue, when, name, chat_id, data, trigger=None):
+            self.queue, self.when, self.name, self.chat_id, self.data, self.trigger = queue, when, name, chat_id, data, trigger
+
+        def schedule_removal(self):
+            self.queue.jobs.remove(self)
+
+    def __init__(self, clock):
+        self.clock, self.jobs = clock, []
+
+    def run_daily(self, callback, time, name=None, chat_id=None, data=None, **kwargs):
+        from apscheduler.triggers.cron import CronTrigger
+
+        trigger = CronTrigger(hour=time.hour, minute=time.minute, second=time.second, timezone=time.tzinfo)
+        when = trigger.get_next_fire_time(None, self.clock())
+        self.jobs.append(self.Job(self, when, name, chat_id, data, trigger))
+
+    def run_once(self, callback, when, name=None, chat_id=None, data=None, **kwargs):
+        if not isinstance(when, dt.datetime):
+            when = self.clock() + dt.timedelta(seconds=when)
+        self.jobs.append(self.Job(self, when, name, chat_id, data))
+
+    def get_jobs_by_name(self, name):
+        return [j for j in self.jobs if j.name == name]
+
+    async def run_until(self, end):
+        from types import SimpleNamespace
+
+        from bot.daily import daily_job
+
+        while self.jobs:
+            job = min(self.jobs, key=lambda j: j.when)
+            if job.when >= end:
+                return
+            self.jobs.remove(job)
+            self.clock.now = job.when.astimezone(dt.timezone.utc) + dt.timedelta(seconds=1)
+            if job.trigger is not None:  # the cron job stays, at its next fire time
+                job.when = job.trigger.get_next_fire_time(job.when, job.when)
+                self.jobs.append(job)
+            await daily_job(SimpleNamespace(job=job))
+
+
+@pytest.mark.parametrize("zone,hhmm", [("Europe/Berlin", "00:00"), ("Europe/Berlin", "02:30"),
+                                       ("America/New_York", "00:30"), ("Australia/Lord_Howe", "02:15")])
+async def test_a_daily_poem_arrives_every_day_around_dst_changes(tmp_path, scripted_engine, clock, outbox, zone, hhmm,
+                                                                monkeypatch):
+    """APScheduler's cron trigger skips the day after a spring-forward change for times just after midnight
+    (apscheduler#606): a chat subscribed at 00:00 in Berlin got no poem on 30 March."""
+    from zoneinfo import ZoneInfo
+
+    monkeypatch.setattr("bot.daily.utc_now", clock)  # the job queue's time is the test's
+
+    tz = ZoneInfo(zone)
+    d = make_daily(tmp_path, scripted_engine, clock, outbox)
+    d.timezone, d.job_queue = tz, CalendarJobQueue(clock)
+    noon = [dt.datetime.combine(dt.date(2026, 1, 1) + dt.timedelta(days=n), dt.time(12), tzinfo=tz) for n in range(365)]
+    changes = [a.date() for a, b in zip(noon, noon[1:]) if a.utcoffset() != b.utcoffset()]
+    assert len(changes) == 2
+    for first, last in ((day - dt.timedelta(days=2), day + dt.timedelta(days=3)) for day in changes):
+        outbox.sent.clear()
+        clock.now = dt.datetime.combine(first, dt.time(12), tzinfo=tz).astimezone(dt.timezone.utc)
+        d.store.subscribe(CHAT, hhmm, "wujue", since=clock())
+        await d.set_job(CHAT)
+        await d.job_queue.run_until(dt.datetime.combine(last, dt.time(12), tzinfo=tz))
+        days = (last - first).days
+        assert len(outbox.sent) == days, f"{len(outbox.sent)} poems in {days} days"
+        d.store.unsubscribe(CHAT)
+        d.remove_job(CHAT)
