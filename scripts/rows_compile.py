@@ -38,8 +38,9 @@ def walk(n: int, bias, advance) -> tuple[float, torch.Tensor]:
     sync()
     start = time.perf_counter()
     for s in range(steps):
-        tokens = (bias(rows) + noise[s]).argmax(dim=1)
-        advance(rows, tokens)
+        b, bent = bias(rows)
+        tokens = (b + noise[s]).argmax(dim=1)
+        advance(rows, tokens, bent)
         taken.append(tokens)
     sync()
     return (time.perf_counter() - start) / steps, torch.stack(taken).cpu()
@@ -51,7 +52,8 @@ def launches(n: int, bias, advance) -> int | None:
         return None
     rows = rows_of(n)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        advance(rows, bias(rows).argmax(dim=1))
+        b, bent = bias(rows)
+        advance(rows, b.argmax(dim=1), bent)
         torch.cuda.synchronize()
     return sum(e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch"))
 

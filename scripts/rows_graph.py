@@ -32,8 +32,9 @@ def stepper(rows: DeviceRows, noise: torch.Tensor, index: torch.Tensor, out: tor
     kept = {name: getattr(rows, name) for name in rows._tensors()}
 
     def step():
-        tokens = (rows.bias() + noise.index_select(0, index)[0]).argmax(dim=1)
-        rows.advance(tokens)
+        bias, bent = rows.bias()
+        tokens = (bias + noise.index_select(0, index)[0]).argmax(dim=1)
+        rows.advance(tokens, bent)
         out.copy_(tokens)
         index.add_(1)
         for name, tensor in kept.items():
@@ -99,8 +100,9 @@ def main() -> int:
             rows, noise = rows_of(n), noise_for(n, steps + 4)
             plain = []
             for s in range(steps):
-                tokens = (rows.bias() + noise[s]).argmax(dim=1)
-                rows.advance(tokens)
+                bias, bent = rows.bias()
+                tokens = (bias + noise[s]).argmax(dim=1)
+                rows.advance(tokens, bent)
                 plain.append(tokens)
             tg, og = te, torch.stack(plain)
         print(f"{n:>5} {te * 1e3:>9.2f} {tg * 1e3:>9.2f} {torch.equal(oe, og)}", flush=True)

@@ -74,7 +74,8 @@ async def test_device_rows_write_the_poems_and_notes_host_rows_write(checkpoint_
 
 
 def random_walk(plans, penalties, tables, formulas, known, seed: int, favoured: list[int]):
-    """Advance RowStates and DeviceRows side by side with random allowed tokens; yield both biases each step.
+    """Advance RowStates and DeviceRows side by side with random allowed tokens; yield both biases each step,
+    and the device rows' flags with this step's bends.
     The walk often copies the line before (so a line's last character can be banned for completing it) and
     often takes a `favoured` token (so formulas get completed)."""
     rng = random.Random(seed)
@@ -84,8 +85,8 @@ def random_walk(plans, penalties, tables, formulas, known, seed: int, favoured: 
                             [(plan, 1, p, (1.0, 0, 1.0), gen, 0) for plan, p in zip(plans, penalties)])
     for _ in range(plans[0].num_steps):
         host_bias = step_bias(rows, penalties, "cpu").dense()
-        device_bias = device.bias()
-        yield rows, host_bias, device_bias, device
+        device_bias, bent = device.bias()
+        yield rows, host_bias, device_bias, device.flags | bent
         tokens = []
         for i, (r, b) in enumerate(zip(rows, host_bias)):
             allowed = set(torch.isfinite(b).nonzero().flatten().tolist())
@@ -99,7 +100,7 @@ def random_walk(plans, penalties, tables, formulas, known, seed: int, favoured: 
             liked = [t for t in (favoured if rng.random() < 0.5 else rhymes) if t in allowed]
             tokens.append(next(iter(allowed & set(above)), None) or (rng.choice(liked) if liked else rng.choice(sorted(allowed))))
             r.advance(tokens[-1])
-        device.advance(torch.tensor(tokens))
+        device.advance(torch.tensor(tokens), bent)
 
 
 def quotes_a_known_line(row) -> bool:
@@ -172,7 +173,7 @@ def test_the_step_bias_matches_row_for_row_along_random_poems(form, chars):
     for seed in range(8):
         if seed >= 3 and all(seen.values()):
             break
-        for rows, host_bias, device_bias, device in random_walk(plans, penalties, tables, table,
+        for rows, host_bias, device_bias, device_flags in random_walk(plans, penalties, tables, table,
                                                                 KnownTable.of(known, "cpu"), seed, favoured):
             assert torch.equal(host_bias, device_bias)
             seen["formula"] += sum(bool(r.formula_tokens()) for r, p in zip(rows, penalties) if p)
@@ -181,7 +182,7 @@ def test_the_step_bias_matches_row_for_row_along_random_poems(form, chars):
             # A row is flagged once a rule bent on it, which grows its notes beyond the plan's. (The plan may
             # have worded a bend already, forced tones for one: a flag then only costs a replay.)
             bent = [any(not n.startswith("repetition: line") for n in r.notes[len(r.plan.notes):]) for r in rows]
-            flags = device.flags.tolist()
+            flags = device_flags.tolist()
             assert all(f for f, b in zip(flags, bent) if b)
             assert all(f == b for f, b, r in zip(flags, bent, rows) if not r.plan.notes)
             seen["bent"] += sum(bent)
@@ -212,9 +213,10 @@ def test_a_beam_row_continues_its_parents_state(tiny_checkpoint):
     tables = device_tables(serving.prosody, torch.device("cpu"))
     rows = DeviceRows.new(tables, None, None, [(plan, 2, 1.0, (1.0, 0, 1.0), torch.Generator(), 6)])
     first = torch.tensor([serving.vocab.index["月"]] * 2)
-    rows.advance(first)
-    a, b = (int(torch.isfinite(rows.bias()[0]).nonzero()[k]) for k in (0, 1))
-    rows.advance(torch.tensor([a, b]))
+    rows.advance(first, torch.zeros(2, dtype=torch.bool))
+    bias, bent = rows.bias()
+    a, b = (int(torch.isfinite(bias[0]).nonzero()[k]) for k in (0, 1))
+    rows.advance(torch.tensor([a, b]), bent)
     swapped = rows.take(torch.tensor([1, 1]))
     assert swapped.history[:, :2].tolist() == [[first[0].item(), b]] * 2
     assert torch.equal(swapped.uses[0], rows.uses[1]) and torch.equal(swapped.counts[0], rows.counts[1])

@@ -7,10 +7,10 @@ step's bias, and the chosen tokens back into state, with a fixed number of tenso
 rows there are. The host reads a row only when its poem ends:
 
     rows = DeviceRows.new(tables, formulas, known, [(plan, num_rows, penalty, draw_params, generator, beam_draws), ...])
-    bias = rows.bias()              # (R, V): what step_bias gives the same rows, as a dense tensor
+    bias, bent = rows.bias()        # (R, V): what step_bias gives the same rows, as a dense tensor; (R,) rules bent
     ... choose the tokens ...
     rows = rows.take(parents)       # beams continue their parents (dynamic state only)
-    rows.advance(tokens)
+    rows.advance(tokens, bent[parents])
     DeviceRows.result(plan, tokens, flagged)  # a finished row's lines and notes, on the host
 
 Regular forms only: one rhyme set of 平水韵. A 词 tune keeps the host RowState (its rhyme sets, links and
@@ -308,9 +308,10 @@ class DeviceRows:
         """Each row's entry of a (R, TMAX) table at its position."""
         return table.gather(1, self.pos[:, None].clamp(max=TMAX - 1))[:, 0]
 
-    def bias(self) -> torch.Tensor:
+    def bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(R, V) float: 0 where a row may go next and -inf where not, minus its repetition and formula
-        penalties: the values `step_bias` gives these rows. Sets `flags` where a rule is relaxed."""
+        penalties: the values `step_bias` gives these rows; and (R,) bool: the rows on which a rule is relaxed,
+        for `advance`. NOTE: reads the state and writes nothing, so a compiler may capture it as a graph."""
         t = self.tables
         R, V = self.num_rows, t.vocab_ids.shape[0]
         forced = self._at(self.forced)
@@ -332,8 +333,9 @@ class DeviceRows:
         if self.known is not None:  # the softest rule: dropped where it alone would leave nothing
             quoted = self._known_bans(last_col)
             relax_quote = free & quoted.any(dim=1) & ~(base & ~(banned | quoted)).any(dim=1)
-            self.flags |= relax_quote
             banned = banned | (quoted & ~relax_quote[:, None])
+        else:
+            relax_quote = torch.zeros_like(free)
         # An unrhymed line's end prefers what sounds 仄 today, where any such character is left (RowState's rule);
         # line 1's end may instead rhyme (首句入韵): 仄 as sounded, or a 平 character of the eligible groups.
         end = ~at_rhyme & ~at_first & last_col & (tone == OBLIQUE)
@@ -352,13 +354,12 @@ class DeviceRows:
         ok = (base & ~banned).any(dim=1)
         base = torch.where((relax_rhyme & toned & ~ok)[:, None], t.fixed[MASK_HAN], base)
         relax_repeat = free & ~(base & ~banned).any(dim=1)
-        self.flags |= relax_tone | relax_rhyme | relax_repeat
         allowed = torch.where(free[:, None], base & ~(banned & ~relax_repeat[:, None]), t.vocab_ids == forced[:, None])
         bias = torch.zeros(R, V, device=allowed.device).masked_fill_(~allowed, NEG_INF)
         bias.addcmul_(self.penalty[:, None], self.uses, value=-1.0)  # -n·penalty: multiples of a half, exact
         if self.formulas is not None:
             self._formula_penalty(bias, free, col)
-        return bias
+        return bias, relax_quote | relax_tone | relax_rhyme | relax_repeat
 
     def _line_bans(self, last_col: torch.Tensor) -> torch.Tensor:
         """(R, V) bool: at a line's last character (`last_col`), those that would complete a line written before."""
@@ -399,9 +400,11 @@ class DeviceRows:
         penalty = torch.where(hit[:, None] & (completions >= 0), -FORMULA_PENALTY, 0.0)
         bias.scatter_add_(1, completions.clamp(min=0), penalty)
 
-    def advance(self, tokens: torch.Tensor) -> None:
-        """Each row takes tokens[r] (R,) long at its position: the state RowState.advance keeps, for all rows."""
+    def advance(self, tokens: torch.Tensor, bent: torch.Tensor) -> None:
+        """Each row takes tokens[r] (R,) long at its position, chosen under a bias that bent a rule where
+        bent[r] (`bias`'s second value, taken by the same parents): the state RowState.advance keeps."""
         t = self.tables
+        self.flags |= bent
         V = t.vocab_ids.shape[0]
         pos = self.pos[:, None].clamp(max=TMAX - 1)
         self.history.scatter_(1, pos, tokens[:, None])

@@ -35,8 +35,8 @@ from engine.serving.runner import ModelBatch, beam_segments, to_device
 class DeviceStep:
     """What a DeviceBatch's choice needs, made while the model step runs."""
 
-    def __init__(self, bias: torch.Tensor, nb: int, beam_segments: list[tuple[int, int, int]]):
-        self.bias = bias  # (R, V) DeviceRows.bias
+    def __init__(self, bias: tuple[torch.Tensor, torch.Tensor] | None, nb: int, beam_segments: list[tuple[int, int, int]]):
+        self.bias, self.bent = bias or (None, None)  # (R, V) and (R,): DeviceRows.bias
         self.nb = nb  # rows [0, nb) are greedy and sample rows; the rest are beam rows
         self.beam_segments = beam_segments  # (beam width, first row, end row) per run of one width
 
@@ -101,7 +101,7 @@ class DeviceBatch(ModelBatch):
             rows = self.rows = rows.take(parents)
         self.totals = self.totals + (logits[parents, next_tokens] - lse[parents])
         self.state = state[:, :R]
-        rows.advance(next_tokens)
+        rows.advance(next_tokens, inputs.bent[parents])
         self.tokens = next_tokens
         self.num_steps += 1
         ending = [g for g in self.ending.pop(self.num_steps, ()) if g.ends == self.num_steps]
