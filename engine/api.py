@@ -22,10 +22,6 @@ from engine.poem.vocab import is_han
 MODES = ("greedy", "sample", "beam")
 # The models served when ENGINE_MODELS is not set, the default first: lstm-large reads best, ci writes 词.
 DEFAULT_MODELS = ("lstm-large", "lstm", "gru", "ci")
-# Every served model of gru's vocabulary (lstm-large) decodes against it: engine.model.contrastive. Blind
-# panels read its poems better than the model's own (docs/PERFORMANCE.md, "Contrastive decoding").
-DEFAULT_CONTRAST = "gru"
-DEFAULT_CONTRAST_ALPHA = 0.3
 CI_NAMES = ("ci", "词", "詞")
 MAX_BEAM_WIDTH = 16
 DEFAULT_TEMPERATURE = 0.6  # sample mode; read better than 0.8 in two blind panels (docs/PERFORMANCE.md)

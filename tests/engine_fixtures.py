@@ -35,9 +35,8 @@ def empty_package_dir(tmp_path) -> Path:
 def engine_settings(root: Path, **overrides) -> EngineSettings:
     """Small, fast settings over a test store: no watcher unless asked, short deadline."""
     # The tests pin lstm as the default model, as the product does, and leave the 词 model out.
-    # Each model decodes by itself unless a test asks for contrastive decoding.
     values = dict(checkpoint_dir=str(root), model_names=("lstm", "gru"), device="cpu", max_num_rows=64,
-                  max_queue=64, watch_interval=0.0, request_timeout=60.0, contrast=None)
+                  max_queue=64, watch_interval=0.0, request_timeout=60.0)
     values.update(overrides)
     return EngineSettings(**values)
 

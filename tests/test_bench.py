@@ -95,15 +95,3 @@ def test_the_gpu_check_script_runs_end_to_end_at_toy_size_on_the_cpu(tiny_checkp
         report = json.loads((out / f"bench_cuda_{rows}.json").read_text())
         assert report["row_state"] == {"engine": {"lstm": rows}, "http": {"lstm": rows}}
         assert {r["variant"] for r in report["results"]} == {"engine", "http", "ceiling"}
-
-
-def test_bench_decodes_against_a_contrast_model_in_every_variant(tiny_checkpoint, tiny_gru_checkpoint):
-    cmd = [sys.executable, "-m", "engine", "bench", "--checkpoint", str(tiny_checkpoint), "--concurrency", "2",
-           "--requests", "2", "--modes", "beam", "--form", "wujue", "--threads", "1",
-           "--variants", "unbatched", "engine", "http", "ceiling", "--contrast", str(tiny_gru_checkpoint),
-           "--contrast-alpha", "0.4"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
-    assert report["model"]["contrast"]["amateur"] == "amateur" and report["model"]["contrast"]["alpha"] == 0.4
-    assert report["model"]["parameters"] > 2 * 10_000  # both models' parameters

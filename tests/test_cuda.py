@@ -27,8 +27,7 @@ def requests() -> list[PoemRequest]:
 
 
 async def serve(batch: list[PoemRequest], row_state: str = "host"):
-    settings = EngineSettings(model_names=("lstm", "gru"), device="cuda", watch_interval=0.0, row_state=row_state,
-                              contrast=None)
+    settings = EngineSettings(model_names=("lstm", "gru"), device="cuda", watch_interval=0.0, row_state=row_state)
     async with LocalEngine(settings) as engine:
         together = await asyncio.gather(*(engine.generate(r) for r in batch))
         again = await asyncio.gather(*(engine.generate(r) for r in batch))

@@ -127,27 +127,20 @@ def bench_ceiling(serving, rows: int, width: int, steps_per_poem: int, num_poems
 async def run(args) -> dict:
     from engine.model.network import pick_device
     from engine.serving.local import EngineSettings, LocalEngine
-    from engine.serving.registry import build_serving, pair_with
+    from engine.serving.registry import build_serving
 
     checkpoint = resolve_checkpoint(args)
     device = pick_device(args.device)
     serving = build_serving("lstm", checkpoint, device, args.quantize)
-    names = ("lstm", "amateur") if args.contrast else ("lstm",)
-    if args.contrast:  # every variant decodes against it, as the engine does with ENGINE_CONTRAST
-        serving = pair_with(serving, build_serving("amateur", Path(args.contrast), device, args.quantize),
-                            args.contrast_alpha)
     form = FORMS[args.form]
     steps_per_poem = form.text_len + 1
     results = []
     with tempfile.TemporaryDirectory(prefix="yinshi-bench-") as tmp:
         root = Path(tmp) / "store"
         store.publish(root, "lstm", checkpoint)
-        if args.contrast:
-            store.publish(root, "amateur", Path(args.contrast))
-        settings = EngineSettings(checkpoint_dir=str(root), model_names=names, device=args.device,
+        settings = EngineSettings(checkpoint_dir=str(root), model_names=("lstm",), device=args.device,
                                   max_num_rows=args.max_rows, max_queue=max(args.concurrency) * 2 + 16,
-                                  watch_interval=0.0, row_state=args.row_state, quantize=args.quantize,
-                                  contrast="amateur" if args.contrast else None, contrast_alpha=args.contrast_alpha)
+                                  watch_interval=0.0, row_state=args.row_state, quantize=args.quantize)
         engine = LocalEngine(settings)
         await engine.start()
         server = None
@@ -197,7 +190,7 @@ async def run(args) -> dict:
     return {"device": str(device), "quantize": args.quantize if device.type == "cpu" else "none", "row_state": row_state,
             "torch_threads": torch.get_num_threads(), "checkpoint": str(checkpoint),
             "model": {"cell": serving.model.config.cell, "parameters": serving.model.num_parameters(),
-                      "version": serving.version, "contrast": serving.contrast},
+                      "version": serving.version},
             "form": form.name, "beam_width": args.beam_width, "results": results, "ratios": ratios(results)}
 
 
@@ -215,9 +208,8 @@ async def start_server(root: Path, args, settings) -> tuple[asyncio.subprocess.P
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "ENGINE_MODELS": ",".join(settings.model_names), "ENGINE_WATCH_INTERVAL": "0",
-           "ENGINE_ROW_STATE": args.row_state, "ENGINE_QUANTIZE": args.quantize,
-           "ENGINE_CONTRAST": settings.contrast or "off", "ENGINE_CONTRAST_ALPHA": str(settings.contrast_alpha),
+    env = {**os.environ, "ENGINE_MODELS": "lstm", "ENGINE_WATCH_INTERVAL": "0", "ENGINE_ROW_STATE": args.row_state,
+           "ENGINE_QUANTIZE": args.quantize,
            "ENGINE_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     log = tempfile.TemporaryFile()
     server = await asyncio.create_subprocess_exec(
@@ -395,9 +387,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quantize", default="none", choices=["none", "int8"],
                         help="run the model as int8 on a CPU (ENGINE_QUANTIZE), every variant alike")
-    parser.add_argument("--contrast", default=None, metavar="CHECKPOINT",
-                        help="decode against this model of the same vocabulary (ENGINE_CONTRAST), every variant alike")
-    parser.add_argument("--contrast-alpha", type=float, default=0.3, help="ENGINE_CONTRAST_ALPHA")
     parser.add_argument("--row-state", default="host", choices=["host", "device"],
                         help="where the engine keeps the rows' decoding state (ENGINE_ROW_STATE)")
     parser.add_argument("--choice", action="store_true",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.api import DEFAULT_CONTRAST, DEFAULT_CONTRAST_ALPHA, DEFAULT_MODELS, PoemRequest, PoemResult
+from engine.api import DEFAULT_MODELS, PoemRequest, PoemResult
 from engine.errors import EngineUnavailableError, QueueFullError
 from engine.sampling import kernels
 from engine.serving.metrics import EngineMetrics
@@ -59,15 +59,11 @@ class EngineSettings:
     row_state: str = "host"  # where the rows' decoding state lives: host | device (engine.serving.runner.ROW_STATES)
     quantize: str = "none"  # none | int8: run the models as int8 on a CPU (engine.model.network.quantize_int8)
     known_lines: bool = True  # ban completing the store's known lines (engine.poem.known_lines); False: quotes allowed
-    # The served model every other one of its vocabulary decodes against (engine.model.contrastive), None: off,
-    # "auto": DEFAULT_CONTRAST where it is served; and how much of its log-probability comes off the expert's.
-    contrast: str | None = "auto"
-    contrast_alpha: float = DEFAULT_CONTRAST_ALPHA
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> EngineSettings:
         """Settings from CHECKPOINT_DIR, DEVICE and ENGINE_{MODELS,MAX_ROWS,MAX_QUEUE,THREADS,TIMEOUT,WATCH_INTERVAL,
-        ADMIT_SHARE,ROW_STATE,QUANTIZE,KNOWN_LINES,CONTRAST,CONTRAST_ALPHA}."""
+        ADMIT_SHARE,ROW_STATE,QUANTIZE,KNOWN_LINES}."""
         env = os.environ if env is None else env
         values: dict = {}
         if env.get("CHECKPOINT_DIR"):
@@ -82,16 +78,13 @@ class EngineSettings:
             if env["ENGINE_KNOWN_LINES"] not in ("on", "off"):
                 raise ValueError(f"ENGINE_KNOWN_LINES must be on or off, got {env['ENGINE_KNOWN_LINES']!r}")
             values["known_lines"] = env["ENGINE_KNOWN_LINES"] == "on"
-        if env.get("ENGINE_CONTRAST"):
-            values["contrast"] = None if env["ENGINE_CONTRAST"].strip() == "off" else env["ENGINE_CONTRAST"].strip()
         if env.get("ENGINE_MODELS"):
             values["model_names"] = tuple(n.strip() for n in env["ENGINE_MODELS"].split(",") if n.strip())
         for key, name, kind in (("ENGINE_MAX_ROWS", "max_num_rows", int), ("ENGINE_MAX_QUEUE", "max_queue", int),
                                 ("ENGINE_THREADS", "threads", int),
                                 ("ENGINE_TIMEOUT", "request_timeout", float),
                                 ("ENGINE_WATCH_INTERVAL", "watch_interval", float),
-                                ("ENGINE_ADMIT_SHARE", "admit_share", float),
-                                ("ENGINE_CONTRAST_ALPHA", "contrast_alpha", float)):
+                                ("ENGINE_ADMIT_SHARE", "admit_share", float)):
             if env.get(key):
                 try:
                     values[name] = kind(env[key])
@@ -99,13 +92,6 @@ class EngineSettings:
                     raise ValueError(f"{key} must be a number, got {env[key]!r}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validate()
-
-    @property
-    def contrast_model(self) -> str | None:
-        """The contrast model's name: `contrast`, with auto resolved (DEFAULT_CONTRAST when it is served)."""
-        if self.contrast == "auto":
-            return DEFAULT_CONTRAST if DEFAULT_CONTRAST in self.model_names else None
-        return self.contrast
 
     def validate(self) -> EngineSettings:
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
@@ -120,11 +106,6 @@ class EngineSettings:
             raise ValueError("ENGINE_QUANTIZE=int8 is for a CPU engine, and DEVICE is cuda")
         if not self.model_names:
             raise ValueError("model_names is empty")
-        if self.contrast not in (None, "auto") and self.contrast not in self.model_names:
-            raise ValueError(f"contrast (ENGINE_CONTRAST) must be one of the served models "
-                             f"({', '.join(self.model_names)}) or off, got {self.contrast!r}")
-        if not (isinstance(self.contrast_alpha, (int, float)) and 0 < self.contrast_alpha <= 1):
-            raise ValueError(f"contrast_alpha (ENGINE_CONTRAST_ALPHA) must be in (0, 1], got {self.contrast_alpha!r}")
         if self.max_num_rows < 16:
             raise ValueError("max_num_rows must be at least 16 (the widest beam)")
         if self.max_queue < 1:
@@ -150,8 +131,7 @@ class LocalEngine:
         self.metrics = metrics or EngineMetrics()
         s = self.settings
         self.registry = ModelRegistry(s.checkpoint_dir, s.model_names, s.device, s.ppl_tolerance, metrics=self.metrics,
-                                      quantize=s.quantize, known_lines=s.known_lines, contrast=s.contrast_model,
-                                      contrast_alpha=s.contrast_alpha)
+                                      quantize=s.quantize, known_lines=s.known_lines)
         self.scheduler = Scheduler(max_num_rows=s.max_num_rows, max_queue=s.max_queue, admit_share=s.admit_share)
         self.runner = ModelRunner(self.registry, min_batch_rows=s.min_batch_rows, row_state=s.row_state)
         self._cv = threading.Condition()  # guards the scheduler; wakes the step loop

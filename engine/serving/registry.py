@@ -22,10 +22,6 @@ The store's known-lines table (CHECKPOINT_DIR/known_lines.safetensors, engine.po
 the trainer from the corpus) is loaded with the models and looked at on every reload: when it changes,
 each model is staged again with the new table, as a new ServingModel, so that rows in flight finish
 with the table they started with. A table that cannot be read is logged and the previous one kept.
-
-With a contrast model (ENGINE_CONTRAST, engine.model.contrastive), every other model of its vocabulary decodes
-against it: its ServingModel steps a ContrastivePair. A new version of the contrast model stages the others
-again, paired with it; a pair whose poems fail the smoke test is logged and the model serves by itself.
 """
 
 from __future__ import annotations
@@ -48,7 +44,6 @@ from engine.model.checkpoint import (
     CheckpointError,
     load_checkpoint,
 )
-from engine.model.contrastive import ContrastivePair
 from engine.model.network import PoemModel, compile_step, pick_device, quantize_int8
 from engine.poem.constraints import PoemPlan, build_plan
 from engine.poem.forms import FORMS
@@ -81,7 +76,6 @@ class ServingModel:
     formulas: Formulas = field(default_factory=Formulas)  # the spans greedy and beam rows avoid
     known_lines: VocabLines | None = None  # the corpus lines no line may complete (the store's table)
     quantized: bool = False  # runs as int8 (ENGINE_QUANTIZE=int8, on a CPU)
-    contrast: dict | None = None  # {"amateur", "version", "alpha"} when `model` is a ContrastivePair (ENGINE_CONTRAST)
     loaded_at: float = field(default_factory=time.time)  # wall-clock seconds
 
     @property
@@ -111,13 +105,7 @@ class ServingModel:
             "device": str(self.device),
             "quantized": "int8" if self.quantized else None,
             "known_lines": self.known_lines.num_lines if self.known_lines is not None else 0,
-            "contrast": self.contrast,
         }
-
-    @property
-    def expert(self) -> PoemModel:
-        """The model itself, paired or not."""
-        return self.model.expert if isinstance(self.model, ContrastivePair) else self.model
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -184,37 +172,16 @@ def validate(serving: ServingModel, running: ServingModel | None, ppl_tolerance:
     smoke_test(serving)
 
 
-def pair_with(serving: ServingModel, amateur: ServingModel | None, alpha: float) -> ServingModel:
-    """`serving` decoding contrastively against `amateur` (engine.model.contrastive), or by itself where the
-    amateur is missing, is `serving` itself, or has another vocabulary. ValidationError when the pair's poems
-    fail the smoke test."""
-    expert = serving.expert
-    if amateur is None or amateur.name == serving.name or amateur.vocab.tokens != serving.vocab.tokens:
-        if expert is serving.model:
-            return serving
-        return replace(serving, model=expert, step=compile_step(expert), formulas=formulas_for(expert, serving.vocab),
-                       contrast=None)
-    pair = ContrastivePair(expert, amateur.expert, alpha)
-    paired = replace(serving, model=pair, step=compile_step(pair), formulas=formulas_for(pair, serving.vocab),
-                     contrast={"amateur": amateur.name, "version": amateur.version, "alpha": alpha})
-    smoke_test(paired)
-    return paired
-
-
 class ModelRegistry:
     def __init__(self, checkpoint_dir: str | Path | None, names: tuple[str, ...] = DEFAULT_MODELS,
                  device: str | torch.device = "cpu", ppl_tolerance: float = 0.05,
                  package_dir: Path = PACKAGE_CHECKPOINTS, metrics=None, quantize: str = "none",
-                 known_lines: bool = True, contrast: str | None = None, contrast_alpha: float = 0.3):
+                 known_lines: bool = True):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.names = tuple(store.check_name(n) for n in names)
         self.device = pick_device(device) if isinstance(device, str) else device
         self.ppl_tolerance = ppl_tolerance
         self.quantize = quantize  # "int8": every version runs as int8 on a CPU (build_serving)
-        # The served model every other one of its vocabulary decodes against (pair_with), and how strongly.
-        if contrast is not None and contrast not in self.names:
-            raise ValueError(f"the contrast model {contrast!r} must be one of the served models ({', '.join(self.names)})")
-        self.contrast, self.contrast_alpha = contrast, contrast_alpha
         if quantize == "int8" and self.device.type != "cpu":
             log.warning("ENGINE_QUANTIZE=int8 is for a CPU engine; on %s the models run in float", self.device)
         self.package_dir = Path(package_dir)
@@ -403,37 +370,6 @@ class ModelRegistry:
             else:
                 log.warning("model %s: nothing to serve (store %s, package %s)", name, self.checkpoint_dir,
                             self.package_dir)
-        if self.contrast is not None:
-            with self._lock:
-                serving = dict(self._serving)
-            paired = {n: self._paired(s, serving.get(self.contrast)) for n, s in serving.items()}
-            with self._lock:
-                self._serving.update(paired)
-
-    # -- contrastive decoding ------------------------------------------------------------------------
-    def _paired(self, serving: ServingModel, amateur: ServingModel | None) -> ServingModel:
-        """`serving` paired with the contrast model (pair_with); a pair that fails its smoke test is logged
-        and the model serves by itself: its own version passed validation."""
-        if self.contrast is None:
-            return serving
-        try:
-            paired = pair_with(serving, amateur, self.contrast_alpha)
-        except (ValidationError, RuntimeError, ValueError) as e:
-            log.error("model %s: decoding against %s failed its smoke test (%s); serving it alone", serving.name,
-                      self.contrast, e)
-            return pair_with(serving, None, self.contrast_alpha)
-        if paired.contrast is not None and paired is not serving:
-            log.info("model %s %s: decoding against %s %s (alpha %g)", serving.name, serving.version, amateur.name,
-                     amateur.version, self.contrast_alpha)
-        return paired
-
-    def _restage_contrast(self, amateur: ServingModel) -> None:
-        """Stage every other model again against a new version of the contrast model."""
-        with self._lock:
-            bases = {n: self._pending.get(n) or self._serving.get(n) for n in self.names if n != self.contrast}
-        staged = {n: self._paired(b, amateur) for n, b in bases.items() if b is not None}
-        with self._lock:
-            self._pending.update(staged)
 
     def newer_names(self) -> list[str]:
         """Names whose store CURRENT names a version neither serving, staged, nor already refused."""
@@ -467,10 +403,6 @@ class ModelRegistry:
             try:
                 for n in names:
                     report[n] = self._reload_one(n, force)
-                if self.contrast is not None and report.get(self.contrast, {}).get("status") == "swapped":
-                    with self._lock:
-                        amateur = self._pending[self.contrast]
-                    self._restage_contrast(amateur)
             finally:  # a table already taken in reaches the models even if a reload failed
                 if table_changed:
                     self._restage_known_lines(report)
@@ -508,10 +440,6 @@ class ModelRegistry:
             validate(candidate, None if trusted else running, self.ppl_tolerance)
         except (CheckpointError, ValidationError, OSError) as e:
             return self._refuse(name, path.stem, str(e))
-        if self.contrast is not None and name != self.contrast:
-            with self._lock:
-                amateur = self._pending.get(self.contrast) or self._serving.get(self.contrast)
-            candidate = self._paired(candidate, amateur)
         with self._lock:
             self._pending[name] = candidate
             self._refused.pop(name, None)
@@ -546,7 +474,7 @@ class ModelRegistry:
             if self.metrics is not None:
                 self.metrics.swaps.labels(name).inc()
             if old[name] is not None and old[name].version == serving.version:
-                log.info("model %s: serving %s with a new known-lines table or contrast model", name, serving.version)
+                log.info("model %s: serving %s with the new known-lines table", name, serving.version)
             else:
                 log.info("model %s: now serving %s (was %s)", name, serving.version, getattr(old[name], "version", None))
         return list(staged.values())
