@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import threading
 
 import pytest
@@ -395,6 +396,14 @@ async def test_changing_only_the_form_keeps_a_post_still_owed(daily, clock, outb
 DST_ZONES = ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "America/Santiago"]
 
 
+def dst_changes(tz) -> list[dt.date]:
+    """The days of 2026 on which `tz`'s offset at noon differs from the day before's."""
+    noon = [dt.datetime.combine(dt.date(2026, 1, 1) + dt.timedelta(days=n), dt.time(12), tzinfo=tz) for n in range(365)]
+    changes = [b.date() for a, b in zip(noon, noon[1:]) if a.utcoffset() != b.utcoffset()]
+    assert len(changes) == 2
+    return changes
+
+
 @pytest.mark.parametrize("zone", DST_ZONES)
 def test_slots_agree_with_the_clock_across_dst_changes(zone):
     from zoneinfo import ZoneInfo
@@ -402,15 +411,16 @@ def test_slots_agree_with_the_clock_across_dst_changes(zone):
     from bot.daily import next_slot
 
     tz, utc = ZoneInfo(zone), dt.timezone.utc
-    for hhmm in ("00:00", "00:30", "01:59", "02:00", "02:30", "03:00", "23:59"):
-        now = dt.datetime(2026, 1, 1, tzinfo=utc)
-        while now < dt.datetime(2027, 1, 1, tzinfo=utc):
+    changes = dst_changes(tz)
+    for hhmm, change in itertools.product(("00:00", "00:30", "01:59", "02:00", "02:30", "03:00", "23:59"), changes):
+        now = dt.datetime.combine(change - dt.timedelta(days=2), dt.time(0), tzinfo=utc)
+        while now < dt.datetime.combine(change + dt.timedelta(days=3), dt.time(0), tzinfo=utc):
             latest, upcoming = latest_slot(hhmm, now, tz), next_slot(hhmm, now, tz)
             assert latest <= now < upcoming, (hhmm, now, latest, upcoming)
             # One slot a local day, on consecutive days: nothing between the two.
             assert (upcoming.date() - latest.date()).days == 1, (hhmm, now, latest, upcoming)
             assert latest_slot(hhmm, upcoming, tz) == upcoming
-            now += dt.timedelta(minutes=17)
+            now += dt.timedelta(minutes=7)
 
 
 class CalendarJobQueue:
@@ -472,10 +482,7 @@ async def test_a_daily_poem_arrives_every_day_around_dst_changes(tmp_path, scrip
     tz = ZoneInfo(zone)
     d = make_daily(tmp_path, scripted_engine, clock, outbox)
     d.timezone, d.job_queue = tz, CalendarJobQueue(clock)
-    noon = [dt.datetime.combine(dt.date(2026, 1, 1) + dt.timedelta(days=n), dt.time(12), tzinfo=tz) for n in range(365)]
-    changes = [a.date() for a, b in zip(noon, noon[1:]) if a.utcoffset() != b.utcoffset()]
-    assert len(changes) == 2
-    for first, last in ((day - dt.timedelta(days=2), day + dt.timedelta(days=3)) for day in changes):
+    for first, last in ((day - dt.timedelta(days=3), day + dt.timedelta(days=3)) for day in dst_changes(tz)):
         outbox.sent.clear()
         clock.now = dt.datetime.combine(first, dt.time(12), tzinfo=tz).astimezone(dt.timezone.utc)
         d.store.subscribe(CHAT, hhmm, "wujue", since=clock())
