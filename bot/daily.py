@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from zoneinfo import ZoneInfo
 
 import httpx
+from apscheduler.jobstores.base import JobLookupError
 
 from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
 from telegram.ext import ContextTypes, JobQueue
@@ -56,7 +57,13 @@ def surely_not_sent(error: BaseException) -> bool:
 
 
 def job_name(chat_id: int) -> str:
+    """The chat's slot job (and its id in the scheduler)."""
     return f"daily:{chat_id}"
+
+
+def retry_name(chat_id: int) -> str:
+    """The chat's pending retry, after a post failed in a way a retry can mend."""
+    return f"daily-retry:{chat_id}"
 
 
 def slot_on(day: dt.date, hhmm: str, tz: ZoneInfo) -> dt.datetime:
@@ -194,7 +201,8 @@ class Daily:
         return len(subs)
 
     async def set_job(self, chat_id: int) -> None:
-        """(Re)set the chat's job for its next slot from its stored subscription; removes the old job first."""
+        """(Re)set the chat's jobs from its stored subscription: its next slot, and a retry soon while today's
+        post is still owed. Removes the old ones first."""
         if self.job_queue is None:
             return
         sub = await self.store.aio.subscription(chat_id)
@@ -202,34 +210,63 @@ class Daily:
         self.remove_job(chat_id)
         if sub is None or sub.paused:
             return
-        # NOTE: one slot at a time, at an instant computed here, not run_daily: APScheduler's cron trigger
-        # skips the day after a spring-forward change for times soon after midnight (apscheduler#606).
-        # No misfire limit: a job that fires late (loop busy, clock jump) still runs, and post_if_due decides;
-        # a job dropped as missed would arm no next one.
-        # The job queue keeps real time, whatever `self.clock` says.
-        self.job_queue.run_once(daily_job, next_slot(sub.time, utc_now(), self.timezone), name=job_name(chat_id),
-                                chat_id=chat_id, data=self, job_kwargs={"misfire_grace_time": None})
+        self._arm_slot(chat_id, sub)
         if self.due_slot(sub, self.clock()) is not None:
             self.retry_later(chat_id)  # a post still owed (its retry went with the old job): soon, not tomorrow
 
-    def remove_job(self, chat_id: int) -> None:
+    async def arm_next_slot(self, chat_id: int) -> None:
+        """After a slot's job ran: the chat's next slot (none once unsubscribed or paused). Its retries are
+        post_if_due's to arm, for the failures a retry can mend."""
         if self.job_queue is None:
             return
-        for job in self.job_queue.get_jobs_by_name(job_name(chat_id)):
-            job.schedule_removal()
+        try:
+            sub = await self.store.aio.subscription(chat_id)
+        except Exception:
+            # NOTE: nothing else would arm this chat's next post: try again soon rather than lose the chain.
+            log.exception("daily poem of chat %s: its next slot could not be read; trying again soon", chat_id)
+            self._arm(daily_job, RETRY_SECONDS, job_name(chat_id), chat_id)
+            return
+        if sub is not None and not sub.paused:
+            self._arm_slot(chat_id, sub)
+
+    def _arm_slot(self, chat_id: int, sub: Subscription) -> None:
+        # NOTE: one slot at a time, at an instant computed here, not run_daily: APScheduler's cron trigger
+        # skips the day after a spring-forward change for times soon after midnight (apscheduler#606).
+        # The job queue keeps real time, whatever `self.clock` says.
+        self._arm(daily_job, next_slot(sub.time, utc_now(), self.timezone), job_name(chat_id), chat_id)
+
+    def _arm(self, callback, when: dt.datetime | float, name: str, chat_id: int) -> None:
+        # NOTE: the job's id is its name, so arming it again replaces it and removing it scans no other job.
+        # No misfire limit: a job that fires late (loop busy, clock jump) still runs, and post_if_due decides;
+        # a slot's job dropped as missed would arm no next one.
+        self.job_queue.run_once(callback, when, name=name, chat_id=chat_id, data=self,
+                                job_kwargs={"id": name, "replace_existing": True, "misfire_grace_time": None})
+
+    def remove_job(self, chat_id: int) -> None:
+        """Remove the chat's slot job and any pending retry."""
+        if self.job_queue is None:
+            return
+        for name in (job_name(chat_id), retry_name(chat_id)):
+            try:
+                self.job_queue.scheduler.remove_job(name)
+            except JobLookupError:
+                pass
 
     def retry_later(self, chat_id: int) -> None:
         if self.job_queue is not None:
-            # Same name as the daily job, so /daily off or a new time removes a pending retry too.
             delay = RETRY_SECONDS * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
-            self.job_queue.run_once(daily_job, delay, name=job_name(chat_id), chat_id=chat_id, data=self)
+            self._arm(retry_job, delay, retry_name(chat_id), chat_id)
 
 
 async def daily_job(context: ContextTypes.DEFAULT_TYPE) -> None:
-    """The job queue's callback: post this chat's poem if it is due, then arm the chat's next slot (and a
-    retry while this one is still owed)."""
+    """A slot's job: post this chat's poem if it is due, then arm the chat's next slot."""
     daily, chat_id = context.job.data, context.job.chat_id
     try:
         await daily.post_if_due(chat_id)
     finally:
-        await daily.set_job(chat_id)
+        await daily.arm_next_slot(chat_id)
+
+
+async def retry_job(context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A retry's job: post this chat's poem if it is still due."""
+    await context.job.data.post_if_due(context.job.chat_id)

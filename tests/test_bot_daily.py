@@ -351,11 +351,12 @@ async def test_a_poem_that_cannot_be_recorded_releases_the_claim_and_a_retry_pos
 
 
 class FakeJobQueue(RecordingJobQueue):
-    """What Daily.set_job calls: jobs at a slot's instant by name, and retries' run_once delays."""
+    """What Daily.set_job calls: jobs at a slot's instant by name, retries' run_once delays, and removals."""
 
     def __init__(self):
         super().__init__()
         self.slots: list[tuple[str, dt.datetime]] = []
+        self.scheduler = self
 
     def run_once(self, callback, when, name=None, **kwargs):
         if isinstance(when, dt.datetime):
@@ -363,8 +364,10 @@ class FakeJobQueue(RecordingJobQueue):
         else:
             super().run_once(callback, when, name=name, **kwargs)
 
-    def get_jobs_by_name(self, name):
-        return []
+    def remove_job(self, job_id):
+        from apscheduler.jobstores.base import JobLookupError
+
+        raise JobLookupError(job_id)
 
 
 async def test_changing_only_the_form_keeps_a_post_still_owed(daily, clock, outbox, scripted_engine):
@@ -425,37 +428,50 @@ def test_slots_agree_with_the_clock_across_dst_changes(zone):
 
 class CalendarJobQueue:
     """A job queue that runs on the test's clock: run_daily fires as APScheduler's cron trigger does (what PTB's
-    JobQueue.run_daily schedules), run_once at its instant or delay. `run_until` fires jobs in time order."""
+    JobQueue.run_daily schedules), run_once at its instant or delay; a job id given in job_kwargs replaces the
+    job of that id, as APScheduler's replace_existing does. `run_until` fires jobs in time order."""
 
     class Job:
-        def __init__(self, queue, when, name, chat_id, data, trigger=None):
-            self.queue, self.when, self.name, self.chat_id, self.data, self.trigger = queue, when, name, chat_id, data, trigger
+        def __init__(self, queue, callback, when, name, chat_id, data, job_id=None, trigger=None):
+            self.queue, self.callback, self.when, self.name = queue, callback, when, name
+            self.chat_id, self.data, self.id, self.trigger = chat_id, data, job_id, trigger
 
         def schedule_removal(self):
             self.queue.jobs.remove(self)
 
     def __init__(self, clock):
         self.clock, self.jobs = clock, []
+        self.scheduler = self
 
-    def run_daily(self, callback, time, name=None, chat_id=None, data=None, **kwargs):
+    def _add(self, job):
+        if job.id is not None:
+            self.jobs = [j for j in self.jobs if j.id != job.id]
+        self.jobs.append(job)
+
+    def run_daily(self, callback, time, name=None, chat_id=None, data=None, job_kwargs=None, **kwargs):
         from apscheduler.triggers.cron import CronTrigger
 
         trigger = CronTrigger(hour=time.hour, minute=time.minute, second=time.second, timezone=time.tzinfo)
         when = trigger.get_next_fire_time(None, self.clock())
-        self.jobs.append(self.Job(self, when, name, chat_id, data, trigger))
+        self._add(self.Job(self, callback, when, name, chat_id, data, (job_kwargs or {}).get("id"), trigger))
 
-    def run_once(self, callback, when, name=None, chat_id=None, data=None, **kwargs):
+    def run_once(self, callback, when, name=None, chat_id=None, data=None, job_kwargs=None, **kwargs):
         if not isinstance(when, dt.datetime):
             when = self.clock() + dt.timedelta(seconds=when)
-        self.jobs.append(self.Job(self, when, name, chat_id, data))
+        self._add(self.Job(self, callback, when, name, chat_id, data, (job_kwargs or {}).get("id")))
 
     def get_jobs_by_name(self, name):
         return [j for j in self.jobs if j.name == name]
 
+    def remove_job(self, job_id):
+        from apscheduler.jobstores.base import JobLookupError
+
+        if not any(j.id == job_id for j in self.jobs):
+            raise JobLookupError(job_id)
+        self.jobs = [j for j in self.jobs if j.id != job_id]
+
     async def run_until(self, end):
         from types import SimpleNamespace
-
-        from bot.daily import daily_job
 
         while self.jobs:
             job = min(self.jobs, key=lambda j: j.when)
@@ -466,7 +482,7 @@ class CalendarJobQueue:
             if job.trigger is not None:  # the cron job stays, at its next fire time
                 job.when = job.trigger.get_next_fire_time(job.when, job.when)
                 self.jobs.append(job)
-            await daily_job(SimpleNamespace(job=job))
+            await job.callback(SimpleNamespace(job=job))
 
 
 @pytest.mark.parametrize("zone,hhmm", [("Europe/Berlin", "00:00"), ("Europe/Berlin", "02:30"),
@@ -492,3 +508,45 @@ async def test_a_daily_poem_arrives_every_day_around_dst_changes(tmp_path, scrip
         assert len(outbox.sent) == days, f"{len(outbox.sent)} poems in {days} days"
         d.store.unsubscribe(CHAT)
         d.remove_job(CHAT)
+
+
+async def test_a_send_telegram_refuses_is_tried_once_a_slot_not_every_minute(tmp_path, scripted_engine, clock, monkeypatch):
+    attempts = []
+
+    async def refused(chat_id, reply):
+        attempts.append(clock())
+        raise BadRequest("Not enough rights to send text messages to the chat")
+
+    monkeypatch.setattr("bot.daily.utc_now", clock)
+    d = make_daily(tmp_path, scripted_engine, clock, refused)
+    d.job_queue = CalendarJobQueue(clock)
+    d.store.subscribe(CHAT, "08:00", "wujue", since=clock())  # 07:00 on 1 May
+    await d.set_job(CHAT)
+    await d.job_queue.run_until(dt.datetime(2026, 5, 3, 7, 0, tzinfo=TZ))
+    assert len(attempts) == 2  # 1 and 2 May: once each, no retries within the grace window
+
+
+async def test_a_next_slot_that_cannot_be_read_is_armed_again_soon(tmp_path, scripted_engine, clock, outbox, monkeypatch):
+    import sqlite3
+
+    monkeypatch.setattr("bot.daily.utc_now", clock)
+    d = make_daily(tmp_path, scripted_engine, clock, outbox)
+    d.job_queue = CalendarJobQueue(clock)
+    d.store.subscribe(CHAT, "08:00", "wujue", since=clock())
+    await d.set_job(CHAT)
+    read, locked = d.store.aio.subscription, []
+
+    async def subscription(chat_id):
+        if locked:
+            locked.pop()
+            raise sqlite3.OperationalError("database is locked")
+        return await read(chat_id)
+
+    async def send(chat_id, reply):
+        await outbox(chat_id, reply)
+        locked.append(True)  # the read that arms the next slot, right after this post, fails once
+
+    monkeypatch.setattr(d.store.aio, "subscription", subscription)
+    d.send = send
+    await d.job_queue.run_until(dt.datetime(2026, 5, 4, 7, 0, tzinfo=TZ))
+    assert len(outbox.sent) == 3  # 1, 2 and 3 May: the chain of slots went on
