@@ -14,6 +14,8 @@
 # PATIENCE is high on purpose: the learning rate follows a cosine over MINUTES, and a run stopped at its
 # first plateau (lstm-large: after 181 s of 300, at patience 6) never trains at the low rates where a
 # cosine schedule gains most. The best checkpoint by validation is what is exported either way.
+# INPUT_DROPOUT drops units of the embedded input, one mask per poem: against overfitting, with DROPOUT
+# (docs/TRAINING.md, "Input dropout").
 set -euo pipefail
 out=${1:-${OUT:-.}}
 mkdir -p "$out"
@@ -21,12 +23,13 @@ mkdir -p "$out"
 : "${PACK:=$default_pack}" "${NAME:=lstm}" "${DEVICE:=cuda}" "${CELL:=lstm}" "${EMBED:=256}"
 : "${HIDDEN:=1024}" "${LAYERS:=2}" "${DROPOUT:=0.3}" "${LR:=2e-3}" "${BATCH_TOKENS:=65536}" "${MINUTES:=5.5}"
 : "${EVAL_EVERY:=250}" "${MAX_STEPS:=0}" "${PART_MIB:=16}" "${RUN_DIR:=/tmp/yinshi-gpu-run}" "${WEIGHT_DECAY:=0}" "${PATIENCE:=1000}"
+: "${INPUT_DROPOUT:=0}"
 [[ -f $PACK ]] || { echo "error: no $PACK: run python -m trainer corpus pack, and carry the file" >&2; exit 2; }
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -c 'import torch; print("torch", torch.__version__, "cuda:", torch.cuda.is_available() and torch.cuda.get_device_name())'
 rm -rf "$RUN_DIR"
 python3 -m trainer train --packed "$PACK" --out "$RUN_DIR" --device "$DEVICE" --cell "$CELL" --embed-dim "$EMBED" \
-    --hidden-dim "$HIDDEN" --num-layers "$LAYERS" --dropout "$DROPOUT" --lr "$LR" --batch-tokens "$BATCH_TOKENS" \
+    --hidden-dim "$HIDDEN" --num-layers "$LAYERS" --dropout "$DROPOUT" --input-dropout "$INPUT_DROPOUT" --lr "$LR" --batch-tokens "$BATCH_TOKENS" \
     --weight-decay "$WEIGHT_DECAY" --deadline "$MINUTES" --max-steps "$MAX_STEPS" --epochs 1000 --eval-every "$EVAL_EVERY" --patience "$PATIENCE" \
     --warmup-steps 50 --save-every 1e9 --no-progress 2>&1 | tee "$out/train.log"
 python3 -m trainer export --checkpoint "$RUN_DIR/best.safetensors" --out "$out" --name "$NAME" --part-mib "$PART_MIB"

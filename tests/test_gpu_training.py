@@ -272,8 +272,8 @@ def test_join_refuses_damaged_or_missing_parts_and_writes_nothing(tiny_checkpoin
 
 def test_the_gpu_script_runs_end_to_end_at_toy_size_on_the_cpu(packed, tmp_path):
     env = dict(os.environ, PACK=str(packed), DEVICE="cpu", CELL="gru", EMBED="16", HIDDEN="32", LAYERS="1",
-               DROPOUT="0", BATCH_TOKENS="512", MAX_STEPS="15", EVAL_EVERY="15", MINUTES="5", PART_MIB="0.01",
-               NAME="gru", RUN_DIR=str(tmp_path / "run"))
+               DROPOUT="0", INPUT_DROPOUT="0.2", BATCH_TOKENS="512", MAX_STEPS="15", EVAL_EVERY="15", MINUTES="5",
+               PART_MIB="0.01", NAME="gru", RUN_DIR=str(tmp_path / "run"))
     out = tmp_path / "OUT"
     done = subprocess.run(["bash", "scripts/gpu_train.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -284,6 +284,7 @@ def test_the_gpu_script_runs_end_to_end_at_toy_size_on_the_cpu(packed, tmp_path)
     join(parts[0], tmp_path / "gru.safetensors")
     ckpt = load_checkpoint(tmp_path / "gru.safetensors")
     assert ckpt.model.config.cell == "gru" and ckpt.meta["train"]["packed"] == str(packed)
+    assert ckpt.model.config.input_dropout == 0.2  # every knob reaches the trainer
 
 
 def test_the_gpu_script_says_what_to_do_without_the_pack(tmp_path):

@@ -99,6 +99,29 @@ def test_dropout_is_active_in_training_and_off_in_eval():
     assert torch.equal(model(tokens)[0], model(tokens)[0])
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_input_dropout_acts_in_training_only_with_one_mask_for_a_rows_positions(cell):
+    torch.manual_seed(0)
+    model = tiny(cell, dropout=0.0, input_dropout=0.5)
+    plain = tiny(cell, dropout=0.0)
+    plain.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 30, (2, 5))
+    model.train()
+    first = model(tokens)[0]
+    assert not torch.equal(first, model(tokens)[0])
+    # One mask for all of a row's positions: the same character, embedded twice in a row, is kept or dropped
+    # alike at both positions, unit by unit.
+    seen = {}
+    model.embed.register_forward_hook(lambda module, args, out: seen.update(embedded=out))
+    model.rnn.register_forward_pre_hook(lambda module, args: seen.update(fed=args[0]))
+    model(torch.tensor([[3, 3, 3, 3]]))
+    kept = seen["fed"] != 0
+    assert torch.equal(kept, kept[:, :1].expand_as(kept)) and 0 < kept.float().mean() < 1
+    # The module's own weights are untouched: eval is the model without the option.
+    model.eval()
+    assert torch.equal(model(tokens)[0], plain.eval()(tokens)[0])
+
+
 @pytest.mark.parametrize("overrides,problem", [
     ({"cell": "transformer"}, "cell must be one of"),
     ({"vocab_size": 0}, "vocab_size"),
@@ -107,6 +130,9 @@ def test_dropout_is_active_in_training_and_off_in_eval():
     ({"num_layers": True}, "num_layers"),
     ({"dropout": 1.0}, "dropout"),
     ({"dropout": -0.1}, "dropout"),
+    ({"input_dropout": True}, "input_dropout"),
+    ({"input_dropout": -0.5}, "input_dropout"),
+    ({"input_dropout": "0.1"}, "input_dropout"),
     ({"tie_embeddings": True, "embed_dim": 8, "hidden_dim": 12}, "tied embeddings need embed_dim == hidden_dim"),
     ({"tie_embeddings": "yes"}, "tie_embeddings"),
 ])
@@ -118,8 +144,10 @@ def test_a_bad_config_is_rejected_naming_the_field(overrides, problem):
 def test_config_round_trips_through_a_dict_and_rejects_unknown_keys():
     cfg = ModelConfig(vocab_size=10, cell="gru", hidden_dim=7)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-    # An untied model's dict has no tie_embeddings key: engines from before the option read its checkpoints.
-    assert "tie_embeddings" not in cfg.to_dict()
+    # Options left off are not in the dict: engines from before them read such checkpoints.
+    assert not {"tie_embeddings", "input_dropout"} & set(cfg.to_dict())
+    regularised = ModelConfig(vocab_size=10, input_dropout=0.1)
+    assert ModelConfig.from_dict(regularised.to_dict()) == regularised
     tied = ModelConfig(vocab_size=10, embed_dim=7, hidden_dim=7, tie_embeddings=True)
     assert ModelConfig.from_dict(tied.to_dict()) == tied
     with pytest.raises(ValueError, match="unknown model config keys"):

@@ -119,6 +119,27 @@ def test_a_changed_corpus_fine_tunes_the_serving_model_and_publishes_v2(v1, fake
     assert store.versions(cfg.store, "lstm") == [first["version"], record["version"]]
 
 
+def test_a_retrain_keeps_the_serving_models_input_dropout(v1, fake_decoder, tmp_path):
+    import dataclasses
+    import json
+
+    from engine.model.checkpoint import save_checkpoint
+    from engine.model.network import PoemModel
+
+    root, _ = v1
+    cfg = tiny_config(root, root / "corpus", max_steps=5)
+    serving = load_checkpoint(store.current_path(cfg.store, "lstm"))
+    model = PoemModel(dataclasses.replace(serving.model.config, input_dropout=0.2))
+    model.load_state_dict(serving.model.state_dict())
+    time.sleep(0.002)  # a new version (its own timestamp)
+    keep = {k: serving.meta[k] for k in ("metrics", "corpus_hash", "train") if k in serving.meta}
+    save_checkpoint(tmp_path / "regularised.safetensors", model, serving.vocab, keep)
+    store.publish(cfg.store, "lstm", tmp_path / "regularised.safetensors")
+    retrain(cfg, force=True)
+    [state] = Path(cfg.work).glob("lstm/*-*/state.json")
+    assert json.loads(state.read_text())["config"]["input_dropout"] == 0.2
+
+
 def test_new_characters_in_the_corpus_train_from_scratch(v1, fake_decoder):
     root, _ = v1
     rng = random.Random(0)

@@ -392,7 +392,7 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
         fresh = Vocab.build(texts, tc.min_count, tc.max_vocab)
         cov = {"serving": round(vocab_coverage(texts, serving.vocab), 6), "fresh": round(vocab_coverage(texts, fresh), 6)}
         record["vocab_coverage"] = cov
-        for key in ("cell", "embed_dim", "hidden_dim", "num_layers", "tie_embeddings", "dropout"):
+        for key in ("cell", "embed_dim", "hidden_dim", "num_layers", "tie_embeddings", "dropout", "input_dropout"):
             setattr(tc, key, getattr(serving.model.config, key))  # same shape and dropout either way: one model line
         if cov["serving"] >= cov["fresh"] - cfg.vocab_tolerance:
             mode = "finetune"

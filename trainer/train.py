@@ -55,6 +55,7 @@ class TrainConfig:
     num_layers: int = 2
     dropout: float = 0.1
     tie_embeddings: bool = False  # the output layer shares the embedding's weight (embed_dim must equal hidden_dim)
+    input_dropout: float = 0.0  # on the embedded input, one mask per row (engine.model.network.ModelConfig)
     optimizer: str = "adam"  # adam | sgd
     lr: float = 3e-3
     min_lr_ratio: float = 0.05  # cosine decays to lr * this
@@ -98,7 +99,8 @@ class TrainConfig:
         if self.lr <= 0 or self.batch_tokens < 1 or self.batch_size < 1 or self.log_every < 1:
             raise ValueError("lr, batch_tokens, batch_size and log_every must be positive")
         ModelConfig(vocab_size=1, cell=self.cell, embed_dim=self.embed_dim, hidden_dim=self.hidden_dim,
-                    num_layers=self.num_layers, dropout=self.dropout, tie_embeddings=self.tie_embeddings)
+                    num_layers=self.num_layers, dropout=self.dropout, tie_embeddings=self.tie_embeddings,
+                    input_dropout=self.input_dropout)
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -230,7 +232,7 @@ class Trainer:
 
         self.model_config = ModelConfig(vocab_size=len(self.vocab), cell=cfg.cell, embed_dim=cfg.embed_dim,
                                         hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout,
-                                        tie_embeddings=cfg.tie_embeddings)
+                                        tie_embeddings=cfg.tie_embeddings, input_dropout=cfg.input_dropout)
         self.model = PoemModel(self.model_config).to(self.device)
         if init is not None:
             _load_rows_by_token(self.model, self.vocab, init.model, init.vocab)

@@ -30,6 +30,7 @@ class ModelConfig:
     num_layers: int = 2
     dropout: float = 0.1  # between recurrent layers and before the output layer, in training only
     tie_embeddings: bool = False  # the output layer's weight is the embedding (needs embed_dim == hidden_dim)
+    input_dropout: float = 0.0  # on the embedded input, one mask per row for all its positions, in training only
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -38,8 +39,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "input_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.tie_embeddings and self.embed_dim != self.hidden_dim:
@@ -56,8 +59,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not self.tie_embeddings:  # an untied model's checkpoint stays readable by engines older than the option
-            del d["tie_embeddings"]
+        # A checkpoint without these options stays readable by engines older than them.
+        for name, off in (("tie_embeddings", False), ("input_dropout", 0.0)):
+            if d[name] == off:
+                del d[name]
         return d
 
     @property
@@ -136,7 +141,13 @@ class PoemModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: torch.Tensor | None = None):
         """tokens (B, T) → logits (B, T, V) and the state after the last position."""
+        c = self.config
         x = self.embed(tokens)  # (B, T, E)
+        if self.training and c.input_dropout > 0:
+            # NOTE: one mask for all of a row's positions (variational dropout, Gal & Ghahramani 2016): a unit
+            # of the input is gone for the whole poem, not for one step.
+            keep = torch.full((x.shape[0], 1, x.shape[2]), 1.0 - c.input_dropout, device=x.device, dtype=x.dtype)
+            x = x * torch.bernoulli(keep) / (1.0 - c.input_dropout)
         out, new_state = self.rnn(x, self._unpack(state))  # (B, T, H)
         logits = self.head(self.drop(out))  # (B, T, V)
         return logits, self._pack(new_state)
