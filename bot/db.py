@@ -103,23 +103,27 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def migrate(db: sqlite_utils.Database) -> int:
-    """Bring the schema to SCHEMA_VERSION, one migration per transaction (a new file: all in one);
-    returns the version found."""
+    """Bring the schema to SCHEMA_VERSION in one transaction (all or nothing; each schema page written to the
+    WAL once, which on a nearly full disk is what lets the bot start); returns the version found."""
     found = db.execute("PRAGMA user_version").fetchone()[0]
-    if found > SCHEMA_VERSION:
-        raise RuntimeError(f"database schema v{found} is newer than this bot (v{SCHEMA_VERSION}); upgrade the bot")
-    if found == 0:
-        # A new file gets the whole schema in one transaction: all or nothing, and each schema page written
-        # to the WAL once rather than once per step (on a nearly full disk, what lets the bot start).
-        with db.atomic():
-            for migration in MIGRATIONS:
-                migration(db)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    if found == SCHEMA_VERSION:
         return found
-    for version in range(found, SCHEMA_VERSION):
-        with db.atomic():  # the migration and its version bump commit together or not at all
-            MIGRATIONS[version](db)
-            db.execute(f"PRAGMA user_version = {version + 1}")
+    conn = db.conn
+    # NOTE: the version is read again under the write lock: two processes opening one file together (the bot
+    # and a console chat) would otherwise both run the same migration, and the second one fail.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = db.execute("PRAGMA user_version").fetchone()[0]
+        if found > SCHEMA_VERSION:
+            raise RuntimeError(f"database schema v{found} is newer than this bot (v{SCHEMA_VERSION}); upgrade the bot")
+        for migration in MIGRATIONS[found:]:
+            migration(db)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
     return found
 
 

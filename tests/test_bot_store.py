@@ -209,3 +209,38 @@ def test_counts_for_status(store):
     store.record_feedback(poem_id, 1, -1)
     assert store.counts() == {"chats": 1, "subscriptions": 1, "paused_subscriptions": 0, "poems": 1, "likes": 0,
                               "dislikes": 1}
+
+
+@pytest.mark.parametrize("start", ["new", "version 2"])
+def test_two_processes_opening_one_file_together_migrate_it_once(tmp_path, start):
+    """The bot and a console chat starting at once on a new or old file: both open it, neither fails."""
+    import sqlite_utils
+
+    from bot.db import MIGRATIONS
+
+    for round_ in range(8):
+        path = tmp_path / f"{round_}.db"
+        if start == "version 2":
+            db = sqlite_utils.Database(path)
+            db.enable_wal()
+            for migration in MIGRATIONS[:2]:
+                migration(db)
+            db.execute("PRAGMA user_version = 2")
+            db.conn.commit()
+            db.close()
+        together, errors, stores = threading.Barrier(3), [], []
+
+        def open_store():
+            together.wait()
+            try:
+                stores.append(Store.open(path))
+            except Exception as e:  # noqa: BLE001  NOTE: the test reports what each opener met
+                errors.append(e)
+
+        openers = [threading.Thread(target=open_store) for _ in range(3)]
+        for t in openers:
+            t.start()
+        for t in openers:
+            t.join()
+        assert errors == [] and len(stores) == 3
+        assert {s.schema_version() for s in stores} == {SCHEMA_VERSION}
