@@ -24,6 +24,7 @@ import functools
 import json
 import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -127,6 +128,23 @@ def migrate(db: sqlite_utils.Database) -> int:
     return found
 
 
+def _enable_wal(db: sqlite_utils.Database, timeout: float) -> None:
+    """Switch the file to WAL. NOTE: switching does not wait for the busy handler: a second process opening a
+    new file at the same moment gets "database is locked" at once; it waits and looks again, and the other
+    process's switch is as good as its own."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            db.enable_wal()
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            if db.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            time.sleep(0.05)
+
+
 def _serialised(method):
     """One call at a time on the store's connection: its transactions must not interleave across threads."""
     @functools.wraps(method)
@@ -158,7 +176,7 @@ class Store:
         conn = sqlite3.connect(str(path), check_same_thread=False, timeout=busy_timeout)
         db = sqlite_utils.Database(conn)
         if str(path) != ":memory:":
-            db.enable_wal()
+            _enable_wal(db, busy_timeout)
         migrate(db)
         return cls(db)
 
