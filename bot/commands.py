@@ -309,8 +309,19 @@ class Commands:
         if wait > 0:
             return Tap(self.too_many(wait).replace("\n", " / "), refused=True)
         if kind == "again":
-            return Tap("再写一首… / Writing another…", then=lambda: self.again(who, poem), poem_id=poem["id"])
-        return Tap("正在画诗笺… / Drawing the card…", then=lambda: self.stored_card(poem), poem_id=poem["id"])
+            return Tap("再写一首… / Writing another…", then=lambda: self._unless_busy(who, self.again(who, poem)),
+                       poem_id=poem["id"])
+        return Tap("正在画诗笺… / Drawing the card…", then=lambda: self._unless_busy(who, self.stored_card(poem)),
+                   poem_id=poem["id"])
+
+    async def _unless_busy(self, who: Who, work: Awaitable[Reply]) -> Reply:
+        """A tapped button's work, done after the tap was answered: a locked database gets the STORE_BUSY
+        reply, as a command does, instead of failing after "Writing another…" with nothing to follow."""
+        try:
+            return await work
+        except sqlite3.OperationalError as e:
+            log.warning("button in chat %s: the database is busy (%s)", who.chat_id, e)
+            return Reply(STORE_BUSY)
 
     async def own_poem(self, who: Who, poem_id: int) -> dict | None:
         """The stored poem `poem_id` if it was sent to this chat, else None (an id SQLite cannot hold is no

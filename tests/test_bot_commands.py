@@ -381,3 +381,27 @@ async def test_feedback_taps_are_rate_limited_per_user(commands, store):
     assert limited and len(limited) < 100 and all(tap.refused and tap.counts is None for tap in limited)
     other = await commands.feedback(Who(chat_id=42, user_id=43), poem_id, 1)  # someone else in the chat
     assert not other.refused and "Too many" not in other.answer
+
+
+async def test_another_poem_tapped_while_the_database_is_locked_replies_busy(tmp_path, scripted_engine, clock):
+    """The tap is answered first ("Writing another…"); the poem comes after, and is recorded. If the database
+    is locked by then, the chat gets the busy reply instead of nothing."""
+    import sqlite3
+
+    from bot.commands import STORE_BUSY
+    from bot.db import Store
+
+    store = Store.open(tmp_path / "bot.db", busy_timeout=0.2)
+    commands = Commands(scripted_engine, store, make_settings(tmp_path), clock=clock)
+    poem_id = (await commands.handle(private(42), "/poem 月")).poem_id
+    tap = await commands.tap(private(42), f"again:{poem_id}")
+    assert not tap.refused and tap.then is not None
+    other = sqlite3.connect(tmp_path / "bot.db", timeout=0)
+    other.execute("BEGIN EXCLUSIVE")  # another writer (a backup, the CLI) holds the lock
+    try:
+        reply = await tap.then()
+    finally:
+        other.rollback()
+        other.close()
+        store.close()
+    assert reply.text == STORE_BUSY
