@@ -4,7 +4,8 @@
     printf '/poem 月\n/beam 5\n/poem 山\n' | python -m bot console
 
 Each input line is one message in a private chat (chat and user id CONSOLE_ID, a bot admin here, so
-/status and /reload work). Daily subscriptions are stored, but only `python -m bot run` posts them.
+/status and /reload work). A daily subscription made here is stored, and never posted: no Telegram chat has
+the console's id (bot.db.CONSOLE_CHAT), and `python -m bot run` leaves it out.
 With `/card on` a poem's card is written as a PNG to `cards/poem-<id>.png` beside the database
 (var/cards/ by default) and its path printed under the poem.
 """
@@ -16,11 +17,11 @@ import sys
 from pathlib import Path
 
 from bot.commands import Commands, Who
-from bot.db import Store
+from bot.db import CONSOLE_CHAT, Store
 from bot.engines import close_engine, make_engine, start_engine
 from bot.settings import Settings
 
-CONSOLE_ID = 1  # the console's chat and user id in the store
+CONSOLE_ID = CONSOLE_CHAT  # the console's chat and user id in the store
 
 
 async def read_lines(stream):

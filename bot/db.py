@@ -58,6 +58,11 @@ class Subscription:
     tune: str | None = None  # the 词 tune when form is ci (/daily 08:00 浣溪沙)
 
 
+# The local console chat's chat and user id (bot.console): no Telegram chat or user has it, so a /daily tried
+# in the console is stored but never posted to Telegram by `python -m bot run`.
+CONSOLE_CHAT = 0
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -253,8 +258,9 @@ class Store:
 
     @_serialised
     def active_subscriptions(self) -> list[Subscription]:
-        return [_subscription(r) for r in self.db["subscriptions"].rows_where("paused = 0 AND active = 1",
-                                                                              order_by="chat_id")]
+        """The subscriptions the bot posts: active, not paused, and not the console's (CONSOLE_CHAT)."""
+        return [_subscription(r) for r in self.db["subscriptions"].rows_where(
+            "paused = 0 AND active = 1 AND chat_id != ?", [CONSOLE_CHAT], order_by="chat_id")]
 
     @_serialised
     def subscribe(self, chat_id: int, time: str, form: str | None, since: dt.datetime | None = None,

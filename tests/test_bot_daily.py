@@ -550,3 +550,17 @@ async def test_a_next_slot_that_cannot_be_read_is_armed_again_soon(tmp_path, scr
     d.send = send
     await d.job_queue.run_until(dt.datetime(2026, 5, 4, 7, 0, tzinfo=TZ))
     assert len(outbox.sent) == 3  # 1, 2 and 3 May: the chain of slots went on
+
+
+async def test_a_daily_subscription_made_in_the_console_is_never_posted(tmp_path, daily, clock, outbox):
+    from bot.console import CONSOLE_ID, chat
+
+    async def lines():
+        yield "/daily 08:00"
+
+    await chat(daily.commands, lines(), out=__import__("io").StringIO())
+    assert daily.store.subscription(CONSOLE_ID).time == "08:00"  # stored, as the console says
+    clock.set_local("09:00")
+    assert await daily.catch_up() == 1  # the fixture's chat only
+    assert [chat_id for chat_id, _ in outbox.sent] == [CHAT]
+    assert CONSOLE_ID not in {s.chat_id for s in daily.store.active_subscriptions()}
