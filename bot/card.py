@@ -332,13 +332,14 @@ def layout_card(text: str, title: str | None = None, model: str = "", version: s
 
 def _title_items(title: str) -> list[str | None]:
     """The title's characters, None for a separator dot and "" for a gap between words (a space); long
-    titles end in …"""
+    titles end in …, so a title is never taller than MAX_TITLE characters and the dots between them."""
     items: list[str | None] = []
     for ch in title:
         if ch in TITLE_SEPARATORS:
             while items and items[-1] == "":
                 items.pop()
-            items.append(None)
+            if items and items[-1] is not None:  # one dot between words, however many were typed
+                items.append(None)
         elif ch.isspace():
             if items and items[-1] not in (None, ""):
                 items.append("")

@@ -142,6 +142,13 @@ def test_a_long_title_is_set_smaller_instead_of_growing_the_card():
     assert max(g.box.y1 for g in long.glyphs if g.role == "title") <= long.border.y1
 
 
+def test_a_title_of_many_separators_is_no_taller_than_one():
+    # `python -m bot card --title` takes any text: two thousand dots made a card 47,000 pixels tall.
+    plain = layout_card(POEMS["七绝"][0], "七绝 · 月")
+    dotted = layout_card(POEMS["七绝"][0], "七绝" + " · " * 2000 + "月")
+    assert dotted.height == plain.height
+
+
 def test_render_gives_a_png_of_the_layout_with_a_red_seal():
     card = render_card(*POEMS["七律"], model="lstm", version=VERSION)
     layout = layout_card(*POEMS["七律"], model="lstm", version=VERSION)
