@@ -55,12 +55,43 @@ def serve_request(cfg: RetrainConfig, request: dict) -> list[dict]:
 
 
 # -- the scheduler ---------------------------------------------------------------------------------------
+def wall_clock_cron(expr: str, tz: ZoneInfo):
+    """RETRAIN_CRON in TIMEZONE as an APScheduler trigger that steps the calendar on the wall clock and only
+    then places the time in the zone. NOTE: APScheduler's own CronTrigger in a zone with daylight saving time
+    skips the day after a spring-forward change for times soon after midnight (apscheduler#606) and fires twice
+    in a repeated hour. Here a time the change skips fires an hour later on the clock (02:30 → 03:30), and a
+    repeated one once, at its first occurrence. ValueError for an expression that is not a crontab."""
+    from apscheduler.triggers.base import BaseTrigger
+    from apscheduler.triggers.cron import CronTrigger
+
+    wall = CronTrigger.from_crontab(expr, timezone=dt.timezone.utc)  # wall-clock times, carried as UTC
+
+    def on_wall(t: dt.datetime) -> dt.datetime:
+        return t.astimezone(tz).replace(tzinfo=dt.timezone.utc)
+
+    class WallClockCron(BaseTrigger):
+        timezone = tz
+
+        def get_next_fire_time(self, previous_fire_time, now):
+            candidate = wall.get_next_fire_time(previous_fire_time and on_wall(previous_fire_time), on_wall(now))
+            while candidate is not None:
+                instant = candidate.replace(tzinfo=tz)  # fold 0: the first of a repeated time, after a skipped one
+                if previous_fire_time is None or instant > previous_fire_time:
+                    return instant
+                candidate = wall.get_next_fire_time(candidate, candidate)  # back in a repeated hour: the next
+            return None
+
+        def __str__(self):
+            return f"cron[{expr!r} on the wall clock of {tz.key}]"
+
+    return WallClockCron()
+
+
 def build_scheduler(cfg: RetrainConfig, cron: str = DEFAULT_CRON, timezone: str = DEFAULT_TIMEZONE,
                     scheduler_cls=None, trigger=None, poll_seconds: float = POLL_SECONDS):
     """A scheduler with the retrain job and the request poller; `trigger` replaces the cron one (tests)."""
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.schedulers.blocking import BlockingScheduler
-    from apscheduler.triggers.cron import CronTrigger
 
     try:
         tz = ZoneInfo(timezone)
@@ -68,7 +99,7 @@ def build_scheduler(cfg: RetrainConfig, cron: str = DEFAULT_CRON, timezone: str 
         raise ValueError(f"TIMEZONE {timezone!r} is not an IANA time zone (e.g. Asia/Shanghai)") from None
     if trigger is None:
         try:
-            trigger = CronTrigger.from_crontab(cron, timezone=tz)
+            trigger = wall_clock_cron(cron, tz)
         except ValueError as e:
             raise ValueError(f"RETRAIN_CRON {cron!r} is not a crontab expression (minute hour day month weekday): {e}") from None
     scheduler = (scheduler_cls or BlockingScheduler)(
