@@ -163,7 +163,7 @@ def read_env_file(path: str | Path) -> dict[str, str]:
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
-        else:  # as bash reads it (deploy/start.sh sources the same file): ` #` starts a comment
+        else:  # as bash would read it (deploy/start.sh reads the same file alike): ` #` starts a comment
             value = re.split(r"\s#", value, maxsplit=1)[0].rstrip()
         values[key.strip()] = value
     return values
