@@ -262,11 +262,21 @@ async def daily_job(context: ContextTypes.DEFAULT_TYPE) -> None:
     """A slot's job: post this chat's poem if it is due, then arm the chat's next slot."""
     daily, chat_id = context.job.data, context.job.chat_id
     try:
-        await daily.post_if_due(chat_id)
+        await post_or_retry(daily, chat_id)
     finally:
         await daily.arm_next_slot(chat_id)
 
 
 async def retry_job(context: ContextTypes.DEFAULT_TYPE) -> None:
     """A retry's job: post this chat's poem if it is still due."""
-    await context.job.data.post_if_due(context.job.chat_id)
+    await post_or_retry(context.job.data, context.job.chat_id)
+
+
+async def post_or_retry(daily: Daily, chat_id: int) -> None:
+    """post_if_due; a failure it does not handle itself (a database locked past the busy timeout at a read or
+    the claim: nothing was claimed or sent) arms a retry, within the grace window like any other."""
+    try:
+        await daily.post_if_due(chat_id)
+    except Exception:
+        log.exception("daily post for chat %s failed; retrying in about %ss", chat_id, RETRY_SECONDS)
+        daily.retry_later(chat_id)

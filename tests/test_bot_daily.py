@@ -564,3 +564,25 @@ async def test_a_daily_subscription_made_in_the_console_is_never_posted(tmp_path
     assert await daily.catch_up() == 1  # the fixture's chat only
     assert [chat_id for chat_id, _ in outbox.sent] == [CHAT]
     assert CONSOLE_ID not in {s.chat_id for s in daily.store.active_subscriptions()}
+
+
+async def test_a_database_locked_at_the_claim_costs_a_retry_not_the_days_poem(tmp_path, scripted_engine, clock, outbox,
+                                                                               monkeypatch):
+    import sqlite3
+
+    monkeypatch.setattr("bot.daily.utc_now", clock)
+    d = make_daily(tmp_path, scripted_engine, clock, outbox)
+    d.job_queue = CalendarJobQueue(clock)
+    d.store.subscribe(CHAT, "08:00", "wujue", since=clock())
+    await d.set_job(CHAT)
+    claim, locked = d.store.aio.claim_daily_post, [True]
+
+    async def claim_once_locked(*args):
+        if locked:
+            locked.pop()
+            raise sqlite3.OperationalError("database is locked")
+        return await claim(*args)
+
+    monkeypatch.setattr(d.store.aio, "claim_daily_post", claim_once_locked)
+    await d.job_queue.run_until(dt.datetime(2026, 5, 1, 10, 0, tzinfo=TZ))
+    assert len(outbox.sent) == 1 and not locked  # 1 May's poem, a minute or so late
