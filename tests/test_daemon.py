@@ -95,6 +95,33 @@ def test_the_retrain_cron_fires_once_every_day_across_dst_changes(cfg, zone, cro
     assert all(f.astimezone(tz).time() >= dt.time(hour, minute) for f in fired)  # never before the time
 
 
+@pytest.mark.parametrize("zone", ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe"])
+def test_a_cron_of_every_half_hour_moves_forward_through_dst_changes(zone):
+    """A time a change skips is the same instant as the one after the gap: one firing, never one earlier than
+    the last (the first version went back from 03:30 to 03:00 in Berlin)."""
+    from zoneinfo import ZoneInfo
+
+    trigger, utc = daemon.wall_clock_cron("*/30 * * * *", ZoneInfo(zone)), dt.timezone.utc
+    for day in (dt.datetime(2026, 3, 7, tzinfo=utc), dt.datetime(2026, 3, 28, tzinfo=utc),
+                dt.datetime(2026, 4, 4, tzinfo=utc), dt.datetime(2026, 10, 3, tzinfo=utc),
+                dt.datetime(2026, 10, 24, tzinfo=utc), dt.datetime(2026, 10, 31, tzinfo=utc)):
+        fired, previous = [], None
+        for _ in range(4 * 48):
+            previous = trigger.get_next_fire_time(previous, previous + dt.timedelta(seconds=1) if previous else day)
+            fired.append(previous.astimezone(utc))
+        assert all(b > a for a, b in zip(fired, fired[1:])), zone
+        assert max(b - a for a, b in zip(fired, fired[1:])) <= dt.timedelta(hours=2)  # a repeated hour fires once
+
+
+def test_a_daemon_started_in_a_repeated_hour_does_not_fire_its_first_pass_again():
+    from zoneinfo import ZoneInfo
+
+    tz = ZoneInfo("Europe/Berlin")
+    trigger = daemon.wall_clock_cron("30 2 * * *", tz)
+    second_pass = dt.datetime(2026, 10, 25, 2, 10, tzinfo=tz, fold=1)  # 02:30 came an hour ago, first time round
+    assert trigger.get_next_fire_time(None, second_pass) == dt.datetime(2026, 10, 26, 2, 30, tzinfo=tz)
+
+
 @pytest.mark.parametrize("cron, zone, message", [("every night", "Asia/Shanghai", "RETRAIN_CRON"),
                                                  ("15 3 * * *", "Mars/Olympus", "TIMEZONE")])
 def test_a_bad_cron_expression_or_time_zone_is_a_clear_error(cfg, cron, zone, message):

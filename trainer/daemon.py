@@ -64,21 +64,28 @@ def wall_clock_cron(expr: str, tz: ZoneInfo):
     from apscheduler.triggers.base import BaseTrigger
     from apscheduler.triggers.cron import CronTrigger
 
-    wall = CronTrigger.from_crontab(expr, timezone=dt.timezone.utc)  # wall-clock times, carried as UTC
+    utc = dt.timezone.utc
+    wall = CronTrigger.from_crontab(expr, timezone=utc)  # wall-clock times, carried as UTC
 
     def on_wall(t: dt.datetime) -> dt.datetime:
-        return t.astimezone(tz).replace(tzinfo=dt.timezone.utc)
+        # NOTE: through UTC: astimezone(tz) leaves a datetime already in tz alone, even one a change skipped.
+        return t.astimezone(utc).astimezone(tz).replace(tzinfo=utc, fold=0)
 
     class WallClockCron(BaseTrigger):
         timezone = tz
 
         def get_next_fire_time(self, previous_fire_time, now):
-            candidate = wall.get_next_fire_time(previous_fire_time and on_wall(previous_fire_time), on_wall(now))
+            # After the previous firing (a missed one may lie before now: the scheduler's misfire rules
+            # decide), else at or after now. Compared as instants: datetimes of one tzinfo compare by wall clock.
+            after = previous_fire_time.astimezone(utc) if previous_fire_time is not None else None
+            floor = after if after is not None else now.astimezone(utc)
+            candidate = wall.get_next_fire_time(after and on_wall(after), on_wall(now))
             while candidate is not None:
-                instant = candidate.replace(tzinfo=tz)  # fold 0: the first of a repeated time, after a skipped one
-                if previous_fire_time is None or instant > previous_fire_time:
+                instant = candidate.replace(tzinfo=tz, fold=0)  # the first of a repeated time, after a skipped one
+                at = instant.astimezone(utc)
+                if (at > after) if after is not None else (at >= floor):
                     return instant
-                candidate = wall.get_next_fire_time(candidate, candidate)  # back in a repeated hour: the next
+                candidate = wall.get_next_fire_time(candidate, candidate)  # behind, in a repeated hour: the next
             return None
 
         def __str__(self):
