@@ -122,6 +122,26 @@ def test_a_daemon_started_in_a_repeated_hour_does_not_fire_its_first_pass_again(
     assert trigger.get_next_fire_time(None, second_pass) == dt.datetime(2026, 10, 26, 2, 30, tzinfo=tz)
 
 
+@pytest.mark.parametrize("cron, weekdays", [("0 3 * * 0", {"Sun"}), ("0 3 * * 7", {"Sun"}),
+                                            ("0 3 * * 1-5", {"Mon", "Tue", "Wed", "Thu", "Fri"}),
+                                            ("0 3 * * */2", {"Sun", "Tue", "Thu", "Sat"}),
+                                            ("0 3 * * sat,sun", {"Sat", "Sun"})])
+def test_cron_weekdays_count_from_sunday_as_crontab_does(cfg, cron, weekdays):
+    # APScheduler's from_crontab counts from Monday: "0 3 * * 0" ran on Mondays.
+    scheduler = daemon.build_scheduler(cfg, cron, "Asia/Shanghai", scheduler_cls=BackgroundScheduler)
+    trigger, previous, fired = scheduler.get_job("retrain").trigger, None, set()
+    for _ in range(21):
+        previous = trigger.get_next_fire_time(previous, dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc))
+        fired.add(previous.strftime("%a"))
+    assert fired == weekdays
+
+
+@pytest.mark.parametrize("cron", ["0 3 1 * 1", "0 3 * * 8", "0 3 * * 5-2"])
+def test_a_cron_whose_days_crontab_and_apscheduler_would_read_apart_is_refused(cfg, cron):
+    with pytest.raises(ValueError, match="RETRAIN_CRON"):
+        daemon.build_scheduler(cfg, cron, "Asia/Shanghai", scheduler_cls=BackgroundScheduler)
+
+
 @pytest.mark.parametrize("cron, zone, message", [("every night", "Asia/Shanghai", "RETRAIN_CRON"),
                                                  ("15 3 * * *", "Mars/Olympus", "TIMEZONE")])
 def test_a_bad_cron_expression_or_time_zone_is_a_clear_error(cfg, cron, zone, message):

@@ -55,6 +55,35 @@ def serve_request(cfg: RetrainConfig, request: dict) -> list[dict]:
 
 
 # -- the scheduler ---------------------------------------------------------------------------------------
+WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def crontab_days(expr: str) -> str:
+    """A crontab expression with its day-of-week numbers as names: crontab counts from Sunday (0 or 7),
+    APScheduler's from_crontab from Monday, so "0 3 * * 0" would run on Mondays. ValueError where the two
+    cannot agree: both days restricted (crontab runs on either, APScheduler only on both)."""
+    fields = expr.split()
+    if len(fields) != 5:
+        return expr  # from_crontab says what is wrong
+    day, weekday = fields[2], fields[4]
+    if day != "*" and weekday != "*":
+        raise ValueError(f"it restricts both the day of the month ({day}) and of the week ({weekday}), which "
+                         f"crontab reads as either and APScheduler as both: restrict one")
+    days: list[str] = []
+    for part in weekday.split(","):
+        base, _, step = part.partition("/")
+        if base != "*" and not base.replace("-", "").isdigit():
+            days.append(part)  # names: the same in both
+            continue
+        lo, _, hi = base.partition("-") if base != "*" else ("0", "", "6")
+        first, last = int(lo), int(hi or (6 if step else lo))
+        if not (0 <= first <= 7 and 0 <= last <= 7 and first <= last):
+            raise ValueError(f"day of the week {part!r} is not a range within 0-7 (0 and 7: Sunday)")
+        days += [WEEKDAYS[n % 7] for n in range(first, last + 1, int(step or 1))]
+    fields[4] = ",".join(dict.fromkeys(days)) if weekday != "*" else "*"
+    return " ".join(fields)
+
+
 def wall_clock_cron(expr: str, tz: ZoneInfo):
     """RETRAIN_CRON in TIMEZONE as an APScheduler trigger that steps the calendar on the wall clock and only
     then places the time in the zone. NOTE: APScheduler's own CronTrigger in a zone with daylight saving time
@@ -65,7 +94,7 @@ def wall_clock_cron(expr: str, tz: ZoneInfo):
     from apscheduler.triggers.cron import CronTrigger
 
     utc = dt.timezone.utc
-    wall = CronTrigger.from_crontab(expr, timezone=utc)  # wall-clock times, carried as UTC
+    wall = CronTrigger.from_crontab(crontab_days(expr), timezone=utc)  # wall-clock times, carried as UTC
 
     def on_wall(t: dt.datetime) -> dt.datetime:
         # NOTE: through UTC: astimezone(tz) leaves a datetime already in tz alone, even one a change skipped.
