@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -97,6 +98,15 @@ class FakeClock:
     def set_local(self, hhmm: str, day: dt.date = dt.date(2026, 5, 1), second: int = 0) -> None:
         hour, minute = map(int, hhmm.split(":"))
         self.now = dt.datetime(day.year, day.month, day.day, hour, minute, second, tzinfo=TZ).astimezone(dt.timezone.utc)
+
+
+def run_in_threads(target, n: int) -> None:
+    """`target` on n threads at once; returns when all have ended."""
+    threads = [threading.Thread(target=target) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def make_settings(tmp_path: Path, **overrides) -> Settings:

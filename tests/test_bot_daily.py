@@ -14,7 +14,7 @@ from bot.commands import Commands
 from bot.daily import Daily, latest_slot
 from bot.db import Store
 from bot_fixtures import *  # noqa: F401,F403
-from bot_fixtures import TZ, make_settings
+from bot_fixtures import TZ, make_settings, run_in_threads
 from engine.errors import QueueFullError
 
 CHAT = -100500
@@ -174,11 +174,7 @@ def test_two_posters_racing_for_one_slot_post_once(tmp_path, scripted_engine, cl
         except BaseException as e:  # noqa: BLE001 — reported by the test below
             errors.append(e)
 
-    threads = [threading.Thread(target=poster) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(poster, 2)
     assert errors == []
     assert len(scripted_engine.requests) == 2  # both wrote a poem: they did race
     assert sorted(results) == [False, True] and len(outbox.sent) == 1

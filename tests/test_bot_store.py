@@ -9,6 +9,7 @@ import pytest
 
 from bot.db import SCHEMA_VERSION, ChatSettings, Store
 from bot_fixtures import *  # noqa: F401,F403
+from bot_fixtures import run_in_threads
 from engine.api import PoemResult
 
 
@@ -237,10 +238,6 @@ def test_two_processes_opening_one_file_together_migrate_it_once(tmp_path, start
             except Exception as e:  # noqa: BLE001  NOTE: the test reports what each opener met
                 errors.append(e)
 
-        openers = [threading.Thread(target=open_store) for _ in range(3)]
-        for t in openers:
-            t.start()
-        for t in openers:
-            t.join()
+        run_in_threads(open_store, 3)
         assert errors == [] and len(stores) == 3
         assert {s.schema_version() for s in stores} == {SCHEMA_VERSION}
