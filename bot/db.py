@@ -108,28 +108,37 @@ MIGRATIONS = [_migrate_1, _migrate_2, _migrate_3, _migrate_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection):
+    """One write transaction that takes the write lock first (BEGIN IMMEDIATE). Waiting for another
+    process's lock then goes through SQLite's busy handler (up to the busy timeout); a deferred BEGIN
+    whose transaction reads before it writes would get "database is locked" at once instead. On any
+    error the transaction rolls back, so a write that cannot get the lock changes nothing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def migrate(db: sqlite_utils.Database) -> int:
     """Bring the schema to SCHEMA_VERSION in one transaction (all or nothing; each schema page written to the
     WAL once, which on a nearly full disk is what lets the bot start); returns the version found."""
     found = db.execute("PRAGMA user_version").fetchone()[0]
     if found == SCHEMA_VERSION:
         return found
-    conn = db.conn
     # NOTE: the version is read again under the write lock: two processes opening one file together (the bot
     # and a console chat) would otherwise both run the same migration, and the second one fail.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(db.conn):
         found = db.execute("PRAGMA user_version").fetchone()[0]
         if found > SCHEMA_VERSION:
             raise RuntimeError(f"database schema v{found} is newer than this bot (v{SCHEMA_VERSION}); upgrade the bot")
         for migration in MIGRATIONS[found:]:
             migration(db)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return found
 
 
@@ -192,21 +201,9 @@ class Store:
         with self._lock:
             self.db.close()
 
-    @contextlib.contextmanager
     def _write(self):
-        """One write transaction that takes the write lock first (BEGIN IMMEDIATE). Waiting for another
-        process's lock then goes through SQLite's busy handler (up to the busy timeout); a deferred BEGIN
-        whose transaction reads before it writes would get "database is locked" at once instead. On any
-        error the transaction rolls back, so a write that cannot get the lock changes nothing."""
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        """One write transaction on the store's connection (write_transaction)."""
+        return write_transaction(self.db.conn)
 
     @_serialised
     def schema_version(self) -> int:

@@ -107,12 +107,11 @@ def wall_clock_cron(expr: str, tz: ZoneInfo):
             # After the previous firing (a missed one may lie before now: the scheduler's misfire rules
             # decide), else at or after now. Compared as instants: datetimes of one tzinfo compare by wall clock.
             after = previous_fire_time.astimezone(utc) if previous_fire_time is not None else None
-            floor = after if after is not None else now.astimezone(utc)
             candidate = wall.get_next_fire_time(after and on_wall(after), on_wall(now))
             while candidate is not None:
                 instant = candidate.replace(tzinfo=tz, fold=0)  # the first of a repeated time, after a skipped one
                 at = instant.astimezone(utc)
-                if (at > after) if after is not None else (at >= floor):
+                if (at > after) if after is not None else (at >= now.astimezone(utc)):
                     return instant
                 candidate = wall.get_next_fire_time(candidate, candidate)  # behind, in a repeated hour: the next
             return None

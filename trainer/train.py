@@ -98,9 +98,13 @@ class TrainConfig:
             raise ValueError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.lr <= 0 or self.batch_tokens < 1 or self.batch_size < 1 or self.log_every < 1:
             raise ValueError("lr, batch_tokens, batch_size and log_every must be positive")
-        ModelConfig(vocab_size=1, cell=self.cell, embed_dim=self.embed_dim, hidden_dim=self.hidden_dim,
-                    num_layers=self.num_layers, dropout=self.dropout, tie_embeddings=self.tie_embeddings,
-                    input_dropout=self.input_dropout)
+        self.model_config(vocab_size=1)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The model these settings train (ModelConfig checks them)."""
+        return ModelConfig(vocab_size=vocab_size, cell=self.cell, embed_dim=self.embed_dim, hidden_dim=self.hidden_dim,
+                           num_layers=self.num_layers, dropout=self.dropout, tie_embeddings=self.tie_embeddings,
+                           input_dropout=self.input_dropout)
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -230,9 +234,7 @@ class Trainer:
         elif self.device.type == "cuda":
             self.train = self.train.to(self.device)
 
-        self.model_config = ModelConfig(vocab_size=len(self.vocab), cell=cfg.cell, embed_dim=cfg.embed_dim,
-                                        hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, dropout=cfg.dropout,
-                                        tie_embeddings=cfg.tie_embeddings, input_dropout=cfg.input_dropout)
+        self.model_config = cfg.model_config(len(self.vocab))
         self.model = PoemModel(self.model_config).to(self.device)
         if init is not None:
             _load_rows_by_token(self.model, self.vocab, init.model, init.vocab)

