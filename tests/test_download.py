@@ -344,3 +344,67 @@ def test_only_that_matches_nothing_is_an_error_line(tmp_path, capsys):
     assert main(["corpus", "download", "--dest", str(tmp_path), "--only", "全宋诗/*"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --only 全宋诗/* matches none") and err.count("\n") == 1
+
+
+# -- the retrain daemon's download: an empty or missing corpus directory is filled, anything else is left alone --
+def daemon_config(upstream, tmp_path, corpus: Path):
+    from trainer.retrain import RetrainConfig
+
+    env = {"CHECKPOINT_DIR": str(tmp_path / "store"), "CORPUS_DIR": str(corpus), "CORPUS_BASE_URL": upstream.base_url}
+    return RetrainConfig.from_env(env)
+
+
+async def test_the_daemon_fills_a_missing_corpus_directory_and_writes_its_known_lines_table(upstream, tmp_path):
+    from engine.poem.known_lines import KNOWN_LINES_FILE, KnownLines
+    from trainer.retrain import prepare_corpus
+
+    upstream.generate = True  # the fixture's few real files, and a small valid one for every other upstream path
+    corpus = tmp_path / "data" / "chinese-poetry"
+    cfg = daemon_config(upstream, tmp_path, corpus)
+    assert cfg.download  # on unless CORPUS_DOWNLOAD=off
+    await asyncio.to_thread(prepare_corpus, cfg)
+    assert all((corpus / rel).is_file() for rel in file_list(include_ci=True))
+    assert sorted(p.name for p in corpus.iterdir()) == ["全唐诗", "宋词"]  # no marker, no parts left
+    assert leftovers(corpus) == []
+    table = KnownLines.load(tmp_path / "store" / KNOWN_LINES_FILE)
+    assert table.meta["corpus_hash"] == load_corpus([str(corpus)], include_ci=True).digest()
+
+    # A finished corpus is not asked for again.
+    asked = len(upstream.requests)
+    await asyncio.to_thread(prepare_corpus, cfg)
+    assert len(upstream.requests) == asked
+
+
+async def test_a_directory_that_holds_a_corpus_of_its_own_is_left_alone(upstream, tmp_path):
+    from trainer.download import fetch_corpus
+
+    own = write_corpus(tmp_path / "own", make_poems(20, seed=3), per_file=10)
+    before = sorted(p.relative_to(own) for p in own.rglob("*"))
+    assert await asyncio.to_thread(fetch_corpus, own, upstream.base_url) is None
+    assert sorted(p.relative_to(own) for p in own.rglob("*")) == before and upstream.requests == []
+
+
+async def test_a_daemon_download_cut_short_is_taken_up_again_by_the_next_run(upstream, tmp_path):
+    from trainer.download import UNFINISHED, fetch_corpus, wants_corpus
+
+    upstream.generate = True
+    broken = "宋词/ci.song.7000.json"
+    upstream.faults[broken] = [500]
+    corpus = tmp_path / "corpus"
+    first = await asyncio.to_thread(fetch_corpus, corpus, upstream.base_url, retries=0, retry_delay=0.0)
+    assert list(first.failed) == [broken]
+    # The marker stays, so the directory, which now holds files, is still the daemon's to finish.
+    assert (corpus / UNFINISHED).exists() and wants_corpus(corpus)
+    asked = len(upstream.requests)
+    second = await asyncio.to_thread(fetch_corpus, corpus, upstream.base_url, retries=0, retry_delay=0.0)
+    assert second.ok and second.downloaded == [broken] and len(upstream.requests) == asked + 1
+    assert not (corpus / UNFINISHED).exists() and not wants_corpus(corpus)
+
+
+def test_corpus_download_is_on_or_off_and_nothing_else():
+    from trainer.retrain import RetrainConfig
+
+    assert RetrainConfig.from_env({}).download
+    assert not RetrainConfig.from_env({"CORPUS_DOWNLOAD": "off"}).download
+    with pytest.raises(ValueError, match="CORPUS_DOWNLOAD must be on or off, got 'no'"):
+        RetrainConfig.from_env({"CORPUS_DOWNLOAD": "no"})

@@ -35,7 +35,7 @@ def test_start_script_answers_a_poem_from_a_fresh_clone_without_a_token(tmp_path
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "ENGINE_", "WEBHOOK_"))}
     env.update(ENGINE_PORT=str(free_port()), CHECKPOINT_DIR=str(tmp_path / "store"),
-               DATABASE_PATH=str(tmp_path / "bot.db"), CORPUS_DIR=str(tmp_path / "no-corpus"),
+               DATABASE_PATH=str(tmp_path / "bot.db"), CORPUS_DIR=str(tmp_path / "no-corpus"), CORPUS_DOWNLOAD="off",
                PYTHONDONTWRITEBYTECODE="1")
     done = subprocess.run(["bash", "deploy/start.sh"], cwd=clone, env=env, input="/poem 月\n",
                           capture_output=True, text=True, timeout=300)

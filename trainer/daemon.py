@@ -17,11 +17,9 @@ import os
 import signal
 import sys
 from dataclasses import replace
-from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from trainer.known_lines import refresh_or_warn
-from trainer.retrain import RetrainConfig, retrain_all, stop_training
+from trainer.retrain import RetrainConfig, prepare_corpus, retrain_all, stop_training
 from trainer.spool import (
     DaemonRunning,
     acquire_daemon_lock,
@@ -160,10 +158,10 @@ def build_scheduler(cfg: RetrainConfig, cron: str = DEFAULT_CRON, timezone: str 
         replace_existing=True,
     )
 
-    # The known-lines table once at start, so that a store gets it without waiting for the first retrain
-    # (on the retrain worker: it reads the whole corpus, as a retrain does).
-    scheduler.add_job(refresh_or_warn, "date", args=[cfg.corpus, Path(cfg.store)], id="known-lines",
-                      name="known-lines table", misfire_grace_time=None)
+    # The corpus and its known-lines table once at start, so that a fresh install gets both without waiting
+    # for the first retrain (on the retrain worker: it reads the whole corpus, as a retrain does).
+    scheduler.add_job(prepare_corpus, "date", args=[cfg], id="known-lines",
+                      name="corpus and known-lines table", misfire_grace_time=None)
 
     def poll():
         take_requests(cfg.store, lambda request: scheduler.add_job(

@@ -230,6 +230,38 @@ async def download(dest, files: Iterable[str] | None = None, base_url: str = DEF
     return result
 
 
+# -- the daemon's download ---------------------------------------------------------------------------------
+UNFINISHED = ".download-unfinished"  # in the destination while a daemon's download has files to go
+
+
+def wants_corpus(dest) -> bool:
+    """Whether the retrain daemon should fill `dest`: it is missing or empty, or its own download there is
+    unfinished. A directory that holds anything else is the operator's corpus, and stays as it is."""
+    dest = Path(dest)
+    if not dest.exists() or (dest / UNFINISHED).exists():
+        return True
+    return dest.is_dir() and not any(dest.iterdir())
+
+
+def fetch_corpus(dest, base_url: str = DEFAULT_BASE_URL, log: Callable[[str], None] = lambda m: None,
+                 **kw) -> DownloadResult | None:
+    """Fill `dest` with every file the trainer reads, 宋词 included, when `wants_corpus(dest)`; None when it
+    does not. The marker stays until every file is whole, so a run that stops half-way is taken up again
+    by the next one, and a finished corpus is never asked for again."""
+    dest = Path(dest)
+    if not wants_corpus(dest):
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    marker = dest / UNFINISHED
+    if not marker.exists():
+        atomic_write_bytes(marker, b"")
+    result = asyncio.run(download(dest, file_list(include_ci=True), base_url, log=log, **kw))
+    if result.ok:
+        marker.unlink()
+        fsync_dir(dest)
+    return result
+
+
 # -- command line -------------------------------------------------------------------------------------------
 def add_arguments(p):
     p.add_argument("--dest", required=True, help="directory to fill (the upstream layout is kept)")

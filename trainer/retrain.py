@@ -97,6 +97,9 @@ class RetrainConfig:
     # engine serves then (engine/checkpoints/<name>.safetensors), a path, or "" = none (train from scratch)
     train: dict = field(default_factory=dict)  # TrainConfig overrides (sizes for scratch runs, threads, …)
     code_version: str = ""  # "" = a hash of CODE_FILES
+    # CORPUS_DOWNLOAD: fetch the corpus into an empty or missing corpus directory (trainer.download.fetch_corpus)
+    download: bool = False
+    base_url: str = ""  # CORPUS_BASE_URL; "" = the upstream repository
 
     @classmethod
     def from_env(cls, env=os.environ, **overrides) -> RetrainConfig:
@@ -111,6 +114,11 @@ class RetrainConfig:
             cfg.time_budget = float(env["RETRAIN_TIME_BUDGET"])
         if env.get("RETRAIN_NPROC"):
             cfg.nproc = int(env["RETRAIN_NPROC"])
+        download = env.get("CORPUS_DOWNLOAD") or "on"
+        if download not in ("on", "off"):
+            raise ValueError(f"CORPUS_DOWNLOAD must be on or off, got {download!r}")
+        cfg.download = download == "on"
+        cfg.base_url = env.get("CORPUS_BASE_URL") or ""
         for key, value in overrides.items():
             if value is not None:
                 setattr(cfg, key, value)
@@ -299,12 +307,32 @@ def _run_lock(store, wait: float = 0.0):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def retrain_all(cfg: RetrainConfig, force: bool = False, reason: str = "manual", wait: float = 0.0) -> list[dict]:
-    """Bring the store's known-lines table up to date with the corpus, then retrain every model in
-    `cfg.names`, one after the other, the default first; returns their records."""
+def prepare_corpus(cfg: RetrainConfig) -> None:
+    """Fetch the corpus where `cfg.download` asks for it, then bring the store's known-lines table up to date
+    with it. Neither raises: without a corpus the engine serves on, and the next run tries again."""
+    from trainer.download import DEFAULT_BASE_URL, fetch_corpus
     from trainer.known_lines import refresh_or_warn
 
+    if cfg.download:
+        for path in cfg.corpus:
+            try:
+                result = fetch_corpus(path, cfg.base_url or DEFAULT_BASE_URL,
+                                      log=lambda m: m.startswith("error:") and log.warning("corpus download %s", m))
+            except Exception:  # noqa: BLE001  NOTE: a bug or a full disk must not stop the retrain that follows
+                log.exception("corpus download into %s failed", path)
+                continue
+            if result is not None:
+                (log.info if result.ok else log.warning)(
+                    "corpus download into %s: %s%s", path, result.summary(),
+                    "" if result.ok else "; the next retrain run takes it up again")
     refresh_or_warn(cfg.corpus, Path(cfg.store))
+
+
+def retrain_all(cfg: RetrainConfig, force: bool = False, reason: str = "manual", wait: float = 0.0) -> list[dict]:
+    """Fetch the corpus if it is wanted and bring the store's known-lines table up to date with it
+    (`prepare_corpus`), then retrain every model in `cfg.names`, one after the other, the default first;
+    returns their records."""
+    prepare_corpus(cfg)
     return [retrain(replace(cfg, name=name), force=force, reason=reason, wait=wait) for name in cfg.names]
 
 
