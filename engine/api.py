@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Protocol
 
 from engine.errors import RequestError
-from engine.poem.forms import DEFAULT_FORM, FORMS, LINE_BREAKS, Layout, parse_form
+from engine.poem.forms import DEFAULT_FORM, FORMS, LINE_BREAKS, Layout, parse_form, rhyme_positions
 from engine.poem.tunes import TUNES, parse_tune
 from engine.poem.vocab import is_han
 
@@ -42,6 +42,9 @@ class PoemRequest:
     top_k: int = 0  # 0 = off, sample mode
     acrostic: str | None = None  # one character per line (4 or 8), excludes prompt
     keywords: list[str] = field(default_factory=list)  # up to 4 words of 1–2 Han characters, each somewhere in the poem
+    # 次韵: the characters that end the rhyming lines, in order: lines 2, 4, … (2 or 4), with line 1's first
+    # when it rhymes too (3 or 5). The regular forms only; each a level-tone (平) character, none twice.
+    rhymes: str | None = None
     rhyme: bool = True
     tone: bool = True
     model: str | None = None  # a loaded model's name; None = the default model
@@ -57,7 +60,7 @@ class PoemRequest:
         unknown = sorted(set(data) - known)
         if unknown:
             raise RequestError("unknown_field", unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
-        req = cls(**{k: v for k, v in data.items() if v is not None or k in ("acrostic", "tune", "model", "seed", "timeout")})
+        req = cls(**{k: v for k, v in data.items() if v is not None or k in ("acrostic", "tune", "model", "seed", "timeout", "rhymes")})
         req.validate()
         return req
 
@@ -109,6 +112,21 @@ class PoemRequest:
                                    f"acrostic has {len(self.acrostic)} characters but {self.form} has {n} lines")
             if self.prompt:
                 raise RequestError("bad_acrostic", "acrostic", "give either prompt or acrostic, not both")
+        if self.rhymes is not None:
+            _check_text("rhymes", self.rhymes)
+            self.rhymes = _han_text("rhymes", self.rhymes, drop=LINE_BREAKS)
+            if self.form == "ci":
+                raise RequestError("bad_rhymes", "rhymes", "rhymes (次韵) are for the regular forms; a 词 rhymes as "
+                                                           "its tune says")
+            n = FORMS[self.form].num_lines // 2
+            if len(self.rhymes) not in (n, n + 1):
+                raise RequestError("bad_rhymes", "rhymes", f"a {self.form} rhymes {n} lines (2, 4…): rhymes needs {n} "
+                                                           f"characters, or {n + 1} with line 1's first; got "
+                                                           f"{len(self.rhymes)}")
+            again = next((ch for i, ch in enumerate(self.rhymes) if ch in self.rhymes[:i]), None)
+            if again is not None:
+                raise RequestError("bad_rhymes", "rhymes", f"「{again}」 is in rhymes twice; a poem rhymes on a "
+                                                           f"character once (重韵)")
         self.keywords = _keywords(self.keywords)
         _check_type("rhyme", self.rhyme, bool)
         _check_type("tone", self.tone, bool)
@@ -123,7 +141,8 @@ class PoemRequest:
             raise RequestError("prompt_too_long", "prompt", f"prompt has {len(self.prompt)} characters; a "
                                                             f"{self.tune or self.form} holds {layout.num_chars}")
         if self.keywords:
-            _check_keyword_room(layout, self.tune or self.form, self.prompt, self.acrostic, self.keywords)
+            _check_keyword_room(layout, self.tune or self.form, self.prompt, self.acrostic, self.keywords,
+                                rhyme_positions(FORMS[self.form], len(self.rhymes)) if self.rhymes else [])
         return self
 
     def layout(self) -> Layout:
@@ -132,7 +151,8 @@ class PoemRequest:
 
     def to_dict(self) -> dict:
         # NOTE: no "tune" key for a regular form, so an engine from before 词 still accepts the request.
-        return {k: v for k, v in asdict(self).items() if not (k == "tune" and v is None)}
+        # Nor "rhymes" when there are none, for an engine from before 次韵.
+        return {k: v for k, v in asdict(self).items() if not (k in ("tune", "rhymes") and v is None)}
 
 
 def _check_type(name, value, kind):
@@ -217,9 +237,10 @@ def keywords_fit(free: set[int], lengths: list[int]) -> bool:
     return pairs <= room and len(free) - 2 * pairs >= len(lengths) - pairs
 
 
-def _check_keyword_room(layout: Layout, name: str, prompt: str, acrostic: str | None, keywords: list[str]) -> None:
+def _check_keyword_room(layout: Layout, name: str, prompt: str, acrostic: str | None, keywords: list[str],
+                        rhymes_at=()) -> None:
     han = layout.han_positions
-    taken = set(han[:len(prompt)]) | {layout.starts[line] for line in range(len(acrostic or ""))}
+    taken = set(han[:len(prompt)]) | {layout.starts[line] for line in range(len(acrostic or ""))} | set(rhymes_at)
     free = set(han) - taken
     words = keywords_to_place(keywords, prompt, acrostic, layout)
     if not keywords_fit(free, [len(w) for w in words]):

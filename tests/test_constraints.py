@@ -420,3 +420,68 @@ def test_a_prompt_over_line_two_decides_whether_line_one_can_rhyme(vocab, form, 
     for seed in range(5):
         row = walk(plan, seed)
         assert check_poem(row.text, form, plan.prosody).rhyme, (row.text, row.notes)
+
+
+# -- 次韵: the rhyme characters of a poem being answered, forced at the rhyming lines' ends -----------------------
+RHYMES = {2: "城声", 3: "明城声", 4: "城声情名", 5: "明城声情名"}  # 下平声八庚, every one level only
+
+
+@pytest.mark.parametrize("with_line_1", [False, True])
+@pytest.mark.parametrize("form", FORM_NAMES)
+def test_rhymes_end_the_rhyming_lines_in_order_and_line_1_rhymes_without_a_note(vocab, form, with_line_1):
+    f = FORMS[form]
+    rhymes = RHYMES[f.num_lines // 2 + with_line_1]
+    plan = plan_for(vocab, form=form, rhymes=rhymes)
+    for seed in range(4):
+        row = walk(plan, seed)
+        check = check_poem(row.text, form, plan.prosody)
+        assert check.form_valid and check.rhyme and check.tone_agreement == 1.0, row.text
+        ends = [line[-1] for line in check.lines]
+        assert "".join(ends[i] for i in ([0] if with_line_1 else []) + list(range(1, f.num_lines, 2))) == rhymes
+        # A forced first rhyme is 首句入韵, not a bent tone; nor are the even lines' rhymes notes.
+        assert row.notes == [], row.notes
+
+
+def test_rhymes_go_with_a_prompt_an_acrostic_and_keywords(vocab):
+    plan = plan_for(vocab, form="wulv", prompt="白云", rhymes="城声情名", keywords=["明月"])
+    row = walk(plan, 1)
+    assert row.text.startswith("白云") and "明月" in row.text
+    assert [line[-1] for line in check_poem(row.text, "wulv").lines[1::2]] == list("城声情名")
+    row = walk(plan_for(vocab, form="qijue", acrostic="春山秋水", rhymes="城声"), 2)
+    lines = check_poem(row.text, "qijue").lines
+    assert "".join(line[0] for line in lines) == "春山秋水" and lines[1][-1] + lines[3][-1] == "城声"
+
+
+def test_a_prompt_that_writes_the_rhyme_it_is_given_is_no_conflict(vocab):
+    assert walk(plan_for(vocab, form="wujue", prompt="山东风月花秋江云水城", rhymes="城声"), 0).text.startswith(
+        "山东风月花，秋江云水城。")
+
+
+@pytest.mark.parametrize("fields, code, named", [
+    ({"form": "wujue", "rhymes": "城"}, "bad_rhymes", "got 1"),
+    ({"form": "wujue", "rhymes": "明城声情"}, "bad_rhymes", "got 4"),
+    ({"form": "wulv", "rhymes": "城声情"}, "bad_rhymes", "4 characters, or 5"),
+    ({"form": "wujue", "rhymes": "城城"}, "bad_rhymes", "城"),
+    ({"form": "wujue", "rhymes": "城月"}, "bad_rhymes", "月"),  # oblique only: the regular forms rhyme on 平
+    ({"form": "wujue", "rhymes": "城犇"}, "unknown_character", "犇"),
+    ({"form": "wujue", "rhymes": "城A"}, "bad_character", "A"),
+    ({"form": "wujue", "prompt": "山东风月花秋江云水明", "rhymes": "城声"}, "bad_rhymes", "「明」"),
+    ({"form": "ci", "tune": "浣溪沙", "rhymes": "城声"}, "bad_rhymes", "regular forms"),
+    ({"form": "wujue", "rhymes": ["城", "声"]}, "bad_type", "list"),
+])
+def test_bad_rhymes_give_their_error_naming_the_problem(vocab, fields, code, named):
+    with pytest.raises(RequestError) as e:
+        plan_for(vocab, **fields)
+    assert (e.value.code, e.value.field) == (code, "rhymes")
+    assert named in e.value.message
+
+
+def test_keywords_do_not_count_the_places_the_rhymes_hold(vocab):
+    # A 14-character prompt leaves line 3's last place and line 4: six places, room for these six characters
+    # (2-character keywords inside one line), but not beside the rhyme that ends line 4.
+    fields = {"form": "wujue", "prompt": "山东风月花秋江云水城长空高远", "keywords": ["白雪", "青松", "寒", "香"]}
+    row = walk(plan_for(vocab, **fields), 0)
+    assert all(k in row.text for k in fields["keywords"])
+    with pytest.raises(RequestError) as e:
+        PoemRequest(**fields, rhymes="城声").validate()  # said before any plan is made, with the count
+    assert e.value.code == "bad_keywords" and "leaves 5 places" in e.value.message

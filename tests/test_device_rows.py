@@ -41,7 +41,10 @@ def varied_requests(n: int) -> list[PoemRequest]:
         keywords = ["明月"] if i % 7 == 5 else ["山", "水"] if i % 11 == 6 else []
         # Prompts that break the tone pattern, repeat a character or end a line off the rhyme: notes.
         prompt = ("月", "月山", "不见不见不见不", "白日登山望千万里")[i % 4] if request.prompt else ""
-        out.append(replace(request, prompt=prompt, keywords=keywords, seed=2000 + i).validate())
+        # 次韵 (with line 1 every other time): forced line ends, and a forced first rhyme.
+        first = (i // 5) % 2
+        rhymes = ("明城声情名" if first else "城声情名")[:FORMS[request.form].num_lines // 2 + first] if i % 5 == 2 and len(prompt) < 5 else None
+        out.append(replace(request, prompt=prompt, keywords=keywords, rhymes=rhymes, seed=2000 + i).validate())
     return out
 
 

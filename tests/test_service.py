@@ -41,6 +41,13 @@ async def test_a_poem_request_returns_the_contract_fields(client):
     assert body["mode"] == "beam" and body["elapsed_ms"] > 0
 
 
+async def test_rhymes_end_the_rhyming_lines_of_the_poem_returned(client):
+    resp = await client.post("/v1/poems", json={"form": "wujue", "rhymes": "明城声", "mode": "beam", "seed": 3})
+    assert resp.status == 200, await resp.text()
+    lines = (await resp.json())["lines"]
+    assert lines[0][-1] + lines[1][-1] + lines[3][-1] == "明城声"
+
+
 async def test_an_empty_body_means_every_field_takes_its_default(client):
     resp = await client.post("/v1/poems", data=b"")
     assert resp.status == 200
@@ -85,6 +92,10 @@ async def test_a_body_that_is_not_a_json_object_is_a_400_with_a_message(client, 
     ({"acrostic": "春夏秋冬", "prompt": "月"}, "acrostic"),
     ({"acrostic": "ABCD"}, "acrostic"),
     ({"rhyme": "yes"}, "rhyme"),
+    ({"rhymes": "城"}, "rhymes"),
+    ({"rhymes": "城城"}, "rhymes"),
+    ({"rhymes": "城月"}, "rhymes"),
+    ({"rhymes": 5}, "rhymes"),
     ({"tone": 1}, "tone"),
     ({"model": 3}, "model"),
     ({"model": "transformer"}, "model"),

@@ -55,7 +55,7 @@ import torch
 
 from engine.api import keywords_fit, keywords_to_place
 from engine.errors import RequestError
-from engine.poem.forms import FORMS, PERIOD, Form, Layout
+from engine.poem.forms import FORMS, PERIOD, Form, Layout, rhyme_positions
 from engine.poem.prosody import Prosody, RhymeBook, rhyme_book
 from engine.poem.rhymes import LEVEL, OBLIQUE
 from engine.poem.tunes import Tune, format_ci, parse_tune
@@ -310,6 +310,15 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lin
         forced_at[pos] = vocab.index[ch]
     for line, ch in enumerate(acrostic or ""):
         forced_at[layout.starts[line]] = vocab.index[ch]
+    rhymes = _in_vocab(request.rhymes, "rhymes", vocab) if request.rhymes else ""
+    for pos, ch in zip(rhyme_positions(form, len(rhymes)) if rhymes else (), rhymes):
+        if prosody.tones[vocab.index[ch]] == OBLIQUE:
+            raise RequestError("bad_rhymes", "rhymes", f"「{ch}」 has no level-tone (平) reading, and a regular poem "
+                                                       f"rhymes in level tones: 次韵 answers a poem that rhymes on 平")
+        if forced_at.get(pos, vocab.index[ch]) != vocab.index[ch]:
+            raise RequestError("bad_rhymes", "rhymes", f"the prompt puts 「{vocab.tokens[forced_at[pos]]}」 at the end "
+                                                       f"of line {layout.line_of[pos] + 1}, where the rhymes put 「{ch}」")
+        forced_at[pos] = vocab.index[ch]
 
     tables = mask_tables(prosody)
     rhyme = bool(request.rhyme)
@@ -351,7 +360,8 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lin
                                                    forced_at, tone_req, rhyme_at, eligible, len(prompt))
         forced_at.update(placed)
     reserved = Counter(forced_at.values())
-    by = " and ".join(name for name, there in (("prompt", prompt), ("acrostic", acrostic), ("keywords", keywords)) if there)
+    by = " and ".join(name for name, there in (("prompt", prompt), ("acrostic", acrostic), ("keywords", keywords),
+                                                 ("rhymes", rhymes)) if there)
     notes = [f"repetition: 「{vocab.tokens[token]}」 is forced {n} times by the {by}; the no-three-times rule is "
              f"relaxed for it" for token, n in sorted(reserved.items()) if n >= 3]
     if rhyme and unlinked:
@@ -365,7 +375,7 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lin
     plan = PoemPlan(form=form, vocab=vocab, prosody=prosody, prompt=prompt, acrostic=acrostic, rhyme=rhyme,
                     tone=bool(request.tone), start_token=start_token, forced_at=forced_at, first_rhyme=first_rhyme,
                     first_rhyme_groups=_first_rhyme_groups(book, eligible[0], sets[0][1], first_rhyme, rhyme_at,
-                                                           forced_at),
+                                                           forced_at, len(rhymes) > len(rhyme_at)),
                     reserved=reserved, eligible_groups=eligible, rhyme_tones=tuple(t for t, _ in sets),
                     tone_req=tone_req, rhyme_at=rhyme_at,
                     layout=layout, book=book, tune=tune, notes=notes, tables=tables, formulas=formulas,
@@ -379,16 +389,18 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lin
 
 
 def _first_rhyme_groups(book: RhymeBook, groups: frozenset[int], need: int, first: int | None,
-                        rhyme_at: dict[int, int], forced_at: dict[int, int]) -> frozenset[int]:
+                        rhyme_at: dict[int, int], forced_at: dict[int, int], rhymes_first: bool = False
+                        ) -> frozenset[int]:
     """The groups line 1 (its end at `first`) may rhyme in: those of `groups` with more than `need` characters
     (room for one rhyme more), and that every character forced at a rhyme position belongs to. None where the
     line may not rhyme, or where its end is forced: only the model's own choice opens the rhyme there, and a
-    prompt's 平 character is a bent tone, so the rhyme stays open for the lines the prompt did not write."""
-    if first is None or first in forced_at:
+    prompt's 平 character is a bent tone, so the rhyme stays open for the lines the prompt did not write. The
+    one exception is a line 1 that 次韵 rhymes (`rhymes_first`): its forced character is the first rhyme."""
+    if first is None or (first in forced_at and not rhymes_first):
         return frozenset()
     sizes = book.matrix.sum(dim=1)
     out = frozenset(g for g in groups if int(sizes[g]) > need)
-    for p in set(rhyme_at) & set(forced_at):
+    for p in (set(rhyme_at) | {first}) & set(forced_at):
         out &= book.token_groups[forced_at[p]]
     return out
 
@@ -587,7 +599,8 @@ class RowState:
                          (OBLIQUE if self.starts & OBLIQUE and req_o & tones else 0)
                 if starts:
                     self.starts = starts
-                elif is_forced:  # a free token was masked to fit, or the rule was relaxed here already
+                elif is_forced and not first_rhyme:  # a free token was masked to fit, or the rule was relaxed
+                    # here already; a forced first rhyme (次韵) is 首句入韵, not a bent tone
                     want = TONE_NAMES[(req_l if self.starts & LEVEL else 0) | (req_o if self.starts & OBLIQUE else 0)]
                     have = TONE_NAMES.get(tones, "of unknown tone")
                     self._note(f"tone: the forced 「{ch}」 at {layout.where(pos)} is {have} where the pattern "

@@ -422,16 +422,16 @@ class DeviceRows:
             torch.where(((self.starts & OBLIQUE) > 0) & ((req_o & tones) > 0), OBLIQUE, 0)
         asks = han & ((req_l > 0) | (req_o > 0))
         self.starts = torch.where(asks & (fits > 0), fits, self.starts)
-        self.flags |= asks & (fits == 0) & by_plan
         # Rhyme: the groups this rhyme shares with those open so far. At line 1's end (首句入韵) a character
         # of the eligible groups is the first rhyme; any other is its 仄 ending.
+        first_shared = self.first_groups & t.token_groups[tokens]
+        first = han & self._at(self.first_rhyme) & first_shared.any(dim=1)
+        self.flags |= asks & (fits == 0) & by_plan & ~first  # a forced first rhyme (次韵) bends no tone
         at_rhyme = han & self._at(self.rhyme_pos)
         opened = torch.where(self.rhymed[:, None], self.groups, t.open_groups[None])
         shared = opened & t.token_groups[tokens]
         any_shared = shared.any(dim=1)
         takes = at_rhyme & any_shared
-        first_shared = self.first_groups & t.token_groups[tokens]
-        first = han & self._at(self.first_rhyme) & first_shared.any(dim=1)
         self.groups = torch.where(takes[:, None], shared, torch.where(first[:, None], first_shared, self.groups))
         self.rhymed = self.rhymed | takes | first
         self.flags |= at_rhyme & ~any_shared & by_plan

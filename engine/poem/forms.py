@@ -134,6 +134,13 @@ def classify(lines: list[str]) -> Form | None:
     return None
 
 
+def rhyme_positions(form: Form, count: int) -> list[int]:
+    """Where `count` rhyme characters go in the text, in order: the ends of lines 2, 4, …, with line 1's end
+    first when `count` is one more than those (首句入韵)."""
+    lines = ([0] if count == form.num_lines // 2 + 1 else []) + list(range(1, form.num_lines, 2))
+    return [form.layout.starts[i] + form.line_len - 1 for i in lines]
+
+
 def format_poem(lines: list[str]) -> str:
     """Join lines with ， after odd lines and 。 after even lines."""
     return "".join(line + (COMMA if i % 2 == 0 else PERIOD) for i, line in enumerate(lines))
