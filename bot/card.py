@@ -103,10 +103,14 @@ def regular_verses(stanzas: list[list[str]]) -> list[list[str]]:
     return [[v for s in stanzas for v in s]] if detect_form(stanzas) not in ("词", "诗") else stanzas
 
 
-def card_title(form: str, opening: str = "", keywords=(), acrostic: str | None = None) -> str:
-    """The title column: "七绝 · 月", "七绝 · 月 舟 秋" (opening and keywords), "七绝 · 藏头 春夏秋冬"."""
+def card_title(form: str, opening: str = "", keywords=(), acrostic: str | None = None,
+               rhymes: str | None = None) -> str:
+    """The title column: "七绝 · 月", "七绝 · 月 舟 秋" (opening and keywords), "七绝 · 藏头 春夏秋冬",
+    "五绝 · 次韵 霜乡" (the rhymes it answers)."""
     if acrostic:
         return f"{form} · 藏头 {acrostic}"
+    if rhymes:
+        return f"{form} · 次韵 {rhymes}"
     words = [w for w in [opening, *keywords] if w]
     return f"{form} · {' '.join(words)}" if words else form
 

@@ -30,7 +30,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -88,6 +88,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("acrostic", "春夏秋冬", "藏头诗：每句首字，4 或 8 个字", "acrostic: one character per line, 4 or 8",
             example="/acrostic 春夏秋冬"),
     Command("cangtou", "春夏秋冬", "同 /acrostic", "same as /acrostic", example="/cangtou 春夏秋冬"),
+    Command("ciyun", "[开头] 原诗", "次韵：依原诗韵脚的次序作一首同体诗；也可回复一首诗发 /ciyun",
+            "a poem on another's rhymes, in their order (次韵): give the poem, or reply to one with /ciyun",
+            example="/ciyun 秋 床前明月光，疑是地上霜。举头望明月，低头思故乡。"),
     Command("form", "七绝|五绝|七律|五律", "诗体（也可用 qijue wujue qilv wulv）", "poem form (pinyin names too)",
             manages=True, example="/form 五律"),
     Command("greedy", "", "贪心解码：每次取最可能的几个字之一", "greedy decoding: among the likeliest few characters",
@@ -112,9 +115,12 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("retrain", "", "（管理员）请训练器重新训练并报告结果", "(admins) ask the trainer to retrain; reports the outcome",
             admin=True),
 )}
-POEM_COMMANDS = ("poem", "ci", "acrostic", "cangtou")  # the ones the per-user rate limit counts (and 🔁 🖼 taps)
+POEM_COMMANDS = ("poem", "ci", "acrostic", "cangtou", "ciyun")  # the ones the per-user rate limit counts (and 🔁 🖼 taps)
 FEEDBACK_PER_MINUTE = 20  # 👍/👎 taps per user
 SEED_LIMIT = 2**63  # the engine takes seeds in [0, 2**63)
+# NOTE: a 次韵 line must arrive at a given character; a wider beam finds lines that lead there (read in
+# docs/BOT.md), so in beam mode /ciyun searches at least this wide.
+CIYUN_BEAM_WIDTH = 16
 
 NOT_ON_RECORD = "这首诗已不在记录中。/ That poem is no longer on record."
 UNKNOWN_BUTTON = "无法识别的按钮。/ Unknown button."
@@ -154,6 +160,7 @@ class Who:
     is_chat_admin: Callable[[], Awaitable[bool]] | None = None
     # The chat the message was sent as: an anonymous group admin (the group) or "send as channel" (the channel).
     sender_chat_id: int | None = None
+    replied: str | None = None  # the text (or caption) of the message this one replies to
 
     @property
     def rate_key(self) -> int:
@@ -226,7 +233,7 @@ class Commands:
         self.handlers: dict[str, Callable[[Who, list[str]], Awaitable[Reply]]] = {
             "start": self.cmd_start, "help": self.cmd_help,
             "poem": self.cmd_poem, "ci": self.cmd_ci, "tunes": self.cmd_tunes,
-            "acrostic": self.cmd_acrostic, "cangtou": self.cmd_acrostic,
+            "acrostic": self.cmd_acrostic, "cangtou": self.cmd_acrostic, "ciyun": self.cmd_ciyun,
             "form": self.cmd_form, "greedy": self.cmd_greedy, "sample": self.cmd_sample, "beam": self.cmd_beam,
             "model": self.cmd_model, "card": self.cmd_card, "check": self.cmd_check, "settings": self.cmd_settings,
             "daily": self.cmd_daily,
@@ -342,20 +349,22 @@ class Commands:
 
     async def again(self, who: Who, poem: dict) -> Reply:
         """🔁: another poem with the stored poem's settings (form, decoding, model, opening, keywords,
-        acrostic) and a new seed; a seed that happens to write the same poem again is tried once more."""
+        acrostic, rhymes) and a new seed; a seed that happens to write the same poem again is tried once more."""
         settings = await self.poem_settings(poem)
         keywords = poem_keywords(poem)
         for _ in range(2):
             try:
                 result = await self.generate(who.chat_id, prompt=poem["prompt"] or "", acrostic=poem["acrostic"],
                                              form=poem["form"], tune=poem.get("tune"), keywords=keywords,
-                                             settings=settings, seed=self.rng.randrange(SEED_LIMIT))
+                                             rhymes=poem.get("rhymes"), settings=settings,
+                                             seed=self.rng.randrange(SEED_LIMIT))
             except PoemUnavailable as e:
                 return Reply(e.reply)
             if result.poem != poem["poem"]:
                 break
         return await self.sent_poem(who.chat_id, who.chat_type, who.user_id, "again", result, settings,
-                                    prompt=poem["prompt"] or "", acrostic=poem["acrostic"], keywords=keywords)
+                                    prompt=poem["prompt"] or "", acrostic=poem["acrostic"], keywords=keywords,
+                                    rhymes=poem.get("rhymes"))
 
     async def poem_settings(self, poem: dict) -> ChatSettings:
         """The settings a stored poem was written with; a poem stored before schema v3 has no beam width or
@@ -369,7 +378,8 @@ class Commands:
         """🖼: the card of a stored poem, with its text as the caption."""
         result = stored_result(poem)
         text = format_reply(result, await self.poem_settings(poem))
-        png = await self.card_png(result, poem["prompt"] or "", poem_keywords(poem), poem["acrostic"])
+        png = await self.card_png(result, poem["prompt"] or "", poem_keywords(poem), poem["acrostic"],
+                                  poem.get("rhymes"))
         if png is None:
             return Reply("卡片画不出来，请稍后再试。\nCould not draw the card; please try again later.")
         return Reply(text, photo=png)
@@ -406,35 +416,50 @@ class Commands:
                     chat_form.name)
         return await self.poem_reply(who, acrostic=heads, form=form)
 
+    async def cmd_ciyun(self, who: Who, args: list[str]) -> Reply:
+        # "/ciyun [开头] 原诗", or "/ciyun [开头]" in reply to the message that holds the poem. The poem's form
+        # and rhyme characters come from reading its meter, as /check does.
+        opening, poem = ciyun_arguments(args, who.replied)
+        if not poem:
+            return Reply(CIYUN_USAGE)
+        try:
+            report = check_meter(poem)
+        except RequestError as e:
+            return Reply(f"{CIYUN_USAGE}\n({_echo(e.message, 200)})")
+        return await self.poem_reply(who, prompt=opening, form=report.form.name, rhymes="".join(report.rhyme_chars))
+
     async def poem_reply(self, who: Who, *, prompt: str = "", acrostic: str | None = None,
-                         form: str | None = None, keywords: list[str] | None = None, tune: str | None = None) -> Reply:
+                         form: str | None = None, keywords: list[str] | None = None, tune: str | None = None,
+                         rhymes: str | None = None) -> Reply:
         s = await self.store.aio.chat_settings(who.chat_id)
+        if rhymes and s.mode == "beam":
+            s = replace(s, beam_width=max(s.beam_width, CIYUN_BEAM_WIDTH))
         try:
             result = await self.generate(who.chat_id, prompt=prompt, acrostic=acrostic, form=form, keywords=keywords,
-                                         settings=s, tune=tune)
+                                         settings=s, tune=tune, rhymes=rhymes)
         except PoemUnavailable as e:
             return Reply(e.reply)
         return await self.sent_poem(who.chat_id, who.chat_type, who.user_id, "command", result, s, prompt=prompt,
-                                    acrostic=acrostic, keywords=keywords or [])
+                                    acrostic=acrostic, keywords=keywords or [], rhymes=rhymes)
 
     async def sent_poem(self, chat_id: int, chat_type: str | None, user_id: int | None, source: str,
                         result: PoemResult, s: ChatSettings, *, prompt: str = "", acrostic: str | None = None,
-                        keywords=()) -> Reply:
+                        keywords=(), rhymes: str | None = None) -> Reply:
         """Record a poem about to be sent and make its message: the text, and the card when the chat has
         cards on (`cards_on`); a card that cannot be drawn leaves the text alone."""
         poem_id = await self.store.aio.record_poem(chat_id, user_id, source, result, prompt, acrostic,
                                                    keywords=keywords, beam_width=s.beam_width,
-                                                   temperature=s.temperature)
+                                                   temperature=s.temperature, rhymes=rhymes)
         png = None
         if cards_on(await self.store.aio.chat_settings(chat_id), chat_type):
-            png = await self.card_png(result, prompt, keywords, acrostic)
+            png = await self.card_png(result, prompt, keywords, acrostic, rhymes)
         return Reply(format_reply(result, s), poem_id=poem_id, photo=png, actions=chat_type != "channel")
 
-    async def card_png(self, result: PoemResult, prompt: str = "", keywords=(), acrostic: str | None = None
-                       ) -> bytes | None:
+    async def card_png(self, result: PoemResult, prompt: str = "", keywords=(), acrostic: str | None = None,
+                       rhymes: str | None = None) -> bytes | None:
         """The poem's card (PNG), drawn on a worker thread (a tenth of a second or so of CPU); None if it
         cannot be drawn (logged)."""
-        title = poem_card_title(result.form, getattr(result, "tune", None), prompt, keywords, acrostic)
+        title = poem_card_title(result.form, getattr(result, "tune", None), prompt, keywords, acrostic, rhymes)
         model = result.model or {}
         try:
             card = await asyncio.to_thread(render_card, result.poem, title, model=model.get("name") or "",
@@ -449,7 +474,7 @@ class Commands:
     async def generate(self, chat_id: int, *, prompt: str = "", acrostic: str | None = None,
                        form: str | None = None, seed: int | None = None,
                        keywords: list[str] | None = None, settings: ChatSettings | None = None,
-                       tune: str | None = None) -> PoemResult:
+                       tune: str | None = None, rhymes: str | None = None) -> PoemResult:
         """One poem in the chat's settings (or `settings`); raises PoemUnavailable with a reply fit for the
         chat. `seed`: the engine's draw (same request and seed, same poem); None lets the engine pick one.
         A 词 (`tune`) goes to the engine's model that writes 词, whatever the chat's /model."""
@@ -458,7 +483,8 @@ class Commands:
             form = "ci"
         request = PoemRequest(prompt=prompt, acrostic=acrostic, form=form or s.form, mode=s.mode,
                               beam_width=s.beam_width, temperature=s.temperature,
-                              model=None if tune else s.model, seed=seed, keywords=list(keywords or []), tune=tune)
+                              model=None if tune else s.model, seed=seed, keywords=list(keywords or []), tune=tune,
+                              rhymes=rhymes or None)
         try:
             return await self.engine.generate(request.validate())
         except RequestError as e:
@@ -667,6 +693,9 @@ def describe_request_error(e: RequestError) -> str:
         return f"模型不认识这个字，换一个试试。\nThe model does not know that character: {_echo(e.message, 200)}"
     if e.field == "acrostic":
         return f"{ACROSTIC_USAGE}\n({_echo(e.message, 200)})"
+    if e.field == "rhymes":
+        return (f"无法用这些韵脚次韵：近体诗押平声韵，韵脚须是模型认得的平声字，且各不相同。\n"
+                f"Cannot answer with those rhymes: {_echo(e.message, 200)}")
     if e.code == "prompt_too_long":
         return f"开头太长。\nThe opening is too long: {_echo(e.message, 200)}"
     if e.code == "no_ci":
@@ -674,6 +703,31 @@ def describe_request_error(e: RequestError) -> str:
     if e.code == "bad_character":
         return f"开头只能是汉字。\nThe opening must be Han characters: {_echo(e.message, 200)}"
     return f"无法作诗。\nCannot write that poem: {_echo(e.message, 200)}"
+
+
+CIYUN_USAGE = ("用法：/ciyun [开头] 原诗（一首绝句或律诗），或回复一首诗发 /ciyun [开头]，"
+               "如 /ciyun 秋 床前明月光，疑是地上霜。举头望明月，低头思故乡。\n"
+               "Usage: /ciyun [opening] <a 绝句 or 律诗>, or reply to a poem with /ciyun [opening]: a poem of the "
+               "same form on its rhymes, in their order.")
+
+
+def ciyun_arguments(args: list[str], replied: str | None) -> tuple[str, str]:
+    """/ciyun's (opening, poem). The poem is in the arguments, after an opening of one or two characters if
+    there is one; or, when the arguments hold no poem, in the message replied to (its text up to the first
+    blank line: a poem the bot sent ends in a blank line and a footer), the arguments then being the opening."""
+    if len(args) > 1 and len(args[0]) <= 2 and _is_poem(" ".join(args[1:])):
+        return args[0], " ".join(args[1:])
+    if replied is not None and not _is_poem(" ".join(args)):
+        return "".join(args), replied.strip().split("\n\n")[0]
+    return "", " ".join(args)
+
+
+def _is_poem(text: str) -> bool:
+    try:
+        check_meter(text)
+    except RequestError:
+        return False
+    return True
 
 
 CHECK_USAGE = ("用法：/check 后接一首绝句或律诗（4 或 8 句，每句 5 或 7 字），如 /check 白日依山尽，黄河入海流。欲穷千里目，更上一层楼。\n"
@@ -718,12 +772,12 @@ def describe_settings(s: ChatSettings, chat_type: str | None = None) -> str:
 
 
 def poem_card_title(form: str, tune: str | None = None, prompt: str = "", keywords=(),
-                    acrostic: str | None = None) -> str:
-    """A poem card's title: "七绝 · 月", "七绝 · 月 舟 秋", "五绝 · 藏头 春夏秋冬"; a 词 is titled by its tune,
-    "词 · 水调歌头"."""
+                    acrostic: str | None = None, rhymes: str | None = None) -> str:
+    """A poem card's title: "七绝 · 月", "七绝 · 月 舟 秋", "五绝 · 藏头 春夏秋冬", "五绝 · 次韵 霜乡"; a 词 is
+    titled by its tune, "词 · 水调歌头"."""
     if form == "ci" or tune:
         return card_title("词", tune or prompt)
-    return card_title(FORMS[form].chinese if form in FORMS else form, prompt, keywords, acrostic)
+    return card_title(FORMS[form].chinese if form in FORMS else form, prompt, keywords, acrostic, rhymes)
 
 
 def stored_result(poem: dict) -> PoemResult:

@@ -104,7 +104,12 @@ def _migrate_4(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE subscriptions ADD COLUMN tune TEXT")
 
 
-MIGRATIONS = [_migrate_1, _migrate_2, _migrate_3, _migrate_4]
+def _migrate_5(db: sqlite_utils.Database) -> None:
+    """次韵: the rhyme characters a poem answered (🔁 answers with them again)."""
+    db.execute("ALTER TABLE poems ADD COLUMN rhymes TEXT")
+
+
+MIGRATIONS = [_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -319,16 +324,16 @@ class Store:
     @_serialised
     def record_poem(self, chat_id: int, user_id: int | None, source: str, result, prompt: str = "",
                     acrostic: str | None = None, keywords=(), beam_width: int | None = None,
-                    temperature: float | None = None) -> int:
+                    temperature: float | None = None, rhymes: str | None = None) -> int:
         """Store a poem (a PoemResult) that is about to be sent; returns its id for the buttons. With the
-        request's keywords, beam width and temperature, 🔁 can ask for another with the same settings."""
+        request's keywords, rhymes, beam width and temperature, 🔁 can ask for another with the same settings."""
         with self._write():
             table = self.db["poems"].insert({
                 "chat_id": chat_id, "user_id": user_id, "source": source, "prompt": prompt, "acrostic": acrostic,
                 "form": result.form, "mode": result.mode, "model": (result.model or {}).get("name"),
                 "model_version": (result.model or {}).get("version"), "poem": result.poem, "created_at": _now(),
                 "keywords": json.dumps(list(keywords or []), ensure_ascii=False), "beam_width": beam_width,
-                "temperature": temperature, "tune": getattr(result, "tune", None),
+                "temperature": temperature, "tune": getattr(result, "tune", None), "rhymes": rhymes,
             })
         return table.last_pk
 

@@ -179,8 +179,10 @@ def who_sent(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Who:
         return member.status in (ChatMember.ADMINISTRATOR, ChatMember.OWNER)
 
     sender_chat = message.sender_chat if message is not None else None
+    answered = message.reply_to_message if message is not None else None
     return Who(chat_id=chat.id, user_id=user.id if user else None, chat_type=chat.type, is_chat_admin=is_chat_admin,
-               sender_chat_id=sender_chat.id if sender_chat is not None else None)
+               sender_chat_id=sender_chat.id if sender_chat is not None else None,
+               replied=(answered.text or answered.caption) if answered is not None else None)
 
 
 def commands_of(context: ContextTypes.DEFAULT_TYPE) -> Commands:

@@ -57,6 +57,10 @@ class ScriptedEngine:
         lines = [text[i * form.line_len:(i + 1) * form.line_len] for i in range(form.num_lines)]
         if request.acrostic:
             lines = [head + line[1:] for head, line in zip(request.acrostic, lines)]
+        if request.rhymes:  # 次韵: the rhyming lines end in them, in order (line 1 too when one more is given)
+            ends = ([0] if len(request.rhymes) > form.num_lines // 2 else []) + list(range(1, form.num_lines, 2))
+            for i, ch in zip(ends, request.rhymes):
+                lines[i] = lines[i][:-1] + ch
         return PoemResult(poem=format_poem(lines), lines=lines, form=form.name, mode=request.mode,
                           model={"name": request.model or "lstm", "version": "test"}, elapsed_ms=1.0)
 

@@ -74,10 +74,15 @@ class FakeBotApi:
     # what the tests drive
 
     def message(self, chat_id: int, text: str, user_id: int | None = None, chat_type: str = "private",
-                sender_chat: dict | None = None) -> dict:
-        """Queue a message update (a channel_post when chat_type is "channel")."""
+                sender_chat: dict | None = None, reply_to: dict | None = None) -> dict:
+        """Queue a message update (a channel_post when chat_type is "channel"); `reply_to`: the message it
+        answers (a record from `sent`)."""
         chat = self._chat(chat_id, chat_type)
         msg = {"message_id": next(self._message_ids), "date": int(time.time()), "chat": chat, "text": text}
+        if reply_to is not None:  # as Telegram gives it: the bot's message, its text (or a photo's caption)
+            body = {"text": reply_to["text"]} if "text" in reply_to else {"caption": reply_to.get("caption") or ""}
+            msg["reply_to_message"] = {"message_id": reply_to["message_id"], "date": int(time.time()), "chat": chat,
+                                       "from": BOT_USER, **body}
         if text.startswith("/"):
             msg["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
         if chat_type != "channel":

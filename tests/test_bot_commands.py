@@ -405,3 +405,69 @@ async def test_another_poem_tapped_while_the_database_is_locked_replies_busy(tmp
         other.close()
         store.close()
     assert reply.text == STORE_BUSY
+
+
+# -- /ciyun: a poem on another's rhymes (次韵) ------------------------------------------------------------------
+JINGYESI = "床前明月光，疑是地上霜。举头望明月，低头思故乡。"
+
+
+async def test_ciyun_asks_for_the_poems_form_and_its_rhymes_in_order_with_the_opening(commands, scripted_engine, store):
+    await commands.handle(private(), "/form 七律")  # 次韵 keeps the answered poem's form, not the chat's
+    reply = await commands.handle(private(), f"/ciyun 月 {JINGYESI}")
+    [request] = scripted_engine.requests
+    # Line 1 rhymes too (光, 首句入韵), so its rhyme comes first.
+    assert (request.form, request.rhymes, request.prompt) == ("wujue", "光霜乡", "月")
+    lines = poem_lines(reply.text)
+    assert [lines[0][4], lines[0][10], lines[1][10]] == list("光霜乡")
+    # A line must reach a given character: beam mode searches at least 16 wide, and the footer says so.
+    assert request.mode == "beam" and request.beam_width == 16 and "beam 16" in reply.text
+    assert (await store.aio.poem(reply.poem_id))["rhymes"] == "光霜乡"
+
+
+async def test_ciyun_without_an_opening_lets_the_model_begin_and_keeps_a_sampling_chats_mode(commands, scripted_engine):
+    await commands.handle(private(), "/sample 0.7")
+    await commands.handle(private(), "/ciyun 床前明月光 疑是地上霜 举头望明月 低头思故乡")
+    [request] = scripted_engine.requests[-1:]
+    assert (request.prompt, request.rhymes, request.mode, request.temperature) == ("", "光霜乡", "sample", 0.7)
+
+
+async def test_ciyun_in_reply_to_a_poem_the_bot_sent_answers_that_poem(commands, scripted_engine):
+    sent = await commands.handle(private(), "/poem 月")
+    who = Who(chat_id=42, user_id=42, chat_type="private", replied=sent.text)  # the poem, a blank line, the footer
+    reply = await commands.handle(who, "/ciyun 春")
+    request = scripted_engine.requests[-1]
+    first = scripted_engine.requests[0]
+    lines = poem_lines(sent.text)
+    ends = [lines[0][6], lines[0][14], lines[1][14]]  # 七绝: the ends of lines 1 (if it rhymes), 2 and 4
+    assert request.form == first.form == "qijue" and request.prompt == "春"
+    assert request.rhymes in ("".join(ends), "".join(ends[1:]))
+    assert reply.poem_id is not None
+
+
+async def test_again_on_a_ciyun_poem_answers_the_same_rhymes(commands, scripted_engine):
+    poem_id = (await commands.handle(private(), f"/ciyun {JINGYESI}")).poem_id
+    reply = await (await commands.tap(private(), f"again:{poem_id}")).then()
+    first, again = scripted_engine.requests
+    assert (again.form, again.rhymes, again.beam_width) == (first.form, first.rhymes, 16) and again.seed is not None
+    assert reply.poem_id == poem_id + 1
+
+
+@pytest.mark.parametrize("text", ["/ciyun", "/ciyun 秋", "/ciyun 床前明月光", "/ciyun moon light"])
+async def test_ciyun_without_a_poem_explains_itself_and_asks_nothing(commands, scripted_engine, text):
+    reply = await commands.handle(private(), text)
+    assert "/ciyun" in reply.text and "绝句" in reply.text and reply.poem_id is None
+    assert scripted_engine.requests == []
+
+
+async def test_rhymes_the_engine_refuses_are_explained(commands, scripted_engine):
+    from engine.errors import RequestError
+
+    scripted_engine.error = RequestError("bad_rhymes", "rhymes", "「晓」 has no level-tone (平) reading")
+    reply = await commands.handle(private(), "/ciyun 春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。")
+    assert "次韵" in reply.text and "「晓」" in reply.text and reply.poem_id is None
+
+
+def test_a_ciyun_cards_title_names_the_rhymes():
+    from bot.commands import poem_card_title
+
+    assert poem_card_title("wujue", rhymes="光霜乡") == "五绝 · 次韵 光霜乡"

@@ -179,9 +179,10 @@ def test_a_version_2_database_is_migrated_for_cards_and_buttons(tmp_path):
     db.conn.commit()
     db.close()
     store = Store.open(tmp_path / "bot.db")
-    assert store.schema_version() == SCHEMA_VERSION == 4
+    assert store.schema_version() == SCHEMA_VERSION == 5
     assert store.chat_settings(7) == ChatSettings(form="wulv", mode="sample", beam_width=4, temperature=1.1, card=None)
     assert poem_keywords(store.poem(1)) == [] and store.poem(1)["beam_width"] is None and store.poem(1)["tune"] is None
+    assert store.poem(1)["rhymes"] is None  # answered no poem: 🔁 writes a plain one again
     assert store.subscription(7).chat_type is None and store.subscription(7).tune is None
     store.update_chat_settings(7, card=True)
     assert store.subscribe(7, "09:00", None, chat_type="channel").chat_type == "channel"

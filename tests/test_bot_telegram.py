@@ -626,3 +626,21 @@ async def test_typing_an_inline_query_that_can_be_no_poem_costs_no_poems(tmp_pat
         fake_api.message(USER, "/poem 月")
         [sent] = await fake_api.wait_for_sent(1)
     assert all(not a["results"] for a in answers) and sent["text"].startswith("月")
+
+
+async def test_ciyun_in_reply_to_the_bots_poem_answers_it_on_its_rhymes(settings, fake_api, local_engine, store):
+    from engine.poem.meter import check_meter
+
+    engine = RecordingEngine(local_engine)
+    async with running_bot(settings, engine, store):
+        fake_api.message(USER, "/poem 月")
+        [poem] = await fake_api.wait_for_sent(1)
+        fake_api.message(USER, "/ciyun 春", reply_to=poem)
+        answer = (await fake_api.wait_for_sent(2))[1]
+    rhymes = "".join(check_meter(poem_text(poem["text"])).rhyme_chars)
+    asked = engine.requests[1]
+    assert (asked.form, asked.rhymes, asked.prompt, asked.beam_width) == ("qijue", rhymes, "春", 16)
+    report = check_meter(poem_text(answer["text"]))
+    lines = [line.text for line in report.lines]
+    assert lines[0].startswith("春")
+    assert "".join(line[-1] for line in (lines[:1] if len(rhymes) == 3 else []) + lines[1::2]) == rhymes
