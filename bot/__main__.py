@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     from telegram.error import InvalidToken
 
     from bot.engines import make_engine
-    from bot.telegram_app import configure_logging, redact, run
+    from bot.telegram_app import WebhookRefused, configure_logging, redact, run
 
     configure_logging(settings)
 
@@ -72,6 +72,10 @@ def main(argv=None) -> int:
     except SettingsError as e:
         print(f"python -m bot: {e}", file=sys.stderr)
         return 2
+    except WebhookRefused as e:
+        print(f"python -m bot: {redact(str(e), settings.secrets())} (Telegram delivers only to https on ports "
+              f"443, 80, 88 or 8443, to a host it can reach)", file=sys.stderr)
+        return 1
     except InvalidToken:
         # PTB's message quotes the whole token; ours names the two settings that cause a 401/404 on getMe.
         print(f"python -m bot: Telegram refused TELEGRAM_BOT_TOKEN (401/404 on getMe): the token was revoked or "

@@ -544,9 +544,13 @@ class Commands:
         return Reply(f"解码：束搜索，宽度 {width}。\nDecoding: beam search, width {width}.")
 
     async def cmd_model(self, who: Who, args: list[str]) -> Reply:
-        models = await self.engine_models() or ()
+        models = await self.engine_models()
+        if not models:
+            # NOTE: without the engine's list a name cannot be checked: a 词-only model, or one the operator
+            # does not serve, would be stored and then write every 诗 of the chat.
+            return Reply(BUSY)
         ci_only = {m["name"] for m in models if not m.get("writes_shi", True)}
-        names = [m["name"] for m in models if m["name"] not in ci_only] or list(DEFAULT_MODELS)
+        names = [m["name"] for m in models if m["name"] not in ci_only]
         usage = f"用法：/model {'|'.join(names)}\nUsage: /model {'|'.join(names)}."
         if len(args) != 1:
             return Reply(usage)
@@ -635,8 +639,10 @@ class Commands:
         what_zh = f"一首{sub.tune}" if sub.tune else f"一首{form.chinese}" if form else "一首诗"
         what_en = (f"a 词 to {sub.tune}" if sub.tune else f"a {form.name}" if form else "a poem in this chat's form")
         if sub.paused:
-            return (f"每日一诗：已暂停（{sub.paused_reason or '无法发送'}）；发送 /daily {sub.time} 恢复。\n"
-                    f"Daily poem: paused ({sub.paused_reason or 'could not send'}); /daily {sub.time} resumes it.")
+            # The command that resumes it as it was: with its form or tune, which /daily HH:MM alone would drop.
+            resume = f"/daily {sub.time}" + (f" {sub.tune}" if sub.tune else f" {form.chinese}" if form else "")
+            return (f"每日一诗：已暂停（{sub.paused_reason or '无法发送'}）；发送 {resume} 恢复。\n"
+                    f"Daily poem: paused ({sub.paused_reason or 'could not send'}); {resume} resumes it.")
         return f"每日一诗：每天 {sub.time}（{tz}）{what_zh}。\nDaily poem: {what_en} every day at {sub.time} ({tz})."
 
     # help

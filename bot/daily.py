@@ -38,7 +38,7 @@ from zoneinfo import ZoneInfo
 import httpx
 from apscheduler.jobstores.base import JobLookupError
 
-from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
+from telegram.error import BadRequest, ChatMigrated, Forbidden, RetryAfter, TelegramError
 from telegram.ext import ContextTypes, JobQueue
 
 from bot.commands import OPENINGS, Commands, PoemUnavailable, Reply, utc_now
@@ -163,6 +163,12 @@ class Daily:
                 log.error("daily post for chat %s refused: %s", chat_id, e.message)
                 await self.store.aio.release_daily_post(chat_id, date, previous)
             return False
+        except ChatMigrated as e:
+            # The group became a supergroup (a new id) and the migration's service message never reached us:
+            # Telegram refused this one, so the poem goes to the new id now.
+            await self.store.aio.release_daily_post(chat_id, date, previous)
+            await self.move_chat(chat_id, e.new_chat_id)
+            return await self.post_if_due(e.new_chat_id)
         except RetryAfter:
             # The rate limiter already retried; Telegram surely did not take it, so another try may post it.
             await self.store.aio.release_daily_post(chat_id, date, previous)
@@ -186,6 +192,13 @@ class Daily:
         for sub in await self.store.aio.active_subscriptions():
             sent += await self.post_if_due(sub.chat_id)
         return sent
+
+    async def move_chat(self, old: int, new: int) -> None:
+        """The chat `old` is now `new` (a group upgraded to a supergroup): its rows move, its jobs follow."""
+        if await self.store.aio.move_chat(old, new):
+            log.info("chat %s became chat %s (a supergroup): its settings and daily poem moved", old, new)
+        self.remove_job(old)
+        await self.set_job(new)
 
     async def pause(self, chat_id: int, reason: str) -> None:
         log.warning("pausing the daily poem of chat %s: %s", chat_id, reason)

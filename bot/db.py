@@ -301,6 +301,22 @@ class Store:
                             [reason, chat_id])
 
     @_serialised
+    def move_chat(self, old: int, new: int) -> bool:
+        """A group Telegram upgraded to a supergroup, which has a new id: its settings, subscription and poems
+        (so the buttons under them work there) move to `new`. Settings or a subscription `new` already has
+        are its own and stay; the old id's are then dropped, since nothing can be posted to it any more.
+        True when anything moved."""
+        with self._write():
+            moved = 0
+            for table in ("chats", "subscriptions"):
+                if self.db.execute(f"SELECT 1 FROM {table} WHERE chat_id = ?", [new]).fetchone() is None:
+                    moved += self.db.execute(f"UPDATE {table} SET chat_id = ? WHERE chat_id = ?", [new, old]).rowcount
+                else:
+                    self.db.execute(f"DELETE FROM {table} WHERE chat_id = ?", [old])
+            moved += self.db.execute("UPDATE poems SET chat_id = ? WHERE chat_id = ?", [new, old]).rowcount
+        return moved > 0
+
+    @_serialised
     def claim_daily_post(self, chat_id: int, date: str) -> bool:
         """Atomically mark `date`'s post as taken; True only for the one caller that moved it forward.
 

@@ -29,6 +29,8 @@ import importlib
 import ipaddress
 import os
 import re
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -199,7 +201,12 @@ def _is_private_host(host: str) -> bool:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return "." not in host
+        try:
+            # NOTE: an IPv4 address written as one number or in fewer parts (134744072, 0x08080808, 8.526344)
+            # is still an address to the HTTP client, not a name: judge the address it stands for.
+            address = ipaddress.ip_address(socket.inet_aton(host))
+        except (OSError, ValueError):
+            return "." not in host
     return address.is_loopback or address.is_private or address.is_link_local
 
 
@@ -211,10 +218,21 @@ def _listen_address(value: str) -> str:
         raise ValueError(f"must be an IP address such as 127.0.0.1, got {value!r}") from None
 
 
+WEBHOOK_PORTS = (443, 80, 88, 8443)  # the only ports Telegram delivers webhooks to
+
+
 def _https_url(value: str) -> str:
     if not value.startswith("https://"):
         raise ValueError(f"Telegram only delivers webhooks to https URLs, got {value!r}")
-    return _url(value)
+    value = _url(value)
+    try:
+        port = urllib.parse.urlsplit(value).port or 443
+    except ValueError:
+        raise ValueError(f"has a port that is not a number, got {value!r}") from None
+    if port not in WEBHOOK_PORTS:
+        raise ValueError(f"Telegram delivers webhooks only to ports {', '.join(map(str, WEBHOOK_PORTS))}; "
+                         f"got port {port} in {value!r}")
+    return value
 
 
 def _id_set(value: str) -> frozenset[int]:

@@ -199,6 +199,17 @@ async def on_message(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None
         await send_reply(context.bot, message.chat_id, reply, answering=message)
 
 
+async def on_migrate(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A group became a supergroup: Telegram says so in both (migrate_to_chat_id in the old group,
+    migrate_from_chat_id in the new); either moves the chat's settings and daily poem to the new id."""
+    message = update.effective_message
+    if message.migrate_to_chat_id:
+        old, new = message.chat_id, message.migrate_to_chat_id
+    else:
+        old, new = message.migrate_from_chat_id, message.chat_id
+    await context.bot_data["daily"].move_chat(old, new)
+
+
 async def on_tap(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """A tap on a button under a poem (every callback query comes here, forged ones too): the shared code
     checks the data and the poem and rate-limits; the tap is answered, then 👍/👎 show the new counts and
@@ -343,6 +354,7 @@ def build_application(settings: Settings, engine: PoemEngine, store: Store, *, r
     # Unknown commands in private chats get "see /help"; in groups they may be meant for another bot.
     app.add_handler(MessageHandler(filters.ChatType.PRIVATE & filters.UpdateType.MESSAGE & filters.TEXT, on_message))
     app.add_handler(CallbackQueryHandler(on_tap))  # every button, so that a forged one is answered too
+    app.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, on_migrate))
     app.add_handler(InlineQueryHandler(on_inline_query))
     app.add_error_handler(on_error)
     return app
@@ -357,7 +369,16 @@ def run(settings: Settings, engine: PoemEngine, store: Store, retrain=None) -> N
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(initialize_with_retries(app))
+        loop.run_until_complete(with_startup_retries(app.initialize, "at start-up"))
+        if settings.webhook_url:
+            # NOTE: set here first, as run_webhook would: its own retries take a refusal (a port or host Telegram
+            # will not deliver to) for a passing fault and try for ever, logging only at DEBUG.
+            try:
+                loop.run_until_complete(with_startup_retries(lambda: app.bot.set_webhook(
+                    settings.webhook_url, secret_token=settings.webhook_secret, allowed_updates=Update.ALL_TYPES),
+                    "setting the webhook"))
+            except BadRequest as e:
+                raise WebhookRefused(f"Telegram refused WEBHOOK_URL {settings.webhook_url}: {e.message}") from None
     except KeyboardInterrupt:
         return
     # -1: deleteWebhook/setWebhook are retried too (with PTB's backoff); InvalidToken still ends the run.
@@ -369,19 +390,25 @@ def run(settings: Settings, engine: PoemEngine, store: Store, retrain=None) -> N
         app.run_polling(allowed_updates=Update.ALL_TYPES, bootstrap_retries=-1)
 
 
-async def initialize_with_retries(app: Application, first_delay: float = 1.0, max_delay: float = 60.0) -> None:
-    """app.initialize() (getMe), retried while Telegram is unreachable or answers 5xx/429, with jittered
-    exponential backoff. A refused token (InvalidToken) or another 4xx is raised at once: waiting won't fix it."""
+class WebhookRefused(Exception):
+    """Telegram refused to deliver to WEBHOOK_URL (setWebhook answered 400); the message is one line."""
+
+
+async def with_startup_retries(call, what: str, first_delay: float = 1.0, max_delay: float = 60.0):
+    """`await call()` (app.initialize, setWebhook), retried while Telegram is unreachable or answers 5xx/429,
+    with jittered exponential backoff. A refused token (InvalidToken) or another 4xx is raised at once:
+    waiting won't fix it."""
     delay = first_delay
     while True:
         try:
-            await app.initialize()
-            return
+            return await call()
+        except BadRequest:  # a 4xx, though PTB files it under NetworkError
+            raise
         except RetryAfter as e:
             wait = float(e.retry_after.total_seconds() if isinstance(e.retry_after, dt.timedelta) else e.retry_after)
-            log.warning("the Bot API asks to wait %.0f s at start-up", wait)
+            log.warning("the Bot API asks to wait %.0f s %s", wait, what)
         except NetworkError as e:  # connection errors, timeouts and 5xx (PTB maps those to NetworkError)
             wait = delay * random.uniform(0.5, 1.0)
             delay = min(max_delay, delay * 2)
-            log.warning("the Bot API is unreachable at start-up (%s); retrying in %.1f s", e, wait)
+            log.warning("the Bot API is unreachable %s (%s); retrying in %.1f s", what, e, wait)
         await asyncio.sleep(wait)

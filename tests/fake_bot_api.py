@@ -47,6 +47,7 @@ class FakeBotApi:
         self.chats: dict[int, dict] = {}  # chat_id -> Chat object, learned from queued updates
         self.members: dict[tuple[int, int], str] = {}  # (chat_id, user_id) -> creator | administrator | member
         self.forbidden_chats: set[int] = set()  # sendMessage to these: 403 (the bot was removed)
+        self.migrated_chats: dict[int, int] = {}  # a group upgraded to a supergroup: old id → new id
         self.faults: dict[str, list[dict]] = {}  # method -> faults for its next calls, in order
         self._update_ids = itertools.count(1)
         self.last_update_id = 0  # the newest queued update's id
@@ -91,6 +92,19 @@ class FakeBotApi:
         if sender_chat is not None:
             msg["sender_chat"] = sender_chat
         return self._queue({"channel_post" if chat_type == "channel" else "message": msg})
+
+    def migrate(self, old: int, new: int, user_id: int) -> None:
+        """Telegram upgrades group `old` to supergroup `new`: a service message in each, and sends to `old`
+        are refused from now on (400 with migrate_to_chat_id)."""
+        self.migrated_chats[old] = new
+        self._queue({"message": {"message_id": next(self._message_ids), "date": int(time.time()),
+                                 "chat": {"id": old, "type": "group", "title": "group"},
+                                 "from": {"id": user_id, "is_bot": False, "first_name": f"user{user_id}"},
+                                 "migrate_to_chat_id": new}})
+        self._queue({"message": {"message_id": next(self._message_ids), "date": int(time.time()),
+                                 "chat": {"id": new, "type": "supergroup", "title": "group"},
+                                 "sender_chat": {"id": new, "type": "supergroup", "title": "group"},
+                                 "migrate_from_chat_id": old}})
 
     def callback(self, chat_id: int, user_id: int, message: dict, data: str) -> dict:
         """Queue a button tap on `message` (a record from `sent` or `photos`), as `user_id` in `chat_id`."""
@@ -200,6 +214,9 @@ class FakeBotApi:
         chat_id = params["chat_id"]
         if chat_id in self.forbidden_chats:
             return _error(403, "Forbidden: bot was kicked from the group chat")
+        if chat_id in self.migrated_chats:
+            return _error(400, "Bad Request: group chat was upgraded to a supergroup chat",
+                          {"migrate_to_chat_id": self.migrated_chats[chat_id]})
         msg = {"message_id": next(self._message_ids), "date": int(time.time()), "from": BOT_USER,
                "chat": self.chats.get(chat_id, {"id": chat_id, "type": "private"}), "text": params["text"]}
         if "reply_markup" in params:

@@ -471,3 +471,31 @@ def test_a_ciyun_cards_title_names_the_rhymes():
     from bot.commands import poem_card_title
 
     assert poem_card_title("wujue", rhymes="光霜乡") == "五绝 · 次韵 光霜乡"
+
+
+async def test_model_while_the_engine_cannot_list_its_models_is_busy_and_changes_nothing(commands, scripted_engine, store):
+    async def down():
+        raise EngineUnavailableError("engine down")
+
+    scripted_engine.models = down
+    before = asdict(store.chat_settings(42))
+    for text in ("/model ci", "/model gru", "/model"):
+        assert (await commands.handle(private(), text)).text == BUSY
+    assert asdict(store.chat_settings(42)) == before  # not even a 词-only model slipped in
+
+
+@pytest.mark.parametrize("form, tune, resume", [("wulv", None, "/daily 08:00 五律"), ("ci", "浣溪沙", "/daily 08:00 浣溪沙"),
+                                              (None, None, "/daily 08:00")])
+async def test_a_paused_subscription_names_the_command_that_resumes_it_as_it_was(commands, scripted_engine, store,
+                                                                                form, tune, resume):
+    async def models():
+        return [{"name": "lstm", "writes_ci": True}]
+
+    scripted_engine.models = models
+    store.subscribe(42, "08:00", form, tune=tune)
+    store.pause_subscription(42, "Forbidden: bot was blocked by the user")
+    text = (await commands.handle(private(), "/daily")).text
+    assert f"发送 {resume} 恢复" in text and f"; {resume} resumes it" in text
+    await commands.handle(private(), resume)
+    sub = store.subscription(42)
+    assert not sub.paused and (sub.form, sub.tune) == (form, tune)

@@ -125,7 +125,10 @@ def test_a_comment_after_a_value_in_env_is_dropped_as_bash_drops_it(tmp_path):
 @pytest.mark.parametrize("url, ok", [("http://api.telegram.org", False), ("http://8.8.8.8:8080", False),
                                      ("https://api.telegram.org", True), ("http://127.0.0.1:8081", True),
                                      ("http://[::1]:8081", True), ("http://localhost:8081", True),
-                                     ("http://10.0.0.5:8080", True), ("http://haproxy:8080", True)])
+                                     ("http://10.0.0.5:8080", True), ("http://haproxy:8080", True),
+                                     # 8.8.8.8 and 127.0.0.1 as one number, as an HTTP client reads them
+                                     ("http://134744072:8081", False), ("http://0x08080808:8081", False),
+                                     ("http://2130706433:8081", True)])
 def test_plain_http_that_would_cross_the_internet_is_refused(key, url, ok):
     """The bot token rides in every Bot API URL and ENGINE_TOKEN in a header: never in clear over the internet."""
     if ok:
@@ -133,6 +136,19 @@ def test_plain_http_that_would_cross_the_internet_is_refused(key, url, ok):
     else:
         with pytest.raises(SettingsError, match=f"{key}: plain http"):
             Settings.from_env({key: url}, env_file=None)
+
+
+@pytest.mark.parametrize("url, ok", [("https://example.org/hook", True), ("https://example.org:8443/hook", True),
+                                     ("https://example.org:88/hook", True), ("https://example.org:8080/hook", False),
+                                     ("https://example.org:65536/hook", False)])
+def test_a_webhook_url_on_a_port_telegram_does_not_deliver_to_is_refused(url, ok):
+    """Accepted, setWebhook was refused at start and the bot retried it for ever without a word."""
+    env = {"WEBHOOK_URL": url, "WEBHOOK_SECRET": WEBHOOK_SECRET}
+    if ok:
+        assert Settings.from_env(env, env_file=None).webhook_url == url
+    else:
+        with pytest.raises(SettingsError, match="WEBHOOK_URL"):
+            Settings.from_env(env, env_file=None)
 
 
 @pytest.mark.parametrize("value", ["not an address", "127.0.0.1 # loopback", "localhost"])

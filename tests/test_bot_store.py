@@ -242,3 +242,23 @@ def test_two_processes_opening_one_file_together_migrate_it_once(tmp_path, start
         run_in_threads(open_store, 3)
         assert errors == [] and len(stores) == 3
         assert {s.schema_version() for s in stores} == {SCHEMA_VERSION}
+
+
+def test_moving_a_chat_takes_its_settings_subscription_and_poems_but_never_overwrites_the_new_chats(store):
+    from engine.api import PoemResult
+
+    store.update_chat_settings(-1, form="wulv")
+    store.subscribe(-1, "08:00", None)
+    result = PoemResult(poem="月山水花风，云春秋天人。江河日夜明，清白青长空。", lines=[], form="wujue", mode="beam",
+                        model={"name": "lstm", "version": "v"}, elapsed_ms=1.0)
+    poem_id = store.record_poem(-1, 7, "command", result)
+    assert store.move_chat(-1, -100)
+    assert store.chat_settings(-100).form == "wulv" and store.subscription(-100).time == "08:00"
+    assert store.poem(poem_id)["chat_id"] == -100
+    assert store.subscription(-1) is None and store.chat_settings(-1) == ChatSettings()
+    # The new chat already has settings of its own: they stay, and the old chat's go.
+    store.update_chat_settings(-2, form="qilv")
+    store.update_chat_settings(-200, form="wujue")
+    assert not store.move_chat(-2, -200)
+    assert store.chat_settings(-200).form == "wujue" and store.chat_settings(-2) == ChatSettings()
+    assert not store.move_chat(-3, -300)  # nothing there

@@ -362,7 +362,7 @@ async def test_python_m_bot_run_in_webhook_mode_takes_updates_only_with_the_secr
                                                 "run", cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/telegram/hook"
     try:
-        (registered,) = await fake_api.wait_for_calls("setWebhook", timeout=30)
+        registered = (await fake_api.wait_for_calls("setWebhook", timeout=30))[0]
         assert registered["url"] == "https://bot.example/telegram/hook" and registered["secret_token"] == secret
         assert not fake_api.calls_of("getUpdates")  # no polling beside the webhook
         async with aiohttp.ClientSession() as session:
@@ -498,6 +498,35 @@ async def test_bot_api_5xx_and_network_errors_at_start_up_are_retried(tmp_path, 
     assert len(fake_api.calls_of("getMe")) >= 3 and len(fake_api.calls_of("deleteWebhook")) >= 2
     assert "try again in a moment" in sent["text"]
     assert code == 0 and TOKEN not in log and "Traceback" not in log, log
+
+
+async def test_a_webhook_telegram_refuses_ends_python_m_bot_run_with_one_line_naming_it(tmp_path, fake_api):
+    """A refusal (a host Telegram cannot reach, a bad certificate) was retried for ever, logged only at DEBUG:
+    the process looked healthy and never got an update."""
+    import sys
+
+    secret = "webhook-secret_0123456789abcdefghijklmn"
+    fake_api.fail_next("setWebhook", 503)  # a passing fault is still waited out
+    fake_api.fail_next("setWebhook", 400, "Bad Request: bad webhook: Failed to resolve host: Name or service not known")
+    from conftest import free_port
+
+    env = _bot_run_env(tmp_path, fake_api.base_url, WEBHOOK_URL="https://bot.invalid/hook", WEBHOOK_SECRET=secret,
+                       WEBHOOK_LISTEN="127.0.0.1", WEBHOOK_PORT=str(free_port()))
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "--env-file", str(tmp_path / "none"),
+                                                "run", cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:  # still retrying: the bug this test is about; leave no process behind
+            proc.kill()
+            await proc.wait()
+    out = stdout.decode() + stderr.decode()
+    assert proc.returncode == 1, out
+    assert len(fake_api.calls_of("setWebhook")) == 2
+    clear = [line for line in out.splitlines() if line.startswith("python -m bot:")]
+    assert len(clear) == 1 and "WEBHOOK_URL https://bot.invalid/hook" in clear[0] and "resolve host" in clear[0], out
+    assert TOKEN not in out and secret not in out and "Traceback" not in out, out
 
 
 def test_two_redacting_filters_on_one_handler_both_redact_a_traceback():
@@ -644,3 +673,47 @@ async def test_ciyun_in_reply_to_the_bots_poem_answers_it_on_its_rhymes(settings
     lines = [line.text for line in report.lines]
     assert lines[0].startswith("春")
     assert "".join(line[-1] for line in (lines[:1] if len(rhymes) == 3 else []) + lines[1::2]) == rhymes
+
+
+OLD_GROUP, NEW_SUPERGROUP = -4242, -1004242
+
+
+async def test_a_group_upgraded_to_a_supergroup_keeps_its_settings_and_daily_poem(settings, fake_api, scripted_engine,
+                                                                                  store, clock):
+    fake_api.set_member(OLD_GROUP, 8, "administrator")
+    clock.set_local("07:00")
+    async with running_bot(settings, scripted_engine, store, clock=clock) as app:
+        fake_api.message(OLD_GROUP, "/form 五律", user_id=8, chat_type="group")
+        fake_api.message(OLD_GROUP, "/daily 08:00", user_id=8, chat_type="group")
+        await fake_api.wait_for_sent(2)
+        fake_api.migrate(OLD_GROUP, NEW_SUPERGROUP, user_id=8)
+        fake_api.message(NEW_SUPERGROUP, "/settings", user_id=8, chat_type="supergroup")
+        shown = (await fake_api.wait_for_sent(3))[2]
+        assert shown["chat_id"] == NEW_SUPERGROUP and "五律" in shown["text"] and "08:00" in shown["text"]
+        assert app.job_queue.get_jobs_by_name(job_name(OLD_GROUP)) == ()
+        [job] = app.job_queue.get_jobs_by_name(job_name(NEW_SUPERGROUP))
+        clock.set_local("08:00", second=5)
+        await job.run(app)
+    daily = fake_api.sent[3]
+    assert daily["chat_id"] == NEW_SUPERGROUP and len(poem_text(daily["text"])) == 48  # a 五律, where it now lives
+    assert store.subscription(OLD_GROUP) is None and store.chat_settings(NEW_SUPERGROUP).form == "wulv"
+
+
+async def test_a_daily_post_refused_because_the_group_moved_goes_to_its_new_id(settings, fake_api, scripted_engine,
+                                                                               store, clock):
+    """The migration's service messages never reached the bot (it was down): Telegram's refusal names the new id."""
+    clock.set_local("07:00")
+    async with running_bot(settings, scripted_engine, store, clock=clock) as app:
+        store.subscribe(OLD_GROUP, "08:00", "wujue", since=clock(), chat_type="group")
+        await app.bot_data["daily"].set_job(OLD_GROUP)
+        fake_api.migrated_chats[OLD_GROUP] = NEW_SUPERGROUP
+        [job] = app.job_queue.get_jobs_by_name(job_name(OLD_GROUP))
+        clock.set_local("08:00", second=5)
+        await job.run(app)
+        assert app.job_queue.get_jobs_by_name(job_name(OLD_GROUP)) == ()
+        assert len(app.job_queue.get_jobs_by_name(job_name(NEW_SUPERGROUP))) == 1
+    [daily] = fake_api.sent
+    assert daily["chat_id"] == NEW_SUPERGROUP and len(poem_text(daily["text"])) == 24
+    moved = store.subscription(NEW_SUPERGROUP)
+    assert moved.time == "08:00" and moved.form == "wujue" and moved.last_posted_date == clock().date().isoformat()
+    assert store.subscription(OLD_GROUP) is None
