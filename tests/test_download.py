@@ -364,7 +364,9 @@ async def test_the_daemon_fills_a_missing_corpus_directory_and_writes_its_known_
     assert cfg.download  # on unless CORPUS_DOWNLOAD=off
     await asyncio.to_thread(prepare_corpus, cfg)
     assert all((corpus / rel).is_file() for rel in file_list(include_ci=True))
-    assert sorted(p.name for p in corpus.iterdir()) == ["全唐诗", "宋词"]  # no marker, no parts left
+    from trainer.download import DOWNLOAD_LOCK
+
+    assert sorted(p.name for p in corpus.iterdir()) == [DOWNLOAD_LOCK, "全唐诗", "宋词"]  # no marker, no parts
     assert leftovers(corpus) == []
     table = KnownLines.load(tmp_path / "store" / KNOWN_LINES_FILE)
     assert table.meta["corpus_hash"] == load_corpus([str(corpus)], include_ci=True).digest()
@@ -408,3 +410,65 @@ def test_corpus_download_is_on_or_off_and_nothing_else():
     assert not RetrainConfig.from_env({"CORPUS_DOWNLOAD": "off"}).download
     with pytest.raises(ValueError, match="CORPUS_DOWNLOAD must be on or off, got 'no'"):
         RetrainConfig.from_env({"CORPUS_DOWNLOAD": "no"})
+
+
+async def test_a_directory_with_only_hidden_files_is_filled(upstream, tmp_path):
+    from trainer.download import fetch_corpus
+
+    upstream.generate = True
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / ".gitkeep").write_text("")
+    result = await asyncio.to_thread(fetch_corpus, corpus, upstream.base_url, retries=0)
+    assert result.ok and (corpus / "全唐诗" / "唐诗三百首.json").is_file()
+
+
+async def test_an_unfinished_download_does_not_claim_a_corpus_the_operator_put_there_since(upstream, tmp_path):
+    from trainer.download import UNFINISHED, fetch_corpus
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / UNFINISHED).write_text("")  # a first start without a network left only this
+    write_corpus(corpus / "mine", make_poems(20, seed=3), per_file=10)
+    assert await asyncio.to_thread(fetch_corpus, corpus, upstream.base_url) is None
+    assert upstream.requests == [] and sorted(p.name for p in corpus.iterdir()) == [UNFINISHED, "mine"]
+
+
+async def test_a_symlink_to_a_directory_not_made_yet_is_filled_there_and_a_json_path_is_never_made(upstream, tmp_path):
+    from trainer.download import fetch_corpus
+
+    upstream.generate = True
+    link = tmp_path / "corpus"
+    link.symlink_to(tmp_path / "mounted" / "chinese-poetry")
+    assert (await asyncio.to_thread(fetch_corpus, link, upstream.base_url, retries=0)).ok
+    assert (tmp_path / "mounted" / "chinese-poetry" / "宋词" / "宋词三百首.json").is_file()
+    typo = tmp_path / "tang300.json"
+    assert await asyncio.to_thread(fetch_corpus, typo, upstream.base_url) is None and not typo.exists()
+
+
+async def test_files_the_source_does_not_have_finish_the_download_and_are_not_asked_for_again(upstream, tmp_path):
+    from trainer.download import UNFINISHED, fetch_corpus, wants_corpus
+
+    upstream.generate = True
+    upstream.faults["宋词/宋词三百首.json"] = [404]
+    corpus = tmp_path / "corpus"
+    result = await asyncio.to_thread(fetch_corpus, corpus, upstream.base_url, retries=0)
+    assert result.missing == ["宋词/宋词三百首.json"] and list(result.failed) == result.missing
+    assert not (corpus / UNFINISHED).exists() and not wants_corpus(corpus)
+    asked = len(upstream.requests)
+    assert await asyncio.to_thread(fetch_corpus, corpus, upstream.base_url) is None
+    assert len(upstream.requests) == asked
+
+
+async def test_a_download_another_process_is_making_is_left_to_it(upstream, tmp_path):
+    import fcntl
+
+    from trainer.download import DOWNLOAD_LOCK, UNFINISHED, fetch_corpus
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / UNFINISHED).write_text("")  # the other process began it
+    with open(corpus / DOWNLOAD_LOCK, "a") as held:  # as the other process holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert await asyncio.to_thread(fetch_corpus, corpus, upstream.base_url) is None
+    assert upstream.requests == []

@@ -16,6 +16,7 @@ Files already present and valid are skipped. Errors are one line per file; the s
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import fnmatch
 import json
 import os
@@ -37,6 +38,10 @@ class DownloadError(Exception):
     """One file that could not be fetched; the message is one line."""
 
 
+class NotUpstream(DownloadError):
+    """The server has no such file (HTTP 404): asking again will not fetch it."""
+
+
 def file_list(include_ci: bool = False) -> list[str]:
     """Upstream paths (relative to the repository root) of every file the trainer reads."""
     files = [f"全唐诗/poet.tang.{n}.json" for n in range(0, 57_001, 1000)]
@@ -53,6 +58,7 @@ class DownloadResult:
     downloaded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already present and valid
     failed: dict[str, str] = field(default_factory=dict)  # path → why
+    missing: list[str] = field(default_factory=list)  # of those, the ones the server does not have (404)
     num_bytes: int = 0  # fetched over the network in this run
     seconds: float = 0.0
 
@@ -136,6 +142,8 @@ async def _fetch_once(session: aiohttp.ClientSession, url: str, rel: str, target
             raise _Transient("HTTP 416 on resume; restarting the file")
         if resp.status >= 500 or resp.status == 429:
             raise _Transient(f"HTTP {resp.status} {resp.reason}")
+        if resp.status == 404:
+            raise NotUpstream(f"{rel}: HTTP 404 {resp.reason} ({url})")
         if resp.status not in (200, 206):
             raise DownloadError(f"{rel}: HTTP {resp.status} {resp.reason} ({url})")
         if resp.status == 206 and not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
@@ -219,6 +227,8 @@ async def download(dest, files: Iterable[str] | None = None, base_url: str = DEF
                 n = await fetch_file(session, sem, base_url, rel, dest, retries, retry_delay)
             except DownloadError as e:
                 result.failed[rel] = str(e)
+                if isinstance(e, NotUpstream):
+                    result.missing.append(rel)
                 log(f"error: {e}")
             else:
                 result.downloaded.append(rel)
@@ -232,33 +242,48 @@ async def download(dest, files: Iterable[str] | None = None, base_url: str = DEF
 
 # -- the daemon's download ---------------------------------------------------------------------------------
 UNFINISHED = ".download-unfinished"  # in the destination while a daemon's download has files to go
+DOWNLOAD_LOCK = ".download.lock"  # one download into a directory at a time
+UPSTREAM_DIRS = ("全唐诗", "宋词")  # what a download writes, besides hidden files
 
 
 def wants_corpus(dest) -> bool:
-    """Whether the retrain daemon should fill `dest`: it is missing or empty, or its own download there is
-    unfinished. A directory that holds anything else is the operator's corpus, and stays as it is."""
-    dest = Path(dest)
-    if not dest.exists() or (dest / UNFINISHED).exists():
-        return True
-    return dest.is_dir() and not any(dest.iterdir())
+    """Whether the retrain daemon should fill `dest`: it is missing, or holds nothing but hidden files
+    (.gitkeep), or holds only the upstream layout while a download begun there is unfinished. A directory
+    holding anything else is the operator's corpus, and stays as it is; so does a path named like a file."""
+    dest = Path(dest).resolve()  # a symlink: the directory it names, created if it is not there yet
+    if not dest.exists():
+        return dest.suffix != ".json"
+    if not dest.is_dir():
+        return False
+    shown = [p.name for p in dest.iterdir() if not p.name.startswith(".")]
+    return not shown or ((dest / UNFINISHED).exists() and all(name in UPSTREAM_DIRS for name in shown))
 
 
 def fetch_corpus(dest, base_url: str = DEFAULT_BASE_URL, log: Callable[[str], None] = lambda m: None,
                  **kw) -> DownloadResult | None:
     """Fill `dest` with every file the trainer reads, 宋词 included, when `wants_corpus(dest)`; None when it
-    does not. The marker stays until every file is whole, so a run that stops half-way is taken up again
-    by the next one, and a finished corpus is never asked for again."""
-    dest = Path(dest)
+    does not, or when another process is filling it right now. The marker stays until every file the
+    server has is whole, so a run that stops half-way is taken up again by the next one, and a finished
+    corpus is never asked for again (nor a file the server does not have: it is named once, in `missing`)."""
+    dest = Path(dest).resolve()
     if not wants_corpus(dest):
         return None
     dest.mkdir(parents=True, exist_ok=True)
-    marker = dest / UNFINISHED
-    if not marker.exists():
-        atomic_write_bytes(marker, b"")
-    result = asyncio.run(download(dest, file_list(include_ci=True), base_url, log=log, **kw))
-    if result.ok:
-        marker.unlink()
-        fsync_dir(dest)
+    with open(dest / DOWNLOAD_LOCK, "a") as lock:
+        try:
+            # NOTE: two downloads into one directory would append to each other's parts.
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        if not wants_corpus(dest):  # the other process finished it meanwhile
+            return None
+        marker = dest / UNFINISHED
+        if not marker.exists():
+            atomic_write_bytes(marker, b"")
+        result = asyncio.run(download(dest, file_list(include_ci=True), base_url, log=log, **kw))
+        if len(result.missing) == len(result.failed):
+            marker.unlink()
+            fsync_dir(dest)
     return result
 
 

@@ -321,10 +321,12 @@ def prepare_corpus(cfg: RetrainConfig) -> None:
             except Exception:  # noqa: BLE001  NOTE: a bug or a full disk must not stop the retrain that follows
                 log.exception("corpus download into %s failed", path)
                 continue
-            if result is not None:
-                (log.info if result.ok else log.warning)(
-                    "corpus download into %s: %s%s", path, result.summary(),
-                    "" if result.ok else "; the next retrain run takes it up again")
+            if result is None:
+                continue
+            (log.info if result.ok else log.warning)(
+                "corpus download into %s: %s%s", path, result.summary(),
+                "" if result.ok else f"; the source lacks {len(result.missing)} of them, so it is finished without "
+                "them" if len(result.missing) == len(result.failed) else "; the next retrain run takes it up again")
     refresh_or_warn(cfg.corpus, Path(cfg.store))
 
 
