@@ -27,10 +27,11 @@ def new_version(src: Path, dst: Path, **meta) -> Path:
 
 
 def publish_raw(root: Path, name: str, version: str, data: bytes) -> None:
-    """Put bytes into the store as a version and point CURRENT at them, bypassing publish()'s checks."""
+    """Put bytes into the store as a version and point CURRENT at them, bypassing publish()'s and
+    set_current()'s checks (as a file that rots on disk after CURRENT named it would)."""
     path = store.version_path(root, name, version)
     path.write_bytes(data)
-    store.set_current(root, name, version)
+    (root / name / "CURRENT").write_text(f"{version}\n")
 
 
 @pytest.mark.parametrize("row_state", ["host", "device"])

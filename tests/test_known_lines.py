@@ -294,3 +294,22 @@ def test_a_replaced_table_is_freed_without_waiting_for_the_cycle_collector(tiny_
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_writing_the_table_removes_what_a_killed_writer_left_but_not_a_live_writers_file(tmp_path):
+    import os
+    import time
+
+    from trainer.known_lines import STALE_SECONDS, refresh_known_lines
+
+    corpus = write_corpus(tmp_path / "corpus", make_poems(40, seed=2))
+    store = tmp_path / "store"
+    store.mkdir()
+    stale = store / f".{KNOWN_LINES_FILE}.killed.tmp"
+    live = store / f".{KNOWN_LINES_FILE}.writing.tmp"
+    for tmp in (stale, live):
+        tmp.write_bytes(b"\0" * 1024)
+    old = time.time() - STALE_SECONDS - 60
+    os.utime(stale, (old, old))
+    assert refresh_known_lines([str(corpus)], store)
+    assert not stale.exists() and live.exists() and (store / KNOWN_LINES_FILE).is_file()

@@ -442,3 +442,44 @@ with retrain._run_lock({str(tmp_path / "store")!r}):
               "the orphan did not end")
     with _run_lock(tmp_path / "store") as locked:
         assert locked
+
+
+@pytest.mark.parametrize("env, overrides, named", [
+    ({"RETRAIN_TIME_BUDGET": "0"}, {}, "RETRAIN_TIME_BUDGET"),  # no limit at all: a run for hours
+    ({"RETRAIN_TIME_BUDGET": "nan"}, {}, "RETRAIN_TIME_BUDGET"),
+    ({"RETRAIN_TIME_BUDGET": "inf"}, {}, "RETRAIN_TIME_BUDGET"),
+    ({"RETRAIN_TIME_BUDGET": "-1"}, {}, "RETRAIN_TIME_BUDGET"),
+    ({}, {"tolerance": float("nan")}, "tolerance"),  # the quality gate off
+    ({}, {"tolerance": float("inf")}, "tolerance"),
+    ({}, {"keep": 0}, "keep"),  # failed only at publish, after the whole run
+    ({}, {"max_steps": -5}, "max-steps"),
+    ({"ENGINE_MODELS": "Lstm"}, {}, "ENGINE_MODELS"),  # was a StoreError traceback
+])
+def test_settings_that_would_unbound_a_run_or_switch_off_its_gate_are_refused(env, overrides, named):
+    with pytest.raises(ValueError, match=named):
+        RetrainConfig.from_env(env, **overrides)
+
+
+def test_a_time_budget_of_zero_is_allowed_where_a_step_count_bounds_the_run():
+    assert RetrainConfig.from_env({"RETRAIN_TIME_BUDGET": "0"}, max_steps=10).time_budget == 0
+
+
+def test_a_serving_version_that_does_not_load_stops_the_run_before_anything_is_published(v1, fake_decoder):
+    """It trained from scratch, compared with nothing, and published a "passed" verdict the engine trusted."""
+    root, record = v1
+    path = store.version_path(root / "store", "lstm", record["version"])
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # one damaged byte in the weights
+    path.write_bytes(bytes(data))
+    again = retrain(tiny_config(root, root / "corpus"), force=True, reason="test")
+    assert again["outcome"] == "failed" and "does not load" in again["why"] and "roll back" in again["why"]
+    assert store.current_version(root / "store", "lstm") == record["version"]
+    assert store.versions(root / "store", "lstm") == [record["version"]]
+
+
+def test_a_record_after_a_torn_line_starts_on_its_own_line_and_is_read_back(tmp_path):
+    rt.append_record(tmp_path, {"name": "lstm", "outcome": "published", "n": 1})
+    with open(rt.records_path(tmp_path), "ab") as f:
+        f.write(b'{"kind": "retrain", "name": "lstm", "out')  # a kill or a full disk mid-write
+    rt.append_record(tmp_path, {"name": "lstm", "outcome": "published", "n": 3})
+    assert [r["n"] for r in read_run_records(tmp_path, "lstm")] == [1, 3]

@@ -74,13 +74,14 @@ async def test_scheduled_retrain_publishes_and_the_engine_swaps_without_failing_
         assert {r.model["version"] for r in results} <= {v1, v2}
         assert read_run_records(root)[1]["outcome"] == "published" and read_run_records(root)[1]["version"] == v2
 
-        # A corrupt v3 lands in the store (a bad disk, a hand copy): refused, v2 keeps serving.
+        # A v3 that rots on a bad disk after CURRENT named it (set_current itself refuses a file that does
+        # not load): refused, v2 keeps serving.
         good = store.version_path(root, "lstm", v2).read_bytes()
         bad = bytearray(good)
         bad[len(bad) // 2] ^= 0xFF
         v3 = "29990101T000000000Z"
         store.version_path(root, "lstm", v3).write_bytes(bytes(bad))
-        store.set_current(root, "lstm", v3)
+        (root / "lstm" / "CURRENT").write_text(f"{v3}\n")
         report = await engine.reload()
         assert report["lstm"]["status"] == "refused"
         assert await serving_version(engine) == v2

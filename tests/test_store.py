@@ -288,3 +288,34 @@ def test_the_gate_verdict_is_stored_beside_the_version_before_current_moves_and_
     store.publish(root, "lstm", ckpts[2], keep=1)
     assert store.gate_record(root, "lstm", v0) is None
     assert sorted(p.name for p in (root / "lstm" / "versions").iterdir()) == [f"{version_of(ckpts[2])}.safetensors"]
+
+
+def damage(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF  # a byte of the weights: the header still reads, the SHA-256 no longer matches
+    path.write_bytes(bytes(data))
+
+
+def test_a_rollback_to_a_version_that_no_longer_loads_is_refused_and_current_stays(root, ckpts):
+    first, second = (store.publish(root, "lstm", c) for c in ckpts[:2])
+    damage(store.version_path(root, "lstm", first))
+    with pytest.raises(store.StoreError, match="does not load"):
+        store.rollback(root, "lstm")
+    with pytest.raises(store.StoreError, match="does not load"):
+        store.set_current(root, "lstm", first)
+    assert store.current_state(root, "lstm") == (second, False)
+
+
+def test_publishing_a_good_source_again_repairs_a_damaged_copy_in_the_store(root, ckpts):
+    version = store.publish(root, "lstm", ckpts[0])
+    damage(store.version_path(root, "lstm", version))
+    assert store.publish(root, "lstm", ckpts[0]) == version
+    assert load_checkpoint(store.current_path(root, "lstm")).version == version  # loads: the copy was replaced
+
+
+def test_a_rollback_in_a_mistyped_store_or_model_is_refused_and_makes_no_directory(root, ckpts, tmp_path):
+    store.publish(root, "lstm", ckpts[0])
+    for where, name in ((tmp_path / "stor", "lstm"), (root, "lstm-larg")):
+        with pytest.raises(store.StoreError, match="no such model"):
+            store.rollback(where, name)
+        assert not (where / name).exists()

@@ -13,10 +13,12 @@ more goes in, held-out poems too: quoting a poet is quoting a poet.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from engine.poem.known_lines import KNOWN_LINES_FILE, KnownLines, known_lines_from
@@ -40,9 +42,22 @@ def refresh_known_lines(paths: list[str], store: Path, force: bool = False) -> b
     except ValueError:  # none yet, or unreadable: write it
         pass
     table = table_of(corpus)
+    _remove_stale_temporaries(path)
     table.save(path)
     log.info("known lines: wrote %d lines of corpus %s to %s", len(table), corpus.digest(), path)
     return True
+
+
+STALE_SECONDS = 3600  # a temporary copy of the table this old is a killed writer's (a write takes seconds)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove what a writer killed mid-write left beside the table (atomic_write_bytes' temporaries, some
+    30 MB each); a fresh one may be another writer's, still at work."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > STALE_SECONDS:
+                tmp.unlink()
 
 
 def refresh_or_warn(paths: list[str], store: Path) -> bool:

@@ -122,23 +122,43 @@ class RetrainConfig:
         for key, value in overrides.items():
             if value is not None:
                 setattr(cfg, key, value)
-        cfg.names = tuple(ckpt_store.check_name(n) for n in cfg.names)
+        try:
+            cfg.names = tuple(ckpt_store.check_name(n) for n in cfg.names)
+        except ckpt_store.StoreError as e:
+            raise ValueError(f"ENGINE_MODELS: {e}") from None
         if not cfg.names:
             raise ValueError("ENGINE_MODELS names no model to retrain")
         if cfg.nproc < 1:
             raise ValueError(f"RETRAIN_NPROC must be at least 1, got {cfg.nproc}")
+        # NOTE: 0 and NaN turned the time limit off (a run for hours, holding the run lock), and a NaN or
+        # infinite tolerance the quality gate; keep 0 failed only at publish, after the whole run.
+        if not (0 < cfg.time_budget < math.inf or (cfg.time_budget == 0 and cfg.max_steps > 0)):
+            raise ValueError(f"RETRAIN_TIME_BUDGET (--time-budget) must be a positive number of minutes (0 only "
+                             f"with --max-steps), got {cfg.time_budget}")
+        if not 0 <= cfg.tolerance < math.inf:
+            raise ValueError(f"--tolerance must be a fraction of 0 or more, got {cfg.tolerance}")
+        if cfg.keep < 1:
+            raise ValueError(f"--keep must be at least 1, got {cfg.keep}")
+        if cfg.max_steps < 0:
+            raise ValueError(f"--max-steps must be 0 (the time budget decides) or more, got {cfg.max_steps}")
         return cfg
 
 
 # -- records -------------------------------------------------------------------------------------------
 def append_record(store, record: dict) -> None:
-    """One JSON line, written with a single O_APPEND write so concurrent writers never interleave."""
+    """One JSON line, written with O_APPEND so concurrent writers never interleave; on its own line even after
+    a torn one (a kill or a full disk mid-write), which would otherwise swallow it."""
     path = records_path(store)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        os.write(fd, line)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        view = memoryview(line)
+        while view:  # a short write (a nearly full disk) goes on, or raises: never a silent half line
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -372,12 +392,8 @@ def _load_serving(cfg: RetrainConfig, record: dict) -> tuple[Path | None, Checkp
             return None, None
     if path is None:
         return None, None
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as e:
-        # A serving file we cannot read cannot be compared against; train from scratch and say so.
-        record["serving_error"] = str(e)
-        return None, None
+    # A serving file that does not load raises CheckpointError: a candidate would be compared with nothing.
+    ckpt = load_checkpoint(path)
     record["serving_version"] = ckpt.version
     return path, ckpt
 
@@ -385,7 +401,12 @@ def _load_serving(cfg: RetrainConfig, record: dict) -> tuple[Path | None, Checkp
 def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     from trainer.train import TrainConfig, Trainer
 
-    serving_path, serving = _load_serving(cfg, record)
+    try:
+        serving_path, serving = _load_serving(cfg, record)
+    except CheckpointError as e:
+        record.update(outcome="failed", why=f"the serving checkpoint does not load ({e}), so a candidate could be "
+                                            f"compared with nothing: publish a good version or roll back")
+        return
     # What the model was trained on, it retrains on: the 词 model (store name ci, or trained --kind ci) on 词;
     # a model that writes both (trained on a pack with its 词) on both, judged on both; the others on 诗.
     trained_kind = ((serving.meta.get("train") or {}).get("kind") if serving is not None else None)

@@ -163,12 +163,12 @@ def _publish(store: Path, name: str, checkpoint: Path, keep: int, expect, gate: 
         if expect is not ANY and (cur := current_version(store, name)) != expect:
             raise Superseded(f"{name}: CURRENT is {cur!r}, not {expect!r} as expected; not publishing {version}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
+        if target.exists() and _loads(target):
             # Same version twice: fine when it is the same weights (re-publishing), an error otherwise —
             # pointing CURRENT at the file already there would serve something other than `checkpoint`.
             if read_meta(target).get("weights_sha256") != meta["weights_sha256"]:
                 raise StoreError(f"{name}: version {version} is already published with different weights")
-        else:
+        else:  # new, or a damaged copy of it (a bad disk): a fresh copy of the source replaces it
             fd, tmp = tempfile.mkstemp(prefix=f".{version}.", suffix=".tmp", dir=target.parent)
             try:
                 with open(checkpoint, "rb") as src, os.fdopen(fd, "wb") as dst:
@@ -205,14 +205,35 @@ def _publish(store: Path, name: str, checkpoint: Path, keep: int, expect, gate: 
     return version
 
 
+def _loads(path: Path) -> bool:
+    try:
+        load_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _existing_model(store: Path, name: str) -> None:
+    # NOTE: before the writer lock, which makes the model's directory: a mistyped store or name is an error,
+    # not a new empty tree.
+    if not _model_dir(store, name).is_dir():
+        raise StoreError(f"{name}: no such model in the store {store} (it has {model_names(store) or 'none'})")
+
+
 def set_current(store: Path, name: str, version: str) -> None:
+    _existing_model(Path(store), name)
     with _writer_lock(store, name):
         _set_current(store, name, version)
 
 
 def _set_current(store: Path, name: str, version: str, rollback: bool = False) -> None:
-    if not version_path(store, name, version).is_file():
+    path = version_path(store, name, version)
+    if not path.is_file():
         raise StoreError(f"{name}: no published version {version!r} (have {versions(store, name)})")
+    try:
+        load_checkpoint(path)  # never point CURRENT at a file the engine would refuse
+    except CheckpointError as e:
+        raise StoreError(f"{name}: version {version} does not load ({e.problem}); CURRENT stays") from None
     # The rollback mark travels in the same atomic write as the version, so no reader sees one without the other.
     text = f"{version}\n{ROLLBACK}\n" if rollback else f"{version}\n"
     atomic_write_bytes(_model_dir(store, name) / "CURRENT", text.encode())
@@ -220,6 +241,7 @@ def _set_current(store: Path, name: str, version: str, rollback: bool = False) -
 
 def rollback(store: Path, name: str, version: str | None = None) -> str:
     """Point CURRENT at `version`, or at the version before the current one, marked as a rollback; returns it."""
+    _existing_model(Path(store), name)
     with _writer_lock(store, name):
         # Read under the lock: a publish finishing meanwhile would otherwise make "the one before" stale.
         if version is None:
