@@ -483,3 +483,16 @@ def test_a_record_after_a_torn_line_starts_on_its_own_line_and_is_read_back(tmp_
         f.write(b'{"kind": "retrain", "name": "lstm", "out')  # a kill or a full disk mid-write
     rt.append_record(tmp_path, {"name": "lstm", "outcome": "published", "n": 3})
     assert [r["n"] for r in read_run_records(tmp_path, "lstm")] == [1, 3]
+
+
+def test_a_fresh_vocabulary_is_gated_on_the_poems_the_serving_model_can_read_too(v1, fake_decoder):
+    """The serving model skips characters it lacks: compared on all poems, the two scores covered different text."""
+    root, _ = v1
+    rng = random.Random(0)
+    add_poems(root / "corpus", [format_poem(["".join(rng.choice(NEW_CHARS) for _ in range(5)) for _ in range(4)])
+                                for _ in range(60)])
+    record = retrain(tiny_config(root, root / "corpus", max_steps=10, eval_poems=4000))
+    assert record["mode"] == "scratch"
+    metrics = record["metrics"]
+    assert metrics["candidate"]["chars"] > metrics["candidate_common"]["chars"] == metrics["serving"]["chars"]
+    assert metrics["serving"]["oov"] == 0

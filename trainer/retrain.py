@@ -474,13 +474,21 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     pick = sorted(torch.randperm(len(val_poems), generator=rng)[: cfg.eval_poems].tolist())
     held_out = [val_poems[i] for i in pick]
     metrics = {"candidate": _score(candidate, held_out)}
+    compared = "candidate"
     if serving is not None:
-        metrics["serving"] = _score(serving, held_out)
+        # NOTE: a model skips the characters its vocabulary lacks, so two vocabularies score different text:
+        # the gate compares them on the held-out poems both can read.
+        common = [p for p in held_out if all(ch in serving.vocab and ch in candidate.vocab for ch in p.text
+                                             if is_han(ch))]
+        if len(common) < len(held_out):
+            metrics["candidate_common"] = _score(candidate, common)
+            compared = "candidate_common"
+        metrics["serving"] = _score(serving, common)
     record["metrics"] = metrics
     check = form_check(candidate, cfg.form_check_poems)
     record["form_check"] = check
 
-    cand_ppl = metrics["candidate"]["ppl"]
+    cand_ppl = metrics[compared]["ppl"]
     if not math.isfinite(cand_ppl):
         record.update(outcome="rejected", why=f"candidate perplexity is {cand_ppl}")
     elif serving is not None and cand_ppl > metrics["serving"]["ppl"] * (1 + cfg.tolerance):
