@@ -239,6 +239,29 @@ def test_an_interrupted_run_resumes_from_its_run_directory(v1, fake_decoder):
     assert record["train"]["step"] == 20
 
 
+def test_a_run_stopped_after_training_but_before_its_outcome_is_evaluated_not_trained_again(v1, monkeypatch):
+    """A stop while evaluating or publishing deleted the finished run and spent the whole budget again."""
+    root, _ = v1
+    add_poems(root / "corpus", make_poems(80, seed=5))
+    cfg = tiny_config(root, root / "corpus", max_steps=20)
+    from trainer.train import Trainer
+
+    def stopped_in_the_form_check(ckpt, form, seed):
+        raise KeyboardInterrupt  # not an Exception: escapes retrain() like a kill would
+
+    monkeypatch.setattr(rt, "_generate", stopped_in_the_form_check)
+    with pytest.raises(KeyboardInterrupt):
+        retrain(cfg)
+    monkeypatch.setattr(rt, "_generate", fake_poem)
+    monkeypatch.setattr(Trainer, "run", lambda self, progress_bar=True: pytest.fail("trained again"))
+    record = retrain(cfg)
+    assert record["outcome"] == "published" and record["resumed"] is True and record["train"]["step"] == 20
+    # A forced run still starts over.
+    monkeypatch.undo()
+    monkeypatch.setattr(rt, "_generate", fake_poem)
+    assert retrain(cfg, force=True)["resumed"] is False
+
+
 def test_the_form_check_passes_for_a_trained_model_with_the_real_decoder(v1):
     root, _ = v1
     ckpt = load_checkpoint(store.current_path(tiny_config(root, root / "corpus").store, "lstm"))

@@ -455,14 +455,19 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     run_dir = Path(cfg.work) / cfg.name / f"{record['corpus_hash']}-{record['code_version']}-" \
                                           f"{serving.version if mode == 'finetune' else 'scratch'}"
     state = run_dir / "state.json"
-    if state.exists() and json.loads(state.read_text()).get("done"):
-        shutil.rmtree(run_dir)  # finished before (e.g. a forced rerun): start over
+    finished = json.loads(state.read_text()) if state.exists() else {}
+    if finished.get("done") and force:
+        shutil.rmtree(run_dir)  # a forced rerun starts over
     for old in (run_dir.parent.iterdir() if run_dir.parent.is_dir() else []):
         if old != run_dir:
             shutil.rmtree(old, ignore_errors=True)
     tc.out = str(run_dir)
     record["resumed"] = state.exists()
-    if cfg.nproc > 1:
+    if finished.get("done") and not force and (run_dir / "best.safetensors").is_file():
+        # NOTE: trained to the end by a run stopped before it recorded an outcome (a stop while evaluating or
+        # publishing; a recorded one would have been skipped above): what it trained is evaluated, not redone.
+        progress = finished
+    elif cfg.nproc > 1:
         progress = _train_distributed(tc, cfg.nproc)
     else:
         progress = Trainer(tc, resume=True, log=log.info).run(progress_bar=False)
