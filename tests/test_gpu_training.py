@@ -270,6 +270,20 @@ def test_join_refuses_damaged_or_missing_parts_and_writes_nothing(tiny_checkpoin
     assert not joined.exists()
 
 
+def test_export_reports_the_dtype_it_wrote_and_join_refuses_an_empty_manifest(tiny_checkpoint, tmp_path):
+    small = tmp_path / "int8"
+    export(tiny_checkpoint, small, "lstm", int8=True)
+    join(small / "lstm.safetensors.part000", tmp_path / "int8.safetensors")
+    again = export(tmp_path / "int8.safetensors", tmp_path / "again", "lstm")  # an int8 input, no --int8
+    joined = tmp_path / "again.safetensors"
+    join(tmp_path / "again" / "lstm.safetensors.part000", joined)
+    assert again["dtype"] == load_checkpoint(joined).meta["dtype"] != "int8"  # it said int8: float32 was written
+    (tmp_path / "again" / "lstm.safetensors.sha256").write_text("")
+    with pytest.raises(CheckpointError, match="no SHA-256"):
+        join(tmp_path / "again" / "lstm.safetensors.part000", tmp_path / "never.safetensors")
+    assert not (tmp_path / "never.safetensors").exists()
+
+
 def test_the_gpu_script_runs_end_to_end_at_toy_size_on_the_cpu(packed, tmp_path):
     env = dict(os.environ, PACK=str(packed), DEVICE="cpu", CELL="gru", EMBED="16", HIDDEN="32", LAYERS="1",
                DROPOUT="0", INPUT_DROPOUT="0.2", BATCH_TOKENS="512", MAX_STEPS="15", EVAL_EVERY="15", MINUTES="5",

@@ -36,8 +36,8 @@ def export(checkpoint: Path, out: Path, name: str, int8: bool = False, part_mib:
         whole = Path(tmp) / "whole.safetensors"
         meta = {k: v for k, v in ckpt.meta.items() if k not in ("version", "created_at")}
         meta["version"], meta["created_at"] = ckpt.meta["version"], ckpt.meta.get("created_at")
-        save_checkpoint(whole, ckpt.model, ckpt.vocab, meta, half=ckpt.meta.get("dtype") == "float16" and not int8,
-                        int8=int8)
+        half = ckpt.meta.get("dtype") == "float16" and not int8
+        save_checkpoint(whole, ckpt.model, ckpt.vocab, meta, half=half, int8=int8)
         data = whole.read_bytes()
     size = max(1, int(part_mib * MIB))
     if len(data) > MAX_PARTS * size:
@@ -52,7 +52,9 @@ def export(checkpoint: Path, out: Path, name: str, int8: bool = False, part_mib:
         parts.append(part.name)
     digest = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(out / f"{name}.safetensors.sha256", f"{digest}  {name}.safetensors\n".encode())
-    return {"bytes": len(data), "parts": parts, "sha256": digest, "dtype": "int8" if int8 else ckpt.meta.get("dtype")}
+    # What was written: an int8 checkpoint exported without --int8 is float32 now, not int8.
+    return {"bytes": len(data), "parts": parts, "sha256": digest,
+            "dtype": "int8" if int8 else "float16" if half else "float32"}
 
 
 def join(first_part: Path, out: Path) -> dict:
@@ -64,7 +66,10 @@ def join(first_part: Path, out: Path) -> dict:
     if not parts or not manifest.is_file():
         raise CheckpointError(first_part, f"no parts {stem}.partNNN or no {manifest.name} beside them")
     data = b"".join(p.read_bytes() for p in parts)
-    want = manifest.read_text().split()[0]
+    words = manifest.read_text(errors="replace").split()
+    if not words:
+        raise CheckpointError(first_part, f"{manifest.name} holds no SHA-256 digest")
+    want = words[0]
     if hashlib.sha256(data).hexdigest() != want:
         raise CheckpointError(first_part, f"the {len(parts)} parts do not match {manifest.name}: missing or damaged part")
     with tempfile.TemporaryDirectory() as tmp:
