@@ -24,6 +24,7 @@ from engine.poem.device_rows import DeviceRows, FormulaTable, KnownTable, device
 from engine.poem.forms import FORMS
 from engine.poem.known_lines import KNOWN_LINES_FILE, KnownLines, known_lines_from
 from engine.poem.prosody import prosody_for
+from engine.poem.rhymes import char_info
 from engine.poem.vocab import Vocab
 from engine.sampling import kernels
 from engine.sampling.choice import REPEAT_PENALTY, step_bias
@@ -162,8 +163,20 @@ def test_the_step_bias_matches_row_for_row_along_random_poems(form, chars):
     word = "明月" if "明" in vocab and "月" in vocab else han[1] + han[0]
     forced_rhyme = moon * n * 2
     echo = "".join(han[:n]) + "".join(han[:n - 1])
+    # 次韵 beside the one-character prompt, line 1 included every other time: forced rhymes that free rhymes,
+    # line 1's too, must not take again.
+    groups = {}
+    for ch in han:
+        info = char_info(ch)
+        if ch != moon and info and info.level and not info.oblique:
+            for g in info.groups:
+                groups.setdefault(g, []).append(ch)
+    level = max(groups.values(), key=len, default=[])  # of one group, so that line 1 may rhyme with them
+    rhyming = FORMS[form].num_lines // 2
+    rhymes = lambda i: ("".join(level[:rhyming + (i % 8 == 0)]) if i % 4 == 0 and len(level) > rhyming else None)
     requests = [PoemRequest(form=form, seed=i, prompt=(moon, "", forced_rhyme, echo)[i % 4], tone=i % 4 != 1,
-                            rhyme=i % 5 != 2, keywords=[word] if i % 6 == 1 else []).validate() for i in range(18)]
+                            rhyme=i % 5 != 2, keywords=[word] if i % 6 == 1 else [], rhymes=rhymes(i)).validate()
+                for i in range(18)]
     known = walk_known_lines(tuple(han)).for_vocab(vocab)
     # Most plans ban known lines; every fifth does not (a row of the batch without the table).
     plans = [build_plan(vocab, prosody, r, formulas, known if i % 5 != 4 else None) for i, r in enumerate(requests)]

@@ -207,6 +207,9 @@ class PoemPlan:
     first_rhyme: int | None = None
     # The groups line 1 may rhyme in: eligible ones with a character to spare for the extra rhyme.
     first_rhyme_groups: frozenset[int] = frozenset()
+    # The characters forced at rhyming line ends (次韵, a prompt reaching one): no free rhyme may take them,
+    # line 1's included, or the poem would rhyme on one twice (重韵).
+    forced_rhymes: tuple[int, ...] = ()
 
     @property
     def form_name(self) -> str:
@@ -378,6 +381,7 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lin
                                                            forced_at, len(rhymes) > len(rhyme_at)),
                     reserved=reserved, eligible_groups=eligible, rhyme_tones=tuple(t for t, _ in sets),
                     tone_req=tone_req, rhyme_at=rhyme_at,
+                    forced_rhymes=tuple(sorted({forced_at[p] for p in (set(rhyme_at) | {first_rhyme}) & set(forced_at)})),
                     layout=layout, book=book, tune=tune, notes=notes, tables=tables, formulas=formulas,
                     known_lines=known_lines, keywords=tuple(keywords), starts=starts, linked=linked if rhyme else {})
     # Run the forced opening once so that what the prompt itself breaks is known (and said) up front.
@@ -678,7 +682,7 @@ class RowState:
                 rhymed.append(self.tokens[first])  # line 1 opened the rhyme: its character is not rhymed again
             if self._refrain(col, n):
                 rhymed = [t for t in rhymed if t != self.lines[-1][-1]]
-            banned += rhymed
+            banned += rhymed + list(plan.forced_rhymes)
         if col == n - 1:  # the line's last character must not complete a line written before (a short
             head = tuple(self.tokens[len(self.tokens) - col:])  # line may repeat the one just before)
             earlier = self.lines[:-1] if n <= MAX_REFRAIN else self.lines
@@ -692,6 +696,7 @@ class RowState:
                 banned += quoted
 
         if pos == plan.first_rhyme:  # 首句入韵 or not: the model chooses (the plain 仄 row if nothing is left)
+            banned += plan.forced_rhymes
             first = tables.first_rhyme_row(plan.book, plan.first_rhyme_groups)
             index = first if self._feasible(first, banned) else index
         elif k is None and col == n - 1 and index == MASK_OBLIQUE:

@@ -183,7 +183,9 @@ class DeviceRows:
     groups: torch.Tensor  # (R, G) bool: the groups the rhymes so far share
     counts: torch.Tensor  # (R, V) uint8: uses counted against the three-times rule (forced ones reserved)
     uses: torch.Tensor  # (R, V) float: every use of a character so far (the repetition penalty)
-    rhymed_tokens: torch.Tensor  # (R, V + 1) bool: characters at earlier rhyme positions (the last column: none)
+    # (R, V + 1) bool: characters at earlier rhyme positions and those the plan forces at any (PoemPlan.forced_rhymes;
+    # the last column: none)
+    rhymed_tokens: torch.Tensor
     history: torch.Tensor  # (R, TMAX) long: the text so far, then <eos>
     # The current line's known-lines key so far (engine.poem.known_lines.key_of: both hashes), folded in as
     # each character is taken, so that a line's last character finds its head's key ready.
@@ -213,7 +215,7 @@ class DeviceRows:
                                                           "first_rhyme", "first_groups",
                                                           "col", "line_of", "line_pos", "line_len", "quotes_banned", "eligible",
                                                           "penalty", "temperature", "top_k", "top_p", "starts")}
-        draws, beam_draws, counts = [], [], []
+        draws, beam_draws, counts, rhymed = [], [], [], []
         for plan, k, penalty, (temperature, top_k, top_p), generator, per_step in requests:
             if plan.tune is not None:
                 raise ValueError("device rows hold regular forms only; a 词 keeps the host RowState")
@@ -245,9 +247,12 @@ class DeviceRows:
             reserved = torch.zeros(V, dtype=torch.uint8)
             for t, n in plan.reserved.items():
                 reserved[t] = n
+            forced_rhymes = torch.zeros(V + 1, dtype=torch.bool)
+            forced_rhymes[list(plan.forced_rhymes)] = True
             draws.extend([draw] * k)
             beam_draws.extend([beam] * k)
             counts.extend([reserved] * k)
+            rhymed.extend([forced_rhymes] * k)
         R = len(draws)
         dtypes = {"plan_forced": torch.bool, "han": torch.bool, "quotes_banned": torch.bool, "rhyme_pos": torch.bool,
                   "first_rhyme": torch.bool, "first_groups": torch.bool, "eligible": torch.bool,
@@ -274,7 +279,7 @@ class DeviceRows:
                    rhymed=torch.zeros(R, dtype=torch.bool, device=device),
                    groups=torch.zeros(R, G, dtype=torch.bool, device=device),
                    counts=stack(counts, V, dtype=torch.uint8), uses=torch.zeros(R, V, device=device),
-                   rhymed_tokens=torch.zeros(R, V + 1, dtype=torch.bool, device=device),
+                   rhymed_tokens=stack(rhymed, V + 1, dtype=torch.bool),
                    history=torch.zeros(R, TMAX, dtype=torch.long, device=device),
                    head_hash=torch.zeros(R, 2, dtype=torch.long, device=device),
                    flags=torch.zeros(R, dtype=torch.bool, device=device))
@@ -329,7 +334,8 @@ class DeviceRows:
         base = torch.where(at_rhyme[:, None], rhyme_rows, tone_rows)
         col = self._at(self.col)
         last_col = col == self.line_len - 1
-        banned = (self.counts >= 2) | (at_rhyme[:, None] & self.rhymed_tokens[:, :V]) | self._line_bans(last_col)
+        banned = (self.counts >= 2) | ((at_rhyme | at_first)[:, None] & self.rhymed_tokens[:, :V]) | \
+            self._line_bans(last_col)
         if self.known is not None:  # the softest rule: dropped where it alone would leave nothing
             quoted = self._known_bans(last_col)
             relax_quote = free & quoted.any(dim=1) & ~(base & ~(banned | quoted)).any(dim=1)
