@@ -273,3 +273,15 @@ async def test_the_catch_up_thread_runs_beside_the_steps_and_stops_with_the_engi
         assert len(helpers) == 1 and helpers[0].is_alive()
     helpers[0].join(timeout=5)
     assert not helpers[0].is_alive() and engine.runner._pool is None
+
+
+async def test_a_ci_while_the_configured_ci_model_is_not_loaded_is_unavailable_not_a_bad_request(
+        checkpoint_store, empty_package_dir):
+    """ci configured but not loaded (no version in the store, none in the package): a 词 got a 400 telling the
+    user to add ci to ENGINE_MODELS, which names it already; it is a 503 to retry, as with "model": "ci"."""
+    engine = LocalEngine(engine_settings(checkpoint_store, model_names=("lstm", "ci")))
+    engine.registry.package_dir = empty_package_dir
+    async with engine:
+        assert engine.loaded_names() == ["lstm"]
+        with pytest.raises(EngineUnavailableError, match="not loaded: ci"):
+            await engine.generate(PoemRequest(form="ci", tune="浣溪沙"))

@@ -14,7 +14,7 @@ from engine.api import PoemRequest
 from engine.model.checkpoint import load_checkpoint, save_checkpoint
 from engine.poem.forms import FORMS, classify
 from engine.serving.local import LocalEngine
-from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
+from engine_fixtures import checkpoint_store, empty_package_dir, engine_settings  # noqa: F401
 
 
 def new_version(src: Path, dst: Path, **meta) -> Path:
@@ -196,9 +196,10 @@ async def test_a_version_that_passed_the_trainers_gate_is_not_gated_again_on_met
     meta = load_checkpoint(tiny_checkpoint).meta
     worse_meta = {**meta["metrics"], "val_ppl": meta["metrics"]["val_ppl"] * 1.5}
     async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        serving = (await engine.models())[0]["version"]
         new = store.publish(checkpoint_store, "lstm", new_version(tiny_checkpoint, tmp_path / "g.safetensors",
                                                                   metrics=worse_meta),
-                            gate={"candidate_ppl": 80.0, "serving_ppl": 81.0})
+                            gate={"candidate_ppl": 80.0, "serving_ppl": 81.0, "serving_version": serving})
         report = await engine.reload("lstm")
         assert (await engine.models())[0]["version"] == new
     assert report["lstm"]["status"] == "swapped"
@@ -217,3 +218,90 @@ async def test_a_gate_verdict_for_other_weights_is_not_trusted(checkpoint_store,
         report = await engine.reload("lstm")
         assert (await engine.models())[0]["version"] == old
     assert report["lstm"]["status"] == "refused"
+
+
+def make_unreadable(pointer: Path, how: str) -> None:
+    """Replace a model's CURRENT with something that cannot be read as a version name."""
+    pointer.unlink()
+    if how == "bytes":
+        pointer.write_bytes(b"\xff\xfe\x00 not utf-8\n")
+    elif how == "directory":
+        pointer.mkdir()
+    else:
+        os.mkfifo(pointer)
+
+
+async def start_or_fail(engine: LocalEngine, fifo: Path) -> None:
+    """engine.start(); should it block reading the FIFO, the reader is let go (a writer opens and closes it)
+    so that the failure does not hang the run."""
+    task = asyncio.ensure_future(engine.start())
+    done, _ = await asyncio.wait({task}, timeout=60)
+    if not done:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        await task
+        await engine.close()
+        pytest.fail("start() blocked reading a FIFO")
+    await task
+
+
+@pytest.mark.parametrize("how", ["bytes", "directory", "fifo"])
+async def test_an_unreadable_current_refuses_that_model_alone_at_start_and_while_serving(
+        checkpoint_store, empty_package_dir, tiny_checkpoint, tmp_path, caplog, how):
+    """gru's CURRENT holding non-UTF-8 bytes, or being a directory, stopped the whole engine at start
+    (lstm never served); a FIFO blocked start for ever; going bad while serving, it made admin reload a 500
+    and the watcher log a traceback every poll."""
+    gru_current = checkpoint_store / "gru" / "CURRENT"
+    make_unreadable(gru_current, how)
+    engine = LocalEngine(engine_settings(checkpoint_store))
+    engine.registry.package_dir = empty_package_dir
+    await start_or_fail(engine, gru_current)
+    async with engine:
+        assert engine.loaded_names() == ["lstm"] and engine.ready
+        refused = (await engine.status())["refused_versions"]["gru"]
+        assert "gru/CURRENT" in refused["reason"]
+        assert engine.registry.newer_names() == []  # the watcher does not offer it again
+        assert (await engine.reload("gru"))["gru"]["status"] == "refused"
+
+        old = (await engine.models())[0]["version"]
+        make_unreadable(checkpoint_store / "lstm" / "CURRENT", how)  # lstm's goes bad while it serves
+        assert engine.registry.newer_names() == ["lstm"]  # looked at once: refused with its reason
+        report = await engine.reload()
+        assert report["lstm"]["status"] == "refused" and "lstm/CURRENT" in report["lstm"]["reason"]
+        assert engine.registry.newer_names() == []
+        assert (await engine.generate(PoemRequest(mode="greedy"))).model["version"] == old
+
+        lstm_current = checkpoint_store / "lstm" / "CURRENT"
+        lstm_current.rmdir() if lstm_current.is_dir() else lstm_current.unlink()  # repaired by a publish
+        new = store.publish(checkpoint_store, "lstm", new_version(tiny_checkpoint, tmp_path / "v2.safetensors"))
+        assert engine.registry.newer_names() == ["lstm"]
+        assert (await engine.reload("lstm"))["lstm"]["status"] == "swapped"
+        assert (await engine.generate(PoemRequest(mode="greedy"))).model["version"] == new
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    reasons = [r.getMessage() for r in caplog.records if "CURRENT" in r.getMessage()]
+    assert any("gru/CURRENT" in m for m in reasons) and any("lstm/CURRENT" in m for m in reasons)
+
+
+async def test_a_gate_verdict_measured_against_another_version_than_the_serving_one_is_not_trusted(
+        checkpoint_store, tiny_checkpoint, tmp_path):
+    """The trainer compares a candidate with the version CURRENT names, which may be one this engine refused;
+    a verdict "passed" against that one let a worse model replace the good one serving."""
+    meta = load_checkpoint(tiny_checkpoint).meta
+    ppl = meta["metrics"]["val_ppl"]
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        good = (await engine.models())[0]["version"]
+        refused = store.publish(checkpoint_store, "lstm", new_version(tiny_checkpoint, tmp_path / "bad.safetensors",
+                                                                      metrics={**meta["metrics"], "val_ppl": ppl * 2}))
+        assert (await engine.reload("lstm"))["lstm"]["status"] == "refused"
+        # A retrain from the refused version: its candidate beats that one, not the serving one.
+        candidate = new_version(tiny_checkpoint, tmp_path / "cand.safetensors",
+                                metrics={**meta["metrics"], "val_ppl": ppl * 1.9})
+        store.publish(checkpoint_store, "lstm", candidate, gate={"candidate_ppl": ppl * 1.9, "serving_ppl": ppl * 2,
+                                                                 "serving_version": refused})
+        report = await engine.reload("lstm")
+        assert (await engine.models())[0]["version"] == good
+        # Against the version serving, the same verdict is trusted.
+        same = new_version(tiny_checkpoint, tmp_path / "t.safetensors", metrics={**meta["metrics"], "val_ppl": ppl * 1.9})
+        trusted = store.publish(checkpoint_store, "lstm", same,
+                                gate={"candidate_ppl": 80.0, "serving_ppl": 81.0, "serving_version": good})
+        assert (await engine.reload("lstm"))["lstm"] == {"status": "swapped", "version": trusted, "previous": good}
+    assert report["lstm"]["status"] == "refused" and "val_ppl" in report["lstm"]["reason"]

@@ -60,6 +60,13 @@ def run_until_idle(sched: Scheduler, runner: FakeRunner, max_steps: int = 1000) 
     raise AssertionError("scheduler never went idle")
 
 
+def measured(sched: Scheduler, seconds: float, rows: int, steps: int = 9) -> Scheduler:
+    """Report `steps` steps of `seconds` at `rows` rows, as the engine does after each step."""
+    for _ in range(steps):
+        sched.observe_step(seconds, rows)
+    return sched
+
+
 def test_a_full_queue_rejects_the_next_request_at_once():
     sched = Scheduler(max_num_rows=16, max_queue=2)
     sched.add_request(make_req("a"))
@@ -184,8 +191,7 @@ def test_the_invariant_check_catches_rows_that_do_not_add_up():
 def test_admission_refuses_at_once_what_cannot_finish_before_its_deadline_and_admitted_ones_do():
     # Each step takes 0.1 s (fake time) at a full batch of 32 rows; every request needs 16 rows for 10 steps
     # and has 5 s. Queue length alone admitted them all, and the later ones expired in the queue (504s).
-    sched = Scheduler(max_num_rows=32, max_queue=1000)
-    sched.observe_step(0.1, 32)
+    sched = measured(Scheduler(max_num_rows=32, max_queue=1000), 0.1, 32)
     step, now = 0, 0.0
     admitted, refused = [], []
 
@@ -224,7 +230,7 @@ def test_the_estimate_uses_the_measured_step_time_and_the_work_ahead():
     sched = Scheduler(max_num_rows=32, max_queue=1000)
     req = EngineRequest("a", PoemRequest(), num_rows=1, arrival_time=0.0, deadline=1.0, num_steps=10)
     assert sched.estimate_seconds(req) is None  # nothing measured yet: admission by queue length only
-    sched.observe_step(0.05, 32)
+    measured(sched, 0.05, 32)
     assert sched.estimate_seconds(req) == pytest.approx(0.5)  # an empty engine: its own 10 steps
     for i in range(4):
         sched.add_request(EngineRequest(f"b{i}", PoemRequest(mode="beam", beam_width=16), num_rows=16,
@@ -238,11 +244,64 @@ def test_the_estimate_uses_the_measured_step_time_and_the_work_ahead():
 def test_a_timeout_shorter_than_the_request_alone_takes_is_a_timeout_not_a_busy_engine():
     """An idle engine answered "busy, retry in 1 s" to a request it could never admit (beam-16 with a 0.01 s
     timeout): the client retried for nothing. Now it expires at once, as it would once admitted (a 504)."""
-    sched = Scheduler(max_num_rows=32, max_queue=1000)
-    sched.observe_step(0.05, 32)
+    sched = measured(Scheduler(max_num_rows=32, max_queue=1000), 0.05, 32)
     req = EngineRequest("a", PoemRequest(mode="beam", beam_width=16), num_rows=16, arrival_time=0.0, deadline=0.01,
                         num_steps=10)
     with pytest.raises(TimeoutError, match="too short"):
         sched.add_request(req)
     assert sched.num_waiting == 0
     sched.add_request(EngineRequest("b", PoemRequest(), num_rows=1, arrival_time=0.0, deadline=10.0, num_steps=10))
+
+
+def beam16(req_id: str, deadline: float, num_steps: int = 64) -> EngineRequest:
+    return EngineRequest(req_id, PoemRequest(mode="beam", beam_width=16), num_rows=16, arrival_time=0.0,
+                         deadline=deadline, num_steps=num_steps)
+
+
+def test_one_slow_step_does_not_make_an_idle_engine_refuse_a_burst():
+    """One slow step (the step loop waiting while the event loop admits a burst) lifted a moving average of the
+    step time twentyfold, scaled again by 256/16 rows: 48 beam-16 requests at an idle engine with the default
+    60 s got 503 "retry in 40-60 s" with the queue nearly empty."""
+    sched = measured(Scheduler(max_num_rows=256, max_queue=1024), 0.002, 16, steps=50)
+    sched.observe_step(0.2, 16)
+    for i in range(48):
+        sched.add_request(beam16(f"b{i}", deadline=60.0))
+    assert sched.num_waiting == 48
+
+
+def test_a_full_batch_is_estimated_from_full_batch_steps_not_scaled_up_from_small_ones():
+    # A step's fixed cost does not grow with its rows: 256 rows took 8 ms here, 16 rows 2 ms, not 256/16 × 2 ms.
+    sched = measured(measured(Scheduler(max_num_rows=256, max_queue=1024), 0.008, 256), 0.002, 16)
+    for i in range(16):  # 256 rows ahead: a full batch from now on
+        sched.add_request(beam16(f"b{i}", deadline=100.0, num_steps=10))
+    # 16 × 16 × 10 row-steps ahead at 256 a step: 10 steps of waiting, then its own 10, at 8 ms each.
+    assert sched.estimate_seconds(beam16("late", deadline=100.0, num_steps=10)) == pytest.approx(20 * 0.008)
+
+
+def test_an_idle_engine_does_not_keep_the_step_time_measured_under_load():
+    """After a burst the engine goes idle and runs no step, so the step time measured under load stayed: a
+    request that takes 64 ms alone got 504 "takes about 3.2s on an idle engine" until another one ran."""
+    sched = measured(measured(Scheduler(max_num_rows=256), 0.001, 16), 0.05, 256, steps=100)
+    req = EngineRequest("a", PoemRequest(), num_rows=1, arrival_time=0.0, deadline=0.1, num_steps=64)
+    assert sched.estimate_seconds(req) == pytest.approx(0.064)
+    sched.add_request(req)  # neither a 504 (too short alone) nor a 503 (busy)
+    assert sched.num_waiting == 1
+
+
+def test_the_first_steps_of_a_cold_engine_do_not_decide_admission():
+    # The first step also waits for the event loop admitting the burst that woke it; one such step is no measure.
+    sched = Scheduler(max_num_rows=256, max_queue=1024)
+    sched.observe_step(0.5, 16)
+    for i in range(48):
+        sched.add_request(beam16(f"b{i}", deadline=60.0))
+    assert sched.num_waiting == 48
+
+
+def test_slow_steps_that_keep_coming_count_and_a_slower_machine_is_followed():
+    # Every fourth step waits for the event loop (3 ms against 1 ms): the engine pays that on every fourth step.
+    sched = Scheduler(max_num_rows=64)
+    for i in range(64):
+        sched.observe_step(0.003 if i % 4 == 3 else 0.001, 64)
+    assert sched.step_time(64) == pytest.approx(0.0015)
+    measured(sched, 0.01, 64, steps=32)  # other load on the machine: every step ten times slower from now on
+    assert sched.step_time(64) == pytest.approx(0.01)

@@ -115,6 +115,17 @@ async def test_a_non_finite_number_is_a_400_not_a_500(client):
     assert (await error_of(resp, 400))["field"] == "temperature"
 
 
+@pytest.mark.parametrize("path", ["/v1/poems", "/v1/check", "/v1/admin/reload"])
+async def test_a_body_whose_content_encoding_does_not_decode_is_a_400_not_a_500(client, caplog, path):
+    """aiohttp raised from request.read() for a corrupt gzip body, and the middleware answered 500 with a
+    traceback in the log, for any client to repeat."""
+    gzip_start = b"\x1f\x8b\x08\x00" + b"\x00" * 6  # a gzip header, then no valid deflate stream
+    resp = await client.post(path, data=gzip_start + b"not deflate at all", headers={
+        "Content-Type": "application/json", "Content-Encoding": "gzip", "Authorization": f"Bearer {TOKEN}"})
+    assert (await error_of(resp, 400))["code"] == "bad_encoding"
+    assert not [r for r in caplog.records if r.exc_info]
+
+
 async def test_a_body_over_the_limit_is_a_413(client):
     resp = await client.post("/v1/poems", data=b'{"prompt": "' + b"a" * 20_000 + b'"}')
     assert (await error_of(resp, 413))["code"] == "body_too_large"
@@ -308,3 +319,56 @@ async def test_a_timeout_shorter_than_the_request_can_ever_take_is_a_504_not_a_r
     resp = await client.post("/v1/poems", json={"form": "qilv", "mode": "beam", "beam_width": 16, "timeout": 1e-6})
     error = await error_of(resp, 504)
     assert error["code"] == "timeout" and "too short" in error["message"] and "Retry-After" not in resp.headers
+
+
+INTERNAL = "CUDA out of memory. Tried to allocate 2.00 GiB (/opt/yinshi/venv/lib/torch/nn/modules/rnn.py:917)"
+
+
+async def failed_count(client) -> str:
+    metrics = await (await client.get("/metrics")).text()
+    return next((line.split()[-1] for line in metrics.splitlines()
+                 if line.startswith('yinshi_requests_total{outcome="failed"}')), "none")
+
+
+async def test_a_failed_step_answers_a_plain_503_logs_the_detail_and_is_counted_in_metrics(client, caplog):
+    """The 503 carried the exception's text (torch and CUDA messages, file paths) to every caller, and the
+    failed requests were counted in /v1/status but not in /metrics."""
+    engine = client.app[ENGINE]
+    runner_execute = engine.runner.execute
+
+    def fails_once(out):  # what a CUDA out-of-memory in the model step does
+        engine.runner.execute = runner_execute
+        raise RuntimeError(INTERNAL)
+
+    engine.runner.execute = fails_once
+    error = await error_of(await client.post("/v1/poems", json={"mode": "greedy"}), 503)
+    assert error["code"] == "unavailable" and "CUDA" not in error["message"] and "/opt" not in error["message"]
+    assert any(INTERNAL in r.getMessage() or INTERNAL in str(r.exc_info and r.exc_info[1]) for r in caplog.records)
+    assert (await (await client.get("/v1/status")).json())["requests"]["failed"] == 1
+    assert await failed_count(client) == "1.0"
+    assert (await client.post("/v1/poems", json={"mode": "greedy"})).status == 200  # it keeps serving
+
+
+async def test_a_step_loop_that_dies_answers_a_plain_503_and_counts_the_request_failed(client, caplog):
+    engine = client.app[ENGINE]
+
+    def broken(now):  # a bug outside the runner's own error handling
+        raise RuntimeError(INTERNAL)
+
+    engine.scheduler.schedule = broken  # the loop is idle: it meets this with the next request
+    error = await error_of(await client.post("/v1/poems", json={"mode": "greedy"}), 503)
+    assert "step loop stopped" in error["message"] and "CUDA" not in error["message"]
+    assert any(r.exc_info and INTERNAL in str(r.exc_info[1]) for r in caplog.records)
+    assert (await (await client.get("/v1/status")).json())["requests"]["failed"] == 1
+    assert await failed_count(client) == "1.0"
+
+
+async def test_a_request_the_http_parser_refuses_gets_aiohttps_plain_400_as_documented(client):
+    """docs/ENGINE.md names this one exception to "errors are always JSON": aiohttp's parser answers before any
+    middleware runs. Should this fail, aiohttp changed how it answers: update the docs."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+    reply = await asyncio.wait_for(reader.read(), timeout=60)  # to its end: the connection closes after it
+    writer.close()
+    head = reply.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.0 400") and b"text/plain" in head

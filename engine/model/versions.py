@@ -38,7 +38,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from engine.files import atomic_write_bytes, fsync_dir
+from engine.files import atomic_write_bytes, fsync_dir, read_regular_file
 from engine.model.checkpoint import CheckpointError, load_checkpoint, read_meta
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -54,6 +54,8 @@ class Superseded(StoreError):
 
 
 ANY = object()  # publish(expect=ANY): whatever CURRENT names (a hand publish)
+CURRENT_LIMIT = 4096  # bytes: a version name and the rollback mark; a bigger CURRENT is none a writer here wrote
+GATE_LIMIT = 64 * 1024  # bytes of a gate verdict (a few hundred in practice)
 ROLLBACK = "rollback"  # CURRENT's second line after `rollback`
 
 
@@ -82,12 +84,20 @@ def model_names(store: Path) -> list[str]:
 
 
 def current_state(store: Path, name: str) -> tuple[str | None, bool]:
-    """(the version CURRENT names or None, whether `rollback` put it there), read in one go."""
+    """(the version CURRENT names or None, whether `rollback` put it there), read in one go; StoreError when
+    CURRENT is there but cannot be read as one (not UTF-8, a directory, a FIFO, too big).
+    NOTE: read only if it is a regular file, without blocking: a FIFO put there stalled the engine's start."""
     pointer = _model_dir(store, name) / "CURRENT"
     try:
-        lines = pointer.read_text().split()
+        lines = read_regular_file(pointer, CURRENT_LIMIT).decode("utf-8").split()
     except FileNotFoundError:
         return None, False
+    except UnicodeDecodeError:
+        raise StoreError(f"{name}/CURRENT is not UTF-8 text") from None
+    except ValueError as e:  # not a regular file, or too big
+        raise StoreError(f"{name}/CURRENT {str(e).removeprefix(f'{pointer} ')}") from None
+    except OSError as e:
+        raise StoreError(f"{name}/CURRENT cannot be read: {e.strerror or e}") from None
     if not lines:
         return None, False
     return lines[0], lines[1:2] == [ROLLBACK]
@@ -104,8 +114,8 @@ def gate_path(store: Path, name: str, version: str) -> Path:
 def gate_record(store: Path, name: str, version: str) -> dict | None:
     """The trainer's gate verdict for `version` (None when it was published by hand or the file is unreadable)."""
     try:
-        record = json.loads(gate_path(store, name, version).read_text())
-    except (OSError, ValueError):
+        record = json.loads(read_regular_file(gate_path(store, name, version), GATE_LIMIT))
+    except (OSError, ValueError, RecursionError):  # none, not a regular file, too big, not JSON
         return None
     return record if isinstance(record, dict) else None
 

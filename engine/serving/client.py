@@ -4,10 +4,14 @@
         result = await engine.generate(PoemRequest(prompt="月", form="qijue"))
 
 Errors map back to the in-process ones: a 400 becomes RequestError (same code, field and message); a 503
-is retried with backoff (honouring Retry-After) and, once the retries run out, becomes QueueFullError
-(queue full) or EngineUnavailableError (no model, or the service cannot be reached); a 504 is
-TimeoutError. Connection errors and a proxy's 502 (no replica answered: one may be restarting) are
-retried too: a poem request is safe to repeat.
+is retried with backoff and, once the retries run out, becomes QueueFullError (queue full) or
+EngineUnavailableError (no model, or the service cannot be reached); a 504 is TimeoutError. Connection
+errors, a reply that breaks off mid-body and a proxy's 502 (no replica answered: one may be restarting)
+are retried too: a poem request is safe to repeat. A reply that is not HTTP at all (ENGINE_URL naming
+another service) is EngineUnavailableError at once. Between attempts the client waits as long as the
+server's Retry-After says (at least its own backoff), and at most `max_wait` seconds in all for one call:
+when the server asks for longer than is left, the call raises the server's error at once (QueueFullError
+keeps its retry_after), so the caller can say "busy" instead of hanging.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from engine.errors import EngineUnavailableError, QueueFullError, RequestError
 
 class EngineClient:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 0.2, max_backoff: float = 5.0, session: aiohttp.ClientSession | None = None):
+                 backoff: float = 0.2, max_backoff: float = 5.0, max_wait: float = 30.0,
+                 session: aiohttp.ClientSession | None = None):
         self.base_url = base_url.rstrip("/")
         self.token = token
         # sock_connect, not connect: aiohttp's `connect` also counts the wait for a pooled connection, so past
@@ -32,6 +37,7 @@ class EngineClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 5.0))
         self.retries = retries  # extra attempts after the first, on 502, 503 and connection errors
         self.backoff, self.max_backoff = backoff, max_backoff  # first delay, doubling, capped
+        self.max_wait = max_wait  # seconds one call may wait between its attempts, Retry-After included, in all
         self._session = session
         self._own_session = session is None
 
@@ -94,6 +100,7 @@ class EngineClient:
         if body is not None:
             headers["Content-Type"] = "application/json"
         last: Exception | None = None
+        waited = 0.0
         for attempt in range(self.retries + 1):
             retry_after = None
             try:
@@ -122,13 +129,25 @@ class EngineClient:
                         raise EngineUnavailableError(f"{self.base_url}{path}: HTTP {resp.status}: {message}")
             except aiohttp.ClientConnectionError as e:  # refused, reset, disconnected: the service may be restarting
                 last = EngineUnavailableError(f"cannot reach the engine at {self.base_url}: {e}")
+            except aiohttp.ClientPayloadError as e:  # the reply broke off mid-body: an engine killed, a proxy's reset
+                last = EngineUnavailableError(f"{self.base_url}{path}: the reply broke off: {e}")
+            except aiohttp.ClientError as e:  # not an HTTP reply: another service on that port; a retry gets the same
+                raise EngineUnavailableError(f"{self.base_url}{path}: not an HTTP reply ({type(e).__name__})") from None
             except asyncio.TimeoutError as e:
                 raise TimeoutError(f"{method} {self.base_url}{path} timed out") from e
-            if attempt < self.retries:
-                delay = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
-                await asyncio.sleep(min(self.max_backoff, max(delay, retry_after or 0.0)))
+            if attempt == self.retries:
+                break
+            delay = max(self._backoff(attempt), retry_after or 0.0)
+            if waited + delay > self.max_wait:  # asked to come back later than this call may wait
+                break
+            waited += delay
+            await asyncio.sleep(delay)
         assert last is not None
         raise last
+
+    def _backoff(self, attempt: int) -> float:
+        """The client's own wait before retry `attempt` + 1: doubling from `backoff`, capped, jittered."""
+        return min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
 
 
 async def _json_or_none(resp: aiohttp.ClientResponse):

@@ -369,13 +369,15 @@ class LocalEngine:
         fail every waiting caller at once instead of leaving them hanging."""
         try:
             self._run_steps()
-        except BaseException as e:
+        except BaseException:
             log.exception("the engine's step loop stopped; failing every request, /readyz now 503")
             with self._cv:  # generate() registers its future under the same lock, after checking _accepting
                 self._accepting = False
                 waiting = list(self._futures)
-            error = EngineUnavailableError(f"the engine's step loop stopped ({type(e).__name__}: {e})")
+            # NOTE: the exception's text (torch or CUDA messages, file paths) stays in the log, not in replies.
+            error = EngineUnavailableError("the engine's step loop stopped")
             for req_id in waiting:
+                self._count_failed()
                 self._resolve(req_id, error)
 
     def _run_steps(self) -> None:
@@ -409,8 +411,7 @@ class LocalEngine:
             for req in done:
                 outcome = run.finished[req.req_id]
                 if isinstance(outcome, BaseException):
-                    self.counts["failed"] += 1
-                    self.metrics.requests.labels("failed").inc()
+                    self._count_failed()
                 else:
                     latency = time.monotonic() - req.arrival_time
                     outcome.elapsed_ms = round(latency * 1e3, 3)  # admission to poem, queueing included
@@ -440,8 +441,12 @@ class LocalEngine:
             self.scheduler.update_from_output(RunnerOutput(finished={r: error for r in req_ids}, num_rows=0))
         self.runner.reset()
         for req_id in req_ids:
-            self.counts["failed"] += 1
-            self._resolve(req_id, EngineUnavailableError(f"the engine step failed: {error}"))
+            self._count_failed()
+            self._resolve(req_id, EngineUnavailableError("the engine step failed; retry"))  # the log has why
+
+    def _count_failed(self) -> None:
+        self.counts["failed"] += 1
+        self.metrics.requests.labels("failed").inc()
 
     def _record_step(self, run: RunnerOutput, elapsed: float) -> None:
         self.num_steps += 1

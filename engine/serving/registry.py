@@ -10,10 +10,12 @@ A new version is loaded and validated off the step loop (the caller's thread): i
 checkpoint directory, load without CheckpointError (SHA-256, shapes, finite weights), have usable
 vocabulary and form tokens, write a greedy poem of every form that passes the form check, and pass one
 perplexity gate: a version the trainer published through its gate (a verdict stored beside it for these
-very weights, engine.model.versions.gate_record) is trusted, since the trainer scored candidate and serving
-on the same held-out poems; a version published by hand must have a `metrics.val_ppl` no worse than the
-serving version's by more than `ppl_tolerance`; a CURRENT written by `rollback` (the operator's explicit
-choice) is held to neither. Then it is staged
+very weights, engine.model.versions.gate_path) against the version this engine serves is trusted, since
+the trainer scored candidate and serving on the same held-out poems; any other version (published by hand,
+or gated against another version, such as one this engine refused) must have a `metrics.val_ppl` no worse
+than the serving version's by more than `ppl_tolerance`; a CURRENT written by `rollback` (the operator's
+explicit choice) is held to neither. CURRENT and the verdict are read only if they are regular files, so a
+FIFO put there never blocks; a CURRENT that cannot be read refuses that model alone. Then it is staged
 and swapped in at the next step boundary. Rows already running hold a reference to the ServingModel
 they started on and finish on it; new requests get the new one. A refused version keeps the old one
 serving, is logged with its reason, counted in metrics, and not retried until CURRENT changes again.
@@ -56,6 +58,7 @@ from engine.sampling.formulas import Formulas, formulas_for
 log = logging.getLogger(__name__)
 
 MIN_HAN_CHARS = 64  # fewer and the rhyme/tone constraints may have no candidates at some position
+UNREADABLE = "?"  # what a refusal of a CURRENT that cannot be read is recorded under
 
 
 class ValidationError(Exception):
@@ -222,6 +225,9 @@ class ModelRegistry:
         """The model a 词 goes to when the request names none: the first loaded one trained on 词."""
         with self._lock:
             name = next((n for n in self.names if n in self._serving and self._serving[n].vocab.writes_ci), None)
+            unloaded = [n for n in self.names if n not in self._serving]
+        if name is None and unloaded:  # one of them may write 词 once a version of it loads: retry later
+            raise EngineUnavailableError(f"no model that writes 词 is loaded (not loaded: {', '.join(unloaded)})")
         if name is None:
             raise RequestError("no_ci", "form", f"no model serving here writes 词 (serving: "
                                                 f"{', '.join(self.loaded_names()) or 'none'}); add ci to ENGINE_MODELS")
@@ -245,11 +251,12 @@ class ModelRegistry:
         return self._store_state(name)[0]
 
     def _store_state(self, name: str) -> tuple[Path | None, bool]:
-        """(the CURRENT version's file, whether `rollback` wrote CURRENT); ValidationError outside the store."""
+        """(the CURRENT version's file, whether `rollback` wrote CURRENT); ValidationError when CURRENT cannot be
+        read or names a file outside the store."""
         if self.checkpoint_dir is None:
             return None, False
+        version, rolled_back = self._read_current(name)
         try:
-            version, rolled_back = store.current_state(self.checkpoint_dir, name)
             path = store.version_path(self.checkpoint_dir, name, version) if version else None
         except store.StoreError as e:
             raise ValidationError(str(e)) from None
@@ -259,21 +266,33 @@ class ModelRegistry:
             raise ValidationError(f"{path} resolves outside the checkpoint directory {self.checkpoint_dir}")
         return path, rolled_back
 
+    def _read_current(self, name: str) -> tuple[str | None, bool]:
+        """store.current_state; ValidationError when CURRENT cannot be read (that model alone is refused)."""
+        try:
+            return store.current_state(self.checkpoint_dir, name)
+        except store.StoreError as e:
+            raise ValidationError(str(e)) from None
+
     def _current_text(self, name: str) -> str:
         """What CURRENT names, valid or not: a refusal recorded under it holds until CURRENT changes."""
         try:
-            return store.current_version(self.checkpoint_dir, name) or "?"
-        except (store.StoreError, OSError):
-            return "?"
+            return self._read_current(name)[0] or UNREADABLE
+        except ValidationError:
+            return UNREADABLE
 
-    def _gated(self, candidate: ServingModel) -> bool:
-        """Whether the trainer's gate passed these very weights (a verdict for other weights proves nothing)."""
+    def _gated(self, candidate: ServingModel, running: ServingModel | None) -> bool:
+        """Whether the trainer's gate passed these very weights against the version serving: a verdict for other
+        weights proves nothing, nor one measured against another version (a retrain compares with the version
+        CURRENT names, which may be one this engine refused)."""
+        if running is None:
+            return False
         try:
             gate = store.gate_record(self.checkpoint_dir, candidate.name, candidate.version)
         except store.StoreError:
             return False
         return bool(gate and gate.get("passed") is True
-                    and gate.get("weights_sha256") == candidate.meta.get("weights_sha256"))
+                    and gate.get("weights_sha256") == candidate.meta.get("weights_sha256")
+                    and gate.get("serving_version") == running.version)
 
     def _package_path(self, name: str) -> Path | None:
         for path in (self.package_dir / f"{name}.safetensors", self.package_dir / name / f"{name}.safetensors"):
@@ -378,9 +397,9 @@ class ModelRegistry:
             return out
         for name in self.names:
             try:
-                version = store.current_version(self.checkpoint_dir, name)
-            except (store.StoreError, OSError):
-                continue
+                version = self._read_current(name)[0]
+            except ValidationError:
+                version = UNREADABLE  # offered once: its refusal is recorded under the same mark
             if version is None:
                 continue
             with self._lock:
@@ -433,10 +452,11 @@ class ModelRegistry:
             candidate = build_serving(name, path, self.device, self.quantize, self.known_lines)
             if running is not None and candidate.version == running.version and not force:
                 return {"status": "unchanged", "version": running.version}
-            # One perplexity gate: the trainer's verdict when it published this version, else the metadata
-            # comparison. A rollback is the operator's explicit choice, recorded in CURRENT by `rollback`
-            # (version order proves nothing: a candidate may sort older than a hand-published version).
-            trusted = rolled_back or self._gated(candidate)
+            # One perplexity gate: the trainer's verdict when it published this version against the one
+            # serving, else the metadata comparison. A rollback is the operator's explicit choice, recorded in
+            # CURRENT by `rollback` (version order proves nothing: a candidate may sort older than a
+            # hand-published version).
+            trusted = rolled_back or self._gated(candidate, running)
             validate(candidate, None if trusted else running, self.ppl_tolerance)
         except (CheckpointError, ValidationError, OSError) as e:
             return self._refuse(name, path.stem, str(e))

@@ -16,20 +16,30 @@ the next schedule(): the request leaves (`aborted`) and its rows are free in tha
 
 Admission by estimated wait: add_request refuses at once (QueueFullError) a request that would not finish
 within `admit_share` of the time to its deadline, estimated from the work ahead of it (rows × steps left of
-the running and waiting requests), the batch size and the step time the engine reports (observe_step).
-Admitting it would only have ended in a TimeoutError after holding rows others could use. Before any step
-is measured, or for a request without `num_steps`, only `max_queue` limits admission.
+the running and waiting requests), the batch size and the step times the engine reports (observe_step).
+Admitting it would only have ended in a TimeoutError after holding rows others could use. The step time of
+a batch size is the mean of the recent steps of that size (rows rounded up to a power of two), each counted
+as at most SPIKE times their median: one step that waited while the event loop admitted a burst does not
+multiply it, while slow steps that keep coming still count. A size not measured yet is taken from a larger
+measured one, or scaled up linearly from a smaller one. A request is refused as too short for an idle
+engine (TimeoutError) only by the fastest step measured, which no load inflates. Before MIN_STEPS steps of
+some size are measured, or for a request without `num_steps`, only `max_queue` limits admission.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
 from engine.api import PoemRequest
 from engine.errors import QueueFullError
+
+STEP_WINDOW = 32  # recent steps kept per batch size
+SPIKE = 4.0  # a step counts for at most this many times the median of its size's recent steps
+MIN_STEPS = 3  # steps of a batch size measured before its time counts
 
 
 class RequestStatus(enum.Enum):
@@ -86,8 +96,10 @@ class Scheduler:
     max_queue: int = 1024  # waiting requests; the next add_request raises QueueFullError
     retry_after: float = 1.0  # seconds a rejected caller is told to wait (at least)
     admit_share: float = 0.8  # admit when the estimated finish is within this share of the deadline; 0 = off
-    step_seconds: float | None = None  # recent step time (moving average of observe_step); None = unmeasured
-    step_rows: float = 0.0  # recent rows per step (padded), to scale the step time to a fuller batch
+    # batch size (rows rounded up to a power of two) → its recent step times, each scaled up to that size
+    step_times: dict[int, deque[float]] = field(default_factory=dict)
+    step_seconds: dict[int, float] = field(default_factory=dict)  # batch size → its step time, for MIN_STEPS or more
+    fastest_step: float | None = None  # the fastest step ever measured: a request alone takes no less per step
     num_steps: int = 0  # steps scheduled so far
     _waiting_rows: int = 0  # sum of num_rows over waiting
     _waiting_work: int = 0  # sum of num_rows * num_steps over waiting (row-steps)
@@ -129,22 +141,40 @@ class Scheduler:
         """The engine's measurement of one step (its wall time, the rows it ran padded): feeds the estimate."""
         if seconds <= 0 or rows <= 0:
             return
-        if self.step_seconds is None:
-            self.step_seconds, self.step_rows = seconds, float(rows)
-        else:  # a moving average: follows a slower machine (other load) within a few steps
-            self.step_seconds += 0.2 * (seconds - self.step_seconds)
-            self.step_rows += 0.2 * (rows - self.step_rows)
+        size = _size_class(rows)
+        times = self.step_times.setdefault(size, deque(maxlen=STEP_WINDOW))
+        times.append(seconds * size / rows)  # an overestimate for the rows it ran, by less than 2×
+        if len(times) >= MIN_STEPS:
+            cap = SPIKE * statistics.median(times)
+            self.step_seconds[size] = sum(min(t, cap) for t in times) / len(times)
+        self.fastest_step = seconds if self.fastest_step is None else min(self.fastest_step, seconds)
+
+    def step_time(self, rows: int) -> float | None:
+        """The time of one step of `rows` rows (see the module docstring); None before any size is measured.
+        An unmeasured size gets the nearest larger measured size's time, else the largest smaller one's scaled
+        up linearly (an overestimate: part of a step's time does not grow with rows)."""
+        size = _size_class(rows)
+        if size in self.step_seconds:
+            return self.step_seconds[size]
+        if not self.step_seconds:
+            return None
+        larger = [s for s in self.step_seconds if s > size]
+        if larger:
+            return self.step_seconds[min(larger)]
+        largest = max(self.step_seconds)
+        return self.step_seconds[largest] * size / largest
 
     def estimate_seconds(self, req: EngineRequest, alone: bool = False) -> float | None:
-        """When `req`, added now, would finish (`alone`: on an idle engine): None without a measured step or a
-        step count."""
-        if self.step_seconds is None or req.num_steps <= 0:
+        """When `req`, added now, would finish (`alone`: on an idle engine, at the fastest step measured): None
+        without enough measured steps or a step count."""
+        if req.num_steps <= 0 or self.step_time(1) is None:
             return None
-        rows = req.num_rows if alone else self.num_running_rows + self._waiting_rows + req.num_rows
-        batch = min(self.max_num_rows, rows)
-        # A fuller batch than the measured ones takes proportionally longer (an overestimate: part of a
-        # step's time does not grow with rows); a smaller one is not counted as faster.
-        per_step = self.step_seconds * max(1.0, batch / max(self.step_rows, 1.0))
+        if alone:
+            # NOTE: the fastest step, not a recent one: a 504 tells the caller no retry can succeed, and the
+            # step times of an engine that went idle after a burst are those measured under the burst.
+            return req.num_steps * self.fastest_step
+        rows = self.num_running_rows + self._waiting_rows + req.num_rows
+        per_step = self.step_time(min(self.max_num_rows, rows))
         wait_steps = 0.0
         if rows > self.max_num_rows:  # it must wait for rows: the work ahead drains a full batch per step
             running_left = max(0, self._running_work_at_0 - self.num_steps * self.num_running_rows)
@@ -267,3 +297,8 @@ class Scheduler:
     def _drop(self, req: EngineRequest, status: RequestStatus) -> None:
         req.status = status
         self._req_ids.discard(req.req_id)
+
+
+def _size_class(rows: int) -> int:
+    """The batch size a step of `rows` rows is filed under: the next power of two."""
+    return 1 << (rows - 1).bit_length()

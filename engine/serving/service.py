@@ -71,6 +71,11 @@ SETTINGS = web.AppKey("settings", ServiceSettings)
 
 
 # -- errors ------------------------------------------------------------------------------------------------
+class UnreadableBody(RequestError):
+    """A body that does not decode: a 400 after which the connection closes, since where the rest of the body
+    ends and the next request starts cannot be told."""
+
+
 def dumps(obj) -> str:
     """JSON with Chinese readable; \\u escapes only when the text would not encode (an echoed lone surrogate)."""
     text = json.dumps(obj, ensure_ascii=False)
@@ -92,7 +97,10 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except RequestError as e:
-        return error_response(400, e.code, e.message, e.field)
+        response = error_response(400, e.code, e.message, e.field)
+        if isinstance(e, UnreadableBody):
+            response.force_close()
+        return response
     except QueueFullError as e:
         retry = str(max(1, math.ceil(e.retry_after)))
         return error_response(503, "queue_full", str(e), headers={"Retry-After": retry})
@@ -117,8 +125,16 @@ async def error_middleware(request: web.Request, handler):
 
 
 async def read_json(request: web.Request, allow_empty: bool = True):
-    """The body as JSON; 400 naming the problem for bad UTF-8 or bad JSON, 413 over the size limit."""
-    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    """The body as JSON; 400 naming the problem for a body that does not decode, bad UTF-8 or bad JSON, 413 over
+    the size limit."""
+    try:
+        raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    except web.RequestPayloadError:  # a compressed body that does not decompress, or one cut short
+        # NOTE: marked as read to its end: else aiohttp, finishing the request, reads it again and logs the
+        # same error as unhandled, with a traceback.
+        request.content.feed_eof()
+        raise UnreadableBody("bad_encoding", None, "the body does not decode as its Content-Encoding says, "
+                                                   "or it ended early") from None
     if not raw.strip():
         if allow_empty:
             return {}
