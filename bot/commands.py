@@ -700,8 +700,7 @@ def describe_request_error(e: RequestError) -> str:
     if e.field == "acrostic":
         return f"{ACROSTIC_USAGE}\n({_echo(e.message, 200)})"
     if e.field == "rhymes":
-        return (f"无法用这些韵脚次韵：近体诗押平声韵，韵脚须是模型认得的平声字，且各不相同。\n"
-                f"Cannot answer with those rhymes: {_echo(e.message, 200)}")
+        return f"无法这样次韵。\nCannot answer with those rhymes: {_echo(e.message, 200)}"
     if e.code == "prompt_too_long":
         return f"开头太长。\nThe opening is too long: {_echo(e.message, 200)}"
     if e.code == "no_ci":
@@ -719,13 +718,26 @@ CIYUN_USAGE = ("用法：/ciyun [开头] 原诗（一首绝句或律诗），或
 
 def ciyun_arguments(args: list[str], replied: str | None) -> tuple[str, str]:
     """/ciyun's (opening, poem). The poem is in the arguments, after an opening of one or two characters if
-    there is one; or, when the arguments hold no poem, in the message replied to (its text up to the first
-    blank line: a poem the bot sent ends in a blank line and a footer), the arguments then being the opening."""
+    there is one; or, when the arguments hold no poem, in the message replied to (`poem_in`), the arguments
+    then being the opening."""
     if len(args) > 1 and len(args[0]) <= 2 and _is_poem(" ".join(args[1:])):
         return args[0], " ".join(args[1:])
     if replied is not None and not _is_poem(" ".join(args)):
-        return "".join(args), replied.strip().split("\n\n")[0]
+        return "".join(args), poem_in(replied)
     return "", " ".join(args)
+
+
+def poem_in(text: str, max_blocks: int = 12) -> str:
+    """The poem in a message: the longest run of its blank-line-separated blocks that reads as a 绝句 or 律诗,
+    the earliest first (a poem the bot sent is followed by a footer; a pasted one may follow a title, or put a
+    blank line between its couplets); else its first block, whose error /ciyun then explains."""
+    blocks = [b for b in re.split(r"\n\s*\n", text.strip()) if b.strip()][:max_blocks]
+    for start in range(len(blocks)):
+        for end in range(len(blocks), start, -1):
+            candidate = "\n".join(blocks[start:end])
+            if _is_poem(candidate):
+                return candidate
+    return blocks[0] if blocks else ""
 
 
 def _is_poem(text: str) -> bool:

@@ -226,10 +226,10 @@ def _https_url(value: str) -> str:
         raise ValueError(f"Telegram only delivers webhooks to https URLs, got {value!r}")
     value = _url(value)
     try:
-        port = urllib.parse.urlsplit(value).port or 443
+        port = urllib.parse.urlsplit(value).port
     except ValueError:
         raise ValueError(f"has a port that is not a number, got {value!r}") from None
-    if port not in WEBHOOK_PORTS:
+    if port is not None and port not in WEBHOOK_PORTS:
         raise ValueError(f"Telegram delivers webhooks only to ports {', '.join(map(str, WEBHOOK_PORTS))}; "
                          f"got port {port} in {value!r}")
     return value

@@ -499,3 +499,15 @@ async def test_a_paused_subscription_names_the_command_that_resumes_it_as_it_was
     await commands.handle(private(), resume)
     sub = store.subscription(42)
     assert not sub.paused and (sub.form, sub.tune) == (form, tune)
+
+
+@pytest.mark.parametrize("message", [
+    f"{JINGYESI}\n\n— 五绝 · beam 5 · lstm-large",  # the bot's own, with its footer
+    f"静夜思\n\n{JINGYESI}",  # a title, a blank line, the poem
+    "床前明月光，疑是地上霜。\n\n举头望明月，低头思故乡。",  # a blank line between the couplets
+])
+async def test_ciyun_finds_the_poem_in_the_message_it_replies_to(commands, scripted_engine, message):
+    who = Who(chat_id=42, user_id=42, chat_type="private", replied=message)
+    reply = await commands.handle(who, "/ciyun 秋")
+    request = scripted_engine.requests[-1]
+    assert (request.form, request.rhymes, request.prompt) == ("wujue", "光霜乡", "秋") and reply.poem_id is not None

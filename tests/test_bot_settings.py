@@ -140,7 +140,7 @@ def test_plain_http_that_would_cross_the_internet_is_refused(key, url, ok):
 
 @pytest.mark.parametrize("url, ok", [("https://example.org/hook", True), ("https://example.org:8443/hook", True),
                                      ("https://example.org:88/hook", True), ("https://example.org:8080/hook", False),
-                                     ("https://example.org:65536/hook", False)])
+                                     ("https://example.org:65536/hook", False), ("https://example.org:0/hook", False)])
 def test_a_webhook_url_on_a_port_telegram_does_not_deliver_to_is_refused(url, ok):
     """Accepted, setWebhook was refused at start and the bot retried it for ever without a word."""
     env = {"WEBHOOK_URL": url, "WEBHOOK_SECRET": WEBHOOK_SECRET}

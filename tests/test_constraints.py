@@ -463,6 +463,7 @@ def test_a_prompt_that_writes_the_rhyme_it_is_given_is_no_conflict(vocab):
     ({"form": "wujue", "rhymes": "明城声情"}, "bad_rhymes", "got 4"),
     ({"form": "wulv", "rhymes": "城声情"}, "bad_rhymes", "4 characters, or 5"),
     ({"form": "wujue", "rhymes": "城城"}, "bad_rhymes", "城"),
+    ({"form": "wujue", "rhymes": "鄉乡"}, "bad_rhymes", "乡"),  # one character once simplified
     ({"form": "wujue", "rhymes": "城月"}, "bad_rhymes", "月"),  # oblique only: the regular forms rhyme on 平
     ({"form": "wujue", "rhymes": "城犇"}, "unknown_character", "犇"),
     ({"form": "wujue", "rhymes": "城A"}, "bad_character", "A"),

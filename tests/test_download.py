@@ -472,3 +472,25 @@ async def test_a_download_another_process_is_making_is_left_to_it(upstream, tmp_
         fcntl.flock(held, fcntl.LOCK_EX)
         assert await asyncio.to_thread(fetch_corpus, corpus, upstream.base_url) is None
     assert upstream.requests == []
+
+
+async def test_no_model_retrains_on_a_corpus_whose_download_is_not_finished(upstream, tmp_path):
+    """A retrain on the few files that had arrived (2 of 337 in the review) could be published."""
+    import fcntl
+
+    from trainer.download import DOWNLOAD_LOCK, UNFINISHED
+    from trainer.retrain import read_run_records, retrain_all
+
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, make_poems(40, seed=5), per_file=20)
+    (corpus / UNFINISHED).write_text("")
+    cfg = daemon_config(upstream, tmp_path, corpus)
+    cfg.names, cfg.time_budget, cfg.max_steps = ("lstm",), 0.01, 1  # were it to train, a short run
+    cfg.work = str(tmp_path / "work")
+    with open(corpus / DOWNLOAD_LOCK, "a") as held:  # another process is still downloading
+        fcntl.flock(held, fcntl.LOCK_EX)
+        records = await asyncio.to_thread(retrain_all, cfg)
+    assert [r["outcome"] for r in records] == ["skipped"] * len(cfg.names)
+    assert all("not finished" in r["why"] for r in records)
+    assert [r["name"] for r in read_run_records(cfg.store)] == list(cfg.names)
+    assert not Path(cfg.work).exists()  # nothing trained

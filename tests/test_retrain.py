@@ -262,6 +262,23 @@ def test_a_run_stopped_after_training_but_before_its_outcome_is_evaluated_not_tr
     assert retrain(cfg, force=True)["resumed"] is False
 
 
+def test_a_run_that_trained_and_then_failed_is_trained_again_not_failed_again(v1, monkeypatch):
+    """Its outcome is on record, so its finished run directory is not evaluated again as a stopped one."""
+    root, _ = v1
+    add_poems(root / "corpus", make_poems(80, seed=5))
+    cfg = tiny_config(root, root / "corpus", max_steps=20)
+
+    def full_disk(*args, **kwargs):
+        raise store.StoreError("lstm: cannot publish: No space left on device")
+
+    monkeypatch.setattr(rt, "_generate", fake_poem)
+    with monkeypatch.context() as m:
+        m.setattr(store, "publish", full_disk)
+        assert retrain(cfg)["outcome"] == "failed"
+    again = retrain(cfg)
+    assert again["outcome"] == "published" and again["resumed"] is False
+
+
 def test_the_form_check_passes_for_a_trained_model_with_the_real_decoder(v1):
     root, _ = v1
     ckpt = load_checkpoint(store.current_path(tiny_config(root, root / "corpus").store, "lstm"))

@@ -299,7 +299,8 @@ def form_check(ckpt: Checkpoint, per_form: int = 2) -> dict:
 def _score(ckpt: Checkpoint, poems) -> dict:
     pre_pad = ckpt.meta.get("train", {}).get("recipe") == "classic"
     m = perplexity(ckpt.model, ckpt.vocab, poems, pre_pad=pre_pad)
-    return {"ppl": round(m["ppl"], 4), "nll": round(m["nll"], 6), "chars": m["chars"], "oov": m["oov"]}
+    return {"ppl": round(m["ppl"], 4), "nll": round(m["nll"], 6), "chars": m["chars"], "oov": m["oov"],
+            "poems": len(poems)}
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -327,10 +328,12 @@ def _run_lock(store, wait: float = 0.0):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepare_corpus(cfg: RetrainConfig) -> None:
+def prepare_corpus(cfg: RetrainConfig) -> list[str]:
     """Fetch the corpus where `cfg.download` asks for it, then bring the store's known-lines table up to date
-    with it. Neither raises: without a corpus the engine serves on, and the next run tries again."""
-    from trainer.download import DEFAULT_BASE_URL, fetch_corpus
+    with it; returns the corpus directories whose download is not finished (still missing files, or being
+    made by another process). Neither raises: without a corpus the engine serves on, and the next run tries
+    again."""
+    from trainer.download import DEFAULT_BASE_URL, UNFINISHED, fetch_corpus
     from trainer.known_lines import refresh_or_warn
 
     if cfg.download:
@@ -343,19 +346,41 @@ def prepare_corpus(cfg: RetrainConfig) -> None:
                 continue
             if result is None:
                 continue
+            if result.missing and not result.downloaded and not result.skipped:
+                log.warning("corpus download into %s: %s has none of the corpus files (HTTP 404 for every one): "
+                            "check CORPUS_BASE_URL", path, cfg.base_url or DEFAULT_BASE_URL)
+                continue
             (log.info if result.ok else log.warning)(
                 "corpus download into %s: %s%s", path, result.summary(),
                 "" if result.ok else f"; the source lacks {len(result.missing)} of them, so it is finished without "
                 "them" if len(result.missing) == len(result.failed) else "; the next retrain run takes it up again")
     refresh_or_warn(cfg.corpus, Path(cfg.store))
+    return [p for p in cfg.corpus if cfg.download and (Path(p).resolve() / UNFINISHED).exists()]
 
 
 def retrain_all(cfg: RetrainConfig, force: bool = False, reason: str = "manual", wait: float = 0.0) -> list[dict]:
     """Fetch the corpus if it is wanted and bring the store's known-lines table up to date with it
     (`prepare_corpus`), then retrain every model in `cfg.names`, one after the other, the default first;
     returns their records."""
-    prepare_corpus(cfg)
+    unfinished = prepare_corpus(cfg)
+    if unfinished:
+        # NOTE: a model trained on the few files that arrived would be published, and the budget spent on it.
+        why = f"the corpus download into {', '.join(unfinished)} is not finished; the next run trains"
+        log.warning("retrain skipped: %s", why)
+        return [_record_skip(replace(cfg, name=name), reason, force, why) for name in cfg.names]
     return [retrain(replace(cfg, name=name), force=force, reason=reason, wait=wait) for name in cfg.names]
+
+
+def _outcome_recorded(cfg: RetrainConfig, run_dir: Path) -> bool:
+    """Whether a run of this model in `run_dir` recorded its outcome (a stopped one recorded none)."""
+    return any(r.get("run_dir") == run_dir.name for r in read_run_records(cfg.store, cfg.name))
+
+
+def _record_skip(cfg: RetrainConfig, reason: str, force: bool, why: str) -> dict:
+    record = {"at": _now(), "kind": "retrain", "name": cfg.name, "reason": reason, "forced": force,
+              "outcome": "skipped", "why": why, "seconds": 0.0}
+    append_record(cfg.store, record)
+    return record
 
 
 def retrain(cfg: RetrainConfig, force: bool = False, reason: str = "manual", wait: float = 0.0) -> dict:
@@ -456,13 +481,14 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
                                           f"{serving.version if mode == 'finetune' else 'scratch'}"
     state = run_dir / "state.json"
     finished = json.loads(state.read_text()) if state.exists() else {}
-    if finished.get("done") and force:
-        shutil.rmtree(run_dir)  # a forced rerun starts over
+    if finished.get("done") and (force or _outcome_recorded(cfg, run_dir)):
+        shutil.rmtree(run_dir)  # a forced rerun, or one whose outcome (say "failed") is on record: start over
     for old in (run_dir.parent.iterdir() if run_dir.parent.is_dir() else []):
         if old != run_dir:
             shutil.rmtree(old, ignore_errors=True)
     tc.out = str(run_dir)
     record["resumed"] = state.exists()
+    record["run_dir"] = run_dir.name
     if finished.get("done") and not force and (run_dir / "best.safetensors").is_file():
         # NOTE: trained to the end by a run stopped before it recorded an outcome (a stop while evaluating or
         # publishing; a recorded one would have been skipped above): what it trained is evaluated, not redone.
@@ -494,7 +520,11 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     record["form_check"] = check
 
     cand_ppl = metrics[compared]["ppl"]
-    if not math.isfinite(cand_ppl):
+    compared_poems = metrics[compared]["poems"] if "poems" in metrics[compared] else len(held_out)
+    if serving is not None and not compared_poems:
+        record.update(outcome="rejected", why="no held-out poem is written in characters both the candidate's and "
+                                              "the serving model's vocabularies hold: nothing to compare them on")
+    elif not math.isfinite(cand_ppl):
         record.update(outcome="rejected", why=f"candidate perplexity is {cand_ppl}")
     elif serving is not None and cand_ppl > metrics["serving"]["ppl"] * (1 + cfg.tolerance):
         record.update(outcome="rejected", why=f"validation ppl {cand_ppl:.2f} is worse than the serving "
@@ -504,7 +534,7 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     else:
         gate = {"candidate_ppl": cand_ppl, "serving_ppl": metrics.get("serving", {}).get("ppl"),
                 "serving_version": record.get("serving_version"), "tolerance": cfg.tolerance,
-                "held_out_poems": len(held_out), "corpus_hash": record["corpus_hash"]}
+                "held_out_poems": compared_poems, "corpus_hash": record["corpus_hash"]}
         try:
             # Compare-and-swap on the CURRENT this run started from: a hand publish or rollback made while it
             # trained is the operator's decision, and this candidate was only compared with the old version.

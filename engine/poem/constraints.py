@@ -314,6 +314,10 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lin
     for line, ch in enumerate(acrostic or ""):
         forced_at[layout.starts[line]] = vocab.index[ch]
     rhymes = _in_vocab(request.rhymes, "rhymes", vocab) if request.rhymes else ""
+    again = next((ch for i, ch in enumerate(rhymes) if ch in rhymes[:i]), None)
+    if again is not None:  # 鄉 and 乡 are one character once simplified
+        raise RequestError("bad_rhymes", "rhymes", f"「{again}」 is in rhymes twice; a poem rhymes on a character once "
+                                                   f"(重韵)")
     for pos, ch in zip(rhyme_positions(form, len(rhymes)) if rhymes else (), rhymes):
         if prosody.tones[vocab.index[ch]] == OBLIQUE:
             raise RequestError("bad_rhymes", "rhymes", f"「{ch}」 has no level-tone (平) reading, and a regular poem "
