@@ -379,13 +379,16 @@ def build_plan(vocab: Vocab, prosody: Prosody, request, formulas=None, known_lin
                      "rhyme: the model's vocabulary lacks rhyme characters for this tune's rhymes; rhyme is off")
 
     first_rhyme = layout.starts[0] + form.line_len - 1 if form and rhyme and request.tone else None
+    first_groups = _first_rhyme_groups(book, eligible[0], sets[0][1], first_rhyme, rhyme_at, forced_at,
+                                       len(rhymes) > len(rhyme_at))
+    # A character forced at line 1's end is a rhyme only where 次韵 makes it one (a prompt's is a bent tone).
+    rhyming = set(rhyme_at) | ({first_rhyme} if first_groups and first_rhyme in forced_at else set())
     plan = PoemPlan(form=form, vocab=vocab, prosody=prosody, prompt=prompt, acrostic=acrostic, rhyme=rhyme,
                     tone=bool(request.tone), start_token=start_token, forced_at=forced_at, first_rhyme=first_rhyme,
-                    first_rhyme_groups=_first_rhyme_groups(book, eligible[0], sets[0][1], first_rhyme, rhyme_at,
-                                                           forced_at, len(rhymes) > len(rhyme_at)),
+                    first_rhyme_groups=first_groups,
                     reserved=reserved, eligible_groups=eligible, rhyme_tones=tuple(t for t, _ in sets),
                     tone_req=tone_req, rhyme_at=rhyme_at,
-                    forced_rhymes=tuple(sorted({forced_at[p] for p in (set(rhyme_at) | {first_rhyme}) & set(forced_at)})),
+                    forced_rhymes=tuple(sorted({forced_at[p] for p in rhyming & set(forced_at)})),
                     layout=layout, book=book, tune=tune, notes=notes, tables=tables, formulas=formulas,
                     known_lines=known_lines, keywords=tuple(keywords), starts=starts, linked=linked if rhyme else {})
     # Run the forced opening once so that what the prompt itself breaks is known (and said) up front.
