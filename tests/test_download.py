@@ -494,3 +494,12 @@ async def test_no_model_retrains_on_a_corpus_whose_download_is_not_finished(upst
     assert all("not finished" in r["why"] for r in records)
     assert [r["name"] for r in read_run_records(cfg.store)] == list(cfg.names)
     assert not Path(cfg.work).exists()  # nothing trained
+
+
+async def test_without_a_network_the_daemon_tries_one_file_not_all(tmp_path, unused_tcp_port):
+    """Every one of the 337 files failed alike, each after its retries: minutes of the retrain worker."""
+    from trainer.download import UNFINISHED, fetch_corpus
+
+    corpus = tmp_path / "corpus"
+    result = await asyncio.to_thread(fetch_corpus, corpus, f"http://127.0.0.1:{unused_tcp_port}/raw", retries=0)
+    assert len(result.failed) == 1 and not result.missing and (corpus / UNFINISHED).exists()

@@ -280,7 +280,13 @@ def fetch_corpus(dest, base_url: str = DEFAULT_BASE_URL, log: Callable[[str], No
         marker = dest / UNFINISHED
         if not marker.exists():
             atomic_write_bytes(marker, b"")
-        result = asyncio.run(download(dest, file_list(include_ci=True), base_url, log=log, **kw))
+        files = file_list(include_ci=True)
+        # NOTE: one file first: without a network every file would fail alike, each after its retries
+        # (minutes of the daemon's retrain worker); the next run tries again.
+        first = asyncio.run(download(dest, files[:1], base_url, log=log, **kw))
+        if first.failed and not first.missing:
+            return first
+        result = asyncio.run(download(dest, files, base_url, log=log, **kw))
         if len(result.missing) == len(result.failed):
             marker.unlink()
             fsync_dir(dest)
