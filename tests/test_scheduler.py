@@ -6,7 +6,14 @@ import pytest
 
 from engine.api import PoemRequest
 from engine.errors import QueueFullError
-from engine.serving.scheduler import EngineRequest, RequestStatus, RunnerOutput, Scheduler, SchedulerOutput
+from engine.serving.scheduler import (
+    FRESH_SECONDS,
+    EngineRequest,
+    RequestStatus,
+    RunnerOutput,
+    Scheduler,
+    SchedulerOutput,
+)
 
 
 class FakeRunner:
@@ -305,3 +312,39 @@ def test_slow_steps_that_keep_coming_count_and_a_slower_machine_is_followed():
     assert sched.step_time(64) == pytest.approx(0.0015)
     measured(sched, 0.01, 64, steps=32)  # other load on the machine: every step ten times slower from now on
     assert sched.step_time(64) == pytest.approx(0.01)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_step_time_measured_long_ago_no_longer_decides_admission():
+    """A burst run under load left a slow figure; the refused requests never ran to correct it, so an idle
+    engine went on refusing 15 of every 16 requests, burst after burst."""
+    clock = Clock()
+    sched = measured(measured(Scheduler(max_num_rows=256, max_queue=1024, clock=clock), 0.01, 16), 0.5, 256)
+    with pytest.raises(QueueFullError):
+        for i in range(16):
+            sched.add_request(beam16(f"b{i}", deadline=4.0))
+    clock.now += FRESH_SECONDS + 1  # nothing ran since
+    for i in range(16):
+        sched.add_request(beam16(f"c{i}", deadline=4.0))
+    assert sched.estimate_seconds(beam16("d", deadline=4.0)) is None  # unmeasured: the queue length decides
+
+
+def test_an_idle_engine_refuses_as_busy_only_what_a_retry_could_get_in():
+    """The busy check (503) and the too-short check (504) used different step times: on an idle engine a request
+    got 503 "retry in 1s" that no retry could ever turn into a poem."""
+    sched = measured(Scheduler(max_num_rows=256, max_queue=1024, clock=Clock()), 0.002, 1)
+    measured(sched, 0.004, 16)
+    req = EngineRequest("a", PoemRequest(), num_rows=1, arrival_time=0.0, deadline=0.2, num_steps=64)
+    assert sched.estimate_seconds(req) == sched.estimate_seconds(req, alone=True)
+    too_short = EngineRequest("b", PoemRequest(), num_rows=1, arrival_time=0.0, deadline=0.12, num_steps=64)
+    with pytest.raises(TimeoutError):  # 64 steps of 2 ms do not fit 0.8 × 0.12 s: a 504, not a 503
+        sched.add_request(too_short)
+    sched.add_request(req)
+    assert sched.num_waiting == 1

@@ -20,10 +20,12 @@ the running and waiting requests), the batch size and the step times the engine 
 Admitting it would only have ended in a TimeoutError after holding rows others could use. The step time of
 a batch size is the mean of the recent steps of that size (rows rounded up to a power of two), each counted
 as at most SPIKE times their median: one step that waited while the event loop admitted a burst does not
-multiply it, while slow steps that keep coming still count. A size not measured yet is taken from a larger
-measured one, or scaled up linearly from a smaller one. A request is refused as too short for an idle
-engine (TimeoutError) only by the fastest step measured, which no load inflates. Before MIN_STEPS steps of
-some size are measured, or for a request without `num_steps`, only `max_queue` limits admission.
+multiply it, while slow steps that keep coming still count. Only steps of the last FRESH_SECONDS count: a
+figure measured under a load long gone (the refused requests never run to correct it) expires. A size not
+measured yet is taken from a larger measured one, or scaled up linearly from a smaller one. A request that
+would not finish even on an idle engine, by the same step times, is refused as too short (TimeoutError, not
+to be retried). Without MIN_STEPS fresh steps of some size, or for a request without `num_steps`, only
+`max_queue` limits admission.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from __future__ import annotations
 import enum
 import math
 import statistics
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.api import PoemRequest
@@ -40,6 +44,7 @@ from engine.errors import QueueFullError
 STEP_WINDOW = 32  # recent steps kept per batch size
 SPIKE = 4.0  # a step counts for at most this many times the median of its size's recent steps
 MIN_STEPS = 3  # steps of a batch size measured before its time counts
+FRESH_SECONDS = 10.0  # a step measured longer ago says nothing of the machine now
 
 
 class RequestStatus(enum.Enum):
@@ -96,10 +101,9 @@ class Scheduler:
     max_queue: int = 1024  # waiting requests; the next add_request raises QueueFullError
     retry_after: float = 1.0  # seconds a rejected caller is told to wait (at least)
     admit_share: float = 0.8  # admit when the estimated finish is within this share of the deadline; 0 = off
-    # batch size (rows rounded up to a power of two) → its recent step times, each scaled up to that size
-    step_times: dict[int, deque[float]] = field(default_factory=dict)
-    step_seconds: dict[int, float] = field(default_factory=dict)  # batch size → its step time, for MIN_STEPS or more
-    fastest_step: float | None = None  # the fastest step ever measured: a request alone takes no less per step
+    # batch size (rows rounded up to a power of two) → its recent steps: (when, seconds scaled up to that size)
+    step_times: dict[int, deque[tuple[float, float]]] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic  # when a step is measured, and how old a measurement is
     num_steps: int = 0  # steps scheduled so far
     _waiting_rows: int = 0  # sum of num_rows over waiting
     _waiting_work: int = 0  # sum of num_rows * num_steps over waiting (row-steps)
@@ -143,38 +147,44 @@ class Scheduler:
             return
         size = _size_class(rows)
         times = self.step_times.setdefault(size, deque(maxlen=STEP_WINDOW))
-        times.append(seconds * size / rows)  # an overestimate for the rows it ran, by less than 2×
-        if len(times) >= MIN_STEPS:
-            cap = SPIKE * statistics.median(times)
-            self.step_seconds[size] = sum(min(t, cap) for t in times) / len(times)
-        self.fastest_step = seconds if self.fastest_step is None else min(self.fastest_step, seconds)
+        times.append((self.clock(), seconds * size / rows))  # an overestimate for its rows, by less than 2×
+
+    def step_seconds(self) -> dict[int, float]:
+        """Batch size → its step time, from its steps of the last FRESH_SECONDS (MIN_STEPS of them or more)."""
+        now, out = self.clock(), {}
+        for size, times in self.step_times.items():
+            fresh = [t for at, t in times if now - at <= FRESH_SECONDS]
+            if len(fresh) >= MIN_STEPS:
+                cap = SPIKE * statistics.median(fresh)
+                out[size] = sum(min(t, cap) for t in fresh) / len(fresh)
+        return out
 
     def step_time(self, rows: int) -> float | None:
-        """The time of one step of `rows` rows (see the module docstring); None before any size is measured.
+        """The time of one step of `rows` rows (see the module docstring); None without fresh measurements.
         An unmeasured size gets the nearest larger measured size's time, else the largest smaller one's scaled
         up linearly (an overestimate: part of a step's time does not grow with rows)."""
+        measured = self.step_seconds()
         size = _size_class(rows)
-        if size in self.step_seconds:
-            return self.step_seconds[size]
-        if not self.step_seconds:
+        if size in measured:
+            return measured[size]
+        if not measured:
             return None
-        larger = [s for s in self.step_seconds if s > size]
+        larger = [s for s in measured if s > size]
         if larger:
-            return self.step_seconds[min(larger)]
-        largest = max(self.step_seconds)
-        return self.step_seconds[largest] * size / largest
+            return measured[min(larger)]
+        largest = max(measured)
+        return measured[largest] * size / largest
 
     def estimate_seconds(self, req: EngineRequest, alone: bool = False) -> float | None:
-        """When `req`, added now, would finish (`alone`: on an idle engine, at the fastest step measured): None
-        without enough measured steps or a step count."""
-        if req.num_steps <= 0 or self.step_time(1) is None:
+        """When `req`, added now, would finish (`alone`: on an idle engine): None without fresh measured steps
+        or a step count. NOTE: both from the same step times, so that a request refused as busy (503) could
+        be admitted by a retry, and one refused as too short for an idle engine (504) could not."""
+        if req.num_steps <= 0:
             return None
-        if alone:
-            # NOTE: the fastest step, not a recent one: a 504 tells the caller no retry can succeed, and the
-            # step times of an engine that went idle after a burst are those measured under the burst.
-            return req.num_steps * self.fastest_step
-        rows = self.num_running_rows + self._waiting_rows + req.num_rows
+        rows = req.num_rows if alone else self.num_running_rows + self._waiting_rows + req.num_rows
         per_step = self.step_time(min(self.max_num_rows, rows))
+        if per_step is None:
+            return None
         wait_steps = 0.0
         if rows > self.max_num_rows:  # it must wait for rows: the work ahead drains a full batch per step
             running_left = max(0, self._running_work_at_0 - self.num_steps * self.num_running_rows)
