@@ -503,3 +503,16 @@ async def test_without_a_network_the_daemon_tries_one_file_not_all(tmp_path, unu
     corpus = tmp_path / "corpus"
     result = await asyncio.to_thread(fetch_corpus, corpus, f"http://127.0.0.1:{unused_tcp_port}/raw", retries=0)
     assert len(result.failed) == 1 and not result.missing and (corpus / UNFINISHED).exists()
+
+
+async def test_without_a_network_a_resumed_download_also_tries_one_file_not_all(upstream, tmp_path, unused_tcp_port):
+    from trainer.download import fetch_corpus
+
+    upstream.generate = True
+    for rel in file_list(include_ci=True)[1:]:
+        upstream.faults[rel] = [500]
+    corpus = tmp_path / "corpus"
+    first = await asyncio.to_thread(fetch_corpus, corpus, upstream.base_url, retries=0)
+    assert first.downloaded == ["全唐诗/poet.tang.0.json"]  # the first file arrived, the others did not
+    result = await asyncio.to_thread(fetch_corpus, corpus, f"http://127.0.0.1:{unused_tcp_port}/raw", retries=0)
+    assert list(result.failed) == ["全唐诗/poet.tang.1000.json"] and not result.downloaded

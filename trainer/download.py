@@ -281,12 +281,17 @@ def fetch_corpus(dest, base_url: str = DEFAULT_BASE_URL, log: Callable[[str], No
         if not marker.exists():
             atomic_write_bytes(marker, b"")
         files = file_list(include_ci=True)
-        # NOTE: one file first: without a network every file would fail alike, each after its retries
-        # (minutes of the daemon's retrain worker); the next run tries again.
-        first = asyncio.run(download(dest, files[:1], base_url, log=log, **kw))
+        # NOTE: one missing file first: without a network every file would fail alike, each after its
+        # retries (minutes of the daemon's retrain worker); the next run tries again.
+        probe = next(([rel] for rel in files if not is_complete(dest / rel)), [])
+        first = asyncio.run(download(dest, probe, base_url, log=log, **kw))
         if first.failed and not first.missing:
             return first
         result = asyncio.run(download(dest, files, base_url, log=log, **kw))
+        # One run, one summary: the probe's file counts as downloaded, not as already present.
+        result.downloaded[:0] = first.downloaded
+        result.skipped = [rel for rel in result.skipped if rel not in first.downloaded]
+        result.num_bytes += first.num_bytes
         if len(result.missing) == len(result.failed):
             marker.unlink()
             fsync_dir(dest)
