@@ -175,6 +175,16 @@ async def test_a_retry_after_beyond_what_the_call_may_wait_raises_at_once(aiohtt
     assert info.value.retry_after == 3600 and len(calls) == 1
 
 
+async def test_a_retry_after_beyond_the_requests_own_timeout_raises_at_once(aiohttp_server):
+    """A request with timeout=2 was told "busy" only after 27 s of Retry-After waits."""
+    app, calls = scripted_app([(503, BUSY[1], {"Retry-After": "5"})])
+    server = await aiohttp_server(app)
+    async with EngineClient(str(server.make_url("/")), retries=3) as client:
+        with pytest.raises(QueueFullError):
+            await client.generate(PoemRequest(timeout=2.0))
+    assert len(calls) == 1
+
+
 def http_reply(status: str, body: bytes, length: int | None = None) -> bytes:
     head = (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: "
             f"{len(body) if length is None else length}\r\nConnection: close\r\n\r\n")

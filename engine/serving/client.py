@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 
 import aiohttp
@@ -64,7 +65,8 @@ class EngineClient:
         timeout = None
         if request.timeout is not None:  # wait a little longer than the server will
             timeout = aiohttp.ClientTimeout(total=request.timeout + 5.0, sock_connect=self.timeout.sock_connect)
-        data = await self._call("POST", "/v1/poems", json_body=request.to_dict(), timeout=timeout)
+        data = await self._call("POST", "/v1/poems", json_body=request.to_dict(), timeout=timeout,
+                                budget=request.timeout)
         return PoemResult.from_dict(data)
 
     async def models(self) -> list[dict]:
@@ -90,7 +92,10 @@ class EngineClient:
             return False
 
     # -- one call, with retries --------------------------------------------------------------------------
-    async def _call(self, method: str, path: str, json_body=None, auth: bool = False, timeout=None) -> dict:
+    async def _call(self, method: str, path: str, json_body=None, auth: bool = False, timeout=None,
+                    budget: float | None = None) -> dict:
+        """One call with its retries, all within `max_wait` seconds (and `budget`, the caller's own timeout)
+        from its start: a retry that could only begin after that is not made, and the last error is raised."""
         headers = {}
         if auth:
             if not self.token:
@@ -100,7 +105,8 @@ class EngineClient:
         if body is not None:
             headers["Content-Type"] = "application/json"
         last: Exception | None = None
-        waited = 0.0
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + min(self.max_wait, budget if budget is not None else math.inf)
         for attempt in range(self.retries + 1):
             retry_after = None
             try:
@@ -138,9 +144,8 @@ class EngineClient:
             if attempt == self.retries:
                 break
             delay = max(self._backoff(attempt), retry_after or 0.0)
-            if waited + delay > self.max_wait:  # asked to come back later than this call may wait
+            if loop.time() + delay > give_up:  # asked to come back later than this call may wait
                 break
-            waited += delay
             await asyncio.sleep(delay)
         assert last is not None
         raise last
