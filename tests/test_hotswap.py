@@ -305,3 +305,18 @@ async def test_a_gate_verdict_measured_against_another_version_than_the_serving_
                                 gate={"candidate_ppl": 80.0, "serving_ppl": 81.0, "serving_version": good})
         assert (await engine.reload("lstm"))["lstm"] == {"status": "swapped", "version": trusted, "previous": good}
     assert report["lstm"]["status"] == "refused" and "val_ppl" in report["lstm"]["reason"]
+
+
+async def test_a_refusal_clears_once_current_names_the_serving_version_again(checkpoint_store):
+    """A CURRENT that went bad and was put back stayed listed as refused until the next publish."""
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        serving = (await engine.models())[0]["version"]
+        current = checkpoint_store / "lstm" / "CURRENT"
+        good = current.read_bytes()
+        current.write_bytes(b"\xff\xfe not utf-8\n")
+        assert (await engine.reload("lstm"))["lstm"]["status"] == "refused"
+        assert "lstm" in (await engine.status())["refused_versions"]
+        current.write_bytes(good)  # put back: it names the version serving
+        assert engine.registry.newer_names() == []
+        assert "lstm" not in (await engine.status())["refused_versions"]
+        assert (await engine.models())[0]["version"] == serving

@@ -405,6 +405,9 @@ class ModelRegistry:
             with self._lock:
                 serving, pending = self._serving.get(name), self._pending.get(name)
                 refused = self._refused.get(name, (None, None))[0]
+                if refused not in (None, version) and version in (getattr(serving, "version", None),
+                                                                  getattr(pending, "version", None)):
+                    del self._refused[name]  # CURRENT names what serves again: the refusal is of the past
             known = {getattr(serving, "version", None), getattr(pending, "version", None), refused}
             if version not in known:
                 out.append(name)
