@@ -123,10 +123,6 @@ class PoemRequest:
                 raise RequestError("bad_rhymes", "rhymes", f"a {self.form} rhymes {n} lines (2, 4…): rhymes needs {n} "
                                                            f"characters, or {n + 1} with line 1's first; got "
                                                            f"{len(self.rhymes)}")
-            again = next((ch for i, ch in enumerate(self.rhymes) if ch in self.rhymes[:i]), None)
-            if again is not None:
-                raise RequestError("bad_rhymes", "rhymes", f"「{again}」 is in rhymes twice; a poem rhymes on a "
-                                                           f"character once (重韵)")
         self.keywords = _keywords(self.keywords)
         _check_type("rhyme", self.rhyme, bool)
         _check_type("tone", self.tone, bool)

@@ -281,17 +281,18 @@ def fetch_corpus(dest, base_url: str = DEFAULT_BASE_URL, log: Callable[[str], No
         if not marker.exists():
             atomic_write_bytes(marker, b"")
         files = file_list(include_ci=True)
+        missing = [rel for rel in files if not is_complete(dest / rel)]  # each file read and parsed once
         # NOTE: one missing file first: without a network every file would fail alike, each after its
         # retries (minutes of the daemon's retrain worker); the next run tries again.
-        probe = next(([rel] for rel in files if not is_complete(dest / rel)), [])
-        first = asyncio.run(download(dest, probe, base_url, log=log, **kw))
-        if first.failed and not first.missing:
-            return first
-        result = asyncio.run(download(dest, files, base_url, log=log, **kw))
-        # One run, one summary: the probe's file counts as downloaded, not as already present.
-        result.downloaded[:0] = first.downloaded
-        result.skipped = [rel for rel in result.skipped if rel not in first.downloaded]
-        result.num_bytes += first.num_bytes
+        result = asyncio.run(download(dest, missing[:1], base_url, log=log, **kw))
+        if not result.failed or result.missing:
+            rest = asyncio.run(download(dest, missing[1:], base_url, log=log, **kw))
+            result.downloaded += rest.downloaded
+            result.failed.update(rest.failed)
+            result.missing += rest.missing
+            result.num_bytes += rest.num_bytes
+            result.seconds += rest.seconds
+        result.skipped = [rel for rel in files if rel not in missing]
         if len(result.missing) == len(result.failed):
             marker.unlink()
             fsync_dir(dest)

@@ -352,10 +352,14 @@ def prepare_corpus(cfg: RetrainConfig) -> list[str]:
             # NOTE: the first few failures, not all: without a network each of the 337 files fails alike.
             for why in list(result.failed.values())[:3]:
                 log.warning("corpus download error: %s", why)
-            (log.info if result.ok else log.warning)(
-                "corpus download into %s: %s%s", path, result.summary(),
-                "" if result.ok else f"; the source lacks {len(result.missing)} of them, so it is finished without "
-                "them" if len(result.missing) == len(result.failed) else "; the next retrain run takes it up again")
+            if result.ok:
+                log.info("corpus download into %s: %s", path, result.summary())
+            elif len(result.missing) == len(result.failed):
+                log.warning("corpus download into %s: %s; the source lacks %d of them, so it is finished without "
+                            "them", path, result.summary(), len(result.missing))
+            else:
+                log.warning("corpus download into %s: %s; the next retrain run takes it up again", path,
+                            result.summary())
     refresh_or_warn(cfg.corpus, Path(cfg.store))
     return [p for p in cfg.corpus if cfg.download and (Path(p).resolve() / UNFINISHED).exists()]
 
@@ -378,9 +382,12 @@ def _outcome_recorded(cfg: RetrainConfig, run_dir: Path) -> bool:
     return any(r.get("run_dir") == run_dir.name for r in read_run_records(cfg.store, cfg.name))
 
 
+def _new_record(cfg: RetrainConfig, reason: str, force: bool) -> dict:
+    return {"at": _now(), "kind": "retrain", "name": cfg.name, "reason": reason, "forced": force}
+
+
 def _record_skip(cfg: RetrainConfig, reason: str, force: bool, why: str) -> dict:
-    record = {"at": _now(), "kind": "retrain", "name": cfg.name, "reason": reason, "forced": force,
-              "outcome": "skipped", "why": why, "seconds": 0.0}
+    record = _new_record(cfg, reason, force) | {"outcome": "skipped", "why": why, "seconds": 0.0}
     append_record(cfg.store, record)
     return record
 
@@ -393,7 +400,7 @@ def retrain(cfg: RetrainConfig, force: bool = False, reason: str = "manual", wai
     if not cfg.name:
         cfg = replace(cfg, name=cfg.names[0])
     t0 = time.monotonic()
-    record = {"at": _now(), "kind": "retrain", "name": cfg.name, "reason": reason, "forced": force}
+    record = _new_record(cfg, reason, force)
     with _run_lock(cfg.store, wait) as locked:
         if not locked:
             record.update(outcome="busy", why="another retrain is running")
@@ -485,15 +492,16 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     finished = json.loads(state.read_text()) if state.exists() else {}
     if finished.get("done") and (force or _outcome_recorded(cfg, run_dir)):
         shutil.rmtree(run_dir)  # a forced rerun, or one whose outcome (say "failed") is on record: start over
+        finished = {}
     for old in (run_dir.parent.iterdir() if run_dir.parent.is_dir() else []):
         if old != run_dir:
             shutil.rmtree(old, ignore_errors=True)
     tc.out = str(run_dir)
     record["resumed"] = state.exists()
     record["run_dir"] = run_dir.name
-    if finished.get("done") and not force and (run_dir / "best.safetensors").is_file():
+    if finished.get("done") and (run_dir / "best.safetensors").is_file():
         # NOTE: trained to the end by a run stopped before it recorded an outcome (a stop while evaluating or
-        # publishing; a recorded one would have been skipped above): what it trained is evaluated, not redone.
+        # publishing; one with an outcome on record started over above): what it trained is evaluated, not redone.
         progress = finished
     elif cfg.nproc > 1:
         progress = _train_distributed(tc, cfg.nproc)
@@ -522,7 +530,7 @@ def _run(cfg: RetrainConfig, force: bool, record: dict) -> None:
     record["form_check"] = check
 
     cand_ppl = metrics[compared]["ppl"]
-    compared_poems = metrics[compared]["poems"] if "poems" in metrics[compared] else len(held_out)
+    compared_poems = metrics[compared]["poems"]
     if serving is not None and not compared_poems:
         record.update(outcome="rejected", why="no held-out poem is written in characters both the candidate's and "
                                               "the serving model's vocabularies hold: nothing to compare them on")

@@ -173,7 +173,7 @@ def _publish(store: Path, name: str, checkpoint: Path, keep: int, expect, gate: 
         if expect is not ANY and (cur := current_version(store, name)) != expect:
             raise Superseded(f"{name}: CURRENT is {cur!r}, not {expect!r} as expected; not publishing {version}")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists() and _loads(target):
+        if target.exists() and _load_problem(target) is None:
             # Same version twice: fine when it is the same weights (re-publishing), an error otherwise —
             # pointing CURRENT at the file already there would serve something other than `checkpoint`.
             if read_meta(target).get("weights_sha256") != meta["weights_sha256"]:
@@ -215,12 +215,13 @@ def _publish(store: Path, name: str, checkpoint: Path, keep: int, expect, gate: 
     return version
 
 
-def _loads(path: Path) -> bool:
+def _load_problem(path: Path) -> str | None:
+    """Why the engine would refuse the checkpoint at `path`; None when it loads."""
     try:
         load_checkpoint(path)
-    except CheckpointError:
-        return False
-    return True
+    except CheckpointError as e:
+        return e.problem
+    return None
 
 
 def _existing_model(store: Path, name: str) -> None:
@@ -233,17 +234,16 @@ def _existing_model(store: Path, name: str) -> None:
 def set_current(store: Path, name: str, version: str) -> None:
     _existing_model(Path(store), name)
     with _writer_lock(store, name):
-        _set_current(store, name, version)
+        _set_current(store, name, version, check=True)
 
 
-def _set_current(store: Path, name: str, version: str, rollback: bool = False) -> None:
+def _set_current(store: Path, name: str, version: str, rollback: bool = False, check: bool = False) -> None:
+    """Point CURRENT at `version`; `check`: load it first (publish has just loaded its copy)."""
     path = version_path(store, name, version)
     if not path.is_file():
         raise StoreError(f"{name}: no published version {version!r} (have {versions(store, name)})")
-    try:
-        load_checkpoint(path)  # never point CURRENT at a file the engine would refuse
-    except CheckpointError as e:
-        raise StoreError(f"{name}: version {version} does not load ({e.problem}); CURRENT stays") from None
+    if check and (problem := _load_problem(path)) is not None:  # never point CURRENT at a file the engine refuses
+        raise StoreError(f"{name}: version {version} does not load ({problem}); CURRENT stays")
     # The rollback mark travels in the same atomic write as the version, so no reader sees one without the other.
     text = f"{version}\n{ROLLBACK}\n" if rollback else f"{version}\n"
     atomic_write_bytes(_model_dir(store, name) / "CURRENT", text.encode())
@@ -260,7 +260,7 @@ def rollback(store: Path, name: str, version: str | None = None) -> str:
             if not older:
                 raise StoreError(f"{name}: no version older than {cur!r} to roll back to")
             version = older[-1]
-        _set_current(store, name, version, rollback=True)
+        _set_current(store, name, version, rollback=True, check=True)
     return version
 
 
