@@ -2,18 +2,18 @@
 # The GPU checks, in one run on a CUDA machine whose Python already has torch, aiohttp, prometheus-client and
 # safetensors (the rest of the engine's needs come as wheels in .whl/, when there is no package index):
 #   bash scripts/gpu_check.sh OUT_DIR
-# Runs the CUDA tests; where a step's time goes (scripts/gpu_profile.py) to OUT_DIR/profile_cuda.log; the device
-# rows' step eager against torch.compile (scripts/rows_compile.py) to OUT_DIR/rows_compile.log, and against one
-# captured CUDA graph (scripts/rows_graph.py) to OUT_DIR/rows_graph.log; then the engine
-# benchmark with the rows' decoding state on the device (ENGINE_ROW_STATE=device) and on the host,
-# side by side: JSON to OUT_DIR/bench_cuda_{device,host}.json, tables to .log. Every knob is an environment
-# variable (below); tests run it on the CPU at toy size (DEVICE=cpu SKIP_TESTS=1).
+# In order of what a short lease most needs: the CUDA tests (OUT_DIR/tests_cuda.log); the engine benchmark with
+# the rows in captured CUDA graphs (ENGINE_ROW_STATE=graph: OUT_DIR/bench_cuda_graph.json, the table in .log);
+# where such a step's time goes (scripts/gpu_profile.py: OUT_DIR/profile_cuda.log); the device rows' step
+# eager against torch.compile (scripts/rows_compile.py: OUT_DIR/rows_compile.log); then the benchmark with the
+# rows on the device and on the host (bench_cuda_{device,host}.json). Every knob is an environment variable
+# (below); tests run it on the CPU at toy size (DEVICE=cpu SKIP_TESTS=1).
 set -uo pipefail
 out=${1:-${OUT:-.}}
 : "${DEVICE:=cuda}" "${CHECKPOINT:=engine/checkpoints/lstm-large.safetensors}" "${CONCURRENCY:=64 256}"
 : "${REQUESTS:=256}" "${PROFILE_REQUESTS:=256}" "${SKIP_TESTS:=0}"
 : "${COMPILE_ROWS:=64 256}" "${COMPILE_BACKEND:=inductor}" "${COMPILE_MODES:=default reduce-overhead}" "${COMPILE_TIMEOUT:=150}"
-: "${BENCH_VARIANTS:=engine http ceiling}" "${GRAPH_ROWS:=64 256}"
+: "${BENCH_VARIANTS:=engine http ceiling}"
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -27,12 +27,14 @@ fi
 if [[ $SKIP_TESTS != 1 ]]; then
     python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_cuda.py 2>&1 | tee "$out/tests_cuda.log" | tail -5
 fi
-DEVICE=$DEVICE CHECKPOINT=$CHECKPOINT N=$PROFILE_REQUESTS python3 scripts/gpu_profile.py device >"$out/profile_cuda.log" 2>&1
+bench() {
+    # shellcheck disable=SC2086  # CONCURRENCY is a list
+    python3 -m engine bench --device "$DEVICE" --checkpoint "$CHECKPOINT" --row-state "$1" --concurrency $CONCURRENCY \
+        --requests "$REQUESTS" --variants $BENCH_VARIANTS >"$out/bench_cuda_$1.json" 2> >(tee "$out/bench_cuda_$1.log" >&2)
+}
+bench graph
+DEVICE=$DEVICE CHECKPOINT=$CHECKPOINT N=$PROFILE_REQUESTS python3 scripts/gpu_profile.py graph >"$out/profile_cuda.log" 2>&1
 DEVICE=$DEVICE CHECKPOINT=$CHECKPOINT ROWS=$COMPILE_ROWS BACKEND=$COMPILE_BACKEND MODES=$COMPILE_MODES timeout "$COMPILE_TIMEOUT" python3 scripts/rows_compile.py \
     >"$out/rows_compile.log" 2>&1
-DEVICE=$DEVICE CHECKPOINT=$CHECKPOINT ROWS=$GRAPH_ROWS timeout 120 python3 scripts/rows_graph.py >"$out/rows_graph.log" 2>&1
-for rows in device host; do
-    # shellcheck disable=SC2086  # CONCURRENCY is a list
-    python3 -m engine bench --device "$DEVICE" --checkpoint "$CHECKPOINT" --row-state $rows --concurrency $CONCURRENCY \
-        --requests "$REQUESTS" --variants $BENCH_VARIANTS >"$out/bench_cuda_$rows.json" 2> >(tee "$out/bench_cuda_$rows.log" >&2)
-done
+bench device
+bench host

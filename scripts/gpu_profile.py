@@ -1,7 +1,7 @@
 """Where a GPU step's time goes: N greedy requests (256) on CHECKPOINT (the default model), the milliseconds
 per engine step, then torch.profiler's table (the CUDA runtime calls and the GPU's own kernel time).
 
-    python3 scripts/gpu_profile.py device|host      # ENGINE_ROW_STATE; run by scripts/gpu_check.sh
+    python3 scripts/gpu_profile.py graph|device|host   # ENGINE_ROW_STATE; gpu_check.sh runs graph
     DEVICE=cpu CHECKPOINT=… N=8 python3 scripts/gpu_profile.py host    # the same on a CPU (the tests do)
 """
 import asyncio

@@ -1,4 +1,4 @@
-"""What the device-row probes share (scripts/rows_compile.py, scripts/rows_graph.py): DEVICE, CHECKPOINT's
+"""What the device-row probes share (scripts/rows_compile.py): DEVICE, CHECKPOINT's
 vocabulary, ROWS and STEPS from the environment, and `rows_of(n)`: n device rows of real plans (the four
 forms, sampling, openings 月春山江花风云雨夜秋 in turn)."""
 import os

@@ -72,3 +72,36 @@ def test_the_sampler_draws_only_from_the_nucleus_on_cuda():
     for sampler in (sample_batch, sample_sorted):
         draws = sampler(logits.expand(n, -1), *args)
         assert draws.device.type == "cuda" and kept[draws].all()
+
+
+def test_graph_rows_capture_their_step_and_replay_it_to_the_same_poems_on_cuda():
+    from test_graph_batch import drive  # noqa: PLC0415  (tests/ is on sys.path)
+
+    from engine.serving.graph_batch import GraphBatch
+
+    batch = [r for r in requests() if r.model == "lstm"]
+
+    async def serving():
+        async with LocalEngine(EngineSettings(model_names=("lstm",), device="cuda", watch_interval=0.0)) as engine:
+            return engine.registry.get("lstm")
+
+    model = asyncio.run(serving())
+    joins = [i % 4 * 5 for i in range(len(batch))]  # requests join at four steps: layouts change, rows move
+    captured, eager = GraphBatch(model, min_rows=16, graphs=True), GraphBatch(model, min_rows=16, graphs=False)
+    poems = drive(captured, batch, joins)
+    assert captured.capture_error is None and captured.captures >= 2
+    assert [(r.poem, r.notes) for r in poems] == [(r.poem, r.notes) for r in drive(eager, batch, joins)]
+    for request, result in zip(batch, poems):
+        check = check_poem(result.poem, request.form)
+        assert check.form_valid and check.rhyme and not check.repeated_chars, (request, result.poem)
+
+
+def test_the_engine_serves_graph_rows_on_cuda():
+    batch = requests()
+    together, again, _, status = asyncio.run(serve(batch, "graph"))
+    assert status["row_state"] == {"lstm": "graph", "gru": "graph"}
+    assert all(g["capture_error"] is None for g in status["graphs"].values())
+    assert sum(g["captured"] for g in status["graphs"].values()) >= 1
+    for request, result in zip(batch, together):
+        check = check_poem(result.poem, request.form)
+        assert check.form_valid and check.rhyme and not check.repeated_chars, (request, result.poem)

@@ -31,7 +31,7 @@ from engine.sampling.choice import REPEAT_PENALTY, step_bias
 from engine.sampling.formulas import Formulas
 from engine.serving.local import EngineSettings, LocalEngine
 from engine.serving.registry import build_serving
-from engine.serving.runner import uses_device_rows
+from engine.serving.runner import row_state_of
 
 
 def varied_requests(n: int) -> list[PoemRequest]:
@@ -67,12 +67,15 @@ async def test_device_rows_write_the_poems_and_notes_host_rows_write(checkpoint_
     known_lines_from(line for r in before for line in r.lines).save(checkpoint_store / KNOWN_LINES_FILE)
     host, host_kinds = await serve(checkpoint_store, requests, "host")
     device, device_kinds = await serve(checkpoint_store, requests, "device")
-    assert host_kinds <= {"ModelBatch"} and device_kinds <= {"DeviceBatch"}
+    graph, graph_kinds = await serve(checkpoint_store, requests, "graph")
+    assert host_kinds <= {"ModelBatch"} and device_kinds <= {"DeviceBatch"} and graph_kinds <= {"GraphBatch"}
     assert sum(a.poem != b.poem for a, b in zip(before, host)) >= 20
     notes = 0
-    for request, a, b in zip(requests, host, device):
+    for request, a, b, c in zip(requests, host, device, graph):
         assert (a.poem, a.lines, a.notes, a.model) == (b.poem, b.lines, b.notes, b.model), request
+        assert (a.poem, a.lines, a.notes, a.model) == (c.poem, c.lines, c.notes, c.model), request
         assert b.score == pytest.approx(a.score, rel=1e-4, abs=1e-3)  # float sums in another order
+        assert c.score == pytest.approx(a.score, rel=1e-4, abs=1e-3)
         notes += len(a.notes) > 0
     assert notes >= 10  # the relaxations were exercised, not just the easy path
 
@@ -246,6 +249,6 @@ def test_row_state_is_a_checked_setting_and_a_ci_model_keeps_host_rows(tiny_chec
         EngineSettings.from_env({"ENGINE_ROW_STATE": "auto"})
     cpu = torch.device("cpu")
     shi, ci = build_serving("lstm", tiny_checkpoint, cpu), build_serving("ci", tiny_ci_checkpoint, cpu)
-    assert uses_device_rows("device", shi) and not uses_device_rows("host", shi)
+    assert [row_state_of(r, shi) for r in ("host", "device", "graph")] == ["host", "device", "graph"]
     # A vocabulary that writes 词 keeps host rows: DeviceRows hold the regular forms only.
-    assert not uses_device_rows("device", ci)
+    assert row_state_of("device", ci) == row_state_of("graph", ci) == "host"

@@ -54,7 +54,7 @@ async def test_mixed_concurrent_requests_all_complete_and_match_their_solo_runs(
     assert status["choice"] == "c-kernels"  # the C kernels were built and chose every token here
 
 
-@pytest.mark.parametrize("row_state", ["host", "device"])
+@pytest.mark.parametrize("row_state", ["host", "device", "graph"])
 async def test_the_engine_writes_the_reference_decoders_poem_for_every_request(checkpoint_store, row_state):
     """Batched, a request gets the poem `generate_one` writes for it alone: the same plan, penalties, draws
     and choice in every mode (the reference is what `python -m engine generate` and the benchmarks run)."""
@@ -134,7 +134,7 @@ async def wait_for(predicate, timeout: float = 10.0):
         await asyncio.sleep(0.002)
 
 
-@pytest.mark.parametrize("row_state", ["host", "device"])
+@pytest.mark.parametrize("row_state", ["host", "device", "graph"])
 async def test_a_cancelled_request_frees_its_rows_for_the_next_one(checkpoint_store, row_state):
     async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=16, row_state=row_state)) as engine:
         wide = asyncio.ensure_future(engine.generate(PoemRequest(form="qilv", mode="beam", beam_width=16)))

@@ -285,6 +285,25 @@ class DeviceRows:
                    flags=torch.zeros(R, dtype=torch.bool, device=device))
         return rows if device.type == "cpu" else rows._moved(device)
 
+    @classmethod
+    def padding(cls, tables: DeviceTables, formulas: FormulaTable | None, known: KnownTable | None, n: int,
+                token: int) -> DeviceRows:
+        """n rows that fill a batch's free slots (engine.serving.graph_batch): every position forces `token`,
+        so each step they take it and no rule, draw or penalty touches them."""
+        rows = cls.new(tables, formulas, known, [])
+        device = tables.vocab_ids.device
+
+        def filled(t: torch.Tensor) -> torch.Tensor:
+            return torch.zeros((n, *t.shape[1:]), dtype=t.dtype, device=device)
+
+        rows = replace(rows, **{name: filled(getattr(rows, name)) for name in rows._tensors()})
+        rows.forced.fill_(token)
+        rows.temperature.fill_(1.0)
+        rows.top_p.fill_(1.0)
+        rows.starts.fill_(BOTH)
+        rows.line_len.fill_(NMAX)  # any length a line may have: it indexes the line tables
+        return rows
+
     def _moved(self, device: torch.device) -> DeviceRows:
         """These rows (built on the host) on `device`. NOTE: copies from pinned memory do not wait for the
         device, where a plain copy from the host waits for every step queued before it."""
@@ -446,7 +465,7 @@ class DeviceRows:
             start = torch.where((self._at(self.col) == 0)[:, None], self.line_len[:, None], self.head_hash)
             folded = (start * self.known.bases + self.known.codes[tokens][:, None]) % self.known.moduli
             self.head_hash = torch.where(han[:, None], folded, self.head_hash)
-        self.pos = self.pos + 1
+        self.pos = (self.pos + 1).clamp_(max=TMAX)  # past its <eos> (a padding row) a row stays at the end
 
     @staticmethod
     def result(plan: PoemPlan, tokens: list[int], flagged: bool) -> tuple[list[str], list[str]]:

@@ -41,6 +41,7 @@ from engine.api import PoemRequest
 from engine.model import versions as store
 from engine.poem.forms import FORMS
 from engine.sampling.choice import Bias, choose_greedy
+from engine.serving.runner import ROW_STATES
 
 VARIANTS = ("unbatched", "engine", "http", "ceiling")
 MODE_CHOICES = ("greedy", "sample", "beam")
@@ -177,10 +178,13 @@ async def run(args) -> dict:
                         r["runs_poems_per_s"] = [round(x[r["variant"]]["poems_per_s"], 2) for x in rounds]
                         results.append(r)
                         print(format_row(r), file=sys.stderr, flush=True)
-            # The row state each engine really used (a model that writes 词 keeps host rows).
-            row_state = {"engine": (await engine.status())["row_state"]}
+            # The row state each engine really used (a model that writes 词 keeps host rows), and with
+            # ENGINE_ROW_STATE=graph whether the steps were captured (capture_error says why not).
+            status = await engine.status()
+            row_state, graphs = {"engine": status["row_state"]}, {"engine": status["graphs"]}
             if server is not None:
-                row_state["http"] = (await client.status())["row_state"]
+                status = await client.status()
+                row_state["http"], graphs["http"] = status["row_state"], status["graphs"]
         finally:
             if server is not None:
                 await client.close()
@@ -188,6 +192,7 @@ async def run(args) -> dict:
                 await server.wait()
             await engine.close()
     return {"device": str(device), "quantize": args.quantize if device.type == "cpu" else "none", "row_state": row_state,
+            "graphs": graphs,
             "torch_threads": torch.get_num_threads(), "checkpoint": str(checkpoint),
             "model": {"cell": serving.model.config.cell, "parameters": serving.model.num_parameters(),
                       "version": serving.version},
@@ -387,7 +392,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quantize", default="none", choices=["none", "int8"],
                         help="run the model as int8 on a CPU (ENGINE_QUANTIZE), every variant alike")
-    parser.add_argument("--row-state", default="host", choices=["host", "device"],
+    parser.add_argument("--row-state", default="host", choices=list(ROW_STATES),
                         help="where the engine keeps the rows' decoding state (ENGINE_ROW_STATE)")
     parser.add_argument("--choice", action="store_true",
                         help="only time the choice after a model step: the C kernels against the torch primitives")

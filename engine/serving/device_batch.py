@@ -15,11 +15,19 @@ Poems are the ones ModelBatch writes for the same requests and seeds (tests/test
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.api import PoemResult
 from engine.poem.constraints import PoemPlan
-from engine.poem.device_rows import DeviceRows, FormulaTable, KnownTable, device_tables
+from engine.poem.device_rows import (
+    TMAX,
+    DeviceRows,
+    FormulaTable,
+    KnownTable,
+    device_tables,
+)
 from engine.sampling.choice import (
     BEAM_CANDIDATES,
     Bias,
@@ -39,6 +47,49 @@ class DeviceStep:
         self.bias, self.bent = bias or (None, None)  # (R, V) and (R,): DeviceRows.bias
         self.nb = nb  # rows [0, nb) are greedy and sample rows; the rest are beam rows
         self.beam_segments = beam_segments  # (beam width, first row, end row) per run of one width
+
+
+@dataclass
+class Decision:
+    """One step's choice for every row, and the state each row goes on with."""
+
+    tokens: torch.Tensor  # (R,) long: the token each row took (its next input)
+    state: torch.Tensor  # (L, R, S): the recurrent state, beams' taken from their parents
+    totals: torch.Tensor  # (R,) model log-prob of each row's text so far
+    rows: DeviceRows  # advanced by `tokens` (beams' first take their parents' state)
+
+
+def decide(logits: torch.Tensor, state: torch.Tensor, rows: DeviceRows, bias: torch.Tensor, bent: torch.Tensor, nb: int,
+           segments: list[tuple[int, int, int]], beam_scores: torch.Tensor, totals: torch.Tensor) -> Decision:
+    """Choose every row's token from its logits (R, V) and `bias` (DeviceRows.bias): greedy and sample rows
+    [0, nb) draw, each run of beam rows of one width (`segments`) takes a beam step, whose scores are written
+    into `beam_scores` in place; then every row advances. `state` (L, ≥R, S) may hold padding rows after R.
+    NOTE: no value goes to the host and every shape is fixed by (R, nb, segments), so a CUDA graph can
+    capture it (engine.serving.graph_batch)."""
+    device, R = logits.device, logits.shape[0]
+    next_tokens = torch.empty(R, dtype=torch.long, device=device)
+    lse = torch.empty(R, device=device)
+    parents = torch.arange(R, device=device)
+    pos = rows.pos.clamp(max=TMAX - 1)  # a padding row's position runs on; a poem's never passes its <eos>
+    if nb:
+        draw = rows.draws[:nb].gather(1, pos[:nb, None])[:, 0]
+        next_tokens[:nb] = choose_sample(logits[:nb], Bias.of_dense(bias[:nb]), torch.arange(nb, device=device),
+                                         rows.temperature[:nb], rows.top_k[:nb], rows.top_p[:nb], draw).to(device)
+        lse[:nb] = logsumexp(logits[:nb]).to(device)
+    for width, a, b in segments:
+        first = torch.arange(a, b, width, device=device)  # each request's first row: its numbers this step
+        uniform = rows.beam_draws[first, pos[first], :BEAM_CANDIDATES * width]
+        step, beam_lse = choose_beam(logits[a:b], Bias.of_dense(bias[a:b]), beam_scores[a:b], width, uniform)
+        lse[a:b] = beam_lse.to(device)
+        next_tokens[a:b] = step.tokens.to(device)
+        parents[a:b] = step.parents.to(device) + a
+        beam_scores[a:b] = step.scores.to(device)
+    if segments:
+        state, totals = state.index_select(1, parents), totals[parents]
+        rows = rows.take(parents)
+    totals = totals + (logits[parents, next_tokens] - lse[parents])
+    rows.advance(next_tokens, bent[parents])
+    return Decision(next_tokens, state[:, :R], totals, rows)
 
 
 class DeviceBatch(ModelBatch):
@@ -77,41 +128,23 @@ class DeviceBatch(ModelBatch):
         return DeviceStep(self.rows.bias() if self.num_rows else None, nb, segments)
 
     def choose(self, logits: torch.Tensor, state: torch.Tensor, inputs: DeviceStep) -> dict[str, PoemResult]:
-        device, R, nb = self.device, self.num_rows, inputs.nb
-        logits = logits[:R].float()
-        bias, rows = inputs.bias, self.rows
-        next_tokens = torch.empty(R, dtype=torch.long, device=device)
-        lse = torch.empty(R, device=device)
-        parents = torch.arange(R, device=device)
-        if nb:
-            draw = rows.draws[:nb].gather(1, rows.pos[:nb, None])[:, 0]
-            next_tokens[:nb] = choose_sample(logits[:nb], Bias.of_dense(bias[:nb]), torch.arange(nb, device=device),
-                                             rows.temperature[:nb], rows.top_k[:nb], rows.top_p[:nb], draw).to(device)
-            lse[:nb] = logsumexp(logits[:nb]).to(device)
-        for width, a, b in inputs.beam_segments:
-            first = torch.arange(a, b, width, device=device)  # each request's first row: its numbers this step
-            uniform = rows.beam_draws[first, rows.pos[first], :BEAM_CANDIDATES * width]
-            step, beam_lse = choose_beam(logits[a:b], Bias.of_dense(bias[a:b]), self.beam_scores[a:b], width, uniform)
-            lse[a:b] = beam_lse.to(device)
-            next_tokens[a:b] = step.tokens.to(device)
-            parents[a:b] = step.parents.to(device) + a
-            self.beam_scores[a:b] = step.scores.to(device)
-        if inputs.beam_segments:
-            state, self.totals = state.index_select(1, parents), self.totals[parents]
-            rows = self.rows = rows.take(parents)
-        self.totals = self.totals + (logits[parents, next_tokens] - lse[parents])
-        self.state = state[:, :R]
-        rows.advance(next_tokens, inputs.bent[parents])
-        self.tokens = next_tokens
+        R = self.num_rows
+        d = decide(logits[:R].float(), state, self.rows, inputs.bias, inputs.bent, inputs.nb, inputs.beam_segments,
+                   self.beam_scores, self.totals)
+        self.tokens, self.state, self.totals, self.rows = d.tokens, d.state, d.totals, d.rows
         self.num_steps += 1
         ending = [g for g in self.ending.pop(self.num_steps, ()) if g.ends == self.num_steps]
         if not ending:
             return {}
         self.arranged = False
-        index = to_device([g.offset for g in ending], torch.long, device)
+        return self._ended(ending, self.rows, self.totals)
+
+    def _ended(self, ending: list, rows: DeviceRows, totals: torch.Tensor) -> dict[str, PoemResult]:
+        """The poems of the groups that chose <eos> this step (each group's row `offset` is its best)."""
+        index = to_device([g.offset for g in ending], torch.long, self.device)
         # The one transfer to the host: the finished rows' text, flag and score (token ids are exact in float64).
         ended = torch.cat([rows.history[index].double(), rows.flags[index, None].double(),
-                           self.totals[index, None].double()], dim=1).tolist()
+                           totals[index, None].double()], dim=1).tolist()
         results = {}
         for group, row in zip(ending, ended):
             group.score = row[-1]

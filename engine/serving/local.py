@@ -30,7 +30,7 @@ from engine.errors import EngineUnavailableError, QueueFullError
 from engine.sampling import kernels
 from engine.serving.metrics import EngineMetrics
 from engine.serving.registry import ModelRegistry
-from engine.serving.runner import ROW_STATES, ModelRunner, uses_device_rows
+from engine.serving.runner import ROW_STATES, ModelRunner, row_state_of
 from engine.serving.scheduler import (
     EngineRequest,
     RequestStatus,
@@ -56,7 +56,7 @@ class EngineSettings:
     watch_interval: float = 10.0  # seconds between looks at CHECKPOINT_DIR for a new CURRENT; 0 = off
     ppl_tolerance: float = 0.05  # a new version may have val_ppl up to 5% worse than the serving one
     threads: int = 0  # torch threads for the step loop (0: leave torch's default)
-    row_state: str = "host"  # where the rows' decoding state lives: host | device (engine.serving.runner.ROW_STATES)
+    row_state: str = "host"  # where the rows' decoding state lives: host | device | graph (engine.serving.runner.ROW_STATES)
     quantize: str = "none"  # none | int8: run the models as int8 on a CPU (engine.model.network.quantize_int8)
     known_lines: bool = True  # ban completing the store's known lines (engine.poem.known_lines); False: quotes allowed
 
@@ -285,9 +285,10 @@ class LocalEngine:
             "running_rows": rows,
             "max_num_rows": self.settings.max_num_rows,
             "models": {s.name: s.version for s in self.registry.all_serving()},
-            # Where each model's rows keep their decoding state: host (RowState) or device (DeviceRows).
-            "row_state": {s.name: "device" if uses_device_rows(self.settings.row_state, s) else "host"
-                          for s in self.registry.all_serving()},
+            # Where each model's rows keep their decoding state: host (RowState), device (DeviceRows) or graph.
+            "row_state": {s.name: row_state_of(self.settings.row_state, s) for s in self.registry.all_serving()},
+            # ENGINE_ROW_STATE=graph: per model version in use, its layouts, the CUDA graphs captured, why not.
+            "graphs": self.runner.graph_status(),
             "default_model": self.registry.default_name,
             "refused_versions": self.registry.refused(),
             # Corpus lines no poem may complete (0: the store has no table; see docs/ENGINE.md).

@@ -145,6 +145,8 @@ class StepInputs:
 class ModelBatch:
     """The rows of one ServingModel version, resident on its device."""
 
+    steps_itself = False  # True: `step()` runs the model step and the choice in one (GraphBatch)
+
     def __init__(self, serving: ServingModel):
         self.serving = serving
         self.device = serving.device
@@ -378,15 +380,17 @@ def _catch_up(batches: list[ModelBatch]) -> list[StepInputs]:
         return [batch.catch_up() for batch in batches]
 
 
-# Where the rows' decoding state lives: "host" (a RowState per row, in Python) or "device" (DeviceRows:
-# tensors on the model's device). NOTE: host is the default on a GPU too: measured on an H200, both are
-# bound by kernel launches (docs/PERFORMANCE.md); device rows are what a CUDA graph of the step can capture.
-# A model whose vocabulary writes 词 always keeps host rows.
-ROW_STATES = ("host", "device")
+# Where the rows' decoding state lives: "host" (a RowState per row, in Python), "device" (DeviceRows: tensors
+# on the model's device) or "graph" (DeviceRows in fixed slots, each step one CUDA graph on a GPU:
+# engine.serving.graph_batch). NOTE: host is the default on a GPU too: measured on an H200, host and device
+# rows are both bound by kernel launches (docs/PERFORMANCE.md). A model whose vocabulary writes 词 always
+# keeps host rows.
+ROW_STATES = ("host", "device", "graph")
 
 
-def uses_device_rows(row_state: str, serving: ServingModel) -> bool:
-    return row_state == "device" and not serving.vocab.writes_ci
+def row_state_of(row_state: str, serving: ServingModel) -> str:
+    """Where `serving`'s rows keep their state under the ENGINE_ROW_STATE setting `row_state`."""
+    return "host" if serving.vocab.writes_ci else row_state
 
 
 class ModelRunner:
@@ -416,11 +420,29 @@ class ModelRunner:
             self._pool = None
 
     def _new_batch(self, serving: ServingModel) -> ModelBatch:
-        if uses_device_rows(self.row_state, serving):
+        row_state = row_state_of(self.row_state, serving)
+        if row_state == "graph":
+            from engine.serving.graph_batch import GraphBatch
+
+            return GraphBatch(serving, self.min_batch_rows)
+        if row_state == "device":
             from engine.serving.device_batch import DeviceBatch
 
             return DeviceBatch(serving)
         return ModelBatch(serving)
+
+    def graph_status(self) -> dict[str, dict]:
+        """Each graph batch's layouts kept, graphs captured and capture error, by model name and version."""
+        return {f"{b.serving.name}@{b.serving.version}": {"layouts": len(b.slabs), "captured": b.captures,
+                                                          "capture_error": b.capture_error}
+                for b in list(self.batches.values()) if b.steps_itself}
+
+    def _serves_now(self, serving: ServingModel) -> bool:
+        """Whether new requests for `serving`'s model go to this very version."""
+        try:
+            return self.registry.get(serving.name) is serving
+        except Exception:  # noqa: BLE001  the model went away
+            return False
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -454,7 +476,7 @@ class ModelRunner:
         # back from the catch-up's Python could wait milliseconds; the traced step lets go once.
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yinshi-catch-up")
-        batches = list(self.batches.values())
+        batches = [b for b in self.batches.values() if not b.steps_itself]
         model_inputs = []
         for batch in batches:
             batch.arrange()
@@ -472,6 +494,17 @@ class ModelRunner:
             num_rows += batch.num_rows
             num_padded += max(batch.num_rows, self.min_batch_rows)
             for req_id, poem in batch.choose(*result, step_inputs).items():
+                finished[req_id] = poem
+                del self.req_batch[req_id]
+        for batch in [b for b in self.batches.values() if b.steps_itself]:
+            poems = batch.step()
+            if poems is None:  # empty: kept while its version serves (its layouts' graphs with it)
+                if not self._serves_now(batch.serving):
+                    del self.batches[id(batch.serving)]
+                continue
+            num_rows += batch.num_rows
+            num_padded += batch.num_padded_rows
+            for req_id, poem in poems.items():
                 finished[req_id] = poem
                 del self.req_batch[req_id]
         return RunnerOutput(finished=finished, num_rows=num_rows, num_padded_rows=num_padded)

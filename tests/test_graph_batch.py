@@ -1,0 +1,104 @@
+"""A GraphBatch (ENGINE_ROW_STATE=graph) keeps its rows in fixed slots: layouts change only at region bounds,
+freed slots are reused, and the poems are the host rows' whatever slot a request lands in.
+
+On the CPU the step runs eagerly (the function a GPU captures); tests/test_cuda.py captures and replays it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
+from test_device_rows import varied_requests
+
+from engine.serving.graph_batch import GraphBatch, SlotLayout, bucket, refit
+from engine.serving.local import LocalEngine
+from engine.serving.scheduler import EngineRequest
+
+
+def test_regions_are_powers_of_two_that_grow_when_full_and_shrink_at_a_quarter():
+    assert [bucket(n) for n in (0, 1, 2, 3, 5, 16, 17)] == [0, 1, 2, 4, 8, 16, 32]
+    assert refit(8, 8) == 8 and refit(8, 9) == 16  # full, then over
+    assert refit(8, 3) == 8 and refit(8, 2) == 2  # more than a quarter used stays; a quarter shrinks
+    assert refit(4, 0) == 0 and refit(0, 0) == 0
+
+
+def test_a_layout_puts_sample_rows_first_then_beam_groups_by_width_padded_to_the_minimum():
+    layout = SlotLayout.fit(None, {0: 3, 5: 2, 3: 1}, min_rows=16)
+    assert layout == SlotLayout(sample=4, beams=((3, 1), (5, 2)))
+    assert layout.num_rows == 4 + 3 + 10 and layout.segments() == [(3, 4, 7), (5, 7, 17)]
+    assert layout.region(0) == (0, 4) and layout.region(5) == (7, 17)
+    assert [layout.pad_score(s) for s in (0, 4, 5, 7, 8, 12)] == [0.0, 0.0, float("-inf"), 0.0, float("-inf"), 0.0]
+    # Few rows: the sample region pads the batch to min_rows (a CPU's BLAS is batch-invariant from 16 rows).
+    assert SlotLayout.fit(None, {5: 1}, min_rows=16) == SlotLayout(sample=11, beams=((5, 1),))
+    # A request more or fewer inside the bounds keeps the layout; a width that empties goes.
+    assert SlotLayout.fit(layout, {0: 4, 5: 2, 3: 1}, 16) == layout
+    assert SlotLayout.fit(layout, {0: 5, 5: 1}, 16) == SlotLayout(sample=8, beams=((5, 2),))
+
+
+async def test_requests_that_come_go_and_are_cancelled_get_the_host_rows_poems(checkpoint_store, monkeypatch):
+    layouts = []
+    relayout = GraphBatch._relayout
+
+    def record(self, layout, staying):
+        layouts.append((layout, len(staying)))
+        return relayout(self, layout, staying)
+
+    monkeypatch.setattr(GraphBatch, "_relayout", record)
+    requests = varied_requests(60)
+
+    async def serve(row_state):
+        async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=48, max_queue=128,
+                                               row_state=row_state)) as engine:
+            first = [asyncio.ensure_future(engine.generate(r)) for r in requests[:40]]
+            await asyncio.sleep(0)
+            doomed = [asyncio.ensure_future(engine.generate(r)) for r in requests[40:44]]
+            await asyncio.sleep(0.2)
+            for task in doomed:
+                task.cancel()
+            later = [await engine.generate(r) for r in requests[44:48]]  # one at a time: a nearly empty batch
+            rest = await asyncio.gather(*(engine.generate(r) for r in requests[48:]))
+            poems = [*(await asyncio.gather(*first)), *later, *rest]
+            batches = list(engine.runner.batches.values())
+            status = await engine.status()
+        return poems, batches, status
+
+    host, _, _ = await serve("host")
+    graph, batches, status = await serve("graph")
+    assert {type(b) for b in batches} == {GraphBatch}
+    assert status["row_state"] == {"lstm": "graph", "gru": "graph"} and status["running_rows"] == 0
+    for a, b in zip(host, graph):
+        assert (a.poem, a.notes, a.model) == (b.poem, b.notes, b.model)
+        assert b.score == pytest.approx(a.score, rel=1e-4, abs=1e-3)
+    # Layouts grew with the burst, shrank for the lone requests, and carried running rows across.
+    sizes = [layout.num_rows for layout, _ in layouts]
+    assert max(sizes) >= 32 and min(sizes) == 16 and any(staying for _, staying in layouts)
+    # Empty now, each batch keeps its buffers for the next request; no slot is held by a finished request.
+    assert all(b.slab is None and not b.groups and b.slabs for b in batches)
+
+
+def drive(batch: GraphBatch, requests, joins_at: list[int]) -> list:
+    """Step `batch` alone until every request (joining at its step in `joins_at`) has its poem."""
+    poems, step = {}, 0
+    while len(poems) < len(requests):
+        for i, request in enumerate(requests):
+            if joins_at[i] == step:
+                rows = request.beam_width if request.mode == "beam" else 1
+                batch.add(EngineRequest(str(i), request, rows, 0.0), batch.serving.make_plan(request))
+        poems.update(batch.step() or {})
+        step += 1
+    return [poems[str(i)] for i in range(len(requests))]
+
+
+async def test_a_batch_stepped_alone_writes_the_engines_poems(checkpoint_store, tiny_checkpoint):
+    # What tests/test_cuda.py runs captured and eagerly, here eagerly against the host rows.
+    requests = [replace(r, model="lstm") for r in varied_requests(30)]
+    async with LocalEngine(engine_settings(checkpoint_store, max_num_rows=96, row_state="host")) as engine:
+        host = await asyncio.gather(*(engine.generate(r) for r in requests))
+        serving = engine.registry.get("lstm")
+    batch = GraphBatch(serving, min_rows=16, graphs=False)
+    graph = drive(batch, requests, [i % 5 * 4 for i in range(len(requests))])
+    assert [(r.poem, r.notes) for r in graph] == [(r.poem, r.notes) for r in host]
+    assert len(batch.slabs) >= 2 and batch.captures == 0
