@@ -102,3 +102,27 @@ async def test_a_batch_stepped_alone_writes_the_engines_poems(checkpoint_store, 
     graph = drive(batch, requests, [i % 5 * 4 for i in range(len(requests))])
     assert [(r.poem, r.notes) for r in graph] == [(r.poem, r.notes) for r in host]
     assert len(batch.slabs) >= 2 and batch.captures == 0
+
+
+def test_packed_rows_are_views_of_one_buffer_per_dtype(tiny_checkpoint):
+    import torch
+
+    from engine.api import PoemRequest
+    from engine.poem.device_rows import DeviceRows, device_tables
+    from engine.serving.graph_batch import Packing
+    from engine.serving.registry import build_serving
+
+    serving = build_serving("lstm", tiny_checkpoint, torch.device("cpu"))
+    tables = device_tables(serving.prosody, torch.device("cpu"))
+    plans = [serving.make_plan(PoemRequest(form=f, prompt="月").validate()) for f in ("wujue", "qilv")]
+    rows = DeviceRows.new(tables, None, None, [(plans[0], 1, 1.5, (0.4, 5, 1.0), torch.Generator().manual_seed(1), 0),
+                                               (plans[1], 3, 1.5, (1.0, 0, 1.0), torch.Generator().manual_seed(2), 9)])
+    packing = Packing.of(rows)
+    buffers = packing.pack(rows)
+    assert {t.dtype for t in buffers.values()} == set(buffers) and len(buffers) <= 4
+    views = packing.views(buffers)
+    for name in rows._tensors():
+        assert torch.equal(views[name], getattr(rows, name)), name
+        assert views[name].untyped_storage().data_ptr() == buffers[views[name].dtype].untyped_storage().data_ptr()
+    views["history"][2, 5] = 7  # a write through a view lands in the buffer
+    assert int(packing.views(buffers)["history"][2, 5]) == 7

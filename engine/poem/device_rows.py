@@ -204,10 +204,11 @@ class DeviceRows:
 
     @classmethod
     def new(cls, tables: DeviceTables, formulas: FormulaTable | None, known: KnownTable | None,
-            requests: list) -> DeviceRows:
+            requests: list, host: bool = False) -> DeviceRows:
         """Rows at the start of their poems: `requests` is [(plan, rows, penalty, (temperature, top_k, top_p),
-        generator, beam_draws)], beam_draws being BEAM_CANDIDATES · width for a beam request and 0 otherwise."""
-        device = tables.vocab_ids.device
+        generator, beam_draws)], beam_draws being BEAM_CANDIDATES · width for a beam request and 0 otherwise.
+        `host`: left on the CPU, for the caller to move (a GraphBatch packs them first)."""
+        device = torch.device("cpu") if host else tables.vocab_ids.device
         # The plan's fields are built on the host and moved in one go (see _moved); the zeros start on the device.
         V, G = tables.vocab_ids.shape[0], tables.groups.shape[0]
 
@@ -287,11 +288,11 @@ class DeviceRows:
 
     @classmethod
     def padding(cls, tables: DeviceTables, formulas: FormulaTable | None, known: KnownTable | None, n: int,
-                token: int) -> DeviceRows:
+                token: int, host: bool = False) -> DeviceRows:
         """n rows that fill a batch's free slots (engine.serving.graph_batch): every position forces `token`,
-        so each step they take it and no rule, draw or penalty touches them."""
-        rows = cls.new(tables, formulas, known, [])
-        device = tables.vocab_ids.device
+        so each step they take it and no rule, draw or penalty touches them. `host`: on the CPU."""
+        rows = cls.new(tables, formulas, known, [], host=host)
+        device = torch.device("cpu") if host else tables.vocab_ids.device
 
         def filled(t: torch.Tensor) -> torch.Tensor:
             return torch.zeros((n, *t.shape[1:]), dtype=t.dtype, device=device)

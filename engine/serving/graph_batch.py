@@ -14,8 +14,8 @@ a quarter of it. So a layout's step (model step, bias, choice, advance: `device_
 shapes at fixed addresses: on a GPU it is captured once as a CUDA graph and then replayed, one launch a step.
 Host and device exchange only the joining rows and the finished poems.
 
-    arrange     free the slots of the requests that left or ended, place the joining ones (index_copy per
-                tensor); a new layout when a region no longer fits (one gather into that layout's buffers)
+    arrange     free the slots of the requests that left or ended, place the joining ones (one index_copy
+                per dtype: `Packing`); a new layout when a region no longer fits (one gather into its buffers)
     step        replay the layout's graph; on a CPU, and for a layout's first steps, the same function eagerly
     ended       the finished rows' text, flag and score: one transfer
 
@@ -26,8 +26,9 @@ operation is row-local (beam search: group-local), so neither a row's slot nor i
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -105,6 +106,42 @@ def key_of(group: RowGroup) -> int:
     return group.num_rows if group.is_beam else 0
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Where each tensor of a DeviceRows sits in one buffer per dtype, a row of columns per row, so that rows
+    move (joining, a new layout) in one copy per dtype instead of one per tensor. NOTE: on a GPU every copy
+    is a launch, and launches are what a step's time went to."""
+
+    fields: tuple[tuple[str, torch.dtype, int, int, tuple[int, ...]], ...]  # name, dtype, first column, columns, shape
+    widths: tuple[tuple[torch.dtype, int], ...]  # columns per dtype
+
+    @classmethod
+    def of(cls, rows: DeviceRows) -> Packing:
+        fields, widths = [], {}
+        for name in rows._tensors():
+            t = getattr(rows, name)
+            shape, start = tuple(t.shape[1:]), widths.get(t.dtype, 0)
+            fields.append((name, t.dtype, start, math.prod(shape), shape))
+            widths[t.dtype] = start + math.prod(shape)
+        return cls(tuple(fields), tuple(widths.items()))
+
+    def pack(self, rows: DeviceRows) -> dict[torch.dtype, torch.Tensor]:
+        """The rows' tensors side by side: (n, columns) per dtype."""
+        parts: dict[torch.dtype, list[torch.Tensor]] = {}
+        for name, dtype, _, width, _ in self.fields:
+            parts.setdefault(dtype, []).append(getattr(rows, name).reshape(rows.num_rows, width))
+        return {dtype: torch.cat(ts, dim=1) for dtype, ts in parts.items()}
+
+    def views(self, buffers: dict[torch.dtype, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each tensor of the rows as a view of its dtype's buffer (P, columns)."""
+        return {name: buffers[dtype][:, a:a + width].view(-1, *shape) for name, dtype, a, width, shape in self.fields}
+
+
+def to_device_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; on a GPU through pinned memory (see runner.to_device)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 @dataclass
 class Slab:
     """One layout's buffers, at fixed addresses, and its captured step."""
@@ -114,8 +151,9 @@ class Slab:
     state: torch.Tensor  # (L, P, S)
     totals: torch.Tensor  # (P,) model log-prob of each row's text so far
     beam_scores: torch.Tensor  # (P,)
-    rows: DeviceRows  # P rows
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # rows' tensors by name: what the graph writes
+    buffers: dict[torch.dtype, torch.Tensor]  # (P, columns) per dtype: the rows' tensors (Packing)
+    tensors: dict[str, torch.Tensor]  # the rows' tensors by name, views of `buffers`: what the graph writes
+    rows: DeviceRows  # P rows, whose tensors are `tensors`
     graph: object = None  # torch.cuda.CUDAGraph once captured
     warm: int = 0  # eager steps run so far
 
@@ -135,6 +173,10 @@ class GraphBatch(DeviceBatch):
         self.min_rows = min_rows  # see runner.MIN_BATCH_ROWS: a CPU's BLAS is batch-invariant from 16 rows
         self.graphs = serving.device.type == "cuda" if graphs is None else graphs  # capture CUDA graphs
         self.pad_token = serving.vocab.eos_id
+        pad = DeviceRows.padding(self.tables, self.formulas, self.known, 1, self.pad_token, host=True)
+        self.packing = Packing.of(pad)
+        self.pad_host = self.packing.pack(pad)  # one padding row, (1, columns) per dtype
+        self.pad_device = {dtype: t.to(self.device) for dtype, t in self.pad_host.items()}
         self.slabs: OrderedDict[SlotLayout, Slab] = OrderedDict()  # most recently used last
         self.slab: Slab | None = None
         self.occupant: list[RowGroup | None] = []  # per slot of the current layout
@@ -179,15 +221,17 @@ class GraphBatch(DeviceBatch):
         self._place(joining, freed)
 
     def _slab(self, layout: SlotLayout) -> Slab:
-        """The buffers of `layout` (made on first use; the least recently used dropped past MAX_LAYOUTS)."""
+        """The buffers of `layout` (made on first use, every slot padding; the least recently used dropped past
+        MAX_LAYOUTS)."""
         slab = self.slabs.pop(layout, None)
         if slab is None:
             P, model = layout.num_rows, self.serving.model
-            rows = DeviceRows.padding(self.tables, self.formulas, self.known, P, self.pad_token)
+            buffers = {dtype: t.repeat(P, 1) for dtype, t in self.pad_device.items()}
+            tensors = self.packing.views(buffers)
+            rows = replace(DeviceRows.new(self.tables, self.formulas, self.known, [], host=True), **tensors)
             slab = Slab(layout, tokens=torch.full((P,), self.pad_token, dtype=torch.long, device=self.device),
                         state=model.init_state(P, self.device), totals=torch.zeros(P, device=self.device),
-                        beam_scores=self._pad_scores(layout), rows=rows,
-                        tensors={name: getattr(rows, name) for name in rows._tensors()})
+                        beam_scores=self._pad_scores(layout), buffers=buffers, tensors=tensors, rows=rows)
             while len(self.slabs) >= MAX_LAYOUTS:
                 self.slabs.popitem(last=False)
         self.slabs[layout] = slab
@@ -215,10 +259,8 @@ class GraphBatch(DeviceBatch):
             g.offset = g.last_offset = slot
         if old is not None and staying:
             idx = to_device(index, torch.long, self.device)
-            pad = DeviceRows.padding(self.tables, self.formulas, self.known, 1, self.pad_token)
-            source = old.rows.cat(pad)
-            for name, tensor in new.tensors.items():
-                tensor.copy_(getattr(source, name)[idx])
+            for dtype, buffer in new.buffers.items():
+                buffer.copy_(torch.cat([old.buffers[dtype], self.pad_device[dtype]])[idx])
             pad_scores = self._pad_scores(layout)
             keep = idx < pad_source
             clamped = idx.clamp(max=max(pad_source - 1, 0))
@@ -227,9 +269,8 @@ class GraphBatch(DeviceBatch):
             new.totals.copy_(torch.where(keep, old.totals[clamped], 0.0))
             new.beam_scores.copy_(torch.where(keep, old.beam_scores[clamped], pad_scores))
         else:  # nothing stays: a fresh start (every slot padding)
-            fresh = DeviceRows.padding(self.tables, self.formulas, self.known, P, self.pad_token)
-            for name, tensor in new.tensors.items():
-                tensor.copy_(getattr(fresh, name))
+            for dtype, buffer in new.buffers.items():
+                buffer.copy_(self.pad_device[dtype].expand_as(buffer))
             new.tokens.fill_(self.pad_token)
             new.state.zero_()
             new.totals.zero_()
@@ -262,12 +303,11 @@ class GraphBatch(DeviceBatch):
         scores.extend(layout.pad_score(s) for s in reset)
         if not slots:
             return
-        rows = DeviceRows.new(self.tables, self.formulas, self.known, new)
-        if reset:
-            rows = rows.cat(DeviceRows.padding(self.tables, self.formulas, self.known, len(reset), self.pad_token))
+        packed = self.packing.pack(DeviceRows.new(self.tables, self.formulas, self.known, new, host=True))
         index = to_device(slots, torch.long, self.device)
-        for name, tensor in slab.tensors.items():
-            tensor.index_copy_(0, index, getattr(rows, name))
+        for dtype, buffer in slab.buffers.items():
+            values = torch.cat([packed[dtype], self.pad_host[dtype].expand(len(reset), -1)])
+            buffer.index_copy_(0, index, to_device_tensor(values, self.device))
         slab.tokens.index_copy_(0, index, to_device(tokens, torch.long, self.device))
         slab.state.index_fill_(1, index, 0.0)
         slab.totals.index_fill_(0, index, 0.0)
