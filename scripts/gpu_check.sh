@@ -4,6 +4,7 @@
 #   bash scripts/gpu_check.sh OUT_DIR
 # In order of what a short lease most needs: the CUDA tests (OUT_DIR/tests_cuda.log); the engine benchmark with
 # the rows in captured CUDA graphs (ENGINE_ROW_STATE=graph: OUT_DIR/bench_cuda_graph.json, the table in .log);
+# the host's share of such a step, the device's work skipped (scripts/host_step.py: OUT_DIR/host_step.log);
 # where such a step's time goes (scripts/gpu_profile.py: OUT_DIR/profile_cuda.log); the device rows' step
 # eager against torch.compile (scripts/rows_compile.py: OUT_DIR/rows_compile.log); then the benchmark with the
 # rows on the device and on the host (bench_cuda_{device,host}.json). Every knob is an environment variable
@@ -13,7 +14,7 @@ out=${1:-${OUT:-.}}
 : "${DEVICE:=cuda}" "${CHECKPOINT:=engine/checkpoints/lstm-large.safetensors}" "${CONCURRENCY:=64 256}"
 : "${REQUESTS:=256}" "${PROFILE_REQUESTS:=256}" "${SKIP_TESTS:=0}"
 : "${COMPILE_ROWS:=64 256}" "${COMPILE_BACKEND:=inductor}" "${COMPILE_MODES:=default reduce-overhead}" "${COMPILE_TIMEOUT:=150}"
-: "${BENCH_VARIANTS:=engine http ceiling}"
+: "${BENCH_VARIANTS:=engine http ceiling}" "${HOST_CONCURRENCY:=256}"
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -33,6 +34,7 @@ bench() {
         --requests "$REQUESTS" --variants $BENCH_VARIANTS >"$out/bench_cuda_$1.json" 2> >(tee "$out/bench_cuda_$1.log" >&2)
 }
 bench graph
+CHECKPOINT=$CHECKPOINT C=$HOST_CONCURRENCY python3 scripts/host_step.py >"$out/host_step.log" 2>&1
 DEVICE=$DEVICE CHECKPOINT=$CHECKPOINT N=$PROFILE_REQUESTS python3 scripts/gpu_profile.py graph >"$out/profile_cuda.log" 2>&1
 DEVICE=$DEVICE CHECKPOINT=$CHECKPOINT ROWS=$COMPILE_ROWS BACKEND=$COMPILE_BACKEND MODES=$COMPILE_MODES timeout "$COMPILE_TIMEOUT" python3 scripts/rows_compile.py \
     >"$out/rows_compile.log" 2>&1

@@ -18,11 +18,11 @@ from engine.serving.local import LocalEngine
 from engine.serving.scheduler import EngineRequest
 
 
-def test_regions_are_powers_of_two_that_grow_when_full_and_shrink_at_a_quarter():
+def test_regions_are_powers_of_two_that_grow_when_full_and_never_shrink():
     assert [bucket(n) for n in (0, 1, 2, 3, 5, 16, 17)] == [0, 1, 2, 4, 8, 16, 32]
     assert refit(8, 8) == 8 and refit(8, 9) == 16  # full, then over
-    assert refit(8, 3) == 8 and refit(8, 2) == 2  # more than a quarter used stays; a quarter shrinks
-    assert refit(4, 0) == 0 and refit(0, 0) == 0
+    assert refit(8, 1) == 8 and refit(4, 0) == 4  # never smaller while the batch runs
+    assert refit(0, 0) == 0 and refit(0, 3) == 4
 
 
 def test_a_layout_puts_sample_rows_first_then_beam_groups_by_width_padded_to_the_minimum():
@@ -33,9 +33,9 @@ def test_a_layout_puts_sample_rows_first_then_beam_groups_by_width_padded_to_the
     assert [layout.pad_score(s) for s in (0, 4, 5, 7, 8, 12)] == [0.0, 0.0, float("-inf"), 0.0, float("-inf"), 0.0]
     # Few rows: the sample region pads the batch to min_rows (a CPU's BLAS is batch-invariant from 16 rows).
     assert SlotLayout.fit(None, {5: 1}, min_rows=16) == SlotLayout(sample=11, beams=((5, 1),))
-    # A request more or fewer inside the bounds keeps the layout; a width that empties goes.
-    assert SlotLayout.fit(layout, {0: 4, 5: 2, 3: 1}, 16) == layout
-    assert SlotLayout.fit(layout, {0: 5, 5: 1}, 16) == SlotLayout(sample=8, beams=((5, 2),))
+    # Requests coming and going inside the bounds keep the layout, a width that empties too; past them it grows.
+    assert SlotLayout.fit(layout, {0: 4, 5: 2, 3: 1}, 16) == SlotLayout.fit(layout, {5: 1}, 16) == layout
+    assert SlotLayout.fit(layout, {0: 5, 5: 1}, 16) == SlotLayout(sample=8, beams=((3, 1), (5, 2)))
 
 
 async def test_requests_that_come_go_and_are_cancelled_get_the_host_rows_poems(checkpoint_store, monkeypatch):
@@ -72,7 +72,7 @@ async def test_requests_that_come_go_and_are_cancelled_get_the_host_rows_poems(c
     for a, b in zip(host, graph):
         assert (a.poem, a.notes, a.model) == (b.poem, b.notes, b.model)
         assert b.score == pytest.approx(a.score, rel=1e-4, abs=1e-3)
-    # Layouts grew with the burst, shrank for the lone requests, and carried running rows across.
+    # Layouts grew with the burst, started small again for the lone requests, and carried running rows across.
     sizes = [layout.num_rows for layout, _ in layouts]
     assert max(sizes) >= 32 and min(sizes) == 16 and any(staying for _, staying in layouts)
     # Empty now, each batch keeps its buffers for the next request; no slot is held by a finished request.

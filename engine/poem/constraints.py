@@ -409,8 +409,7 @@ def _first_rhyme_groups(book: RhymeBook, groups: frozenset[int], need: int, firs
     one exception is a line 1 that 次韵 rhymes (`rhymes_first`): its forced character is the first rhyme."""
     if first is None or (first in forced_at and not rhymes_first):
         return frozenset()
-    sizes = book.matrix.sum(dim=1)
-    out = frozenset(g for g in groups if int(sizes[g]) > need)
+    out = frozenset(g for g in groups if book.sizes[g] > need)
     for p in (set(rhyme_at) | {first}) & set(forced_at):
         out &= book.token_groups[forced_at[p]]
     return out

@@ -84,9 +84,11 @@ class RhymeBook:
     matrix: torch.Tensor  # (G, V) bool: token v is in group g
     token_groups: list[frozenset[int]]  # per token: its group indices
     bus: list[str] = field(init=False)  # per group: its 部 (rhymes.cilin_bu); a 平水韵 group is its own
+    sizes: list[int] = field(init=False)  # per group: how many of the vocabulary's characters it holds
 
     def __post_init__(self):
         self.bus = [cilin_bu(g) if self.name == "cilin" else g for g in self.groups]
+        self.sizes = self.matrix.sum(dim=1).tolist()
 
     def bu(self, group: int) -> str:
         return self.bus[group]

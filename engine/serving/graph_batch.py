@@ -9,8 +9,8 @@ size, laid out by a `SlotLayout`:
 
 Each region holds a power of two of slots (of groups, for beams). A free slot holds a padding row
 (DeviceRows.padding), which steps like any other row and is never read. A joining request takes free slots and a
-finished one frees its own; the layout and its buffers change only when a region outgrows its size or falls to
-a quarter of it. So a layout's step (model step, bias, choice, advance: `device_batch.decide`) has fixed
+finished one frees its own; the layout and its buffers change only when a region outgrows its size (regions
+never shrink while the batch runs; an empty batch starts afresh). So a layout's step (model step, bias, choice, advance: `device_batch.decide`) has fixed
 shapes at fixed addresses: on a GPU it is captured once as a CUDA graph and then replayed, one launch a step.
 Host and device exchange only the joining rows and the finished poems.
 
@@ -43,7 +43,10 @@ log = logging.getLogger(__name__)
 
 NEG_INF = float("-inf")
 MAX_LAYOUTS = 16  # layouts whose buffers (and graph) a batch keeps; the least recently used goes first
-GRAPH_WARMUP = 2  # eager steps of a layout before its capture (NOTE: lazy CUDA set-up must not fall in the capture)
+# Eager steps before a capture: the batch's first layout GRAPH_WARMUP (NOTE: lazy CUDA set-up must not fall inside
+# a capture), each later one LAYOUT_WARMUP (its shapes may pick other kernels, loaded on first use).
+GRAPH_WARMUP = 2
+LAYOUT_WARMUP = 1
 
 
 def bucket(n: int) -> int:
@@ -52,9 +55,11 @@ def bucket(n: int) -> int:
 
 
 def refit(size: int, need: int) -> int:
-    """A region's size for `need` slots, given its size now: kept while it fits and is more than a quarter
-    used (so that a request coming and going does not change the layout), else the bucket of `need`."""
-    return size if need <= size < 4 * need else bucket(need)
+    """A region's size for `need` slots, given its size now: kept while it fits, else the bucket of `need`.
+    NOTE: never smaller while the batch runs: every change of any region is a new layout, a new graph to
+    capture (with mixed beam widths a shrinking rule recaptured every few steps); an emptied batch starts
+    afresh."""
+    return size if need <= size else bucket(need)
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,9 @@ class GraphBatch(DeviceBatch):
         self.occupant: list[RowGroup | None] = []  # per slot of the current layout
         self.captures = 0  # graphs captured (engine status)
         self.capture_error: str | None = None  # why capturing failed; the batch then steps eagerly
+        # NOTE: warm-up and capture on one stream: set-up done once per stream (cuBLAS workspaces) then happens
+        # before the capture, not in it.
+        self.stream = torch.cuda.Stream(self.device) if self.graphs else None
 
     @property
     def num_rows(self) -> int:
@@ -351,23 +359,28 @@ class GraphBatch(DeviceBatch):
             slab.restore()
 
     def _replay(self, slab: Slab) -> None:
-        """The step as the layout's CUDA graph: its first GRAPH_WARMUP steps eagerly on a side stream, then
-        captured and replayed. A capture that fails is logged once; the batch steps eagerly from then on."""
-        if slab.graph is None and slab.warm < GRAPH_WARMUP:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
+        """The step as the layout's CUDA graph: its first steps eagerly on the batch's stream (GRAPH_WARMUP,
+        LAYOUT_WARMUP), then captured there and replayed. A capture that fails is logged once; the batch steps
+        eagerly from then on."""
+        current = torch.cuda.current_stream(self.device)
+        if slab.graph is None and slab.warm < (LAYOUT_WARMUP if self.captures else GRAPH_WARMUP):
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
                 self._body(slab)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
+            current.wait_stream(self.stream)
             slab.warm += 1
             return
         if slab.graph is None:
             graph = torch.cuda.CUDAGraph()
             try:
                 # NOTE: thread_local: the registry's loader thread may use the device while this thread captures.
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                     self._body(slab)
             except Exception as e:  # noqa: BLE001  NOTE: a step that cannot be captured still runs eagerly
+                # A failed capture can leave this thread on the capture stream (torch restores it only after a
+                # capture that ends well): back to the step loop's stream, and nothing of the capture pending.
+                torch.cuda.set_stream(current)
+                torch.cuda.synchronize(self.device)
                 self.capture_error = f"{type(e).__name__}: {e}"[:300]
                 log.warning("model %s: the step could not be captured as a CUDA graph (%s); stepping eagerly",
                             self.serving.name, self.capture_error)

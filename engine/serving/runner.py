@@ -431,11 +431,11 @@ class ModelRunner:
             return DeviceBatch(serving)
         return ModelBatch(serving)
 
-    def graph_status(self) -> dict[str, dict]:
-        """Each graph batch's layouts kept, graphs captured and capture error, by model name and version."""
-        return {f"{b.serving.name}@{b.serving.version}": {"layouts": len(b.slabs), "captured": b.captures,
-                                                          "capture_error": b.capture_error}
-                for b in list(self.batches.values()) if b.steps_itself}
+    def graph_status(self) -> list[dict]:
+        """Each graph batch's model and version, its layouts kept, graphs captured and capture error."""
+        return [{"model": b.serving.name, "version": b.serving.version, "layouts": len(b.slabs),
+                 "captured": b.captures, "capture_error": b.capture_error}
+                for b in list(self.batches.values()) if b.steps_itself]
 
     def _serves_now(self, serving: ServingModel) -> bool:
         """Whether new requests for `serving`'s model go to this very version."""
@@ -474,18 +474,20 @@ class ModelRunner:
         # Run: every batch's model step, here; meanwhile the rows catch up on the other thread. The inputs
         # are ready before the catch-up starts: each torch call from Python lets go of the GIL, and taking it
         # back from the catch-up's Python could wait milliseconds; the traced step lets go once.
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yinshi-catch-up")
         batches = [b for b in self.batches.values() if not b.steps_itself]
-        model_inputs = []
-        for batch in batches:
-            batch.arrange()
-            model_inputs.append(batch.model_inputs(self.min_batch_rows))
-        catching_up = self._pool.submit(_catch_up, batches)
-        try:
-            results = [(batch, x if x is None else batch.serving.step(*x)) for batch, x in zip(batches, model_inputs)]
-        finally:
-            inputs = catching_up.result()  # also when a step failed: the batches are the catch-up's till then
+        results, inputs = [], []
+        if batches:  # NOTE: graph batches alone hand the other thread nothing (a hand-off costs a GIL switch)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yinshi-catch-up")
+            model_inputs = []
+            for batch in batches:
+                batch.arrange()
+                model_inputs.append(batch.model_inputs(self.min_batch_rows))
+            catching_up = self._pool.submit(_catch_up, batches)
+            try:
+                results = [(batch, x if x is None else batch.serving.step(*x)) for batch, x in zip(batches, model_inputs)]
+            finally:
+                inputs = catching_up.result()  # also when a step failed: the batches are the catch-up's till then
         num_rows = num_padded = 0
         for (batch, result), step_inputs in zip(results, inputs):
             if result is None:  # an empty batch (an old version's last rows left): let it go

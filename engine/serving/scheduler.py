@@ -114,6 +114,8 @@ class Scheduler:
     num_running_rows: int = 0  # sum of num_rows over running
     _finished_since_schedule: set[str] = field(default_factory=set)  # reported by the runner, not yet told back
     _req_ids: set[str] = field(default_factory=set)  # every req_id waiting or running
+    _observed: int = 0  # steps observed so far
+    _step_seconds: tuple[tuple[int, int], dict[int, float]] = ((-1, 0), {})  # step_seconds's last answer, by its key
 
     # -- admission -----------------------------------------------------------------------------------
     def add_request(self, req: EngineRequest) -> None:
@@ -148,10 +150,19 @@ class Scheduler:
         size = _size_class(rows)
         times = self.step_times.setdefault(size, deque(maxlen=STEP_WINDOW))
         times.append((self.clock(), seconds * size / rows))  # an overestimate for its rows, by less than 2×
+        self._observed += 1
 
     def step_seconds(self) -> dict[int, float]:
-        """Batch size → its step time, from its steps of the last FRESH_SECONDS (MIN_STEPS of them or more)."""
-        now, out = self.clock(), {}
+        """Batch size → its step time, from its steps of the last FRESH_SECONDS (MIN_STEPS of them or more).
+        NOTE: kept until the next step or the next whole second: every arriving request asks."""
+        now = self.clock()
+        key = (self._observed, int(now))
+        if self._step_seconds[0] != key:
+            self._step_seconds = key, self._fresh_step_seconds(now)
+        return self._step_seconds[1]
+
+    def _fresh_step_seconds(self, now: float) -> dict[int, float]:
+        out = {}
         for size, times in self.step_times.items():
             fresh = [t for at, t in times if now - at <= FRESH_SECONDS]
             if len(fresh) >= MIN_STEPS:
