@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 from array import array
 from dataclasses import dataclass, fields, replace
-from itertools import chain
 
 import torch
 
@@ -56,6 +55,11 @@ LMAX = max(f.num_lines for f in FORMS.values())  # lines of the longest form
 NMAX = max(f.line_len for f in FORMS.values())  # characters in the longest line
 SPAN = 4  # a formula's length (engine.sampling.formulas)
 BEAM_DRAWS = BEAM_CANDIDATES * MAX_BEAM_WIDTH  # uniform numbers a beam request draws per step, at most
+# The array type code of each plan field DeviceRows.new gathers per row: long "q", bool "B", float32 "f".
+_ROW_CODES = {"forced": "q", "plan_forced": "B", "han": "B", "tone_l": "q", "tone_o": "q", "rhyme_pos": "B",
+              "first_rhyme": "B", "first_groups": "B", "col": "q", "line_of": "q", "line_pos": "q", "line_len": "q",
+              "quotes_banned": "B", "eligible": "B", "penalty": "f", "temperature": "f", "top_k": "q", "top_p": "f",
+              "starts": "q"}
 
 
 @dataclass
@@ -133,6 +137,14 @@ class KnownTable:
         return table
 
 
+def _flags(n: int, at) -> bytearray:
+    """n bytes, 1 at the indices `at` (a set, dict or tuple of them), else 0: a row of a bool field."""
+    out = bytearray(n)
+    for i in at:
+        out[i] = 1
+    return out
+
+
 @functools.cache
 def _layout_rows(layout: Layout, comma_id: int, period_id: int, eos_id: int) -> dict[str, list]:
     """A form's per-position tables, padded to TMAX positions (LMAX × NMAX for the lines)."""
@@ -146,8 +158,8 @@ def _layout_rows(layout: Layout, comma_id: int, period_id: int, eos_id: int) -> 
     n = layout.line_lengths[0]  # a regular form's lines are all of one length
     line_pos = [[layout.starts[i] + c if i < layout.num_lines and c < n else 0 for c in range(NMAX)]
                 for i in range(LMAX)]
-    return {"marks": marks, "col": col, "line_of": line_of, "line_pos": line_pos, "line_len": n,
-            "han": [p in set(layout.han_positions) for p in range(TMAX)]}
+    return {"marks": marks, "col": col, "line_of": line_of, "line_pos": [p for line in line_pos for p in line], "line_len": n,
+            "han": _flags(TMAX, layout.han_positions)}
 
 
 @dataclass
@@ -214,10 +226,9 @@ class DeviceRows:
         # The plan's fields are built on the host and moved in one go (see _moved); the zeros start on the device.
         V, G = tables.vocab_ids.shape[0], tables.groups.shape[0]
 
-        per_row: dict[str, list] = {name: [] for name in ("forced", "plan_forced", "han", "tone_l", "tone_o", "rhyme_pos",
-                                                          "first_rhyme", "first_groups",
-                                                          "col", "line_of", "line_pos", "line_len", "quotes_banned", "eligible",
-                                                          "penalty", "temperature", "top_k", "top_p", "starts")}
+        # NOTE: each field gathers its values in a flat array (C-typed), made a tensor at the end without a copy:
+        # torch.tensor walks nested lists an element at a time, several times slower.
+        flat = {name: array(code) for name, code in _ROW_CODES.items()}
         draws, beam_draws, counts, rhymed = [], [], [], []
         for plan, k, penalty, (temperature, top_k, top_p), generator, per_step in requests:
             if plan.tune is not None:
@@ -228,17 +239,21 @@ class DeviceRows:
             for p, t in plan.forced_at.items():
                 forced[p] = t
             pad = [0] * (TMAX - len(plan.tone_req[0]))
-            row = {"forced": forced, "plan_forced": [p in plan.forced_at for p in range(TMAX)], "han": lay["han"],
+            row = {"forced": forced, "plan_forced": _flags(TMAX, plan.forced_at), "han": lay["han"],
                    "tone_l": list(plan.tone_req[0]) + pad, "tone_o": list(plan.tone_req[1]) + pad,
-                   "rhyme_pos": [p in plan.rhyme_at for p in range(TMAX)], "col": lay["col"],
-                   "first_rhyme": [p == plan.first_rhyme for p in range(TMAX)],
-                   "first_groups": [g in plan.first_rhyme_groups for g in range(G)],
-                   "line_of": lay["line_of"], "line_pos": [p for line in lay["line_pos"] for p in line],
-                   "line_len": lay["line_len"], "quotes_banned": plan.known_lines is not None, "eligible": [g in plan.eligible_groups[0] for g in range(G)],
+                   "rhyme_pos": _flags(TMAX, plan.rhyme_at), "col": lay["col"],
+                   "first_rhyme": _flags(TMAX, () if plan.first_rhyme is None else (plan.first_rhyme,)),
+                   "first_groups": _flags(G, plan.first_rhyme_groups),
+                   "line_of": lay["line_of"], "line_pos": lay["line_pos"],
+                   "line_len": lay["line_len"], "quotes_banned": plan.known_lines is not None,
+                   "eligible": _flags(G, plan.eligible_groups[0]),
                    "penalty": penalty, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                    "starts": plan.starts}
             for name, value in row.items():
-                per_row[name].extend([value] * k)
+                a = flat[name]
+                add = a.frombytes if isinstance(value, bytearray) else a.extend if isinstance(value, list) else a.append
+                for _ in range(k):
+                    add(value)
             # The request's numbers, in the order the host path draws them (see the module docstring).
             draw = torch.zeros(TMAX)
             beam = torch.zeros(TMAX, BEAM_DRAWS)
@@ -257,18 +272,13 @@ class DeviceRows:
             counts.extend([reserved] * k)
             rhymed.extend([forced_rhymes] * k)
         R = len(draws)
-        dtypes = {"plan_forced": torch.bool, "han": torch.bool, "quotes_banned": torch.bool, "rhyme_pos": torch.bool,
-                  "first_rhyme": torch.bool, "first_groups": torch.bool, "eligible": torch.bool,
-                  "penalty": torch.float32, "temperature": torch.float32, "top_p": torch.float32}
 
         def tensor(name, shape):
-            values, dtype = per_row[name], dtypes.get(name, torch.long)
-            # NOTE: through a flat array: torch.tensor walks nested lists an element at a time, several times slower.
-            flat = list(chain.from_iterable(values)) if R and isinstance(values[0], list) else values
-            if not flat:  # no rows, or no columns (a vocabulary without rhyme groups)
+            values = flat[name]
+            dtype = {"q": torch.long, "B": torch.bool, "f": torch.float32}[values.typecode]
+            if not len(values):  # no rows, or no columns (a vocabulary without rhyme groups)
                 return torch.zeros(shape, dtype=dtype)
-            code, via = {torch.long: ("q", torch.int64), torch.bool: ("B", torch.uint8), torch.float32: ("f", torch.float32)}[dtype]
-            return torch.frombuffer(array(code, flat), dtype=via).to(dtype).view(*shape)
+            return torch.frombuffer(values, dtype=torch.uint8 if dtype == torch.bool else dtype).to(dtype).view(*shape)
 
         stack = lambda xs, *shape, dtype=torch.float32: (torch.stack(xs) if R else torch.zeros(0, *shape, dtype=dtype))
         rows = cls(tables, formulas, known,

@@ -347,23 +347,32 @@ class LocalEngine:
 
     def _resolve(self, req_id: str, outcome) -> None:
         """Hand a result or an exception to the awaiting task, from any thread."""
-        entry = self._futures.get(req_id)
-        if entry is None:
-            return
-        future, loop = entry
+        self._resolve_all([(req_id, outcome)])
 
-        def settle():
-            if future.done():
-                return
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
+    def _resolve_all(self, outcomes: list[tuple[str, object]]) -> None:
+        """`_resolve` for many requests: one wake-up of each waiting loop, not one per request (each wake-up
+        is a write to the loop's pipe, and a step ends many poems at once)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for req_id, outcome in outcomes:
+            entry = self._futures.get(req_id)
+            if entry is not None:
+                future, loop = entry
+                by_loop.setdefault(loop, []).append((future, outcome))
 
-        try:
-            loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the caller's loop is closed; nobody is waiting
-            pass
+        def settle(settling):
+            for future, outcome in settling:
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+        for loop, settling in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(settle, settling)
+            except RuntimeError:  # the caller's loop is closed; nobody is waiting
+                pass
 
     def _step_loop(self) -> None:
         """The step thread. Should it ever die, nothing else would expire or answer requests: stop admitting and
@@ -409,6 +418,7 @@ class LocalEngine:
             with self._cv:
                 done = self.scheduler.update_from_output(run)
             self._record_step(run, elapsed)
+            outcomes = []
             for req in done:
                 outcome = run.finished[req.req_id]
                 if isinstance(outcome, BaseException):
@@ -419,7 +429,8 @@ class LocalEngine:
                     self.counts["completed"] += 1
                     self.metrics.requests.labels("completed").inc()
                     self.metrics.request_seconds.labels(req.request.mode).observe(latency)
-                self._resolve(req.req_id, outcome)
+                outcomes.append((req.req_id, outcome))
+            self._resolve_all(outcomes)
             # The whole cycle, not only the runner: scheduling, handing out results and waiting for the lock
             # and the GIL are part of how long each step of a waiting request takes.
             with self._cv:
