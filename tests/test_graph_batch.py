@@ -13,6 +13,7 @@ import pytest
 from engine_fixtures import checkpoint_store, engine_settings  # noqa: F401
 from test_device_rows import varied_requests
 
+from engine.api import PoemRequest
 from engine.serving.graph_batch import GraphBatch, SlotLayout, bucket, refit
 from engine.serving.local import LocalEngine
 from engine.serving.scheduler import EngineRequest
@@ -107,7 +108,6 @@ async def test_a_batch_stepped_alone_writes_the_engines_poems(checkpoint_store, 
 def test_packed_rows_are_views_of_one_buffer_per_dtype(tiny_checkpoint):
     import torch
 
-    from engine.api import PoemRequest
     from engine.poem.device_rows import DeviceRows, device_tables
     from engine.serving.graph_batch import Packing
     from engine.serving.registry import build_serving
@@ -126,3 +126,27 @@ def test_packed_rows_are_views_of_one_buffer_per_dtype(tiny_checkpoint):
         assert views[name].untyped_storage().data_ptr() == buffers[views[name].dtype].untyped_storage().data_ptr()
     views["history"][2, 5] = 7  # a write through a view lands in the buffer
     assert int(packing.views(buffers)["history"][2, 5]) == 7
+
+
+async def test_a_poem_is_read_a_step_late_and_dropped_if_its_request_left_meanwhile(checkpoint_store):
+    async with LocalEngine(engine_settings(checkpoint_store, row_state="host")) as engine:
+        serving = engine.registry.get("lstm")
+    request = PoemRequest(form="wujue", mode="greedy", seed=3).validate()
+
+    def started() -> GraphBatch:
+        batch = GraphBatch(serving, min_rows=16, graphs=False)
+        batch.add(EngineRequest("a", request, 1, 0.0), serving.make_plan(request))
+        return batch
+
+    batch, steps, poems = started(), 0, {}
+    while not poems:
+        poems = batch.step()
+        steps += 1
+    plan = serving.make_plan(request)
+    assert steps == plan.num_steps + 1 and set(poems) == {"a"}  # its last step, then the step that reads it
+    assert batch.step() is None  # empty, nothing owed
+    batch = started()
+    for _ in range(plan.num_steps):
+        assert batch.step() == {}
+    batch.remove({"a"})  # cancelled after its last step, before the read
+    assert batch.step() == {} and batch.step() is None

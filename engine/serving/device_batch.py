@@ -141,10 +141,18 @@ class DeviceBatch(ModelBatch):
 
     def _ended(self, ending: list, rows: DeviceRows, totals: torch.Tensor) -> dict[str, PoemResult]:
         """The poems of the groups that chose <eos> this step (each group's row `offset` is its best)."""
+        # The one transfer to the host.
+        return self._poems(ending, self._ended_rows(ending, rows, totals).tolist())
+
+    def _ended_rows(self, ending: list, rows: DeviceRows, totals: torch.Tensor) -> torch.Tensor:
+        """(n, TMAX + 2) float64 on the device: each ending group's text, flag and score (token ids are exact in
+        float64)."""
         index = to_device([g.offset for g in ending], torch.long, self.device)
-        # The one transfer to the host: the finished rows' text, flag and score (token ids are exact in float64).
-        ended = torch.cat([rows.history[index].double(), rows.flags[index, None].double(),
-                           totals[index, None].double()], dim=1).tolist()
+        return torch.cat([rows.history[index].double(), rows.flags[index, None].double(),
+                          totals[index, None].double()], dim=1)
+
+    def _poems(self, ending: list, ended: list[list[float]]) -> dict[str, PoemResult]:
+        """The ending groups' poems from their `_ended_rows`, on the host."""
         results = {}
         for group, row in zip(ending, ended):
             group.score = row[-1]

@@ -17,7 +17,7 @@ Host and device exchange only the joining rows and the finished poems.
     arrange     free the slots of the requests that left or ended, place the joining ones (one index_copy
                 per dtype: `Packing`); a new layout when a region no longer fits (one gather into its buffers)
     step        replay the layout's graph; on a CPU, and for a layout's first steps, the same function eagerly
-    ended       the finished rows' text, flag and score: one transfer
+    ended       the finished rows' text, flag and score: one transfer, read on the next step (`_read_later`)
 
 Poems are the ones the other batches write for the same requests and seeds (tests/test_device_rows.py): every
 operation is row-local (beam search: group-local), so neither a row's slot nor its padded neighbours change it.
@@ -187,6 +187,7 @@ class GraphBatch(DeviceBatch):
         self.occupant: list[RowGroup | None] = []  # per slot of the current layout
         self.captures = 0  # graphs captured (engine status)
         self.capture_error: str | None = None  # why capturing failed; the batch then steps eagerly
+        self.reading: tuple | None = None  # the rows of the poems that ended on the last step, on their way (_read_later)
         # NOTE: warm-up and capture on one stream: set-up done once per stream (cuBLAS workspaces) then happens
         # before the capture, not in it.
         self.stream = torch.cuda.Stream(self.device) if self.graphs else None
@@ -324,21 +325,43 @@ class GraphBatch(DeviceBatch):
     # --- the step ------------------------------------------------------------------------------------------
 
     def step(self) -> dict[str, PoemResult] | None:
-        """One step of every row; the poems of the requests that chose <eos>. None when the batch is empty."""
+        """One step of every row; the poems of the requests that chose <eos> on the step before (see
+        `_read_later`). None when the batch is empty and owes no poems."""
         self.arrange()
-        if not self.groups:
-            return None
-        slab = self.slab
-        if self.graphs and self.capture_error is None:
-            self._replay(slab)
-        else:
-            self._body(slab)
-        self.num_steps += 1
-        ending = [g for g in self.ending.pop(self.num_steps, ()) if g.ends == self.num_steps]
-        if not ending:
-            return {}
-        self.arranged = False
-        return self._ended(ending, slab.rows, slab.totals)
+        reading = None
+        if self.groups:
+            slab = self.slab
+            if self.graphs and self.capture_error is None:
+                self._replay(slab)
+            else:
+                self._body(slab)
+            self.num_steps += 1
+            ending = [g for g in self.ending.pop(self.num_steps, ()) if g.ends == self.num_steps]
+            if ending:
+                self.arranged = False
+                reading = self._read_later(ending, slab)
+        owed, self.reading = self.reading, reading
+        if owed is None:
+            return {} if self.groups or reading else None
+        groups, ended, done = owed
+        if done is not None:
+            done.synchronize()
+        kept = [(g, row) for g, row in zip(groups, ended.tolist()) if g.ends != -1]  # not those that left since
+        return self._poems([g for g, _ in kept], [row for _, row in kept])
+
+    def _read_later(self, ending: list[RowGroup], slab: Slab) -> tuple:
+        """Start copying the ending groups' rows to the host; the next step reads them. NOTE: on a GPU the copy
+        is queued behind this step and ahead of the next, so the host goes on to the next step at once and
+        waits only for the copy, while the device runs that step: host and device overlap on the steps
+        where poems end too. Their slots are free at once (the copy is ordered before any write to them)."""
+        rows = self._ended_rows(ending, slab.rows, slab.totals)
+        if self.device.type != "cuda":
+            return ending, rows, None
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host.copy_(rows, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return ending, host, done
 
     def _body(self, slab: Slab) -> None:
         """The step on the slab's buffers, every result written back into them (what a graph replays)."""

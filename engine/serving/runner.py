@@ -506,7 +506,7 @@ class ModelRunner:
                 continue
             num_rows += batch.num_rows
             num_padded += batch.num_padded_rows
-            for req_id, poem in poems.items():
+            for req_id, poem in poems.items():  # the last step's poems (GraphBatch.step)
                 finished[req_id] = poem
-                del self.req_batch[req_id]
+                self.req_batch.pop(req_id, None)
         return RunnerOutput(finished=finished, num_rows=num_rows, num_padded_rows=num_padded)
