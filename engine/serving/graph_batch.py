@@ -10,9 +10,10 @@ size, laid out by a `SlotLayout`:
 Each region holds a power of two of slots (of groups, for beams). A free slot holds a padding row
 (DeviceRows.padding), which steps like any other row and is never read. A joining request takes free slots and a
 finished one frees its own; the layout and its buffers change only when a region outgrows its size (regions
-never shrink while the batch runs; an empty batch starts afresh). So a layout's step (model step, bias, choice, advance: `device_batch.decide`) has fixed
-shapes at fixed addresses: on a GPU it is captured once as a CUDA graph and then replayed, one launch a step.
-Host and device exchange only the joining rows and the finished poems.
+never shrink while the batch runs; an empty batch starts afresh). So a layout's step (model step, bias,
+choice, advance: `device_batch.decide`) has fixed shapes at fixed addresses: on a GPU it is captured once as
+a CUDA graph and then replayed, one launch a step. Host and device exchange only the joining rows and the
+finished poems.
 
     arrange     free the slots of the requests that left or ended, place the joining ones (one index_copy
                 per dtype: `Packing`); a new layout when a region no longer fits (one gather into its buffers)
@@ -187,7 +188,7 @@ class GraphBatch(DeviceBatch):
         self.occupant: list[RowGroup | None] = []  # per slot of the current layout
         self.captures = 0  # graphs captured (engine status)
         self.capture_error: str | None = None  # why capturing failed; the batch then steps eagerly
-        self.reading: tuple | None = None  # the rows of the poems that ended on the last step, on their way (_read_later)
+        self.reading: tuple | None = None  # the last step's ended rows, on their way to the host (_read_later)
         # NOTE: warm-up and capture on one stream: set-up done once per stream (cuBLAS workspaces) then happens
         # before the capture, not in it.
         self.stream = torch.cuda.Stream(self.device) if self.graphs else None
