@@ -56,4 +56,5 @@ async def main():
           f"{steps} steps ({steps / full:.1f}x a full batch's)")
 
 
-asyncio.run(main())
+if __name__ == "__main__":
+    asyncio.run(main())
