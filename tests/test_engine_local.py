@@ -285,3 +285,17 @@ async def test_a_ci_while_the_configured_ci_model_is_not_loaded_is_unavailable_n
         assert engine.loaded_names() == ["lstm"]
         with pytest.raises(EngineUnavailableError, match="not loaded: ci"):
             await engine.generate(PoemRequest(form="ci", tune="浣溪沙"))
+
+
+async def test_an_answer_a_future_refuses_does_not_strand_the_others_of_its_step(checkpoint_store):
+    """A step's poems reach their callers in one hand-off; one answer that cannot be set must not stop the rest."""
+    async with LocalEngine(engine_settings(checkpoint_store)) as engine:
+        loop = asyncio.get_running_loop()
+        futures = {name: loop.create_future() for name in "abc"}
+        engine._futures.update({name: (future, loop) for name, future in futures.items()})
+        engine._resolve_all([("a", 1), ("b", StopIteration()), ("c", 3)])  # a future refuses StopIteration
+        assert await asyncio.wait_for(futures["c"], 5) == 3 and futures["a"].result() == 1
+        with pytest.raises(RuntimeError, match="could not be handed over"):
+            futures["b"].result()
+        for name in futures:
+            engine._futures.pop(name)

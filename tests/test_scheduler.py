@@ -8,6 +8,7 @@ from engine.api import PoemRequest
 from engine.errors import QueueFullError
 from engine.serving.scheduler import (
     FRESH_SECONDS,
+    MIN_STEPS,
     EngineRequest,
     RequestStatus,
     RunnerOutput,
@@ -348,3 +349,28 @@ def test_an_idle_engine_refuses_as_busy_only_what_a_retry_could_get_in():
         sched.add_request(too_short)
     sched.add_request(req)
     assert sched.num_waiting == 1
+
+
+def test_a_step_time_ages_out_to_the_moment_not_the_whole_second():
+    clock = Clock()
+    clock.now = 0.4
+    sched = measured(Scheduler(clock=clock), 0.01, 16, steps=MIN_STEPS)
+    clock.now = 0.4 + FRESH_SECONDS  # the last moment they count
+    assert sched.step_seconds() == {16: pytest.approx(0.01)}
+    clock.now += 0.1  # within the same whole second, but past their age
+    assert sched.step_seconds() == {}
+    sched.step_seconds()[16] = 9.0  # a caller's copy: the cache is not changed through it
+    measured(sched, 0.02, 16, steps=MIN_STEPS)
+    assert sched.step_seconds() == {16: pytest.approx(0.02)}
+
+
+def test_a_request_whose_steps_have_all_run_is_not_expired_while_its_poem_is_read():
+    """Graph rows read a poem one step after its last: a deadline passing in between threw a written poem away."""
+    sched = Scheduler(max_num_rows=16)
+    sched.add_request(EngineRequest("done", PoemRequest(), num_rows=1, arrival_time=0.0, deadline=5.0, num_steps=3))
+    sched.add_request(EngineRequest("long", PoemRequest(), num_rows=1, arrival_time=0.0, deadline=5.0, num_steps=30))
+    for now in (0.0, 1.0, 2.0):  # the three steps of "done"; nobody reports it finished yet
+        checked(sched, now)
+    out = checked(sched, 6.0)  # both deadlines passed
+    assert out.aborted == {"long": RequestStatus.EXPIRED} and "done" in sched.running
+    assert sched.abort("done") and checked(sched, 7.0).aborted == {}  # nor cancelled: the poem is written

@@ -146,7 +146,7 @@ def _flags(n: int, at) -> bytearray:
 
 
 @functools.cache
-def _layout_rows(layout: Layout, comma_id: int, period_id: int, eos_id: int) -> dict[str, list]:
+def _layout_rows(layout: Layout, comma_id: int, period_id: int, eos_id: int) -> dict:
     """A form's per-position tables, padded to TMAX positions (LMAX × NMAX for the lines)."""
     marks = [-1] * TMAX
     for line, n in enumerate(layout.line_lengths):
@@ -158,8 +158,10 @@ def _layout_rows(layout: Layout, comma_id: int, period_id: int, eos_id: int) -> 
     n = layout.line_lengths[0]  # a regular form's lines are all of one length
     line_pos = [[layout.starts[i] + c if i < layout.num_lines and c < n else 0 for c in range(NMAX)]
                 for i in range(LMAX)]
-    return {"marks": marks, "col": col, "line_of": line_of, "line_pos": [p for line in line_pos for p in line], "line_len": n,
-            "han": _flags(TMAX, layout.han_positions)}
+    # Shared by every call (cached): tuples and bytes, so that nothing can change them.
+    return {"marks": tuple(marks), "col": tuple(col), "line_of": tuple(line_of),
+            "line_pos": tuple(p for line in line_pos for p in line), "line_len": n,
+            "han": bytes(_flags(TMAX, layout.han_positions))}
 
 
 @dataclass
@@ -251,7 +253,8 @@ class DeviceRows:
                    "starts": plan.starts}
             for name, value in row.items():
                 a = flat[name]
-                add = a.frombytes if isinstance(value, bytearray) else a.extend if isinstance(value, list) else a.append
+                add = a.frombytes if isinstance(value, (bytes, bytearray)) else \
+                    a.extend if isinstance(value, (list, tuple)) else a.append
                 for _ in range(k):
                     add(value)
             # The request's numbers, in the order the host path draws them (see the module docstring).
@@ -278,6 +281,7 @@ class DeviceRows:
             dtype = {"q": torch.long, "B": torch.bool, "f": torch.float32}[values.typecode]
             if not len(values):  # no rows, or no columns (a vocabulary without rhyme groups)
                 return torch.zeros(shape, dtype=dtype)
+            # NOTE: the tensor shares the array's memory: nothing may grow the array after this.
             return torch.frombuffer(values, dtype=torch.uint8 if dtype == torch.bool else dtype).to(dtype).view(*shape)
 
         stack = lambda xs, *shape, dtype=torch.float32: (torch.stack(xs) if R else torch.zeros(0, *shape, dtype=dtype))

@@ -361,8 +361,15 @@ class GraphBatch(DeviceBatch):
         host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
         host.copy_(rows, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(self.device))  # the copy's stream (not the current device's)
         return ending, host, done
+
+    def remove(self, req_ids: set[str]) -> None:
+        """Forget requests that left, also one whose poem is on its way."""
+        super().remove(req_ids)
+        for g in self.reading[0] if self.reading else ():
+            if g.req_id in req_ids:
+                g.ends = -1
 
     def _body(self, slab: Slab) -> None:
         """The step on the slab's buffers, every result written back into them (what a graph replays)."""

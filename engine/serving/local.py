@@ -363,10 +363,13 @@ class LocalEngine:
             for future, outcome in settling:
                 if future.done():
                     continue
-                if isinstance(outcome, BaseException):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
+                try:
+                    if isinstance(outcome, BaseException):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+                except Exception as e:  # noqa: BLE001  e.g. an exception a future refuses: the others still settle
+                    future.set_exception(RuntimeError(f"the engine's answer could not be handed over: {e}"))
 
         for loop, settling in by_loop.items():
             try:

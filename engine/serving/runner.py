@@ -508,5 +508,5 @@ class ModelRunner:
             num_padded += batch.num_padded_rows
             for req_id, poem in poems.items():  # the last step's poems (GraphBatch.step)
                 finished[req_id] = poem
-                self.req_batch.pop(req_id, None)
+                del self.req_batch[req_id]
         return RunnerOutput(finished=finished, num_rows=num_rows, num_padded_rows=num_padded)

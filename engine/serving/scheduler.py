@@ -115,7 +115,8 @@ class Scheduler:
     _finished_since_schedule: set[str] = field(default_factory=set)  # reported by the runner, not yet told back
     _req_ids: set[str] = field(default_factory=set)  # every req_id waiting or running
     _observed: int = 0  # steps observed so far
-    _step_seconds: tuple[tuple[int, int], dict[int, float]] = ((-1, 0), {})  # step_seconds's last answer, by its key
+    # step_seconds's last answer: (steps observed then, until when it holds, the answer)
+    _step_seconds: tuple[int, float, dict[int, float]] = field(default_factory=lambda: (-1, -math.inf, {}))
 
     # -- admission -----------------------------------------------------------------------------------
     def add_request(self, req: EngineRequest) -> None:
@@ -154,21 +155,23 @@ class Scheduler:
 
     def step_seconds(self) -> dict[int, float]:
         """Batch size → its step time, from its steps of the last FRESH_SECONDS (MIN_STEPS of them or more).
-        NOTE: kept until the next step or the next whole second: every arriving request asks."""
+        NOTE: kept until the next step or until a measurement it used ages out: every arriving request asks."""
         now = self.clock()
-        key = (self._observed, int(now))
-        if self._step_seconds[0] != key:
-            self._step_seconds = key, self._fresh_step_seconds(now)
-        return self._step_seconds[1]
+        observed, until, seconds = self._step_seconds
+        if observed != self._observed or now > until:
+            self._step_seconds = (self._observed, *self._fresh_step_seconds(now))
+        return dict(self._step_seconds[2])
 
-    def _fresh_step_seconds(self, now: float) -> dict[int, float]:
-        out = {}
+    def _fresh_step_seconds(self, now: float) -> tuple[float, dict[int, float]]:
+        """(when the first measurement used here ages out, the step times)."""
+        out, until = {}, math.inf
         for size, times in self.step_times.items():
-            fresh = [t for at, t in times if now - at <= FRESH_SECONDS]
+            fresh = [(at, t) for at, t in times if now - at <= FRESH_SECONDS]
             if len(fresh) >= MIN_STEPS:
-                cap = SPIKE * statistics.median(fresh)
-                out[size] = sum(min(t, cap) for t in fresh) / len(fresh)
-        return out
+                cap = SPIKE * statistics.median(t for _, t in fresh)
+                out[size] = sum(min(t, cap) for _, t in fresh) / len(fresh)
+                until = min(until, min(at for at, _ in fresh) + FRESH_SECONDS)
+        return until, out
 
     def step_time(self, rows: int) -> float | None:
         """The time of one step of `rows` rows (see the module docstring); None without fresh measurements.
@@ -226,7 +229,10 @@ class Scheduler:
 
         # Running requests that were cancelled or ran out of time leave now; their rows are free below.
         for req_id, req in list(self.running.items()):
-            status = self._abort_status(req, now)
+            # NOTE: one whose steps have all run is written; only its poem is on its way (graph rows read it a step
+            # late): a deadline passing now must not throw it away.
+            written = 0 < req.num_steps <= self.num_steps - req.start_step
+            status = None if written else self._abort_status(req, now)
             if status is not None:
                 self._drop(req, status)
                 self._leave_running(req)
