@@ -150,3 +150,13 @@ async def test_a_poem_is_read_a_step_late_and_dropped_if_its_request_left_meanwh
         assert batch.step() == {}
     batch.remove({"a"})  # cancelled after its last step, before the read
     assert batch.step() == {} and batch.step() is None
+
+
+async def test_graph_rows_on_a_cpu_say_at_start_that_they_are_for_a_gpu(checkpoint_store, caplog):
+    async with LocalEngine(engine_settings(checkpoint_store, row_state="graph")):
+        pass
+    assert any("ENGINE_ROW_STATE=graph on a CPU" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    async with LocalEngine(engine_settings(checkpoint_store, row_state="host")):
+        pass
+    assert not any("ENGINE_ROW_STATE" in r.getMessage() for r in caplog.records)

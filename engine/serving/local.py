@@ -165,6 +165,9 @@ class LocalEngine:
         if self.registry.device.type == "cpu" and not kernels.AVAILABLE:
             log.warning("engine._kernels is not built (no C compiler at install time): choosing tokens with "
                         "torch operations, several times slower on a CPU; reinstall with gcc to build it")
+        if self.registry.device.type == "cpu" and self.settings.row_state == "graph":
+            log.warning("ENGINE_ROW_STATE=graph on a CPU: the steps run eagerly, at about half the speed of host "
+                        "rows (docs/PERFORMANCE.md); graph rows are for a GPU")
         self._stop = False
         self._thread = threading.Thread(target=self._step_loop, name="yinshi-step-loop", daemon=True)
         self._thread.start()
