@@ -372,3 +372,17 @@ async def test_a_request_the_http_parser_refuses_gets_aiohttps_plain_400_as_docu
     writer.close()
     head = reply.partition(b"\r\n\r\n")[0]
     assert head.startswith(b"HTTP/1.0 400") and b"text/plain" in head
+
+
+def test_a_result_as_json_holds_every_field_and_reads_back():
+    from dataclasses import fields
+
+    from engine.api import PoemResult
+
+    result = PoemResult(poem="月落。", lines=["月落"], form="qijue", mode="beam", model={"name": "lstm", "version": "v1"},
+                        elapsed_ms=1.5, notes=["n"], score=-3.25, tune=None)
+    data = result.to_dict()
+    assert list(data) == [f.name for f in fields(PoemResult)]  # a field added to the class reaches the JSON
+    assert PoemResult.from_dict(json.loads(json.dumps(data))) == result
+    data["lines"].append("x"), data["model"].update(name="y")
+    assert result.lines == ["月落"] and result.model["name"] == "lstm"  # a copy, not the result's own lists
