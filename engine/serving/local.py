@@ -235,10 +235,11 @@ class LocalEngine:
         plan = serving.make_plan(request)  # RequestError for characters the model cannot write
         now = time.monotonic()
         timeout = request.timeout if request.timeout is not None else self.settings.request_timeout
+        late = 1 if row_state_of(self.settings.row_state, serving) == "graph" else 0  # graph rows read a poem a step late
         req = EngineRequest(req_id=str(next(self._req_ids)), request=request,
                             num_rows=request.beam_width if request.mode == "beam" else 1,
                             arrival_time=now, deadline=now + timeout, payload=(serving, plan),
-                            num_steps=plan.num_steps)
+                            num_steps=plan.num_steps + late, late=late)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._cv:

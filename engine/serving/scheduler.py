@@ -66,6 +66,7 @@ class EngineRequest:
     cancel_requested: bool = False  # set by abort(); acted on at the next schedule()
     payload: object = None  # what the runner needs to set the request up (model version, plan); opaque here
     num_steps: int = 0  # steps it runs until done (a poem's length is fixed by its form); 0 = unknown
+    late: int = 0  # of those, the last ones after its poem is written, until the runner hands it over (graph rows: 1)
     start_step: int = 0  # the scheduler's step count when it joined the batch
 
     @property
@@ -231,7 +232,7 @@ class Scheduler:
         for req_id, req in list(self.running.items()):
             # NOTE: one whose steps have all run is written; only its poem is on its way (graph rows read it a step
             # late): a deadline passing now must not throw it away.
-            written = 0 < req.num_steps <= self.num_steps - req.start_step
+            written = 0 < req.num_steps - req.late <= self.num_steps - req.start_step
             status = None if written else self._abort_status(req, now)
             if status is not None:
                 self._drop(req, status)
