@@ -226,7 +226,8 @@ class GraphBatch(DeviceBatch):
             need[key_of(g)] = need.get(key_of(g), 0) + 1
         layout = SlotLayout.fit(self.slab.layout if self.slab else None, need, self.min_rows)
         if self.slab is None or layout != self.slab.layout:
-            self._relayout(layout, [g for g in self.groups if all(g is not j for j in joining)])
+            joined = {id(g) for g in joining}
+            self._relayout(layout, [g for g in self.groups if id(g) not in joined])
             freed = []  # the new layout's free slots hold padding already
         self._place(joining, freed)
 
@@ -289,7 +290,7 @@ class GraphBatch(DeviceBatch):
 
     def _place(self, joining: list[RowGroup], freed: list[int]) -> None:
         """Put the joining groups into free slots and padding into the freed slots nobody takes, in one write
-        per tensor."""
+        per buffer."""
         layout, slab = self.slab.layout, self.slab
         free_at: dict[int, list[int]] = {}
         for key in [0, *(w for w, _ in layout.beams)]:
