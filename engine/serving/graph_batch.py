@@ -38,7 +38,7 @@ from engine.poem.device_rows import DeviceRows
 from engine.sampling.choice import BEAM_CANDIDATES, draw_params
 from engine.serving.device_batch import DeviceBatch, decide
 from engine.serving.registry import ServingModel
-from engine.serving.runner import RowGroup, to_device
+from engine.serving.runner import RowGroup, moved, to_device
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +143,6 @@ class Packing:
         return {name: buffers[dtype][:, a:a + width].view(-1, *shape) for name, dtype, a, width, shape in self.fields}
 
 
-def to_device_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; on a GPU through pinned memory (see runner.to_device)."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
 @dataclass
 class Slab:
     """One layout's buffers, at fixed addresses, and its captured step."""
@@ -232,17 +227,18 @@ class GraphBatch(DeviceBatch):
         self._place(joining, freed)
 
     def _slab(self, layout: SlotLayout) -> Slab:
-        """The buffers of `layout` (made on first use, every slot padding; the least recently used dropped past
-        MAX_LAYOUTS)."""
+        """The buffers of `layout`, made on first use (unfilled: `_relayout` writes every slot); the least
+        recently used dropped past MAX_LAYOUTS."""
         slab = self.slabs.pop(layout, None)
         if slab is None:
-            P, model = layout.num_rows, self.serving.model
-            buffers = {dtype: t.repeat(P, 1) for dtype, t in self.pad_device.items()}
+            P, device = layout.num_rows, self.device
+            buffers = {dtype: torch.empty((P, width), dtype=dtype, device=device) for dtype, width in self.packing.widths}
             tensors = self.packing.views(buffers)
             rows = replace(DeviceRows.new(self.tables, self.formulas, self.known, [], host=True), **tensors)
-            slab = Slab(layout, tokens=torch.full((P,), self.pad_token, dtype=torch.long, device=self.device),
-                        state=model.init_state(P, self.device), totals=torch.zeros(P, device=self.device),
-                        beam_scores=self._pad_scores(layout), buffers=buffers, tensors=tensors, rows=rows)
+            slab = Slab(layout, tokens=torch.empty(P, dtype=torch.long, device=device),
+                        state=self.state.new_empty(self.state.shape[0], P, self.state.shape[2]),  # (L, P, S)
+                        totals=torch.empty(P, device=device), beam_scores=torch.empty(P, device=device),
+                        buffers=buffers, tensors=tensors, rows=rows)
             while len(self.slabs) >= MAX_LAYOUTS:
                 self.slabs.popitem(last=False)
         self.slabs[layout] = slab
@@ -318,7 +314,7 @@ class GraphBatch(DeviceBatch):
         index = to_device(slots, torch.long, self.device)
         for dtype, buffer in slab.buffers.items():
             values = torch.cat([packed[dtype], self.pad_host[dtype].expand(len(reset), -1)])
-            buffer.index_copy_(0, index, to_device_tensor(values, self.device))
+            buffer.index_copy_(0, index, moved(values, self.device))
         slab.tokens.index_copy_(0, index, to_device(tokens, torch.long, self.device))
         slab.state.index_fill_(1, index, 0.0)
         slab.totals.index_fill_(0, index, 0.0)

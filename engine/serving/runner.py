@@ -48,6 +48,7 @@ from itertools import count
 import torch
 
 from engine.api import PoemRequest, PoemResult
+from engine.errors import EngineUnavailableError, RequestError
 from engine.model.network import kept_step_inputs
 from engine.poem.constraints import PoemPlan, RowState, beam_children
 from engine.sampling.choice import (BEAM_CANDIDATES, REPEAT_PENALTY, Bias, choose_beam, choose_sample, draw_params,
@@ -70,11 +71,14 @@ MIN_BATCH_ROWS = 16  # see the module docstring: batch invariance
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a tensor on `device`. NOTE: on a GPU through pinned memory, which does not wait for
-    the steps queued before it (a copy from ordinary memory does)."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    """A host list as a tensor on `device` (see `moved`)."""
+    return moved(torch.tensor(values, dtype=dtype), device)
+
+
+def moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. NOTE: on a GPU through pinned memory, which does not wait for the steps
+    queued before it (a copy from ordinary memory does)."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
 
 
 _arrivals = count()  # tie-break for the segment order: first come, first placed
@@ -441,7 +445,7 @@ class ModelRunner:
         """Whether new requests for `serving`'s model go to this very version."""
         try:
             return self.registry.get(serving.name) is serving
-        except Exception:  # noqa: BLE001  the model went away
+        except (EngineUnavailableError, RequestError):  # the model went away
             return False
 
     @torch.inference_mode()
